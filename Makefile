@@ -1,0 +1,31 @@
+# `make up` runs the local gateway, `make test` the whole suite. Each builds
+# its own virtual environment from pyproject.toml on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: up test protos envoy-config check-config clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[gateway,test]'
+	touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/mirror-sampler up $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+# Regenerates envoy/envoy.yaml for docker compose (a test checks it is fresh).
+envoy-config: $(STAMP)
+	$(BIN)/mirror-sampler envoy-config --for compose --config examples/http-mirror.yaml --output envoy/envoy.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

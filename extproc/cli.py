@@ -1,0 +1,200 @@
+"""`mirror-sampler`: serve, check-config, explain, envoy-config, up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from dataclasses import replace
+from typing import Sequence
+
+from . import __version__, logs
+from .config import OPTIONS, ConfigError, Settings
+
+EXIT_CONFIG = 2
+
+
+def _settings_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("settings (each also an environment variable)")
+    for opt in OPTIONS:
+        if opt.flag:
+            group.add_argument(opt.flag, dest=f"opt_{opt.name}", default=None, metavar=opt.env, help=f"{opt.help} [{opt.env}, default {opt.default!r}]")
+    return parent
+
+
+def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    overrides = {opt.name: getattr(args, f"opt_{opt.name}", None) for opt in OPTIONS}
+    return Settings.load(os.environ if environ is None else environ, overrides)
+
+
+def _report(e: ConfigError) -> int:
+    print(f"configuration error ({len(e.problems)} problem{'s' if len(e.problems) != 1 else ''}):", file=sys.stderr)
+    for p in e.problems:
+        print(f"  - {p}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import Server
+
+    settings = settings_from(args)
+    logs.configure(settings.log_level, settings.log_format)
+
+    async def main() -> None:
+        await Server(settings).serve()
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        print(f"mirror-sampler: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .store import load_policy
+
+    policy = load_policy(settings_from(args))
+    rules = policy.rules
+    mirrors = sum(len(r.mirrors) for r in rules)
+    print(f"configuration OK: {len(policy.routes)} route(s), {len(rules)} rule(s), {mirrors} mirror target(s)")
+    for rule in rules:
+        for t in rule.mirrors:
+            print(f"  {rule.id}: {t.backend} at {t.fraction} ({policy.slot_names[t.slot]})")
+    return 0
+
+
+def _pairs(values: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values or ():
+        name, sep, value = v.partition("=")
+        if not sep or not name:
+            raise ConfigError([f"{flag}: must be NAME=VALUE, got {v!r}"])
+        out.append((name, value))
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain, render_text, request_headers
+    from .store import load_policy
+
+    policy = load_policy(settings_from(args))
+    headers = request_headers(
+        _pairs(args.header, "--header"), _pairs(args.cookie, "--cookie"), args.path, args.host, args.method
+    )
+    result = explain(policy, headers)
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    return 0
+
+
+def _address(text: str, what: str) -> "Address":
+    from .envoyconf import Address
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError([f"{what}: must be HOST:PORT, got {text!r}"])
+    return Address(host, int(port))
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from .envoyconf import Address, Topology, compose_topology, render
+    from .store import load_policy
+
+    policy = load_policy(settings_from(args))
+    if args.target == "compose":
+        topology = compose_topology(policy)
+    else:
+        backends = {}
+        for name, value in _pairs(args.backend_address, "--backend-address"):
+            backends[name] = _address(value, "--backend-address")
+        samplers = tuple(_address(s, "--sampler") for s in args.sampler or ["127.0.0.1:50051"])
+        topology = Topology(backends=backends, samplers=samplers)
+        from .envoyconf import backend_ports
+
+        for name, port in backend_ports(policy).items():
+            backends.setdefault(name, Address("127.0.0.1", port or 80))
+    topology = replace(
+        topology,
+        listener=Address(topology.listener.host, args.listener_port),
+        admin=Address(topology.admin.host, args.admin_port),
+        message_timeout_ms=args.message_timeout_ms,
+    )
+    text = render(policy, topology, snippet_only=args.snippet)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .gateway import run_gateway
+
+    return run_gateway(args, settings_from(args, gateway_environ()))
+
+
+def gateway_environ() -> dict[str, str]:
+    """`up` with nothing configured runs the Envoy Gateway mirroring example."""
+    environ = dict(os.environ)
+    if not environ.get("MIRROR_CONFIG") and not environ.get("MIRROR_BACKEND"):
+        from .gateway import DEFAULT_CONFIG
+
+        environ["MIRROR_CONFIG"] = str(DEFAULT_CONFIG)
+    return environ
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirror-sampler", description="Consistent, key-based percentage request mirroring for Envoy.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _settings_parser()
+
+    serve = sub.add_parser("serve", parents=[common], help="run the ext_proc gRPC server")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    check.set_defaults(func=cmd_check_config)
+
+    explain = sub.add_parser("explain", parents=[common], help="show the decision for one request")
+    explain.add_argument("--header", action="append", metavar="NAME=VALUE", help="request header (repeatable)")
+    explain.add_argument("--cookie", action="append", metavar="NAME=VALUE", help="cookie (repeatable)")
+    explain.add_argument("--path", default="/", help="request path, query string included")
+    explain.add_argument("--host", default="", help="Host / :authority")
+    explain.add_argument("--method", default="GET")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.set_defaults(func=cmd_explain)
+
+    envoy = sub.add_parser("envoy-config", parents=[common], help="render Envoy configuration from the same configuration")
+    envoy.add_argument("--for", dest="target", choices=("local", "compose"), default="local", help="addresses for this machine (loopback) or for docker compose (service names)")
+    envoy.add_argument("--snippet", action="store_true", help="only what an existing Envoy needs: filters, sampler cluster, routes")
+    envoy.add_argument("--output", "-o", help="write here instead of standard output")
+    envoy.add_argument("--listener-port", type=int, default=10000)
+    envoy.add_argument("--admin-port", type=int, default=9901)
+    envoy.add_argument("--sampler", action="append", metavar="HOST:PORT", help="sampler address (repeatable; default 127.0.0.1:50051, or mirror-sampler:50051 for compose)")
+    envoy.add_argument("--backend-address", action="append", metavar="NAME=HOST:PORT", help="where a backend listens (local; default 127.0.0.1:<backendRef port>)")
+    envoy.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc message_timeout: longer than this, the request goes on unmirrored")
+    envoy.set_defaults(func=cmd_envoy_config)
+
+    up = sub.add_parser("up", parents=[common], help="run Envoy, the sampler and echo backends on this machine")
+    up.add_argument("--listener-port", type=int, default=10000)
+    up.add_argument("--admin-port", type=int, default=9901)
+    up.add_argument("--message-timeout-ms", type=int, default=200)
+    up.add_argument("--no-view", action="store_true", help="no live view of request counts")
+    up.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        return _report(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Prometheus metrics, one registry per server so tests can run several."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self._decisions = Counter(
+            "mirror_sampler_decisions",
+            "Mirror decisions by rule, target backend and outcome (mirrored, skipped, no_key)",
+            ["rule", "target", "outcome"],
+            registry=r,
+        )
+        self.streams = Counter("mirror_sampler_streams_started", "ext_proc streams opened by Envoy", registry=r)
+        self.streams_done = Counter("mirror_sampler_streams_finished", "ext_proc streams that ended", registry=r)
+        self.errors = Counter("mirror_sampler_errors", "Errors handled without breaking a stream, by kind", ["kind"], registry=r)
+        self.reloads = Counter("mirror_sampler_reloads", "Configuration reloads by result (ok, invalid, unchanged)", ["result"], registry=r)
+        self.policy_rules = Gauge("mirror_sampler_policy_rules", "Rules in the policy in force", registry=r)
+        self.policy_generation = Gauge("mirror_sampler_policy_generation", "Policies loaded since start (1 = the initial one)", registry=r)
+        # labels() costs a dict lookup plus a lock per call; children are cached.
+        self._children: dict[tuple[str, str, str], Callable[[], None]] = {}
+
+    def decision(self, rule: str, target: str, outcome: str) -> None:
+        key = (rule, target, outcome)
+        inc = self._children.get(key)
+        if inc is None:
+            inc = self._children[key] = self._decisions.labels(rule, target, outcome).inc
+        inc()

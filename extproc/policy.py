@@ -1,0 +1,141 @@
+"""The compiled policy: what the sampler decides with (pure).
+
+``config`` builds a Policy from environment or HTTPRoute manifests; the
+service, ``explain``, ``envoyconf`` and the inline renderer all read the same
+object, so the decision, Envoy's routes and the generated code cannot drift.
+A Policy is immutable: reload swaps the whole object, and each ext_proc stream
+keeps the snapshot it started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .keys import Headers, KeySource, extract_key
+from .matching import Entry, Match, RequestView, RouteTable
+from .sampling import Fraction, key_hash
+
+
+class Outcome(str, Enum):
+    MIRRORED = "mirrored"
+    SKIPPED = "skipped"
+    NO_KEY = "no_key"
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorTarget:
+    backend: str  # backendRef name, which is also the Envoy cluster name
+    fraction: Fraction
+    slot: int  # position among the rule's mirrors: slot header x-...-<slot>
+    threshold: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", self.fraction.threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRef:
+    name: str
+    port: int | None = None
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderModifier:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str  # namespace/name/index: metrics label, marker header value
+    matches: tuple[Match, ...]
+    mirrors: tuple[MirrorTarget, ...]
+    backends: tuple[BackendRef, ...] = ()
+    header_modifier: HeaderModifier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    namespace: str
+    name: str
+    hostnames: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    creation_timestamp: str = ""
+    source: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetDecision:
+    target: MirrorTarget
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    rule: Rule | None
+    source: KeySource | None = None
+    key: bytes | None = None
+    u: int | None = None
+    targets: tuple[TargetDecision, ...] = ()
+
+    @property
+    def sampled(self) -> tuple[MirrorTarget, ...]:
+        return tuple(t.target for t in self.targets if t.outcome is Outcome.MIRRORED)
+
+
+@dataclass(frozen=True)
+class Policy:
+    routes: tuple[Route, ...]
+    key_chain: tuple[KeySource, ...]
+    salt: bytes = b""
+    slot_prefix: str = "x-mirror-cluster-"
+    slots: int = 2
+    marker_header: str = "x-mirror-rule"
+    table: RouteTable[Rule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_host: dict[str, list[Entry[Rule]]] = {}
+        for route in self.routes:
+            for host in route.hostnames or ("",):
+                bucket = by_host.setdefault(host, [])
+                for ri, rule in enumerate(route.rules):
+                    for mi, match in enumerate(rule.matches):
+                        bucket.append(Entry(match, rule, route.creation_timestamp, route.id, ri, mi))
+        object.__setattr__(self, "table", RouteTable(by_host))
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return tuple(f"{self.slot_prefix}{i}" for i in range(self.slots))
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return tuple(rule for route in self.routes for rule in route.rules)
+
+    def match(self, headers: Headers) -> Rule | None:
+        entry = self.table.lookup(RequestView(headers))
+        return None if entry is None else entry.rule
+
+    def decide(self, headers: Headers) -> Decision:
+        rule = self.match(headers)
+        if rule is None or not rule.mirrors:
+            return Decision(rule)
+        found = extract_key(self.key_chain, headers)
+        if found is None:
+            return Decision(rule, targets=tuple(TargetDecision(t, Outcome.NO_KEY) for t in rule.mirrors))
+        source, key = found
+        # One salt per policy: targets share u, so their samples nest.
+        u = key_hash(self.salt, key)
+        return Decision(
+            rule,
+            source,
+            key,
+            u,
+            tuple(TargetDecision(t, Outcome.MIRRORED if u < t.threshold else Outcome.SKIPPED) for t in rule.mirrors),
+        )

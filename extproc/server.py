@@ -1,0 +1,92 @@
+"""The gRPC server's lifecycle: health, metrics port, signals, reload, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from . import logs
+from .config import Settings
+from .metrics import Metrics
+from .service import ExternalProcessor, generic_handler
+from .store import PolicyStore
+from .wire import SERVICE_NAME
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Server:
+    """One sampler process. ``serve()`` returns after a graceful shutdown."""
+
+    def __init__(self, settings: Settings, store: PolicyStore | None = None, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.log = logs.get("mirror_sampler")
+        # Raises ConfigError before anything listens: bad input fails start-up.
+        self.store = store or PolicyStore(settings, self.metrics, self.log)
+        self.stop_requested = asyncio.Event()
+        self.port: int | None = None
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    async def serve(self) -> None:
+        settings = self.settings
+        # SO_REUSEPORT off: a second sampler on a busy port must fail loudly,
+        # not silently split Envoy's streams with a stale process.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((generic_handler(ExternalProcessor(self.store.responder, self.metrics)),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        host, port = split_listen(settings.listen)
+        try:
+            self.port = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        except RuntimeError as e:
+            raise OSError(f"MIRROR_LISTEN: cannot listen on {settings.listen}: {e}") from None
+        metrics_server = None
+        if settings.metrics_listen:
+            m_host, m_port = split_listen(settings.metrics_listen)
+            try:
+                metrics_server, _ = start_http_server(m_port, addr=m_host, registry=self.metrics.registry)
+            except OSError as e:
+                raise OSError(f"MIRROR_METRICS_LISTEN: cannot listen on {settings.metrics_listen}: {e}") from None
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.store.reload("SIGHUP"))
+        watcher = asyncio.create_task(self.store.watch(self.stop_requested))
+        self.log.info(
+            "serving",
+            port=self.port,
+            metrics_port=metrics_server.server_port if metrics_server else None,
+            rules=len(self.store.policy.rules),
+            **settings.effective(),
+        )
+        try:
+            await self.stop_requested.wait()
+        finally:
+            self.log.info("draining", drain_delay=settings.drain_delay, grace_seconds=settings.shutdown_grace)
+            # NOT_SERVING first, still serving for the drain delay, so Envoys
+            # that health-check move to other samplers before streams are refused.
+            await health_servicer.enter_graceful_shutdown()
+            await asyncio.sleep(settings.drain_delay)
+            # stop() refuses new streams at once and gives open ones the grace.
+            await server.stop(settings.shutdown_grace)
+            watcher.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            self.log.info("stopped")

@@ -1,0 +1,57 @@
+"""The ext_proc wire contract: the messages Envoy and the sampler exchange.
+
+The classes come from protos/extproc/wire/ext_proc.proto, a minimal mirror of
+``envoy.service.ext_proc.v3`` (and the ``envoy.config.core.v3`` header types)
+with Envoy's exact field numbers, under the package
+``mirror_sampler.ext_proc.v3``. Only field numbers travel on the wire, so the
+package name is invisible to Envoy; a different one lets this module be
+imported next to Envoy's own generated protos (xds-protos), which register the
+``envoy.*`` full names in protobuf's default descriptor pool, without a
+duplicate-symbol error.
+
+For the same reason the proto has no ``service``: the handler is registered by
+hand (``grpc.method_handlers_generic_handler(SERVICE_NAME, ...)``) and Envoy
+reaches it at ``PROCESS_METHOD``.
+
+Regenerate ext_proc_pb2.py(i) with ``make protos``; edit the .proto, not them.
+"""
+
+from typing import Final
+
+from extproc.wire.ext_proc_pb2 import (
+    BodyResponse,
+    CommonResponse,
+    HeaderMap,
+    HeaderMutation,
+    HeadersResponse,
+    HeaderValue,
+    HeaderValueOption,
+    HttpBody,
+    HttpHeaders,
+    HttpTrailers,
+    ProcessingRequest,
+    ProcessingResponse,
+    TrailersResponse,
+)
+
+# Envoy's service and method names, not ours: the HTTP/2 path Envoy calls.
+SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD: Final = f"/{SERVICE_NAME}/Process"
+
+__all__ = [
+    "PROCESS_METHOD",
+    "SERVICE_NAME",
+    "BodyResponse",
+    "CommonResponse",
+    "HeaderMap",
+    "HeaderMutation",
+    "HeaderValue",
+    "HeaderValueOption",
+    "HeadersResponse",
+    "HttpBody",
+    "HttpHeaders",
+    "HttpTrailers",
+    "ProcessingRequest",
+    "ProcessingResponse",
+    "TrailersResponse",
+]

@@ -1,0 +1,172 @@
+"""The server process: start-up errors, reload (file, SIGHUP), SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
+from procs import REPO, Sampler
+
+ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: default}}
+spec:
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror:
+        backendRef: {{name: shadow}}
+        percent: {percent}
+    backendRefs: [{{name: primary}}]
+"""
+
+
+def request(key: bytes) -> ProcessingRequest:
+    return ProcessingRequest(
+        request_headers=HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=":path", raw_value=b"/"), HeaderValue(key="x-request-id", raw_value=key)]))
+    )
+
+
+def sampled(port: int, key: bytes = b"alice") -> bool:
+    async def main() -> bool:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)()
+            await call.write(request(key))
+            resp = await call.read()
+            await call.done_writing()
+            return bool(resp.request_headers.response.header_mutation.set_headers)
+
+    return asyncio.run(main())
+
+
+def wait_until(pred, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if pred():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def route_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTE.format(percent=0))
+    return path
+
+
+def test_bad_environment_exits_non_zero_naming_the_variable() -> None:
+    env = {**os.environ, "MIRROR_BACKEND": "shadow", "MIRROR_FRACTION": "5/0", "MIRROR_SLOTS": "x"}
+    out = subprocess.run([sys.executable, "-m", "extproc", "serve"], env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert out.returncode == 2
+    assert "MIRROR_FRACTION" in out.stderr and "denominator" in out.stderr
+    assert "MIRROR_SLOTS" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_port_in_use_exits_non_zero(route_file: Path) -> None:
+    first = Sampler({"MIRROR_CONFIG": str(route_file)})
+    try:
+        env = {**os.environ, "MIRROR_CONFIG": str(route_file), "MIRROR_LISTEN": f"127.0.0.1:{first.port}", "MIRROR_METRICS_LISTEN": "off"}
+        out = subprocess.run([sys.executable, "-m", "extproc", "serve"], env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert out.returncode == 1
+        assert "MIRROR_LISTEN" in out.stderr
+    finally:
+        first.stop()
+
+
+def test_file_edit_reloads_within_two_seconds(route_file: Path) -> None:
+    s = Sampler({"MIRROR_CONFIG": str(route_file)})
+    try:
+        assert not sampled(s.port)
+        route_file.write_text(ROUTE.format(percent=100))
+        took = wait_until(lambda: sampled(s.port), timeout=2.0)
+        assert took < 2.0
+        assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 1
+    finally:
+        s.stop()
+
+
+def test_invalid_edit_is_logged_counted_and_ignored(route_file: Path) -> None:
+    route_file.write_text(ROUTE.format(percent=100))
+    s = Sampler({"MIRROR_CONFIG": str(route_file)})
+    try:
+        mark = len(s.lines)
+        route_file.write_text(ROUTE.format(percent=101))
+        rejected = s.wait_event("reload_rejected", timeout=5, start=mark)
+        assert any("spec.rules[0].filters[0].requestMirror.percent" in p for p in rejected["problems"])
+        assert s.metric("mirror_sampler_reloads_total", {"result": "invalid"}) >= 1
+        assert sampled(s.port)  # the previous policy (100%) stays
+        assert s.popen.poll() is None
+    finally:
+        s.stop()
+
+
+def test_sighup_forces_reload(route_file: Path) -> None:
+    s = Sampler({"MIRROR_CONFIG": str(route_file)})
+    try:
+        mark = len(s.lines)
+        s.signal(signal.SIGHUP)
+        # Same content: nothing to swap, but the reload ran and was counted.
+        wait_until(lambda: s.metric("mirror_sampler_reloads_total", {"result": "unchanged"}) >= 1, 5)
+        assert s.popen.poll() is None
+        route_file.write_text(ROUTE.format(percent=100))
+        s.signal(signal.SIGHUP)
+        s.wait_event("reloaded", timeout=5, start=mark)
+        assert sampled(s.port)
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path) -> None:
+    route_file.write_text(ROUTE.format(percent=100))
+    s = Sampler({"MIRROR_CONFIG": str(route_file), "MIRROR_DRAIN_DELAY": "1.5", "MIRROR_SHUTDOWN_GRACE": "5"})
+
+    def served(resp: ProcessingResponse) -> bool:
+        return bool(resp.request_headers.response.header_mutation.set_headers)
+
+    async def main() -> tuple[int, bool, bool, float]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+            open_stream = ch.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)()
+            await open_stream.write(request(b"alice"))
+            assert served(await open_stream.read())
+            s.signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            await asyncio.sleep(1.5)  # past the drain delay: new streams are refused
+            refused = False
+            try:
+                sampled_after = await asyncio.to_thread(sampled, s.port)
+            except grpc.aio.AioRpcError:
+                refused = True
+            else:
+                refused = not sampled_after
+            # The stream opened before SIGTERM is still answered within the grace.
+            await open_stream.write(request(b"alice"))
+            still_served = served(await open_stream.read())
+            await open_stream.done_writing()
+            assert await open_stream.read() == grpc.aio.EOF
+            return health.status, refused, still_served, time.monotonic()
+
+    try:
+        status, refused, still_served, closed_at = asyncio.run(main())
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert refused
+        assert still_served
+        # With its last stream closed the process exits without waiting out the grace.
+        assert s.popen.wait(10) == 0
+        assert time.monotonic() - closed_at < 4
+        assert any('"event": "stopped"' in line for line in s.lines)
+    finally:
+        s.stop()

@@ -1,0 +1,272 @@
+"""The servicer over a real gRPC channel: what Envoy would send, what it gets back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.config import Settings, build_policy
+from extproc.metrics import Metrics
+from extproc.sampling import Fraction, decide
+from extproc.service import ExternalProcessor, Responder, generic_handler
+from extproc.wire import (
+    PROCESS_METHOD,
+    HeaderMap,
+    HeaderValue,
+    HttpBody,
+    HttpHeaders,
+    HttpTrailers,
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+CONFORMANCE = "tests/manifests/conformance-percentage-mirror.yaml"
+SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+
+
+def headers_request(headers: dict[str, bytes]) -> ProcessingRequest:
+    return ProcessingRequest(
+        request_headers=HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=k, raw_value=v) for k, v in headers.items()]))
+    )
+
+
+def run_with_processor(
+    policy_env: dict[str, str], manifest: str | None, body: Callable[[grpc.aio.Channel, Metrics], Awaitable[Any]]
+) -> Any:
+    async def main() -> Any:
+        settings = Settings.load(policy_env)
+        responder = Responder(build_policy(settings, manifest))
+        metrics = Metrics()
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((generic_handler(ExternalProcessor(lambda: responder, metrics)),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await body(channel, metrics)
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(main())
+
+
+def process_call(channel: grpc.aio.Channel) -> Any:
+    return channel.stream_stream(
+        PROCESS_METHOD,
+        request_serializer=ProcessingRequest.SerializeToString,
+        response_deserializer=ProcessingResponse.FromString,
+    )()
+
+
+async def exchange(channel: grpc.aio.Channel, *requests: ProcessingRequest) -> list[ProcessingResponse]:
+    call = process_call(channel)
+    out = []
+    for r in requests:
+        await call.write(r)
+        out.append(await call.read())
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    return out
+
+
+def mutation(resp: ProcessingResponse) -> tuple[dict[str, bytes], list[str], bool]:
+    assert resp.WhichOneof("response") == "request_headers"
+    common = resp.request_headers.response
+    assert common.status == 0  # CONTINUE
+    sets = {o.header.key: o.header.raw_value for o in common.header_mutation.set_headers}
+    for o in common.header_mutation.set_headers:
+        # Envoy: value would arrive empty, both set is an error; append unset = overwrite.
+        assert o.header.value == ""
+        assert not o.HasField("append")
+    return sets, list(common.header_mutation.remove_headers), common.clear_route_cache
+
+
+SIMPLE = {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "42"}
+
+
+def test_sampled_request_gets_slot_header_and_others_removed() -> None:
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        (resp,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": b"alice"}))
+        sets, removes, clear = mutation(resp)
+        assert sets == {"x-mirror-cluster-0": b"shadow"}
+        assert "x-mirror-cluster-1" in removes and "x-mirror-cluster-0" not in removes
+        assert "x-mirror-rule" in removes
+        assert clear is True
+
+    run_with_processor(SIMPLE, None, body)
+
+
+def test_unsampled_request_removes_every_slot_header_including_forged_ones() -> None:
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        forged = {":path": b"/", "x-request-id": b"user-123", "X-Mirror-Cluster-0": b"shadow", "x-mirror-cluster-1": b"evil"}
+        (resp,) = await exchange(channel, headers_request(forged))
+        sets, removes, clear = mutation(resp)
+        assert sets == {}
+        assert set(SLOTS) <= set(removes)
+        # Envoy may have picked a mirror variant route with the forged header.
+        assert clear is True
+        (clean,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": b"user-123"}))
+        assert mutation(clean)[2] is False
+
+    run_with_processor(SIMPLE, None, body)
+
+
+def test_no_key_is_not_mirrored_and_counted() -> None:
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        (resp,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": b""}))
+        sets, removes, _ = mutation(resp)
+        assert sets == {} and set(SLOTS) <= set(removes)
+        assert metrics.registry.get_sample_value(
+            "mirror_sampler_decisions_total", {"rule": "simple", "target": "shadow", "outcome": "no_key"}
+        ) == 1
+
+    run_with_processor(SIMPLE, None, body)
+
+
+def test_decisions_over_the_wire_equal_the_decision_function() -> None:
+    keys = [f"user-{i}".encode() for i in range(300)]
+    with open(CONFORMANCE) as f:
+        manifest = f.read()
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        for key in keys:
+            (resp,) = await exchange(
+                channel, headers_request({":path": b"/percent-multi-mirror-and-modify-headers/x", ":authority": b"h", "x-request-id": key})
+            )
+            sets, removes, clear = mutation(resp)
+            expected = {}
+            if decide(b"", key, Fraction(35)):
+                expected["x-mirror-cluster-0"] = b"infra-backend-v2"
+            if decide(b"", key, Fraction(50)):
+                expected["x-mirror-cluster-1"] = b"infra-backend-v3"
+            assert sets == expected, key
+            assert set(removes) & set(sets) == set()
+            assert set(SLOTS) <= set(removes) | set(sets)
+            assert clear == bool(expected)
+        mirrored = metrics.registry.get_sample_value(
+            "mirror_sampler_decisions_total",
+            {"rule": "gateway-conformance-infra/request-percentage-mirror/2", "target": "infra-backend-v3", "outcome": "mirrored"},
+        )
+        assert mirrored == sum(decide(b"", k, Fraction(50)) for k in keys)
+
+    run_with_processor({"MIRROR_CONFIG": CONFORMANCE}, manifest, body)
+
+
+def test_request_matching_no_rule_gets_all_slots_removed() -> None:
+    with open(CONFORMANCE) as f:
+        manifest = f.read()
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        (resp,) = await exchange(channel, headers_request({":path": b"/elsewhere", "x-request-id": b"alice", "x-mirror-cluster-0": b"infra-backend-v2"}))
+        sets, removes, _ = mutation(resp)
+        assert sets == {} and set(SLOTS) <= set(removes)
+
+    run_with_processor({"MIRROR_CONFIG": CONFORMANCE}, manifest, body)
+
+
+def test_other_message_kinds_get_matching_empty_continue() -> None:
+    requests = {
+        "response_headers": ProcessingRequest(response_headers=HttpHeaders()),
+        "request_body": ProcessingRequest(request_body=HttpBody(body=b"x" * 10, end_of_stream=True)),
+        "response_body": ProcessingRequest(response_body=HttpBody(body=b"y")),
+        "request_trailers": ProcessingRequest(request_trailers=HttpTrailers()),
+        "response_trailers": ProcessingRequest(response_trailers=HttpTrailers()),
+    }
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        first = headers_request({":path": b"/", "x-request-id": b"alice"})
+        responses = await exchange(channel, first, *requests.values())
+        assert responses[0].WhichOneof("response") == "request_headers"
+        for kind, resp in zip(requests, responses[1:]):
+            assert resp.WhichOneof("response") == kind
+            # Empty: CONTINUE and no mutation of anything.
+            assert getattr(resp, kind).ByteSize() == 0
+
+    run_with_processor(SIMPLE, None, body)
+
+
+def test_stream_ending_early_and_garbage_leave_server_serving() -> None:
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        # A stream that closes without sending anything.
+        call = process_call(channel)
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        # Bytes that are not a ProcessingRequest: the stream fails, not the server.
+        raw = channel.stream_stream(PROCESS_METHOD)()
+        await raw.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await raw.read()
+        (resp,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": b"alice"}))
+        assert mutation(resp)[0] == {"x-mirror-cluster-0": b"shadow"}
+
+    run_with_processor(SIMPLE, None, body)
+
+
+def test_non_utf8_key_is_hashed_as_raw_bytes() -> None:
+    key = b"\xff\xfe\x00k\x80"
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> bool:
+        (resp,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": key}))
+        return bool(mutation(resp)[0])
+
+    expected = decide(b"", key, Fraction(42))
+    assert run_with_processor(SIMPLE, None, body) is expected
+
+
+def test_stream_keeps_its_policy_snapshot() -> None:
+    """A swap of the policy mid-stream does not change that stream's answers."""
+
+    async def main() -> tuple[dict[str, bytes], dict[str, bytes]]:
+        none = Responder(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"})))
+        all_ = Responder(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"})))
+        current = [none]
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((generic_handler(ExternalProcessor(lambda: current[0], Metrics())),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = process_call(channel)
+                req = headers_request({":path": b"/", "x-request-id": b"alice"})
+                await call.write(req)
+                first = mutation(await call.read())[0]
+                current[0] = all_
+                await call.write(req)
+                same_stream = mutation(await call.read())[0]
+                await call.done_writing()
+                (resp,) = await exchange(channel, req)
+                return first | same_stream, mutation(resp)[0]
+        finally:
+            await server.stop(None)
+
+    old_stream, new_stream = asyncio.run(main())
+    assert old_stream == {}
+    assert new_stream == {"x-mirror-cluster-0": b"shadow"}
+
+
+def test_health_service_on_the_same_port() -> None:
+    """Run the real Server in-process and ask its health service."""
+    from extproc.server import Server
+
+    async def main() -> int:
+        server = Server(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_LISTEN": "127.0.0.1:0", "MIRROR_METRICS_LISTEN": "off"}))
+        task = asyncio.create_task(server.serve())
+        while server.port is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+                reply2 = await stub.Check(health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"))
+                assert reply2.status == reply.status
+                return reply.status
+        finally:
+            server.request_stop()
+            await task
+
+    assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
