@@ -17,6 +17,7 @@ up: $(STAMP)
 	$(BIN)/mirror-sampler up $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check extproc tests tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).
@@ -25,7 +26,7 @@ protos: $(STAMP)
 
 # Regenerates envoy/envoy.yaml for docker compose (a test checks it is fresh).
 envoy-config: $(STAMP)
-	$(BIN)/mirror-sampler envoy-config --for compose --config examples/http-mirror.yaml --output envoy/envoy.yaml
+	$(BIN)/mirror-sampler envoy-config --for compose --config extproc/data/http-mirror.yaml --output envoy/envoy.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,10 +8,13 @@ import json
 import os
 import sys
 from dataclasses import replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, logs
 from .config import OPTIONS, ConfigError, Settings
+
+if TYPE_CHECKING:
+    from .envoyconf import Address
 
 EXIT_CONFIG = 2
 
@@ -90,7 +93,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _address(text: str, what: str) -> "Address":
+def _address(text: str, what: str) -> Address:
     from .envoyconf import Address
 
     host, sep, port = text.rpartition(":")

@@ -485,7 +485,8 @@ def _timestamp(p: _Problems, value: object) -> str:
         return ""
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return when.astimezone(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    # Fixed width, so that text order is time order (fractions of a second included).
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _Loader(yaml.SafeLoader):

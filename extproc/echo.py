@@ -193,6 +193,9 @@ class EchoHandler(BaseHTTPRequestHandler):
             "bodySha256": body_sha,
         }
         _say(f"Echoing back request made to {path} to client ({self._client()})")
+        if srv.log_requests:
+            # What a shadow received is otherwise invisible: Envoy drops its answer.
+            _say(f"Echoed: {json.dumps(doc, ensure_ascii=False)}")
         payload = json.dumps(doc, ensure_ascii=False).encode("utf-8")
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -209,8 +212,9 @@ class EchoServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address: tuple[str, int], service: str) -> None:
+    def __init__(self, address: tuple[str, int], service: str, log_requests: bool = False) -> None:
         self.service = service
+        self.log_requests = log_requests
         self.namespace = os.environ.get("NAMESPACE") or "default"
         self.pod = os.environ.get("POD_NAME") or service
         self.service_field = os.environ.get("SERVICE_NAME", "")
@@ -221,9 +225,9 @@ class EchoServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
 
-def make_server(host: str, port: int, service: str) -> ThreadingHTTPServer:
+def make_server(host: str, port: int, service: str, log_requests: bool = False) -> ThreadingHTTPServer:
     """Bind (port 0 picks a free port) and return the server; call ``serve_forever``."""
-    return EchoServer((host, port), service)
+    return EchoServer((host, port), service, log_requests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="port to bind, 0 picks one (default 3000)")
     parser.add_argument("--service", default="backend", help="service name (pod default)")
+    parser.add_argument("--log-requests", action="store_true", help="after each echo line, log the echoed JSON as 'Echoed: {...}'")
     args = parser.parse_args(argv)
 
-    server = make_server(args.host, args.port, args.service)
+    server = make_server(args.host, args.port, args.service, args.log_requests)
 
     def _stop(signum: int, frame: Any) -> None:
         raise SystemExit(0)

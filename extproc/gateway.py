@@ -128,7 +128,7 @@ class Gateway:
     def _start_backend(self, name: str) -> None:
         child = Child(
             f"echo backend {name}",
-            [sys.executable, "-m", "extproc.echo", "--host", LOOPBACK, "--port", "0", "--service", name],
+            [sys.executable, "-m", "extproc.echo", "--host", LOOPBACK, "--port", "0", "--service", name, "--log-requests"],
             log_path=self._log(f"echo-{name}"),
         )
         self.backends[name] = child

@@ -588,7 +588,7 @@ def test_route_fields() -> None:
     assert problems == []
     assert (r.namespace, r.name, r.id) == ("team-a", "web", "team-a/web")
     assert r.hostnames == ("a.example", "*.b.example")
-    assert r.creation_timestamp == "2024-01-01T00:00:00Z"
+    assert r.creation_timestamp == "2024-01-01T00:00:00.000000Z"
     assert r.rules[0].id == "team-a/web/0"
     assert r.rules[0].backends == (BackendRef("web", 8080, 3), BackendRef("web2", None, 1))
 
@@ -690,7 +690,16 @@ def test_invalid_yaml_timestamp_is_a_problem() -> None:
           rules: [{{}}]
     """)
     routes, problems = parse_routes(text, SRC)
-    assert routes == [] and len(problems) == 1 and SRC in problems[0]
+    assert routes == [] and len(problems) == 1
+    assert problems[0].startswith(f"{SRC} (document 1): HTTPRoute default/web: metadata.creationTimestamp: ")
+
+
+@pytest.mark.parametrize("value", ["yesterday", "2024-06-01T25:00:00Z", 5])
+def test_bad_creation_timestamp_is_a_problem(value: object) -> None:
+    d = doc(mrule(mirror()))
+    d["metadata"]["creationTimestamp"] = value
+    problem = only_problem(d)
+    assert "HTTPRoute team-a/web: metadata.creationTimestamp: " in problem
 
 
 def test_regex_too_large_repeat_is_a_problem() -> None:

@@ -464,6 +464,15 @@ def test_oldest_route_wins_timestamps_with_offsets() -> None:
     assert matched(pol, req("/")) == "default/bbb/0"
 
 
+def test_oldest_route_wins_fractional_seconds() -> None:
+    """10:00:00.5Z is half a second after 10:00:00Z: bbb is older."""
+    pol = policy(
+        route("aaa", rule(), created="2024-06-01T10:00:00.5Z"),
+        route("bbb", rule(), created="2024-06-01T10:00:00Z"),
+    )
+    assert matched(pol, req("/")) == "default/bbb/0"
+
+
 def test_alphabetical_namespace_name_breaks_remaining_ties() -> None:
     pol = policy(route("bbb", rule(m("/x"))), route("aaa", rule(m("/x"))))
     assert matched(pol, req("/x")) == "default/aaa/0"

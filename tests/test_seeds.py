@@ -5,8 +5,6 @@ and the Gateway API percentage-mirror conformance route load unchanged
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,37 +14,7 @@ from extproc.matching import PathType
 from extproc.policy import BackendRef, Outcome, Policy
 from extproc.sampling import Fraction, key_hash
 
-SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
-EG_SEED = "envoy-gateway-http-request-mirroring.md"
-GEP_SEED = "gep-3171-percentage-request-mirroring.md"
-CONFORMANCE = Path(__file__).resolve().parent / "manifests" / "conformance-percentage-mirror.yaml"
-
-_FENCE = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
-_HEREDOC = re.compile(r"<<-?[ \t]*(['\"]?)(\w+)\1[^\n]*\n(.*?)^[ \t]*\2[ \t]*$", re.M | re.S)
-_KIND_HTTPROUTE = re.compile(r"^kind:[ \t]*HTTPRoute[ \t]*$", re.M)
-
-
-def yaml_blocks(markdown: str) -> list[str]:
-    """Bodies of fenced code blocks; for shell blocks, the bodies of their heredocs."""
-    out: list[str] = []
-    for block in _FENCE.findall(markdown):
-        heredocs = _HEREDOC.findall(block)
-        if heredocs:
-            out.extend(body for _, _, body in heredocs)
-        else:
-            out.append(block)
-    return out
-
-
-def httproute_manifests(markdown: str) -> list[str]:
-    return [b for b in yaml_blocks(markdown) if _KIND_HTTPROUTE.search(b)]
-
-
-def seed_text(name: str) -> str:
-    path = SEEDS / name
-    assert path.is_file(), f"seed file missing: {path}"
-    return path.read_text(encoding="utf-8")
-
+from seeds import CONFORMANCE, EG_SEED, GEP_SEED, SEEDS, httproute_manifests, seed_text, yaml_blocks
 
 def load(text: str, source: str = "seed.yaml", **env: str) -> Policy:
     return build_policy(Settings.load({"MIRROR_CONFIG": source, **env}), text)
@@ -164,7 +132,7 @@ def test_eg_mirror_backend_manifests_alongside_the_route() -> None:
     """The guide's ServiceAccount/Service/Deployment block in the same file is skipped."""
     blocks = yaml_blocks(seed_text(EG_SEED))
     backend_block = next(b for b in blocks if "kind: Deployment" in b)
-    assert not _KIND_HTTPROUTE.search(backend_block)
+    assert backend_block not in httproute_manifests(seed_text(EG_SEED))
     routes, problems = parse_routes(backend_block, EG_SEED)
     assert routes == [] and len(problems) == 1 and "no HTTPRoute" in problems[0]
     pol = load(backend_block + "\n---\n" + eg_manifests()[0], EG_SEED)

@@ -102,9 +102,9 @@ def test_invalid_edit_is_logged_counted_and_ignored(route_file: Path) -> None:
     route_file.write_text(ROUTE.format(percent=100))
     s = Sampler({"MIRROR_CONFIG": str(route_file)})
     try:
-        mark = len(s.lines)
+        mark = s.line_count
         route_file.write_text(ROUTE.format(percent=101))
-        rejected = s.wait_event("reload_rejected", timeout=5, start=mark)
+        rejected = s.wait_event("reload_rejected", timeout=5, after=mark)
         assert any("spec.rules[0].filters[0].requestMirror.percent" in p for p in rejected["problems"])
         assert s.metric("mirror_sampler_reloads_total", {"result": "invalid"}) >= 1
         assert sampled(s.port)  # the previous policy (100%) stays
@@ -116,14 +116,14 @@ def test_invalid_edit_is_logged_counted_and_ignored(route_file: Path) -> None:
 def test_sighup_forces_reload(route_file: Path) -> None:
     s = Sampler({"MIRROR_CONFIG": str(route_file)})
     try:
-        mark = len(s.lines)
+        mark = s.line_count
         s.signal(signal.SIGHUP)
         # Same content: nothing to swap, but the reload ran and was counted.
         wait_until(lambda: s.metric("mirror_sampler_reloads_total", {"result": "unchanged"}) >= 1, 5)
         assert s.popen.poll() is None
         route_file.write_text(ROUTE.format(percent=100))
         s.signal(signal.SIGHUP)
-        s.wait_event("reloaded", timeout=5, start=mark)
+        s.wait_event("reloaded", timeout=5, after=mark)
         assert sampled(s.port)
     finally:
         s.stop()

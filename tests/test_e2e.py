@@ -1,0 +1,332 @@
+"""End to end: a real Envoy, real sampler processes, echo backends, real sockets.
+
+Each gateway is what `mirror-sampler up` runs, on loopback ports chosen at
+run time. Mirror counts come from Envoy's admin /stats
+(``cluster.<name>.upstream_rq_total`` counts shadow requests too) and from
+what the echo backends log having received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from extproc.config import Settings
+from extproc.gateway import Gateway
+from extproc.sampling import Fraction, decide
+from procs import REPO, scrape
+from seeds import httproute_manifests, seed_text
+
+pytestmark = pytest.mark.e2e
+
+CONFORMANCE = REPO / "tests" / "manifests" / "conformance-percentage-mirror.yaml"
+SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+KEYS = [f"user-{i}" for i in range(120)]
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the gateway."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def request(self, path: str, host: str, headers: dict[str, str] | None = None, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
+        self.conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = {"raw": data.decode(errors="replace")}
+        return resp.status, doc
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def start_gateway(tmp: Path, config_text: str | None, env: dict[str, str] | None = None, samplers: int = 1, **kw: object) -> Gateway:
+    environ = dict(env or {})
+    if config_text is not None:
+        path = tmp / "routes.yaml"
+        path.write_text(config_text)
+        environ["MIRROR_CONFIG"] = str(path)
+    gw = Gateway(Settings.load(environ), listener_port=0, admin_port=0, sampler_count=samplers, log_dir=tmp / "logs", **kw)  # type: ignore[arg-type]
+    gw.start()
+    return gw
+
+
+@pytest.fixture
+def gateways(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Gateway]]:
+    """Gateways a test starts are stopped even when it fails; their logs are
+    shown when it does."""
+    started: list[Gateway] = []
+    yield started
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for gw in started:
+        if failed:
+            for name, child in gw.children().items():
+                print(f"--- {name} ---\n{child.output()[-3000:]}")
+        gw.stop()
+
+
+def received(gw: Gateway, cluster: str) -> int:
+    return gw.stat(f"cluster.{cluster}.upstream_rq_total")
+
+
+def settle(gw: Gateway, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
+    """Mirrors are sent after the primary answers: wait for counts to reach
+    the expected values, then a little longer so extra mirrors would show."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = {c: received(gw, c) for c in expected}
+        if all(got[c] >= n for c, n in expected.items()):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return {c: received(gw, c) for c in expected}
+
+
+def echoed(gw: Gateway, backend: str) -> list[dict]:
+    """Every request the echo backend received, as it echoed it."""
+    child = gw.backends[backend]
+    return [json.loads(line.removeprefix("Echoed: ")) for line in list(child.lines) if line.startswith("Echoed: ")]
+
+
+def request_ids(docs: list[dict]) -> list[str]:
+    return [d["headers"].get("X-Request-Id", [""])[0] for d in docs]
+
+
+# --------------------------------------------------------------------------
+# The seed walkthrough (Envoy Gateway's mirroring guide, unchanged)
+
+
+def eg_route(index: int) -> str:
+    return httproute_manifests(seed_text("envoy-gateway-http-request-mirroring.md"))[index]
+
+
+def test_seed_walkthrough(tmp_path: Path, gateways: list[Gateway]) -> None:
+    gw = start_gateway(tmp_path, eg_route(0))
+    gateways.append(gw)
+    client = Client(gw.url)
+    status, doc = client.request("/get", "backends.example", {"x-request-id": "walkthrough-1"})
+    assert status == 200
+    assert doc["pod"] == "backend" and doc["path"] == "/get" and doc["host"] == "backends.example"
+    assert doc["namespace"] == "default" and "service" in doc and "ingress" in doc
+    assert settle(gw, {"backend-2": 1}) == {"backend-2": 1}
+    # Both backends log the request the way the guide shows.
+    for name in ("backend", "backend-2"):
+        gw.backends[name].wait_line(lambda s: s.startswith("Echoing back request made to /get to client (127.0.0.1:"), timeout=5)
+    (mirror,) = echoed(gw, "backend-2")
+    (primary,) = echoed(gw, "backend")
+    # The mirrored copy: marker naming the rule, the original Host (no -shadow
+    # suffix), and no slot header; the primary sees neither.
+    assert mirror["headers"]["X-Mirror-Rule"] == ["default/http-mirror/0"]
+    assert mirror["host"] == "backends.example"
+    assert mirror["headers"]["X-Request-Id"] == ["walkthrough-1"]
+    for doc_ in (mirror, primary):
+        assert not any(h.lower().startswith("x-mirror-cluster") for h in doc_["headers"])
+    assert "X-Mirror-Rule" not in primary["headers"]
+    client.close()
+
+
+def test_multiple_backend_refs_split_as_without_mirroring(tmp_path: Path, gateways: list[Gateway]) -> None:
+    gw = start_gateway(tmp_path, eg_route(1))
+    gateways.append(gw)
+    client = Client(gw.url)
+    n = 400
+    for i in range(n):
+        assert client.request("/get", "backends.example", {"x-request-id": f"split-{i}"})[0] == 200
+    got = settle(gw, {"backend-2": n})
+    # The mirror filter has no percentage: every request is mirrored.
+    assert got == {"backend-2": n}
+    primary, third = received(gw, "backend"), received(gw, "backend-3")
+    assert primary + third == n
+    # Envoy picks weighted clusters at random: 50/50 within five standard deviations.
+    sd = (n * 0.25) ** 0.5
+    assert abs(primary - n / 2) <= 5 * sd, (primary, third)
+    client.close()
+
+
+# --------------------------------------------------------------------------
+# The conformance route: exact counts for fixed keys
+
+
+@pytest.fixture(scope="module")
+def conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("conformance"), CONFORMANCE.read_text())
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def expected_count(fraction: Fraction, keys: list[str]) -> int:
+    return sum(decide(b"", k.encode(), fraction) for k in keys)
+
+
+@pytest.mark.parametrize(
+    "path, fractions",
+    [
+        ("/percent-mirror", {"infra-backend-v2": Fraction(20)}),
+        ("/percent-mirror-fraction", {"infra-backend-v2": Fraction(25, 50)}),
+        ("/percent-multi-mirror-and-modify-headers", {"infra-backend-v2": Fraction(35), "infra-backend-v3": Fraction(50)}),
+    ],
+)
+def test_mirror_counts_equal_the_decision_function(conformance: Gateway, path: str, fractions: dict[str, Fraction]) -> None:
+    gw = conformance
+    before = {c: received(gw, c) for c in fractions}
+    client = Client(gw.url)
+    for key in KEYS:
+        assert client.request(path, "conformance.example", {"x-request-id": key})[0] == 200
+    expected = {c: before[c] + expected_count(f, KEYS) for c, f in fractions.items()}
+    assert 0 < expected_count(next(iter(fractions.values())), KEYS) < len(KEYS)
+    assert settle(gw, expected) == expected
+    client.close()
+
+
+def test_a_sampled_key_is_sampled_every_time(conformance: Gateway) -> None:
+    gw = conformance
+    sampled = [k for k in KEYS[:40] if decide(b"", k.encode(), Fraction(20))]
+    before = len(echoed(gw, "infra-backend-v2"))
+    client = Client(gw.url)
+    for _ in range(3):
+        for key in KEYS[:40]:
+            client.request("/percent-mirror/again", "h", {"x-request-id": f"{key}"})
+    settle(gw, {"infra-backend-v2": 10**9}, timeout=2)
+    ids = request_ids(echoed(gw, "infra-backend-v2")[before:])
+    assert sorted(ids) == sorted(sampled * 3)
+    client.close()
+
+
+def test_client_supplied_slot_headers_never_mirror(conformance: Gateway) -> None:
+    gw = conformance
+    unsampled = [k for k in KEYS if not decide(b"", k.encode(), Fraction(20))][:20]
+    before = received(gw, "infra-backend-v2")
+    client = Client(gw.url)
+    forgeries = [
+        {"x-mirror-cluster-0": "infra-backend-v2"},
+        {"X-Mirror-Cluster-0": "infra-backend-v2", "X-MIRROR-CLUSTER-1": "infra-backend-v3"},
+        {"x-mirror-cluster-1": "infra-backend-v2", "x-mirror-rule": "forged"},
+    ]
+    for key in unsampled:
+        for forged in forgeries:
+            status, doc = client.request("/percent-mirror", "h", {"x-request-id": key, **forged})
+            assert status == 200
+            assert not any(h.lower().startswith("x-mirror") for h in doc["headers"]), doc["headers"]
+    assert settle(gw, {"infra-backend-v2": before}) == {"infra-backend-v2": before}
+    client.close()
+
+
+def test_a_64k_body_reaches_the_mirror_intact(conformance: Gateway) -> None:
+    gw = conformance
+    key = next(k for k in KEYS if decide(b"", k.encode(), Fraction(20)))
+    body = os.urandom(64 * 1024)
+    before = len(echoed(gw, "infra-backend-v2"))
+    client = Client(gw.url)
+    status, doc = client.request("/percent-mirror/upload", "h", {"x-request-id": key, "content-type": "application/octet-stream"}, "POST", body)
+    assert status == 200 and doc["bodyLength"] == len(body)
+    deadline = time.monotonic() + 10
+    while len(echoed(gw, "infra-backend-v2")) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (mirror,) = echoed(gw, "infra-backend-v2")[before:]
+    assert mirror["method"] == "POST"
+    assert mirror["bodyLength"] == len(body)
+    assert mirror["bodySha256"] == hashlib.sha256(body).hexdigest()
+    client.close()
+
+
+def test_request_header_modifier_applies_to_primary(conformance: Gateway) -> None:
+    client = Client(conformance.url)
+    status, doc = client.request(
+        "/percent-multi-mirror-and-modify-headers", "h", {"x-request-id": "hm", "X-Header-Remove": "gone", "X-Header-Set": "old"}
+    )
+    assert status == 200
+    assert doc["headers"]["X-Header-Set"] == ["set-overwrites-values"]
+    assert doc["headers"]["X-Header-Add"] == ["header-val-1"]
+    assert "X-Header-Remove" not in doc["headers"]
+    client.close()
+
+
+# --------------------------------------------------------------------------
+# Sampler down, restarted, doubled; live reload
+
+
+def test_sampler_down_fails_open_and_forged_headers_still_do_nothing(tmp_path: Path, gateways: list[Gateway]) -> None:
+    gw = start_gateway(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"})
+    gateways.append(gw)
+    client = Client(gw.url)
+    assert client.request("/", "any", {"x-request-id": "k"})[0] == 200
+    assert settle(gw, {"shadow": 1}) == {"shadow": 1}
+    sampler = gw.samplers[0]
+    assert sampler is not None
+    sampler.stop()
+    for i in range(30):
+        forged = {"x-mirror-cluster-0": "shadow"} if i % 2 else {"X-Mirror-Cluster-0": "shadow", "x-mirror-rule": "simple"}
+        status, doc = client.request(f"/down/{i}", "any", {"x-request-id": f"down-{i}", **forged})
+        assert status == 200, doc
+        assert not any(h.lower().startswith("x-mirror") for h in doc["headers"])
+    assert settle(gw, {"shadow": 1}) == {"shadow": 1}
+    # Envoy saw every one of those ext_proc streams fail and let the request through.
+    assert gw.stat("http.ingress_http.ext_proc.failure_mode_allowed") >= 30
+    # Back up on the same port: mirroring resumes by itself.
+    gw.start_sampler(0)
+    gw.wait_samplers_healthy()
+    assert client.request("/", "any", {"x-request-id": "back"})[0] == 200
+    assert settle(gw, {"shadow": 2}) == {"shadow": 2}
+    client.close()
+
+
+def test_decisions_survive_restart_and_agree_across_two_samplers(tmp_path: Path, gateways: list[Gateway]) -> None:
+    gw = start_gateway(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "30"}, samplers=2)
+    gateways.append(gw)
+    keys = KEYS[:60]
+    sampled = sorted(k for k in keys if decide(b"", k.encode(), Fraction(30)))
+    client = Client(gw.url)
+
+    def round_of_requests() -> list[str]:
+        before = len(echoed(gw, "shadow"))
+        for key in keys:
+            assert client.request("/", "any", {"x-request-id": key})[0] == 200
+        settle(gw, {"shadow": 10**9}, timeout=1.5)
+        return sorted(request_ids(echoed(gw, "shadow")[before:]))
+
+    assert round_of_requests() == sampled
+    # Both samplers answered some of those streams (Envoy balances between them).
+    for sampler in gw.samplers:
+        assert sampler is not None
+        assert scrape(sampler.metrics_port, "mirror_sampler_streams_started_total") > 0  # type: ignore[attr-defined]
+    gw.samplers[0].stop()  # type: ignore[union-attr]
+    gw.start_sampler(0)
+    gw.wait_samplers_healthy()
+    assert round_of_requests() == sampled
+    client.close()
+
+
+def test_live_reload_changes_what_envoy_mirrors(tmp_path: Path, gateways: list[Gateway]) -> None:
+    route = CONFORMANCE.read_text()
+    gw = start_gateway(tmp_path, route.replace("percent: 20", "percent: 0"))
+    gateways.append(gw)
+    envoy_pid = gw.envoy.pid  # type: ignore[union-attr]
+    client = Client(gw.url)
+    for key in KEYS[:40]:
+        client.request("/percent-mirror", "h", {"x-request-id": key})
+    assert settle(gw, {"infra-backend-v2": 0}) == {"infra-backend-v2": 0}
+    (tmp_path / "routes.yaml").write_text(route)  # percent: 20
+    sampler = gw.samplers[0]
+    assert sampler is not None
+    sampler.wait_event("reloaded", timeout=5)
+    for key in KEYS[:40]:
+        client.request("/percent-mirror", "h", {"x-request-id": key})
+    want = expected_count(Fraction(20), KEYS[:40])
+    assert want > 0
+    assert settle(gw, {"infra-backend-v2": want}) == {"infra-backend-v2": want}
+    assert gw.envoy.pid == envoy_pid and gw.envoy.alive()  # type: ignore[union-attr]
+    client.close()
