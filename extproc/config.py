@@ -318,6 +318,23 @@ def _parse_fraction_field(p: _Problems, path: str, mirror: dict[str, Any]) -> Fr
     return Fraction(100 if percent is None else percent, 100)
 
 
+# Envoy matches with RE2, which has no lookaround, backreferences, atomic
+# groups or possessive quantifiers; Python's re has all of them. Refusing them
+# here keeps check-config and Envoy in agreement.
+_RE2_UNSUPPORTED = re.compile(r"\(\?<?[=!]|\(\?>|\(\?P=|\\[1-9]|[*+?}]\+")
+
+
+def _regex_problem(pattern: str) -> str | None:
+    found = _RE2_UNSUPPORTED.search(pattern)
+    if found:
+        return f"{found.group()!r} is not supported by Envoy's RE2 regular expressions, got {pattern!r}"
+    try:
+        re.compile(pattern.encode())
+    except (re.error, OverflowError, RecursionError) as e:
+        return f"invalid regular expression {pattern!r}: {e}"
+    return None
+
+
 def _parse_value_matches(p: _Problems, path: str, items: object, header: bool) -> tuple[ValueMatch, ...]:
     out: list[ValueMatch] = []
     seen: set[str] = set()
@@ -346,10 +363,11 @@ def _parse_value_matches(p: _Problems, path: str, items: object, header: bool) -
         if name in seen:
             continue
         seen.add(name)
-        try:
+        problem = _regex_problem(value) if kind == "RegularExpression" else None
+        if problem:
+            p.add(f"{where}.value", problem)
+        else:
             out.append(ValueMatch.of(name, value, ValueType(kind)))
-        except (re.error, OverflowError, RecursionError) as e:
-            p.add(f"{where}.value", f"invalid regular expression {value!r}: {e}")
     return tuple(out)
 
 
@@ -365,10 +383,11 @@ def _parse_match(p: _Problems, path: str, raw: object) -> Match | None:
     elif not isinstance(pvalue, str) or (ptype != "RegularExpression" and not pvalue.startswith("/")):
         p.add(f"{path}.path.value", f"must be a string starting with '/', got {pvalue!r}")
     else:
-        try:
+        problem = _regex_problem(pvalue) if ptype == "RegularExpression" else None
+        if problem:
+            p.add(f"{path}.path.value", problem)
+        else:
             path_match = PathMatch.of(PathType(ptype), pvalue)
-        except (re.error, OverflowError, RecursionError) as e:
-            p.add(f"{path}.path.value", f"invalid regular expression {pvalue!r}: {e}")
     headers = _parse_value_matches(p, f"{path}.headers", m.get("headers"), header=True)
     query = _parse_value_matches(p, f"{path}.queryParams", m.get("queryParams"), header=False)
     method = m.get("method")

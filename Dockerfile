@@ -1,0 +1,25 @@
+# The sampler only (no Envoy): `docker compose up` pairs it with the
+# envoyproxy/envoy image. Build: docker build -t mirror-sampler .
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY extproc ./extproc
+# No extras: the `gateway` extra would pull in a whole Envoy binary.
+RUN /opt/venv/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin sampler
+USER 10001:10001
+# ext_proc gRPC (and grpc.health.v1 on the same port), Prometheus /metrics.
+EXPOSE 50051 9464
+# grpc.health.v1 Check on the ext_proc port (MIRROR_LISTEN's port, 50051 by default).
+HEALTHCHECK --interval=5s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; port = os.environ.get('MIRROR_LISTEN', ':50051').rpartition(':')[2]; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:' + port)).Check(h.HealthCheckRequest(), timeout=2); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+ENTRYPOINT ["mirror-sampler"]
+CMD ["serve"]
