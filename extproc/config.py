@@ -409,11 +409,27 @@ def _parse_header_modifier(p: _Problems, path: str, raw: object) -> HeaderModifi
             value = item.get("value")
             if not isinstance(value, str):
                 p.add(f"{path}.{op}[{i}].value", f"must be a string, got {value!r}")
-            elif name is not None:
+            elif name is not None and _modifiable(p, f"{path}.{op}[{i}].name", name, allow_host=op == "set"):
                 items.append((name, value))
         pairs[op] = tuple(items)
-    remove = tuple(r for r in _list(p, f"{path}.remove", spec.get("remove")) if isinstance(r, str))
-    return HeaderModifier(pairs["set"], pairs["add"], remove)
+    remove = []
+    for i, name in enumerate(_list(p, f"{path}.remove", spec.get("remove"))):
+        if not isinstance(name, str):
+            p.add(f"{path}.remove[{i}]", f"must be a header name, got {name!r}")
+        elif _modifiable(p, f"{path}.remove[{i}]", name, allow_host=False):
+            remove.append(name)
+    return HeaderModifier(pairs["set"], pairs["add"], tuple(remove))
+
+
+def _modifiable(p: _Problems, path: str, name: str, allow_host: bool) -> bool:
+    """Envoy may not add or remove Host or pseudo-headers; setting Host is a host rewrite."""
+    if not is_header_name(name):
+        p.add(path, f"{name!r} is not a valid header name")
+        return False
+    if name.lower() == "host" and not allow_host:
+        p.add(path, "Host can only be set (a host rewrite), not added or removed")
+        return False
+    return True
 
 
 def _parse_rule(p: _Problems, path: str, raw: object, rule_id: str, slots: int) -> Rule | None:
@@ -433,12 +449,16 @@ def _parse_rule(p: _Problems, path: str, raw: object, rule_id: str, slots: int) 
             ref = _mapping(p, f"{fpath}.requestMirror.backendRef", mirror.get("backendRef"), required=True)
             name = _string(p, f"{fpath}.requestMirror.backendRef.name", ref.get("name")) if ref else None
             fraction = _parse_fraction_field(p, f"{fpath}.requestMirror", mirror)
+            port = ref.get("port") if ref else None
+            if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
+                p.add(f"{fpath}.requestMirror.backendRef.port", f"must be an integer 1..65535, got {port!r}")
+                continue
             if name is None or fraction is None:
                 continue
             if any(m.backend == name for m in mirrors):
                 p.add(fpath, f"rule {rule_id} mirrors backend {name!r} twice; each RequestMirror in a rule must name a different backend")
                 continue
-            mirrors.append(MirrorTarget(name, fraction, len(mirrors)))
+            mirrors.append(MirrorTarget(name, fraction, len(mirrors), port))
         elif ftype == "RequestHeaderModifier":
             modifier = _parse_header_modifier(p, f"{fpath}.requestHeaderModifier", flt.get("requestHeaderModifier"))
         elif ftype not in _IGNORED_FILTERS:

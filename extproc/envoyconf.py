@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .matching import Match, PathType, ValueType
-from .policy import MirrorTarget, Policy, Rule
+from .policy import BackendRef, MirrorTarget, Policy, Rule
 
 with warnings.catch_warnings():
     # envoy-data-plane's pydantic models warn about deprecated pydantic APIs on import.
@@ -86,8 +86,9 @@ def backend_names(policy: Policy) -> list[str]:
 def backend_ports(policy: Policy) -> dict[str, int | None]:
     ports: dict[str, int | None] = {name: None for name in backend_names(policy)}
     for rule in policy.rules:
-        for b in rule.backends:
-            ports[b.name] = ports[b.name] or b.port
+        for ref in (*rule.backends, *rule.mirrors):
+            name = ref.name if isinstance(ref, BackendRef) else ref.backend
+            ports[name] = ports[name] or ref.port
     return ports
 
 
@@ -121,7 +122,7 @@ def route_match(match: Match, slot_headers: Sequence[route.HeaderMatcher] = ()) 
 
 
 def _route_action(rule: Rule, policy: Policy, mirrors: Sequence[MirrorTarget]) -> route.RouteAction:
-    live = [b for b in rule.backends if b.weight > 0]
+    live = _live_backends(rule)
     mirror_policies = [
         route.RouteActionRequestMirrorPolicy(
             cluster=m.backend,
@@ -139,12 +140,23 @@ def _route_action(rule: Rule, policy: Policy, mirrors: Sequence[MirrorTarget]) -
         )
         for m in mirrors
     ]
+    host = _host_rewrite(rule)
     if len(live) == 1:
-        return route.RouteAction(cluster=live[0].name, request_mirror_policies=mirror_policies)
+        return route.RouteAction(cluster=live[0].name, request_mirror_policies=mirror_policies, host_rewrite_literal=host)
     return route.RouteAction(
         weighted_clusters=route.WeightedCluster(clusters=[route.WeightedClusterClusterWeight(name=b.name, weight=b.weight) for b in live]),
         request_mirror_policies=mirror_policies,
+        host_rewrite_literal=host,
     )
+
+
+def _host_rewrite(rule: Rule) -> str | None:
+    mod = rule.header_modifier
+    return next((v for n, v in mod.set if n.lower() == "host"), None) if mod else None
+
+
+def _live_backends(rule: Rule) -> list[BackendRef]:
+    return [b for b in rule.backends if b.weight > 0]
 
 
 def _header_modifiers(rule: Rule, policy: Policy) -> dict[str, Any]:
@@ -153,6 +165,8 @@ def _header_modifiers(rule: Rule, policy: Policy) -> dict[str, Any]:
     mod = rule.header_modifier
     if mod is not None:
         for name, value in mod.set:
+            if name.lower() == "host":
+                continue  # a host rewrite on the route action
             add.append(core.HeaderValueOption(header=core.HeaderValue(key=name, value=value), append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD))
         for name, value in mod.add:
             add.append(core.HeaderValueOption(header=core.HeaderValue(key=name, value=value), append_action=core.HeaderValueOptionHeaderAppendAction.APPEND_IF_EXISTS_OR_ADD))
@@ -169,8 +183,11 @@ def rule_routes(rule: Rule, match: Match, policy: Policy) -> list[route.Route]:
     first), then the plain route."""
     routes: list[route.Route] = []
     headers = _header_modifiers(rule, policy)
-    for size in range(len(rule.mirrors), 0, -1):
-        for chosen in itertools.combinations(rule.mirrors, size):
+    live = _live_backends(rule)
+    # Envoy cannot mirror a direct response: a rule with no backend gets no variants.
+    mirrors = rule.mirrors if live else ()
+    for size in range(len(mirrors), 0, -1):
+        for chosen in itertools.combinations(mirrors, size):
             chosen_slots = {m.slot for m in chosen}
             slot_matchers = [route.HeaderMatcher(name=policy.slot_names[m.slot], string_match=matcher.StringMatcher(exact=m.backend)) for m in chosen]
             slot_matchers += [
@@ -186,12 +203,12 @@ def rule_routes(rule: Rule, match: Match, policy: Policy) -> list[route.Route]:
                 )
             )
     plain = route.Route(name=rule.id, match=route_match(match), **headers)
-    if rule.backends and any(b.weight > 0 for b in rule.backends):
+    if live:
         plain.route = _route_action(rule, policy, ())
     else:
         # Gateway API: a rule with no usable backend answers 500.
         plain.direct_response = route.DirectResponseAction(status=500)
-    if not rule.mirrors:
+    if not mirrors:
         # Nothing to decide: skip the gRPC round trip for this route.
         plain.typed_per_filter_config = _disable_ext_proc()
     routes.append(plain)

@@ -28,6 +28,7 @@ class MirrorTarget:
     backend: str  # backendRef name, which is also the Envoy cluster name
     fraction: Fraction
     slot: int  # position among the rule's mirrors: slot header x-...-<slot>
+    port: int | None = None  # backendRef port, for generated Envoy clusters
     threshold: int = field(init=False)
 
     def __post_init__(self) -> None:

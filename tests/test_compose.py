@@ -281,7 +281,9 @@ def test_echo_services_are_the_configured_backends(services: dict[str, dict[str,
         assert env.get("POD_NAME") and env.get("NAMESPACE"), f"{name}: the echo server reports POD_NAME and NAMESPACE"
 
 
-def test_generated_config_comes_from_the_mounted_config() -> None:
+def test_envoy_routes_come_from_the_file_the_sampler_loads(services: dict[str, dict[str, Any]]) -> None:
+    """`make envoy-config` renders envoy/envoy.yaml from the very file mounted
+    as the sampler's MIRROR_CONFIG: Envoy's routes and the sampler's rules agree."""
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     recipe = re.search(r"^envoy-config:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert recipe, "Makefile has no envoy-config target"
@@ -289,6 +291,9 @@ def test_generated_config_comes_from_the_mounted_config() -> None:
     config = re.search(r"--config[ =](\S+)", recipe.group(1))
     assert config and (ROOT / config.group(1)).is_file(), f"make envoy-config reads a missing file: {config and config.group(1)}"
     assert re.search(r"(--output|-o)[ =]envoy/envoy\.yaml\b", recipe.group(1))
+    _, sampler = _sampler_service(services)
+    mounted = _host_file(sampler, _environment(sampler)["MIRROR_CONFIG"])
+    assert mounted is not None and mounted.resolve() == (ROOT / config.group(1)).resolve()
 
 
 # --------------------------------------------------------------------------
