@@ -18,6 +18,7 @@ up: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check extproc tests tools
+	$(BIN)/mypy extproc
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).

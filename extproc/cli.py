@@ -124,6 +124,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listener=Address(topology.listener.host, args.listener_port),
         admin=Address(topology.admin.host, args.admin_port),
         message_timeout_ms=args.message_timeout_ms,
+        inline=args.inline,
     )
     text = render(policy, topology, snippet_only=args.snippet)
     if args.output:
@@ -180,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--sampler", action="append", metavar="HOST:PORT", help="sampler address (repeatable; default 127.0.0.1:50051, or mirror-sampler:50051 for compose)")
     envoy.add_argument("--backend-address", action="append", metavar="NAME=HOST:PORT", help="where a backend listens (local; default 127.0.0.1:<backendRef port>)")
     envoy.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc message_timeout: longer than this, the request goes on unmirrored")
+    envoy.add_argument("--inline", action="store_true", help="Envoy decides itself (generated Lua per route); no sampler process")
     envoy.set_defaults(func=cmd_envoy_config)
 
     up = sub.add_parser("up", parents=[common], help="run Envoy, the sampler and echo backends on this machine")
     up.add_argument("--listener-port", type=int, default=10000)
     up.add_argument("--admin-port", type=int, default=9901)
     up.add_argument("--message-timeout-ms", type=int, default=200)
+    up.add_argument("--inline", action="store_true", help="Envoy decides itself (generated Lua); routes reload from the file without a restart")
     up.add_argument("--no-view", action="store_true", help="no live view of request counts")
     up.set_defaults(func=cmd_up)
     return parser

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import yaml
 
+from . import inline
 from .matching import Match, PathType, ValueType
 from .policy import BackendRef, MirrorTarget, Policy, Rule
 
@@ -71,6 +73,11 @@ class Topology:
     # Clients Envoy trusts with their own x-request-id (the default key);
     # everyone else gets a fresh one and cannot pick a sampled id.
     internal_cidrs: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Decide in Envoy (Lua, extproc.inline) instead of asking the sampler.
+    inline: bool = False
+    # Serve routes from this file (filesystem RDS) so they can change without
+    # a restart; None embeds them in the bootstrap.
+    rds_path: str | None = None
 
 
 def backend_names(policy: Policy) -> list[str]:
@@ -86,9 +93,9 @@ def backend_names(policy: Policy) -> list[str]:
 def backend_ports(policy: Policy) -> dict[str, int | None]:
     ports: dict[str, int | None] = {name: None for name in backend_names(policy)}
     for rule in policy.rules:
-        for ref in (*rule.backends, *rule.mirrors):
-            name = ref.name if isinstance(ref, BackendRef) else ref.backend
-            ports[name] = ports[name] or ref.port
+        refs = [(b.name, b.port) for b in rule.backends] + [(m.backend, m.port) for m in rule.mirrors]
+        for name, port in refs:
+            ports[name] = ports[name] or port
     return ports
 
 
@@ -178,7 +185,12 @@ def _disable_ext_proc() -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: AnyMessage.pack(ext_proc.ExtProcPerRoute(disabled=True))}
 
 
-def rule_routes(rule: Rule, match: Match, policy: Policy) -> list[route.Route]:
+def _decide_inline(policy: Policy, rule: Rule) -> dict[str, AnyMessage]:
+    script = inline.rule_script(policy, rule)
+    return {inline.DECIDE_FILTER: AnyMessage.pack(lua.LuaPerRoute(source_code=core.DataSource(inline_string=script)))}
+
+
+def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False) -> list[route.Route]:
     """Variant routes (one per non-empty set of sampled mirrors, largest
     first), then the plain route."""
     routes: list[route.Route] = []
@@ -208,28 +220,33 @@ def rule_routes(rule: Rule, match: Match, policy: Policy) -> list[route.Route]:
     else:
         # Gateway API: a rule with no usable backend answers 500.
         plain.direct_response = route.DirectResponseAction(status=500)
-    if not mirrors:
+    if in_envoy:
+        # Only the plain route decides: a request carries no slot header
+        # until the decision has run, and then it re-matches into a variant.
+        if mirrors:
+            plain.typed_per_filter_config = _decide_inline(policy, rule)
+    elif not mirrors:
         # Nothing to decide: skip the gRPC round trip for this route.
         plain.typed_per_filter_config = _disable_ext_proc()
     routes.append(plain)
     return routes
 
 
-def virtual_hosts(policy: Policy) -> list[route.VirtualHost]:
+def virtual_hosts(policy: Policy, in_envoy: bool = False) -> list[route.VirtualHost]:
     """One virtual host per hostname, in the sampler's own precedence order."""
     hosts = []
     for hostname, entries in policy.table.vhosts:
-        routes = [r for e in entries for r in rule_routes(e.rule, e.match, policy)]
+        routes = [r for e in entries for r in rule_routes(e.rule, e.match, policy, in_envoy)]
         hosts.append(route.VirtualHost(name=hostname or "any-host", domains=[hostname or "*"], routes=routes))
     if not any(h.domains == ["*"] for h in hosts):
         hosts.append(route.VirtualHost(name="any-host", domains=["*"], routes=[]))
     return hosts
 
 
-def route_configuration(policy: Policy) -> route.RouteConfiguration:
+def route_configuration(policy: Policy, in_envoy: bool = False) -> route.RouteConfiguration:
     return route.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=virtual_hosts(policy),
+        virtual_hosts=virtual_hosts(policy, in_envoy),
         # Host: example.com:10000 matches hostname example.com.
         ignore_port_in_host_matching=True,
     )
@@ -276,9 +293,15 @@ def http_filters(policy: Policy, topology: Topology) -> list[hcm.HttpFilter]:
             response_trailer_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
         ),
     )
+    decider = (
+        # Per-route scripts only (rule_routes): routes without mirrors run nothing.
+        hcm.HttpFilter(name=inline.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua()))
+        if topology.inline
+        else hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(processor))
+    )
     return [
         hcm.HttpFilter(name=ANTI_SPOOF_FILTER, typed_config=AnyMessage.pack(lua.Lua(default_source_code=core.DataSource(inline_string=anti_spoof_lua(policy))))),
-        hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(processor)),
+        decider,
         hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
     ]
 
@@ -338,9 +361,22 @@ def backend_clusters(policy: Policy, topology: Topology) -> list[cluster.Cluster
 
 
 def http_connection_manager(policy: Policy, topology: Topology) -> hcm.HttpConnectionManager:
+    routes: dict[str, Any] = {"route_config": route_configuration(policy, topology.inline)}
+    if topology.rds_path:
+        directory = os.path.dirname(topology.rds_path)
+        routes = {
+            "rds": hcm.Rds(
+                route_config_name=ROUTE_CONFIG_NAME,
+                config_source=core.ConfigSource(
+                    # Envoy reloads when a new file is moved into the directory.
+                    path_config_source=core.PathConfigSource(path=topology.rds_path, watched_directory=core.WatchedDirectory(path=directory)),
+                    resource_api_version=core.ApiVersion.V3,
+                ),
+            )
+        }
     return hcm.HttpConnectionManager(
         stat_prefix="ingress_http",
-        route_config=route_configuration(policy),
+        **routes,
         http_filters=http_filters(policy, topology),
         # Edge proxy: external clients get a fresh x-request-id (the default
         # key) instead of choosing one that lands in the sample.
@@ -354,6 +390,8 @@ def http_connection_manager(policy: Policy, topology: Topology) -> hcm.HttpConne
 def bootstrap_config(policy: Policy, topology: Topology) -> bootstrap.Bootstrap:
     manager = http_connection_manager(policy, topology)
     return bootstrap.Bootstrap(
+        # Dynamic (file) route discovery needs a node identity.
+        node=core.Node(id="mirror-sampler-gateway", cluster="mirror-sampler-gateway"),
         admin=bootstrap.Admin(address=_socket(topology.admin)),
         static_resources=bootstrap.BootstrapStaticResources(
             listeners=[
@@ -367,17 +405,22 @@ def bootstrap_config(policy: Policy, topology: Topology) -> bootstrap.Bootstrap:
                     ],
                 )
             ],
-            clusters=[sampler_cluster(topology), *backend_clusters(policy, topology)],
+            clusters=[*([] if topology.inline else [sampler_cluster(topology)]), *backend_clusters(policy, topology)],
         ),
     )
+
+
+def route_discovery(policy: Policy, topology: Topology) -> dict[str, Any]:
+    """The file behind filesystem RDS: a DiscoveryResponse with the routes."""
+    return {"resources": [AnyMessage.pack(route_configuration(policy, topology.inline)).to_dict()]}
 
 
 def snippet(policy: Policy, topology: Topology) -> dict[str, Any]:
     """The pieces an existing Envoy needs, as plain data."""
     return {
         "http_filters": [_data(f) for f in http_filters(policy, topology)[:2]],
-        "clusters": [_data(sampler_cluster(topology))],
-        "virtual_hosts": [_data(v) for v in virtual_hosts(policy)],
+        "clusters": [] if topology.inline else [_data(sampler_cluster(topology))],
+        "virtual_hosts": [_data(v) for v in virtual_hosts(policy, topology.inline)],
     }
 
 

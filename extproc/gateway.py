@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .children import Child, ChildFailed
-from .config import Settings
-from .envoyconf import Address, Topology, backend_names, render
+import watchfiles
+
+from .config import ConfigError, Settings
+from .envoyconf import Address, Topology, backend_names, render, route_discovery, to_yaml
 from .policy import Policy
 from .store import load_policy
 
@@ -65,6 +68,7 @@ class Gateway:
     sampler_count: int = 1
     log_dir: Path | None = None
     sampler_env: dict[str, str] = field(default_factory=dict)
+    inline: bool = False
     policy: Policy = field(init=False)
     backends: dict[str, Child] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
@@ -73,6 +77,7 @@ class Gateway:
     envoy: Child | None = field(init=False, default=None)
     url: str = field(init=False, default="")
     admin_url: str = field(init=False, default="")
+    _watch_stop: threading.Event = field(init=False, default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         # Absolute: the children may run elsewhere, and reload must find it.
@@ -98,17 +103,21 @@ class Gateway:
             _check_port_free(self.admin_port, "--admin-port")
             for name in backend_names(self.policy):
                 self._start_backend(name)
-            for i in range(self.sampler_count):
+            # Inline, Envoy decides itself: no sampler process at all.
+            for i in range(0 if self.inline else self.sampler_count):
                 self.samplers.append(None)
                 self.sampler_ports.append(0)
                 self.start_sampler(i)
             self._start_envoy()
+            if self.inline and self.settings.config:
+                threading.Thread(target=self._watch_routes, name="route-watcher", daemon=True).start()
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
         """Envoy first (no new traffic), then samplers, then backends."""
+        self._watch_stop.set()
         children = [self.envoy, *self.samplers, *self.backends.values()]
         for child in children:
             if child is not None:
@@ -165,10 +174,45 @@ class Gateway:
             samplers=tuple(Address(LOOPBACK, p) for p in self.sampler_ports),
             backends={n: Address(LOOPBACK, p) for n, p in self.backend_ports.items()},
             message_timeout_ms=self.message_timeout_ms,
+            inline=self.inline,
+            rds_path=str(self._routes_file()) if self.inline else None,
         )
+
+    def _routes_file(self) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / "routes" / "routes.yaml"
+
+    def _write_routes(self) -> None:
+        """Atomically: Envoy reloads when a file is moved into the directory."""
+        target = self._routes_file()
+        target.parent.mkdir(exist_ok=True)
+        staging = self.log_dir / "routes.yaml.new"  # type: ignore[operator]
+        staging.write_text(to_yaml(route_discovery(self.policy, self.topology())))
+        os.replace(staging, target)
+
+    def _watch_routes(self) -> None:
+        """Inline mode: a changed HTTPRoute file becomes new Envoy routes (RDS)."""
+        directory = Path(self.settings.config).parent
+        for _ in watchfiles.watch(directory, stop_event=self._watch_stop, debounce=200, step=50, recursive=False):
+            try:
+                policy = load_policy(self.settings)
+            except ConfigError as e:
+                print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
+                continue
+            if set(backend_names(policy)) != set(self.backend_ports):
+                print("mirror-sampler up: the change names other backends; restart to add their clusters", file=sys.stderr)
+                continue
+            self.policy = policy
+            self._write_routes()
+            print("mirror-sampler up: routes reloaded", flush=True)
+
+    def routes_reloads(self) -> int:
+        return self.stat("http.ingress_http.rds.mirror-sampler.config_reload")
 
     def _start_envoy(self) -> None:
         config = self._log("envoy").with_suffix(".yaml")
+        if self.inline:
+            self._write_routes()
         config.write_text(render(self.policy, self.topology()))
         admin_path = self._log("envoy-admin-address").with_suffix(".txt")
         admin_path.unlink(missing_ok=True)
@@ -224,7 +268,8 @@ class Gateway:
     def stats(self) -> dict[str, int]:
         """Envoy's counters and gauges (admin /stats)."""
         data = json.loads(self._admin_text("/stats?format=json") or "{}")
-        return {s["name"]: int(s["value"]) for s in data.get("stats", []) if "value" in s}
+        # Text readouts (version strings) are not numbers; histograms have no "value".
+        return {s["name"]: int(s["value"]) for s in data.get("stats", []) if isinstance(s.get("value"), (int, float))}
 
     def stat(self, name: str) -> int:
         return self.stats().get(name, 0)
@@ -259,7 +304,7 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    gateway = Gateway(settings, args.listener_port, args.admin_port, args.message_timeout_ms)
+    gateway = Gateway(settings, args.listener_port, args.admin_port, args.message_timeout_ms, inline=args.inline)
     try:
         gateway.start()
     except (GatewayError, OSError) as e:

@@ -159,9 +159,11 @@ def test_multiple_backend_refs_split_as_without_mirroring(tmp_path: Path, gatewa
 # The conformance route: exact counts for fixed keys
 
 
-@pytest.fixture(scope="module")
-def conformance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("conformance"), CONFORMANCE.read_text())
+@pytest.fixture(scope="module", params=["ext_proc", "inline"])
+def conformance(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """The conformance route served both ways: the sampler over ext_proc, and
+    the same policy decided in Envoy by the generated Lua."""
+    gw = start_gateway(tmp_path_factory.mktemp("conformance"), CONFORMANCE.read_text(), inline=request.param == "inline")
     try:
         yield gw
     finally:
@@ -329,4 +331,33 @@ def test_live_reload_changes_what_envoy_mirrors(tmp_path: Path, gateways: list[G
     assert want > 0
     assert settle(gw, {"infra-backend-v2": want}) == {"infra-backend-v2": want}
     assert gw.envoy.pid == envoy_pid and gw.envoy.alive()  # type: ignore[union-attr]
+    client.close()
+
+
+def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, gateways: list[Gateway]) -> None:
+    route = CONFORMANCE.read_text()
+    gw = start_gateway(tmp_path, route.replace("percent: 20", "percent: 0"), inline=True)
+    gateways.append(gw)
+    assert gw.samplers == []  # nothing but Envoy decides
+    envoy_pid = gw.envoy.pid  # type: ignore[union-attr]
+    client = Client(gw.url)
+    for key in KEYS[:40]:
+        client.request("/percent-mirror", "h", {"x-request-id": key})
+    assert settle(gw, {"infra-backend-v2": 0}) == {"infra-backend-v2": 0}
+    reloads = gw.routes_reloads()
+    (tmp_path / "routes.yaml").write_text(route)  # percent: 20
+    deadline = time.monotonic() + 10
+    while gw.routes_reloads() == reloads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.routes_reloads() == reloads + 1
+    # The keep-alive connection opened before the change is still usable.
+    for key in KEYS[:40]:
+        assert client.request("/percent-mirror", "h", {"x-request-id": key})[0] == 200
+    want = expected_count(Fraction(20), KEYS[:40])
+    assert settle(gw, {"infra-backend-v2": want}) == {"infra-backend-v2": want}
+    assert gw.envoy.pid == envoy_pid and gw.envoy.alive()  # type: ignore[union-attr]
+    # An invalid edit leaves the routes in force.
+    (tmp_path / "routes.yaml").write_text(route.replace("percent: 20", "percent: 120"))
+    time.sleep(1.0)
+    assert gw.routes_reloads() == reloads + 1
     client.close()

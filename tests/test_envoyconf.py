@@ -180,6 +180,8 @@ CASES = {
         Case("snippet", "routes", {"MIRROR_SLOTS": "3"}, ("--snippet", "--message-timeout-ms", "150"), 150),
         Case("mirror-without-backend", "mirror-without-backend"),
         Case("host-header-modifier", "host-header-modifier"),
+        Case("inline-routes", "routes", {"MIRROR_SLOTS": "3"}, ("--for", "local", "--inline")),
+        Case("inline-compose", DEFAULT_CONFIG, args=("--for", "compose", "--inline")),
     )
 }
 # Whole bootstraps whose structure the tests below check.
@@ -596,7 +598,7 @@ def assert_valid(name: str, rendered: dict[str, Rendered], validations: dict[str
     assert rc == 0, f"Envoy rejects the {name} configuration ({r.path}):\n" + "\n".join(reason or [out[-3000:]])
 
 
-@pytest.mark.parametrize("name", ["default-local", "default-compose", "conformance", "simple", "routes", "snippet"])
+@pytest.mark.parametrize("name", ["default-local", "default-compose", "conformance", "simple", "routes", "snippet", "inline-routes", "inline-compose"])
 def test_envoy_accepts(name: str, rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
     assert_valid(name, rendered, validations)
 
@@ -732,3 +734,25 @@ def test_snake_leaves_map_keys_alone() -> None:
         "typed_config": {"@type": "t", "envoy.filters.http.ext_proc": {"disabled": True}},
         "port_value": 1,
     }
+
+
+def test_inline_puts_each_rules_script_on_its_plain_route(rendered: dict[str, Rendered]) -> None:
+    from extproc.inline import DECIDE_FILTER, rule_script
+
+    r = rendered["inline-routes"]
+    assert r.policy is not None
+    data = r.data
+    filters = [f["name"] for f in hcm_of(data)["http_filters"]]
+    assert filters == ["mirror-sampler.strip-slot-headers", DECIDE_FILTER, ROUTER]
+    assert "mirror-sampler" not in clusters_of(data)
+    scripts = {}
+    for vhost in hcm_of(data)["route_config"]["virtual_hosts"]:
+        for route in vhost["routes"]:
+            per_route = (route.get("typed_per_filter_config") or {}).get(DECIDE_FILTER)
+            if per_route is not None:
+                assert not is_variant(route)
+                scripts[route["name"]] = per_route["source_code"]["inline_string"]
+    with_mirrors = {rule.id: rule for rule in r.policy.rules if rule.mirrors and live_backends(rule)}
+    assert set(scripts) == set(with_mirrors)
+    for rule_id, script in scripts.items():
+        assert script == rule_script(r.policy, with_mirrors[rule_id])

@@ -1,0 +1,220 @@
+"""The decision rendered as Lua for Envoy to run in-process (LuaJIT).
+
+One library, written once: MurmurHash3_x64_128 on LuaJIT's 64-bit ``ffi``
+integers and ``bit`` operations, and the key sources of ``keys.py`` with the
+same byte-level rules. Each rule with mirrors gets a script made of that
+library plus the rule's constants (key chain, salt, slot names, clusters and
+the precomputed thresholds of ``sampling.Fraction``), attached to its route as
+per-route configuration, so Envoy's own route matching picks the script and
+the Lua code never matches anything itself. Pure: text in, text out.
+"""
+
+from __future__ import annotations
+
+from .keys import KeyKind, KeySource
+from .policy import Policy, Rule
+from .sampling import TWO_64
+
+DECIDE_FILTER = "mirror-sampler.decide"
+
+LIBRARY = r"""
+local ffi = require("ffi")
+local bit = require("bit")
+local bxor, rol, rshift = bit.bxor, bit.rol, bit.rshift
+local U64 = ffi.typeof("uint64_t")
+local BYTES = ffi.typeof("const uint8_t *")
+local C1, C2 = 0x87c37b91114253d5ULL, 0x4cf5ad432745937fULL
+
+local function fmix64(k)
+  k = bxor(k, rshift(k, 33))
+  k = k * 0xff51afd7ed558ccdULL
+  k = bxor(k, rshift(k, 33))
+  k = k * 0xc4ceb9fe1a85ec53ULL
+  return bxor(k, rshift(k, 33))
+end
+
+local function word(p, at, n)
+  -- n little-endian bytes from p[at] as a uint64 (n <= 8)
+  local v = U64(0)
+  for i = n - 1, 0, -1 do
+    v = v * 256ULL + p[at + i]
+  end
+  return v
+end
+
+-- First 64-bit word of MurmurHash3_x64_128(data, seed 0), unsigned.
+local function murmur3_h1(data)
+  local len = #data
+  local p = ffi.cast(BYTES, data)
+  local h1, h2 = U64(0), U64(0)
+  local nblocks = rshift(len, 4)
+  for i = 0, nblocks - 1 do
+    local k1 = word(p, i * 16, 8)
+    local k2 = word(p, i * 16 + 8, 8)
+    k1 = k1 * C1; k1 = rol(k1, 31); k1 = k1 * C2; h1 = bxor(h1, k1)
+    h1 = rol(h1, 27); h1 = h1 + h2; h1 = h1 * 5ULL + 0x52dce729ULL
+    k2 = k2 * C2; k2 = rol(k2, 33); k2 = k2 * C1; h2 = bxor(h2, k2)
+    h2 = rol(h2, 31); h2 = h2 + h1; h2 = h2 * 5ULL + 0x38495ab5ULL
+  end
+  local tail = nblocks * 16
+  local rest = len - tail
+  if rest > 8 then
+    local k2 = word(p, tail + 8, rest - 8)
+    k2 = k2 * C2; k2 = rol(k2, 33); k2 = k2 * C1; h2 = bxor(h2, k2)
+  end
+  if rest > 0 then
+    local k1 = word(p, tail, rest > 8 and 8 or rest)
+    k1 = k1 * C1; k1 = rol(k1, 31); k1 = k1 * C2; h1 = bxor(h1, k1)
+  end
+  h1 = bxor(h1, U64(len)); h2 = bxor(h2, U64(len))
+  h1 = h1 + h2; h2 = h2 + h1
+  h1 = fmix64(h1); h2 = fmix64(h2)
+  return h1 + h2
+end
+
+local function trim(s)
+  return (s:gsub("^%s+", ""):gsub("%s+$", ""))
+end
+
+-- headers: an object with getAtIndex(name, i) and getNumValues(name), as
+-- Envoy's Lua header map has; the first value of a header counts.
+local function cookie_value(headers, name)
+  local n = headers:getNumValues("cookie")
+  for i = 0, n - 1 do
+    local raw = headers:getAtIndex("cookie", i)
+    for pair in (raw .. ";"):gmatch("([^;]*);") do
+      pair = trim(pair)
+      local eq = pair:find("=", 1, true)
+      if eq and pair:sub(1, eq - 1) == name then
+        return trim(pair:sub(eq + 1))
+      end
+    end
+  end
+  return nil
+end
+
+local function query_value(path, name)
+  local q = path:find("?", 1, true)
+  if not q then return nil end
+  local query = path:sub(q + 1)
+  local hash = query:find("#", 1, true)
+  if hash then query = query:sub(1, hash - 1) end
+  for pair in (query .. "&"):gmatch("([^&]*)&") do
+    local eq = pair:find("=", 1, true)
+    local k = eq and pair:sub(1, eq - 1) or pair
+    if k == name then
+      return eq and pair:sub(eq + 1) or ""
+    end
+  end
+  return nil
+end
+
+local function lowhex(s)
+  return s:find("^[0-9a-f]+$") ~= nil
+end
+
+local function traceparent_id(value)
+  local s = trim(value)
+  if #s < 55 then return nil end
+  local version, trace, parent, flags = s:sub(1, 2), s:sub(4, 35), s:sub(37, 52), s:sub(54, 55)
+  if s:sub(3, 3) ~= "-" or s:sub(36, 36) ~= "-" or s:sub(53, 53) ~= "-" then return nil end
+  if not (lowhex(version) and lowhex(trace) and lowhex(parent) and lowhex(flags)) then return nil end
+  if version == "ff" or trace == string.rep("0", 32) or parent == string.rep("0", 16) then return nil end
+  local more = s:sub(56)
+  if #more > 0 and (version == "00" or more:sub(1, 1) ~= "-") then return nil end
+  return trace
+end
+
+local function first(headers, name)
+  if headers:getNumValues(name) == 0 then return nil end
+  return headers:getAtIndex(name, 0)
+end
+
+local function source_value(headers, kind, name)
+  if kind == "header" then
+    return first(headers, name)
+  elseif kind == "cookie" then
+    return cookie_value(headers, name)
+  elseif kind == "query" then
+    local path = first(headers, ":path")
+    return path and query_value(path, name)
+  else
+    local tp = first(headers, "traceparent")
+    return tp and traceparent_id(tp)
+  end
+end
+
+-- The first non-empty source of the chain, or nil.
+local function extract_key(headers, chain)
+  for _, source in ipairs(chain) do
+    local v = source_value(headers, source[1], source[2])
+    if v ~= nil and #v > 0 then
+      return v, source
+    end
+  end
+  return nil
+end
+
+-- Slot headers to set: {slot, cluster} for each sampled target.
+local function decide(headers, chain, salt, targets)
+  local key = extract_key(headers, chain)
+  if key == nil then return {}, nil end
+  local u = murmur3_h1(salt .. "\0" .. key)
+  local out = {}
+  for _, t in ipairs(targets) do
+    -- t[3] == nil: the fraction is 100%, threshold 2^64, which no uint64 reaches.
+    if t[3] == nil or u < t[3] then
+      out[#out + 1] = t
+    end
+  end
+  return out, u
+end
+
+MIRROR_SAMPLER = {murmur3_h1 = murmur3_h1, extract_key = extract_key, decide = decide}
+"""
+
+ENTRY = r"""
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local sampled = decide(headers, CHAIN, SALT, TARGETS)
+  for _, t in ipairs(sampled) do
+    headers:replace(t[1], t[2])
+  end
+  if #sampled > 0 then
+    -- Re-match: the variant route that carries this set of mirrors.
+    handle:clearRouteCache()
+  end
+end
+"""
+
+
+def lua_string(data: bytes) -> str:
+    """A Lua string literal for arbitrary bytes (decimal escapes, no surprises)."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}" for b in data) + '"'
+
+
+def _chain(chain: tuple[KeySource, ...]) -> str:
+    items = []
+    for source in chain:
+        name = source.name if source.kind is not KeyKind.TRACEPARENT else ""
+        items.append(f"{{{lua_string(source.kind.value.encode())}, {lua_string(name.encode())}}}")
+    return "{" + ", ".join(items) + "}"
+
+
+def _threshold(threshold: int) -> str:
+    return "nil" if threshold >= TWO_64 else f"0x{threshold:016x}ULL"
+
+
+def rule_script(policy: Policy, rule: Rule) -> str:
+    """The Lua for one rule: the library plus this rule's constants."""
+    targets = ", ".join(
+        f"{{{lua_string(policy.slot_names[t.slot].encode())}, {lua_string(t.backend.encode())}, {_threshold(t.threshold)}}}"
+        for t in rule.mirrors
+    )
+    constants = (
+        f"-- {rule.id}: " + ", ".join(f"{t.backend} at {t.fraction}" for t in rule.mirrors) + "\n"
+        f"local CHAIN = {_chain(policy.key_chain)}\n"
+        f"local SALT = {lua_string(policy.salt)}\n"
+        f"local TARGETS = {{{targets}}}\n"
+    )
+    return LIBRARY.lstrip("\n") + constants + ENTRY
