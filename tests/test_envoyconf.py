@@ -182,6 +182,7 @@ CASES = {
         Case("host-header-modifier", "host-header-modifier"),
         Case("inline-routes", "routes", {"MIRROR_SLOTS": "3"}, ("--for", "local", "--inline")),
         Case("inline-compose", DEFAULT_CONFIG, args=("--for", "compose", "--inline")),
+        Case("inline-snippet", "routes", {"MIRROR_SLOTS": "3"}, ("--snippet", "--inline")),
     )
 }
 # Whole bootstraps whose structure the tests below check.
@@ -563,7 +564,7 @@ def validations(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempPath
     for name, r in rendered.items():
         if r.path is None:
             continue
-        if name == "snippet":
+        if name in ("snippet", "inline-snippet"):
             assert r.policy is not None
             files[name] = tmp / "snippet-bootstrap.yaml"
             files[name].write_text(yaml.safe_dump(snippet_bootstrap(yaml.safe_load(r.text), r.policy), sort_keys=False), encoding="utf-8")
@@ -598,7 +599,7 @@ def assert_valid(name: str, rendered: dict[str, Rendered], validations: dict[str
     assert rc == 0, f"Envoy rejects the {name} configuration ({r.path}):\n" + "\n".join(reason or [out[-3000:]])
 
 
-@pytest.mark.parametrize("name", ["default-local", "default-compose", "conformance", "simple", "routes", "snippet", "inline-routes", "inline-compose"])
+@pytest.mark.parametrize("name", ["default-local", "default-compose", "conformance", "simple", "routes", "snippet", "inline-routes", "inline-compose", "inline-snippet"])
 def test_envoy_accepts(name: str, rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
     assert_valid(name, rendered, validations)
 
