@@ -41,6 +41,7 @@ with warnings.catch_warnings():
     import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 as hcm
     import envoy_data_plane.envoy.extensions.upstreams.http.v3 as upstream_http
     import envoy_data_plane.envoy.type.matcher.v3 as matcher
+    import envoy_data_plane.envoy.type.v3 as envoy_type
     from envoy_data_plane.google.protobuf import Any as AnyMessage
 
 SAMPLER_CLUSTER = "mirror-sampler"
@@ -338,11 +339,17 @@ def sampler_cluster(topology: Topology) -> cluster.Cluster:
             core.HealthCheck(
                 timeout=datetime.timedelta(milliseconds=500),
                 interval=datetime.timedelta(seconds=1),
+                # Envoy checks a cluster it thinks idle only every 60 s, and
+                # ext_proc streams do not count as traffic: check every second.
+                no_traffic_interval=datetime.timedelta(seconds=1),
                 unhealthy_threshold=2,
                 healthy_threshold=1,
                 grpc_health_check=core.HealthCheckGrpcHealthCheck(),
             )
         ],
+        # No panic routing: with every sampler unhealthy, fail open at once
+        # instead of sending streams to samplers known to be down or draining.
+        common_lb_config=cluster.ClusterCommonLbConfig(healthy_panic_threshold=envoy_type.Percent(value=0.0)),
         # One stream per HTTP request: the default 1024 concurrent requests
         # would fail requests open under load long before the sampler is full.
         circuit_breakers=cluster.CircuitBreakers(
