@@ -726,3 +726,31 @@ def test_lone_surrogates_are_problems_not_crashes(match: dict[str, Any]) -> None
     d = doc({"matches": [match]})
     text = yaml.safe_dump(d, allow_unicode=False)  # writes the escape, as a user would
     check_no_raise(text)
+
+
+# --------------------------------------------------------------------------
+# Environment fuzzing: any value of any variable is a ConfigError naming it, or valid.
+
+env_text = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["", " ", "0", "-1", "1e9", "nan", "inf", "5/0", "0/0", "101", "a:b", ":", "::1:80", "header:", "cookie:a=b", "traceparent,traceparent"]),
+)
+
+
+@FAST
+@given(values=st.dictionaries(st.sampled_from([o.env for o in OPTIONS]), env_text, max_size=6))
+def test_any_environment_is_valid_or_a_config_error_naming_a_variable(values: dict[str, str]) -> None:
+    environ = {"MIRROR_BACKEND": "shadow", **values}
+    try:
+        s = Settings.load(environ)
+    except ConfigError as e:
+        assert e.problems
+        names = {o.env for o in OPTIONS} | {o.flag for o in OPTIONS if o.flag}
+        for problem in e.problems:
+            assert any(n in problem for n in names), problem
+        return
+    # Valid settings build a policy (or a ConfigError for the file), nothing else.
+    try:
+        build_policy(s, "" if s.config else None)
+    except ConfigError:
+        pass
