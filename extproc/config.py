@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from .keys import DEFAULT_KEY_CHAIN, KeySource, is_header_name, parse_key_chain
-from .matching import Match, PathMatch, PathType, ValueMatch, ValueType
+from .keys import DEFAULT_KEY_CHAIN, KeyKind, KeySource, is_header_name, parse_key_chain
+import re2
+
+from .matching import Match, PathMatch, PathType, ValueMatch, ValueType, compile_regex
 from .policy import BackendRef, HeaderModifier, MirrorTarget, Policy, Route, Rule
 from .sampling import Fraction
 
@@ -198,6 +200,20 @@ class Settings:
             raise ConfigError(["nothing to mirror: set MIRROR_BACKEND (simple mode) or MIRROR_CONFIG/--config (route mode)"])
         if self.backend and self.backend == self.primary:
             raise ConfigError([f"MIRROR_BACKEND: mirror backend {self.backend!r} is the same as MIRROR_PRIMARY"])
+        problems = []
+        for opt_env, value in (("MIRROR_BACKEND", self.backend), ("MIRROR_PRIMARY", self.primary)):
+            if value and (not _NAME.match(value) or value == RESERVED_CLUSTER):
+                problems.append(f"{opt_env}: must be a lower-case DNS-1123 name other than {RESERVED_CLUSTER!r}, got {value!r}")
+        slots = {f"{self.slot_prefix}{i}" for i in range(self.slots)}
+        if self.marker_header in slots:
+            problems.append(f"MIRROR_MARKER_HEADER: {self.marker_header!r} is also a slot header (MIRROR_SLOT_PREFIX, MIRROR_SLOTS)")
+        for source in self.key:
+            if source.kind is KeyKind.HEADER and (source.name in slots or source.name == self.marker_header):
+                problems.append(f"MIRROR_KEY: {source} is a header the sampler and Envoy strip from every request, so it would never be present")
+        if self.marker_header in ("x-request-id", "traceparent"):
+            problems.append(f"MIRROR_MARKER_HEADER: {self.marker_header!r} is stripped from every client request; choose a header of its own")
+        if problems:
+            raise ConfigError(problems)
 
     def to_environ(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""
@@ -237,6 +253,8 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE"
 _DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _HOSTNAME = re.compile(rf"^(\*\.)?{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
 _NAME = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
+# Characters no header value may carry (and no path Envoy accepts).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _IGNORED_FILTERS = ("RequestRedirect", "URLRewrite", "ResponseHeaderModifier", "ExtensionRef", "CORS", "ExternalAuth")
 
 
@@ -318,20 +336,14 @@ def _parse_fraction_field(p: _Problems, path: str, mirror: dict[str, Any]) -> Fr
     return Fraction(100 if percent is None else percent, 100)
 
 
-# Envoy matches with RE2, which has no lookaround, backreferences, atomic
-# groups or possessive quantifiers; Python's re has all of them. Refusing them
-# here keeps check-config and Envoy in agreement.
-_RE2_UNSUPPORTED = re.compile(r"\(\?<?[=!]|\(\?>|\(\?P=|\\[1-9]|[*+?}]\+")
-
-
 def _regex_problem(pattern: str) -> str | None:
-    found = _RE2_UNSUPPORTED.search(pattern)
-    if found:
-        return f"{found.group()!r} is not supported by Envoy's RE2 regular expressions, got {pattern!r}"
+    """Compiled with RE2 under Envoy's program-size limit: what Envoy refuses,
+    check-config refuses."""
     try:
-        re.compile(pattern.encode())
-    except (re.error, OverflowError, RecursionError) as e:
-        return f"invalid regular expression {pattern!r}: {e}"
+        compile_regex(pattern)
+    except re2.error as e:
+        message = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        return f"not a regular expression Envoy (RE2) accepts: {pattern!r}: {message}"
     return None
 
 
@@ -345,8 +357,8 @@ def _parse_value_matches(p: _Problems, path: str, items: object, header: bool) -
             continue
         name = _string(p, f"{where}.name", item.get("name"))
         value = item.get("value")
-        if not isinstance(value, str):
-            p.add(f"{where}.value", f"must be a string, got {value!r}")
+        if not isinstance(value, str) or (_CONTROL.search(value) and item.get("type", "Exact") == "Exact"):
+            p.add(f"{where}.value", f"must be a string without control characters, got {value!r}")
             continue
         kind = item.get("type", "Exact")
         if kind not in ("Exact", "RegularExpression"):
@@ -382,6 +394,8 @@ def _parse_match(p: _Problems, path: str, raw: object) -> Match | None:
         p.add(f"{path}.path.type", f"must be Exact, PathPrefix or RegularExpression, got {ptype!r}")
     elif not isinstance(pvalue, str) or (ptype != "RegularExpression" and not pvalue.startswith("/")):
         p.add(f"{path}.path.value", f"must be a string starting with '/', got {pvalue!r}")
+    elif ptype != "RegularExpression" and any(c in pvalue for c in "?#") or _CONTROL.search(pvalue):
+        p.add(f"{path}.path.value", f"must not contain '?', '#' or control characters (the query is not part of the path), got {pvalue!r}")
     else:
         problem = _regex_problem(pvalue) if ptype == "RegularExpression" else None
         if problem:
@@ -407,8 +421,8 @@ def _parse_header_modifier(p: _Problems, path: str, raw: object) -> HeaderModifi
             item = _mapping(p, f"{path}.{op}[{i}]", item, required=True)
             name = _string(p, f"{path}.{op}[{i}].name", item.get("name"))
             value = item.get("value")
-            if not isinstance(value, str):
-                p.add(f"{path}.{op}[{i}].value", f"must be a string, got {value!r}")
+            if not isinstance(value, str) or _CONTROL.search(value):
+                p.add(f"{path}.{op}[{i}].value", f"must be a string without control characters, got {value!r}")
             elif name is not None and _modifiable(p, f"{path}.{op}[{i}].name", name, allow_host=op == "set"):
                 items.append((name, value))
         pairs[op] = tuple(items)
@@ -447,7 +461,7 @@ def _parse_rule(p: _Problems, path: str, raw: object, rule_id: str, slots: int) 
         if ftype == "RequestMirror":
             mirror = _mapping(p, f"{fpath}.requestMirror", flt.get("requestMirror"), required=True)
             ref = _mapping(p, f"{fpath}.requestMirror.backendRef", mirror.get("backendRef"), required=True)
-            name = _string(p, f"{fpath}.requestMirror.backendRef.name", ref.get("name")) if ref else None
+            name = _backend_name(p, f"{fpath}.requestMirror.backendRef.name", ref.get("name")) if ref else None
             fraction = _parse_fraction_field(p, f"{fpath}.requestMirror", mirror)
             port = ref.get("port") if ref else None
             if port is not None and (not _is_int(port) or not 1 <= port <= 65535):
@@ -470,7 +484,7 @@ def _parse_rule(p: _Problems, path: str, raw: object, rule_id: str, slots: int) 
     for i, raw_ref in enumerate(_list(p, f"{path}.backendRefs", r.get("backendRefs"))):
         bpath = f"{path}.backendRefs[{i}]"
         ref = _mapping(p, bpath, raw_ref, required=True)
-        name = _string(p, f"{bpath}.name", ref.get("name"))
+        name = _backend_name(p, f"{bpath}.name", ref.get("name"))
         weight, port = ref.get("weight", 1), ref.get("port")
         if not _is_int(weight) or not 0 <= weight <= 1_000_000:
             p.add(f"{bpath}.weight", f"must be an integer 0..1000000, got {weight!r}")
@@ -482,7 +496,24 @@ def _parse_rule(p: _Problems, path: str, raw: object, rule_id: str, slots: int) 
             backends.append(BackendRef(name, port, weight))
     if len(p.items) > n_before or any(m is None for m in matches):
         return None
+    if not any(b.weight > 0 for b in backends):
+        # Gateway API answers such a rule with a 500, and Envoy cannot mirror
+        # a direct response: its mirrors are never sent, so never decided.
+        mirrors = []
     return Rule(rule_id, tuple(m for m in matches if m is not None), tuple(mirrors), tuple(backends), modifier)
+
+
+def _backend_name(p: _Problems, path: str, value: object) -> str | None:
+    name = _string(p, path, value)
+    if name is None:
+        return None
+    if not _NAME.match(name) or len(name) > 253:
+        p.add(path, f"must be a lower-case DNS-1123 name (a Service name), got {name!r}")
+        return None
+    if name == RESERVED_CLUSTER:
+        p.add(path, f"{name!r} is the sampler's own Envoy cluster; name the backend differently")
+        return None
+    return name
 
 
 def _parse_route(doc: dict[str, Any], where: str, slots: int) -> tuple[Route | None, list[str]]:
@@ -490,6 +521,9 @@ def _parse_route(doc: dict[str, Any], where: str, slots: int) -> tuple[Route | N
     p = _Problems(where)
     meta = _mapping(p, "metadata", meta, required=True)
     name = _string(p, "metadata.name", meta.get("name"))
+    if name is not None and (not _NAME.match(name) or len(name) > 253):
+        p.add("metadata.name", f"must be a lower-case DNS-1123 name, got {name!r}")
+        name = None
     namespace = meta.get("namespace", "default")
     if not isinstance(namespace, str) or not _NAME.match(namespace):
         p.add("metadata.namespace", f"must be a DNS-1123 name, got {namespace!r}")
@@ -524,13 +558,25 @@ def _timestamp(p: _Problems, value: object) -> str:
         return ""
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.timezone.utc)
+    try:
+        utc = when.astimezone(datetime.timezone.utc)
+    except OverflowError:  # an offset that pushes year 1 or 9999 out of range
+        p.add("metadata.creationTimestamp", f"is out of range, got {value!r}")
+        return ""
     # Fixed width, so that text order is time order (fractions of a second included).
-    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that leaves timestamps as text: PyYAML raises a bare
-    ValueError on impossible dates, and _timestamp reports them by field."""
+    """SafeLoader that leaves timestamps as text (PyYAML raises a bare
+    ValueError on impossible dates; _timestamp reports them by field) and
+    refuses aliases, which make recursive or exponentially large documents."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported in route files", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -559,6 +605,8 @@ def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], l
     """HTTPRoutes from multi-document YAML; other kinds are skipped."""
     try:
         docs = list(yaml.load_all(text, Loader=_Loader))
+    except RecursionError:
+        return [], [f"{source}: not valid YAML: nested too deeply"]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -597,6 +645,37 @@ def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], l
 
 
 SIMPLE_RULE_ID = "simple"
+RESERVED_CLUSTER = "mirror-sampler"
+
+
+def _reserved_headers(settings: Settings) -> set[str]:
+    return {f"{settings.slot_prefix}{i}" for i in range(settings.slots)} | {settings.marker_header}
+
+
+def _cross_route_problems(routes: list[Route], settings: Settings) -> list[str]:
+    """What no single rule shows: one backend at two ports; a header modifier
+    that would put a slot or marker header on a backend's request."""
+    problems: list[str] = []
+    ports: dict[str, tuple[int, str]] = {}
+    reserved = _reserved_headers(settings)
+    for route in routes:
+        for rule in route.rules:
+            refs = [(b.name, b.port) for b in rule.backends] + [(m.backend, m.port) for m in rule.mirrors]
+            for name, port in refs:
+                if port is None:
+                    continue
+                first = ports.setdefault(name, (port, rule.id))
+                if first[0] != port:
+                    problems.append(
+                        f"{route.source}: rule {rule.id}: backend {name!r} at port {port}, but rule {first[1]} has it at port {first[0]}; "
+                        "one Envoy cluster per backend name needs one port"
+                    )
+            mod = rule.header_modifier
+            names = [n for n, _ in (mod.set + mod.add)] + list(mod.remove) if mod else []
+            for n in names:
+                if n.lower() in reserved:
+                    problems.append(f"{route.source}: rule {rule.id}: RequestHeaderModifier names {n!r}, which the sampler owns (a slot or the marker header)")
+    return problems
 
 
 def build_policy(settings: Settings, manifest_text: str | None = None) -> Policy:
@@ -605,6 +684,7 @@ def build_policy(settings: Settings, manifest_text: str | None = None) -> Policy
         if manifest_text is None:
             raise ConfigError([f"MIRROR_CONFIG: {settings.config}: no manifest text given"])
         routes, problems = parse_routes(manifest_text, settings.config, settings.slots)
+        problems += _cross_route_problems(routes, settings)
         if problems:
             raise ConfigError(problems)
     else:

@@ -34,6 +34,7 @@ from .store import load_policy
 DEFAULT_CONFIG = Path(__file__).parent / "data" / "http-mirror.yaml"
 LOOPBACK = "127.0.0.1"
 _ECHO_READY = re.compile(r"listening on port (\d+)")
+RDS_STAT = "http.ingress_http.rds.mirror-sampler."
 
 
 class GatewayError(RuntimeError):
@@ -82,7 +83,7 @@ class Gateway:
     def __post_init__(self) -> None:
         # Absolute: the children may run elsewhere, and reload must find it.
         if self.settings.config:
-            self.settings = replace(self.settings, config=str(Path(self.settings.config).resolve()))
+            self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
         self.policy = load_policy(self.settings)
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
@@ -195,19 +196,33 @@ class Gateway:
         directory = Path(self.settings.config).parent
         for _ in watchfiles.watch(directory, stop_event=self._watch_stop, debounce=200, step=50, recursive=False):
             try:
-                policy = load_policy(self.settings)
-            except ConfigError as e:
-                print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
-                continue
-            if set(backend_names(policy)) != set(self.backend_ports):
-                print("mirror-sampler up: the change names other backends; restart to add their clusters", file=sys.stderr)
-                continue
-            self.policy = policy
-            self._write_routes()
+                self._reload_routes()
+            except Exception as e:  # keep watching whatever happened
+                print(f"mirror-sampler up: reloading routes failed, previous routes stay: {e!r}", file=sys.stderr)
+
+    def _reload_routes(self) -> None:
+        try:
+            policy = load_policy(self.settings)
+        except ConfigError as e:
+            print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
+            return
+        if set(backend_names(policy)) != set(self.backend_ports):
+            print("mirror-sampler up: the change names other backends; restart to add their clusters", file=sys.stderr)
+            return
+        before = self.stat(RDS_STAT + "update_rejected"), self.routes_reloads()
+        previous, self.policy = self.policy, policy
+        self._write_routes()
+        deadline = time.monotonic() + 5
+        while (self.stat(RDS_STAT + "update_rejected"), self.routes_reloads()) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.routes_reloads() > before[1]:
             print("mirror-sampler up: routes reloaded", flush=True)
+        else:
+            self.policy = previous
+            print("mirror-sampler up: Envoy rejected the new routes; previous routes stay (see the envoy log)", file=sys.stderr)
 
     def routes_reloads(self) -> int:
-        return self.stat("http.ingress_http.rds.mirror-sampler.config_reload")
+        return self.stat(RDS_STAT + "config_reload")
 
     def _start_envoy(self) -> None:
         config = self._log("envoy").with_suffix(".yaml")

@@ -91,6 +91,8 @@ def cookie_value(cookie_header: bytes, name: bytes) -> bytes | None:
 
 
 def query_value(path: bytes, name: bytes) -> bytes | None:
+    """First value of a query parameter, raw (not percent-decoded), as Envoy
+    compares query parameters."""
     _, sep, query = path.partition(b"?")
     if not sep:
         return None
@@ -114,6 +116,9 @@ def source_value(source: KeySource, headers: Headers) -> bytes | None:
     """The raw key bytes this source yields for a request, or None if absent."""
     kind = source.kind
     if kind is KeyKind.HEADER:
+        if source.name == "host":
+            # ext_proc sends Host as :authority (so does Envoy's Lua for "host").
+            return headers.get(":authority") or headers.get("host")
         return headers.get(source.name)
     if kind is KeyKind.COOKIE:
         raw = headers.get("cookie")

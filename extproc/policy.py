@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .keys import Headers, KeySource, extract_key
-from .matching import Entry, Match, RequestView, RouteTable
+from .matching import Entry, Match, Repeated, RequestView, RouteTable
 from .sampling import Fraction, key_hash
 
 
@@ -100,6 +100,7 @@ class Policy:
     slots: int = 2
     marker_header: str = "x-mirror-rule"
     table: RouteTable[Rule] = field(init=False, repr=False, compare=False)
+    rules_by_id: dict[str, Rule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_host: dict[str, list[Entry[Rule]]] = {}
@@ -110,6 +111,26 @@ class Policy:
                     for mi, match in enumerate(rule.matches):
                         bucket.append(Entry(match, rule, route.creation_timestamp, route.id, ri, mi))
         object.__setattr__(self, "table", RouteTable(by_host))
+        object.__setattr__(self, "rules_by_id", {rule.id: rule for route in self.routes for rule in route.rules})
+
+    def envoy_shape(self) -> tuple[object, ...]:
+        """Everything Envoy's generated routes depend on in ext_proc mode:
+        all but the fractions, the key chain and the salt."""
+        return (
+            self.slot_prefix,
+            self.slots,
+            self.marker_header,
+            tuple(
+                (
+                    r.namespace, r.name, r.hostnames, r.creation_timestamp,
+                    tuple(
+                        (rule.id, rule.matches, tuple((m.backend, m.slot, m.port) for m in rule.mirrors), rule.backends, rule.header_modifier)
+                        for rule in r.rules
+                    ),
+                )
+                for r in self.routes
+            ),
+        )
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -119,12 +140,19 @@ class Policy:
     def rules(self) -> tuple[Rule, ...]:
         return tuple(rule for route in self.routes for rule in route.rules)
 
-    def match(self, headers: Headers) -> Rule | None:
-        entry = self.table.lookup(RequestView(headers))
+    def match(self, headers: Headers, repeated: Repeated | None = None) -> Rule | None:
+        entry = self.table.lookup(RequestView(headers, repeated))
         return None if entry is None else entry.rule
 
-    def decide(self, headers: Headers) -> Decision:
-        rule = self.match(headers)
+    def decide(self, headers: Headers, repeated: Repeated | None = None, rule_id: str | None = None) -> Decision:
+        """``rule_id``: the rule Envoy already matched (sent with the stream);
+        without it, or if it names no rule of this policy, match here."""
+        rule = self.rules_by_id.get(rule_id) if rule_id else None
+        if rule is None:
+            rule = self.match(headers, repeated)
+        return self.decide_rule(rule, headers)
+
+    def decide_rule(self, rule: Rule | None, headers: Headers) -> Decision:
         if rule is None or not rule.mirrors:
             return Decision(rule)
         found = extract_key(self.key_chain, headers)

@@ -52,18 +52,39 @@ class PolicyStore:
     def responder(self) -> Responder:
         return self._responder
 
-    def reload(self, reason: str) -> bool:
-        """Re-read the file; True if a new policy is now in force."""
+    def reload(self, reason: str, quiet: bool = False) -> bool:
+        """Re-read the file; True if a new policy is now in force. Never
+        raises: whatever goes wrong, the policy in force stays."""
         try:
             text = read_manifest(self.settings)
             digest = _digest(text)
             if digest == self._digest:
-                self.metrics.reloads.labels("unchanged").inc()
+                if not quiet:
+                    self.metrics.reloads.labels("unchanged").inc()
                 return False
             responder = Responder(build_policy(self.settings, text))
         except ConfigError as e:
             self.metrics.reloads.labels("invalid").inc()
             self.log.error("reload_rejected", reason=reason, problems=e.problems, kept="previous policy")
+            return False
+        except Exception as e:  # a bug must not end reloading, nor the server
+            self.metrics.reloads.labels("invalid").inc()
+            self.log.exception("reload_failed", reason=reason, error=repr(e), kept="previous policy")
+            return False
+        if responder.policy.envoy_shape() != self.policy.envoy_shape():
+            # Envoy's variant routes were generated for the old rules: new
+            # rules, matches or mirror targets would be decided but never
+            # mirrored (or mirrored under the wrong rule) until Envoy's
+            # configuration is regenerated. Fractions, keys and salt are free.
+            self.metrics.reloads.labels("needs_envoy_config").inc()
+            self.log.error(
+                "reload_rejected",
+                reason=reason,
+                problems=["the change alters routes, matches or mirror targets, not only fractions, keys or salt: "
+                          "regenerate Envoy's configuration (mirror-sampler envoy-config) and restart the sampler with it"],
+                kept="previous policy",
+            )
+            self._digest = digest  # reported once, not on every event
             return False
         self._responder = responder
         self._digest = digest
@@ -73,14 +94,27 @@ class PolicyStore:
         self.log.info("reloaded", reason=reason, rules=len(responder.policy.rules))
         return True
 
+    async def reload_in_thread(self, reason: str, quiet: bool = False) -> bool:
+        """Parsing a large file must not stall the streams on the event loop."""
+        return await asyncio.to_thread(self.reload, reason, quiet)
+
     async def watch(self, stop: asyncio.Event) -> None:
         """Reload when the file changes. Watches the directory, because editors
-        and Kubernetes ConfigMaps replace files rather than write them."""
+        and Kubernetes ConfigMaps replace files rather than write them; the
+        path is not resolved, so a ConfigMap's ..data symlink swap is seen."""
         if not self.settings.config:
             return
-        directory = Path(self.settings.config).resolve().parent
-        async for _ in watchfiles.awatch(directory, stop_event=stop, debounce=200, step=50, recursive=False):
-            self.reload("file changed")
+        directory = Path(self.settings.config).absolute().parent
+        started = False
+        async for changes in watchfiles.awatch(
+            directory, stop_event=stop, debounce=200, step=50, recursive=False, yield_on_timeout=True, rust_timeout=200
+        ):
+            if not started:
+                started = True
+                # An edit between the start-up read and now would be missed.
+                await self.reload_in_thread("watch started", quiet=True)
+            if changes:
+                await self.reload_in_thread("file changed")
 
 
 def _digest(text: str | None) -> bytes:

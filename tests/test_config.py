@@ -703,10 +703,10 @@ def test_bad_creation_timestamp_is_a_problem(value: object) -> None:
 
 
 def test_regex_too_large_repeat_is_a_problem() -> None:
-    """re raises OverflowError, not re.error, for repeat counts past 2**32-1."""
-    problem = only_problem(doc({"matches": [{"path": {"type": "RegularExpression", "value": "/a{4294967296}"}}]}))
+    """RE2 refuses repeat counts over 1000 (Envoy too); the field is named."""
+    problem = only_problem(doc({"matches": [{"path": {"type": "RegularExpression", "value": "/a{1001}"}}]}))
     assert "spec.rules[0].matches[0].path.value" in problem
-    problem = only_problem(doc({"matches": [{"headers": [{"name": "x", "value": "a{4294967296}", "type": "RegularExpression"}]}]}))
+    problem = only_problem(doc({"matches": [{"headers": [{"name": "x", "value": "a{1001}", "type": "RegularExpression"}]}]}))
     assert "spec.rules[0].matches[0].headers[0].value" in problem
 
 
@@ -754,3 +754,93 @@ def test_any_environment_is_valid_or_a_config_error_naming_a_variable(values: di
         build_policy(s, "" if s.config else None)
     except ConfigError:
         pass
+
+
+# --------------------------------------------------------------------------
+# What Envoy would refuse, or what would defeat the sampler, is refused up front.
+
+
+@pytest.mark.parametrize(
+    ("rule", "field", "words"),
+    [
+        ({"matches": [{"path": {"type": "PathPrefix", "value": "/a?b"}}]}, "matches[0].path.value", "'?'"),
+        ({"matches": [{"path": {"type": "Exact", "value": "/a#b"}}]}, "matches[0].path.value", "'#'"),
+        ({"matches": [{"headers": [{"name": "x", "value": "a\nb"}]}]}, "matches[0].headers[0].value", "control"),
+        ({"backendRefs": [{"name": "Web Server"}]}, "backendRefs[0].name", "DNS-1123"),
+        ({"backendRefs": [{"name": "mirror-sampler"}]}, "backendRefs[0].name", "sampler's own Envoy cluster"),
+        (
+            {"backendRefs": [{"name": "web"}], "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-a", "value": "a\r\nb"}]}}]},
+            "filters[0].requestHeaderModifier.set[0].value",
+            "control",
+        ),
+    ],
+)
+def test_envoy_refusals_are_config_problems(rule: dict[str, Any], field: str, words: str) -> None:
+    problem = only_problem(doc(rule))
+    assert f"spec.rules[0].{field}" in problem and words in problem
+
+
+def test_route_name_must_be_a_dns_name() -> None:
+    problem = only_problem(doc(mrule(mirror()), name="bad\nname"))
+    assert "metadata.name" in problem and "DNS-1123" in problem
+
+
+def test_one_backend_at_two_ports_is_refused() -> None:
+    text = dump(doc(mrule(mirror("shadow")), {"backendRefs": [{"name": "web", "port": 9090}]}))
+    with pytest.raises(ConfigError) as e:
+        build_policy(Settings.load({"MIRROR_CONFIG": "r.yaml"}), text)
+    assert any("backend 'web' at port 9090" in p and "team-a/web/0" in p for p in e.value.problems)
+
+
+def test_header_modifier_may_not_touch_slot_or_marker_headers() -> None:
+    modifier = {"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "X-Mirror-Cluster-0", "value": "shadow"}], "remove": ["x-mirror-rule"]}}
+    text = dump(doc(mrule(mirror(), modifier)))
+    with pytest.raises(ConfigError) as e:
+        build_policy(Settings.load({"MIRROR_CONFIG": "r.yaml"}), text)
+    assert len([p for p in e.value.problems if "the sampler owns" in p]) == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MIRROR_MARKER_HEADER": "x-mirror-cluster-1"}, "MIRROR_MARKER_HEADER"),
+        ({"MIRROR_MARKER_HEADER": "x-request-id"}, "MIRROR_MARKER_HEADER"),
+        ({"MIRROR_KEY": "header:x-mirror-cluster-0,header:x-request-id"}, "MIRROR_KEY"),
+        ({"MIRROR_KEY": "header:x-mirror-rule"}, "MIRROR_KEY"),
+        ({"MIRROR_BACKEND": "Shadow Copy"}, "MIRROR_BACKEND"),
+        ({"MIRROR_PRIMARY": "mirror-sampler"}, "MIRROR_PRIMARY"),
+    ],
+)
+def test_self_defeating_settings_are_refused(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Settings.load({"MIRROR_BACKEND": "shadow", **env})
+    assert any(p.startswith(variable) for p in e.value.problems), e.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("metadata: {labels: &a [*a]}", "aliases"),
+        ("a: &x 1\nb: *x\n", "aliases"),
+        ("[" * 5000, "nested too deeply"),
+    ],
+)
+def test_yaml_aliases_and_deep_nesting_are_problems(text: str, words: str) -> None:
+    routes, problems = parse(text)
+    assert routes == [] and len(problems) == 1 and words in problems[0]
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_timestamp_out_of_range_after_offset(stamp: str) -> None:
+    d = doc(mrule(mirror()))
+    d["metadata"]["creationTimestamp"] = stamp
+    problem = only_problem(d)
+    assert "metadata.creationTimestamp" in problem and "out of range" in problem
+
+
+def test_mirrors_of_a_rule_without_a_live_backend_are_never_decided() -> None:
+    text = dump(doc({"filters": [mirror()]}))
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": "r.yaml"}), text)
+    (rule,) = policy.rules
+    assert rule.mirrors == ()
+    assert policy.decide({":path": b"/", "x-request-id": b"alice"}).sampled == ()

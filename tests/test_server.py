@@ -170,3 +170,47 @@ def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path) -> N
         assert any('"event": "stopped"' in line for line in s.lines)
     finally:
         s.stop()
+
+
+def test_structural_edit_is_refused_until_envoy_config_is_regenerated(route_file: Path) -> None:
+    s = Sampler({"MIRROR_CONFIG": str(route_file)})
+    try:
+        mark = s.line_count
+        # A second mirror target: Envoy's routes have no variant for it.
+        route_file.write_text(
+            ROUTE.format(percent=100).replace(
+                "    backendRefs:", "    - type: RequestMirror\n      requestMirror:\n        backendRef: {name: shadow-2}\n    backendRefs:"
+            )
+        )
+        rejected = s.wait_event("reload_rejected", timeout=5, after=mark)
+        assert "regenerate Envoy's configuration" in rejected["problems"][0]
+        assert s.metric("mirror_sampler_reloads_total", {"result": "needs_envoy_config"}) == 1
+        assert not sampled(s.port)  # the 0% policy stays
+    finally:
+        s.stop()
+
+
+def test_configmap_symlink_swaps_are_all_seen(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as name -> ..data/name, ..data -> ..<timestamp>/,
+    and updates it by swapping ..data; the directory it points to is deleted."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(version: int, percent: int) -> None:
+        target = mount / f"..v{version}"
+        target.mkdir()
+        (target / "routes.yaml").write_text(ROUTE.format(percent=percent))
+        staging = mount / "..data_tmp"
+        staging.symlink_to(target.name)
+        os.replace(staging, mount / "..data")
+
+    publish(0, 0)
+    (mount / "routes.yaml").symlink_to("..data/routes.yaml")
+    s = Sampler({"MIRROR_CONFIG": str(mount / "routes.yaml")})
+    try:
+        for version, percent in ((1, 100), (2, 0), (3, 100)):
+            publish(version, percent)
+            wait_until(lambda: sampled(s.port) is (percent == 100), timeout=3)
+        assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 3
+    finally:
+        s.stop()
