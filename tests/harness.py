@@ -55,22 +55,43 @@ def received(gw: Gateway, cluster: str) -> int:
 
 
 def settle(gw: Gateway, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
-    """Mirrors are sent after the primary answers: wait for counts to reach
-    the expected values, then a little longer so extra mirrors would show."""
+    """The final counts once every mirror of the requests sent so far is done.
+
+    Envoy creates a request's mirror before the client gets its answer, so
+    once the answers are in and the clusters have nothing active or pending,
+    no more can arrive: a count that should stay put is checked exactly, not
+    after a sleep. Waits up to ``timeout`` for the expected counts first.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = {c: received(gw, c) for c in expected}
-        if all(got[c] >= n for c, n in expected.items()):
-            break
+
+    def busy(stats: dict[str, int]) -> bool:
+        return any(
+            stats.get(f"cluster.{c}.upstream_rq_active", 0) or stats.get(f"cluster.{c}.upstream_rq_pending_active", 0)
+            for c in expected
+        )
+
+    while True:
+        stats = gw.stats()
+        got = {c: stats.get(f"cluster.{c}.upstream_rq_total", 0) for c in expected}
+        done = all(got[c] >= n for c, n in expected.items())
+        if (done and not busy(stats)) or time.monotonic() > deadline:
+            return got
         time.sleep(0.05)
-    time.sleep(0.3)
-    return {c: received(gw, c) for c in expected}
 
 
 def echoed(gw: Gateway, backend: str) -> list[dict]:
     """Every request the echo backend received, as it echoed it."""
     child = gw.backends[backend]
     return [json.loads(line.removeprefix("Echoed: ")) for line in list(child.lines) if line.startswith("Echoed: ")]
+
+
+def echoed_after(gw: Gateway, backend: str, start: int, count: int, timeout: float = 5.0) -> list[dict]:
+    """The ``count`` requests echoed after the first ``start``: Envoy counted
+    them, so wait for the echo log to catch up, not for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while len(echoed(gw, backend)) < start + count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return echoed(gw, backend)[start:]
 
 
 def request_ids(docs: list[dict]) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 from extproc.gateway import Gateway
 from extproc.sampling import Fraction, decide
 from procs import scrape
-from harness import CONFORMANCE, KEYS, Client, echoed, expected_count, received, request_ids, settle, start_gateway
+from harness import CONFORMANCE, KEYS, Client, echoed, echoed_after, expected_count, received, request_ids, settle, start_gateway
 from seeds import httproute_manifests, seed_text
 
 pytestmark = pytest.mark.e2e
@@ -128,12 +128,13 @@ def test_a_sampled_key_is_sampled_every_time(conformance: Gateway) -> None:
     gw = conformance
     sampled = [k for k in KEYS[:40] if decide(b"", k.encode(), Fraction(20))]
     before = len(echoed(gw, "infra-backend-v2"))
+    count = received(gw, "infra-backend-v2")
     client = Client(gw.url)
     for _ in range(3):
         for key in KEYS[:40]:
             client.request("/percent-mirror/again", "h", {"x-request-id": f"{key}"})
-    settle(gw, {"infra-backend-v2": 10**9}, timeout=2)
-    ids = request_ids(echoed(gw, "infra-backend-v2")[before:])
+    settle(gw, {"infra-backend-v2": count + 3 * len(sampled)})
+    ids = request_ids(echoed_after(gw, "infra-backend-v2", before, received(gw, "infra-backend-v2") - count))
     assert sorted(ids) == sorted(sampled * 3)
     client.close()
 
@@ -224,11 +225,11 @@ def test_decisions_survive_restart_and_agree_across_two_samplers(tmp_path: Path,
     client = Client(gw.url)
 
     def round_of_requests() -> list[str]:
-        before = len(echoed(gw, "shadow"))
+        before, count = len(echoed(gw, "shadow")), received(gw, "shadow")
         for key in keys:
             assert client.request("/", "any", {"x-request-id": key})[0] == 200
-        settle(gw, {"shadow": 10**9}, timeout=1.5)
-        return sorted(request_ids(echoed(gw, "shadow")[before:]))
+        settle(gw, {"shadow": count + len(sampled)})
+        return sorted(request_ids(echoed_after(gw, "shadow", before, received(gw, "shadow") - count)))
 
     assert round_of_requests() == sampled
     # Both samplers answered some of those streams (Envoy balances between them).

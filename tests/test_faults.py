@@ -100,7 +100,8 @@ def test_sigkill_under_load_never_fails_a_request_and_mirroring_comes_back(tmp_p
         gw.start_sampler(0)
         gw.wait_samplers_healthy()
         send_sampled(gw, SAMPLED[:20])
-        assert settle(gw, {"shadow": before + 20})["shadow"] >= before + 20
+        # Under load the shadow is never idle: only wait for the count.
+        assert settle(gw, {"shadow": before + 20}, timeout=3)["shadow"] >= before + 20
         time.sleep(0.5)
     assert load.errors == []
     assert load.failures() == []
