@@ -19,6 +19,57 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 
 
+# Flags of envoy-config and up, each with its environment variable.
+ENVOY_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
+    ("--listener-port", "MIRROR_LISTENER_PORT", "10000", "Envoy's listener port (0 picks one)"),
+    ("--admin-port", "MIRROR_ADMIN_PORT", "9901", "Envoy's admin port (0 picks one)"),
+    ("--message-timeout-ms", "MIRROR_MESSAGE_TIMEOUT_MS", "200", "ext_proc message_timeout: a slower sampler answer means no mirror"),
+    ("--inline", "MIRROR_INLINE", "false", "Envoy decides itself (generated Lua per route); no sampler process"),
+)
+
+
+def _envoy_parser() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("Envoy (each also an environment variable)")
+    for flag, env, default, text in ENVOY_OPTIONS:
+        dest = flag.lstrip("-").replace("-", "_")
+        if default in ("true", "false"):
+            group.add_argument(flag, dest=dest, action="store_true", default=None, help=f"{text} [{env}]")
+        else:
+            group.add_argument(flag, dest=dest, default=None, metavar="N", help=f"{text} [{env}, default {default}]")
+    return parent
+
+
+def envoy_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> None:
+    """Fill the Envoy flags from the environment and validate them in place."""
+    environ = dict(os.environ) if environ is None else environ
+    problems = []
+    for flag, env, default, _ in ENVOY_OPTIONS:
+        dest = flag.lstrip("-").replace("-", "_")
+        given = getattr(args, dest)
+        origin = flag if given is not None else env
+        raw = given if given is not None else environ.get(env, default)
+        if default in ("true", "false"):
+            value = raw if isinstance(raw, bool) else str(raw).strip().lower()
+            if value not in (True, False, "true", "false", "1", "0", "yes", "no", ""):
+                problems.append(f"{origin}: must be true or false, got {raw!r}")
+                continue
+            setattr(args, dest, value in (True, "true", "1", "yes"))
+            continue
+        limit = 600_000 if dest == "message_timeout_ms" else 65535
+        lowest = 1 if dest == "message_timeout_ms" else 0
+        try:
+            number = int(str(raw).strip())
+        except ValueError:
+            number = -1
+        if not lowest <= number <= limit:
+            problems.append(f"{origin}: must be an integer {lowest}..{limit}, got {raw!r}")
+            continue
+        setattr(args, dest, number)
+    if problems:
+        raise ConfigError(problems)
+
+
 def _settings_parser() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (each also an environment variable)")
@@ -106,6 +157,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     from .envoyconf import Address, Topology, compose_topology, render
     from .store import load_policy
 
+    envoy_options(args)
     policy = load_policy(settings_from(args))
     if args.target == "compose":
         topology = compose_topology(policy)
@@ -138,6 +190,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .gateway import run_gateway
 
+    envoy_options(args)
     return run_gateway(args, settings_from(args, gateway_environ()))
 
 
@@ -172,23 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.set_defaults(func=cmd_explain)
 
-    envoy = sub.add_parser("envoy-config", parents=[common], help="render Envoy configuration from the same configuration")
+    envoy = sub.add_parser("envoy-config", parents=[common, _envoy_parser()], help="render Envoy configuration from the same configuration")
     envoy.add_argument("--for", dest="target", choices=("local", "compose"), default="local", help="addresses for this machine (loopback) or for docker compose (service names)")
     envoy.add_argument("--snippet", action="store_true", help="only what an existing Envoy needs: filters, sampler cluster, routes")
     envoy.add_argument("--output", "-o", help="write here instead of standard output")
-    envoy.add_argument("--listener-port", type=int, default=10000)
-    envoy.add_argument("--admin-port", type=int, default=9901)
     envoy.add_argument("--sampler", action="append", metavar="HOST:PORT", help="sampler address (repeatable; default 127.0.0.1:50051, or mirror-sampler:50051 for compose)")
     envoy.add_argument("--backend-address", action="append", metavar="NAME=HOST:PORT", help="where a backend listens (local; default 127.0.0.1:<backendRef port>)")
-    envoy.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc message_timeout: longer than this, the request goes on unmirrored")
-    envoy.add_argument("--inline", action="store_true", help="Envoy decides itself (generated Lua per route); no sampler process")
     envoy.set_defaults(func=cmd_envoy_config)
 
-    up = sub.add_parser("up", parents=[common], help="run Envoy, the sampler and echo backends on this machine")
-    up.add_argument("--listener-port", type=int, default=10000)
-    up.add_argument("--admin-port", type=int, default=9901)
-    up.add_argument("--message-timeout-ms", type=int, default=200)
-    up.add_argument("--inline", action="store_true", help="Envoy decides itself (generated Lua); routes reload from the file without a restart")
+    up = sub.add_parser("up", parents=[common, _envoy_parser()], help="run Envoy, the sampler and echo backends on this machine")
     up.add_argument("--no-view", action="store_true", help="no live view of request counts")
     up.set_defaults(func=cmd_up)
     return parser

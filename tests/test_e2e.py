@@ -292,3 +292,21 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, ga
     time.sleep(1.0)
     assert gw.routes_reloads() == reloads + 1
     client.close()
+
+
+def test_forged_slot_zero_on_the_two_mirror_rule_adds_nothing(conformance: Gateway) -> None:
+    """Keys the sampler sends to infra-backend-v3 (slot 1) but not to v2
+    (slot 0): a forged slot 0 must not add the v2 mirror."""
+    gw = conformance
+    keys = [k for k in KEYS if decide(b"", k.encode(), Fraction(50)) and not decide(b"", k.encode(), Fraction(35))][:15]
+    assert keys
+    before = {c: received(gw, c) for c in ("infra-backend-v2", "infra-backend-v3")}
+    client = Client(gw.url)
+    for key in keys:
+        status, _ = client.request(
+            "/percent-multi-mirror-and-modify-headers", "h", {"x-request-id": key, "x-mirror-cluster-0": "infra-backend-v2"}
+        )
+        assert status == 200
+    client.close()
+    want = {"infra-backend-v2": before["infra-backend-v2"], "infra-backend-v3": before["infra-backend-v3"] + len(keys)}
+    assert settle(gw, want) == want

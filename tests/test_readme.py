@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from extproc.cli import ENVOY_OPTIONS
 from extproc.config import OPTIONS
 from procs import REPO
 
@@ -11,11 +12,13 @@ from procs import REPO
 def test_every_setting_is_in_the_readme_table_with_its_flag_and_default() -> None:
     readme = (REPO / "README.md").read_text()
     rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(MIRROR_[A-Z_]+)` \|.*$", readme, re.M)}
-    assert set(rows) == {o.env for o in OPTIONS}
+    assert set(rows) == {o.env for o in OPTIONS} | {env for _, env, _, _ in ENVOY_OPTIONS}
     for opt in OPTIONS:
         assert f"`{opt.flag}`" in rows[opt.env]
         if opt.default:
             assert f"`{opt.default}`" in rows[opt.env], opt.env
+    for flag, env, default, _ in ENVOY_OPTIONS:
+        assert f"`{flag}`" in rows[env] and f"`{default}`" in rows[env], env
 
 
 def test_first_screen_shows_make_up_and_a_curl() -> None:
