@@ -46,6 +46,10 @@ RE2_MAX_PROGRAM_SIZE = 100
 def _re2_options() -> re2.Options:
     options = re2.Options()
     options.log_errors = False  # errors are reported as ConfigError, not to stderr
+    # Envoy 1.40 runs RE2 in Latin-1 mode (re2_use_latin1_mode): "." is one
+    # byte and the pattern's UTF-8 bytes are read as Latin-1. Same here, so
+    # non-ASCII header values match as they do in Envoy.
+    options.encoding = re2.Options.Encoding.LATIN1
     return options
 
 
@@ -88,7 +92,9 @@ class PathMatch:
         prefix = self.prefix.encode()
         # Segment boundaries, like Envoy's path_separated_prefix: /a matches /a
         # and /a/b, never /ab.
-        return prefix == b"/" or path == prefix or path.startswith(prefix + b"/")
+        if prefix == b"/":
+            return path.startswith(b"/")  # not "*" (OPTIONS *)
+        return path == prefix or path.startswith(prefix + b"/")
 
 
 @dataclass(frozen=True, slots=True)
