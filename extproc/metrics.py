@@ -26,9 +26,13 @@ class Metrics:
         # labels() costs a dict lookup plus a lock per call; children are cached.
         self._children: dict[tuple[str, str, str], Callable[[], None]] = {}
 
-    def decision(self, rule: str, target: str, outcome: str) -> None:
+    def decision_counter(self, rule: str, target: str, outcome: str) -> Callable[[], None]:
+        """The bound ``inc`` of one label set: the hot path resolves labels once per policy."""
         key = (rule, target, outcome)
         inc = self._children.get(key)
         if inc is None:
             inc = self._children[key] = self._decisions.labels(rule, target, outcome).inc
-        inc()
+        return inc
+
+    def decision(self, rule: str, target: str, outcome: str) -> None:
+        self.decision_counter(rule, target, outcome)()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,10 +27,22 @@ def split_listen(address: str) -> tuple[str, int]:
 class Server:
     """One sampler process. ``serve()`` returns after a graceful shutdown."""
 
-    def __init__(self, settings: Settings, store: PolicyStore | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: PolicyStore | None = None,
+        metrics: Metrics | None = None,
+        *,
+        worker: int | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """``worker``: this process's index under a supervisor (``workers``);
+        ``on_ready`` runs once the port serves (the supervisor's start signal)."""
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.log = logs.get("mirror_sampler")
+        self.worker = worker
+        self.on_ready = on_ready
+        self.log = logs.get("mirror_sampler") if worker is None else logs.get("mirror_sampler").bind(worker=worker)
         # Raises ConfigError before anything listens: bad input fails start-up.
         self.store = store or PolicyStore(settings, self.metrics, self.log)
         self.stop_requested = asyncio.Event()
@@ -39,9 +53,12 @@ class Server:
 
     async def serve(self) -> None:
         settings = self.settings
-        # SO_REUSEPORT off: a second sampler on a busy port must fail loudly,
-        # not silently split Envoy's streams with a stale process.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # SO_REUSEPORT off for a single process: a second sampler on a busy
+        # port must fail loudly, not silently split Envoy's streams with a
+        # stale process. Workers share the port on purpose; their supervisor
+        # checked that it was free and holds it (workers.py).
+        reuse = 1 if self.worker is not None else 0
+        server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
         server.add_generic_rpc_handlers((generic_handler(ExternalProcessor(self.store.responder, self.metrics)),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -66,6 +83,12 @@ class Server:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.store.reload("SIGHUP"))
         watcher = asyncio.create_task(self.store.watch(self.stop_requested))
+        # Start-up objects (config, protobuf descriptors, Envoy-config
+        # helpers) never die: keep them out of every collection.
+        gc.collect()
+        gc.freeze()
+        if self.on_ready is not None:
+            self.on_ready()
         self.log.info(
             "serving",
             port=self.port,

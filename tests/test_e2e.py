@@ -310,3 +310,65 @@ def test_forged_slot_zero_on_the_two_mirror_rule_adds_nothing(conformance: Gatew
     client.close()
     want = {"infra-backend-v2": before["infra-backend-v2"], "infra-backend-v3": before["infra-backend-v3"] + len(keys)}
     assert settle(gw, want) == want
+
+
+def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, gateways: list[Gateway]) -> None:
+    """The generated routes put the rule id on every ext_proc stream: a
+    recording sampler on the real sampler's port sees what Envoy sends."""
+    import asyncio
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from extproc.config import build_policy
+    from extproc.config import Settings as S
+    from extproc.metrics import Metrics
+    from extproc.service import ExternalProcessor, Responder, _rule_id, generic_handler
+
+    gw = start_gateway(tmp_path, CONFORMANCE.read_text())
+    gateways.append(gw)
+    port = gw.sampler_ports[0]
+    gw.samplers[0].stop()  # type: ignore[union-attr]
+    seen: list[str | None] = []
+    responder = Responder(build_policy(S.load({"MIRROR_CONFIG": str(CONFORMANCE)}), CONFORMANCE.read_text()))
+
+    class Recording(ExternalProcessor):
+        def process(self, requests, context):  # type: ignore[no-untyped-def]
+            seen.append(_rule_id(context))
+            return super().process(requests, context)
+
+    loop = asyncio.new_event_loop()
+    state: dict[str, object] = {}
+    ready = threading.Event()
+
+    async def start() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((generic_handler(Recording(lambda: responder, Metrics())),))
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        state["server"] = server
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        # Envoy has checked the recording server's health at least once.
+        checks = gw.stat("cluster.mirror-sampler.health_check.success")
+        deadline = time.monotonic() + 10
+        while not (gw.stat("cluster.mirror-sampler.health_check.success") > checks and gw.stat("cluster.mirror-sampler.membership_healthy") == 1):
+            assert time.monotonic() < deadline, "Envoy never saw the recording sampler healthy"
+            time.sleep(0.05)
+        client = Client(gw.url)
+        for path in ("/percent-mirror", "/percent-mirror-fraction/x", "/percent-multi-mirror-and-modify-headers"):
+            assert client.request(path, "h", {"x-request-id": "alice"})[0] == 200
+        client.close()
+        assert seen == [f"gateway-conformance-infra/request-percentage-mirror/{i}" for i in range(3)]
+    finally:
+        asyncio.run_coroutine_threadsafe(state["server"].stop(None), loop).result(10)  # type: ignore[attr-defined]
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -270,3 +270,157 @@ def test_health_service_on_the_same_port() -> None:
             await task
 
     assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
+
+
+# --------------------------------------------------------------------------
+# The compiled plan (service.Plan) decides exactly as Policy.decide.
+
+MULTI = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: multi, namespace: default}
+spec:
+  hostnames: [a.example, "*.wild.example"]
+  rules:
+  - matches: [{path: {type: Exact, value: /exact}}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m1}, percent: 30}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m2}, fraction: {numerator: 7, denominator: 10}}}
+    backendRefs: [{name: p}]
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: x-env, value: canary}]
+      method: POST
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m1}, percent: 100}}
+    backendRefs: [{name: p}]
+  - matches: [{path: {type: PathPrefix, value: /none}}]
+    backendRefs: [{name: p}]
+  - matches: [{path: {type: RegularExpression, value: "/r/[0-9]+"}, queryParams: [{name: q, value: "1"}]}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m2}, percent: 50}}
+    backendRefs: [{name: p}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catchall, namespace: default}
+spec:
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: m3}, percent: 10}}
+    backendRefs: [{name: p}]
+"""
+
+
+def _random_headers(rng: Any) -> dict[str, bytes]:
+    h: dict[str, bytes] = {
+        ":path": rng.choice([b"/", b"/exact", b"/exact/x", b"/api", b"/api/v1?q=1", b"/none", b"/r/12?q=1", b"/r/x?q=1", b"/other?user=bob&q=1"]),
+        ":method": rng.choice([b"GET", b"POST"]),
+        ":authority": rng.choice([b"a.example", b"a.example:8080", b"x.wild.example", b"wild.example", b"elsewhere", b""]),
+    }
+    if rng.random() < 0.8:
+        h["x-request-id"] = rng.choice([b"", f"id-{rng.randrange(10**6)}".encode(), b"alice", b"user-123"])
+    if rng.random() < 0.3:
+        h["x-env"] = rng.choice([b"canary", b"prod"])
+    if rng.random() < 0.3:
+        h["cookie"] = rng.choice([b"session=s1; user=carol", b"user=", b"other=1"])
+    if rng.random() < 0.3:
+        h["traceparent"] = rng.choice([b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", b"garbage"])
+    if rng.random() < 0.2:
+        h[rng.choice(SLOTS)] = b"forged"
+    return h
+
+
+@pytest.mark.parametrize(
+    "env,manifest",
+    [
+        (SIMPLE, None),
+        ({"MIRROR_BACKEND": "shadow", "MIRROR_FRACTION": "5/1000", "MIRROR_SALT": "v2"}, None),
+        ({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"}, None),
+        ({"MIRROR_CONFIG": "x", "MIRROR_KEY": "cookie:user,query:user,traceparent,header:x-request-id"}, "multi"),
+        ({"MIRROR_CONFIG": "x"}, "multi"),
+        ({"MIRROR_CONFIG": "x"}, "conformance"),
+    ],
+)
+def test_compiled_plan_equals_policy_decide(env: dict[str, str], manifest: str | None) -> None:
+    import random
+    from pathlib import Path
+
+    from extproc.service import Plan
+
+    text = {"multi": MULTI, "conformance": Path(CONFORMANCE).read_text() if manifest == "conformance" else None, None: None}[manifest]
+    policy = build_policy(Settings.load(env), text)
+    responder = Responder(policy)
+    metrics = Metrics()
+    plan = Plan(responder, metrics)
+    rng = random.Random(4)
+    expected_counts: dict[tuple[str, str, str], int] = {}
+    for _ in range(3000):
+        headers = _random_headers(rng)
+        if manifest == "conformance":
+            headers[":path"] = rng.choice([b"/percent-mirror", b"/percent-mirror-fraction/x", b"/percent-multi-mirror-and-modify-headers", b"/x"])
+        decision = policy.decide(headers)
+        want = tuple((t.slot, t.backend) for t in decision.sampled)
+        assert plan.sampled(headers) == want, headers
+        forged = any(n in headers for n in policy.slot_names)
+        assert plan.answer(headers) == responder.response(want, forged)
+        if decision.rule is not None:
+            for t in decision.targets:
+                k = (decision.rule.id, t.target.backend, t.outcome.value)
+                expected_counts[k] = expected_counts.get(k, 0) + 2  # sampled() and answer() each count once
+    for (rule, target, outcome), n in expected_counts.items():
+        got = metrics.registry.get_sample_value("mirror_sampler_decisions_total", {"rule": rule, "target": target, "outcome": outcome})
+        assert got == n, (rule, target, outcome)
+
+
+def test_rule_named_by_envoy_wins_over_own_matching() -> None:
+    """With x-mirror-rule-id metadata the sampler decides for that rule even
+    where its own matching would pick another (here: rule 0 at 20% for a path
+    of rule 1 at 25/50)."""
+    with open(CONFORMANCE) as f:
+        manifest = f.read()
+    keys = [f"user-{i}".encode() for i in range(200)]
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> tuple[int, int]:
+        named = plain = 0
+        for key in keys:
+            req = headers_request({":path": b"/percent-mirror-fraction", "x-request-id": key})
+            call = channel.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)(
+                metadata=(("x-mirror-rule-id", "gateway-conformance-infra/request-percentage-mirror/0"),)
+            )
+            await call.write(req)
+            named += bool(mutation(await call.read())[0])
+            await call.done_writing()
+            (resp,) = await exchange(channel, req)
+            plain += bool(mutation(resp)[0])
+        return named, plain
+
+    named, plain = run_with_processor({"MIRROR_CONFIG": CONFORMANCE}, manifest, body)
+    assert named == sum(decide(b"", k, Fraction(20)) for k in keys)
+    assert plain == sum(decide(b"", k, Fraction(25, 50)) for k in keys)
+    assert named != plain
+
+
+def test_repeated_header_matches_on_any_value_over_the_wire() -> None:
+    manifest = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  rules:
+  - matches: [{headers: [{name: x-env, value: canary}]}]
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow}}}]
+    backendRefs: [{name: web}]
+"""
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> list[bool]:
+        out = []
+        for values in ([b"canary"], [b"prod", b"canary"], [b"prod"]):
+            headers = [HeaderValue(key=":path", raw_value=b"/"), HeaderValue(key="x-request-id", raw_value=b"k")]
+            headers += [HeaderValue(key="x-env", raw_value=v) for v in values]
+            req = ProcessingRequest(request_headers=HttpHeaders(headers=HeaderMap(headers=headers)))
+            (resp,) = await exchange(channel, req)
+            out.append(bool(mutation(resp)[0]))
+        return out
+
+    assert run_with_processor({"MIRROR_CONFIG": "r.yaml"}, manifest, body) == [True, True, False]

@@ -37,9 +37,13 @@ from extproc.wire.ext_proc_pb2 import (
 # Envoy's service and method names, not ours: the HTTP/2 path Envoy calls.
 SERVICE_NAME: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
 PROCESS_METHOD: Final = f"/{SERVICE_NAME}/Process"
+# gRPC metadata the generated Envoy routes put on each ext_proc stream: the id
+# of the rule Envoy matched, so the sampler decides for that very rule.
+RULE_METADATA: Final = "x-mirror-rule-id"
 
 __all__ = [
     "PROCESS_METHOD",
+    "RULE_METADATA",
     "SERVICE_NAME",
     "BodyResponse",
     "CommonResponse",
