@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, logs
-from .config import OPTIONS, ConfigError, Settings
+from .config import OPTIONS, ConfigError, Settings, split_address
 
 if TYPE_CHECKING:
     from .envoyconf import Address
@@ -141,10 +141,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _address(text: str, what: str) -> Address:
     from .envoyconf import Address
 
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError([f"{what}: must be HOST:PORT, got {text!r}"])
-    return Address(host, int(port))
+    try:
+        return Address(*split_address(text))
+    except ValueError as e:
+        raise ConfigError([f"{what}: {e}"]) from None
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:

@@ -35,10 +35,16 @@ class ConfigError(Exception):
 # Settings: one table drives the CLI flags, the environment and the README.
 
 
-def _listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
+def split_address(value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 in brackets) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"must be HOST:PORT with a port 0..65535, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value: str) -> str:
+    split_address(value)
     return value
 
 

@@ -170,7 +170,9 @@ def _live_backends(rule: Rule) -> list[BackendRef]:
 
 def _header_modifiers(rule: Rule, policy: Policy) -> dict[str, Any]:
     add: list[core.HeaderValueOption] = []
-    remove = list(policy.slot_names)
+    # No backend sees a slot header, nor a marker a client made up (the
+    # mirror's own marker is added to the copy after this).
+    remove = [*policy.slot_names, policy.marker_header]
     mod = rule.header_modifier
     if mod is not None:
         for name, value in mod.set:
@@ -215,14 +217,17 @@ def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False
                 route.HeaderMatcher(name=policy.slot_names[m.slot], present_match=False) for m in rule.mirrors if m.slot not in chosen_slots
             ]
             suffix = "+".join(m.backend for m in chosen)
-            routes.append(
-                route.Route(
-                    name=f"{rule.id} mirror {suffix}",
-                    match=route_match(match, slot_matchers),
-                    route=_route_action(rule, policy, chosen),
-                    **headers,
-                )
+            variant = route.Route(
+                name=f"{rule.id} mirror {suffix}",
+                match=route_match(match, slot_matchers),
+                route=_route_action(rule, policy, chosen),
+                **headers,
             )
+            if in_envoy:
+                # A forged slot header can select a variant before anything
+                # runs: the rule's script runs here too, strips it and re-matches.
+                variant.typed_per_filter_config = _decide_inline(policy, rule)
+            routes.append(variant)
     plain = route.Route(name=rule.id, match=route_match(match), **headers)
     if live:
         plain.route = _route_action(rule, policy, ())
@@ -230,8 +235,6 @@ def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False
         # Gateway API: a rule with no usable backend answers 500.
         plain.direct_response = route.DirectResponseAction(status=500)
     if in_envoy:
-        # Only the plain route decides: a request carries no slot header
-        # until the decision has run, and then it re-matches into a variant.
         if mirrors:
             plain.typed_per_filter_config = _decide_inline(policy, rule)
     elif not mirrors:
@@ -304,16 +307,15 @@ def http_filters(policy: Policy, topology: Topology) -> list[hcm.HttpFilter]:
             response_trailer_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
         ),
     )
-    decider = (
-        # Per-route scripts only (rule_routes): routes without mirrors run nothing.
-        hcm.HttpFilter(name=inline.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua()))
-        if topology.inline
-        else hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(processor))
-    )
+    router_filter = hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router()))
+    if topology.inline:
+        # Per-route scripts only (rule_routes), which strip forged slot headers
+        # themselves: routes without mirrors run no Lua at all.
+        return [hcm.HttpFilter(name=inline.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua())), router_filter]
     return [
         hcm.HttpFilter(name=ANTI_SPOOF_FILTER, typed_config=AnyMessage.pack(lua.Lua(default_source_code=core.DataSource(inline_string=anti_spoof_lua(policy))))),
-        decider,
-        hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
+        hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=AnyMessage.pack(processor)),
+        router_filter,
     ]
 
 
@@ -435,7 +437,7 @@ def route_discovery(policy: Policy, topology: Topology) -> dict[str, Any]:
 def snippet(policy: Policy, topology: Topology) -> dict[str, Any]:
     """The pieces an existing Envoy needs, as plain data."""
     return {
-        "http_filters": [_data(f) for f in http_filters(policy, topology)[:2]],
+        "http_filters": [_data(f) for f in http_filters(policy, topology)[:-1]],
         "clusters": [] if topology.inline else [_data(sampler_cluster(topology))],
         "virtual_hosts": [_data(v) for v in virtual_hosts(policy, topology.inline)],
     }

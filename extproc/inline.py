@@ -126,8 +126,7 @@ local function traceparent_id(value)
 end
 
 local function first(headers, name)
-  if headers:getNumValues(name) == 0 then return nil end
-  return headers:getAtIndex(name, 0)
+  return headers:getAtIndex(name, 0)  -- nil when absent
 end
 
 local function source_value(headers, kind, name)
@@ -176,12 +175,21 @@ MIRROR_SAMPLER = {murmur3_h1 = murmur3_h1, extract_key = extract_key, decide = d
 ENTRY = r"""
 function envoy_on_request(handle)
   local headers = handle:headers()
+  -- Slot and marker headers are the sampler's alone: a client's are dropped,
+  -- and if one selected this route, the route is matched again below.
+  local forged = false
+  for _, name in ipairs(RESERVED) do
+    if headers:getAtIndex(name, 0) ~= nil then
+      headers:remove(name)
+      forged = true
+    end
+  end
   local sampled = decide(headers, CHAIN, SALT, TARGETS)
   for _, t in ipairs(sampled) do
     headers:replace(t[1], t[2])
   end
-  if #sampled > 0 then
-    -- Re-match: the variant route that carries this set of mirrors.
+  if forged or #sampled > 0 then
+    -- Re-match: the variant route that carries exactly this set of mirrors.
     handle:clearRouteCache()
   end
 end
@@ -211,10 +219,12 @@ def rule_script(policy: Policy, rule: Rule) -> str:
         f"{{{lua_string(policy.slot_names[t.slot].encode())}, {lua_string(t.backend.encode())}, {_threshold(t.threshold)}}}"
         for t in rule.mirrors
     )
+    reserved = ", ".join(lua_string(n.encode()) for n in (*policy.slot_names, policy.marker_header))
     constants = (
         f"-- {rule.id}: " + ", ".join(f"{t.backend} at {t.fraction}" for t in rule.mirrors) + "\n"
         f"local CHAIN = {_chain(policy.key_chain)}\n"
         f"local SALT = {lua_string(policy.salt)}\n"
         f"local TARGETS = {{{targets}}}\n"
+        f"local RESERVED = {{{reserved}}}\n"
     )
     return LIBRARY.lstrip("\n") + constants + ENTRY

@@ -12,16 +12,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from . import logs
-from .config import Settings
+from .config import Settings, split_address
 from .metrics import Metrics
 from .service import ExternalProcessor, generic_handler
 from .store import PolicyStore
 from .wire import SERVICE_NAME
 
-
-def split_listen(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class Server:
@@ -62,14 +58,14 @@ class Server:
         server.add_generic_rpc_handlers((generic_handler(ExternalProcessor(self.store.responder, self.metrics)),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        host, port = split_listen(settings.listen)
+        host, port = split_address(settings.listen)
         try:
             self.port = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
         except RuntimeError as e:
             raise OSError(f"MIRROR_LISTEN: cannot listen on {settings.listen}: {e}") from None
         metrics_server = None
         if settings.metrics_listen:
-            m_host, m_port = split_listen(settings.metrics_listen)
+            m_host, m_port = split_address(settings.metrics_listen)
             try:
                 metrics_server, _ = start_http_server(m_port, addr=m_host, registry=self.metrics.registry)
             except OSError as e:

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, replace
 
 from . import logs
-from .config import Settings
+from .config import Settings, split_address
 
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -61,10 +61,6 @@ def serve(settings: Settings) -> int:
     return Supervisor(settings).run()
 
 
-def split_listen(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -80,7 +76,7 @@ def hold_port(address: str) -> tuple[socket.socket, int]:
     Returns the holding socket (bound, never listening) and the port (the
     kernel's choice for port 0).
     """
-    host, port = split_listen(address)
+    host, port = split_address(address)
     family = _family(host)
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -100,7 +96,7 @@ def _metrics_listen(settings: Settings, index: int) -> str:
     """Worker ``index``'s metrics address: the configured port + index (0 stays 0)."""
     if not settings.metrics_listen:
         return settings.metrics_listen
-    host, port = split_listen(settings.metrics_listen)
+    host, port = split_address(settings.metrics_listen)
     return _join(host, port + index if port else 0)
 
 
@@ -134,7 +130,7 @@ class Supervisor:
 
         load_policy(self.settings)
         self.holder, self.port = hold_port(self.settings.listen)
-        host, _ = split_listen(self.settings.listen)
+        host, _ = split_address(self.settings.listen)
         self.worker_settings = replace(self.settings, listen=_join(host, self.port))
         # N processes share stdout/stderr: each log line must reach the file
         # in one write(2), also under `python -u` (print writes the message

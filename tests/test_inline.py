@@ -29,6 +29,7 @@ function fake_headers(t)
     getNumValues = function(self, name) local v = t[name]; return v and #v or 0 end,
     getAtIndex = function(self, name, i) local v = t[name]; return v and v[i + 1] end,
     replace = function(self, name, value) t[name] = {value} end,
+    remove = function(self, name) t[name] = nil end,
   }
 end
 
@@ -224,3 +225,19 @@ def test_threshold_boundary_is_strict() -> None:
     for threshold, mirrored in ((u, 0), (u + 1, 1), (u - 1, 0)):
         targets = rt.eval(f"{{{{'x-mirror-cluster-0', 'shadow', 0x{threshold:016x}ULL}}}}")
         assert decide(headers, targets) == mirrored, threshold
+
+
+def test_script_strips_forged_slot_and_marker_headers_and_rematches() -> None:
+    policy = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"}))
+    (rule,) = policy.rules
+    rt = runtime(rule_script(policy, rule))
+    forged = {":path": [b"/"], "x-request-id": [b"alice"], "x-mirror-cluster-0": [b"shadow"], "x-mirror-cluster-1": [b"x"], "x-mirror-rule": [b"f"]}
+    handle = rt.globals().fake_handle(lua_table(rt, forged))
+    rt.globals().envoy_on_request(handle)
+    table = handle.headers_
+    for name in (b"x-mirror-cluster-0", b"x-mirror-cluster-1", b"x-mirror-rule"):
+        assert table.getNumValues(table, name) == 0
+    assert handle.cleared  # the route picked with the forged header is dropped
+    clean = rt.globals().fake_handle(lua_table(rt, {":path": [b"/"], "x-request-id": [b"alice"]}))
+    rt.globals().envoy_on_request(clean)
+    assert not clean.cleared  # 0%: nothing set, nothing forged, no re-match
