@@ -43,10 +43,8 @@ local function word(p, at, n)
   return v
 end
 
--- First 64-bit word of MurmurHash3_x64_128(data, seed 0), unsigned.
-local function murmur3_h1(data)
-  local len = #data
-  local p = ffi.cast(BYTES, data)
+-- First 64-bit word of MurmurHash3_x64_128(p[0..len), seed 0), unsigned.
+local function murmur3_h1_bytes(p, len)
   local h1, h2 = U64(0), U64(0)
   local nblocks = rshift(len, 4)
   for i = 0, nblocks - 1 do
@@ -73,6 +71,24 @@ local function murmur3_h1(data)
   h1 = h1 + h2; h2 = h2 + h1
   h1 = fmix64(h1); h2 = fmix64(h2)
   return h1 + h2
+end
+
+local function murmur3_h1(data)
+  return murmur3_h1_bytes(ffi.cast(BYTES, data), #data)
+end
+
+-- salt .. "\0" .. key, hashed from a reused buffer: concatenating would make
+-- (and intern) a new Lua string per request.
+local buffer, capacity = nil, 0
+local function key_hash(prefix, key)
+  local np, nk = #prefix, #key
+  if np + nk > capacity then
+    capacity = math.max(np + nk, 2 * capacity, 256)
+    buffer = ffi.new("uint8_t[?]", capacity)
+  end
+  ffi.copy(buffer, prefix, np)
+  ffi.copy(buffer + np, key, nk)
+  return murmur3_h1_bytes(buffer, np + nk)
 end
 
 local function trim(s)
@@ -158,10 +174,11 @@ local function extract_key(headers, chain)
 end
 
 -- Slot headers to set: {slot, cluster} for each sampled target.
-local function decide(headers, chain, salt, targets)
+-- prefix: the salt and its "\0" separator.
+local function decide(headers, chain, prefix, targets)
   local key = extract_key(headers, chain)
   if key == nil then return {}, nil end
-  local u = murmur3_h1(salt .. "\0" .. key)
+  local u = key_hash(prefix, key)
   local out = {}
   for _, t in ipairs(targets) do
     -- t[3] == nil: the fraction is 100%, threshold 2^64, which no uint64 reaches.
@@ -172,7 +189,7 @@ local function decide(headers, chain, salt, targets)
   return out, u
 end
 
-MIRROR_SAMPLER = {murmur3_h1 = murmur3_h1, extract_key = extract_key, decide = decide}
+MIRROR_SAMPLER = {murmur3_h1 = murmur3_h1, key_hash = key_hash, extract_key = extract_key, decide = decide}
 """
 
 ENTRY = r"""
@@ -187,7 +204,7 @@ function envoy_on_request(handle)
       forged = true
     end
   end
-  local sampled = decide(headers, CHAIN, SALT, TARGETS)
+  local sampled = decide(headers, CHAIN, PREFIX, TARGETS)
   for _, t in ipairs(sampled) do
     headers:replace(t[1], t[2])
   end
@@ -226,7 +243,7 @@ def rule_script(policy: Policy, rule: Rule) -> str:
     constants = (
         f"-- {rule.id}: " + ", ".join(f"{t.backend} at {t.fraction}" for t in rule.mirrors) + "\n"
         f"local CHAIN = {_chain(policy.key_chain)}\n"
-        f"local SALT = {lua_string(policy.salt)}\n"
+        f"local PREFIX = {lua_string(policy.salt + bytes(1))}\n"
         f"local TARGETS = {{{targets}}}\n"
         f"local RESERVED = {{{reserved}}}\n"
     )

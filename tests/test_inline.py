@@ -43,7 +43,7 @@ end
 function hash_all(keys, salt)
   local out = {}
   for i, k in ipairs(keys) do
-    out[i] = tostring(MIRROR_SAMPLER.murmur3_h1(salt .. "\0" .. k))
+    out[i] = tostring(MIRROR_SAMPLER.key_hash(salt .. "\0", k))
   end
   return out
 end
@@ -219,7 +219,7 @@ def test_threshold_boundary_is_strict() -> None:
     rt = RT
     u = key_hash(b"", b"alice")
     decide = rt.eval(
-        "function(h, t) local out = MIRROR_SAMPLER.decide(fake_headers(h), {{'header', 'x-request-id'}}, '', t); return #out end"
+        "function(h, t) local out = MIRROR_SAMPLER.decide(fake_headers(h), {{'header', 'x-request-id'}}, '\\0', t); return #out end"
     )
     headers = lua_table(rt, {"x-request-id": [b"alice"]})
     for threshold, mirrored in ((u, 0), (u + 1, 1), (u - 1, 0)):
