@@ -151,8 +151,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     from .envoyconf import Address, Topology, compose_topology, render
     from .store import load_policy
 
+    from .inline import unsupported
+
     envoy_options(args)
     policy = load_policy(settings_from(args))
+    if args.inline and unsupported(policy):
+        raise ConfigError(unsupported(policy))
     if args.target == "compose":
         topology = compose_topology(policy)
     else:

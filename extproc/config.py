@@ -8,6 +8,7 @@ reload, ``check-config`` and the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 from dataclasses import dataclass, fields
@@ -118,6 +119,31 @@ def _text(value: str) -> str:
     return value
 
 
+def _methods(value: str) -> frozenset[str]:
+    methods = frozenset(m.strip().upper() for m in value.split(",") if m.strip())
+    unknown = sorted(methods - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; allowed: {', '.join(METHODS)}")
+    return methods
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = -1.0
+    if not 0 < rate <= 1_000_000:
+        raise ValueError(f"must be a number of mirrors per second, 0 < rate <= 1000000, got {value!r}")
+    return rate
+
+
+def _switch(value: str) -> bool:
+    v = value.strip().lower()
+    if v not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError(f"must be on or off, got {value!r}")
+    return v in ("on", "true", "1")
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # Settings field
@@ -146,6 +172,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain_delay", "MIRROR_DRAIN_DELAY", "--drain-delay", "0", _seconds, "seconds after SIGTERM that the server reports NOT_SERVING but still takes new streams, so health-checking Envoys move away first"),
     Option("shutdown_grace", "MIRROR_SHUTDOWN_GRACE", "--shutdown-grace", "10", _seconds, "seconds open streams get to finish after new streams are refused"),
     Option("workers", "MIRROR_WORKERS", "--workers", "1", _int_range(1, 64), "sampler processes sharing the listen port (SO_REUSEPORT), under one supervisor"),
+    Option("methods", "MIRROR_METHODS", "--methods", "", _methods, "simple mode: mirror only these methods, comma-separated (e.g. GET,HEAD); empty: all"),
+    Option("max_mirrors_per_second", "MIRROR_MAX_MIRRORS_PER_SECOND", "--max-mirrors-per-second", "", _rate, "cap on mirrored requests per second to each target, per sampler process (routes may set their own)"),
+    Option("kill_switch", "MIRROR_KILL_SWITCH", "--kill-switch", "off", _switch, "on: mirror nothing at all (also a MirrorSampler document in the route file)"),
 )
 
 
@@ -168,6 +197,9 @@ class Settings:
     drain_delay: float
     shutdown_grace: float
     workers: int = 1
+    methods: frozenset[str] = frozenset()
+    max_mirrors_per_second: float | None = None
+    kill_switch: bool = False
 
     @staticmethod
     def load(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
@@ -183,7 +215,7 @@ class Settings:
             if raw is None or raw == "" and opt.default == "":
                 raw = opt.default
                 origin = f"{opt.env} (default)"
-            if raw == "" and opt.name in ("percent", "fraction"):
+            if raw == "" and opt.name in ("percent", "fraction", "max_mirrors_per_second"):
                 values[opt.name] = None
                 continue
             try:
@@ -197,7 +229,7 @@ class Settings:
         return settings
 
     def _check_mode(self) -> None:
-        simple = [o.env for o in OPTIONS if o.name in ("backend", "percent", "fraction") and getattr(self, o.name) not in ("", None)]
+        simple = [o.env for o in OPTIONS if o.name in ("backend", "percent", "fraction", "methods") and getattr(self, o.name) not in ("", None, frozenset())]
         if self.config and self.backend:
             raise ConfigError(["MIRROR_BACKEND and MIRROR_CONFIG are both set: choose simple mode (MIRROR_BACKEND) or route mode (MIRROR_CONFIG)"])
         if self.config and simple:
@@ -232,6 +264,10 @@ class Settings:
                 continue
             if opt.name == "key":
                 v = ",".join(map(str, v))
+            elif isinstance(v, frozenset):
+                v = ",".join(sorted(v))
+            elif isinstance(v, bool):
+                v = "on" if v else "off"
             elif isinstance(v, float):
                 v = repr(v)
             env[opt.env] = str(v) if v != "" else ("off" if opt.name == "metrics_listen" else "")
@@ -249,6 +285,8 @@ class Settings:
                 v = "(set)" if v else ""
             elif isinstance(v, Fraction):
                 v = str(v)
+            elif isinstance(v, frozenset):
+                v = ",".join(sorted(v))
             out[f.name] = v
         return out
 
@@ -552,7 +590,46 @@ def _parse_route(doc: dict[str, Any], where: str, slots: int) -> tuple[Route | N
     ]
     if p.items or name is None:
         return None, p.items
-    return Route(namespace, name, tuple(dict.fromkeys(hostnames)), tuple(r for r in rules if r is not None), created, where), []
+    annotations = _mapping(p, "metadata.annotations", meta.get("annotations"))
+    methods = _route_methods(p, annotations)
+    cap = _route_cap(p, annotations)
+    if p.items:
+        return None, p.items
+    kept = tuple(dataclasses.replace(r, methods=methods, max_mirrors_per_second=cap) for r in rules if r is not None)
+    return Route(namespace, name, tuple(dict.fromkeys(hostnames)), kept, created, where), []
+
+
+METHODS_ANNOTATION = "mirror-sampler.io/methods"
+
+
+CAP_ANNOTATION = "mirror-sampler.io/max-mirrors-per-second"
+
+
+def _route_cap(p: _Problems, annotations: dict[str, Any]) -> float | None:
+    value = annotations.get(CAP_ANNOTATION)
+    if value is None:
+        return None
+    try:
+        return _rate(str(value))
+    except ValueError as e:
+        p.add(f"metadata.annotations.{CAP_ANNOTATION}", str(e))
+        return None
+
+
+def _route_methods(p: _Problems, annotations: dict[str, Any]) -> frozenset[str]:
+    """mirror-sampler.io/methods: mirror only these methods (mirrored writes
+    have side effects); Gateway API itself mirrors every method."""
+    value = annotations.get(METHODS_ANNOTATION)
+    if value is None:
+        return frozenset()
+    if not isinstance(value, str):
+        p.add(f"metadata.annotations.{METHODS_ANNOTATION}", f"must be a comma-separated string of methods, got {value!r}")
+        return frozenset()
+    try:
+        return _methods(value)
+    except ValueError as e:
+        p.add(f"metadata.annotations.{METHODS_ANNOTATION}", str(e))
+        return frozenset()
 
 
 def _timestamp(p: _Problems, value: object) -> str:
@@ -611,17 +688,42 @@ def _unencodable(value: object, path: str = "") -> Iterator[str]:
 
 def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], list[str]]:
     """HTTPRoutes from multi-document YAML; other kinds are skipped."""
+    routes, _, problems = parse_manifests(text, source, slots)
+    return routes, problems
+
+
+SWITCH_API = "mirror-sampler.io/v1alpha1"
+SWITCH_KIND = "MirrorSampler"
+
+
+def _mirroring(doc: dict[str, Any], where: str) -> tuple[bool | None, list[str]]:
+    """A MirrorSampler document: spec.mirroring Enabled or Disabled (the kill switch)."""
+    p = _Problems(where)
+    if doc.get("apiVersion") != SWITCH_API:
+        p.add("apiVersion", f"must be {SWITCH_API} for a {SWITCH_KIND}, got {doc.get('apiVersion')!r}")
+        return None, p.items
+    value = _mapping(p, "spec", doc.get("spec"), required=True).get("mirroring")
+    if value not in ("Enabled", "Disabled"):
+        p.add("spec.mirroring", f"must be Enabled or Disabled, got {value!r}")
+        return None, p.items
+    return value == "Enabled", []
+
+
+def parse_manifests(text: str, source: str, slots: int = 2) -> tuple[list[Route], bool, list[str]]:
+    """HTTPRoutes, and whether mirroring is enabled (a MirrorSampler document
+    may switch it off), from multi-document YAML; other kinds are skipped."""
     try:
         docs = list(yaml.load_all(text, Loader=_Loader))
     except RecursionError:
-        return [], [f"{source}: not valid YAML: nested too deeply"]
+        return [], True, [f"{source}: not valid YAML: nested too deeply"]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        return [], [f"{source}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"]
+        return [], True, [f"{source}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"]
     routes: list[Route] = []
     problems: list[str] = []
     seen: dict[str, str] = {}
+    enabled = True
     for i, doc in enumerate(docs):
         where = f"{source} (document {i + 1})"
         if doc is None:
@@ -632,6 +734,11 @@ def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], l
         bad_text = list(_unencodable(doc))
         if bad_text:
             problems.extend(f"{where}: {path}: must be valid Unicode text (lone surrogate escape)" for path in bad_text)
+            continue
+        if doc.get("kind") == SWITCH_KIND:
+            switch, errors = _mirroring(doc, where)
+            problems.extend(errors)
+            enabled = enabled and switch is not False
             continue
         if doc.get("kind") != "HTTPRoute":
             # Services, Deployments, Gateways... may share the file.
@@ -649,7 +756,7 @@ def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], l
                 routes.append(route)
     if not routes and not problems:
         problems.append(f"{source}: no HTTPRoute ({', '.join(API_VERSIONS)}) found")
-    return routes, problems
+    return routes, enabled, problems
 
 
 SIMPLE_RULE_ID = "simple"
@@ -691,14 +798,23 @@ def build_policy(settings: Settings, manifest_text: str | None = None) -> Policy
     if settings.config:
         if manifest_text is None:
             raise ConfigError([f"MIRROR_CONFIG: {settings.config}: no manifest text given"])
-        routes, problems = parse_routes(manifest_text, settings.config, settings.slots)
+        routes, enabled, problems = parse_manifests(manifest_text, settings.config, settings.slots)
         problems += _cross_route_problems(routes, settings)
+        if settings.max_mirrors_per_second is not None:
+            routes = [
+                dataclasses.replace(r, rules=tuple(
+                    rule if rule.max_mirrors_per_second is not None else dataclasses.replace(rule, max_mirrors_per_second=settings.max_mirrors_per_second)
+                    for rule in r.rules
+                ))
+                for r in routes
+            ]
         if problems:
             raise ConfigError(problems)
     else:
         fraction = settings.fraction or Fraction(100 if settings.percent is None else settings.percent)
-        rule = Rule(SIMPLE_RULE_ID, (Match(),), (MirrorTarget(settings.backend, fraction, 0),), (BackendRef(settings.primary),))
+        rule = Rule(SIMPLE_RULE_ID, (Match(),), (MirrorTarget(settings.backend, fraction, 0),), (BackendRef(settings.primary),), methods=settings.methods, max_mirrors_per_second=settings.max_mirrors_per_second)
         routes = [Route("", SIMPLE_RULE_ID, (), (rule,))]
+        enabled = True
     return Policy(
         routes=tuple(routes),
         key_chain=settings.key or DEFAULT_KEY_CHAIN,
@@ -706,4 +822,5 @@ def build_policy(settings: Settings, manifest_text: str | None = None) -> Policy
         slot_prefix=settings.slot_prefix,
         slots=settings.slots,
         marker_header=settings.marker_header,
+        enabled=enabled and not settings.kill_switch,
     )

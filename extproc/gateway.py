@@ -28,6 +28,7 @@ import watchfiles
 
 from .config import ConfigError, Settings
 from .envoyconf import Address, Topology, backend_names, render, route_discovery, to_yaml
+from .inline import unsupported
 from .policy import Policy
 from .store import load_policy
 
@@ -85,6 +86,8 @@ class Gateway:
         if self.settings.config:
             self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
         self.policy = load_policy(self.settings)
+        if self.inline and unsupported(self.policy):
+            raise ConfigError(unsupported(self.policy))
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +206,8 @@ class Gateway:
     def _reload_routes(self) -> None:
         try:
             policy = load_policy(self.settings)
+            if unsupported(policy):
+                raise ConfigError(unsupported(policy))
         except ConfigError as e:
             print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
             return

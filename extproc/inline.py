@@ -204,7 +204,10 @@ function envoy_on_request(handle)
       forged = true
     end
   end
-  local sampled = decide(headers, CHAIN, PREFIX, TARGETS)
+  local sampled = {}
+  if METHODS == nil or METHODS[headers:getAtIndex(":method", 0) or "GET"] then
+    sampled = decide(headers, CHAIN, PREFIX, TARGETS)
+  end
   for _, t in ipairs(sampled) do
     headers:replace(t[1], t[2])
   end
@@ -214,6 +217,18 @@ function envoy_on_request(handle)
   end
 end
 """
+
+
+def unsupported(policy: Policy) -> list[str]:
+    """What the inline rendering cannot do, as configuration problems: a rate
+    cap needs one clock and one counter per target, which per-worker Lua
+    states do not share."""
+    return [
+        f"rule {rule.id}: a mirror rate cap (mirror-sampler.io/max-mirrors-per-second or MIRROR_MAX_MIRRORS_PER_SECOND) "
+        "is applied by the sampler process only; remove it or run without --inline"
+        for rule in policy.rules
+        if rule.mirrors and rule.max_mirrors_per_second is not None
+    ]
 
 
 def lua_string(data: bytes) -> str:
@@ -235,10 +250,12 @@ def _threshold(threshold: int) -> str:
 
 def rule_script(policy: Policy, rule: Rule) -> str:
     """The Lua for one rule: the library plus this rule's constants."""
+    # Kill switch on: no targets, but the script still strips forged headers.
     targets = ", ".join(
         f"{{{lua_string(policy.slot_names[t.slot].encode())}, {lua_string(t.backend.encode())}, {_threshold(t.threshold)}}}"
-        for t in rule.mirrors
+        for t in (rule.mirrors if policy.enabled else ())
     )
+    methods = "{" + ", ".join(f"[{lua_string(m.encode())}] = true" for m in sorted(rule.methods)) + "}" if rule.methods else "nil"
     reserved = ", ".join(lua_string(n.encode()) for n in (*policy.slot_names, policy.marker_header))
     constants = (
         f"-- {rule.id}: " + ", ".join(f"{t.backend} at {t.fraction}" for t in rule.mirrors) + "\n"
@@ -246,5 +263,6 @@ def rule_script(policy: Policy, rule: Rule) -> str:
         f"local PREFIX = {lua_string(policy.salt + bytes(1))}\n"
         f"local TARGETS = {{{targets}}}\n"
         f"local RESERVED = {{{reserved}}}\n"
+        f"local METHODS = {methods}\n"
     )
     return LIBRARY.lstrip("\n") + constants + ENTRY

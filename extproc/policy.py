@@ -21,6 +21,9 @@ class Outcome(str, Enum):
     MIRRORED = "mirrored"
     SKIPPED = "skipped"
     NO_KEY = "no_key"
+    METHOD = "method"  # the rule mirrors only other methods
+    CAPPED = "capped"  # sampled, but over the target's rate cap (service only)
+    DISABLED = "disabled"  # the kill switch is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,10 @@ class Rule:
     mirrors: tuple[MirrorTarget, ...]
     backends: tuple[BackendRef, ...] = ()
     header_modifier: HeaderModifier | None = None
+    # Mirror only requests with these methods; empty: every method.
+    methods: frozenset[str] = frozenset()
+    # Per target and sampler process; applied by the service (it needs a clock).
+    max_mirrors_per_second: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,8 @@ class Policy:
     slot_prefix: str = "x-mirror-cluster-"
     slots: int = 2
     marker_header: str = "x-mirror-rule"
+    # The kill switch: False stops all mirroring (Envoy's routes stay as they are).
+    enabled: bool = True
     table: RouteTable[Rule] = field(init=False, repr=False, compare=False)
     rules_by_id: dict[str, Rule] = field(init=False, repr=False, compare=False)
 
@@ -155,6 +164,10 @@ class Policy:
     def decide_rule(self, rule: Rule | None, headers: Headers) -> Decision:
         if rule is None or not rule.mirrors:
             return Decision(rule)
+        if not self.enabled:
+            return Decision(rule, targets=tuple(TargetDecision(t, Outcome.DISABLED) for t in rule.mirrors))
+        if rule.methods and headers.get(":method", b"GET").decode("latin-1") not in rule.methods:
+            return Decision(rule, targets=tuple(TargetDecision(t, Outcome.METHOD) for t in rule.mirrors))
         found = extract_key(self.key_chain, headers)
         if found is None:
             return Decision(rule, targets=tuple(TargetDecision(t, Outcome.NO_KEY) for t in rule.mirrors))

@@ -7,6 +7,7 @@ request between two policies.
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -108,6 +109,31 @@ class Responder:
         return ProcessingResponse(request_headers=HeadersResponse(response=common)).SerializeToString()
 
 
+class RateCap:
+    """At most ``rate`` mirrors a second to one target, in this process (a
+    token bucket holding one second's worth). Unlike the fraction, which
+    keys are cut is not consistent: it depends on arrival order."""
+
+    __slots__ = ("rate", "capacity", "tokens", "last", "clock")
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.clock = clock
+        self.last = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        return False
+
+
 class RulePlan:
     """One rule's decision, compiled: targets as (threshold, slot, backend) and
     the prepared response and metric increments for every possible outcome.
@@ -117,7 +143,7 @@ class RulePlan:
     len(mirrors) + 1 distinct answers, each prepared once.
     """
 
-    __slots__ = ("rule", "targets", "no_key")
+    __slots__ = ("rule", "targets", "no_key", "methods", "wrong_method", "disabled")
 
     def __init__(self, rule: Rule, metrics: Metrics) -> None:
         self.rule = rule
@@ -129,10 +155,15 @@ class RulePlan:
                 (t.slot, t.backend),
                 metrics.decision_counter(rule.id, t.backend, "mirrored"),
                 metrics.decision_counter(rule.id, t.backend, "skipped"),
+                None if rule.max_mirrors_per_second is None else RateCap(rule.max_mirrors_per_second),
+                metrics.decision_counter(rule.id, t.backend, "capped"),
             )
             for t in rule.mirrors
         )
         self.no_key = tuple(metrics.decision_counter(rule.id, t.backend, "no_key") for t in rule.mirrors)
+        self.methods = frozenset(m.encode() for m in rule.methods)
+        self.wrong_method = tuple(metrics.decision_counter(rule.id, t.backend, "method") for t in rule.mirrors)
+        self.disabled = tuple(metrics.decision_counter(rule.id, t.backend, "disabled") for t in rule.mirrors)
 
 
 class Plan:
@@ -163,6 +194,7 @@ class Plan:
         plain = all(s.kind is KeyKind.HEADER and s.name != "host" for s in chain)
         self.header_keys: tuple[str, ...] | None = tuple(s.name for s in chain) if plain else None
         self.salt = policy.salt
+        self.enabled = policy.enabled
         self.by_id: dict[str, RulePlan | None] = {r.id: self.rules.get(id(r)) for r in policy.rules}
 
     def rule_plan(self, headers: Headers, repeated: Repeated | None = None, rule_id: str | None = None) -> RulePlan | None:
@@ -191,6 +223,14 @@ class Plan:
         plan = self.rule_plan(headers, repeated, rule_id)
         if plan is None:
             return ()
+        if not self.enabled:
+            for inc in plan.disabled:
+                inc()
+            return ()
+        if plan.methods and headers.get(":method", b"GET") not in plan.methods:
+            for inc in plan.wrong_method:
+                inc()
+            return ()
         key = self.key(headers)
         if key is None:
             for inc in plan.no_key:
@@ -198,12 +238,14 @@ class Plan:
             return ()
         u = key_hash(self.salt, key)
         sampled = []
-        for threshold, pair, mirrored, skipped in plan.targets:
-            if u < threshold:
+        for threshold, pair, mirrored, skipped, cap, capped in plan.targets:
+            if u >= threshold:
+                skipped()
+            elif cap is None or cap.take():
                 mirrored()
                 sampled.append(pair)
             else:
-                skipped()
+                capped()
         return tuple(sampled)
 
     def answer(self, headers: Headers, repeated: Repeated | None = None, rule_id: str | None = None) -> bytes:

@@ -372,3 +372,31 @@ def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, gateways: l
         asyncio.run_coroutine_threadsafe(state["server"].stop(None), loop).result(10)  # type: ignore[attr-defined]
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["ext_proc", "inline"])
+def test_kill_switch_in_the_file_stops_mirroring_live(tmp_path: Path, gateways: list[Gateway], inline: bool) -> None:
+    route = CONFORMANCE.read_text()
+    gw = start_gateway(tmp_path, route, inline=inline)
+    gateways.append(gw)
+    client = Client(gw.url)
+    sampled = [k for k in KEYS if decide(b"", k.encode(), Fraction(20))][:10]
+
+    def mirrored_now() -> int:
+        before = received(gw, "infra-backend-v2")
+        for key in sampled:
+            assert client.request("/percent-mirror", "h", {"x-request-id": key})[0] == 200
+        return settle(gw, {"infra-backend-v2": before + len(sampled)}, timeout=3)["infra-backend-v2"] - before
+
+    assert mirrored_now() == len(sampled)
+    mark = gw.samplers[0].line_count if gw.samplers else 0  # type: ignore[union-attr]
+    reloads = gw.routes_reloads()
+    (tmp_path / "routes.yaml").write_text(route + "---\napiVersion: mirror-sampler.io/v1alpha1\nkind: MirrorSampler\nspec: {mirroring: Disabled}\n")
+    if inline:
+        deadline = time.monotonic() + 10
+        while gw.routes_reloads() == reloads and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        gw.samplers[0].wait_event("reloaded", timeout=5, after=mark)  # type: ignore[union-attr]
+    assert mirrored_now() == 0
+    client.close()
