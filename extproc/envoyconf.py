@@ -196,8 +196,8 @@ def _name_rule_for_sampler(rule: Rule) -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: AnyMessage.pack(ext_proc.ExtProcPerRoute(overrides=overrides))}
 
 
-def _decide_inline(policy: Policy, rule: Rule) -> dict[str, AnyMessage]:
-    script = inline.rule_script(policy, rule)
+def _decide_inline(policy: Policy, rule: Rule, variant: bool = False) -> dict[str, AnyMessage]:
+    script = inline.rule_script(policy, rule, variant)
     return {inline.DECIDE_FILTER: AnyMessage.pack(lua.LuaPerRoute(source_code=core.DataSource(inline_string=script)))}
 
 
@@ -226,7 +226,7 @@ def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False
             if in_envoy:
                 # A forged slot header can select a variant before anything
                 # runs: the rule's script runs here too, strips it and re-matches.
-                variant.typed_per_filter_config = _decide_inline(policy, rule)
+                variant.typed_per_filter_config = _decide_inline(policy, rule, variant=True)
             routes.append(variant)
     plain = route.Route(name=rule.id, match=route_match(match), **headers)
     if live:

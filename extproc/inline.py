@@ -195,21 +195,31 @@ MIRROR_SAMPLER = {murmur3_h1 = murmur3_h1, key_hash = key_hash, extract_key = ex
 ENTRY = r"""
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Slot and marker headers are the sampler's alone: a client's are dropped,
-  -- and if one selected this route, the route is matched again below.
+  -- Slot and marker headers are the sampler's alone. On a variant route (only
+  -- a client's forged slot header can select one before this runs) they all
+  -- go and the route is matched again. On the plain route a forged header
+  -- is harmless unless this request re-matches: then the slots not set
+  -- below go first. (Routes remove every slot and marker header upstream.)
   local forged = false
-  for _, name in ipairs(RESERVED) do
-    if headers:getAtIndex(name, 0) ~= nil then
+  if ON_VARIANT then
+    for _, name in ipairs(RESERVED) do
       headers:remove(name)
-      forged = true
     end
+    forged = true
   end
   local sampled = {}
   if METHODS == nil or METHODS[headers:getAtIndex(":method", 0) or "GET"] then
     sampled = decide(headers, CHAIN, PREFIX, TARGETS)
   end
-  for _, t in ipairs(sampled) do
-    headers:replace(t[1], t[2])
+  if #sampled > 0 then
+    if not forged then
+      for _, t in ipairs(TARGETS) do
+        headers:remove(t[1])
+      end
+    end
+    for _, t in ipairs(sampled) do
+      headers:replace(t[1], t[2])
+    end
   end
   if forged or #sampled > 0 then
     -- Re-match: the variant route that carries exactly this set of mirrors.
@@ -248,8 +258,9 @@ def _threshold(threshold: int) -> str:
     return "nil" if threshold >= TWO_64 else f"0x{threshold:016x}ULL"
 
 
-def rule_script(policy: Policy, rule: Rule) -> str:
-    """The Lua for one rule: the library plus this rule's constants."""
+def rule_script(policy: Policy, rule: Rule, variant: bool = False) -> str:
+    """The Lua for one rule: the library plus this rule's constants.
+    ``variant``: for the rule's variant routes, which strip forged headers."""
     # Kill switch on: no targets, but the script still strips forged headers.
     targets = ", ".join(
         f"{{{lua_string(policy.slot_names[t.slot].encode())}, {lua_string(t.backend.encode())}, {_threshold(t.threshold)}}}"
@@ -264,5 +275,6 @@ def rule_script(policy: Policy, rule: Rule) -> str:
         f"local TARGETS = {{{targets}}}\n"
         f"local RESERVED = {{{reserved}}}\n"
         f"local METHODS = {methods}\n"
+        f"local ON_VARIANT = {'true' if variant else 'false'}\n"
     )
     return LIBRARY.lstrip("\n") + constants + ENTRY

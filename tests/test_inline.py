@@ -18,7 +18,7 @@ from extproc.config import Settings, build_policy
 from extproc.inline import LIBRARY, lua_string, rule_script
 from extproc.keys import extract_key, parse_key_chain
 from extproc.policy import Policy
-from extproc.sampling import key_hash
+from extproc.sampling import Fraction, decide, key_hash
 from seeds import CONFORMANCE
 
 luajit21 = pytest.importorskip("lupa.luajit21", reason="lupa (LuaJIT) is a test dependency; make test installs it")
@@ -227,10 +227,10 @@ def test_threshold_boundary_is_strict() -> None:
         assert decide(headers, targets) == mirrored, threshold
 
 
-def test_script_strips_forged_slot_and_marker_headers_and_rematches() -> None:
+def test_variant_script_strips_forged_slot_and_marker_headers_and_rematches() -> None:
     policy = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"}))
     (rule,) = policy.rules
-    rt = runtime(rule_script(policy, rule))
+    rt = runtime(rule_script(policy, rule, variant=True))
     forged = {":path": [b"/"], "x-request-id": [b"alice"], "x-mirror-cluster-0": [b"shadow"], "x-mirror-cluster-1": [b"x"], "x-mirror-rule": [b"f"]}
     handle = rt.globals().fake_handle(lua_table(rt, forged))
     rt.globals().envoy_on_request(handle)
@@ -238,6 +238,25 @@ def test_script_strips_forged_slot_and_marker_headers_and_rematches() -> None:
     for name in (b"x-mirror-cluster-0", b"x-mirror-cluster-1", b"x-mirror-rule"):
         assert table.getNumValues(table, name) == 0
     assert handle.cleared  # the route picked with the forged header is dropped
-    clean = rt.globals().fake_handle(lua_table(rt, {":path": [b"/"], "x-request-id": [b"alice"]}))
-    rt.globals().envoy_on_request(clean)
-    assert not clean.cleared  # 0%: nothing set, nothing forged, no re-match
+
+
+def test_plain_script_drops_forged_slots_only_when_it_rematches() -> None:
+    """On the plain route a forged slot is harmless while the route stays (it
+    is removed upstream); when a real slot is set and the route re-matches,
+    the forged ones must go first or they would join the variant."""
+    manifest = CONFORMANCE.read_text()
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}), manifest)
+    rule = policy.rules[2]  # infra-backend-v2 at 35%, infra-backend-v3 at 50%
+    rt = runtime(rule_script(policy, rule))
+    only_v3 = next(k for k in (f"user-{i}".encode() for i in range(1000)) if not decide(b"", k, Fraction(35)) and decide(b"", k, Fraction(50)))
+    neither = next(k for k in (f"user-{i}".encode() for i in range(1000)) if not decide(b"", k, Fraction(50)))
+    for key, rematch in ((only_v3, True), (neither, False)):
+        headers = {":path": [b"/percent-multi-mirror-and-modify-headers"], "x-request-id": [key], "x-mirror-cluster-0": [b"infra-backend-v2"]}
+        handle = rt.globals().fake_handle(lua_table(rt, headers))
+        rt.globals().envoy_on_request(handle)
+        table = handle.headers_
+        slot0 = table.getAtIndex(table, b"x-mirror-cluster-0", 0)
+        assert bool(handle.cleared) is rematch
+        # Re-matching: the forged slot 0 is gone. Staying on the plain route:
+        # left for the route's request_headers_to_remove.
+        assert slot0 == (None if rematch else b"infra-backend-v2")
