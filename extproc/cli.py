@@ -24,6 +24,9 @@ ENVOY_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
     ("--admin-port", "MIRROR_ADMIN_PORT", "9901", "Envoy's admin port (0 picks one)"),
     ("--message-timeout-ms", "MIRROR_MESSAGE_TIMEOUT_MS", "200", "ext_proc message_timeout: a slower sampler answer means no mirror"),
     ("--inline", "MIRROR_INLINE", "false", "Envoy decides itself (generated Lua per route); no sampler process"),
+    ("--sampler-ca", "MIRROR_SAMPLER_CA", "", "PEM CA Envoy trusts for the sampler's TLS certificate (enables TLS to the sampler)"),
+    ("--sampler-client-cert", "MIRROR_SAMPLER_CLIENT_CERT", "", "PEM certificate Envoy presents to the sampler (mutual TLS)"),
+    ("--sampler-client-key", "MIRROR_SAMPLER_CLIENT_KEY", "", "PEM key of --sampler-client-cert"),
 )
 
 
@@ -34,6 +37,8 @@ def _envoy_parser() -> argparse.ArgumentParser:
         dest = flag.lstrip("-").replace("-", "_")
         if default in ("true", "false"):
             group.add_argument(flag, dest=dest, action="store_true", default=None, help=f"{text} [{env}]")
+        elif not default:
+            group.add_argument(flag, dest=dest, default=None, metavar="FILE", help=f"{text} [{env}]")
         else:
             group.add_argument(flag, dest=dest, default=None, metavar="N", help=f"{text} [{env}, default {default}]")
     return parent
@@ -55,6 +60,9 @@ def envoy_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
                 continue
             setattr(args, dest, value in (True, "true", "1", "yes"))
             continue
+        if not default:  # a file path
+            setattr(args, dest, str(raw))
+            continue
         limit = 600_000 if dest == "message_timeout_ms" else 65535
         lowest = 1 if dest == "message_timeout_ms" else 0
         try:
@@ -65,6 +73,10 @@ def envoy_options(args: argparse.Namespace, environ: dict[str, str] | None = Non
             problems.append(f"{origin}: must be an integer {lowest}..{limit}, got {raw!r}")
             continue
         setattr(args, dest, number)
+    if bool(getattr(args, "sampler_client_cert", "")) != bool(getattr(args, "sampler_client_key", "")):
+        problems.append("--sampler-client-cert and --sampler-client-key (MIRROR_SAMPLER_CLIENT_CERT/KEY): set both, or neither")
+    if getattr(args, "sampler_client_cert", "") and not getattr(args, "sampler_ca", ""):
+        problems.append("--sampler-client-cert (MIRROR_SAMPLER_CLIENT_CERT): needs --sampler-ca (MIRROR_SAMPLER_CA) too")
     if problems:
         raise ConfigError(problems)
 
@@ -175,6 +187,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         admin=Address(topology.admin.host, args.admin_port),
         message_timeout_ms=args.message_timeout_ms,
         inline=args.inline,
+        sampler_ca=args.sampler_ca,
+        sampler_cert=args.sampler_client_cert,
+        sampler_key=args.sampler_client_key,
     )
     text = render(policy, topology, snippet_only=args.snippet)
     if args.output:

@@ -169,6 +169,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_listen", "MIRROR_METRICS_LISTEN", "--metrics-listen", "0.0.0.0:9464", _optional_listen, "Prometheus /metrics address; 'off' disables"),
     Option("log_level", "MIRROR_LOG_LEVEL", "--log-level", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Option("log_format", "MIRROR_LOG_FORMAT", "--log-format", "auto", _choice("auto", "json", "console"), "auto: console on a terminal, JSON lines otherwise"),
+    Option("tls_cert", "MIRROR_TLS_CERT", "--tls-cert", "", _text, "PEM certificate chain: serve ext_proc and health over TLS"),
+    Option("tls_key", "MIRROR_TLS_KEY", "--tls-key", "", _text, "PEM private key of MIRROR_TLS_CERT"),
+    Option("tls_client_ca", "MIRROR_TLS_CLIENT_CA", "--tls-client-ca", "", _text, "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     Option("drain_delay", "MIRROR_DRAIN_DELAY", "--drain-delay", "0", _seconds, "seconds after SIGTERM that the server reports NOT_SERVING but still takes new streams, so health-checking Envoys move away first"),
     Option("shutdown_grace", "MIRROR_SHUTDOWN_GRACE", "--shutdown-grace", "10", _seconds, "seconds open streams get to finish after new streams are refused"),
     Option("workers", "MIRROR_WORKERS", "--workers", "1", _int_range(1, 64), "sampler processes sharing the listen port (SO_REUSEPORT), under one supervisor"),
@@ -194,6 +197,9 @@ class Settings:
     metrics_listen: str
     log_level: str
     log_format: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
     drain_delay: float
     shutdown_grace: float
     workers: int = 1
@@ -241,6 +247,10 @@ class Settings:
         if self.backend and self.backend == self.primary:
             raise ConfigError([f"MIRROR_BACKEND: mirror backend {self.backend!r} is the same as MIRROR_PRIMARY"])
         problems = []
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("MIRROR_TLS_CERT and MIRROR_TLS_KEY: set both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("MIRROR_TLS_CLIENT_CA: mutual TLS needs MIRROR_TLS_CERT and MIRROR_TLS_KEY too")
         for opt_env, value in (("MIRROR_BACKEND", self.backend), ("MIRROR_PRIMARY", self.primary)):
             if value and (not _NAME.match(value) or value == RESERVED_CLUSTER):
                 problems.append(f"{opt_env}: must be a lower-case DNS-1123 name other than {RESERVED_CLUSTER!r}, got {value!r}")

@@ -40,6 +40,7 @@ with warnings.catch_warnings():
     import envoy_data_plane.envoy.extensions.filters.http.lua.v3 as lua
     import envoy_data_plane.envoy.extensions.filters.http.router.v3 as router
     import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 as hcm
+    import envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 as tls
     import envoy_data_plane.envoy.extensions.upstreams.http.v3 as upstream_http
     import envoy_data_plane.envoy.type.matcher.v3 as matcher
     import envoy_data_plane.envoy.type.v3 as envoy_type
@@ -80,6 +81,11 @@ class Topology:
     # Serve routes from this file (filesystem RDS) so they can change without
     # a restart; None embeds them in the bootstrap.
     rds_path: str | None = None
+    # TLS to the sampler: the CA that signed its certificate, and Envoy's own
+    # certificate and key when the sampler requires client certificates.
+    sampler_ca: str = ""
+    sampler_cert: str = ""
+    sampler_key: str = ""
 
 
 def backend_names(policy: Policy) -> list[str]:
@@ -338,6 +344,25 @@ def _cluster(name: str, addresses: Sequence[Address], topology: Topology, **extr
     )
 
 
+def _sampler_tls(topology: Topology) -> dict[str, Any]:
+    if not topology.sampler_ca:
+        return {}
+    common = tls.CommonTlsContext(
+        validation_context=tls.CertificateValidationContext(trusted_ca=core.DataSource(filename=topology.sampler_ca)),
+        # gRPC speaks HTTP/2 only.
+        alpn_protocols=["h2"],
+    )
+    if topology.sampler_cert:
+        common.tls_certificates = [
+            tls.TlsCertificate(
+                certificate_chain=core.DataSource(filename=topology.sampler_cert),
+                private_key=core.DataSource(filename=topology.sampler_key),
+            )
+        ]
+    context = tls.UpstreamTlsContext(common_tls_context=common, sni=topology.samplers[0].host)
+    return {"transport_socket": core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=AnyMessage.pack(context))}
+
+
 def sampler_cluster(topology: Topology) -> cluster.Cluster:
     http2 = upstream_http.HttpProtocolOptions(
         explicit_http_config=upstream_http.HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=core.Http2ProtocolOptions())
@@ -364,6 +389,7 @@ def sampler_cluster(topology: Topology) -> cluster.Cluster:
         common_lb_config=cluster.ClusterCommonLbConfig(healthy_panic_threshold=envoy_type.Percent(value=0.0)),
         # One stream per HTTP request: the default 1024 concurrent requests
         # would fail requests open under load long before the sampler is full.
+        **_sampler_tls(topology),
         circuit_breakers=cluster.CircuitBreakers(
             thresholds=[cluster.CircuitBreakersThresholds(max_requests=1_000_000, max_pending_requests=1_000_000)]
         ),

@@ -71,6 +71,10 @@ class Gateway:
     log_dir: Path | None = None
     sampler_env: dict[str, str] = field(default_factory=dict)
     inline: bool = False
+    # TLS from Envoy to the sampler (the sampler's side: MIRROR_TLS_* settings).
+    sampler_ca: str = ""
+    sampler_client_cert: str = ""
+    sampler_client_key: str = ""
     policy: Policy = field(init=False)
     backends: dict[str, Child] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
@@ -180,6 +184,9 @@ class Gateway:
             message_timeout_ms=self.message_timeout_ms,
             inline=self.inline,
             rds_path=str(self._routes_file()) if self.inline else None,
+            sampler_ca=self.sampler_ca,
+            sampler_cert=self.sampler_client_cert,
+            sampler_key=self.sampler_client_key,
         )
 
     def _routes_file(self) -> Path:
@@ -324,7 +331,16 @@ def run_gateway(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    gateway = Gateway(settings, args.listener_port, args.admin_port, args.message_timeout_ms, inline=args.inline)
+    gateway = Gateway(
+        settings,
+        args.listener_port,
+        args.admin_port,
+        args.message_timeout_ms,
+        inline=args.inline,
+        sampler_ca=args.sampler_ca,
+        sampler_client_cert=args.sampler_client_cert,
+        sampler_client_key=args.sampler_client_key,
+    )
     try:
         gateway.start()
     except (GatewayError, OSError) as e:

@@ -20,6 +20,25 @@ from .wire import SERVICE_NAME
 
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (mutual when MIRROR_TLS_CLIENT_CA is set), or None for plaintext."""
+    if not settings.tls_cert:
+        return None
+    files = {}
+    for env, path in (("MIRROR_TLS_CERT", settings.tls_cert), ("MIRROR_TLS_KEY", settings.tls_key), ("MIRROR_TLS_CLIENT_CA", settings.tls_client_ca)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                files[env] = f.read()
+        except OSError as e:
+            raise OSError(f"{env}: cannot read {path}: {e.strerror}") from None
+    ca = files.get("MIRROR_TLS_CLIENT_CA")
+    return grpc.ssl_server_credentials(
+        [(files["MIRROR_TLS_KEY"], files["MIRROR_TLS_CERT"])], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
 class Server:
     """One sampler process. ``serve()`` returns after a graceful shutdown."""
 
@@ -59,8 +78,13 @@ class Server:
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         host, port = split_address(settings.listen)
+        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        credentials = server_credentials(settings)
         try:
-            self.port = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as e:
             raise OSError(f"MIRROR_LISTEN: cannot listen on {settings.listen}: {e}") from None
         metrics_server = None
