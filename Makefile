@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test bench protos envoy-config clean
+.PHONY: up test bench soak protos envoy-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ $(BENCH_STAMP): $(STAMP)
 # Native Envoy mirroring vs Envoy + sampler vs inline; writes bench/results/latest.{md,png}.
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
+
+# A few minutes of steady load: sampler memory, open files and Envoy's
+# ext_proc error counters at start and end, against stated bounds.
+soak: $(BENCH_STAMP)
+	$(BIN)/python bench/soak.py $(ARGS)
 
 # Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).
 protos: $(STAMP)

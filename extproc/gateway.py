@@ -162,6 +162,8 @@ class Gateway:
             "MIRROR_LISTEN": f"{LOOPBACK}:{self.sampler_ports[index]}",
             "MIRROR_METRICS_LISTEN": f"{LOOPBACK}:0",
             "MIRROR_LOG_FORMAT": "json",
+            # The "serving" line (info) is how the gateway learns the port.
+            "MIRROR_LOG_LEVEL": "debug" if self.settings.log_level == "debug" else "info",
             **self.sampler_env,
             **(env or {}),
         }
