@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -47,3 +49,12 @@ def scrape(metrics_port: int, name: str, labels: dict[str, str] | None = None) -
         for s in family.samples
         if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items())
     )
+
+
+@contextlib.contextmanager
+def busy_port() -> Iterator[int]:
+    """A loopback port something already listens on, for start-up failure tests."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield busy.getsockname()[1]

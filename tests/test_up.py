@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 from extproc.children import Child
 from extproc.config import Settings, build_policy
 from extproc.gateway import DEFAULT_CONFIG, Gateway, GatewayError, view_rows
-from procs import REPO
+from procs import REPO, busy_port
 
 pytestmark = pytest.mark.e2e
 
@@ -80,10 +79,7 @@ def test_up_runs_the_default_example_and_stops_every_child_on_sigterm() -> None:
 
 
 def test_port_in_use_exits_non_zero_naming_the_part() -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         gw = up("--listener-port", str(port))
         try:
             assert gw.popen.wait(60) == 1
@@ -93,10 +89,7 @@ def test_port_in_use_exits_non_zero_naming_the_part() -> None:
 
 
 def test_a_child_failing_at_start_stops_the_others(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         # The sampler cannot bind its metrics port: the error names it, and the
         # echo backends already started are stopped.
         gw = Gateway(

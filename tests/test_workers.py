@@ -16,7 +16,7 @@ import pytest
 
 from extproc.children import Child
 from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
-from procs import REPO, scrape
+from procs import REPO, busy_port, scrape
 
 # `mirror-sampler serve` runs extproc.workers.serve(): one server, or a supervisor.
 SERVE = [sys.executable, "-m", "extproc", "serve"]
@@ -186,10 +186,7 @@ def test_file_change_reaches_every_worker(workers: Workers, route_file: Path) ->
 
 
 def test_busy_port_fails_loudly_with_workers() -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         child = Child("supervisor", SERVE, {"MIRROR_BACKEND": "shadow", "MIRROR_LISTEN": f"127.0.0.1:{port}", "MIRROR_WORKERS": "2", "MIRROR_LOG_FORMAT": "json"}, cwd=REPO)
         code = child.popen.wait(30)
         child.stop()
@@ -198,10 +195,7 @@ def test_busy_port_fails_loudly_with_workers() -> None:
 
 
 def test_busy_port_still_fails_loudly_with_one_worker() -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         child = Child("sampler", SERVE, {"MIRROR_BACKEND": "shadow", "MIRROR_LISTEN": f"127.0.0.1:{port}", "MIRROR_METRICS_LISTEN": "off", "MIRROR_LOG_FORMAT": "json"}, cwd=REPO)
         code = child.popen.wait(30)
         child.stop()
@@ -217,10 +211,7 @@ def test_a_second_supervisor_cannot_share_the_port(workers: Workers) -> None:
 
 
 def test_a_worker_that_cannot_start_fails_start_up(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
+    with busy_port() as port:
         # Worker 0's metrics port is taken.
         child = Child(
             "supervisor",
