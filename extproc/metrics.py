@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -23,6 +23,19 @@ class Metrics:
         self.reloads = Counter("mirror_sampler_reloads", "Configuration reloads by result (ok, invalid, unchanged)", ["result"], registry=r)
         self.policy_rules = Gauge("mirror_sampler_policy_rules", "Rules in the policy in force", registry=r)
         self.policy_generation = Gauge("mirror_sampler_policy_generation", "Policies loaded since start (1 = the initial one)", registry=r)
+        # A stalled event loop answers nothing: Envoy's message_timeout then
+        # lets requests through unmirrored. These make that visible here too.
+        self.loop_lag = Histogram(
+            "mirror_sampler_event_loop_lag_seconds",
+            "How late the event loop ran a timer: time the sampler could not answer",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
+            registry=r,
+        )
+        self.stalls = Counter(
+            "mirror_sampler_event_loop_stalls",
+            "Times the event loop was late by more than Envoy's default message_timeout (200 ms)",
+            registry=r,
+        )
         # labels() costs a dict lookup plus a lock per call; children are cached.
         self._children: dict[tuple[str, str, str], Callable[[], None]] = {}
 

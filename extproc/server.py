@@ -39,6 +39,22 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+STALL_SECONDS = 0.2  # Envoy's default message_timeout in the generated config
+
+
+async def watch_loop_lag(metrics: Metrics, stop: asyncio.Event, interval: float = 0.05) -> None:
+    """Measure how late the loop wakes from a short sleep. The sampler cannot
+    see the streams Envoy abandons while it is stalled, but it can see the stall."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - started - interval)
+        metrics.loop_lag.observe(lag)
+        if lag > STALL_SECONDS:
+            metrics.stalls.inc()
+
+
 class Server:
     """One sampler process. ``serve()`` returns after a graceful shutdown."""
 
@@ -103,6 +119,7 @@ class Server:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.store.reload("SIGHUP"))
         watcher = asyncio.create_task(self.store.watch(self.stop_requested))
+        lag_probe = asyncio.create_task(watch_loop_lag(self.metrics, self.stop_requested))
         # Start-up objects (config, protobuf descriptors, Envoy-config
         # helpers) never die: keep them out of every collection.
         gc.collect()
@@ -127,6 +144,7 @@ class Server:
             # stop() refuses new streams at once and gives open ones the grace.
             await server.stop(settings.shutdown_grace)
             watcher.cancel()
+            lag_probe.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if metrics_server is not None:

@@ -14,6 +14,7 @@ import pytest
 
 from extproc.gateway import Gateway
 from extproc.sampling import Fraction, decide
+from procs import scrape
 from harness import CONFORMANCE, KEYS, Client, expected_count, received, settle, start_gateway
 
 pytestmark = pytest.mark.e2e
@@ -151,6 +152,12 @@ def test_sampler_slower_than_message_timeout(tmp_path: Path, gateways: list[Gate
         assert elapsed < 3.0
     finally:
         sampler.signal(signal.SIGCONT)
+    # The sampler cannot see the streams Envoy gave up on, but it sees the stall.
+    deadline = time.monotonic() + 5
+    while scrape(sampler.metrics_port, "mirror_sampler_event_loop_stalls_total") < 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the sampler did not count its stall"
+        time.sleep(0.1)
+    assert scrape(sampler.metrics_port, "mirror_sampler_event_loop_lag_seconds_count") > 0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("fault", ["down", "stopped"])
