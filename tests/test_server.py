@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
-from procs import REPO, Sampler
+from procs import REPO, Sampler, wait_until
 
 ROUTE = """\
 apiVersion: gateway.networking.k8s.io/v1
@@ -48,15 +48,6 @@ def sampled(port: int, key: bytes = b"alice") -> bool:
             return bool(resp.request_headers.response.header_mutation.set_headers)
 
     return asyncio.run(main())
-
-
-def wait_until(pred, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if pred():
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @pytest.fixture

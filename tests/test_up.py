@@ -16,7 +16,7 @@ import pytest
 from extproc.children import Child
 from extproc.config import Settings, build_policy
 from extproc.gateway import DEFAULT_CONFIG, Gateway, GatewayError, view_rows
-from procs import REPO, busy_port
+from procs import REPO, alive, busy_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,18 +35,6 @@ def children_of(pid: int) -> set[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 out.add(int(entry.name))
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def up(*args: str, env: dict[str, str] | None = None) -> Child:

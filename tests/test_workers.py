@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,7 +15,7 @@ import pytest
 
 from extproc.children import Child
 from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
-from procs import REPO, busy_port, scrape
+from procs import REPO, alive, busy_port, scrape, wait_until
 
 # `mirror-sampler serve` runs extproc.workers.serve(): one server, or a supervisor.
 SERVE = [sys.executable, "-m", "extproc", "serve"]
@@ -108,27 +107,6 @@ def ask_on_new_connections(port: int, count: int) -> list[bool]:
 
 def streams_per_worker(w: Workers) -> dict[int, float]:
     return {i: scrape(port, "mirror_sampler_streams_started_total") for i, port in w.metrics_ports.items()}
-
-
-def wait_until(pred: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped) counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_two_workers_share_the_port_and_both_answer(workers: Workers) -> None:
