@@ -435,7 +435,7 @@ def _parse_value_matches(p: _Problems, path: str, items: object, header: bool) -
         if problem:
             p.add(f"{where}.value", problem)
         else:
-            out.append(ValueMatch.of(name, value, ValueType(kind)))
+            out.append(ValueMatch(name, value, ValueType(kind)))
     return tuple(out)
 
 
@@ -457,7 +457,7 @@ def _parse_match(p: _Problems, path: str, raw: object) -> Match | None:
         if problem:
             p.add(f"{path}.path.value", problem)
         else:
-            path_match = PathMatch.of(PathType(ptype), pvalue)
+            path_match = PathMatch(PathType(ptype), pvalue)
     headers = _parse_value_matches(p, f"{path}.headers", m.get("headers"), header=True)
     query = _parse_value_matches(p, f"{path}.queryParams", m.get("queryParams"), header=False)
     method = m.get("method")

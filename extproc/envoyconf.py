@@ -507,12 +507,6 @@ def render(policy: Policy, topology: Topology, *, snippet_only: bool = False) ->
     return to_yaml(bootstrap_config(policy, topology))
 
 
-def local_topology(
-    backends: Mapping[str, Address], samplers: Sequence[Address], listener_port: int, admin_port: int, host: str = "127.0.0.1"
-) -> Topology:
-    return Topology(listener=Address(host, listener_port), admin=Address(host, admin_port), samplers=tuple(samplers), backends=backends)
-
-
 def compose_topology(policy: Policy, sampler_host: str = "mirror-sampler") -> Topology:
     """Service names for the sampler and backends; echoservers listen on 3000."""
     return Topology(

@@ -64,19 +64,18 @@ def compile_regex(pattern: str) -> Regex:
     return compiled
 
 
-def _compile(pattern: str) -> Regex:
-    return compile_regex(pattern)
-
-
 @dataclass(frozen=True, slots=True)
 class PathMatch:
     type: PathType = PathType.PREFIX
     value: str = "/"
-    regex: Regex | None = field(default=None, compare=False, repr=False)
+    # Derived once, not per request: the compiled regex, the bytes compared.
+    regex: Regex | None = field(init=False, default=None, compare=False, repr=False)
+    _bytes: bytes = field(init=False, default=b"", compare=False, repr=False)
 
-    @staticmethod
-    def of(type: PathType, value: str) -> PathMatch:
-        return PathMatch(type, value, _compile(value) if type is PathType.REGEX else None)
+    def __post_init__(self) -> None:
+        if self.type is PathType.REGEX:
+            object.__setattr__(self, "regex", compile_regex(self.value))
+        object.__setattr__(self, "_bytes", (self.prefix if self.type is PathType.PREFIX else self.value).encode())
 
     @property
     def prefix(self) -> str:
@@ -85,11 +84,11 @@ class PathMatch:
 
     def matches(self, path: bytes) -> bool:
         if self.type is PathType.EXACT:
-            return path == self.value.encode()
+            return path == self._bytes
         if self.type is PathType.REGEX:
             assert self.regex is not None
             return self.regex.fullmatch(path) is not None
-        prefix = self.prefix.encode()
+        prefix = self._bytes
         # Segment boundaries, like Envoy's path_separated_prefix: /a matches /a
         # and /a/b, never /ab.
         if prefix == b"/":
@@ -104,25 +103,23 @@ class ValueMatch:
     name: str
     value: str
     type: ValueType = ValueType.EXACT
-    regex: Regex | None = field(default=None, compare=False, repr=False)
+    regex: Regex | None = field(init=False, default=None, compare=False, repr=False)
+    _bytes: bytes = field(init=False, default=b"", compare=False, repr=False)
 
-    @staticmethod
-    def of(name: str, value: str, type: ValueType = ValueType.EXACT) -> ValueMatch:
-        return ValueMatch(name, value, type, _compile(value) if type is ValueType.REGEX else None)
+    def __post_init__(self) -> None:
+        if self.type is ValueType.REGEX:
+            object.__setattr__(self, "regex", compile_regex(self.value))
+        object.__setattr__(self, "_bytes", self.value.encode())
 
     def matches(self, actual: bytes | None) -> bool:
         if actual is None:
             return False
         if self.regex is not None:
             return self.regex.fullmatch(actual) is not None
-        return actual == self.raw
+        return actual == self._bytes
 
     def matches_any(self, values: Iterable[bytes]) -> bool:
         return any(self.matches(v) for v in values)
-
-    @property
-    def raw(self) -> bytes:
-        return self.value.encode()
 
 
 @dataclass(frozen=True, slots=True)

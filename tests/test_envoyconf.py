@@ -718,9 +718,9 @@ def test_snippet_matches_the_full_configuration(rendered: dict[str, Rendered]) -
 
 def test_expected_match_covers_every_kind() -> None:
     m = Match(
-        path=PathMatch.of(PathType.PREFIX, "/a/"),
-        headers=(ValueMatch.of("x", "1"),),
-        query_params=(ValueMatch.of("q", "a|b", ValueType.REGEX),),
+        path=PathMatch(PathType.PREFIX, "/a/"),
+        headers=(ValueMatch("x", "1"),),
+        query_params=(ValueMatch("q", "a|b", ValueType.REGEX),),
         method="GET",
     )
     assert expected_match(m) == {
