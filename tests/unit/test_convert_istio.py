@@ -1,0 +1,381 @@
+"""`convert istio`: rewritten VirtualServices keep Istio's first-match routing
+and select the variant with exactly the mirrors the sampler sampled (checked
+with a small model of Istio's HTTP route matching), the translated HTTPRoutes
+decide with the VirtualServices' exact percentages, and the EnvoyFilter has the
+structure and context the VirtualService implies. Nothing here runs Istio."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from extproc.config.build import build_policy
+from extproc.config.settings import Settings
+from extproc.convert import Conversion, ConvertError
+from extproc.convert.istio import convert_istio, convert_istio_sources, may_overlap, percent_fraction, token
+from extproc.core.matching import compile_regex
+from extproc.core.policy import Outcome, Policy
+from extproc.core.sampling import Fraction, is_sampled, key_hash
+from tests.support.paths import DATA
+
+ISTIO = DATA / "convert" / "istio"
+REVIEWS = ISTIO / "reviews.yaml"
+LEFT = ISTIO / "left-alone.yaml"
+SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+KEYS = [f"key-{i}" for i in range(1000)]
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
+
+
+# --------------------------------------------------------------------------
+# A model of Istio's HTTP route selection: the first http[] route with a
+# match entry that holds (or no match at all). Enough of StringMatch for the
+# test data: exact, prefix, regex (RE2 full match), presence; ignoreUriCase;
+# sourceLabels never hold (the requests come from no labelled workload).
+
+
+def string_matches(sm: dict[str, Any] | None, value: str | None, ignore_case: bool = False) -> bool:
+    if value is None:
+        return False
+    if not sm:
+        return True
+    ((kind, expected),) = sm.items()
+    if ignore_case:
+        value, expected = value.lower(), expected.lower()
+    if kind == "exact":
+        return bool(value == expected)
+    if kind == "prefix":
+        return value.startswith(expected)
+    return expected == "*" or compile_regex(expected).fullmatch(value.encode()) is not None
+
+
+def entry_matches(m: dict[str, Any], request: dict[str, str]) -> bool:
+    if m.get("sourceLabels"):
+        return False
+    path, _, query = request[":path"].partition("?")
+    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+    if m.get("uri") and not string_matches(m["uri"], path, bool(m.get("ignoreUriCase"))):
+        return False
+    if m.get("method") and not string_matches(m["method"], request[":method"]):
+        return False
+    if any(not string_matches(sm, request.get(name)) for name, sm in (m.get("headers") or {}).items()):
+        return False
+    return all(string_matches(sm, params.get(name)) for name, sm in (m.get("queryParams") or {}).items())
+
+
+def istio_route(vs: dict[str, Any], request: dict[str, str]) -> dict[str, Any] | None:
+    for route in vs["spec"].get("http") or []:
+        if not route.get("match") or any(entry_matches(m, request) for m in route["match"]):
+            return dict(route)
+    return None
+
+
+def mirrors_of(route: dict[str, Any]) -> list[dict[str, Any]]:
+    if route.get("mirror"):
+        return [route["mirror"]]
+    return [m["destination"] for m in route.get("mirrors") or []]
+
+
+def percentages(route: dict[str, Any]) -> list[object]:
+    return [route.get("mirrorPercentage"), *[m.get("percentage") for m in route.get("mirrors") or []]]
+
+
+def requests_for(vs: dict[str, Any]) -> list[dict[str, str]]:
+    paths = {"/", "/other"}
+    header_sets: list[dict[str, str]] = [{}]
+    methods = {"GET", "POST"}
+    for route in vs["spec"].get("http") or []:
+        for m in route.get("match") or []:
+            uri = m.get("uri") or {}
+            for value in uri.values():
+                paths.update({value, value + "/x", value + "x", value.upper()})
+            headers = {}
+            for name, sm in (m.get("headers") or {}).items():
+                headers[name] = next(iter(sm.values())) if sm else "present"
+            header_sets.append(headers)
+            if m.get("method"):
+                methods.add(m["method"]["exact"])
+    return [{":path": p, ":method": meth, **h} for p, h, meth in itertools.product(sorted(paths), header_sets, sorted(methods))]
+
+
+# --------------------------------------------------------------------------
+
+
+def convert(*paths: Any, **kw: Any) -> Conversion:
+    return convert_istio(list(paths) or [REVIEWS], **kw)
+
+
+def sampler_policy(conversion: Conversion) -> tuple[Policy, list[dict[str, Any]]]:
+    sampler = docs(conversion.files["sampler.yaml"])
+    container = next(d for d in sampler if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config_text = next(d for d in sampler if d["kind"] == "ConfigMap")["data"][env["MIRROR_CONFIG"].rpartition("/")[2]]
+    return build_policy(Settings.load(env), config_text), docs(config_text)
+
+
+def http_index(config_routes: list[dict[str, Any]], rule_id: str) -> tuple[str, int]:
+    """VirtualService name and http[] index of a translated rule (from its annotation)."""
+    namespace, name, index = rule_id.split("/")
+    route = next(r for r in config_routes if r["metadata"]["name"] == name)
+    sources = route["metadata"]["annotations"]["convert.mirror-sampler.dev/translated-from"].split(" ", 2)[2].split(", ")
+    return name, int(sources[int(index)].removeprefix("http[").removesuffix("]"))
+
+
+def host_of(vs: dict[str, Any]) -> str:
+    return str(vs["spec"]["hosts"][0])
+
+
+@pytest.mark.parametrize("path", [REVIEWS, LEFT], ids=["reviews", "left-alone"])
+def test_rewritten_virtual_services_route_like_the_originals(path: Any) -> None:
+    conversion = convert(path)
+    originals = {d["metadata"]["name"]: d for d in docs(path.read_text())}
+    for vs in docs(conversion.files["virtualservices.yaml"]):
+        original = originals[vs["metadata"]["name"]]
+        for request in requests_for(original):
+            before, after = istio_route(original, request), istio_route(vs, request)
+            assert (before is None) == (after is None), request
+            if before is None or after is None:
+                continue
+            assert after["route"] == before["route"], request
+            if mirrors_of(after):
+                # Only a route left as it was still mirrors (at its own percentage) without slot headers.
+                assert percentages(after) == percentages(before) and mirrors_of(after) == mirrors_of(before)
+            # No backend ever sees a slot header.
+            assert set(SLOTS) <= set(after["headers"]["request"]["remove"])
+
+
+@pytest.mark.parametrize("path", [REVIEWS, LEFT], ids=["reviews", "left-alone"])
+def test_sampled_slot_headers_select_exactly_the_sampled_mirrors(path: Any) -> None:
+    conversion = convert(path)
+    policy, config_routes = sampler_policy(conversion)
+    originals = {d["metadata"]["name"]: d for d in docs(path.read_text())}
+    converted = 0
+    for vs in docs(conversion.files["virtualservices.yaml"]):
+        original = originals[vs["metadata"]["name"]]
+        for request in requests_for(original):
+            before = istio_route(original, request)
+            for key in KEYS[:60]:
+                headers = {k: v.encode() for k, v in request.items()} | {":authority": host_of(vs).encode(), "x-request-id": key.encode()}
+                decision = policy.decide(headers)
+                sampled = [t.target.backend for t in decision.targets if t.outcome is Outcome.MIRRORED]
+                slotted = {**request, **{SLOTS[t.target.slot]: t.target.backend for t in decision.targets if t.outcome is Outcome.MIRRORED}}
+                after = istio_route(vs, slotted)
+                assert (before is None) == (after is None)
+                if before is None or after is None:
+                    continue
+                assert after["route"] == before["route"]
+                plain = istio_route(vs, request)
+                if mirrors_of(before) and plain is not None and not mirrors_of(plain):
+                    # A converted route: the sampler decided for the route Istio takes...
+                    assert decision.rule is not None
+                    assert http_index(config_routes, decision.rule.id) == (vs["metadata"]["name"], vs_index(original, before))
+                    # ...and Istio mirrors exactly what it sampled, at 100%.
+                    assert sorted(token(d) for d in mirrors_of(after)) == sorted(sampled)
+                    assert all(p is None for p in percentages(after))
+                    converted += bool(sampled)
+                else:
+                    # Not converted: whatever the sampler set changes nothing (and is removed).
+                    assert mirrors_of(after) == mirrors_of(before) and percentages(after) == percentages(before)
+    assert converted > 0
+
+
+def vs_index(vs: dict[str, Any], route: dict[str, Any]) -> int:
+    return next(i for i, r in enumerate(vs["spec"]["http"]) if r == route)
+
+
+def test_variants_come_first_and_keep_everything_else() -> None:
+    conversion = convert()
+    reviews = docs(conversion.files["virtualservices.yaml"])[0]
+    http = reviews["spec"]["http"]
+    assert [r.get("name") for r in http] == ["v2-api-mirror-0", "v2-api", "default-mirror-0", "default"]
+    remove = {"request": {"remove": list(SLOTS)}}
+    assert http[0] == {
+        "name": "v2-api-mirror-0",
+        "match": [{"uri": {"prefix": "/api/v2"}, "headers": {"x-tenant": {"exact": "acme"}, SLOTS[0]: {"exact": "reviews-shadow--v2"}}}],
+        "route": [{"destination": {"host": "reviews", "subset": "v2"}}],
+        "mirror": {"host": "reviews-shadow", "subset": "v2", "port": {"number": 9080}},
+        "headers": remove,
+    }
+    assert http[1] == {
+        "name": "v2-api",
+        "match": [{"uri": {"prefix": "/api/v2"}, "headers": {"x-tenant": {"exact": "acme"}}}],
+        "route": [{"destination": {"host": "reviews", "subset": "v2"}}],
+        "headers": remove,
+    }
+    storefront = docs(conversion.files["virtualservices.yaml"])[1]
+    mirrored = storefront["spec"]["http"][1:]
+    assert [sorted(m["match"][0].get("headers", {})) for m in mirrored] == [list(SLOTS), [SLOTS[0]], [SLOTS[1]], []]
+    assert mirrored[0]["mirrors"] == [
+        {"destination": {"host": "storefront-canary.shop.svc.cluster.local"}},
+        {"destination": {"host": "storefront-next.shop.svc.cluster.local"}},
+    ]
+    assert mirrored[3]["headers"]["request"]["remove"] == ["x-debug", *SLOTS]
+    assert "mirrors" not in mirrored[3]
+    assert storefront["spec"]["http"][0]["timeout"] == "3s"
+    assert storefront["spec"]["gateways"] == ["istio-system/public-gateway"]
+
+
+def test_translated_routes_decide_with_the_exact_percentages() -> None:
+    conversion = convert()
+    policy, _ = sampler_policy(conversion)
+    fractions = {r.id: [(m.backend, m.fraction) for m in r.mirrors] for r in policy.rules}
+    assert fractions == {
+        "shop/reviews/0": [("reviews-shadow--v2", Fraction(125, 1000))],
+        "shop/reviews/1": [("reviews-shadow", Fraction(5, 1000))],
+        "shop/storefront/0": [],
+        "shop/storefront/1": [
+            ("storefront-canary.shop.svc.cluster.local", Fraction(20, 100)),
+            ("storefront-next.shop.svc.cluster.local", Fraction(5, 100)),
+        ],
+    }
+    request = {":authority": b"reviews.shop.svc.cluster.local:9080", ":path": b"/api/v2beta", ":method": b"GET", "x-tenant": b"acme"}
+    mirrored = 0
+    for key in KEYS:
+        decision = policy.decide(request | {"x-request-id": key.encode()})
+        assert decision.rule is not None and decision.rule.id == "shop/reviews/0"  # Istio's prefix is a string prefix
+        expected = is_sampled(key_hash(b"", key.encode()), Fraction(125, 1000))
+        assert (decision.targets[0].outcome is Outcome.MIRRORED) == expected
+        mirrored += expected
+    assert 80 < mirrored < 170
+
+
+@pytest.mark.parametrize(
+    ("value", "fraction"),
+    [
+        (12.5, Fraction(125, 1000)),
+        (0.5, Fraction(5, 1000)),
+        (20, Fraction(20, 100)),
+        (20.0, Fraction(20, 100)),
+        (100, Fraction(100, 100)),
+        (0, Fraction(0, 100)),
+        (0.0001, Fraction(1, 1_000_000)),
+        (33.333, Fraction(33333, 100_000)),
+    ],
+)
+def test_percent_fraction_is_exact(value: float, fraction: Fraction) -> None:
+    assert percent_fraction(value, "x") == fraction
+
+
+@pytest.mark.parametrize("value", [101, -1, "12", True, None, float("nan")])
+def test_percent_fraction_refuses_what_istio_refuses(value: object) -> None:
+    with pytest.raises(ConvertError):
+        percent_fraction(value, "spec.http[0].mirrorPercentage.value")
+
+
+def test_envoy_filter_structure_and_contexts() -> None:
+    conversion = convert()
+    filters = {d["metadata"]["namespace"]: d for d in docs(conversion.files["envoy-filter.yaml"])}
+    # reviews: no gateways (mesh) -> sidecars of its namespace; storefront: a gateway in istio-system.
+    assert set(filters) == {"shop", "istio-system"}
+    for namespace, context in (("shop", "SIDECAR_OUTBOUND"), ("istio-system", "GATEWAY")):
+        ef = filters[namespace]
+        assert ef["apiVersion"] == "networking.istio.io/v1alpha3" and ef["kind"] == "EnvoyFilter"
+        strip, ext_proc = ef["spec"]["configPatches"]
+        match = {
+            "context": context,
+            "listener": {
+                "filterChain": {
+                    "filter": {"name": "envoy.filters.network.http_connection_manager", "subFilter": {"name": "envoy.filters.http.router"}}
+                }
+            },
+        }
+        for patch in (strip, ext_proc):
+            assert patch["applyTo"] == "HTTP_FILTER"
+            assert patch["match"] == match
+            assert patch["patch"]["operation"] == "INSERT_BEFORE"
+        # Inserted before the router in this order: the strip filter runs first.
+        lua = strip["patch"]["value"]
+        assert lua["typed_config"]["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+        code = lua["typed_config"]["default_source_code"]["inline_string"]
+        assert all(f'"{n}"' in code for n in (*SLOTS, "x-mirror-rule")) and "clearRouteCache()" in code
+        assert ext_proc["patch"]["value"] == {
+            "name": "envoy.filters.http.ext_proc",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": {
+                    "envoy_grpc": {
+                        "cluster_name": "outbound|50051||mirror-sampler.shop.svc.cluster.local",
+                        "authority": "mirror-sampler.shop.svc.cluster.local",
+                    }
+                },
+                "failure_mode_allow": True,
+                "message_timeout": "0.200s",
+                "processing_mode": {
+                    "request_header_mode": "SEND",
+                    "response_header_mode": "SKIP",
+                    "request_body_mode": "NONE",
+                    "response_body_mode": "NONE",
+                    "request_trailer_mode": "SKIP",
+                    "response_trailer_mode": "SKIP",
+                },
+            },
+        }
+
+
+def test_mesh_and_gateway_together_get_both_contexts() -> None:
+    conversion = convert(LEFT)
+    (ef,) = docs(conversion.files["envoy-filter.yaml"])
+    assert ef["metadata"]["namespace"] == "shop"
+    assert [p["match"]["context"] for p in ef["spec"]["configPatches"]] == ["SIDECAR_OUTBOUND"] * 2 + ["GATEWAY"] * 2
+
+
+def test_what_cannot_be_translated_exactly_is_left_as_it_was_with_a_note() -> None:
+    conversion = convert(LEFT)
+    original = docs(LEFT.read_text())[0]
+    (catalog,) = [d for d in docs(conversion.files["virtualservices.yaml"]) if d["metadata"]["name"] == "catalog"]
+    by_name = {r.get("name"): r for r in catalog["spec"]["http"]}
+    for i, name in enumerate(["from-canary", "any-case", "short-prefix"]):
+        kept = dict(by_name[name])
+        assert kept["headers"]["request"]["remove"] == list(SLOTS)
+        del kept["headers"]
+        assert kept == original["spec"]["http"][i]  # still mirroring at random, as before
+    assert {"long-prefix-mirror-0", "exact-kept-mirror-0"} <= set(by_name)
+    notes = "\n".join(conversion.notes)
+    assert "http[0] left as it was" in notes and "sourceLabels" in notes
+    assert "http[1] left as it was" in notes and "ignoreUriCase" in notes
+    assert "http[2] left as it was" in notes and "http[3] comes later" in notes
+    assert "shared-a http[0] left as it was" in notes and "shared-b" in notes
+    # Neither VirtualService sharing a host is rewritten.
+    assert {d["metadata"]["name"] for d in docs(conversion.files["virtualservices.yaml"])} == {"catalog"}
+    policy, _ = sampler_policy(conversion)
+    assert {r.id: len(r.mirrors) for r in policy.rules} == {"shop/catalog/0": 0, "shop/catalog/1": 1, "shop/catalog/2": 1}
+
+
+def test_overlap_is_only_ruled_out_when_certain() -> None:
+    assert not may_overlap({"uri": {"prefix": "/a"}}, {"uri": {"prefix": "/b"}})
+    assert may_overlap({"uri": {"prefix": "/a"}}, {"uri": {"prefix": "/abc"}})
+    assert not may_overlap({"uri": {"exact": "/health"}}, {"uri": {"prefix": "/abc"}})
+    assert not may_overlap({"uri": {"exact": "/x"}}, {"uri": {"regex": "/[0-9]+"}})
+    assert may_overlap({"uri": {"regex": "/a.*"}}, {"uri": {"regex": "/[a-z]+"}})
+    assert not may_overlap({"method": {"exact": "GET"}}, {"method": {"exact": "POST"}})
+    assert not may_overlap({"headers": {"x": {"exact": "1"}}}, {"headers": {"x": {"exact": "2"}}})
+    assert may_overlap({"headers": {"x": {"exact": "1"}}}, {"headers": {"y": {"exact": "2"}}})
+    assert may_overlap({}, {"uri": {"exact": "/"}})
+
+
+def test_sampler_objects_and_generated_headers() -> None:
+    conversion = convert(hpa=True, namespace="mirroring", image="reg.example/ms:3")
+    assert set(conversion.files) == {"virtualservices.yaml", "envoy-filter.yaml", "sampler.yaml"}
+    for text in conversion.files.values():
+        assert text.startswith("# Generated by `mirror-sampler convert istio`")
+    for d in docs(conversion.files["sampler.yaml"]):
+        kubernetes_validate.validate(d, "1.34", strict=True)
+        assert d["metadata"]["namespace"] == "mirroring"
+    cluster = docs(conversion.files["envoy-filter.yaml"])[0]["spec"]["configPatches"][1]["patch"]["value"]["typed_config"]["grpc_service"]
+    assert cluster["envoy_grpc"]["cluster_name"] == "outbound|50051||mirror-sampler.mirroring.svc.cluster.local"
+    assert any("instead" in n and "random" in n for n in conversion.notes)
+
+
+def test_invalid_input_is_refused_with_its_field() -> None:
+    text = REVIEWS.read_text().replace("value: 12.5", "value: 120")
+    with pytest.raises(ConvertError) as info:
+        convert_istio_sources([("bad.yaml", text)])
+    assert any("bad.yaml" in p and "mirrorPercentage" in p for p in info.value.problems)
+    with pytest.raises(ConvertError, match="no VirtualService"):
+        convert_istio_sources([("none.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")])

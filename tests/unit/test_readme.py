@@ -1,0 +1,23 @@
+"""The README's configuration table covers every setting, with its default."""
+
+from __future__ import annotations
+
+import re
+
+from extproc.config.settings import OPTIONS
+from tests.support.paths import REPO
+
+
+def test_every_setting_is_in_the_readme_table_with_its_flag_and_default() -> None:
+    readme = (REPO / "README.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(MIRROR_[A-Z_]+)` \|.*$", readme, re.M)}
+    assert set(rows) == {o.env for o in OPTIONS}
+    for opt in OPTIONS:
+        assert f"`{opt.flag}`" in rows[opt.env], opt.env
+        if opt.default:
+            assert f"`{opt.default}`" in rows[opt.env], opt.env
+
+
+def test_first_screen_shows_make_up_and_a_curl() -> None:
+    first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:25])
+    assert "make up" in first_screen and "curl -H 'Host: backends.example'" in first_screen
