@@ -1,4 +1,4 @@
-"""The mirror decision (DESIGN.md, normative).
+"""The mirror decision (docs/DESIGN.md, normative).
 
 ``u = MurmurHash3_x64_128(salt + b"\\x00" + key, seed=0)``, first 64-bit word,
 unsigned; a request is mirrored iff ``u * denominator < numerator * 2**64``.

@@ -576,4 +576,3 @@ def compose_topology(policy: Policy, sampler_host: str = SAMPLER_CLUSTER) -> Top
         # it lets a demo choose x-request-id keys. Drop these in production.
         internal_cidrs=("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"),
     )
-

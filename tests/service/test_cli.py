@@ -98,7 +98,7 @@ def test_explain_text_with_cookie_key_and_salt(capsys: pytest.CaptureFixture[str
     assert "key source: cookie:session" in out
     assert f"u: {key_hash(b'v2', b'alice')}" in out
     assert "shadow (x-mirror-cluster-0) fraction 42/100" in out
-    assert ": mirrored" in out  # DESIGN.md vector: ("v2", "alice") is in at 42/100
+    assert ": mirrored" in out  # docs/DESIGN.md vector: ("v2", "alice") is in at 42/100
 
 
 def test_explain_no_rule_and_no_key(capsys: pytest.CaptureFixture[str]) -> None:

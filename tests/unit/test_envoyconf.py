@@ -1,5 +1,5 @@
 """`mirror-sampler envoy-config`: fresh, accepted by the real Envoy, and shaped
-as DESIGN.md's route-selected mirroring says.
+as docs/DESIGN.md's route-selected mirroring says.
 
 Every configuration is rendered once per module through the CLI; the Envoy
 validations of all of them run side by side in one batch (each `envoy --mode
@@ -14,19 +14,20 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from unittest import mock
 
 import pytest
 import yaml
 
-from extproc import cli
 import extproc.envoy.render as envoyconf
+from extproc import cli
 from extproc.config.settings import Settings
 from extproc.core.matching import Match, PathMatch, PathType, ValueMatch, ValueType
-from extproc.core.policy import Policy, Rule
+from extproc.core.policy import SAMPLER_CLUSTER, Policy, Rule
 from extproc.server.store import load_policy
 from tests.support.paths import CONFORMANCE, REPO
 
@@ -277,7 +278,8 @@ def hcm_of(bootstrap: dict[str, Any]) -> dict[str, Any]:
     (chain,) = listener["filter_chains"]
     (hcm,) = chain["filters"]
     assert hcm["name"] == HCM
-    return hcm["typed_config"]
+    config: dict[str, Any] = hcm["typed_config"]
+    return config
 
 
 def clusters_of(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -457,7 +459,7 @@ def check_virtual_hosts(vhosts: list[dict[str, Any]], policy: Policy) -> None:
         assert [g.plain["name"] for g in gs] == [e.rule.id for e in entries], hostname
         precedence = [path_precedence(g.plain["match"]) for g in gs]
         assert precedence == sorted(precedence, reverse=True), f"{hostname}: routes out of Gateway API precedence: {precedence}"
-        for g, entry in zip(gs, entries):
+        for g, entry in zip(gs, entries, strict=False):
             rule = entry.rule
             assert normalized_match(g.plain["match"]) == normalized_match(expected_match(entry.match)), g.plain["name"]
             assert "request_mirror_policies" not in g.plain.get("route", {})
@@ -490,7 +492,7 @@ def check_filters(filters: list[dict[str, Any]], policy: Policy, timeout_ms: int
     proc = filters[ext_at]["typed_config"]
     assert proc["@type"] == "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
     assert proc["failure_mode_allow"] is True
-    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == envoyconf.SAMPLER_CLUSTER
+    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == SAMPLER_CLUSTER
     mode = proc["processing_mode"]
     assert mode.get("request_header_mode", "SEND") in ("SEND", "DEFAULT")
     assert mode["response_header_mode"] == "SKIP"
@@ -665,8 +667,8 @@ def test_structure(name: str, rendered: dict[str, Rendered]) -> None:
     assert hcm["http_filters"][-1]["name"] == ROUTER
     assert hcm.get("use_remote_address") is True, "edge proxy: clients must not choose x-request-id"
     clusters = clusters_of(doc)
-    check_sampler_cluster(clusters[envoyconf.SAMPLER_CLUSTER])
-    assert set(clusters) == {envoyconf.SAMPLER_CLUSTER, *envoyconf.backend_names(policy)}
+    check_sampler_cluster(clusters[SAMPLER_CLUSTER])
+    assert set(clusters) == {SAMPLER_CLUSTER, *envoyconf.backend_names(policy)}
     check_virtual_hosts(hcm["route_config"]["virtual_hosts"], policy)
 
 
@@ -697,11 +699,11 @@ def test_compose_uses_service_names_and_local_uses_loopback(rendered: dict[str, 
     assert set(compose) == set(local)
     for name, c in compose.items():
         assert c["type"] == "STRICT_DNS"
-        assert endpoint_of(c) == (name, 50051 if name == envoyconf.SAMPLER_CLUSTER else 3000)
+        assert endpoint_of(c) == (name, 50051 if name == SAMPLER_CLUSTER else 3000)
     for c in local.values():
         assert c["type"] == "STATIC"
         assert endpoint_of(c)[0] == "127.0.0.1"
-    assert endpoint_of(local[envoyconf.SAMPLER_CLUSTER]) == ("127.0.0.1", 50051)
+    assert endpoint_of(local[SAMPLER_CLUSTER]) == ("127.0.0.1", 50051)
     assert endpoint_of(local["backend"]) == ("127.0.0.1", 3000)
 
 
@@ -742,7 +744,7 @@ def test_snippet_is_filters_clusters_and_virtual_hosts(rendered: dict[str, Rende
     assert names == [envoyconf.ANTI_SPOOF_FILTER, envoyconf.EXT_PROC_FILTER], "filters to paste ahead of the router, in order"
     check_filters(snip["http_filters"], r.policy, r.case.message_timeout_ms)
     (sampler,) = snip["clusters"]
-    assert sampler["name"] == envoyconf.SAMPLER_CLUSTER
+    assert sampler["name"] == SAMPLER_CLUSTER
     check_sampler_cluster(sampler)
     check_virtual_hosts(snip["virtual_hosts"], r.policy)
 
@@ -791,7 +793,7 @@ def test_snippet_matches_the_full_configuration(rendered: dict[str, Rendered]) -
     hcm = hcm_of(full)
     assert snip["virtual_hosts"] == hcm["route_config"]["virtual_hosts"]
     assert snip["http_filters"] == hcm["http_filters"][:2]
-    assert snip["clusters"] == [clusters_of(full)[envoyconf.SAMPLER_CLUSTER]]
+    assert snip["clusters"] == [clusters_of(full)[SAMPLER_CLUSTER]]
 
 
 # --------------------------------------------------------------------------
@@ -840,6 +842,7 @@ def test_inline_puts_each_rules_script_on_every_route_of_the_rule(rendered: dict
                 assert per_route is None, route["name"]
                 continue
             is_variant_route = " mirror " in route["name"]
+            assert per_route is not None, route["name"]
             assert per_route["source_code"]["inline_string"] == rule_script(r.policy, with_mirrors[rule_id], variant=is_variant_route)
             seen.add(rule_id)
     assert seen == set(with_mirrors)

@@ -1,4 +1,4 @@
-"""Key sources (DESIGN.md: the key is the first key source present, as bytes)."""
+"""Key sources (docs/DESIGN.md: the key is the first key source present, as bytes)."""
 
 from __future__ import annotations
 

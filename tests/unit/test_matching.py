@@ -1,6 +1,6 @@
 """Gateway API HTTPRoute matching and precedence, built the real way: YAML text
 through config.parse_routes/build_policy, then Policy.match/Policy.decide
-(DESIGN.md "Gateway API facts the matcher needs")."""
+(docs/DESIGN.md "Gateway API facts the matcher needs")."""
 
 from __future__ import annotations
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
-from extproc.config.settings import OPTIONS
+import yaml
+
+from extproc.config.build import build_policy
+from extproc.config.settings import OPTIONS, Settings
+from extproc.envoy.render import Topology, render
 from tests.support.paths import REPO
 
 
@@ -21,3 +25,13 @@ def test_every_setting_is_in_the_readme_table_with_its_flag_and_default() -> Non
 def test_first_screen_shows_make_up_and_a_curl() -> None:
     first_screen = "\n".join((REPO / "README.md").read_text().splitlines()[:25])
     assert "make up" in first_screen and "curl -H 'Host: backends.example'" in first_screen
+
+
+def test_the_readme_snippet_example_is_what_envoy_config_prints() -> None:
+    """The routes the README shows for `--snippet` are regenerated, not remembered."""
+    readme = (REPO / "README.md").read_text()
+    marker = "<!-- snippet-routes: MIRROR_BACKEND=backend-2 mirror-sampler envoy-config --snippet -->\n```yaml\n"
+    shown = readme.split(marker, 1)[1].split("```", 1)[0]
+    policy = build_policy(Settings.load({"MIRROR_BACKEND": "backend-2"}))
+    snippet = yaml.safe_load(render(policy, Topology(), snippet_only=True))
+    assert yaml.safe_load(shown) == {"routes": snippet["virtual_hosts"][0]["routes"]}

@@ -1,4 +1,4 @@
-"""The decision (DESIGN.md "The decision", normative): hash, threshold, properties.
+"""The decision (docs/DESIGN.md "The decision", normative): hash, threshold, properties.
 
 Everything here is checked against independent formulations: the literal
 inequality ``u * d < n * 2**64``, a pure-Python MurmurHash3_x64_128 and exact
@@ -77,7 +77,7 @@ def murmur3_x64_128(data: bytes, seed: int = 0) -> tuple[int, int]:
 
 
 def literal(u: int, n: int, d: int) -> bool:
-    """DESIGN.md: mirror iff u * denominator < numerator * 2**64."""
+    """docs/DESIGN.md: mirror iff u * denominator < numerator * 2**64."""
     return u * d < n * 2**64
 
 

@@ -1,6 +1,6 @@
 """The manifests in tests/data/seeds/ (Envoy Gateway's mirroring guide, GEP-3171)
 and the Gateway API percentage-mirror conformance route load unchanged
-(DESIGN.md "Configuration"), with the rules, mirrors and fractions they say."""
+(docs/DESIGN.md "Configuration"), with the rules, mirrors and fractions they say."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def test_gep_percent_42() -> None:
     pol = load(text, GEP_SEED)
     check_gep_common(pol)
     assert mirrors_of(pol) == [("foo-v2", Fraction(42, 100), 0)]
-    # DESIGN.md's vectors at 42/100.
+    # docs/DESIGN.md's vectors at 42/100.
     assert pol.decide(req("mirror.example", "/", "user-123")).targets[0].outcome is Outcome.SKIPPED
     assert pol.decide(req("mirror.example", "/", "alice")).targets[0].outcome is Outcome.MIRRORED
     d = pol.decide(req("mirror.example", "/", "alice"))

@@ -183,7 +183,7 @@ def test_explain_shows_each_targets_salt_and_u() -> None:
     a, b = result["targets"]
     assert result["u"] == a["u"] == key_hash(b"", b"alice") == 3287336622105459802
     assert (a["salt"], a["own_salt"]) == ("", False)
-    assert (b["salt"], b["own_salt"], b["u"]) == ("v2", True, 2539909752279064467)  # DESIGN.md test vectors
+    assert (b["salt"], b["own_salt"], b["u"]) == ("v2", True, 2539909752279064467)  # docs/DESIGN.md test vectors
     text = render_text(result)
     assert "u: 3287336622105459802 (policy salt)" in text
     assert "a (x-mirror-cluster-0) fraction 42/100 threshold" in text and "(policy salt), u 3287336622105459802: mirrored" in text
