@@ -232,15 +232,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 **shared,
             )
         else:
-            kubernetes = {"namespace": args.namespace, "image": args.image, "hpa": args.hpa, "sampler_service": args.sampler_service}
+            from .convert.kubernetes import SamplerDeployment
+
+            deployment = SamplerDeployment(
+                namespace=args.namespace, image=args.image, hpa=args.hpa, sampler_service=args.sampler_service, **shared
+            )
             if args.source == "envoy-gateway":
                 from .convert.envoy_gateway import convert_envoy_gateway
 
-                conversion = convert_envoy_gateway(paths, **kubernetes, **shared)
+                conversion = convert_envoy_gateway(paths, deployment)
             else:
                 from .convert.istio import convert_istio
 
-                conversion = convert_istio(paths, **kubernetes, **shared)
+                conversion = convert_istio(paths, deployment)
     except ConvertError as e:
         raise ConfigError(e.problems) from None
     output = Path(args.output)

@@ -654,19 +654,20 @@ def _timestamp(p: Problems, value: object) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that leaves timestamps as text (PyYAML raises a bare
-    ValueError on impossible dates; _timestamp reports them by field) and
-    refuses aliases, which make recursive or exponentially large documents."""
+class ManifestLoader(yaml.SafeLoader):
+    """SafeLoader for Kubernetes manifests: timestamps stay text (PyYAML
+    raises a bare ValueError on impossible dates; _timestamp reports them by
+    field, and converted manifests keep them as written), and aliases are
+    refused, since they make recursive or exponentially large documents."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported in route files", event.start_mark)
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported in manifests", event.start_mark)
         return super().compose_node(parent, index)
 
 
-_Loader.yaml_implicit_resolvers = {
+ManifestLoader.yaml_implicit_resolvers = {
     k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:timestamp"]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
@@ -694,7 +695,7 @@ def _duplicate_keys(node: yaml.Node, path: str = "") -> Iterator[_DuplicateKey]:
 def _load_documents(text: str) -> list[tuple[object, list[_DuplicateKey]]]:
     """Each document with its duplicate keys, found on the node tree (where
     lines are known) before PyYAML builds the dict that keeps only the last."""
-    loader = _Loader(text)
+    loader = ManifestLoader(text)
     try:
         documents: list[tuple[object, list[_DuplicateKey]]] = []
         while loader.check_node():

@@ -152,13 +152,6 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-class _Dumper(render._Dumper):
-    """Shared objects (YAML anchors in the input) written out in full."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
 def _load(path: Path, label: str | None = None) -> _Source:
     label = label or str(path)
     try:
@@ -182,7 +175,7 @@ def _load(path: Path, label: str | None = None) -> _Source:
 def _dump(source: _Source, as_json: bool) -> str:
     if as_json:
         return json.dumps(source.data, indent=2) + "\n"
-    return str(yaml.dump(source.data, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True))
+    return str(yaml.dump(source.data, Dumper=render.LiteralDumper, sort_keys=False, width=120, allow_unicode=True))
 
 
 def _dns_name(text: str) -> str:

@@ -23,26 +23,26 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.manifests import SWITCH_KIND, parse_manifests
-from ..config.settings import Settings
 from ..core.policy import Route, Rule
 from . import Conversion, ConvertError
 from .kubernetes import (
-    DEFAULT_IMAGE,
-    DEFAULT_SERVICE,
+    DEFAULT_DEPLOYMENT,
     GRPC_PORT,
     Document,
+    SamplerDeployment,
     dump_documents,
     generated_header,
     load_documents,
     metadata,
     read_sources,
-    sampler_objects,
+    sampler_manifest,
 )
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -58,31 +58,6 @@ MAX_FILTERS = 16
 MAX_REMOVE = 16
 # Fields the API server sets; applying them back would conflict.
 _SERVER_FIELDS = ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink")
-
-
-def sampler_settings(slots: int, slot_prefix: str, marker_header: str) -> Settings:
-    try:
-        return Settings.load(
-            {
-                "MIRROR_CONFIG": "routes.yaml",
-                "MIRROR_SLOTS": str(slots),
-                "MIRROR_SLOT_PREFIX": slot_prefix,
-                "MIRROR_MARKER_HEADER": marker_header,
-            }
-        )
-    except ConfigError as e:
-        raise ConvertError(e.problems) from None
-
-
-def sampler_env(settings: Settings) -> dict[str, str]:
-    """The settings a generated sampler needs beyond its defaults: the slot
-    headers must be the ones the generated routes and header removal name."""
-    defaults = Settings.load({"MIRROR_CONFIG": "routes.yaml"})
-    env = {}
-    for field, var in (("slots", "MIRROR_SLOTS"), ("slot_prefix", "MIRROR_SLOT_PREFIX"), ("marker_header", "MIRROR_MARKER_HEADER")):
-        if getattr(settings, field) != getattr(defaults, field):
-            env[var] = str(getattr(settings, field))
-    return env
 
 
 def _slot_match(name: str, token: str) -> dict[str, str]:
@@ -286,46 +261,14 @@ def client_traffic_policies(gateways: Sequence[tuple[str | None, str]], header_n
     ]
 
 
-def convert_envoy_gateway(
-    paths: Sequence[Path],
-    *,
-    namespace: str | None = None,
-    image: str = DEFAULT_IMAGE,
-    hpa: bool = False,
-    sampler_service: str = DEFAULT_SERVICE,
-    slots: int = 2,
-    slot_prefix: str = "x-mirror-cluster-",
-    marker_header: str = "x-mirror-rule",
-    message_timeout_ms: int = 200,
-) -> Conversion:
+def convert_envoy_gateway(paths: Sequence[Path], options: SamplerDeployment = DEFAULT_DEPLOYMENT) -> Conversion:
     """Read the HTTPRoute files and convert them (``convert_envoy_gateway_sources``)."""
-    return convert_envoy_gateway_sources(
-        read_sources(paths),
-        namespace=namespace,
-        image=image,
-        hpa=hpa,
-        sampler_service=sampler_service,
-        slots=slots,
-        slot_prefix=slot_prefix,
-        marker_header=marker_header,
-        message_timeout_ms=message_timeout_ms,
-    )
+    return convert_envoy_gateway_sources(read_sources(paths), options)
 
 
-def convert_envoy_gateway_sources(
-    sources: Sequence[tuple[str, str]],
-    *,
-    namespace: str | None = None,
-    image: str = DEFAULT_IMAGE,
-    hpa: bool = False,
-    sampler_service: str = DEFAULT_SERVICE,
-    slots: int = 2,
-    slot_prefix: str = "x-mirror-cluster-",
-    marker_header: str = "x-mirror-rule",
-    message_timeout_ms: int = 200,
-) -> Conversion:
+def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT) -> Conversion:
     """``sources``: (file name, text) pairs of HTTPRoute manifests."""
-    settings = sampler_settings(slots, slot_prefix, marker_header)
+    settings = options.settings()
     slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
     problems: list[str] = []
     kept: list[Document] = []  # the sampler's configuration: the original routes (and kill switch)
@@ -395,8 +338,8 @@ def convert_envoy_gateway_sources(
         )
 
     known = [ns for ns in route_namespaces if ns]
-    sampler_ns = namespace or (known[0] if known else None)
-    if namespace is None and len(set(known)) > 1:
+    sampler_ns = options.namespace or (known[0] if known else None)
+    if options.namespace is None and len(set(known)) > 1:
         notes.append(
             f"routes span namespaces {', '.join(sorted(set(known)))}: the sampler goes to {sampler_ns} (--namespace chooses), "
             "with a ReferenceGrant for each other namespace"
@@ -408,8 +351,9 @@ def convert_envoy_gateway_sources(
             "apply both to that namespace, or add a ReferenceGrant"
         )
 
-    policies = extension_policies(mirrored, service=sampler_service, sampler_ns=sampler_ns, message_timeout_ms=message_timeout_ms)
-    policies += reference_grants(grants, service=sampler_service, sampler_ns=sampler_ns) if sampler_ns else []
+    service = options.sampler_service
+    policies = extension_policies(mirrored, service=service, sampler_ns=sampler_ns, message_timeout_ms=options.message_timeout_ms)
+    policies += reference_grants(grants, service=service, sampler_ns=sampler_ns) if sampler_ns else []
     header_names = [*slot_names, settings.marker_header]
     files = {
         "httproutes.yaml": dump_documents(
@@ -431,16 +375,9 @@ def convert_envoy_gateway_sources(
             ),
         ),
         "client-traffic-policy.yaml": dump_documents(
-            client_traffic_policies(list(gateways), header_names, sampler_service), generated_header(COMMAND, CTP_COMMENT)
+            client_traffic_policies(list(gateways), header_names, service), generated_header(COMMAND, CTP_COMMENT)
         ),
-        "sampler.yaml": dump_documents(
-            sampler_objects(config_text, namespace=sampler_ns, image=image, hpa=hpa, name=sampler_service, env=sampler_env(settings)),
-            generated_header(
-                COMMAND,
-                f"The sampler: ConfigMap (its HTTPRoute configuration), Deployment, Service,\n"
-                f"PodDisruptionBudget{', HorizontalPodAutoscaler' if hpa else ''}. Image: {image}.",
-            ),
-        ),
+        "sampler.yaml": sampler_manifest(config_text, replace(options, namespace=sampler_ns), COMMAND),
     }
     notes.insert(
         0,

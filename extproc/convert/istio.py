@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -38,18 +38,17 @@ from ..core.policy import SAMPLER_CLUSTER, Policy, Route
 from ..core.sampling import Fraction
 from ..envoy.lua import anti_spoof_lua
 from . import Conversion, ConvertError
-from .envoy_gateway import sampler_env, sampler_settings
 from .kubernetes import (
-    DEFAULT_IMAGE,
-    DEFAULT_SERVICE,
+    DEFAULT_DEPLOYMENT,
     GRPC_PORT,
     Document,
+    SamplerDeployment,
     dump_documents,
     generated_header,
     load_documents,
     metadata,
     read_sources,
-    sampler_objects,
+    sampler_manifest,
 )
 
 ISTIO_APIS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
@@ -536,31 +535,10 @@ def filter_contexts(vs: VirtualService) -> dict[str | None, list[str]]:
 
 
 def convert_istio(
-    paths: Sequence[Path],
-    *,
-    namespace: str | None = None,
-    image: str = DEFAULT_IMAGE,
-    hpa: bool = False,
-    sampler_service: str = DEFAULT_SERVICE,
-    slots: int = 2,
-    slot_prefix: str = "x-mirror-cluster-",
-    marker_header: str = "x-mirror-rule",
-    message_timeout_ms: int = 200,
-    cluster_domain: str = "cluster.local",
+    paths: Sequence[Path], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
 ) -> Conversion:
     """Read the VirtualService files and convert them (``convert_istio_sources``)."""
-    return convert_istio_sources(
-        read_sources(paths),
-        namespace=namespace,
-        image=image,
-        hpa=hpa,
-        sampler_service=sampler_service,
-        slots=slots,
-        slot_prefix=slot_prefix,
-        marker_header=marker_header,
-        message_timeout_ms=message_timeout_ms,
-        cluster_domain=cluster_domain,
-    )
+    return convert_istio_sources(read_sources(paths), options, cluster_domain=cluster_domain)
 
 
 def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[VirtualService]:
@@ -609,20 +587,10 @@ def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[Virtu
 
 
 def convert_istio_sources(
-    sources: Sequence[tuple[str, str]],
-    *,
-    namespace: str | None = None,
-    image: str = DEFAULT_IMAGE,
-    hpa: bool = False,
-    sampler_service: str = DEFAULT_SERVICE,
-    slots: int = 2,
-    slot_prefix: str = "x-mirror-cluster-",
-    marker_header: str = "x-mirror-rule",
-    message_timeout_ms: int = 200,
-    cluster_domain: str = "cluster.local",
+    sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
 ) -> Conversion:
     """``sources``: (file name, text) pairs holding VirtualServices."""
-    settings = sampler_settings(slots, slot_prefix, marker_header)
+    settings = options.settings()
     slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
     services = _load(sources, cluster_domain)
     notes: list[str] = []
@@ -717,15 +685,16 @@ def convert_istio_sources(
         )
 
     known = [vs.namespace for vs in services if vs.namespace]
-    sampler_ns = namespace or (known[0] if known else None)
-    authority = f"{sampler_service}.{sampler_ns or 'default'}.svc.{cluster_domain}"
+    sampler_ns = options.namespace or (known[0] if known else None)
+    authority = f"{options.sampler_service}.{sampler_ns or 'default'}.svc.{cluster_domain}"
     # Istio's name for the Service's outbound cluster.
     cluster = f"outbound|{GRPC_PORT}||{authority}"
     lua = anti_spoof_lua(
         Policy(routes=(), key_chain=(), slot_prefix=settings.slot_prefix, slots=settings.slots, marker_header=settings.marker_header)
     )
+    service, message_timeout_ms = options.sampler_service, options.message_timeout_ms
     filters = [
-        envoy_filter(ns, ctx, lua=lua, cluster=cluster, authority=authority, message_timeout_ms=message_timeout_ms, name=sampler_service)
+        envoy_filter(ns, ctx, lua=lua, cluster=cluster, authority=authority, message_timeout_ms=message_timeout_ms, name=service)
         for ns, ctx in contexts.items()
     ]
     config_text = dump_documents(
@@ -761,14 +730,7 @@ def convert_istio_sources(
                 "resource's namespace); SIDECAR_OUTBOUND ones apply to the sidecars of their namespace.",
             ),
         ),
-        "sampler.yaml": dump_documents(
-            sampler_objects(config_text, namespace=sampler_ns, image=image, hpa=hpa, name=sampler_service, env=sampler_env(settings)),
-            generated_header(
-                COMMAND,
-                f"The sampler: ConfigMap (its HTTPRoute configuration), Deployment, Service,\n"
-                f"PodDisruptionBudget{', HorizontalPodAutoscaler' if hpa else ''}. Image: {image}.",
-            ),
-        ),
+        "sampler.yaml": sampler_manifest(config_text, replace(options, namespace=sampler_ns), COMMAND),
     }
     notes.insert(
         0,

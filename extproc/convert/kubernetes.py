@@ -4,7 +4,8 @@ share (pure: documents in, text out).
 ``sampler_objects`` is what ``convert envoy-gateway`` and ``convert istio``
 both deploy next to the rewritten routes: a ConfigMap holding the sampler's
 HTTPRoute configuration, a Deployment, a Service, a PodDisruptionBudget and,
-on request, a HorizontalPodAutoscaler.
+on request, a HorizontalPodAutoscaler. ``SamplerDeployment`` is what both
+converters are told about that sampler.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..config.errors import ConfigError
+from ..config.manifests import ManifestLoader
+from ..config.settings import Settings
+from ..envoy.render import LiteralDumper
 from . import ConvertError
 
 DEFAULT_IMAGE = "mirror-sampler:latest"
@@ -40,44 +46,59 @@ TERMINATION_GRACE = DRAIN_DELAY + SHUTDOWN_GRACE + 10
 Document = dict[str, Any]
 _SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Settings.load wants route or simple mode; any file name picks route mode, and
+# only the slot settings are read from the result.
+_ROUTE_MODE = {"MIRROR_CONFIG": CONFIG_KEY}
+# The sampler's settings for which its container needs an environment variable
+# when they differ from the default: the rewritten routes name these headers.
+_SLOT_VARIABLES = (("slots", "MIRROR_SLOTS"), ("slot_prefix", "MIRROR_SLOT_PREFIX"), ("marker_header", "MIRROR_MARKER_HEADER"))
 
 
-class _Loader(yaml.SafeLoader):
-    """Timestamps stay text (creationTimestamp round-trips unchanged), aliases
-    are refused (as the sampler's own loader refuses them)."""
+@dataclass(frozen=True)
+class SamplerDeployment:
+    """What every Kubernetes converter is told about the sampler it deploys:
+    where and how it runs, and the slot settings it and the rewritten routes
+    must agree on."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported", event.start_mark)
-        return super().compose_node(parent, index)
+    namespace: str | None = None  # None: the converted routes' namespace
+    image: str = DEFAULT_IMAGE
+    hpa: bool = False
+    sampler_service: str = DEFAULT_SERVICE  # the Service's name, also naming the other sampler objects
+    slots: int = 2
+    slot_prefix: str = "x-mirror-cluster-"
+    marker_header: str = "x-mirror-rule"
+    message_timeout_ms: int = 200
+
+    def settings(self) -> Settings:
+        """The slot settings as the sampler will read them: validated and
+        normalised by its own loader, so the routes name the headers it sets."""
+        try:
+            return Settings.load(
+                {
+                    **_ROUTE_MODE,
+                    "MIRROR_SLOTS": str(self.slots),
+                    "MIRROR_SLOT_PREFIX": self.slot_prefix,
+                    "MIRROR_MARKER_HEADER": self.marker_header,
+                }
+            )
+        except ConfigError as e:
+            raise ConvertError(e.problems) from None
+
+    def slot_environment(self) -> dict[str, str]:
+        """The slot settings the sampler's container must be given: those that
+        differ from the sampler's defaults."""
+        settings, defaults = self.settings(), Settings.load(_ROUTE_MODE)
+        return {var: str(getattr(settings, name)) for name, var in _SLOT_VARIABLES if getattr(settings, name) != getattr(defaults, name)}
 
 
-_Loader.yaml_implicit_resolvers = {
-    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:timestamp"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the ConfigMap's file, Lua code) as literal blocks;
-    never anchors and aliases (the sampler's loader refuses them)."""
-
-    def ignore_aliases(self, data: Any) -> bool:
-        return True
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-
-_Dumper.add_representer(str, _str)
+# Every converter's default; frozen, so one shared instance is safe as a default argument.
+DEFAULT_DEPLOYMENT = SamplerDeployment()
 
 
 def load_documents(text: str, source: str) -> list[Document]:
     """The mapping documents of a multi-document YAML text (empty ones dropped)."""
     try:
-        docs = list(yaml.load_all(text, Loader=_Loader))
+        docs = list(yaml.load_all(text, Loader=ManifestLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -110,7 +131,7 @@ def read_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
 
 def dump_documents(docs: Iterable[Document], header: str) -> str:
     """Multi-document YAML; ``header`` is a comment block (each line starting with #)."""
-    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120) for d in docs)
+    body = "---\n".join(yaml.dump(d, Dumper=LiteralDumper, sort_keys=False, width=120) for d in docs)
     return header + body
 
 
@@ -132,23 +153,13 @@ def sampler_labels(name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "mirror-sampler", "app.kubernetes.io/instance": name}
 
 
-def sampler_objects(
-    config_text: str,
-    *,
-    namespace: str | None,
-    image: str = DEFAULT_IMAGE,
-    hpa: bool = False,
-    name: str = DEFAULT_SERVICE,
-    replicas: int = 2,
-    max_replicas: int = 10,
-    env: dict[str, str] | None = None,
-) -> list[Document]:
+def sampler_objects(config_text: str, options: SamplerDeployment, *, replicas: int = 2, max_replicas: int = 10) -> list[Document]:
     """ConfigMap, Deployment, Service, PodDisruptionBudget and (``hpa``) a
-    HorizontalPodAutoscaler for a sampler reading ``config_text``.
-
-    ``env``: further MIRROR_* settings (slot prefix, key chain...) for the
-    container; the generated Envoy-side objects must agree with them.
+    HorizontalPodAutoscaler for a sampler reading ``config_text``, in
+    ``options.namespace`` (None: no namespace in their metadata). The
+    container gets the slot settings of ``options``, as the rewritten routes do.
     """
+    namespace, image, hpa, name = options.namespace, options.image, options.hpa, options.sampler_service
     problems = []
     if not _SERVICE_NAME.match(name):
         problems.append(
@@ -181,7 +192,7 @@ def sampler_objects(
         "MIRROR_LOG_FORMAT": "json",
         "MIRROR_DRAIN_DELAY": str(DRAIN_DELAY),
         "MIRROR_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
-        **(env or {}),
+        **options.slot_environment(),
     }
     container = {
         "name": "sampler",
@@ -302,5 +313,13 @@ def sampler_objects(
     return copy.deepcopy(objects)
 
 
-def sampler_address(name: str, namespace: str | None) -> str:
-    return f"{name}.{namespace or 'default'}.svc"
+def sampler_manifest(config_text: str, options: SamplerDeployment, command: str) -> str:
+    """sampler.yaml: ``sampler_objects`` under a header saying what they are."""
+    return dump_documents(
+        sampler_objects(config_text, options),
+        generated_header(
+            command,
+            f"The sampler: ConfigMap (its HTTPRoute configuration), Deployment, Service,\n"
+            f"PodDisruptionBudget{', HorizontalPodAutoscaler' if options.hpa else ''}. Image: {options.image}.",
+        ),
+    )

@@ -133,6 +133,8 @@ class Policy:
     enabled: bool = True
     table: RouteTable[Rule] = field(init=False, repr=False, compare=False)
     rules_by_id: dict[str, Rule] = field(init=False, repr=False, compare=False)
+    # <slot_prefix>0, <slot_prefix>1, ...: derived once, read per request.
+    slot_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_host: dict[str, list[Entry[Rule]]] = {}
@@ -144,6 +146,7 @@ class Policy:
                         bucket.append(Entry(match, rule, route.creation_timestamp, route.id, ri, mi))
         object.__setattr__(self, "table", RouteTable(by_host))
         object.__setattr__(self, "rules_by_id", {rule.id: rule for route in self.routes for rule in route.rules})
+        object.__setattr__(self, "slot_names", tuple(f"{self.slot_prefix}{i}" for i in range(self.slots)))
 
     def envoy_shape(self) -> tuple[object, ...]:
         """Everything Envoy's generated routes depend on in ext_proc mode:
@@ -172,10 +175,6 @@ class Policy:
                 for r in self.routes
             ),
         )
-
-    @property
-    def slot_names(self) -> tuple[str, ...]:
-        return tuple(f"{self.slot_prefix}{i}" for i in range(self.slots))
 
     @property
     def rules(self) -> tuple[Rule, ...]:

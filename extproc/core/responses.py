@@ -39,7 +39,6 @@ class Responder:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        # Policy.slot_names builds a tuple per call; the hot path reads it per request.
         self.slot_names = policy.slot_names
         self._cache: dict[tuple[Sampled, bool], bytes] = {}
 

@@ -518,8 +518,13 @@ def _data(message: Any, casing: Casing = Casing.CAMEL) -> Any:
     return message.to_dict(casing=casing)
 
 
-class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the Lua code) as readable literal blocks."""
+class LiteralDumper(yaml.SafeDumper):
+    """Multi-line strings (Lua code, a ConfigMap's file) as readable literal
+    blocks; shared objects written out in full, never as anchors and aliases
+    (which the manifest loader refuses)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -527,13 +532,13 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
-_Dumper.add_representer(str, _str)
+LiteralDumper.add_representer(str, _str)
 
 
 def to_yaml(data: Any, comment: str = "") -> str:
     if not isinstance(data, dict):
         data = _data(data)
-    return GENERATED_HEADER + comment + yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=120)
+    return GENERATED_HEADER + comment + yaml.dump(data, Dumper=LiteralDumper, sort_keys=False, width=120)
 
 
 SNIPPET_COMMENT = """\

@@ -56,14 +56,21 @@ class Server:
         self.store = store or PolicyStore(settings, self.metrics, self.log)
         self.health = Health(serving=False)
         self.stop_requested = asyncio.Event()
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.port: int | None = None
 
     def request_stop(self) -> None:
         self.stop_requested.set()
 
+    def _reload_on_sighup(self) -> None:
+        # Parsing runs in a thread, as for file events: the loop keeps answering.
+        task = asyncio.get_running_loop().create_task(self.store.reload_in_thread("SIGHUP"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def serve(self) -> None:
         settings = self.settings
-        servicer = Servicer(self.store.responder, self.metrics)
+        servicer = Servicer(self.store.plan, self.metrics)
         host, port = split_address(settings.listen)
         transport = transports.create(
             settings.transport,
@@ -93,7 +100,7 @@ class Server:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self.store.reload("SIGHUP"))
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_sighup)
         watcher = asyncio.create_task(self.store.watch(self.stop_requested))
         lag_probe = asyncio.create_task(watch_loop_lag(self.metrics, self.stop_requested))
         # Start-up objects (config, protobuf descriptors, Envoy-config
@@ -117,6 +124,7 @@ class Server:
             # that health-check move to other samplers before streams are refused.
             self.health.set_all(False)
             await asyncio.sleep(settings.drain_delay)
+            self.log.info("refusing_new_streams", grace_seconds=settings.shutdown_grace)
             await transport.stop(settings.shutdown_grace)
             watcher.cancel()
             lag_probe.cancel()

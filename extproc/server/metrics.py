@@ -23,6 +23,7 @@ class ErrorKind(StrEnum):
 
     DECISION = "decision"  # the decision raised: answered "no mirror"
     UNKNOWN_MESSAGE = "unknown_message"  # a ProcessingRequest kind this contract does not know
+    MALFORMED_MESSAGE = "malformed_message"  # not a ProcessingRequest at all: the stream ends with INTERNAL
     PROTOCOL = "protocol"  # an HTTP/2 connection error (http2 transport): that connection only
 
 
@@ -103,6 +104,3 @@ class Metrics:
         if inc is None:
             inc = self._children[key] = self._decisions.labels(*key).inc
         return inc
-
-    def decision(self, rule: str, target: str, outcome: str) -> None:
-        self.decision_counter(rule, target, outcome)()

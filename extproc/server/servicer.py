@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from google.protobuf.message import DecodeError
+
 from ..core.headers import header_map
 from ..core.plan import Plan
-from ..core.responses import CONTINUE, Responder
+from ..core.responses import CONTINUE
 from ..wire import ProcessingRequest
 from .metrics import ErrorKind, Metrics
 
@@ -33,7 +35,13 @@ class ProcessStream:
     def message(self, data: bytes) -> bytes | None:
         """One serialised ProcessingRequest in; the serialised answer, or None
         when there is nothing to answer."""
-        request = ProcessingRequest.FromString(data)
+        try:
+            request = ProcessingRequest.FromString(data)
+        except DecodeError:
+            # Not Envoy: no answer can be of the right kind. Counted here; the
+            # transport ends the stream with INTERNAL (both transports alike).
+            self.metrics.error(ErrorKind.MALFORMED_MESSAGE)
+            raise
         kind = request.WhichOneof("request")
         if kind == "request_headers":
             try:
@@ -61,23 +69,13 @@ class ProcessStream:
 
 
 class Servicer:
-    """Opens streams against the policy in force (``current``, swapped on reload)."""
+    """Opens streams against the policy in force (``current``: the store's
+    compiled plan, swapped whole on reload)."""
 
-    def __init__(self, current: Callable[[], Responder], metrics: Metrics) -> None:
+    def __init__(self, current: Callable[[], Plan], metrics: Metrics) -> None:
         self._current = current
         self._metrics = metrics
-        self._plan: Plan | None = None
-        # Compiled now, so every rule's decision series exist (at 0) from the start.
-        self.plan()
-
-    def plan(self) -> Plan:
-        """The compiled plan for the policy in force; rebuilt once per reload."""
-        responder = self._current()
-        plan = self._plan
-        if plan is None or plan.responder is not responder:
-            plan = self._plan = Plan(responder, self._metrics)
-        return plan
 
     def open_stream(self, rule_id: str | None) -> ProcessStream:
         self._metrics.streams.inc()
-        return ProcessStream(self.plan(), rule_id, self._metrics)
+        return ProcessStream(self._current(), rule_id, self._metrics)

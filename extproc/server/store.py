@@ -21,6 +21,7 @@ import watchfiles
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import Settings
+from ..core.plan import Plan
 from ..core.policy import Policy
 from ..core.responses import Responder
 from .metrics import Metrics, ReloadResult
@@ -46,32 +47,39 @@ class PolicyStore:
         self.metrics = metrics
         self.log = log
         text = read_manifest(settings)
-        self._responder = Responder(build_policy(settings, text))
+        self._plan = self._compile(build_policy(settings, text))
         # The content last judged (in force, rejected, or needing new Envoy
         # configuration): the same content is not judged, logged or counted again.
-        self._judged = _digest(text)
+        self._judged = content_digest(text)
         metrics.policy_generation.set(1)
         metrics.policy_rules.set(len(self.policy.rules))
 
     @property
     def policy(self) -> Policy:
-        return self._responder.policy
+        return self._plan.policy
 
-    def responder(self) -> Responder:
-        return self._responder
+    def plan(self) -> Plan:
+        """The compiled policy in force: what each new stream decides with."""
+        return self._plan
+
+    def _compile(self, policy: Policy) -> Plan:
+        # Compiled here, in the reload thread (or at start), not on the event
+        # loop by the first stream: a policy's decision series exist (at 0)
+        # from the moment it is in force.
+        return Plan(Responder(policy), self.metrics)
 
     def reload(self, reason: str, quiet: bool = False) -> bool:
         """Re-read the file; True if a new policy is now in force. Never
         raises: whatever goes wrong, the policy in force stays."""
         try:
             text = read_manifest(self.settings)
-            digest = _digest(text)
+            digest = content_digest(text)
             if digest == self._judged:
                 if not quiet:
                     self.metrics.reload(ReloadResult.UNCHANGED)
                 return False
             self._judged = digest
-            responder = Responder(build_policy(self.settings, text))
+            policy = build_policy(self.settings, text)
         except ConfigError as e:
             self.metrics.reload(ReloadResult.INVALID)
             self.log.error("reload_rejected", reason=reason, problems=e.problems, kept="previous policy")
@@ -80,7 +88,7 @@ class PolicyStore:
             self.metrics.reload(ReloadResult.INVALID)
             self.log.exception("reload_failed", reason=reason, error=repr(e), kept="previous policy")
             return False
-        if responder.policy.envoy_shape() != self.policy.envoy_shape():
+        if policy.envoy_shape() != self.policy.envoy_shape():
             # Envoy's variant routes were generated for the old rules: new
             # rules, matches or mirror targets would be decided but never
             # mirrored (or mirrored under the wrong rule) until Envoy's
@@ -96,11 +104,11 @@ class PolicyStore:
                 kept="previous policy",
             )
             return False
-        self._responder = responder
+        self._plan = self._compile(policy)
         self.metrics.reload(ReloadResult.OK)
         self.metrics.policy_generation.inc()
-        self.metrics.policy_rules.set(len(responder.policy.rules))
-        self.log.info("reloaded", reason=reason, rules=len(responder.policy.rules))
+        self.metrics.policy_rules.set(len(policy.rules))
+        self.log.info("reloaded", reason=reason, rules=len(policy.rules))
         return True
 
     async def reload_in_thread(self, reason: str, quiet: bool = False) -> bool:
@@ -144,5 +152,6 @@ def touches(changes: Iterable[tuple[object, str]], config: Path) -> bool:
     return False
 
 
-def _digest(text: str | None) -> bytes:
+def content_digest(text: str | None) -> bytes:
+    """What identifies one content of the configuration file (judged once each)."""
     return hashlib.sha256((text or "").encode()).digest()

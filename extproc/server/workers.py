@@ -39,6 +39,7 @@ from ..config.addresses import join_address, split_address
 from ..config.settings import Settings
 from ..lifetime import die_with_parent
 from . import logs
+from .ports import family, probe_free
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 READY_TIMEOUT = 30.0
@@ -62,10 +63,6 @@ def serve(settings: Settings) -> int:
     return Supervisor(settings).run()
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
 def hold_port(address: str) -> tuple[socket.socket, int]:
     """Check that ``address`` is free and hold it for SO_REUSEPORT workers.
 
@@ -73,17 +70,9 @@ def hold_port(address: str) -> tuple[socket.socket, int]:
     kernel's choice for port 0).
     """
     host, port = split_address(address)
-    family = _family(host)
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # No SO_REUSEPORT: fails if anyone listens or holds the port,
-            # including another supervisor's holder. SO_REUSEADDR, as every
-            # server binds: connections of a stopped sampler left in
-            # TIME-WAIT do not make the port busy (a restart must start).
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            port = probe.getsockname()[1]
-        holder = socket.socket(family, socket.SOCK_STREAM)
+        port = probe_free(host, port)
+        holder = socket.socket(family(host), socket.SOCK_STREAM)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind((host, port))
     except OSError as e:

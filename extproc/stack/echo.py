@@ -40,6 +40,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -125,33 +126,33 @@ class EchoHandler(BaseHTTPRequestHandler):
                         if trailer in (b"\r\n", b"\n", b""):
                             break
                     break
-                remaining = size
-                while remaining:
-                    data = self.rfile.read(min(remaining, _CHUNK))
-                    if not data:
-                        raise _BadRequest("body ended early")
-                    digest.update(data)
-                    length += len(data)
-                    remaining -= len(data)
+                self._read_exactly(size, digest.update)
+                length += size
                 if self.rfile.readline(_MAX_CHUNK_LINE) not in (b"\r\n", b"\n"):
                     raise _BadRequest("bad chunk end")
             return length, digest.hexdigest()
         cl = self.headers.get("Content-Length")
         if cl is not None:
             try:
-                remaining = int(cl.strip())
+                content_length = int(cl.strip())
             except ValueError:
                 raise _BadRequest("bad content-length") from None
-            if remaining < 0:
+            if content_length < 0:
                 raise _BadRequest("bad content-length")
-            while remaining:
-                data = self.rfile.read(min(remaining, _CHUNK))
-                if not data:
-                    raise _BadRequest("body ended early")
-                digest.update(data)
-                length += len(data)
-                remaining -= len(data)
+            self._read_exactly(content_length, digest.update)
+            length += content_length
         return length, digest.hexdigest()
+
+    def _read_exactly(self, size: int, consume: Callable[[bytes], None]) -> None:
+        """Read ``size`` body bytes, handing each piece to ``consume``; in
+        pieces of at most _CHUNK, so a large body is never held whole."""
+        remaining = size
+        while remaining:
+            data = self.rfile.read(min(remaining, _CHUNK))
+            if not data:
+                raise _BadRequest("body ended early")
+            consume(data)
+            remaining -= len(data)
 
     def _client(self) -> str:
         host, port = self.client_address[0], self.client_address[1]

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import watchfiles
 
+from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import Settings
 from ..core.policy import Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import ROUTE_CONFIG_NAME, Topology, backend_names, route_discovery, to_yaml
-from ..server.store import load_policy, touches
+from ..server.store import content_digest, read_manifest, touches
 from .envoy import EnvoyProcess
 
 RDS_STAT = f"http.ingress_http.rds.{ROUTE_CONFIG_NAME}."
@@ -58,6 +59,9 @@ class RouteReloader:
         self.envoy = envoy
         self.topology = topology
         self.policy = policy
+        # Each content of the file is judged once: an editor's save may come
+        # as several events, and the same content must not be reported twice.
+        self._judged = content_digest(read_manifest(settings))
         self.stop_event = threading.Event()
         # How each change ended: reloaded, invalid, unchanged, new_backends,
         # rejected_by_envoy, unconfirmed (what `up` printed, countable by tests).
@@ -84,7 +88,12 @@ class RouteReloader:
 
     def reload(self) -> None:
         try:
-            policy = load_policy(self.settings)
+            text = read_manifest(self.settings)
+            digest = content_digest(text)
+            if digest == self._judged:
+                return
+            self._judged = digest
+            policy = build_policy(self.settings, text)
             if unsupported(policy):
                 raise ConfigError(unsupported(policy))
         except ConfigError as e:

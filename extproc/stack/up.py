@@ -7,9 +7,8 @@ with `make up` is what the tests prove. Envoy's configuration is rendered by
 
 from __future__ import annotations
 
-import re
+import itertools
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -21,10 +20,13 @@ from ..config.errors import ConfigError
 from ..config.settings import EnvoySettings, Settings
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
-from ..core.policy import SAMPLER_CLUSTER, Policy, Rule
+from ..core.matching import PathType
+from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import Address, Topology, backend_names, render
+from ..server.ports import probe_free
 from ..server.store import load_policy
+from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
 from .routes import RouteReloader, write_routes
@@ -33,7 +35,6 @@ from .view import view_rows
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "data" / "http-mirror.yaml"
 LOOPBACK = "127.0.0.1"
-_ECHO_READY = re.compile(r"listening on port (\d+)")
 
 
 class StackError(RuntimeError):
@@ -46,12 +47,10 @@ def check_port_free(port: int, what: str) -> None:
     not make the port busy."""
     if port == 0:
         return
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError as e:
-            raise StackError(f"{what}: port {port} on {LOOPBACK} is not free ({e.strerror})") from None
+    try:
+        probe_free(LOOPBACK, port)
+    except OSError as e:
+        raise StackError(f"{what}: port {port} on {LOOPBACK} is not free ({e.strerror})") from None
 
 
 @dataclass
@@ -69,7 +68,7 @@ class LocalStack:
     sampler_client_cert: str = ""
     sampler_client_key: str = ""
     policy: Policy = field(init=False)
-    backends: dict[str, Child] = field(init=False, default_factory=dict)
+    backends: dict[str, EchoProcess] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
     samplers: list[SamplerProcess | None] = field(init=False, default_factory=list)
     sampler_ports: list[int] = field(init=False, default_factory=list)
@@ -150,17 +149,12 @@ class LocalStack:
         return self.log_dir / f"{name}.log"
 
     def _start_backend(self, name: str) -> None:
-        child = Child(
-            f"echo backend {name}",
-            [sys.executable, "-m", "extproc.stack.echo", "--host", LOOPBACK, "--port", "0", "--service", name, "--log-requests"],
-            log_path=self._log(f"echo-{name}"),
-        )
-        self.backends[name] = child
         try:
-            line = child.wait_line(lambda s: _ECHO_READY.search(s) is not None, timeout=20)
+            echo = EchoProcess(name, host=LOOPBACK, log_path=self._log(f"echo-{name}"))
         except ChildFailed as e:
             raise StackError(str(e)) from None
-        self.backend_ports[name] = int(_ECHO_READY.search(line).group(1))  # type: ignore[union-attr]
+        self.backends[name] = echo
+        self.backend_ports[name] = echo.port
 
     def start_sampler(self, index: int = 0, env: dict[str, str] | None = None) -> SamplerProcess:
         """(Re)start sampler ``index``; a restart reuses its port, which Envoy knows."""
@@ -243,36 +237,39 @@ class LocalStack:
 
 def example_requests(stack: LocalStack, tries: int = 10_000) -> list[str]:
     """Two curl commands for the first screen: one whose key the sampler
-    mirrors, one whose key it does not (found by asking the decision)."""
+    mirrors, one whose key it does not, both found by asking the decision.
+    Only for a rule a plain curl can reach (a path match, maybe a method);
+    none when no rule is that simple or the key is not a header."""
     policy = stack.policy
-    rule = next((r for r in policy.rules if r.mirrors and r.matches), None)
     source = policy.key_chain[0]
-    if rule is None or source.kind is not KeyKind.HEADER:
+    if source.kind is not KeyKind.HEADER:
         return []
-    host = next((h for r in policy.routes if rule in r.rules for h in r.hostnames if not h.startswith("*")), "")
-    path = _example_path(rule)
-    wanted = {True: "", False: ""}
-    for i in range(tries):
-        key = f"user-{i}"
-        headers = request_headers([(source.name, key)], path=path, host=host)
-        mirrored = bool(policy.decide(headers).sampled)
-        if not wanted[mirrored]:
-            wanted[mirrored] = key
-        if all(wanted.values()):
-            break
-    host_flag = f"-H 'Host: {host}' " if host else ""
-    out = []
-    for mirrored, key in ((True, wanted[True]), (False, wanted[False])):
-        if key:
-            what = "mirrored" if mirrored else "not mirrored"
-            out.append(f"  curl {host_flag}-H '{source.name}: {key}' {stack.url}{path}   # {what}")
-    return out
-
-
-def _example_path(rule: Rule) -> str:
-    match = rule.matches[0]
-    value = match.path.prefix or "/"
-    return value if match.path.type.value != "RegularExpression" else "/"
+    for route in policy.routes:
+        host = next((h for h in route.hostnames if not h.startswith("*")), "")
+        if route.hostnames and not host:
+            continue
+        for rule in route.rules:
+            for match in rule.matches:
+                if not rule.mirrors or match.headers or match.query_params or match.path.type is PathType.REGEX:
+                    continue
+                method = match.method or "GET"
+                path = match.path.value if match.path.type is PathType.EXACT else match.path.prefix
+                if policy.match(request_headers(path=path, host=host, method=method)) is not rule:
+                    continue  # a more specific rule would take it
+                found: dict[bool, str] = {}
+                # The README's names first, so the screen and the README agree.
+                for key in itertools.chain(("alice", "user-123"), (f"user-{i}" for i in range(tries))):
+                    decision = policy.decide_rule(rule, request_headers([(source.name, key)], path=path, host=host, method=method))
+                    found.setdefault(bool(decision.sampled), key)
+                    if len(found) == 2:
+                        break
+                flags = (f"-X {method} " if method != "GET" else "") + (f"-H 'Host: {host}' " if host else "")
+                what = {True: "mirrored", False: "not mirrored"}
+                return [
+                    f"  curl {flags}-H '{source.name}: {key}' {stack.url}{path}   # {what[m]}"
+                    for m, key in sorted(found.items(), reverse=True)
+                ]
+    return []
 
 
 def first_screen(stack: LocalStack) -> list[str]:

@@ -10,12 +10,7 @@ shadow backends log.
 
 from __future__ import annotations
 
-import http.client
-import json
-import re
 import shutil
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +20,10 @@ import yaml
 
 from extproc.convert.envoy import convert_envoy
 from extproc.core.sampling import Fraction, decide
-from extproc.stack.children import Child
+from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
-from tests.support.paths import DATA, REPO
+from tests.support.harness import Client, settle
+from tests.support.paths import DATA
 from tests.support.procs import Sampler, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -35,19 +31,6 @@ pytestmark = pytest.mark.e2e
 SOURCE = DATA / "convert" / "envoy"
 BACKENDS = ("shop", "shadow-a", "shadow-b", "jobs")
 SLOTS = ("X-Mirror-Cluster-0", "X-Mirror-Cluster-1")
-
-
-class Echo(Child):
-    def __init__(self, name: str) -> None:
-        argv = [sys.executable, "-m", "extproc.stack.echo", "--host", "127.0.0.1", "--port", "0", "--service", name, "--log-requests"]
-        super().__init__(name, argv, cwd=REPO)
-        line = self.wait_line(lambda s: "listening on port" in s)
-        match = re.search(r"listening on port (\d+)", line)
-        assert match, line
-        self.port = int(match.group(1))
-
-    def echoed(self) -> list[dict[str, Any]]:
-        return [json.loads(line.removeprefix("Echoed: ")) for line in self.output().splitlines() if line.startswith("Echoed: ")]
 
 
 @pytest.fixture
@@ -81,42 +64,14 @@ def user_config(tmp: Path, ports: dict[str, int]) -> Path:
     return target / "envoy.yaml"
 
 
-class Client:
-    def __init__(self, port: int) -> None:
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-
-    def get(self, path: str, host: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        self.conn.request("GET", path, headers={"Host": host, **headers})
-        response = self.conn.getresponse()
-        body = response.read()
-        return response.status, json.loads(body) if body.startswith(b"{") else {}
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def settled(envoy: EnvoyProcess, expected: dict[str, int], timeout: float = 15.0) -> dict[str, int]:
-    """upstream_rq_total per cluster once it reached ``expected`` and nothing
-    is in flight: a mirror is created before the client gets its answer, so
-    no more can arrive after that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = envoy.stats()
-        got = {c: stats.get(f"cluster.{c}.upstream_rq_total", 0) for c in expected}
-        busy = any(stats.get(f"cluster.{c}.upstream_rq_{gauge}", 0) for c in expected for gauge in ("active", "pending_active"))
-        if (all(got[c] >= n for c, n in expected.items()) and not busy) or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
-
-
 def sampled(keys: list[str], numerator: int, denominator: int) -> set[str]:
     return {k for k in keys if decide(b"", k.encode(), Fraction(numerator, denominator))}
 
 
-def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_path: Path, processes: list[Any]) -> None:
+def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_path: Path, processes: list[Any], transport: str) -> None:
     echoes = {}
     for name in BACKENDS:
-        echoes[name] = Echo(name)
+        echoes[name] = EchoProcess(name)
         processes.append(echoes[name])
     source = user_config(tmp_path, {n: e.port for n, e in echoes.items()})
     out = tmp_path / "out"
@@ -125,7 +80,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     # depend on the sampler's address, so convert again once it has one.
     for name, text in convert_envoy([source], output_dir=out).files.items():
         (out / name).write_text(text, encoding="utf-8")
-    sampler = Sampler({"MIRROR_CONFIG": str(out / "policy.yaml"), "MIRROR_TRANSPORT": "grpcio", "MIRROR_METRICS_LISTEN": "off"})
+    sampler = Sampler({"MIRROR_CONFIG": str(out / "policy.yaml"), "MIRROR_TRANSPORT": transport, "MIRROR_METRICS_LISTEN": "off"})
     processes.append(sampler)
     conversion = convert_envoy([source], output_dir=out, sampler=f"127.0.0.1:{sampler.port}")
     assert conversion.files["policy.yaml"] == (out / "policy.yaml").read_text(encoding="utf-8")
@@ -136,18 +91,18 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     envoy.start()
     wait_until(lambda: envoy.stat("cluster.mirror-sampler.membership_healthy") >= 1, 20)
     ports = envoy.listener_ports()
-    front, internal = Client(ports["front"]), Client(ports["internal"])
+    front, internal = Client(f"http://127.0.0.1:{ports['front']}"), Client(f"http://127.0.0.1:{ports['internal']}")
     shop_host = "shop.example.com"
     clusters = ("shop", "shadow-a", "shadow-b", "jobs")
-    counts = settled(envoy, dict.fromkeys(clusters, 0), timeout=0)
+    counts = settle(envoy, dict.fromkeys(clusters, 0), timeout=0)
 
     def phase(client: Client, path: str, host: str, keys: list[str], headers: dict[str, str], expect: dict[str, int]) -> None:
         nonlocal counts
         for key in keys:
-            status, _ = client.get(path, host, {"x-request-id": key, **headers})
+            status, _ = client.request(path, host, {"x-request-id": key, **headers})
             assert status == 200, (path, key, status)
         want = {c: counts[c] + expect.get(c, 0) for c in clusters}
-        got = settled(envoy, want)
+        got = settle(envoy, want, timeout=15)
         assert got == want, path
         counts = got
 

@@ -18,6 +18,7 @@ import pytest
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
+from extproc.core.plan import Plan
 from extproc.core.responses import Responder
 from extproc.core.sampling import Fraction, decide
 from extproc.server.metrics import Metrics
@@ -31,20 +32,6 @@ from tests.support.procs import scrape, wait_until
 from tests.support.seeds import httproute_manifests, seed_text
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def stacks(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[LocalStack]]:
-    """Gateways a test starts are stopped even when it fails; their logs are
-    shown when it does."""
-    started: list[LocalStack] = []
-    yield started
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    for gw in started:
-        if failed:
-            for name, child in gw.children().items():
-                print(f"--- {name} ---\n{child.output()[-3000:]}")
-        gw.stop()
 
 
 # --------------------------------------------------------------------------
@@ -302,11 +289,19 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, st
     assert gw.envoy.pid == envoy_pid and gw.envoy.alive()  # type: ignore[union-attr]
     # An invalid edit leaves the routes in force: once `up` has judged it
     # (the positive witness), Envoy has had no new routes.
-    assert gw.reloader is not None
+    reloader = gw.reloader
+    assert reloader is not None
     (tmp_path / "routes.yaml").write_text(route.replace("percent: 20", "percent: 120"))
-    wait_until(lambda: gw.reloader.outcomes["invalid"] == 1, 10)  # type: ignore[union-attr]
+    wait_until(lambda: reloader.outcomes["invalid"] == 1, 10)
     assert gw.routes_reloads() == reloads + 1
-    assert gw.reloader.outcomes == {"reloaded": 1, "invalid": 1}
+    # Files written next to the config are not the config; a change that does
+    # not alter Envoy's routes is not a rejection (Envoy counted none).
+    for i in range(10):
+        (tmp_path / "up.log").write_text(f"{i}\n")
+    (tmp_path / "routes.yaml").write_text(route + "\n# a comment changes no route\n")
+    wait_until(lambda: reloader.outcomes["unchanged"] == 1, 10)
+    assert reloader.outcomes == {"reloaded": 1, "invalid": 1, "unchanged": 1}
+    assert gw.stat("http.ingress_http.rds.mirror-sampler.update_rejected") == 0
     client.close()
 
 
@@ -345,7 +340,8 @@ def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, stacks: lis
             return super().open_stream(rule_id)
 
     checks = gw.stat("cluster.mirror-sampler.health_check.success")
-    with BackgroundServer(Recording(lambda: responder, Metrics()), transport, port=port):
+    plan = Plan(responder, Metrics())
+    with BackgroundServer(Recording(lambda: plan, Metrics()), transport, port=port):
         # Envoy has checked the recording server's health at least once.
         deadline = time.monotonic() + 10
         while not (
@@ -368,13 +364,15 @@ def test_kill_switch_in_the_file_stops_mirroring_live(tmp_path: Path, stacks: li
     client = Client(gw.url)
     sampled = [k for k in KEYS if decide(b"", k.encode(), Fraction(20))][:10]
 
-    def mirrored_now() -> int:
+    def mirrored_now(expected: int) -> int:
         before = received(gw, "infra-backend-v2")
         for key in sampled:
             assert client.request("/percent-mirror", "h", {"x-request-id": key})[0] == 200
-        return settle(gw, {"infra-backend-v2": before + len(sampled)}, timeout=3)["infra-backend-v2"] - before
+        # settle waits for the expected count and for nothing in flight, so a
+        # count that must stay put is read once every mirror has landed.
+        return settle(gw, {"infra-backend-v2": before + expected}, timeout=3)["infra-backend-v2"] - before
 
-    assert mirrored_now() == len(sampled)
+    assert mirrored_now(len(sampled)) == len(sampled)
     mark = gw.samplers[0].line_count if gw.samplers else 0  # type: ignore[union-attr]
     reloads = gw.routes_reloads()
     (tmp_path / "routes.yaml").write_text(
@@ -386,5 +384,5 @@ def test_kill_switch_in_the_file_stops_mirroring_live(tmp_path: Path, stacks: li
             time.sleep(0.05)
     else:
         gw.samplers[0].wait_event("reloaded", timeout=5, after=mark)  # type: ignore[union-attr]
-    assert mirrored_now() == 0
+    assert mirrored_now(0) == 0
     client.close()

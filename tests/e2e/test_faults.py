@@ -7,7 +7,6 @@ import http.client
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,14 +72,6 @@ class Load:
     def failures(self) -> list[int]:
         with self._lock:
             return [s for s in self.statuses if s != 200]
-
-
-@pytest.fixture
-def stacks(tmp_path: Path) -> Iterator[list[LocalStack]]:
-    started: list[LocalStack] = []
-    yield started
-    for gw in started:
-        gw.stop()
 
 
 def send_sampled(gw: LocalStack, keys: list[str]) -> None:

@@ -127,14 +127,6 @@ def server_thread(servicer: Any, **kwargs: Any) -> Iterator[ServerThread]:
         srv.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 def health_check(port: int, service: str = "") -> int:
     """A fresh grpcio channel's Health/Check: the server still serves."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -27,6 +27,7 @@ from tests.service.h2peer import (
     GOAWAY,
     HEADERS,
     INTERNAL_ERROR,
+    NO_ERROR,
     PING,
     PREFACE,
     PRIORITY,
@@ -46,8 +47,8 @@ from tests.service.h2peer import (
     request_headers,
     server_thread,
     settings_frame,
-    wait_until,
 )
+from tests.support.procs import wait_until
 
 
 class CountingServicer:
@@ -485,3 +486,54 @@ def test_data_on_reset_stream_counts_against_the_connection_window(srv: ServerTh
         p.open(3)
         p.data(3, grpc_frame(b"ok"), end=True)
         assert p.response(3)[0] == [b"echo::ok"]
+
+
+def test_connections_over_the_limit_are_closed_at_once(srv: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "MAX_CONNECTIONS", 2)
+    with Peer(srv.port) as first, Peer(srv.port) as second:
+        first.handshake()
+        second.handshake()
+        wait_until(lambda: srv.connection_count() == 2)
+        with Peer(srv.port) as third:
+            assert third.closed()  # no preface, no SETTINGS: dropped before anything is read
+            assert not third.frames
+        assert srv.errors == ["protocol"]
+        assert srv.connection_count() == 2
+    # A slot is free again once a connection goes.
+    wait_until(lambda: srv.connection_count() == 0)
+
+
+def test_a_connection_that_never_completes_its_preface_is_closed(srv: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "PREFACE_TIMEOUT", 0.2)
+    with Peer(srv.port) as silent, Peer(srv.port) as half, Peer(srv.port) as polite:
+        half.send(PREFACE)  # the preface, but never its SETTINGS
+        polite.handshake()
+        polite.open(1)  # a stream the peer keeps open: not idle, not in handshake
+        assert silent.closed(timeout=5)
+        assert half.closed(timeout=5)
+        assert srv.errors == ["protocol", "protocol"]
+        wait_until(lambda: srv.connection_count() == 1)
+        assert not polite.sent_by_server(GOAWAY)
+
+
+def test_an_idle_connection_gets_goaway_and_is_closed(srv: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "IDLE_TIMEOUT", 0.3)
+    with Peer(srv.port) as idle:
+        idle.handshake()
+        assert idle.goaway(timeout=5) == (0, NO_ERROR)
+        assert idle.closed()
+    assert srv.errors == []  # idleness is not an error
+
+
+def test_partial_messages_are_bounded_across_connections(srv: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http2, "MAX_PARTIAL_TOTAL", 3000)
+    with Peer(srv.port) as a, Peer(srv.port) as b:
+        for p in (a, b):
+            p.handshake()
+            p.open(1)
+        a.data(1, grpc_frame(b"x" * 4000)[:2005])  # 2000 bytes of a message held
+        wait_until(lambda: srv.call(lambda: srv.transport.partial_bytes) == 2005)
+        b.data(1, grpc_frame(b"y" * 4000)[:2005])  # over the transport's budget
+        assert b.headers(1)[0]["grpc-status"] == "8"
+        assert srv.call(lambda: srv.transport.partial_bytes) == 2005  # b's partial is freed
+    wait_until(lambda: srv.call(lambda: srv.transport.partial_bytes) == 0)

@@ -26,8 +26,9 @@ from extproc.config.settings import Settings
 from extproc.core.responses import Responder
 from extproc.server.tls import server_ssl_context
 from extproc.wire import PROCESS_METHOD, SERVICE_NAME, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
-from tests.service.h2peer import FakeServicer, Peer, ServerThread, grpc_frame, server_thread, wait_until
+from tests.service.h2peer import FakeServicer, Peer, ServerThread, grpc_frame, server_thread
 from tests.support.inprocess import servicer_for
+from tests.support.procs import wait_until
 
 
 @pytest.fixture

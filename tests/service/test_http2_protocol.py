@@ -10,7 +10,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import hpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extproc.server import tls
 from extproc.server.health import NOT_SERVING, SERVING, Health
@@ -39,8 +42,8 @@ from tests.service.h2peer import (
     request_headers,
     server_thread,
     settings_frame,
-    wait_until,
 )
+from tests.support.procs import wait_until
 
 
 @pytest.fixture
@@ -451,3 +454,66 @@ def test_partial_messages_bounded_per_connection(fake: FakeServicer, monkeypatch
         assert p.response(1)[0] == [b"echo::" + b"a" * 800]
         wait_until(lambda: srv.stream_count() == 0)
         assert srv.call(lambda: sum(c.partial_bytes for c in srv.transport.connections)) == 0
+
+
+header_lists = st.lists(
+    st.tuples(
+        st.sampled_from([b"x-request-id", b"x-mirror-rule-id", b"content-type", b"te", b"x-big"]),
+        st.sampled_from([b"a", b"b", b"application/grpc", b"trailers", b"v" * 3000]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(header_lists, st.booleans(), st.sampled_from([None, 0, 256, 4096])),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_remembered_header_blocks_decode_exactly_as_hpack_does(steps: list[tuple[list[tuple[bytes, bytes]], bool, int | None]]) -> None:
+    """The replay cache is invisible: block for block, the same headers as a
+    plain hpack.Decoder, whatever the encoder indexes, repeats or evicts."""
+    encoder = hpack.Encoder()
+    plain = hpack.Decoder(max_header_list_size=http2.HARD_HEADER_LIST_SIZE)
+    cached = http2._BlockDecoder()
+    for headers, repeat, table_size in steps:
+        if table_size is not None:
+            encoder.header_table_size = table_size  # a size update at the start of the next block
+        block = encoder.encode(headers)
+        blocks = [block, block] if repeat else [block]
+        for b in blocks:
+            try:
+                want = plain.decode(b, raw=True)
+            except hpack.HPACKError:
+                with pytest.raises(hpack.HPACKError):
+                    cached.decode(b)
+                return
+            assert cached.decode(b) == want
+
+
+def test_an_index_only_block_is_replayed_and_one_that_indexes_is_not() -> None:
+    encoder, cached = hpack.Encoder(), http2._BlockDecoder()
+    headers = [(b"x-mirror-rule-id", b"default/r/0")]
+    first = encoder.encode(headers)  # a literal that adds to the dynamic table
+    again = encoder.encode(headers)  # the same header, now one index byte
+    assert len(again) < len(first)
+    assert cached.decode(first) == headers
+    added = cached.additions
+    assert cached.decode(first) == headers  # decoded again: it adds a second copy, so never replayed
+    assert cached.additions == added + 1
+    assert first not in cached.cache
+    replayed = cached.decode(again)
+    assert cached.decode(again) is replayed  # served from the cache
+
+
+def test_a_request_is_checked_once_per_remembered_header_list() -> None:
+    decoder = http2._BlockDecoder()
+    good = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", PROCESS_METHOD.encode()), (b"content-type", b"application/grpc")]
+    bad = [(b":method", b"POST"), (b"connection", b"close")]
+    assert decoder.checked(good) == http2._check_request(good) == (http2.PROCESS, None, None, False)
+    assert decoder.checked(good) is decoder.checked(good)  # memoized by the list's identity
+    assert decoder.checked(bad) is None and decoder.checked(list(bad)) is None
+    assert decoder.checked(list(good)) == decoder.checked(good)

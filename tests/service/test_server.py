@@ -172,10 +172,12 @@ def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path, tran
             open_stream = ch.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)()
             await open_stream.write(request(b"alice"))
             assert served(await open_stream.read())
+            mark = s.line_count
             s.signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(s.wait_event, "draining", 5, mark)
             health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
-            await asyncio.sleep(1.5)  # past the drain delay: new streams are refused
+            # Past the drain delay: new streams are refused.
+            await asyncio.to_thread(s.wait_event, "refusing_new_streams", 5, mark)
             refused = False
             try:
                 sampled_after = await asyncio.to_thread(sampled, s.port)

@@ -254,7 +254,9 @@ def test_health_service_on_the_same_port(transport: str) -> None:
         task = asyncio.create_task(server.serve())
         while server.port is None:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        # The port serves before health says SERVING (set right after): wait for it.
+        while server.health.status("") != 1:
+            await asyncio.sleep(0.01)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
@@ -423,3 +425,19 @@ spec:
         return out
 
     assert run_with_processor(transport, {"MIRROR_CONFIG": "r.yaml"}, manifest, body) == [True, True, False]
+
+
+def test_bytes_that_are_no_processing_request_are_counted_and_end_the_stream(transport: str) -> None:
+    """Never from Envoy; both transports end the stream with INTERNAL, the other streams go on."""
+
+    async def body(channel: grpc.aio.Channel, metrics: Metrics) -> None:
+        call = channel.stream_stream(PROCESS_METHOD, None, None)()
+        await call.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.read()
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert metrics.registry.get_sample_value("mirror_sampler_errors_total", {"kind": "malformed_message"}) == 1
+        (resp,) = await exchange(channel, headers_request({":path": b"/", "x-request-id": b"alice"}))
+        assert resp.WhichOneof("response") == "request_headers"
+
+    run_with_processor(transport, SIMPLE, None, body)

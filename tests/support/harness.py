@@ -7,7 +7,7 @@ import http.client
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from extproc.config.settings import Settings
 from extproc.core.sampling import Fraction, decide
@@ -40,6 +40,12 @@ class Client:
         self.conn.close()
 
 
+class HasStats(Protocol):
+    """A running Envoy's counters: a LocalStack or an EnvoyProcess."""
+
+    def stats(self) -> dict[str, int]: ...
+
+
 def start_stack(
     tmp: Path, config_text: str | None, env: dict[str, str] | None = None, samplers: int = 1, transport: str | None = None, **kw: object
 ) -> LocalStack:
@@ -60,7 +66,7 @@ def received(gw: LocalStack, cluster: str) -> int:
     return gw.stat(f"cluster.{cluster}.upstream_rq_total")
 
 
-def settle(gw: LocalStack, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
+def settle(gw: HasStats, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
     """The final counts once every mirror of the requests sent so far is done.
 
     Envoy creates a request's mirror before the client gets its answer, so
@@ -86,8 +92,7 @@ def settle(gw: LocalStack, expected: dict[str, int], timeout: float = 10.0) -> d
 
 def echoed(gw: LocalStack, backend: str) -> list[dict[str, Any]]:
     """Every request the echo backend received, as it echoed it."""
-    child = gw.backends[backend]
-    return [json.loads(line.removeprefix("Echoed: ")) for line in list(child.lines) if line.startswith("Echoed: ")]
+    return gw.backends[backend].echoed()
 
 
 def echoed_after(gw: LocalStack, backend: str, start: int, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 
+from extproc.core.plan import Plan
 from extproc.core.responses import Responder
 from extproc.server import transports
 from extproc.server.health import Health
@@ -21,10 +22,19 @@ from extproc.server.servicer import Servicer
 
 
 def servicer_for(responder: Responder | Callable[[], Responder], metrics: Metrics | None = None) -> Servicer:
-    if isinstance(responder, Responder):
-        fixed = responder
-        return Servicer(lambda: fixed, metrics or Metrics())
-    return Servicer(responder, metrics or Metrics())
+    """The real servicer over a fixed responder, or over whatever ``responder()``
+    returns now (a test that swaps policies); each responder compiled once."""
+    counters = metrics or Metrics()
+    plans: dict[int, Plan] = {}
+
+    def current() -> Plan:
+        r = responder if isinstance(responder, Responder) else responder()
+        plan = plans.get(id(r))
+        if plan is None or plan.responder is not r:
+            plan = plans[id(r)] = Plan(r, counters)
+        return plan
+
+    return Servicer(current, counters)
 
 
 @asynccontextmanager

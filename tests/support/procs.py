@@ -49,13 +49,13 @@ def busy_port() -> Iterator[int]:
         yield busy.getsockname()[1]
 
 
-def wait_until(pred: Callable[[], object], timeout: float) -> float:
+def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> float:
     """Poll until pred() is true; the seconds it took. Fails the test at the timeout."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if pred():
             return time.monotonic() - start
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"condition not met within {timeout}s")
 
 

@@ -19,6 +19,7 @@ from extproc.config.manifests import parse_manifests
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.envoy_gateway import convert_envoy_gateway, convert_envoy_gateway_sources
+from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.keys import DEFAULT_KEY_CHAIN
 from extproc.core.matching import PathType, ValueType
 from extproc.core.policy import Policy, Route
@@ -87,8 +88,8 @@ def sample_requests(routes: list[Route]) -> list[dict[str, bytes]]:
     return out
 
 
-def convert(sources: list[tuple[str, str]], **kw: Any) -> Conversion:
-    return convert_envoy_gateway_sources(sources, **kw)
+def convert(sources: list[tuple[str, str]], **options: Any) -> Conversion:
+    return convert_envoy_gateway_sources(sources, SamplerDeployment(**options))
 
 
 @pytest.mark.parametrize(("name", "sources"), INPUTS, ids=IDS)
@@ -280,7 +281,9 @@ def test_namespaces_gateways_and_reference_grants() -> None:
 
 
 def test_flags_namespace_image_hpa_service() -> None:
-    conversion = convert_envoy_gateway([CONFORMANCE], namespace="mirroring", image="reg.example/ms:2", hpa=True, sampler_service="sampler")
+    conversion = convert_envoy_gateway(
+        [CONFORMANCE], SamplerDeployment(namespace="mirroring", image="reg.example/ms:2", hpa=True, sampler_service="sampler")
+    )
     sampler = docs(conversion.files["sampler.yaml"])
     assert [d["kind"] for d in sampler] == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"]
     assert {d["metadata"]["namespace"] for d in sampler} == {"mirroring"}

@@ -17,6 +17,7 @@ from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.istio import convert_istio, convert_istio_sources, may_overlap, percent_fraction, token
+from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.matching import compile_regex
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, is_sampled, key_hash
@@ -107,8 +108,8 @@ def requests_for(vs: dict[str, Any]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------
 
 
-def convert(*paths: Any, **kw: Any) -> Conversion:
-    return convert_istio(list(paths) or [REVIEWS], **kw)
+def convert(*paths: Any, **options: Any) -> Conversion:
+    return convert_istio(list(paths) or [REVIEWS], SamplerDeployment(**options))
 
 
 def sampler_policy(conversion: Conversion) -> tuple[Policy, list[dict[str, Any]]]:

@@ -13,7 +13,7 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import ConvertError
-from extproc.convert.kubernetes import CONFIG_DIR, DEFAULT_IMAGE, GRPC_PORT, METRICS_PORT, sampler_objects
+from extproc.convert.kubernetes import CONFIG_DIR, DEFAULT_IMAGE, GRPC_PORT, METRICS_PORT, SamplerDeployment, sampler_objects
 from tests.support.paths import CONFORMANCE
 
 # A recent Kubernetes the package ships schemas for, and the oldest we claim
@@ -36,7 +36,7 @@ CONFIG = CONFORMANCE.read_text()
 
 @pytest.mark.parametrize("hpa", [False, True])
 def test_every_object_passes_the_kubernetes_schema(hpa: bool) -> None:
-    objects = sampler_objects(CONFIG, namespace="mirroring", hpa=hpa)
+    objects = sampler_objects(CONFIG, SamplerDeployment(namespace="mirroring", hpa=hpa))
     assert [o["kind"] for o in objects] == [
         "ConfigMap",
         "Deployment",
@@ -51,7 +51,7 @@ def test_every_object_passes_the_kubernetes_schema(hpa: bool) -> None:
 
 def test_schema_validation_is_strict() -> None:
     """The check above would catch a misspelt field."""
-    deployment = by_kind(sampler_objects(CONFIG, namespace=None))["Deployment"]
+    deployment = by_kind(sampler_objects(CONFIG, SamplerDeployment()))["Deployment"]
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
@@ -64,7 +64,7 @@ def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def test_deployment_probes_security_and_drain_timing() -> None:
-    objects = sampler_objects(CONFIG, namespace=None)
+    objects = sampler_objects(CONFIG, SamplerDeployment())
     deployment = by_kind(objects)["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     c = container(objects)
@@ -94,7 +94,7 @@ def test_deployment_probes_security_and_drain_timing() -> None:
 def test_configmap_is_mounted_as_a_directory_and_is_the_config() -> None:
     """A directory mount (not subPath): Kubernetes updates it in place and the
     sampler reloads; MIRROR_CONFIG names the file inside."""
-    objects = sampler_objects(CONFIG, namespace="ns")
+    objects = sampler_objects(CONFIG, SamplerDeployment(namespace="ns"))
     kinds = by_kind(objects)
     c = container(objects)
     env = {e["name"]: e["value"] for e in c["env"]}
@@ -115,7 +115,7 @@ def test_configmap_is_mounted_as_a_directory_and_is_the_config() -> None:
 
 
 def test_service_ports_and_selector() -> None:
-    objects = sampler_objects(CONFIG, namespace="ns", name="sampler-a")
+    objects = sampler_objects(CONFIG, SamplerDeployment(namespace="ns", sampler_service="sampler-a"))
     kinds = by_kind(objects)
     service = kinds["Service"]
     ports = {p["name"]: p for p in service["spec"]["ports"]}
@@ -131,7 +131,7 @@ def test_service_ports_and_selector() -> None:
 
 
 def test_hpa_targets_the_deployment_and_owns_the_replica_count() -> None:
-    kinds = by_kind(sampler_objects(CONFIG, namespace=None, hpa=True, image="registry.example/sampler:1.2"))
+    kinds = by_kind(sampler_objects(CONFIG, SamplerDeployment(hpa=True, image="registry.example/sampler:1.2")))
     hpa = kinds["HorizontalPodAutoscaler"]
     deployment = kinds["Deployment"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
@@ -140,28 +140,36 @@ def test_hpa_targets_the_deployment_and_owns_the_replica_count() -> None:
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/sampler:1.2"
 
 
-def test_extra_environment_reaches_the_container() -> None:
-    c = container(sampler_objects(CONFIG, namespace=None, env={"MIRROR_SLOTS": "3"}))
-    assert {"name": "MIRROR_SLOTS", "value": "3"} in c["env"]
+def test_slot_settings_other_than_the_defaults_reach_the_container() -> None:
+    env = container(sampler_objects(CONFIG, SamplerDeployment(slots=3)))["env"]
+    assert {"name": "MIRROR_SLOTS", "value": "3"} in env
+    assert not {e["name"] for e in env} & {"MIRROR_SLOT_PREFIX", "MIRROR_MARKER_HEADER"}
+    env = container(sampler_objects(CONFIG, SamplerDeployment()))["env"]
+    assert not {e["name"] for e in env} & {"MIRROR_SLOTS", "MIRROR_SLOT_PREFIX", "MIRROR_MARKER_HEADER"}
 
 
 def test_one_replica_is_refused() -> None:
     with pytest.raises(ConvertError, match="at least 2"):
-        sampler_objects(CONFIG, namespace=None, replicas=1)
+        sampler_objects(CONFIG, SamplerDeployment(), replicas=1)
 
 
 def test_objects_round_trip_through_yaml() -> None:
     from extproc.convert.kubernetes import dump_documents
 
-    objects = sampler_objects(CONFIG, namespace="ns", hpa=True)
+    objects = sampler_objects(CONFIG, SamplerDeployment(namespace="ns", hpa=True))
     text = dump_documents(objects, "# header\n")
     assert text.startswith("# header\n")
     assert list(yaml.safe_load_all(text)) == objects
 
 
 @pytest.mark.parametrize(
-    ("kw", "flag"), [({"name": "Mirror.Sampler"}, "--sampler-service"), ({"namespace": "a/b"}, "--namespace"), ({"image": " "}, "--image")]
+    ("deployment", "flag"),
+    [
+        (SamplerDeployment(sampler_service="Mirror.Sampler"), "--sampler-service"),
+        (SamplerDeployment(namespace="a/b"), "--namespace"),
+        (SamplerDeployment(image=" "), "--image"),
+    ],
 )
-def test_names_kubernetes_would_refuse_are_refused(kw: dict[str, Any], flag: str) -> None:
+def test_names_kubernetes_would_refuse_are_refused(deployment: SamplerDeployment, flag: str) -> None:
     with pytest.raises(ConvertError, match=flag):
-        sampler_objects(CONFIG, **{"namespace": None, **kw})
+        sampler_objects(CONFIG, deployment)

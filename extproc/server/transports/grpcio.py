@@ -62,7 +62,10 @@ class GrpcioTransport:
         stream = self.servicer.open_stream(_rule_id(context))
         try:
             async for data in requests:
-                answer = stream.message(data)
+                try:
+                    answer = stream.message(data)
+                except Exception:  # noqa: BLE001 - as the http2 transport: this stream ends, INTERNAL
+                    await context.abort(grpc.StatusCode.INTERNAL, "the processor failed")
                 if answer is not None:
                     yield answer
         finally:

@@ -123,7 +123,12 @@ MAX_HEADER_LIST_SIZE = 16384  # advertised; a larger request is answered RESOURC
 HARD_HEADER_LIST_SIZE = 4 * MAX_HEADER_LIST_SIZE  # decoding stops here: the connection goes
 MAX_HEADER_BLOCK = 65536  # encoded bytes over HEADERS + CONTINUATION
 MAX_CONTINUATION_FRAMES = 256  # empty CONTINUATION frames cost CPU without growing the block
-MAX_PARTIAL_BYTES = 16 << 20  # partial gRPC messages buffered per connection
+MAX_PARTIAL_BYTES = 16 << 20  # partial gRPC messages buffered per connection ...
+MAX_PARTIAL_TOTAL = 64 << 20  # ... and across all connections
+MAX_CONNECTIONS = 1024  # Envoy keeps a few per worker thread; more is a peer holding sockets
+PREFACE_TIMEOUT = 10.0  # seconds a new connection gets to send the preface and its SETTINGS
+IDLE_TIMEOUT = 3600.0  # seconds without input and without streams before GOAWAY (Envoy's own upstream default)
+SWEEP_INTERVAL = 1.0  # how often connections are checked against the two timeouts
 MAX_OUTPUT_BUFFER = 8 << 20  # unsent output per connection (transport buffer + flow-control queue)
 RESET_BURST = 1000.0  # streams the peer may reset before sending a message, at once ...
 RESET_RATE = 200.0  # ... and per second after that
@@ -256,6 +261,129 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise IndexError("varint too long")
 
 
+# What a request's header list asks for: (method kind, a complete answer for a
+# request that is not served (or None), the rule id, a non-identity encoding);
+# None for a malformed request (RFC 9113 section 8.2: RST_STREAM PROTOCOL_ERROR).
+_Request = tuple[int, bytes | None, str | None, bool]
+
+
+def _check_request(headers: list[tuple[bytes, bytes]]) -> _Request | None:
+    """The request header validation of RFC 9113 and gRPC over HTTP/2 (pure)."""
+    method = scheme = path = ctype = rule = timeout = None
+    encoding = False
+    authority = regular = False
+    size = 0
+    for k, v in headers:
+        size += len(k) + len(v) + 32
+        if k[:1] == b":":
+            if regular:
+                return None  # pseudo-header after a regular field
+            if k == b":path" and path is None:
+                path = v
+            elif k == b":method" and method is None:
+                method = v
+            elif k == b":scheme" and scheme is None:
+                scheme = v
+            elif k == b":authority" and not authority:
+                authority = True
+            else:
+                return None  # unknown, duplicate or response pseudo-header
+            continue
+        regular = True
+        if not _FIELD_NAME.fullmatch(k) or _BAD_VALUE.search(v) or k in _CONNECTION_SPECIFIC or (k == b"te" and v != b"trailers"):
+            return None  # RFC 9113 section 8.2
+        if k == RULE_KEY:
+            rule = v
+        elif k == b"content-type":
+            ctype = v
+        elif k == b"grpc-timeout":
+            timeout = v
+        elif k == b"grpc-encoding":
+            encoding = v != b"identity"
+    if method is None or (method != b"CONNECT" and (not scheme or not path)):
+        return None  # a required pseudo-header is missing (RFC 9113 section 8.3.1)
+    rule_id = rule.decode("utf-8", "replace") if rule is not None else None
+    if method != b"POST":
+        return (0, _http_status_frame(405), rule_id, encoding)
+    if ctype is None or not (ctype == b"application/grpc" or ctype.startswith((b"application/grpc+", b"application/grpc;"))):
+        return (0, _http_status_frame(415), rule_id, encoding)  # gRPC over HTTP/2: not gRPC
+    if size > MAX_HEADER_LIST_SIZE:
+        return (0, _status_frame(GRPC_RESOURCE_EXHAUSTED, "request header list too large", False), rule_id, encoding)
+    # grpc-timeout is validated only: Envoy enforces its own message timeout and resets the stream.
+    if timeout is not None and not _GRPC_TIMEOUT.fullmatch(timeout):
+        return (0, _status_frame(GRPC_INTERNAL, "malformed grpc-timeout", False), rule_id, encoding)
+    if path == PROCESS_PATH:
+        return (PROCESS, None, rule_id, encoding)
+    if path == CHECK_PATH:
+        return (CHECK, None, rule_id, encoding)
+    if path == WATCH_PATH:
+        return (WATCH, None, rule_id, encoding)
+    return (0, _status_frame(GRPC_UNIMPLEMENTED, "unknown method", False), rule_id, encoding)
+
+
+class _BlockDecoder:
+    """HPACK decoding (the ``hpack`` library) that remembers the header blocks
+    which only read the dynamic table.
+
+    Envoy's encoder indexes its ext_proc request headers, so once a
+    connection is warm nearly every block is the same dozen index bytes, which
+    ``hpack`` takes about 18 µs to decode (a third of the sampler's CPU per
+    request). A block that neither added to nor evicted from the table decodes
+    to the same headers for as long as the table is unchanged, so its result
+    is replayed for the same bytes in the same table state. The table changes
+    only by additions (counted here) and evictions (which shrink it), so
+    (additions, entries) identifies its state; a block that changed the table
+    is never replayed.
+    """
+
+    __slots__ = ("hpack", "entries", "additions", "cache", "checks")
+
+    CACHED_BLOCKS = 64  # per connection: Envoy's blocks differ by little more than the rule id
+    CACHED_BLOCK_BYTES = 512
+
+    def __init__(self) -> None:
+        self.hpack = hpack.Decoder(max_header_list_size=HARD_HEADER_LIST_SIZE)
+        self.hpack.max_allowed_table_size = HEADER_TABLE_SIZE
+        table = self.hpack.header_table
+        self.entries = table.dynamic_entries
+        self.additions = 0
+        add = table.add
+
+        def counting_add(name: bytes, value: bytes) -> None:
+            self.additions += 1
+            add(name, value)
+
+        table.add = counting_add  # type: ignore[method-assign]  # an instance attribute: this decoder's table only
+        self.cache: dict[bytes, tuple[tuple[int, int], list[tuple[bytes, bytes]]]] = {}
+        # _check_request of a replayed header list, by the list's identity (the
+        # value keeps the list alive, so its id cannot be reused meanwhile).
+        self.checks: dict[int, tuple[list[tuple[bytes, bytes]], _Request | None]] = {}
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's headers (raw bytes); HPACKError as ``hpack`` raises it."""
+        state = (self.additions, len(self.entries))
+        hit = self.cache.get(block)
+        if hit is not None and hit[0] == state:
+            return hit[1]
+        headers: list[tuple[bytes, bytes]] = self.hpack.decode(block, raw=True)  # type: ignore[assignment]
+        if (self.additions, len(self.entries)) == state and len(block) <= self.CACHED_BLOCK_BYTES:
+            if len(self.cache) >= self.CACHED_BLOCKS:
+                self.cache.clear()
+            self.cache[block] = (state, headers)
+        return headers
+
+    def checked(self, headers: list[tuple[bytes, bytes]]) -> _Request | None:
+        """``_check_request(headers)``, computed once per remembered header list."""
+        memo = self.checks.get(id(headers))
+        if memo is not None and memo[0] is headers:
+            return memo[1]
+        request = _check_request(headers)
+        if len(self.checks) >= self.CACHED_BLOCKS:
+            self.checks.clear()
+        self.checks[id(headers)] = (headers, request)
+        return request
+
+
 class _ConnectionError(Exception):
     """A connection error (RFC 9113 section 5.4.1): GOAWAY with ``code``, then close."""
 
@@ -308,8 +436,7 @@ class _Connection(asyncio.Protocol):
         self.health = owner.health
         self.max_message = owner.max_message_bytes
         self.transport: asyncio.Transport | None = None
-        self.decoder = hpack.Decoder(max_header_list_size=HARD_HEADER_LIST_SIZE)
-        self.decoder.max_allowed_table_size = HEADER_TABLE_SIZE
+        self.decoder = _BlockDecoder()
         self.streams: dict[int, _Stream] = {}
         self.watches: dict[int, _Stream] = {}
         self.blocked: dict[int, _Stream] = {}  # streams with DATA waiting for window
@@ -338,12 +465,21 @@ class _Connection(asyncio.Protocol):
         self.settings_at = self.reset_at
         self.window_opened = False  # the peer granted window: blocked streams are retried once per read
         self.linger: asyncio.TimerHandle | None = None
+        self.opened_at = self.reset_at  # for the preface timeout (Http2Transport._sweep)
+        self.last_input = self.reset_at  # for the idle timeout (Http2Transport._sweep)
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if len(self.owner.connections) >= MAX_CONNECTIONS:
+            # Before anything is read or allocated for it: a peer opening
+            # sockets by the thousand costs a file descriptor each, no more.
+            self.dead = True
+            self.owner._error("protocol")
+            transport.abort()
+            return
         self.owner.connections.add(self)
         transport.write(SERVER_PREFACE)
 
@@ -372,6 +508,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.dead:
             return
+        self.last_input = time.monotonic()
         try:
             self._received(data)
         except Exception as e:  # noqa: BLE001
@@ -501,7 +638,7 @@ class _Connection(asyncio.Protocol):
             old = len(st.buf)
             if old:
                 st.buf += payload  # a bytearray: partial messages grow without copying
-                self.partial_bytes += len(payload)
+                self._partial(len(payload))
                 old += len(payload)
                 data: bytes | bytearray = st.buf
             else:
@@ -534,9 +671,9 @@ class _Connection(asyncio.Protocol):
                 del data[:pos]
             else:
                 st.buf = bytearray(data[pos:])
-            self.partial_bytes += len(st.buf) - old
-            if self.partial_bytes > MAX_PARTIAL_BYTES:
-                self._finish(st, GRPC_RESOURCE_EXHAUSTED, "too many partial messages on this connection", out)
+            self._partial(len(st.buf) - old)
+            if self.partial_bytes > MAX_PARTIAL_BYTES or self.owner.partial_bytes > MAX_PARTIAL_TOTAL:
+                self._finish(st, GRPC_RESOURCE_EXHAUSTED, "too many partial messages buffered", out)
                 return
         if flags & END_STREAM:
             st.remote_closed = True
@@ -638,7 +775,7 @@ class _Connection(asyncio.Protocol):
     def _header_block(self, sid: int, end: int, block: bytes, out: list[bytes]) -> None:
         # Always decode, whatever becomes of the stream: the dynamic table must stay in step.
         try:
-            headers: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
+            headers = self.decoder.decode(bytes(block))
         except OversizedHeaderListError:
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header list far beyond SETTINGS_MAX_HEADER_LIST_SIZE") from None
         except HPACKError as e:
@@ -668,70 +805,19 @@ class _Connection(asyncio.Protocol):
         self._open(sid, end, headers, out)
 
     def _open(self, sid: int, end: int, headers: list[tuple[bytes, bytes]], out: list[bytes]) -> None:
-        method = scheme = path = ctype = rule = timeout = None
-        encoding = False
-        authority = regular = False
-        size = 0
-        for k, v in headers:
-            size += len(k) + len(v) + 32
-            if k[:1] == b":":
-                if regular:
-                    self._malformed(sid, out)  # pseudo-header after a regular field
-                    return
-                if k == b":path" and path is None:
-                    path = v
-                elif k == b":method" and method is None:
-                    method = v
-                elif k == b":scheme" and scheme is None:
-                    scheme = v
-                elif k == b":authority" and not authority:
-                    authority = True
-                else:
-                    self._malformed(sid, out)  # unknown, duplicate or response pseudo-header
-                    return
-                continue
-            regular = True
-            if not _FIELD_NAME.fullmatch(k) or _BAD_VALUE.search(v) or k in _CONNECTION_SPECIFIC or (k == b"te" and v != b"trailers"):
-                self._malformed(sid, out)  # RFC 9113 section 8.2
-                return
-            if k == RULE_KEY:
-                rule = v
-            elif k == b"content-type":
-                ctype = v
-            elif k == b"grpc-timeout":
-                timeout = v
-            elif k == b"grpc-encoding":
-                encoding = v != b"identity"
-        if method is None or (method != b"CONNECT" and (not scheme or not path)):
-            self._malformed(sid, out)  # a required pseudo-header is missing (RFC 9113 section 8.3.1)
+        request = self.decoder.checked(headers)
+        if request is None:
+            self._malformed(sid, out)
             return
-        if method != b"POST":
-            self._reply_only(sid, end, _http_status_frame(405), out)
-            return
-        if ctype is None or not (ctype == b"application/grpc" or ctype.startswith((b"application/grpc+", b"application/grpc;"))):
-            self._reply_only(sid, end, _http_status_frame(415), out)  # gRPC over HTTP/2: not gRPC
-            return
-        if size > MAX_HEADER_LIST_SIZE:
-            self._reply_only(sid, end, _status_frame(GRPC_RESOURCE_EXHAUSTED, "request header list too large", False), out)
-            return
-        # grpc-timeout is validated only: Envoy enforces its own message timeout and resets the stream.
-        if timeout is not None and not _GRPC_TIMEOUT.fullmatch(timeout):
-            self._reply_only(sid, end, _status_frame(GRPC_INTERNAL, "malformed grpc-timeout", False), out)
-            return
-        if path == PROCESS_PATH:
-            kind = PROCESS
-        elif path == CHECK_PATH:
-            kind = CHECK
-        elif path == WATCH_PATH:
-            kind = WATCH
-        else:
-            self._reply_only(sid, end, _status_frame(GRPC_UNIMPLEMENTED, "unknown method", False), out)
+        kind, answer, rule, encoding = request
+        if answer is not None:
+            self._reply_only(sid, end, answer, out)
             return
         st = _Stream(sid, kind, self.peer_initial_window)
         st.compressed_ok = encoding
         if kind == PROCESS:
             try:
-                st.proc = self.servicer.open_stream(rule.decode("utf-8", "replace") if rule is not None else None)
+                st.proc = self.servicer.open_stream(rule)
             except Exception:  # noqa: BLE001
                 self._reply_only(sid, end, _status_frame(GRPC_INTERNAL, "the processor failed", False), out)
                 return
@@ -928,6 +1014,11 @@ class _Connection(asyncio.Protocol):
         # (the "MadeYouReset" variant of rapid reset).
         self._charge_reset()
 
+    def _partial(self, change: int) -> None:
+        """Bytes of partial messages held: this connection's and the transport's."""
+        self.partial_bytes += change
+        self.owner.partial_bytes += change
+
     def _drop(self, st: _Stream) -> None:
         """Forget a stream, however it ended: the one place ProcessStream.close() is called."""
         sid = st.sid
@@ -937,7 +1028,7 @@ class _Connection(asyncio.Protocol):
             self.pending_bytes -= len(st.pending)
             self.blocked.pop(sid, None)
         if st.buf:
-            self.partial_bytes -= len(st.buf)
+            self._partial(-len(st.buf))
         self.watches.pop(sid, None)
         proc = st.proc
         if proc is not None:
@@ -1042,6 +1133,8 @@ class Http2Transport:
         self.on_error = on_error
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
+        self.partial_bytes = 0  # partial messages held across all connections
+        self._sweeper: asyncio.TimerHandle | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
@@ -1060,8 +1153,25 @@ class Http2Transport:
         except OSError as e:
             raise OSError(f"MIRROR_LISTEN: cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
         self._unsubscribe = self.health.subscribe(self._health_changed)
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
         port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    def _sweep(self) -> None:
+        """Close what holds a socket and does nothing: a connection that never
+        completed its preface, or one idle (no input, no stream) for too long."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if conn.dead:
+                continue
+            if (not conn.preface_ok or conn.expect_settings) and now - conn.opened_at > PREFACE_TIMEOUT:
+                self._error("protocol")
+                conn.dead = True
+                conn.abort()
+            elif not conn.streams and now - conn.last_input > IDLE_TIMEOUT:
+                conn.drain()  # GOAWAY NO_ERROR: a healthy peer simply reconnects
+        if self._server is not None and self._loop is not None:
+            self._sweeper = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def stop(self, grace: float) -> None:
         """GOAWAY on every connection, stop accepting, let open streams finish
@@ -1071,6 +1181,8 @@ class Http2Transport:
             return
         self._server = None
         server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._idle = asyncio.Event()
         # A Health.set_all(False) just before stop() is still queued on the loop:
         # Watch streams must see NOT_SERVING before they are ended.
