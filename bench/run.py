@@ -1,31 +1,38 @@
-"""Native Envoy mirroring vs Envoy + mirror-sampler, in one run, on this machine.
+"""Native Envoy mirroring vs Envoy + mirror-sampler (each ext_proc transport)
+vs a processor that costs nothing, in one run, on this machine.
 
     .venv/bin/python bench/run.py [--duration S] [--repeats N] [--quick]
 
-Variants (``VARIANTS`` below), run alternately, each repeat in a rotated order:
+Variants (``variants()`` below), run alternately, each repeat in a rotated order:
 
-- ``native``: Envoy mirroring with ``runtime_fraction`` at the same percentage
-  (the rendered configuration with the sampler's filters and variant routes
-  taken out, the same mirror policy on the plain route);
-- ``sampler``: the configuration ``envoyconf.render`` produces, with the sampler
-  (``mirror-sampler serve``) as ext_proc; ``sampler-wN`` the same with
-  ``MIRROR_WORKERS=N``.
+- ``native``: Envoy mirroring with ``runtime_fraction`` at the same percentage:
+  the rendered configuration without the sampler's filters and cluster, only
+  the routes named by a rule id of the policy, each with mirror policies
+  built from the policy's own mirror targets (``native_yaml``);
+- ``sampler-http2``, ``sampler-grpcio``: the configuration ``render`` produces,
+  with the sampler (``mirror-sampler serve``, ``MIRROR_TRANSPORT``) as
+  ext_proc; ``sampler-wN`` the same on the default transport with
+  ``MIRROR_WORKERS=N``;
+- ``free-processor``: the same configuration, ext_proc answered by
+  ``bench/free_processor.c`` (compiled here with ``cc``; skipped without one),
+  which sends the sampler's own precomputed answers without decoding anything:
+  Envoy's side of ext_proc, the ceiling any sampler can reach. It has no
+  health service, so this row's sampler cluster has no health check;
+- ``inline``: the same policy decided in Envoy itself (generated Lua).
 
 Same Envoy binary, same ``--concurrency``, same upstreams: a second Envoy whose
 listeners answer ``direct_response`` (so the upstreams are not the bottleneck).
-Load: ``wrk`` (closed loop, throughput) and ``hey`` at fixed rates (latency
-percentiles, computed here from hey's per-request CSV so p99.9 is exact).
+Load: ``wrk`` (closed loop, throughput, processor CPU per request) and ``hey``
+at fixed rates (latency percentiles, computed here from hey's per-request CSV
+so p99.9 is exact). Ratios and added latencies are paired within a repeat
+(same minute, same machine load), then the median over repeats is reported.
 
-Adding a variant (e.g. the decision inline in Envoy's Lua) is one entry in
-``VARIANTS``: a function returning Envoy's YAML, and whether a sampler runs.
-
-Writes bench/results/latest.{md,json,png}.
+Writes bench/results/latest.{md,json,png}. Memory over time: bench/soak.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -37,33 +44,47 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import hpack
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from extproc.children import Child  # noqa: E402
-from extproc.config import Settings, build_policy  # noqa: E402
-from extproc.envoyconf import Address, Topology, render  # noqa: E402
-from extproc.gateway import GatewayError  # noqa: E402
-from extproc.gateway import envoy_binary as gateway_envoy_binary  # noqa: E402
-from extproc.policy import Policy  # noqa: E402
+from extproc.config.build import build_policy  # noqa: E402
+from extproc.config.settings import Settings  # noqa: E402
+from extproc.core.policy import SAMPLER_CLUSTER, Policy  # noqa: E402
+from extproc.core.responses import Responder  # noqa: E402
+from extproc.envoy.render import Address, Topology, render  # noqa: E402
+from extproc.stack.children import Child, ChildFailed  # noqa: E402
+from extproc.stack.envoy import EnvoyError, EnvoyProcess  # noqa: E402
+from extproc.stack.sampler import SamplerProcess  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FREE_PROCESSOR_SOURCE = Path(__file__).resolve().parent / "free_processor.c"
 LOOPBACK = "127.0.0.1"
 PERCENT = 50
 PRIMARY, MIRROR = "backend", "mirror"
 SAMPLER_ENV = {"MIRROR_BACKEND": MIRROR, "MIRROR_PRIMARY": PRIMARY, "MIRROR_PERCENT": str(PERCENT)}
+TRANSPORTS = ("http2", "grpcio")
+DEFAULT_TRANSPORT = "http2"
 RATES = (500, 1000, 2000)
+TARGET_RATE = 1000  # the rate the latency target is stated at
 HEY_CONNECTIONS = 10
 WRK_CONNECTIONS = 16
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+EXT_PROC_STATS = "http.ingress_http.ext_proc."
+
+# Targets of the transport issue, checked in the report.
+CPU_VS_GRPCIO_MAX = 0.3  # http2 sampler CPU per request <= 0.3x grpcio's
+RPS_VS_FREE_MIN = 0.85  # http2 throughput >= 0.85x the free processor's
+P99_VS_FREE_MAX = 2.0  # http2 added p99 at TARGET_RATE <= 2x the free processor's
 
 
 # --------------------------------------------------------------------------
@@ -84,17 +105,23 @@ def ensure_tools() -> None:
         sys.exit(f"bench: needs {' and '.join(still)}: install with `sudo apt-get install -y wrk hey` (Debian/Ubuntu packages)")
 
 
-def envoy_binary() -> str:
-    try:
-        return gateway_envoy_binary()
-    except GatewayError as e:
-        sys.exit(f"bench: {e}")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_free_processor(workdir: Path) -> tuple[Path | None, str]:
+    """Compile bench/free_processor.c with the system compiler: (binary, "") or (None, why not)."""
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None, "no C compiler (`cc`) on this machine"
+    binary = workdir / "free_processor"
+    done = subprocess.run([cc, "-O2", "-o", str(binary), str(FREE_PROCESSOR_SOURCE)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return None, f"`cc -O2 bench/free_processor.c` failed: {done.stderr.strip()[:300]}"
+    return binary, ""
 
 
 # --------------------------------------------------------------------------
@@ -116,7 +143,7 @@ def process_tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of pid and its children, in seconds."""
+    """utime + stime of pid and its descendants, in seconds."""
     total = 0
     for p in process_tree(pid):
         try:
@@ -127,14 +154,19 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-def rss_mib(pid: int) -> float:
+def rss_bytes(pid: int) -> int:
+    """Resident memory of pid and its descendants."""
     total = 0
     for p in process_tree(pid):
         try:
             total += int(Path(f"/proc/{p}/statm").read_text().split()[1])
         except OSError:
             continue
-    return total * PAGE / 2**20
+    return total * PAGE
+
+
+def rss_mib(pid: int) -> float:
+    return rss_bytes(pid) / 2**20
 
 
 # --------------------------------------------------------------------------
@@ -145,100 +177,177 @@ def bench_policy() -> Policy:
     return build_policy(Settings.load(SAMPLER_ENV))
 
 
-def upstream_yaml(ports: dict[str, int], admin_path_port: int) -> str:
+def upstream_yaml(ports: dict[str, int], admin_port: int) -> str:
     """A second Envoy answering 200 on one listener per backend."""
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
     listeners = []
     for name, port in ports.items():
+        manager = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": name,
+            "route_config": {
+                "virtual_hosts": [
+                    {
+                        "name": name,
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": f"{name}\n"}}}],
+                    }
+                ]
+            },
+            "http_filters": [router],
+        }
         listeners.append(
             {
                 "name": name,
                 "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
-                "filter_chains": [
-                    {
-                        "filters": [
-                            {
-                                "name": "envoy.filters.network.http_connection_manager",
-                                "typed_config": {
-                                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                                    "stat_prefix": name,
-                                    "route_config": {
-                                        "virtual_hosts": [
-                                            {
-                                                "name": name,
-                                                "domains": ["*"],
-                                                "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": f"{name}\n"}}}],
-                                            }
-                                        ]
-                                    },
-                                    "http_filters": [
-                                        {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                                    ],
-                                },
-                            }
-                        ]
-                    }
-                ],
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
             }
         )
-    return yaml.safe_dump(
-        {"admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_path_port}}}, "static_resources": {"listeners": listeners}}
-    )
+    admin = {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}}
+    return yaml.safe_dump({"admin": admin, "static_resources": {"listeners": listeners}})
+
+
+class Keys:
+    """Field names of one Envoy configuration document in its own casing.
+
+    render() writes camelCase today; Envoy accepts snake_case too, and render
+    may switch. Detected once per document from the top-level key."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.snake = "static_resources" in config
+
+    def __call__(self, snake_name: str) -> str:
+        if self.snake:
+            return snake_name
+        head, *rest = snake_name.split("_")
+        return head + "".join(part.title() for part in rest)
 
 
 _DENOMINATORS = {100: "HUNDRED", 10_000: "TEN_THOUSAND", 1_000_000: "MILLION"}
 
 
+def runtime_fraction(numerator: int, denominator: int, k: Keys) -> dict[str, Any]:
+    if denominator not in _DENOMINATORS:  # Envoy has three denominators: the nearest per-million
+        numerator, denominator = round(numerator * 1_000_000 / denominator), 1_000_000
+    return {k("default_value"): {"numerator": numerator, "denominator": _DENOMINATORS[denominator]}}
+
+
+def hcm_configs(config: dict[str, Any], k: Keys) -> list[dict[str, Any]]:
+    """Every http_connection_manager's typed_config in the document."""
+    out = []
+    for lst in config[k("static_resources")].get("listeners", []):
+        for chain in lst.get(k("filter_chains"), []):
+            for f in chain.get("filters", []):
+                if f.get("name") == "envoy.filters.network.http_connection_manager":
+                    out.append(f[k("typed_config")])
+    return out
+
+
 def native_yaml(policy: Policy, topology: Topology) -> str:
-    """The sampler's configuration with the sampler taken out: no Lua, no
-    ext_proc, no variant routes; each rule's plain route mirrors every target
-    with ``runtime_fraction`` at the target's fraction."""
-    config = yaml.safe_load(render(policy, topology))
-    resources = config["staticResources"]
-    resources["clusters"] = [c for c in resources["clusters"] if c["name"] != "mirror-sampler"]
-    for lst in resources["listeners"]:
-        for chain in lst["filterChains"]:
-            for f in chain["filters"]:
-                hcm = f["typedConfig"]
-                hcm["httpFilters"] = [h for h in hcm["httpFilters"] if h["name"] == "envoy.filters.http.router"]
-                rules = {r.id: r for r in policy.rules}
-                for vhost in hcm["routeConfig"]["virtualHosts"]:
-                    plain = []
-                    variants: dict[str, dict[str, Any]] = {}
-                    for r in vhost.get("routes", []):
-                        rule_id, sep, _ = r["name"].partition(" mirror ")
-                        if sep:
-                            variants.setdefault(rule_id, r)  # the first variant has every target
-                        else:
-                            plain.append(r)
-                    for r in plain:
-                        r.pop("typedPerFilterConfig", None)
-                        rule = rules.get(r["name"])
-                        if rule is None or not rule.mirrors or r["name"] not in variants:
-                            continue
-                        policies = variants[r["name"]]["route"]["requestMirrorPolicies"]
-                        for mp, target in zip(policies, rule.mirrors):
-                            num, den = target.fraction.numerator, target.fraction.denominator
-                            if den not in _DENOMINATORS:  # nearest per-million
-                                num, den = round(num * 1_000_000 / den), 1_000_000
-                            mp["runtimeFraction"] = {"defaultValue": {"numerator": num, "denominator": _DENOMINATORS[den]}}
-                        r["route"]["requestMirrorPolicies"] = policies
-                    vhost["routes"] = plain
+    """The sampler's configuration with the sampler taken out.
+
+    Relies only on documented facts: the plain route of each rule is named by
+    the rule id (routes with other names, the sampler's variants, go); each rule
+    with mirrors gets ``request_mirror_policies`` built from its own
+    MirrorTargets (cluster = backend, ``runtime_fraction`` = fraction), with the
+    same Host handling and marker header the sampler's mirrored copies carry.
+    """
+    config: dict[str, Any] = yaml.safe_load(render(policy, topology))
+    k = Keys(config)
+    resources = config[k("static_resources")]
+    resources["clusters"] = [c for c in resources.get("clusters", []) if c.get("name") != SAMPLER_CLUSTER]
+    rules = {r.id: r for r in policy.rules}
+    for manager in hcm_configs(config, k):
+        manager[k("http_filters")] = [h for h in manager[k("http_filters")] if h.get("name") == "envoy.filters.http.router"]
+        for vhost in manager[k("route_config")].get(k("virtual_hosts"), []):
+            kept = []
+            for r in vhost.get("routes", []):
+                rule = rules.get(r.get("name", ""))
+                if rule is None:
+                    continue
+                r.pop(k("typed_per_filter_config"), None)
+                action = r.get("route")
+                if rule.mirrors and action is not None:
+                    action[k("request_mirror_policies")] = [
+                        {
+                            "cluster": target.backend,
+                            k("runtime_fraction"): runtime_fraction(target.fraction.numerator, target.fraction.denominator, k),
+                            k("disable_shadow_host_suffix_append"): True,
+                            k("request_headers_mutations"): [
+                                {
+                                    "append": {
+                                        "header": {"key": policy.marker_header, "value": rule.id},
+                                        k("append_action"): "OVERWRITE_IF_EXISTS_OR_ADD",
+                                    }
+                                }
+                            ],
+                        }
+                        for target in rule.mirrors
+                    ]
+                kept.append(r)
+            vhost["routes"] = kept
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def without_sampler_health_check(rendered: str) -> str:
+    """render()'s configuration with the sampler cluster's health check removed
+    (the free processor has no health service; without a check Envoy takes
+    the host as healthy)."""
+    config: dict[str, Any] = yaml.safe_load(rendered)
+    k = Keys(config)
+    for c in config[k("static_resources")].get("clusters", []):
+        if c.get("name") == SAMPLER_CLUSTER:
+            c.pop(k("health_checks"), None)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def free_processor_yaml(policy: Policy, topology: Topology) -> str:
+    return without_sampler_health_check(render(policy, topology))
+
+
+def inline_yaml(policy: Policy, topology: Topology) -> str:
+    return render(policy, replace(topology, inline=True))
+
+
+def free_processor_answers(policy: Policy) -> list[str]:
+    """The free processor's arguments after the port, hex: response HEADERS
+    block, the sampler's answer "mirror slot 0" as a gRPC message, the OK
+    trailers block, and the sampler's answer "no mirror" (streams alternate
+    between the two answers, so Envoy mirrors the same 50% as with the sampler)."""
+    rule = policy.rules[0]
+    target = rule.mirrors[0]
+    responder = Responder(policy)
+
+    def message(payload: bytes) -> str:
+        return (b"\x00" + len(payload).to_bytes(4, "big") + payload).hex()
+
+    # Never-indexed literals, as the sampler sends them: no dynamic table entries in Envoy.
+    headers = hpack.Encoder().encode([(b":status", b"200", True), (b"content-type", b"application/grpc", True)])
+    trailers = hpack.Encoder().encode([(b"grpc-status", b"0", True)])
+    sampled = responder.response(((target.slot, target.backend),))
+    unsampled = responder.response(())
+    return [bytes(headers).hex(), message(sampled), bytes(trailers).hex(), message(unsampled)]
 
 
 @dataclass
 class Variant:
     name: str
     envoy_yaml: Callable[[Policy, Topology], str]
-    workers: int = 0  # samplers' MIRROR_WORKERS; 0: no sampler
+    processor: str = ""  # "": none; "sampler"; "free"
+    workers: int = 1
+    transport: str = DEFAULT_TRANSPORT
 
 
-def variants(workers: list[int]) -> list[Variant]:
+def variants(transports: list[str], workers: list[int], free: bool) -> list[Variant]:
     out = [Variant("native", native_yaml)]
-    for w in workers:
-        out.append(Variant("sampler" if w == 1 else f"sampler-w{w}", render, w))
-    # The same policy decided in Envoy itself (generated Lua), no sampler.
-    out.append(Variant("inline", lambda p, t: render(p, dataclasses.replace(t, inline=True))))
+    out += [Variant(f"sampler-{t}", render, "sampler", 1, t) for t in transports]
+    out += [Variant(f"sampler-w{w}", render, "sampler", w, DEFAULT_TRANSPORT) for w in workers if w != 1]
+    if free:
+        out.append(Variant("free-processor", free_processor_yaml, "free"))
+    out.append(Variant("inline", inline_yaml))
     return out
 
 
@@ -246,97 +355,92 @@ def variants(workers: list[int]) -> list[Variant]:
 # The stack
 
 
-class Envoy(Child):
-    def __init__(self, name: str, config: str, workdir: Path, concurrency: int) -> None:
-        path = workdir / f"{name}.yaml"
-        path.write_text(config)
-        admin_path = workdir / f"{name}-admin.txt"
-        super().__init__(
-            name,
-            [envoy_binary(), "-c", str(path), "--concurrency", str(concurrency), "--log-level", "warning",
-             "--use-dynamic-base-id", "--admin-address-path", str(admin_path)],
-            log_path=workdir / f"{name}.log",
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"{name} exited: {self.last_words()}")
-            text = admin_path.read_text().strip() if admin_path.exists() else ""
-            if text:
-                self.admin = f"http://{text}"
-                try:
-                    if self.get("/ready").strip() == "LIVE":
-                        break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready: {self.last_words()}")
-            time.sleep(0.1)
-
-    def get(self, path: str) -> str:
-        return urllib.request.urlopen(self.admin + path, timeout=5).read().decode()
-
-    def stats(self) -> dict[str, int]:
-        out = {}
-        for line in self.get("/stats?usedonly").splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                out[name] = int(value)
-        return out
+def start_envoy(name: str, config: str, workdir: Path, concurrency: int) -> EnvoyProcess:
+    path = workdir / f"{name}.yaml"
+    path.write_text(config)
+    try:
+        return EnvoyProcess(path, workdir, name=name, extra_args=("--concurrency", str(concurrency))).start()
+    except EnvoyError as e:
+        sys.exit(f"bench: {e}")
 
 
-class Sampler(Child):
-    def __init__(self, port: int, workers: int, workdir: Path) -> None:
-        env = {
-            **SAMPLER_ENV,
-            "MIRROR_LISTEN": f"{LOOPBACK}:{port}",
-            "MIRROR_METRICS_LISTEN": f"{LOOPBACK}:0",
-            "MIRROR_LOG_FORMAT": "json",
-            "MIRROR_WORKERS": str(workers),
-            "MIRROR_SHUTDOWN_GRACE": "1",
-        }
-        super().__init__(f"sampler-w{workers}", [sys.executable, "-m", "extproc", "serve"], env=env, log_path=workdir / f"sampler-w{workers}.log")
-        for i in range(workers):
-            # One "serving" line per worker (a single process logs one).
-            self.wait_event("serving", timeout=60, after=0)
-        time.sleep(0.5 if workers > 1 else 0)
+def start_sampler(variant: Variant, workdir: Path) -> SamplerProcess:
+    env = {
+        **SAMPLER_ENV,
+        "MIRROR_LISTEN": f"{LOOPBACK}:0",
+        "MIRROR_WORKERS": str(variant.workers),
+        "MIRROR_TRANSPORT": variant.transport,
+        "MIRROR_SHUTDOWN_GRACE": "1",
+    }
+    return SamplerProcess(env, name=variant.name, log_path=workdir / f"{variant.name}.log", timeout=60)
+
+
+def start_free_processor(binary: Path, policy: Policy, workdir: Path) -> tuple[Child, int]:
+    child = Child("free-processor", [str(binary), "0", *free_processor_answers(policy)], log_path=workdir / "free-processor.log")
+    try:
+        line = child.wait_line(lambda s: s.startswith("serving port="), timeout=10)
+    except ChildFailed:
+        child.stop()
+        raise
+    return child, int(line.partition("=")[2])
 
 
 @dataclass
 class Stack:
     variant: Variant
-    envoy: Envoy
+    envoy: EnvoyProcess
     url: str
-    sampler: Sampler | None = None
+    processor: Child | None = None  # the sampler or the free processor
+
+    @property
+    def processor_pid(self) -> int | None:
+        return self.processor.pid if self.processor is not None else None
 
     def stop(self) -> None:
         self.envoy.stop()
-        if self.sampler is not None:
-            self.sampler.stop()
+        if self.processor is not None:
+            self.processor.stop()
 
 
-def start_stack(variant: Variant, policy: Policy, upstreams: dict[str, int], workdir: Path, concurrency: int) -> Stack:
-    sampler = None
-    sampler_port = free_port()
-    if variant.workers:
-        sampler = Sampler(sampler_port, variant.workers, workdir)
+def start_stack(
+    variant: Variant, policy: Policy, upstreams: dict[str, int], workdir: Path, concurrency: int, free_binary: Path | None = None
+) -> Stack:
+    processor: Child | None = None
+    processor_port = 9  # unused: no processor
+    if variant.processor == "sampler":
+        sampler = start_sampler(variant, workdir)
+        processor, processor_port = sampler, sampler.port
+    elif variant.processor == "free":
+        assert free_binary is not None
+        processor, processor_port = start_free_processor(free_binary, policy, workdir)
     port = free_port()
     topology = Topology(
         listener=Address(LOOPBACK, port),
         admin=Address(LOOPBACK, 0),
-        samplers=(Address(LOOPBACK, sampler_port),),
+        samplers=(Address(LOOPBACK, processor_port),),
         backends={n: Address(LOOPBACK, p) for n, p in upstreams.items()},
     )
-    envoy = Envoy(f"envoy-{variant.name}", variant.envoy_yaml(policy, topology), workdir, concurrency)
-    stack = Stack(variant, envoy, f"http://{LOOPBACK}:{port}/", sampler)
-    if sampler is not None:
+    try:
+        envoy = EnvoyProcess(write(workdir / f"envoy-{variant.name}.yaml", variant.envoy_yaml(policy, topology)), workdir,
+                             name=f"envoy-{variant.name}", extra_args=("--concurrency", str(concurrency))).start()  # fmt: skip
+    except EnvoyError as e:
+        if processor is not None:
+            processor.stop()
+        sys.exit(f"bench: {e}")
+    stack = Stack(variant, envoy, f"http://{LOOPBACK}:{port}/", processor)
+    if processor is not None:
         deadline = time.monotonic() + 30
-        while envoy.stats().get("cluster.mirror-sampler.membership_healthy", 0) < 1:
+        while envoy.stats().get(f"cluster.{SAMPLER_CLUSTER}.membership_healthy", 0) < 1:
             if time.monotonic() > deadline:
                 stack.stop()
-                raise RuntimeError("sampler never became healthy in Envoy")
+                raise RuntimeError(f"{variant.name}: the processor never became healthy in Envoy")
             time.sleep(0.2)
     return stack
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -360,13 +464,15 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
+def hey_command(rate: int, seconds: float, connections: int = HEY_CONNECTIONS) -> list[str]:
+    """hey at about ``rate`` req/s in total (-q is per connection)."""
+    return ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections), "-q", str(max(1, rate // connections))]
+
+
 def run_hey(url: str, rate: int, seconds: float) -> dict[str, float]:
-    c = HEY_CONNECTIONS
-    out = subprocess.run(
-        ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(c), "-q", str(rate // c), "-o", "csv", url],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    lat, errors = [], 0
+    out = subprocess.run([*hey_command(rate, seconds), "-o", "csv", url], capture_output=True, text=True, check=True).stdout
+    lat: list[float] = []
+    errors = 0
     for line in out.splitlines()[1:]:
         parts = line.split(",")
         if len(parts) < 7:
@@ -389,20 +495,27 @@ def run_hey(url: str, rate: int, seconds: float) -> dict[str, float]:
 # One measurement of one variant
 
 
+def primary_requests(stats: Mapping[str, int]) -> int:
+    return stats.get(f"cluster.{PRIMARY}.upstream_rq_total", 0)
+
+
 def measure(stack: Stack, seconds: float, rates: tuple[int, ...]) -> dict[str, Any]:
-    pid = stack.sampler.pid if stack.sampler else None
+    pid = stack.processor_pid
     result: dict[str, Any] = {}
     run_wrk(stack.url, min(2, seconds))  # warm-up: connections, caches
     before = stack.envoy.stats()
     cpu0 = cpu_seconds(pid) if pid else 0.0
+    envoy0 = cpu_seconds(stack.envoy.pid)
     result["rps"] = run_wrk(stack.url, seconds)
-    after = stack.envoy.stats()
     cpu1 = cpu_seconds(pid) if pid else 0.0
-    requests = after.get(f"cluster.{PRIMARY}.upstream_rq_total", 0) - before.get(f"cluster.{PRIMARY}.upstream_rq_total", 0)
+    envoy1 = cpu_seconds(stack.envoy.pid)
+    after = stack.envoy.stats()
+    requests = primary_requests(after) - primary_requests(before)
     mirrored = after.get(f"cluster.{MIRROR}.upstream_rq_total", 0) - before.get(f"cluster.{MIRROR}.upstream_rq_total", 0)
+    result["requests"] = requests
     result["mirrored_share"] = mirrored / requests if requests else 0.0
-    ext = "http.ingress_http.ext_proc."
-    result["fail_open"] = after.get(ext + "failure_mode_allowed", 0) - before.get(ext + "failure_mode_allowed", 0)
+    result["fail_open"] = after.get(EXT_PROC_STATS + "failure_mode_allowed", 0) - before.get(EXT_PROC_STATS + "failure_mode_allowed", 0)
+    result["envoy_cpu_us_per_req_wrk"] = (envoy1 - envoy0) / requests * 1e6 if requests else float("nan")
     if pid:
         result["cpu_us_per_req_wrk"] = (cpu1 - cpu0) / requests * 1e6 if requests else float("nan")
     for rate in rates:
@@ -411,35 +524,13 @@ def measure(stack: Stack, seconds: float, rates: tuple[int, ...]) -> dict[str, A
         h = run_hey(stack.url, rate, seconds)
         after = stack.envoy.stats()
         if pid:
-            n = after.get(f"cluster.{PRIMARY}.upstream_rq_total", 0) - before.get(f"cluster.{PRIMARY}.upstream_rq_total", 0)
+            n = primary_requests(after) - primary_requests(before)
             h["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) / n * 1e6 if n else float("nan")
-        result["fail_open"] += after.get(ext + "failure_mode_allowed", 0) - before.get(ext + "failure_mode_allowed", 0)
+        result["fail_open"] += after.get(EXT_PROC_STATS + "failure_mode_allowed", 0) - before.get(
+            EXT_PROC_STATS + "failure_mode_allowed", 0
+        )
         result[f"hey{rate}"] = h
     return result
-
-
-def soak(stack: Stack, seconds: float, rate: int = 1000) -> dict[str, Any]:
-    """RSS of the sampler every 2 s under a steady rate."""
-    assert stack.sampler is not None
-    pid = stack.sampler.pid
-    c = HEY_CONNECTIONS
-    proc = subprocess.Popen(["hey", "-z", f"{round(seconds)}s", "-c", str(c), "-q", str(rate // c), stack.url], stdout=subprocess.DEVNULL)
-    samples = []
-    start = time.monotonic()
-    while proc.poll() is None:
-        samples.append((round(time.monotonic() - start, 1), round(rss_mib(pid), 2)))
-        time.sleep(2)
-    half = [r for t, r in samples if t >= seconds / 2]
-    return {
-        "seconds": seconds,
-        "rate": rate,
-        "samples": samples,
-        "rss_first": samples[0][1] if samples else None,
-        "rss_last": samples[-1][1] if samples else None,
-        "rss_max": max(r for _, r in samples) if samples else None,
-        # Growth over the second half: flat means ~0.
-        "second_half_growth_mib": round(half[-1] - half[0], 2) if len(half) > 1 else None,
-    }
 
 
 # --------------------------------------------------------------------------
@@ -451,16 +542,38 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]], rates: tuple[int, ...]) -> dict[str, Any]:
+    """Medians over repeats; ratios and added latency paired within each repeat
+    (repeat i of a variant against repeat i of native / the free processor)."""
     out: dict[str, Any] = {}
+    native = runs["native"]
+    free = runs.get("free-processor")
     for name, rs in runs.items():
-        s: dict[str, Any] = {"rps": med([r["rps"] for r in rs]), "mirrored_share": med([r["mirrored_share"] for r in rs]), "fail_open": sum(r["fail_open"] for r in rs)}
+        s: dict[str, Any] = {
+            "rps": med([r["rps"] for r in rs]),
+            "mirrored_share": med([r["mirrored_share"] for r in rs]),
+            "fail_open": sum(r["fail_open"] for r in rs),
+            "envoy_cpu_us_per_req_wrk": med([r["envoy_cpu_us_per_req_wrk"] for r in rs]),
+            "rps_vs_native": med([ratio(r["rps"], n["rps"]) for r, n in zip(rs, native, strict=True)]),
+        }
+        if free is not None:
+            s["rps_vs_free"] = med([ratio(r["rps"], f["rps"]) for r, f in zip(rs, free, strict=True)])
         if "cpu_us_per_req_wrk" in rs[0]:
             s["cpu_us_per_req_wrk"] = med([r["cpu_us_per_req_wrk"] for r in rs])
+            s["cpu_us_per_req_wrk_all"] = [round(r["cpu_us_per_req_wrk"], 1) for r in rs]
         for rate in rates:
-            k = f"hey{rate}"
-            s[k] = {m: med([r[k][m] for r in rs]) for m in rs[0][k]}
+            key = f"hey{rate}"
+            s[key] = {m: med([r[key][m] for r in rs]) for m in rs[0][key]}
+            s[f"added{rate}"] = {m: med([r[key][m] - n[key][m] for r, n in zip(rs, native, strict=True)]) for m in ("p50", "p99", "p999")}
         out[name] = s
+    # Same-run CPU ratio of the two transports, paired per repeat.
+    if "sampler-http2" in runs and "sampler-grpcio" in runs:
+        pairs = zip(runs["sampler-http2"], runs["sampler-grpcio"], strict=True)
+        out["sampler-http2"]["cpu_vs_grpcio"] = med([ratio(a["cpu_us_per_req_wrk"], b["cpu_us_per_req_wrk"]) for a, b in pairs])
     return out
 
 
@@ -468,26 +581,110 @@ def fmt(v: float, nd: int = 2) -> str:
     return "n/a" if v != v else f"{v:.{nd}f}"
 
 
+def pct(v: float | None) -> str:
+    return "–" if v is None or v != v else f"{v:.0%}"
+
+
 def table(summary: dict[str, Any], rates: tuple[int, ...], rss: dict[str, tuple[float, float]]) -> str:
     native = summary["native"]
     lines = [
-        "| variant | wrk req/s | vs native | mirrored | fail-open | CPU µs/req (wrk) | RSS MiB start → end | "
-        + " | ".join(f"+p50/+p99/+p99.9 ms @{r}" for r in rates)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(rates),
+        "| variant | wrk req/s | vs native | vs free processor | mirrored | fail-open | processor CPU µs/req (wrk) "
+        "| Envoy CPU µs/req (wrk) | RSS MiB start → end | " + " | ".join(f"+p50/+p99/+p99.9 ms @{r}" for r in rates) + " |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(rates),
     ]
     for name, s in summary.items():
-        cells = [name, f"{s['rps']:.0f}", f"{s['rps'] / native['rps']:.0%}", f"{s['mirrored_share']:.1%}", str(s["fail_open"])]
-        cells.append(fmt(s.get("cpu_us_per_req_wrk", float("nan")), 0))
+        cells = [
+            name,
+            f"{s['rps']:.0f}",
+            pct(s["rps_vs_native"]),
+            pct(s.get("rps_vs_free")),
+            f"{s['mirrored_share']:.1%}",
+            str(s["fail_open"]),
+        ]
+        cpu = s.get("cpu_us_per_req_wrk")
+        cells.append("–" if cpu is None else f"{fmt(cpu, 0)} ({', '.join(f'{v:.0f}' for v in s['cpu_us_per_req_wrk_all'])})")
+        cells.append(fmt(s["envoy_cpu_us_per_req_wrk"], 0))
         cells.append(f"{rss[name][0]:.1f} → {rss[name][1]:.1f}" if name in rss else "–")
         for rate in rates:
-            h, n = s[f"hey{rate}"], native[f"hey{rate}"]
             if name == "native":
+                h = native[f"hey{rate}"]
                 cells.append(f"{fmt(h['p50'])}/{fmt(h['p99'])}/{fmt(h['p999'])} (abs)")
             else:
-                cells.append("/".join(fmt(h[m] - n[m]) for m in ("p50", "p99", "p999")))
+                a = s[f"added{rate}"]
+                cells.append("/".join(fmt(a[m]) for m in ("p50", "p99", "p999")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def targets(summary: dict[str, Any], free_note: str) -> tuple[str, dict[str, Any]]:
+    """The transport issue's targets for sampler-http2: a markdown table and the figures."""
+    h2, grpcio, free = summary.get("sampler-http2"), summary.get("sampler-grpcio"), summary.get("free-processor")
+    rows: list[tuple[str, str, str]] = []
+    data: dict[str, Any] = {}
+    if h2 is not None and grpcio is not None:
+        r = h2["cpu_vs_grpcio"]
+        data["cpu_vs_grpcio"] = r
+        rows.append(
+            (
+                f"http2 sampler CPU ≤ {CPU_VS_GRPCIO_MAX}× grpcio's",
+                f"{h2['cpu_us_per_req_wrk']:.0f} vs {grpcio['cpu_us_per_req_wrk']:.0f} µs/req: **{r:.2f}×** (per-repeat pairs)",
+                verdict(
+                    r <= CPU_VS_GRPCIO_MAX,
+                    f"{CPU_VS_GRPCIO_MAX / r:.1f}× under the bound" if r <= CPU_VS_GRPCIO_MAX else f"{r / CPU_VS_GRPCIO_MAX:.2f}× over",
+                ),
+            )
+        )
+    if h2 is not None and free is not None:
+        r = h2["rps_vs_free"]
+        data["rps_vs_free"] = r
+        rows.append(
+            (
+                f"throughput ≥ {RPS_VS_FREE_MIN}× the free processor's",
+                f"{h2['rps']:.0f} vs {free['rps']:.0f} req/s: **{r:.2f}×** (per-repeat pairs)",
+                verdict(
+                    r >= RPS_VS_FREE_MIN,
+                    f"by {r - RPS_VS_FREE_MIN:+.2f}" if r >= RPS_VS_FREE_MIN else f"short by {RPS_VS_FREE_MIN - r:.2f}",
+                ),
+            )
+        )
+        a, f = h2[f"added{TARGET_RATE}"]["p99"], free[f"added{TARGET_RATE}"]["p99"]
+        data["added_p99"] = {"sampler-http2": a, "free-processor": f}
+        bound = P99_VS_FREE_MAX * f
+        rows.append(
+            (
+                f"added p99 at {TARGET_RATE} req/s ≤ {P99_VS_FREE_MAX:g}× the free processor's",
+                f"+{a:.2f} ms vs +{f:.2f} ms (bound {bound:.2f} ms)",
+                verdict(a <= bound, f"{bound - a:.2f} ms to spare" if a <= bound else f"{a - bound:.2f} ms over"),
+            )
+        )
+    elif free_note:
+        rows.append(("throughput and p99 against the free processor", f"not measured: {free_note}", "–"))
+    lines = ["| target (sampler-http2) | measured (medians) | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines), data
+
+
+def verdict(ok: bool, by: str) -> str:
+    return f"**met** ({by})" if ok else f"**missed** ({by})"
+
+
+def code_state() -> str:
+    """The commit and a digest of the package's sources as they are now (the
+    working tree may differ from the commit while work is under way)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "extproc").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "extproc"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown", ""
+    return f"commit {head}{' + uncommitted changes in extproc/' if dirty.strip() else ''}, extproc/*.py sha256 {digest.hexdigest()[:12]}"
 
 
 def machine() -> dict[str, Any]:
@@ -499,7 +696,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model or platform.processor(), "kernel": platform.release(), "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model or platform.processor(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+COLOURS = {"native": "#888888", "sampler-http2": "#1f77b4", "sampler-grpcio": "#ff7f0e", "free-processor": "#2ca02c", "inline": "#9467bd"}
 
 
 def chart(summary: dict[str, Any], rates: tuple[int, ...], path: Path, title: str) -> None:
@@ -509,32 +714,48 @@ def chart(summary: dict[str, Any], rates: tuple[int, ...], path: Path, title: st
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    colours = [COLOURS.get(n, "#17becf") for n in names]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1.2, 0.9, 1.5]})
     native = summary["native"]["rps"]
-    bars = ax1.bar(names, [summary[n]["rps"] for n in names], color=["#888888"] + ["#1f77b4", "#2ca02c", "#d62728", "#9467bd"][: len(names) - 1])
-    for b, n in zip(bars, names):
-        ax1.annotate(f"{summary[n]['rps']:.0f}\n{summary[n]['rps'] / native:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9)
-    ax1.set_title(f"Throughput (wrk -c{WRK_CONNECTIONS}, closed loop)")
+    bars = ax1.bar(names, [summary[n]["rps"] for n in names], color=colours)
+    for b, n in zip(bars, names, strict=True):
+        label = f"{summary[n]['rps']:.0f}\n{pct(summary[n]['rps_vs_native'])}"
+        ax1.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    if "free-processor" in summary:
+        level = summary["free-processor"]["rps"] * RPS_VS_FREE_MIN
+        ax1.axhline(level, ls="--", color="#2ca02c", lw=1)
+        ax1.text(-0.4, level, f"target: {RPS_VS_FREE_MIN}× free processor", color="#2ca02c", fontsize=8, ha="left", va="bottom")
+    ax1.set_title(f"Throughput (wrk -c{WRK_CONNECTIONS}); % of native, same run", fontsize=9)
     ax1.set_ylabel("requests/s")
-    ax1.axhline(native * 0.5, ls="--", color="#aa3333", lw=1)
-    ax1.text(len(names) - 0.5, native * 0.5, "50% of native", color="#aa3333", fontsize=8, ha="right", va="bottom")
     ax1.set_ylim(0, native * 1.25)
+    ax1.tick_params(axis="x", labelrotation=30, labelsize=8)
+
+    with_cpu = [n for n in names if "cpu_us_per_req_wrk" in summary[n]]
+    cbars = ax2.bar(with_cpu, [summary[n]["cpu_us_per_req_wrk"] for n in with_cpu], color=[COLOURS.get(n, "#17becf") for n in with_cpu])
+    for b, n in zip(cbars, with_cpu, strict=True):
+        ax2.annotate(
+            f"{summary[n]['cpu_us_per_req_wrk']:.0f}", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8
+        )
+    ax2.set_title("Processor CPU per request (µs, utime+stime)", fontsize=9)
+    ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
+
     others = [n for n in names if n != "native"]
-    width = 0.8 / max(1, len(others) * 3)
-    metrics = ("p50", "p99", "p999")
+    width = 0.8 / max(1, len(others))
     for i, n in enumerate(others):
-        for j, m in enumerate(metrics):
-            xs = [k + (i * 3 + j) * width - 0.4 + width / 2 for k in range(len(rates))]
-            ys = [summary[n][f"hey{r}"][m] - summary["native"][f"hey{r}"][m] for r in rates]
-            ax2.bar(xs, ys, width, label=f"{n} +{m.replace('p999', 'p99.9')}", alpha=[1, 0.7, 0.45][j], color=["#1f77b4", "#2ca02c", "#d62728", "#9467bd"][i % 4])
-    top = max([summary[n][f"hey{r}"][m] - summary["native"][f"hey{r}"][m] for n in others for r in rates for m in metrics] + [1.5])
-    ax2.set_ylim(0, top * 1.35)  # room for the legend
-    ax2.axhline(1.5, ls="--", color="#aa3333", lw=1)
-    ax2.text(len(rates) - 0.5, 1.5, "p99 target 1.5 ms", color="#aa3333", fontsize=8, ha="right", va="bottom")
-    ax2.set_xticks(range(len(rates)), [f"{r} req/s" for r in rates])
-    ax2.set_ylabel("ms added over native")
-    ax2.set_title("Added latency (hey, fixed rate)")
-    ax2.legend(fontsize=8, ncol=max(1, len(others)))
+        xs = [k + i * width - 0.4 + width / 2 for k in range(len(rates))]
+        p99 = [summary[n][f"added{r}"]["p99"] for r in rates]
+        p50 = [summary[n][f"added{r}"]["p50"] for r in rates]
+        colour = COLOURS.get(n, "#17becf")
+        ax3.bar(xs, p99, width, label=f"{n} +p99", color=colour, alpha=0.45)
+        ax3.bar(xs, p50, width * 0.5, label=f"{n} +p50", color=colour)
+    tops = [summary[n][f"added{r}"][m] for n in others for r in rates for m in ("p50", "p99")]
+    tops = [t for t in tops if t == t]
+    ax3.set_ylim(min([0.0, *tops]) * 1.2, max([1.0, *tops]) * 1.6)  # room for the legend
+    ax3.axhline(0, color="#444444", lw=0.8)
+    ax3.set_xticks(range(len(rates)), [f"{r} req/s" for r in rates])
+    ax3.set_ylabel("ms added over native (paired per repeat)")
+    ax3.set_title("Added latency (hey, fixed rate): +p99 wide, +p50 narrow", fontsize=9)
+    ax3.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -548,46 +769,64 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10, help="seconds per load phase (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant; medians are reported (default 3)")
-    ap.add_argument("--soak", type=float, default=120, help="seconds of steady 1000 req/s on the sampler for the memory check; 0: skip (default 120)")
-    ap.add_argument("--workers", default="1,2", help="sampler worker counts to run, comma-separated (default 1,2)")
+    ap.add_argument("--transports", default=",".join(TRANSPORTS), help="sampler transports, comma-separated (default http2,grpcio)")
+    ap.add_argument(
+        "--workers", default="1,2", help=f"sampler worker counts, comma-separated; N > 1 runs on {DEFAULT_TRANSPORT} (default 1,2)"
+    )
+    ap.add_argument("--no-free-processor", action="store_true", help="skip the free-processor row")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency for the Envoy under test (default 1)")
     ap.add_argument("--upstream-concurrency", type=int, default=1, help="Envoy --concurrency of the direct_response upstream (default 1)")
     ap.add_argument("--rates", default=",".join(map(str, RATES)), help="hey rates, req/s (default 500,1000,2000)")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 s phases, 1 repeat, 10 s soak")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 s phases, 1 repeat")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where latest.{md,json,png} go")
     args = ap.parse_args(argv)
     if args.quick:
-        args.duration, args.repeats, args.soak = 3, 1, 10
+        args.duration, args.repeats = 3, 1
     rates = tuple(int(r) for r in args.rates.split(","))
+    if TARGET_RATE not in rates:
+        rates = tuple(sorted({*rates, TARGET_RATE}))
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    unknown = [t for t in transports if t not in TRANSPORTS]
+    if unknown:
+        sys.exit(f"bench: unknown transport(s) {', '.join(unknown)}; known: {', '.join(TRANSPORTS)}")
     ensure_tools()
+    code = code_state()
     policy = bench_policy()
-    vs = variants([int(w) for w in args.workers.split(",") if w.strip()])
     workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-bench-"))
-    print(f"bench: {os.cpu_count()} cores, Envoy --concurrency {args.concurrency}, {args.duration:g} s phases, {args.repeats} repeat(s); logs in {workdir}", flush=True)
+    free_binary, free_note = (None, "skipped (--no-free-processor)") if args.no_free_processor else build_free_processor(workdir)
+    if free_binary is None:
+        print(f"bench: free-processor row skipped: {free_note}", file=sys.stderr, flush=True)
+    vs = variants(transports, [int(w) for w in args.workers.split(",") if w.strip()], free_binary is not None)
+    print(
+        f"bench: {os.cpu_count()} cores, Envoy --concurrency {args.concurrency}, {args.duration:g} s phases, {args.repeats} repeat(s), "
+        f"variants {', '.join(v.name for v in vs)}; logs in {workdir}",
+        flush=True,
+    )
 
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
-    upstream = Envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, args.upstream_concurrency)
+    upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, args.upstream_concurrency)
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in vs}
-    rss: dict[str, tuple[float, float]] = {}
-    soak_result: dict[str, Any] | None = None
+    orders: list[list[str]] = []
     started = time.time()
     try:
         for rep in range(args.repeats):
-            order = vs[rep % len(vs):] + vs[: rep % len(vs)]
+            order = vs[rep % len(vs) :] + vs[: rep % len(vs)]
+            orders.append([v.name for v in order])
             for v in order:
-                stack = start_stack(v, policy, upstream_ports, workdir, args.concurrency)
+                stack = start_stack(v, policy, upstream_ports, workdir, args.concurrency, free_binary)
                 try:
-                    rss_start = rss_mib(stack.sampler.pid) if stack.sampler else 0.0
+                    pid = stack.processor_pid
+                    rss_start = rss_mib(pid) if pid else 0.0
                     r = measure(stack, args.duration, rates)
-                    if stack.sampler:
-                        r["rss_start"], r["rss_end"] = rss_start, rss_mib(stack.sampler.pid)
-                        if rep == args.repeats - 1 and v.workers == 1 and args.soak > 0:
-                            soak_result = soak(stack, args.soak)
+                    if pid:
+                        r["rss_start"], r["rss_end"] = rss_start, rss_mib(pid)
                     runs[v.name].append(r)
-                    line = f"  [{rep + 1}/{args.repeats}] {v.name:<11} wrk {r['rps']:7.0f} req/s"
-                    line += "".join(f"  @{rate}: p50 {r[f'hey{rate}']['p50']:.2f} p99 {r[f'hey{rate}']['p99']:.2f} p99.9 {r[f'hey{rate}']['p999']:.2f}" for rate in rates)
-                    if stack.sampler:
-                        line += f"  cpu {r['cpu_us_per_req_wrk']:.0f} µs/req  mirrored {r['mirrored_share']:.0%}  fail-open {r['fail_open']}"
+                    line = f"  [{rep + 1}/{args.repeats}] {v.name:<15} wrk {r['rps']:7.0f} req/s"
+                    line += "".join(f"  @{rate}: p50 {r[f'hey{rate}']['p50']:.2f} p99 {r[f'hey{rate}']['p99']:.2f}" for rate in rates)
+                    if pid:
+                        line += f"  cpu {r['cpu_us_per_req_wrk']:.0f} µs/req"
+                    line += f"  envoy {r['envoy_cpu_us_per_req_wrk']:.0f} µs/req"
+                    line += f"  mirrored {r['mirrored_share']:.0%}  fail-open {r['fail_open']}"
                     print(line, flush=True)
                 finally:
                     stack.stop()
@@ -595,55 +834,93 @@ def main(argv: list[str] | None = None) -> int:
         upstream.stop()
 
     summary = summarise(runs, rates)
+    rss: dict[str, tuple[float, float]] = {}
     for name, rs in runs.items():
         if "rss_start" in rs[0]:
             rss[name] = (med([r["rss_start"] for r in rs]), med([r["rss_end"] for r in rs]))
     info = machine()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     tbl = table(summary, rates, rss)
+    target_tbl, target_data = targets(summary, free_note)
     head = (
         f"Machine: {info['nproc']} cores, {info['cpu']}, Linux {info['kernel']}, Python {info['python']}. "
         f"Envoy --concurrency {args.concurrency} (upstream {args.upstream_concurrency}); wrk -t1 -c{WRK_CONNECTIONS} and "
-        f"hey -c{HEY_CONNECTIONS} at fixed rates, {args.duration:g} s phases, medians of {args.repeats} repeat(s); "
-        f"{PERCENT}% mirrored. Load generators, both Envoys and the sampler share the same cores."
+        f"hey -c{HEY_CONNECTIONS} at fixed rates, {args.duration:g} s phases, medians of {args.repeats} repeat(s), each repeat in a "
+        f"rotated order; {PERCENT}% mirrored. Load generators, both Envoys and the processor share the same cores. Code: {code}."
     )
-    soak_line = ""
-    if soak_result:
-        soak_line = (
-            f"Sampler RSS over {soak_result['seconds']:.0f} s at {soak_result['rate']} req/s: first {soak_result['rss_first']} MiB, "
-            f"last {soak_result['rss_last']} MiB, max {soak_result['rss_max']} MiB, growth over the second half {soak_result['second_half_growth_mib']} MiB."
-        )
     print()
     print(head)
     print(tbl)
-    if soak_line:
-        print(soak_line)
+    print()
+    print(target_tbl)
     args.output.mkdir(parents=True, exist_ok=True)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    free_line = (
+        "`free-processor`: Envoy with ext_proc to `bench/free_processor.c` (C, epoll, one thread), which decodes nothing and answers "
+        'each stream with precomputed frames: the sampler\'s own serialised answers, alternating by stream id between "mirror to slot 0" '
+        'and "no mirror". Alternating rather than always mirroring keeps Envoy\'s mirroring work at the same 50% as every other row, '
+        "so the row isolates what ext_proc itself costs Envoy. Its configuration is render()'s with the sampler cluster's health check "
+        "dropped (it has no health service)."
+        if free_binary is not None
+        else f"`free-processor`: row skipped: {free_note}."
+    )
     md = [
         "# Benchmark: native Envoy mirroring vs Envoy + mirror-sampler",
         "",
-        f"Date: {date}. Command: `.venv/bin/python bench/run.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip() + f" ({time.time() - started:.0f} s).",
+        f"Date: {date}. Command: `{('.venv/bin/python bench/run.py ' + command).strip()}` ({time.time() - started:.0f} s).",
         "",
         head,
         "",
         tbl,
         "",
-        "`vs native`: wrk throughput as a share of native Envoy's, same run. `+p50/+p99/+p99.9`: latency added over native at that rate "
-        "(medians of the per-repeat percentiles; the native row shows its absolute values). `mirrored`: share of requests Envoy mirrored "
-        f"(target {PERCENT}%). `fail-open`: requests ext_proc let through unanswered (timeouts, errors): should be 0. CPU: sampler "
-        "utime+stime (all its processes) per request during the wrk phase. RSS: sampler resident memory at start and after its phases "
-        "(with workers: supervisor and workers together). hey reports latency in 0.1 ms steps. Where the time goes: bench/PROFILE.md.",
+        "`vs native`, `vs free processor`: wrk throughput as a share of that row's, paired within each repeat, median over repeats. "
+        "`+p50/+p99/+p99.9`: latency added over native at that rate, paired within each repeat, median over repeats (the native row "
+        "shows its absolute values). `mirrored`: share of requests Envoy mirrored "
+        f"(target {PERCENT}%). `fail-open`: requests ext_proc let through unanswered (timeouts, errors): should be 0. Processor CPU: "
+        "utime+stime of the sampler (all its processes) or of the free processor, per request Envoy sent to the primary, during the "
+        "wrk phase; median (each repeat). Envoy CPU: the same for the Envoy under test (its own ext_proc work included). "
+        "RSS: sampler resident memory at start and after its phases (with workers: supervisor and "
+        "workers together); memory over time: `bench/soak.py`, results/soak.md. hey reports latency in 0.1 ms steps. "
+        "Where the time goes: bench/PROFILE.md.",
+        "",
+        free_line,
+        "",
+        "`native`: render()'s configuration without the sampler's filters and cluster, keeping only the routes named by a rule id, each "
+        "mirroring the rule's targets with `runtime_fraction`. `inline`: the decision in Envoy (generated Lua), no processor.",
+        "",
+        "## Targets",
+        "",
+        target_tbl,
+        "",
+        "Repeat orders: " + "; ".join(" → ".join(o) for o in orders) + ".",
+        "",
+        "![throughput, processor CPU and added latency](latest.png)",
         "",
     ]
-    if soak_line:
-        md += [soak_line, ""]
-    md += ["![throughput and added latency](latest.png)", ""]
     (args.output / "latest.md").write_text("\n".join(md))
     (args.output / "latest.json").write_text(
-        json.dumps({"date": date, "machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "summary": summary, "soak": soak_result}, indent=1)
+        json.dumps(
+            {
+                "date": date,
+                "machine": info,
+                "code": code,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "orders": orders,
+                "runs": runs,
+                "summary": summary,
+                "targets": target_data,
+                "free_processor": free_note or "answers alternate by stream id: mirror slot 0 / no mirror",
+            },
+            indent=1,
+        )
     )
     try:
-        chart(summary, rates, args.output / "latest.png", f"mirror-sampler bench, {date}, {info['nproc']} cores ({info['cpu']}), Envoy --concurrency {args.concurrency}")
+        chart(
+            summary,
+            rates,
+            args.output / "latest.png",
+            f"mirror-sampler bench, {date}, {info['nproc']} cores ({info['cpu']}), Envoy --concurrency {args.concurrency}",
+        )
     except ImportError:
         print("bench: matplotlib missing, no chart: pip install -e '.[bench]'", file=sys.stderr)
     print(f"\nwrote {args.output / 'latest.md'}, latest.json, latest.png")

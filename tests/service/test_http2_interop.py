@@ -3,8 +3,6 @@ Envoy's health checker) sees. Plaintext, TLS and mutual TLS."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import queue
 import ssl
 import threading
@@ -15,10 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config.build import build_policy
@@ -28,6 +22,7 @@ from extproc.server.tls import server_ssl_context
 from extproc.wire import PROCESS_METHOD, SERVICE_NAME, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
 from tests.service.h2peer import FakeServicer, Peer, ServerThread, grpc_frame, server_thread
 from tests.support.inprocess import servicer_for
+from tests.support.pki import make_pki
 from tests.support.procs import wait_until
 
 
@@ -179,54 +174,17 @@ def test_health_watch_sees_changes_and_drain(fake: FakeServicer) -> None:
 # TLS
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _issue(
-    subject: str, issuer: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None, *, ca: bool = False
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer[1].subject if issuer else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
-    return key, cert
-
-
-def _pem(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[bytes, bytes]:
-    return (
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        cert.public_bytes(serialization.Encoding.PEM),
-    )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = _issue("test-ca", None, ca=True)
-    server = _issue("localhost", ca)
-    client = _issue("client", ca)
-    files: dict[str, Path] = {}
-    for name, (key, cert) in {"ca": ca, "server": server, "client": client}.items():
-        key_pem, cert_pem = _pem(key, cert)
-        (d / f"{name}.key").write_bytes(key_pem)
-        (d / f"{name}.crt").write_bytes(cert_pem)
-        files[f"{name}.key"] = d / f"{name}.key"
-        files[f"{name}.crt"] = d / f"{name}.crt"
-    return files
+    d = make_pki(tmp_path_factory.mktemp("pki"))
+    # This file's names: the sampler's certificate is the server's, Envoy's the client's.
+    return {
+        "ca.crt": d / "ca.crt",
+        "server.crt": d / "sampler.crt",
+        "server.key": d / "sampler.key",
+        "client.crt": d / "envoy.crt",
+        "client.key": d / "envoy.key",
+    }
 
 
 def _secure_check(port: int, pki: dict[str, Path], *, client_cert: bool) -> int:

@@ -2,72 +2,26 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
 from extproc.stack.up import LocalStack
 from tests.support.harness import Client, received, settle
+from tests.support.pki import make_pki
 from tests.support.procs import Sampler
 
 pytestmark = pytest.mark.e2e
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _issue(
-    subject: str, issuer_key: ec.EllipticCurvePrivateKey | None, issuer: x509.Certificate | None, ca: bool = False
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer.subject if issuer else _name(subject))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert
-
-
-def _write(path: Path, key: ec.EllipticCurvePrivateKey | None, cert: x509.Certificate) -> None:
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    if key is not None:
-        path.with_suffix(".key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        )
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _issue("mirror-sampler test CA", None, None, ca=True)
-    _write(d / "ca", None, ca)
-    for name in ("sampler", "envoy"):
-        key, cert = _issue(name, ca_key, ca)
-        _write(d / name, key, cert)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_env(pki: Path) -> dict[str, str]:
