@@ -314,7 +314,7 @@ class _Converter:
                     if is_hcm and self.connection_manager(src, f"{fpath}.{src.field(flt, 'typed_config')}", config, lname):
                         affected = True
         if affected:
-            kept.append(render.sampler_cluster_data(self.o.topology, src.casing))
+            kept.append(render.as_data(render.sampler_cluster(self.o.topology), src.casing))
         if clusters or affected:
             static[clusters_key] = kept
         return affected
@@ -354,8 +354,8 @@ class _Converter:
             )
             return False
         ours = [
-            render.anti_spoof_filter_data(self.o.policy, src.casing),
-            render.ext_proc_filter_data(self.o.topology, SAMPLER_FILTER, src.casing),
+            render.as_data(render.anti_spoof_filter(self.o.policy), src.casing),
+            render.as_data(render.ext_proc_filter(self.o.topology, SAMPLER_FILTER), src.casing),
         ]
         hcm[filters_key] = filters[:router_at] + ours + filters[router_at:]
         if _get(hcm, "use_remote_address") is not True:
@@ -501,7 +501,7 @@ class _Converter:
             for route, plan in planned:
                 if plan is None:
                     if isinstance(route, dict):
-                        self.per_route(src, route, render.ext_proc_off_data(src.casing))
+                        self.per_route(src, route, render.as_data(render.ext_proc_off(), src.casing))
                     out.append(route)
                 else:
                     out.extend(self.convert_route(src, route, *plan))
@@ -659,7 +659,7 @@ class _Converter:
         already = {r.lower() for r in removed if isinstance(r, str)}
         added = [s for s in self.o.slot_names if s not in already]
         plain[remove_key] = [*removed, *added]
-        self.per_route(src, plain, render.ext_proc_naming_data(rule_id, src.casing))
+        self.per_route(src, plain, render.as_data(render.ext_proc_naming(rule_id), src.casing))
         _set_ours(src, plain, {"rule": rule_id, "request_mirror_policies": copy.deepcopy(original), "request_headers_to_remove": added})
 
         variants = []

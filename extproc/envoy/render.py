@@ -197,11 +197,11 @@ def _header_modifiers(rule: Rule, policy: Policy) -> dict[str, Any]:
     return {"request_headers_to_add": add, "request_headers_to_remove": remove}
 
 
-def _ext_proc_off() -> AnyMessage:
+def ext_proc_off() -> AnyMessage:
     return AnyMessage.pack(ext_proc.ExtProcPerRoute(disabled=True))
 
 
-def _ext_proc_naming(rule_id: str) -> AnyMessage:
+def ext_proc_naming(rule_id: str) -> AnyMessage:
     """Envoy tells the sampler which rule it matched (gRPC metadata on the
     stream), so the sampler never disagrees with Envoy's own route choice."""
     overrides = ext_proc.ExtProcOverrides(grpc_initial_metadata=[core.HeaderValue(key=RULE_METADATA, value=rule_id)])
@@ -209,11 +209,11 @@ def _ext_proc_naming(rule_id: str) -> AnyMessage:
 
 
 def _disable_ext_proc() -> dict[str, AnyMessage]:
-    return {EXT_PROC_FILTER: _ext_proc_off()}
+    return {EXT_PROC_FILTER: ext_proc_off()}
 
 
 def _name_rule_for_sampler(rule: Rule) -> dict[str, AnyMessage]:
-    return {EXT_PROC_FILTER: _ext_proc_naming(rule.id)}
+    return {EXT_PROC_FILTER: ext_proc_naming(rule.id)}
 
 
 def _decide_inline(policy: Policy, rule: Rule, variant: bool = False) -> dict[str, AnyMessage]:
@@ -297,7 +297,7 @@ def route_configuration(policy: Policy, in_envoy: bool = False) -> route.RouteCo
 # Filters and clusters
 
 
-def _ext_proc_filter(topology: Topology, name: str = EXT_PROC_FILTER) -> hcm.HttpFilter:
+def ext_proc_filter(topology: Topology, name: str = EXT_PROC_FILTER) -> hcm.HttpFilter:
     processor = ext_proc.ExternalProcessor(
         grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=SAMPLER_CLUSTER)),
         # Fail open: a slow or absent sampler means no mirror, never an error.
@@ -315,7 +315,7 @@ def _ext_proc_filter(topology: Topology, name: str = EXT_PROC_FILTER) -> hcm.Htt
     return hcm.HttpFilter(name=name, typed_config=AnyMessage.pack(processor))
 
 
-def _anti_spoof_filter(policy: Policy) -> hcm.HttpFilter:
+def anti_spoof_filter(policy: Policy) -> hcm.HttpFilter:
     script = core.DataSource(inline_string=scripts.anti_spoof_lua(policy))
     return hcm.HttpFilter(name=ANTI_SPOOF_FILTER, typed_config=AnyMessage.pack(lua.Lua(default_source_code=script)))
 
@@ -326,7 +326,7 @@ def http_filters(policy: Policy, topology: Topology) -> list[hcm.HttpFilter]:
         # Per-route scripts only (rule_routes), which strip forged slot headers
         # themselves: routes without mirrors run no Lua at all.
         return [hcm.HttpFilter(name=scripts.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua())), router_filter]
-    return [_anti_spoof_filter(policy), _ext_proc_filter(topology), router_filter]
+    return [anti_spoof_filter(policy), ext_proc_filter(topology), router_filter]
 
 
 def _socket(address: Address) -> core.Address:
@@ -474,48 +474,17 @@ def snippet(policy: Policy, topology: Topology) -> dict[str, Any]:
     """The pieces an existing Envoy needs, as plain data with snake_case field
     names, as Envoy's documentation writes them."""
     return {
-        "http_filters": [_data(f, Casing.SNAKE) for f in http_filters(policy, topology)[:-1]],
-        "clusters": [] if topology.inline else [_data(sampler_cluster(topology), Casing.SNAKE)],
-        "virtual_hosts": [_data(v, Casing.SNAKE) for v in virtual_hosts(policy, topology.inline, catch_all=False)],
+        "http_filters": [as_data(f, Casing.SNAKE) for f in http_filters(policy, topology)[:-1]],
+        "clusters": [] if topology.inline else [as_data(sampler_cluster(topology), Casing.SNAKE)],
+        "virtual_hosts": [as_data(v, Casing.SNAKE) for v in virtual_hosts(policy, topology.inline, catch_all=False)],
     }
 
 
-# --------------------------------------------------------------------------
-# The same pieces as plain data, for configurations this module does not
-# build itself (`mirror-sampler convert`).
-
-
-def anti_spoof_filter_data(policy: Policy, casing: Casing = Casing.SNAKE) -> dict[str, Any]:
-    """The Lua filter that strips client-supplied slot and marker headers;
-    ``policy`` gives only the slot and marker header names."""
-    data: dict[str, Any] = _data(_anti_spoof_filter(policy), casing)
+def as_data(message: Any, casing: Casing = Casing.CAMEL) -> dict[str, Any]:
+    """A built message (filter, cluster, per-route config...) as plain data,
+    for configurations this module does not build itself (`convert envoy`)."""
+    data: dict[str, Any] = message.to_dict(casing=casing)
     return data
-
-
-def ext_proc_filter_data(topology: Topology, name: str = EXT_PROC_FILTER, casing: Casing = Casing.SNAKE) -> dict[str, Any]:
-    data: dict[str, Any] = _data(_ext_proc_filter(topology, name), casing)
-    return data
-
-
-def sampler_cluster_data(topology: Topology, casing: Casing = Casing.SNAKE) -> dict[str, Any]:
-    data: dict[str, Any] = _data(sampler_cluster(topology), casing)
-    return data
-
-
-def ext_proc_naming_data(rule_id: str, casing: Casing = Casing.SNAKE) -> dict[str, Any]:
-    """Per-route ext_proc configuration that names the rule to the sampler."""
-    data: dict[str, Any] = _data(_ext_proc_naming(rule_id), casing)
-    return data
-
-
-def ext_proc_off_data(casing: Casing = Casing.SNAKE) -> dict[str, Any]:
-    """Per-route ext_proc configuration that skips the sampler on a route."""
-    data: dict[str, Any] = _data(_ext_proc_off(), casing)
-    return data
-
-
-def _data(message: Any, casing: Casing = Casing.CAMEL) -> Any:
-    return message.to_dict(casing=casing)
 
 
 class LiteralDumper(yaml.SafeDumper):
@@ -537,7 +506,7 @@ LiteralDumper.add_representer(str, _str)
 
 def to_yaml(data: Any, comment: str = "") -> str:
     if not isinstance(data, dict):
-        data = _data(data)
+        data = as_data(data)
     return GENERATED_HEADER + comment + yaml.dump(data, Dumper=LiteralDumper, sort_keys=False, width=120)
 
 

@@ -53,7 +53,10 @@ class RouteReloader:
         envoy: EnvoyProcess,
         topology: Callable[[], Topology],
         policy: Policy,
+        judged: bytes,
     ) -> None:
+        """``policy``: the one in force; ``judged``: the content_digest of the
+        file text it was built from (a later edit must not pass for it)."""
         self.settings = settings
         self.routes_file = routes_file
         self.envoy = envoy
@@ -61,7 +64,7 @@ class RouteReloader:
         self.policy = policy
         # Each content of the file is judged once: an editor's save may come
         # as several events, and the same content must not be reported twice.
-        self._judged = content_digest(read_manifest(settings))
+        self._judged = judged
         self.stop_event = threading.Event()
         # How each change ended: reloaded, invalid, unchanged, new_backends,
         # rejected_by_envoy, unconfirmed (what `up` printed, countable by tests).

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import EnvoySettings, Settings
 from ..core.explain import request_headers
@@ -25,7 +26,7 @@ from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import Address, Topology, backend_names, render
 from ..server.ports import probe_free
-from ..server.store import load_policy
+from ..server.store import content_digest, read_manifest
 from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
@@ -68,6 +69,7 @@ class LocalStack:
     sampler_client_cert: str = ""
     sampler_client_key: str = ""
     policy: Policy = field(init=False)
+    config_digest: bytes = field(init=False, default=b"")
     backends: dict[str, EchoProcess] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
     samplers: list[SamplerProcess | None] = field(init=False, default_factory=list)
@@ -95,7 +97,10 @@ class LocalStack:
         # Absolute: the children may run elsewhere, and reload must find it.
         if self.settings.config:
             self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
-        self.policy = load_policy(self.settings)
+        text = read_manifest(self.settings)
+        self.policy = build_policy(self.settings, text)
+        # What the policy was built from: the inline route reloader starts from it.
+        self.config_digest = content_digest(text)
         if self.inline and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
         if self.log_dir is None:
@@ -209,7 +214,7 @@ class LocalStack:
         except EnvoyError as e:
             raise StackError(str(e)) from None
         if self.inline and self.settings.config:
-            self.reloader = RouteReloader(self.settings, self.routes_file(), self.envoy, self.topology, self.policy)
+            self.reloader = RouteReloader(self.settings, self.routes_file(), self.envoy, self.topology, self.policy, self.config_digest)
             self.reloader.start()
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
