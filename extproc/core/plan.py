@@ -19,6 +19,7 @@ from .headers import Headers, Repeated
 from .keys import KeyKind, extract_key
 from .matching import PathType, RequestView
 from .policy import Outcome, Rule, gate, in_sample, target_salt
+from .ratelimit import TokenBucket
 from .responses import Responder, Sampled
 from .sampling import key_hash
 
@@ -36,24 +37,14 @@ class RateCap:
     token bucket holding one second's worth). Unlike the fraction, which
     keys are cut is not consistent: it depends on arrival order."""
 
-    __slots__ = ("rate", "capacity", "tokens", "last", "clock")
+    __slots__ = ("bucket", "clock")
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self.tokens = self.capacity
         self.clock = clock
-        self.last = clock()
+        self.bucket = TokenBucket(rate, max(1.0, rate), clock())
 
     def take(self) -> bool:
-        now = self.clock()
-        tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
-            return True
-        self.tokens = tokens
-        return False
+        return self.bucket.take(self.clock())
 
 
 class RulePlan:
