@@ -538,10 +538,9 @@ def _parse_route(
 
 
 def _rules_rules(p: Problems, raw_rules: list[Any]) -> None:
-    """The CRD's rules across a route's rules: unique rule names, and fewer
-    than 128 matches in all (a rule without matches has the default one)."""
+    """The CRD's rules across a route's rules: unique rule names, and at most
+    128 matches in all."""
     names: set[str] = set()
-    total = 0
     for i, rule in enumerate(raw_rules):
         if not isinstance(rule, dict):
             continue
@@ -550,8 +549,7 @@ def _rules_rules(p: Problems, raw_rules: list[Any]) -> None:
             if name in names:
                 p.add(f"spec.rules[{i}].name", "Rule name must be unique within the route")
             names.add(name)
-        matches = rule.get("matches")
-        total += len(matches) if isinstance(matches, list) else 1
+    total = schema.route_match_count(raw_rules)
     if total > schema.MAX_MATCHES_PER_ROUTE:
         p.add(
             "spec.rules",

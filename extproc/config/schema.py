@@ -177,7 +177,23 @@ _HTTP_BACKEND_REF = obj(
     weight=INT,
     filters=ignored(lst(_FILTER, 16), f"a backendRef's filters: {NOT_USED}"),
 )
-MAX_MATCHES_PER_ROUTE = 127  # the CRD: "the total number of matches across all rules in a route must be less than 128"
+# The CRD's rule on spec.rules is "sum of matches.size() <= 128" (its message
+# says "less than 128", but the rule is what the API server enforces).
+MAX_MATCHES_PER_ROUTE = 128
+
+
+def route_match_count(rules: Iterable[object]) -> int:
+    """Matches across a route's rules as the CRD's rule counts them: after
+    defaulting, so a rule without ``matches`` has the default one (a rule that
+    is not a mapping is reported elsewhere and counts none)."""
+    total = 0
+    for rule in rules:
+        if isinstance(rule, Mapping):
+            matches = rule.get("matches")
+            total += len(matches) if isinstance(matches, list) else 1
+    return total
+
+
 _RULE = obj(
     name=quiet(STR),
     matches=lst(_MATCH, 64),

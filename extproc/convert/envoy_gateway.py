@@ -30,6 +30,7 @@ from typing import Any
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.manifests import SWITCH_KIND, parse_manifests
+from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
 from ..core.policy import Route, Rule
 from . import Conversion, ConvertError
 from .kubernetes import (
@@ -52,7 +53,6 @@ COMMAND = "convert envoy-gateway"
 # Gateway API HTTPRoute limits (apis/v1/httproute_types.go): the rewritten
 # routes must still pass the CRD's validation.
 MAX_RULES = 16
-MAX_MATCHES_PER_ROUTE = 128
 MAX_HEADER_MATCHES = 16
 MAX_FILTERS = 16
 MAX_REMOVE = 16
@@ -127,7 +127,7 @@ def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
             f"{where}: spec.rules: {len(rules)} rules after adding mirror variants, over Gateway API's limit of {MAX_RULES}; "
             "split the route, or give rules fewer mirrors"
         )
-    total = sum(len(r.get("matches") or [{}]) for r in rules)
+    total = route_match_count(rules)
     if total > MAX_MATCHES_PER_ROUTE:
         problems.append(
             f"{where}: spec.rules: {total} matches after adding mirror variants, over Gateway API's limit of {MAX_MATCHES_PER_ROUTE}"

@@ -395,11 +395,31 @@ def test_lists_at_the_limit_are_fine() -> None:
     assert len(loaded(d)[0].rules) == 16
 
 
-def test_fewer_than_128_matches_in_a_route() -> None:
+def test_128_matches_in_a_route_are_fine() -> None:
+    """The CRD's rule is ``sum of matches.size() <= 128`` (its message says
+    "less than 128"): exactly 128 passes the API server, so it passes here."""
     d = route(*[rule(matches=[{"path": {"value": f"/{i}/{j}"}} for j in range(8)]) for i in range(16)])
-    problem = only_problem(d)
+    assert schema.route_match_count(d["spec"]["rules"]) == 128
+    assert len(loaded(d)[0].rules) == 16
+
+
+def test_at_most_128_matches_in_a_route() -> None:
+    rules = [rule(matches=[{"path": {"value": f"/{i}/{j}"}} for j in range(8)]) for i in range(15)]
+    rules.append(rule(matches=[{"path": {"value": f"/15/{j}"}} for j in range(9)]))
+    problem = only_problem(route(*rules))
     assert problem.startswith(f"{WHERE}: spec.rules: While 16 rules and 64 matches per rule are allowed")
-    assert "got 128" in problem
+    assert "got 129" in problem
+
+
+def test_a_rule_without_matches_counts_its_default_match() -> None:
+    """After defaulting, a rule without ``matches`` has one (PathPrefix /)."""
+    rules = [rule(matches=[{"path": {"value": f"/{i}/{j}"}} for j in range(8)]) for i in range(14)]
+    rules.append(rule(matches=[{"path": {"value": f"/14/{j}"}} for j in range(16)]))
+    rules.append(rule())
+    problem = only_problem(route(*rules))
+    assert problem.startswith(f"{WHERE}: spec.rules: While 16 rules and 64 matches per rule are allowed")
+    assert "got 129" in problem
+    assert schema.route_match_count([*rules[:-1], rule(matches=[])]) == 128
 
 
 def test_rules_may_not_be_an_empty_list() -> None:
