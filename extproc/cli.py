@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import __version__
-from .config.addresses import split_address
+from .config.addresses import split_peer_address
 from .config.errors import ConfigError
 from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings
 from .server import logs
@@ -134,7 +134,7 @@ def _address(text: str, what: str) -> Address:
     from .envoy.render import Address
 
     try:
-        return Address(*split_address(text))
+        return Address(*split_peer_address(text))
     except ValueError as e:
         raise ConfigError([f"{what}: {e}"]) from None
 

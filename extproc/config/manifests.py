@@ -17,7 +17,6 @@ import dataclasses
 import datetime
 import difflib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from ..core.policy import SAMPLER_CLUSTER, BackendRef, HeaderModifier, MirrorTar
 from ..core.sampling import Fraction
 from . import schema
 from .errors import Problems
+from .manifest_yaml import DuplicateKey, load_with_duplicates, unencodable_paths, yaml_problem
 from .settings import HOSTNAME, METHODS, NAME, parse_methods, parse_rate
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -470,20 +470,8 @@ class ParseResult:
     skipped: list[Skipped]
 
 
-@dataclass(frozen=True, slots=True)
-class _DuplicateKey:
-    path: str
-    key: str
-    line: int
-    first_line: int
-
-    @property
-    def message(self) -> str:
-        return f"duplicate key {self.key!r} at line {self.line} (first at line {self.first_line})"
-
-
 def _parse_route(
-    doc: dict[str, Any], where: str, slots: int, duplicates: list[_DuplicateKey]
+    doc: dict[str, Any], where: str, slots: int, duplicates: list[DuplicateKey]
 ) -> tuple[Route | None, list[str], list[Skipped]]:
     meta = doc.get("metadata")
     p = Problems(where)
@@ -652,75 +640,6 @@ def _timestamp(p: Problems, value: object) -> str:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class ManifestLoader(yaml.SafeLoader):
-    """SafeLoader for Kubernetes manifests: timestamps stay text (PyYAML
-    raises a bare ValueError on impossible dates; _timestamp reports them by
-    field, and converted manifests keep them as written), and aliases are
-    refused, since they make recursive or exponentially large documents."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported in manifests", event.start_mark)
-        return super().compose_node(parent, index)
-
-
-ManifestLoader.yaml_implicit_resolvers = {
-    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:timestamp"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _duplicate_keys(node: yaml.Node, path: str = "") -> Iterator[_DuplicateKey]:
-    """Keys given twice in one mapping. PyYAML keeps the last silently; the
-    API server (and kubectl) refuse them, and the first is often the one meant."""
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-            where = f"{path}.{key}" if path else key
-            line = key_node.start_mark.line + 1
-            if key in first:
-                yield _DuplicateKey(where, key, line, first[key])
-            else:
-                first[key] = line
-            yield from _duplicate_keys(value_node, where)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{path}[{i}]")
-
-
-def _load_documents(text: str) -> list[tuple[object, list[_DuplicateKey]]]:
-    """Each document with its duplicate keys, found on the node tree (where
-    lines are known) before PyYAML builds the dict that keeps only the last."""
-    loader = ManifestLoader(text)
-    try:
-        documents: list[tuple[object, list[_DuplicateKey]]] = []
-        while loader.check_node():
-            node = loader.get_node()
-            duplicates = list(_duplicate_keys(node)) if node is not None else []
-            documents.append((loader.construct_document(node) if node is not None else None, duplicates))
-        return documents
-    finally:
-        loader.dispose()
-
-
-def _unencodable(value: object, path: str = "") -> Iterator[str]:
-    """Paths of strings that are not valid Unicode text (YAML "\\ud800" escapes)."""
-    if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            yield path or "(document)"
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _unencodable(k, path)
-            yield from _unencodable(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _unencodable(v, f"{path}[{i}]")
-
-
 def parse_routes(text: str, source: str, slots: int = 2) -> tuple[list[Route], list[str]]:
     """HTTPRoutes from multi-document YAML; other kinds are skipped."""
     result = parse_manifests_detailed(text, source, slots)
@@ -734,7 +653,7 @@ SWITCH_KIND = "MirrorSampler"
 _READ_KINDS = ("HTTPRoute", SWITCH_KIND)
 
 
-def _mirroring(doc: dict[str, Any], where: str, duplicates: list[_DuplicateKey]) -> tuple[bool | None, list[str]]:
+def _mirroring(doc: dict[str, Any], where: str, duplicates: list[DuplicateKey]) -> tuple[bool | None, list[str]]:
     """A MirrorSampler document: spec.mirroring Enabled or Disabled (the kill switch)."""
     p = Problems(where)
     for dup in duplicates:
@@ -789,13 +708,11 @@ def parse_manifests(text: str, source: str, slots: int = 2) -> tuple[list[Route]
 def parse_manifests_detailed(text: str, source: str, slots: int = 2) -> ParseResult:
     """``parse_manifests``, and what was skipped and why (for check-config)."""
     try:
-        documents = _load_documents(text)
+        documents = load_with_duplicates(text)
     except RecursionError:
         return ParseResult([], True, [f"{source}: not valid YAML: nested too deeply"], [])
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        return ParseResult([], True, [f"{source}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"], [])
+        return ParseResult([], True, [yaml_problem(source, e)], [])
     routes: list[Route] = []
     problems: list[str] = []
     skipped: list[Skipped] = []
@@ -808,7 +725,7 @@ def parse_manifests_detailed(text: str, source: str, slots: int = 2) -> ParseRes
         if not isinstance(doc, dict):
             problems.append(f"{where}: must be a mapping with apiVersion and kind, got {type(doc).__name__}")
             continue
-        bad_text = list(_unencodable(doc))
+        bad_text = list(unencodable_paths(doc))
         if bad_text:
             problems.extend(f"{where}: {path}: must be valid Unicode text (lone surrogate escape)" for path in bad_text)
             continue

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config.errors import ConfigError
+
 
 @dataclass
 class Conversion:
@@ -21,9 +23,6 @@ class Conversion:
     notes: list[str] = field(default_factory=list)
 
 
-class ConvertError(Exception):
-    """Input that cannot be converted; every problem names its file and field path."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+class ConvertError(ConfigError):
+    """Input that cannot be converted; every problem names its file and field path.
+    A ConfigError, so that the CLI reports both alike (exit code 2)."""

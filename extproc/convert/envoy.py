@@ -34,6 +34,8 @@ from typing import Any
 import yaml
 from betterproto2 import Casing
 
+from ..config.addresses import split_peer_address
+from ..config.manifest_yaml import yaml_problem
 from ..core.keys import DEFAULT_KEY_CHAIN
 from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy import render
@@ -164,9 +166,7 @@ def _load(path: Path, label: str | None = None) -> _Source:
     except json.JSONDecodeError as e:
         raise ConvertError([f"{label}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"]) from e
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConvertError([f"{label}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from e
+        raise ConvertError([yaml_problem(label, e)]) from e
     if not isinstance(data, dict):
         raise ConvertError([f"{label}: must be a mapping (an Envoy bootstrap or RDS file), got {type(data).__name__}"])
     return _Source(path, label, data, is_json, _camel_style(data))
@@ -185,11 +185,10 @@ def _dns_name(text: str) -> str:
 
 def parse_address(text: str, flag: str = "--sampler") -> tuple[str, int]:
     """HOST:PORT or [IPv6]:PORT."""
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConvertError([f"{flag}: must be HOST:PORT with a port 1..65535, got {text!r}"])
-    return host, int(port)
+    try:
+        return split_peer_address(text)
+    except ValueError as e:
+        raise ConvertError([f"{flag}: {e}"]) from None
 
 
 def _is_ip(host: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..config.errors import ConfigError
-from ..config.manifests import ManifestLoader
+from ..config.manifest_yaml import ManifestLoader, yaml_problem
 from ..config.settings import Settings
 from ..envoy.render import LiteralDumper
 from . import ConvertError
@@ -100,9 +100,7 @@ def load_documents(text: str, source: str) -> list[Document]:
     try:
         docs = list(yaml.load_all(text, Loader=ManifestLoader))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConvertError([f"{source}: not valid YAML{at}: {getattr(e, 'problem', None) or e}"]) from None
+        raise ConvertError([yaml_problem(source, e)]) from None
     out: list[Document] = []
     for i, doc in enumerate(docs):
         if doc is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,9 @@ from extproc.config.build import build_policy
 from extproc.config.errors import ConfigError
 from extproc.config.manifests import parse_routes
 from extproc.config.settings import OPTIONS, Settings
+from extproc.convert import ConvertError
+from extproc.convert.envoy import convert_envoy
+from extproc.convert.kubernetes import load_documents
 from extproc.core.keys import DEFAULT_KEY_CHAIN, KeyKind, KeySource
 from extproc.core.policy import BackendRef, Policy
 from extproc.core.sampling import Fraction
@@ -506,6 +510,31 @@ def test_invalid_yaml_names_line() -> None:
     assert p.startswith(f"{SRC}: not valid YAML at line 5")
     (p,) = parse_routes("a: [1, 2\nb: 3\n", SRC)[1]
     assert "line 2" in p
+
+
+def test_one_message_for_invalid_yaml_in_manifests_envoy_files_and_converter_input(tmp_path: Path) -> None:
+    """The strict parser, ``convert envoy``'s reader and the Kubernetes
+    converters' reader say the same thing about the same broken text."""
+    text = "a: [1, 2\nb: 3\n"
+    (from_manifests,) = parse_routes(text, SRC)[1]
+    path = tmp_path / SRC
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConvertError) as from_envoy:
+        convert_envoy([path])
+    with pytest.raises(ConvertError) as from_kubernetes:
+        load_documents(text, SRC)
+    assert from_manifests.startswith(f"{SRC}: not valid YAML at line 2, column 2: ")
+    assert from_kubernetes.value.problems == [from_manifests]
+    assert from_envoy.value.problems == [from_manifests.replace(SRC, str(path), 1)]
+
+
+def test_a_convert_error_is_a_config_error() -> None:
+    """One hierarchy: whatever reports a ConfigError (the CLI: exit code 2)
+    reports a ConvertError alike."""
+    with pytest.raises(ConfigError) as e:
+        load_documents("- [", SRC)
+    assert isinstance(e.value, ConvertError)
+    assert str(e.value) == "\n".join(e.value.problems)
 
 
 @pytest.mark.parametrize("api", ["gateway.networking.k8s.io/v1alpha2", "v1", None, "gateway.networking.k8s.io/v2"])
