@@ -9,7 +9,7 @@ from ..core.matching import Match
 from ..core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
 from ..core.sampling import Fraction
 from .errors import ConfigError
-from .manifests import ParseResult, parse_manifests_detailed
+from .manifests import ParseResult, parse_manifests
 from .settings import Settings
 
 SIMPLE_RULE_ID = "simple"
@@ -57,7 +57,7 @@ def parse(settings: Settings, manifest_text: str | None) -> ParseResult | None:
         return None
     if manifest_text is None:
         raise ConfigError([f"MIRROR_CONFIG: {settings.config}: no manifest text given"])
-    return parse_manifests_detailed(manifest_text, settings.config, settings.slots)
+    return parse_manifests(manifest_text, settings.config, settings.slots)
 
 
 def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:

@@ -12,7 +12,7 @@ from .manifests import Skipped
 
 def summarize(policy: Policy, skipped: Sequence[Skipped] = ()) -> str:
     """The policy as a reader checks it against their manifests; ``skipped``
-    from ``parse_manifests_detailed`` (empty in simple mode)."""
+    from ``parse_manifests`` (empty in simple mode)."""
     lines = [
         "mirroring: " + ("enabled" if policy.enabled else "DISABLED (kill switch): no request is mirrored"),
         f"key: {', '.join(str(k) for k in policy.key_chain)}; salt: {policy.salt.decode(errors='replace')!r}",

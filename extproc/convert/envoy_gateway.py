@@ -274,7 +274,8 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
     kept: list[Document] = []  # the sampler's configuration: the original routes (and kill switch)
     pairs: list[tuple[Document, Route]] = []
     for source, text in sources:
-        routes, _, errors = parse_manifests(text, source, settings.slots)
+        parsed = parse_manifests(text, source, settings.slots)
+        routes, errors = parsed.routes, parsed.problems
         problems += errors
         if errors:
             continue

@@ -343,7 +343,7 @@ def _check_alone(rule: dict[str, Any], where: str, slots: int) -> None:
     """The sampler's own loader on this one rule: what it refuses (a regex RE2
     rejects, a mirror to the primary itself...) is not translated."""
     doc = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "check"}, "spec": {"rules": [rule]}}
-    _, _, problems = parse_manifests(dump_documents([doc], ""), where, slots)
+    problems = parse_manifests(dump_documents([doc], ""), where, slots).problems
     if problems:
         raise Untranslatable(problems[0].split(": ", 1)[-1])
 
@@ -647,7 +647,8 @@ def convert_istio_sources(
                 notes.append(f"VirtualService {vs.id} mirrors nothing; not in virtualservices.yaml")
             continue
         doc = _sampler_route(vs)
-        routes, _, problems = parse_manifests(dump_documents([doc], ""), vs.source, settings.slots)
+        parsed = parse_manifests(dump_documents([doc], ""), vs.source, settings.slots)
+        routes, problems = parsed.routes, parsed.problems
         if problems:  # each rule loaded alone; together they must too
             raise ConvertError(problems)
         for h in candidates:

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from extproc.config.build import build_policy
 from extproc.config.errors import ConfigError
-from extproc.config.manifests import parse_routes
 from extproc.config.settings import OPTIONS, Settings
 from extproc.convert import ConvertError
 from extproc.convert.envoy import convert_envoy
@@ -23,9 +22,9 @@ from extproc.convert.kubernetes import load_documents
 from extproc.core.keys import DEFAULT_KEY_CHAIN, KeyKind, KeySource
 from extproc.core.policy import BackendRef, Policy
 from extproc.core.sampling import Fraction
+from tests.support.manifests import API, dump, mirror, routes_and_problems
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-API = "gateway.networking.k8s.io/v1"
 SRC = "routes.yaml"
 
 
@@ -318,22 +317,12 @@ def doc(
     return {"apiVersion": api, "kind": "HTTPRoute", "metadata": meta, "spec": spec}
 
 
-def mirror(backend: str = "shadow", **fields: Any) -> dict[str, Any]:
-    return {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": backend, "port": 8080}, **fields}}
-
-
 def mrule(*filters: dict[str, Any], backend: str = "web") -> dict[str, Any]:
     return {"backendRefs": [{"name": backend, "port": 8080}], "filters": list(filters)}
 
 
-def dump(*docs: dict[str, Any] | str) -> str:
-    return "---\n".join(d if isinstance(d, str) else yaml.safe_dump(d, sort_keys=False) for d in docs)
-
-
 def parse(*docs: dict[str, Any] | str, slots: int = 2) -> tuple[list[Any], list[str]]:
-    routes, problems = parse_routes(dump(*docs), SRC, slots)
-    assert all(isinstance(p, str) for p in problems)
-    return routes, problems
+    return routes_and_problems(dump(*docs), SRC, slots)
 
 
 def only_fraction(**fields: Any) -> Fraction:
@@ -504,11 +493,11 @@ def test_mirror_to_own_primary_backend() -> None:
 
 def test_invalid_yaml_names_line() -> None:
     text = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: x\n spec: {\n"
-    routes, problems = parse_routes(text, SRC)
+    routes, problems = routes_and_problems(text, SRC)
     assert routes == []
     (p,) = problems
     assert p.startswith(f"{SRC}: not valid YAML at line 5")
-    (p,) = parse_routes("a: [1, 2\nb: 3\n", SRC)[1]
+    (p,) = routes_and_problems("a: [1, 2\nb: 3\n", SRC)[1]
     assert "line 2" in p
 
 
@@ -516,7 +505,7 @@ def test_one_message_for_invalid_yaml_in_manifests_envoy_files_and_converter_inp
     """The strict parser, ``convert envoy``'s reader and the Kubernetes
     converters' reader say the same thing about the same broken text."""
     text = "a: [1, 2\nb: 3\n"
-    (from_manifests,) = parse_routes(text, SRC)[1]
+    (from_manifests,) = routes_and_problems(text, SRC)[1]
     path = tmp_path / SRC
     path.write_text(text, encoding="utf-8")
     with pytest.raises(ConvertError) as from_envoy:
@@ -573,13 +562,13 @@ def test_other_kinds_skipped() -> None:
     routes, problems = parse(others[0], doc(mrule(mirror())), others[1], others[2])
     assert problems == [] and [r.id for r in routes] == ["team-a/web"]
     # Empty documents are skipped too.
-    routes, problems = parse_routes("---\n---\n" + dump(doc(mrule(mirror()))) + "---\n", SRC)
+    routes, problems = routes_and_problems("---\n---\n" + dump(doc(mrule(mirror()))) + "---\n", SRC)
     assert problems == [] and len(routes) == 1
 
 
 @pytest.mark.parametrize("text", ["", "---\n", "# only a comment\n", "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n"])
 def test_no_httproute(text: str) -> None:
-    routes, problems = parse_routes(text, SRC)
+    routes, problems = routes_and_problems(text, SRC)
     assert routes == []
     (p,) = problems
     assert p.startswith(f"{SRC}: no HTTPRoute")
@@ -710,7 +699,7 @@ def test_route_without_rules_matches_everything() -> None:
 
 
 def check_no_raise(text: str) -> None:
-    routes, problems = parse_routes(text, SRC)
+    routes, problems = routes_and_problems(text, SRC)
     assert isinstance(routes, list) and isinstance(problems, list)
     assert all(isinstance(p, str) and p for p in problems)
     assert routes or problems
@@ -845,7 +834,7 @@ def test_invalid_yaml_timestamp_is_a_problem() -> None:
         spec:
           rules: [{{}}]
     """)
-    routes, problems = parse_routes(text, SRC)
+    routes, problems = routes_and_problems(text, SRC)
     assert routes == [] and len(problems) == 1
     assert problems[0].startswith(f"{SRC} (document 1): HTTPRoute default/web: metadata.creationTimestamp: ")
 

@@ -56,9 +56,9 @@ def matcher_policy(text: str) -> Policy:
     cross-route check refuses header modifiers naming slot headers, which is
     right for the sampler's own configuration and exactly what the rewritten
     routes (meant for Envoy Gateway, not the sampler) must do."""
-    routes, _, problems = parse_manifests(text, "httproutes.yaml", slots=2)
-    assert problems == []
-    return Policy(routes=tuple(routes), key_chain=DEFAULT_KEY_CHAIN)
+    parsed = parse_manifests(text, "httproutes.yaml", slots=2)
+    assert parsed.problems == []
+    return Policy(routes=tuple(parsed.routes), key_chain=DEFAULT_KEY_CHAIN)
 
 
 def sample_requests(routes: list[Route]) -> list[dict[str, bytes]]:

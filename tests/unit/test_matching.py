@@ -1,5 +1,5 @@
 """Gateway API HTTPRoute matching and precedence, built the real way: YAML text
-through config.parse_routes/build_policy, then Policy.match/Policy.decide
+through config.parse_manifests/build_policy, then Policy.match/Policy.decide
 (docs/DESIGN.md "Gateway API facts the matcher needs")."""
 
 from __future__ import annotations

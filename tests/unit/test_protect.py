@@ -102,7 +102,7 @@ def test_kill_switch_stops_every_mirror(how: str) -> None:
 
 def test_switch_document_enabled_and_its_errors() -> None:
     assert policy(mirroring="Enabled").enabled
-    routes, enabled, problems = parse_manifests(ROUTE.format(annotations="{}") + SWITCH.format(mirroring="Maybe"), "r.yaml")
+    problems = parse_manifests(ROUTE.format(annotations="{}") + SWITCH.format(mirroring="Maybe"), "r.yaml").problems
     assert problems and "spec.mirroring" in problems[0] and "Enabled or Disabled" in problems[0]
 
 

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from extproc.config.build import build_policy
-from extproc.config.manifests import parse_routes
 from extproc.config.settings import Settings
 from extproc.core.matching import PathType
 from extproc.core.policy import BackendRef, Outcome, Policy
 from extproc.core.sampling import Fraction, key_hash
+from tests.support.manifests import routes_and_problems
 from tests.support.paths import CONFORMANCE, EG_SEED, GEP_SEED, SEEDS
 from tests.support.seeds import httproute_manifests, seed_text, yaml_blocks
 
@@ -136,14 +136,14 @@ def test_eg_mirror_backend_manifests_alongside_the_route() -> None:
     blocks = yaml_blocks(seed_text(EG_SEED))
     backend_block = next(b for b in blocks if "kind: Deployment" in b)
     assert backend_block not in httproute_manifests(seed_text(EG_SEED))
-    routes, problems = parse_routes(backend_block, EG_SEED)
+    routes, problems = routes_and_problems(backend_block, EG_SEED)
     assert routes == [] and len(problems) == 1 and "no HTTPRoute" in problems[0]
     pol = load(backend_block + "\n---\n" + eg_manifests()[0], EG_SEED)
     check_eg_common(pol)
 
 
 def test_eg_variants_in_one_file_are_duplicates() -> None:
-    routes, problems = parse_routes("\n---\n".join(eg_manifests()), EG_SEED)
+    routes, problems = routes_and_problems("\n---\n".join(eg_manifests()), EG_SEED)
     assert len(routes) == 1
     assert len(problems) == 2 and all("default/http-mirror is already defined" in p for p in problems)
 

@@ -9,21 +9,20 @@ import time
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import schema
 from extproc.config.build import build_policy
 from extproc.config.errors import ConfigError
-from extproc.config.manifests import ParseResult, Skipped, parse_manifests, parse_manifests_detailed, parse_routes
+from extproc.config.manifests import ParseResult, Skipped, parse_manifests
 from extproc.config.settings import Settings
 from extproc.core.policy import Route
 from extproc.core.sampling import Fraction
+from tests.support.manifests import API, dump, mirror
 from tests.support.paths import CONFORMANCE, EG_SEED, GEP_SEED, REPO
 from tests.support.seeds import httproute_manifests, seed_text
 
-API = "gateway.networking.k8s.io/v1"
 SRC = "routes.yaml"
 WHERE = f"{SRC} (document 1): HTTPRoute team-a/web"
 MIRROR = "spec.rules[0].filters[0].requestMirror"
@@ -37,20 +36,12 @@ def route(*rules: dict[str, Any], annotations: dict[str, Any] | None = None, **s
     return {"apiVersion": API, "kind": "HTTPRoute", "metadata": meta, "spec": {"rules": list(rules) or [rule()], **spec}}
 
 
-def mirror(backend: str = "shadow", **fields: Any) -> dict[str, Any]:
-    return {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": backend, "port": 8080}, **fields}}
-
-
 def rule(*filters: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {"backendRefs": [{"name": "web", "port": 8080}], "filters": list(filters) or [mirror()], **fields}
 
 
-def dump(*docs: dict[str, Any] | str) -> str:
-    return "---\n".join(d if isinstance(d, str) else yaml.safe_dump(d, sort_keys=False) for d in docs)
-
-
 def parse(*docs: dict[str, Any] | str) -> ParseResult:
-    return parse_manifests_detailed(dump(*docs), SRC)
+    return parse_manifests(dump(*docs), SRC)
 
 
 def problems(*docs: dict[str, Any] | str) -> list[str]:
@@ -129,17 +120,17 @@ def test_duplicate_key_is_an_error_with_both_lines() -> None:
                 percent: 10
                 percent: 90
         """)
-    routes, found = parse_routes(text, SRC)
-    assert routes == []
-    assert found == [f"{WHERE}: {MIRROR}.percent: duplicate key 'percent' at line 14 (first at line 13)"]
+    result = parse_manifests(text, SRC)
+    assert result.routes == []
+    assert result.problems == [f"{WHERE}: {MIRROR}.percent: duplicate key 'percent' at line 14 (first at line 13)"]
 
 
 def test_duplicate_keys_at_top_level_and_in_skipped_documents() -> None:
     text = "apiVersion: v1\nkind: Service\nkind: Service\nmetadata: {name: a}\n---\n" + dump(route())
-    found = parse_manifests_detailed(text, SRC).problems
+    found = parse_manifests(text, SRC).problems
     assert found == [f"{SRC} (document 1): kind: duplicate key 'kind' at line 3 (first at line 2)"]
     text = dump(route()).replace("metadata:\n", "metadata:\n  name: other\n", 1)
-    (problem,) = parse_manifests_detailed(text, SRC).problems
+    (problem,) = parse_manifests(text, SRC).problems
     assert "metadata.name: duplicate key 'name' at line 5 (first at line 4)" in problem
 
 
@@ -154,7 +145,7 @@ def test_duplicate_keys_inside_flow_mappings_and_lists() -> None:
           - backendRefs: [{{name: web, port: 8080}}, {{name: web, name: web3}}]
         """)
     line = text.splitlines().index("  - backendRefs: [{name: web, port: 8080}, {name: web, name: web3}]") + 1
-    found = parse_manifests_detailed(text, SRC).problems
+    found = parse_manifests(text, SRC).problems
     assert found == [
         f"{SRC} (document 2): HTTPRoute team-a/web2: spec.rules[0].backendRefs[1].name: "
         f"duplicate key 'name' at line {line} (first at line {line})"
@@ -284,7 +275,7 @@ status:
 
 
 def test_every_known_field_is_accepted_and_the_ignored_ones_are_listed() -> None:
-    result = parse_manifests_detailed(FULL_ROUTE, SRC)
+    result = parse_manifests(FULL_ROUTE, SRC)
     assert result.problems == []
     (r,) = result.routes
     assert [m.backend for m in r.rules[0].mirrors] == ["shadow"]
@@ -348,7 +339,7 @@ def test_every_known_field_is_accepted_and_the_ignored_ones_are_listed() -> None
 )
 def test_ignored_fields_are_still_checked(old: str, new: str, path: str, message: str) -> None:
     assert old in FULL_ROUTE
-    found = parse_manifests_detailed(FULL_ROUTE.replace(old, new, 1), SRC).problems
+    found = parse_manifests(FULL_ROUTE.replace(old, new, 1), SRC).problems
     assert found == [f"{WHERE}: {path}: {message}"]
 
 
@@ -590,7 +581,7 @@ def test_a_document_without_a_kind_is_an_error(kind: Any) -> None:
 def test_skipped_documents_still_need_sound_yaml_but_not_our_schema() -> None:
     # A Service's own fields are its business; only YAML-level mistakes are ours.
     text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {anything: [1]}\n---\n" + dump(route())
-    assert parse_manifests_detailed(text, SRC).problems == []
+    assert parse_manifests(text, SRC).problems == []
 
 
 # --------------------------------------------------------------------------
@@ -721,16 +712,15 @@ def test_the_contract_manifests_load_without_problems_or_surprises() -> None:
     texts += [(EG_SEED, t) for t in httproute_manifests(seed_text(EG_SEED))]
     texts += [(GEP_SEED, t) for t in httproute_manifests(seed_text(GEP_SEED))]
     for source, text in texts:
-        result = parse_manifests_detailed(text, source)
+        result = parse_manifests(text, source)
         assert result.problems == [] and len(result.routes) == 1, (source, result.problems)
         assert all(s.route is not None for s in result.skipped)
 
 
-def test_compatible_entry_points_agree() -> None:
+def test_other_kinds_are_skipped_with_a_reason() -> None:
     text = dump(route(), {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}, SWITCH)
-    detailed = parse_manifests_detailed(text, SRC)
-    assert parse_manifests(text, SRC) == (detailed.routes, detailed.enabled, detailed.problems)
-    assert parse_routes(text, SRC) == (detailed.routes, detailed.problems)
+    detailed = parse_manifests(text, SRC)
+    assert len(detailed.routes) == 1 and detailed.problems == [] and not detailed.enabled
     assert detailed.skipped == [
         Skipped(f"{SRC} (document 2)", None, "Service s", "not an HTTPRoute: the sampler reads HTTPRoute and MirrorSampler documents")
     ]
@@ -774,7 +764,7 @@ def test_any_unknown_mirror_field_is_named(field: str) -> None:
 def test_any_repeated_key_is_reported_with_lines(key: str, n: int) -> None:
     lines = [f"{key}: {i}" for i in range(n)]
     text = "apiVersion: v1\nkind: Thing\nspec:\n" + "".join(f"  {line}\n" for line in lines)
-    found = parse_manifests_detailed(text, SRC).problems
+    found = parse_manifests(text, SRC).problems
     assert found == [f"{SRC} (document 1): spec.{key}: duplicate key {key!r} at line {4 + i} (first at line 4)" for i in range(1, n)]
 
 

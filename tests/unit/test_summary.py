@@ -6,7 +6,7 @@ from __future__ import annotations
 import textwrap
 
 from extproc.config.build import build_policy
-from extproc.config.manifests import parse_manifests_detailed
+from extproc.config.manifests import parse_manifests
 from extproc.config.settings import Settings
 from extproc.config.summary import summarize
 from tests.support.paths import CONFORMANCE
@@ -17,7 +17,7 @@ CONF = "gateway-conformance-infra/request-percentage-mirror"
 def summary_of(text: str, source: str = "routes.yaml", **env: str) -> str:
     settings = Settings.load({"MIRROR_CONFIG": source, **env})
     policy = build_policy(settings, text)
-    return summarize(policy, parse_manifests_detailed(text, source, settings.slots).skipped)
+    return summarize(policy, parse_manifests(text, source, settings.slots).skipped)
 
 
 def test_conformance_manifest_summary() -> None:
