@@ -44,14 +44,26 @@ check: lint types
 test: lint types
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The load generators wrk and hey (Debian/Ubuntu packages), installed here in
+# the open rather than by a benchmark script; sudo when not root.
+LOAD_GENERATORS := wrk hey
+.PHONY: load-generators
+load-generators:
+	@missing=""; for t in $(LOAD_GENERATORS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		echo "installing$$missing (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
 # Native Envoy mirroring vs Envoy + sampler (each transport) vs inline;
 # writes bench/results/latest.{md,json,png}.
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) load-generators
 	$(BIN)/python bench/run.py $(ARGS)
 
 # Steady load per transport: sampler memory slope, open files and Envoy's
 # ext_proc error counters, against stated bounds.
-soak: $(BENCH_STAMP)
+soak: $(BENCH_STAMP) load-generators
 	$(BIN)/python bench/soak.py $(ARGS)
 
 # Regenerates the ext_proc wire contract (tests/unit/test_wire.py checks it is fresh).

@@ -3,7 +3,7 @@ vs a processor that costs nothing, in one run, on this machine.
 
     .venv/bin/python bench/run.py [--duration S] [--repeats N] [--quick]
 
-Variants (``variants()`` below), run alternately, each repeat in a rotated order:
+Variants (bench/variants.py), run alternately, each repeat in a rotated order:
 
 - ``native``: Envoy mirroring with ``runtime_fraction`` at the same percentage:
   the rendered configuration without the sampler's filters and cluster, only
@@ -36,411 +36,49 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import hpack
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from extproc.config.build import build_policy  # noqa: E402
-from extproc.config.settings import Settings  # noqa: E402
-from extproc.core.policy import SAMPLER_CLUSTER, Policy  # noqa: E402
-from extproc.core.responses import Responder  # noqa: E402
-from extproc.envoy.render import Address, Topology, render  # noqa: E402
-from extproc.stack.children import Child, ChildFailed  # noqa: E402
-from extproc.stack.envoy import EnvoyError, EnvoyProcess  # noqa: E402
-from extproc.stack.sampler import SamplerProcess  # noqa: E402
+from bench.procstat import code_state, cpu_seconds, machine, rss_mib  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    DEFAULT_TRANSPORT,
+    EXT_PROC_STATS,
+    HEY_CONNECTIONS,
+    MIRROR,
+    PERCENT,
+    PRIMARY,
+    RESULTS,
+    TRANSPORTS,
+    Stack,
+    bench_policy,
+    build_free_processor,
+    check_tools,
+    free_port,
+    hey_command,
+    primary_requests,
+    start_envoy,
+    start_stack,
+    upstream_yaml,
+)
+from bench.variants import variants  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FREE_PROCESSOR_SOURCE = Path(__file__).resolve().parent / "free_processor.c"
-LOOPBACK = "127.0.0.1"
-PERCENT = 50
-PRIMARY, MIRROR = "backend", "mirror"
-SAMPLER_ENV = {"MIRROR_BACKEND": MIRROR, "MIRROR_PRIMARY": PRIMARY, "MIRROR_PERCENT": str(PERCENT)}
-TRANSPORTS = ("http2", "grpcio")
-DEFAULT_TRANSPORT = "http2"
 RATES = (500, 1000, 2000)
 TARGET_RATE = 1000  # the rate the latency target is stated at
-HEY_CONNECTIONS = 10
 WRK_CONNECTIONS = 16
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-EXT_PROC_STATS = "http.ingress_http.ext_proc."
 
 # Targets of the transport issue, checked in the report.
 CPU_VS_GRPCIO_MAX = 0.3  # http2 sampler CPU per request <= 0.3x grpcio's
 RPS_VS_FREE_MIN = 0.85  # http2 throughput >= 0.85x the free processor's
 P99_VS_FREE_MAX = 2.0  # http2 added p99 at TARGET_RATE <= 2x the free processor's
-
-
-# --------------------------------------------------------------------------
-# Tools
-
-
-def ensure_tools() -> None:
-    missing = [t for t in ("wrk", "hey") if shutil.which(t) is None]
-    if not missing:
-        return
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"installing {' '.join(missing)} (apt-get)...", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=False, stdout=subprocess.DEVNULL, env=env)
-        subprocess.run(["apt-get", "install", "-y", *missing], check=False, stdout=subprocess.DEVNULL, env=env)
-    still = [t for t in missing if shutil.which(t) is None]
-    if still:
-        sys.exit(f"bench: needs {' and '.join(still)}: install with `sudo apt-get install -y wrk hey` (Debian/Ubuntu packages)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def build_free_processor(workdir: Path) -> tuple[Path | None, str]:
-    """Compile bench/free_processor.c with the system compiler: (binary, "") or (None, why not)."""
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        return None, "no C compiler (`cc`) on this machine"
-    binary = workdir / "free_processor"
-    done = subprocess.run([cc, "-O2", "-o", str(binary), str(FREE_PROCESSOR_SOURCE)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return None, f"`cc -O2 bench/free_processor.c` failed: {done.stderr.strip()[:300]}"
-    return binary, ""
-
-
-# --------------------------------------------------------------------------
-# Process accounting (/proc)
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its descendants (a supervisor's workers)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
-        except OSError:
-            pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of pid and its descendants, in seconds."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of pid and its descendants."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1])
-        except OSError:
-            continue
-    return total * PAGE
-
-
-def rss_mib(pid: int) -> float:
-    return rss_bytes(pid) / 2**20
-
-
-# --------------------------------------------------------------------------
-# Envoy configurations
-
-
-def bench_policy() -> Policy:
-    return build_policy(Settings.load(SAMPLER_ENV))
-
-
-def upstream_yaml(ports: dict[str, int], admin_port: int) -> str:
-    """A second Envoy answering 200 on one listener per backend."""
-    router = {
-        "name": "envoy.filters.http.router",
-        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-    }
-    listeners = []
-    for name, port in ports.items():
-        manager = {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": name,
-            "route_config": {
-                "virtual_hosts": [
-                    {
-                        "name": name,
-                        "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": f"{name}\n"}}}],
-                    }
-                ]
-            },
-            "http_filters": [router],
-        }
-        listeners.append(
-            {
-                "name": name,
-                "address": {"socket_address": {"address": LOOPBACK, "port_value": port}},
-                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}],
-            }
-        )
-    admin = {"address": {"socket_address": {"address": LOOPBACK, "port_value": admin_port}}}
-    return yaml.safe_dump({"admin": admin, "static_resources": {"listeners": listeners}})
-
-
-class Keys:
-    """Field names of one Envoy configuration document in its own casing.
-
-    render() writes camelCase today; Envoy accepts snake_case too, and render
-    may switch. Detected once per document from the top-level key."""
-
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.snake = "static_resources" in config
-
-    def __call__(self, snake_name: str) -> str:
-        if self.snake:
-            return snake_name
-        head, *rest = snake_name.split("_")
-        return head + "".join(part.title() for part in rest)
-
-
-_DENOMINATORS = {100: "HUNDRED", 10_000: "TEN_THOUSAND", 1_000_000: "MILLION"}
-
-
-def runtime_fraction(numerator: int, denominator: int, k: Keys) -> dict[str, Any]:
-    if denominator not in _DENOMINATORS:  # Envoy has three denominators: the nearest per-million
-        numerator, denominator = round(numerator * 1_000_000 / denominator), 1_000_000
-    return {k("default_value"): {"numerator": numerator, "denominator": _DENOMINATORS[denominator]}}
-
-
-def hcm_configs(config: dict[str, Any], k: Keys) -> list[dict[str, Any]]:
-    """Every http_connection_manager's typed_config in the document."""
-    out = []
-    for lst in config[k("static_resources")].get("listeners", []):
-        for chain in lst.get(k("filter_chains"), []):
-            for f in chain.get("filters", []):
-                if f.get("name") == "envoy.filters.network.http_connection_manager":
-                    out.append(f[k("typed_config")])
-    return out
-
-
-def native_yaml(policy: Policy, topology: Topology) -> str:
-    """The sampler's configuration with the sampler taken out.
-
-    Relies only on documented facts: the plain route of each rule is named by
-    the rule id (routes with other names, the sampler's variants, go); each rule
-    with mirrors gets ``request_mirror_policies`` built from its own
-    MirrorTargets (cluster = backend, ``runtime_fraction`` = fraction), with the
-    same Host handling and marker header the sampler's mirrored copies carry.
-    """
-    config: dict[str, Any] = yaml.safe_load(render(policy, topology))
-    k = Keys(config)
-    resources = config[k("static_resources")]
-    resources["clusters"] = [c for c in resources.get("clusters", []) if c.get("name") != SAMPLER_CLUSTER]
-    rules = {r.id: r for r in policy.rules}
-    for manager in hcm_configs(config, k):
-        manager[k("http_filters")] = [h for h in manager[k("http_filters")] if h.get("name") == "envoy.filters.http.router"]
-        for vhost in manager[k("route_config")].get(k("virtual_hosts"), []):
-            kept = []
-            for r in vhost.get("routes", []):
-                rule = rules.get(r.get("name", ""))
-                if rule is None:
-                    continue
-                r.pop(k("typed_per_filter_config"), None)
-                action = r.get("route")
-                if rule.mirrors and action is not None:
-                    action[k("request_mirror_policies")] = [
-                        {
-                            "cluster": target.backend,
-                            k("runtime_fraction"): runtime_fraction(target.fraction.numerator, target.fraction.denominator, k),
-                            k("disable_shadow_host_suffix_append"): True,
-                            k("request_headers_mutations"): [
-                                {
-                                    "append": {
-                                        "header": {"key": policy.marker_header, "value": rule.id},
-                                        k("append_action"): "OVERWRITE_IF_EXISTS_OR_ADD",
-                                    }
-                                }
-                            ],
-                        }
-                        for target in rule.mirrors
-                    ]
-                kept.append(r)
-            vhost["routes"] = kept
-    return yaml.safe_dump(config, sort_keys=False)
-
-
-def without_sampler_health_check(rendered: str) -> str:
-    """render()'s configuration with the sampler cluster's health check removed
-    (the free processor has no health service; without a check Envoy takes
-    the host as healthy)."""
-    config: dict[str, Any] = yaml.safe_load(rendered)
-    k = Keys(config)
-    for c in config[k("static_resources")].get("clusters", []):
-        if c.get("name") == SAMPLER_CLUSTER:
-            c.pop(k("health_checks"), None)
-    return yaml.safe_dump(config, sort_keys=False)
-
-
-def free_processor_yaml(policy: Policy, topology: Topology) -> str:
-    return without_sampler_health_check(render(policy, topology))
-
-
-def inline_yaml(policy: Policy, topology: Topology) -> str:
-    return render(policy, replace(topology, inline=True))
-
-
-def free_processor_answers(policy: Policy) -> list[str]:
-    """The free processor's arguments after the port, hex: response HEADERS
-    block, the sampler's answer "mirror slot 0" as a gRPC message, the OK
-    trailers block, and the sampler's answer "no mirror" (streams alternate
-    between the two answers, so Envoy mirrors the same 50% as with the sampler)."""
-    rule = policy.rules[0]
-    target = rule.mirrors[0]
-    responder = Responder(policy)
-
-    def message(payload: bytes) -> str:
-        return (b"\x00" + len(payload).to_bytes(4, "big") + payload).hex()
-
-    # Never-indexed literals, as the sampler sends them: no dynamic table entries in Envoy.
-    headers = hpack.Encoder().encode([(b":status", b"200", True), (b"content-type", b"application/grpc", True)])
-    trailers = hpack.Encoder().encode([(b"grpc-status", b"0", True)])
-    sampled = responder.response(((target.slot, target.backend),))
-    unsampled = responder.response(())
-    return [bytes(headers).hex(), message(sampled), bytes(trailers).hex(), message(unsampled)]
-
-
-@dataclass
-class Variant:
-    name: str
-    envoy_yaml: Callable[[Policy, Topology], str]
-    processor: str = ""  # "": none; "sampler"; "free"
-    workers: int = 1
-    transport: str = DEFAULT_TRANSPORT
-
-
-def variants(transports: list[str], workers: list[int], free: bool) -> list[Variant]:
-    out = [Variant("native", native_yaml)]
-    out += [Variant(f"sampler-{t}", render, "sampler", 1, t) for t in transports]
-    out += [Variant(f"sampler-w{w}", render, "sampler", w, DEFAULT_TRANSPORT) for w in workers if w != 1]
-    if free:
-        out.append(Variant("free-processor", free_processor_yaml, "free"))
-    out.append(Variant("inline", inline_yaml))
-    return out
-
-
-# --------------------------------------------------------------------------
-# The stack
-
-
-def start_envoy(name: str, config: str, workdir: Path, concurrency: int) -> EnvoyProcess:
-    path = workdir / f"{name}.yaml"
-    path.write_text(config)
-    try:
-        return EnvoyProcess(path, workdir, name=name, extra_args=("--concurrency", str(concurrency))).start()
-    except EnvoyError as e:
-        sys.exit(f"bench: {e}")
-
-
-def start_sampler(variant: Variant, workdir: Path) -> SamplerProcess:
-    env = {
-        **SAMPLER_ENV,
-        "MIRROR_LISTEN": f"{LOOPBACK}:0",
-        "MIRROR_WORKERS": str(variant.workers),
-        "MIRROR_TRANSPORT": variant.transport,
-        "MIRROR_SHUTDOWN_GRACE": "1",
-    }
-    return SamplerProcess(env, name=variant.name, log_path=workdir / f"{variant.name}.log", timeout=60)
-
-
-def start_free_processor(binary: Path, policy: Policy, workdir: Path) -> tuple[Child, int]:
-    child = Child("free-processor", [str(binary), "0", *free_processor_answers(policy)], log_path=workdir / "free-processor.log")
-    try:
-        line = child.wait_line(lambda s: s.startswith("serving port="), timeout=10)
-    except ChildFailed:
-        child.stop()
-        raise
-    return child, int(line.partition("=")[2])
-
-
-@dataclass
-class Stack:
-    variant: Variant
-    envoy: EnvoyProcess
-    url: str
-    processor: Child | None = None  # the sampler or the free processor
-
-    @property
-    def processor_pid(self) -> int | None:
-        return self.processor.pid if self.processor is not None else None
-
-    def stop(self) -> None:
-        self.envoy.stop()
-        if self.processor is not None:
-            self.processor.stop()
-
-
-def start_stack(
-    variant: Variant, policy: Policy, upstreams: dict[str, int], workdir: Path, concurrency: int, free_binary: Path | None = None
-) -> Stack:
-    processor: Child | None = None
-    processor_port = 9  # unused: no processor
-    if variant.processor == "sampler":
-        sampler = start_sampler(variant, workdir)
-        processor, processor_port = sampler, sampler.port
-    elif variant.processor == "free":
-        assert free_binary is not None
-        processor, processor_port = start_free_processor(free_binary, policy, workdir)
-    port = free_port()
-    topology = Topology(
-        listener=Address(LOOPBACK, port),
-        admin=Address(LOOPBACK, 0),
-        samplers=(Address(LOOPBACK, processor_port),),
-        backends={n: Address(LOOPBACK, p) for n, p in upstreams.items()},
-    )
-    try:
-        envoy = EnvoyProcess(write(workdir / f"envoy-{variant.name}.yaml", variant.envoy_yaml(policy, topology)), workdir,
-                             name=f"envoy-{variant.name}", extra_args=("--concurrency", str(concurrency))).start()  # fmt: skip
-    except EnvoyError as e:
-        if processor is not None:
-            processor.stop()
-        sys.exit(f"bench: {e}")
-    stack = Stack(variant, envoy, f"http://{LOOPBACK}:{port}/", processor)
-    if processor is not None:
-        deadline = time.monotonic() + 30
-        while envoy.stats().get(f"cluster.{SAMPLER_CLUSTER}.membership_healthy", 0) < 1:
-            if time.monotonic() > deadline:
-                stack.stop()
-                raise RuntimeError(f"{variant.name}: the processor never became healthy in Envoy")
-            time.sleep(0.2)
-    return stack
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path
 
 
 # --------------------------------------------------------------------------
@@ -462,11 +100,6 @@ def percentile(sorted_values: list[float], p: float) -> float:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
     return sorted_values[k]
-
-
-def hey_command(rate: int, seconds: float, connections: int = HEY_CONNECTIONS) -> list[str]:
-    """hey at about ``rate`` req/s in total (-q is per connection)."""
-    return ["hey", "-z", f"{max(1, round(seconds))}s", "-c", str(connections), "-q", str(max(1, rate // connections))]
 
 
 def run_hey(url: str, rate: int, seconds: float) -> dict[str, float]:
@@ -493,10 +126,6 @@ def run_hey(url: str, rate: int, seconds: float) -> dict[str, float]:
 
 # --------------------------------------------------------------------------
 # One measurement of one variant
-
-
-def primary_requests(stats: Mapping[str, int]) -> int:
-    return stats.get(f"cluster.{PRIMARY}.upstream_rq_total", 0)
 
 
 def measure(stack: Stack, seconds: float, rates: tuple[int, ...]) -> dict[str, Any]:
@@ -667,43 +296,6 @@ def verdict(ok: bool, by: str) -> str:
     return f"**met** ({by})" if ok else f"**missed** ({by})"
 
 
-def code_state() -> str:
-    """The commit and a digest of the package's sources as they are now (the
-    working tree may differ from the commit while work is under way)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "extproc").rglob("*.py")):
-        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "extproc"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", ""
-    return f"commit {head}{' + uncommitted changes in extproc/' if dirty.strip() else ''}, extproc/*.py sha256 {digest.hexdigest()[:12]}"
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
 COLOURS = {"native": "#888888", "sampler-http2": "#1f77b4", "sampler-grpcio": "#ff7f0e", "free-processor": "#2ca02c", "inline": "#9467bd"}
 
 
@@ -789,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in transports if t not in TRANSPORTS]
     if unknown:
         sys.exit(f"bench: unknown transport(s) {', '.join(unknown)}; known: {', '.join(TRANSPORTS)}")
-    ensure_tools()
+    check_tools()
     code = code_state()
     policy = bench_policy()
     workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-bench-"))

@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py [--minutes M] [--warmup W] [--rate R] [--transports http2,grpcio]
     (or `make soak ARGS="--minutes 2"` for a quick try)
 
-The stack is bench/run.py's (a ``direct_response`` upstream Envoy, Envoy
+The stack is bench/run.py's (bench/testbed.py: a ``direct_response`` upstream Envoy, Envoy
 ``--concurrency 1`` with render()'s configuration, 50% mirrored), one
 transport at a time, with fresh processes. ``hey`` holds the rate for the
 whole run; every ``--interval`` seconds the sampler's resident memory (all
@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.run import (  # noqa: E402
+from bench.procstat import code_state, cpu_seconds, machine, process_tree, rss_bytes  # noqa: E402
+from bench.testbed import (  # noqa: E402
     EXT_PROC_STATS,
     MIRROR,
     PRIMARY,
@@ -49,15 +50,10 @@ from bench.run import (  # noqa: E402
     TRANSPORTS,
     Variant,
     bench_policy,
-    code_state,
-    cpu_seconds,
-    ensure_tools,
+    check_tools,
     free_port,
     hey_command,
-    machine,
     primary_requests,
-    process_tree,
-    rss_bytes,
     start_envoy,
     start_stack,
     upstream_yaml,
@@ -204,7 +200,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str
         "",
         f"Date: {date}. Command: `{('.venv/bin/python bench/soak.py ' + command).strip()}`.",
         "",
-        f"Machine: {info['nproc']} cores, {info['cpu']}, Linux {info['kernel']}, Python {info['python']}. Stack: bench/run.py's "
+        f"Machine: {info['nproc']} cores, {info['cpu']}, Linux {info['kernel']}, Python {info['python']}. Stack: bench/testbed.py "
         f"(Envoy --concurrency 1, `direct_response` upstream Envoy, 50% mirrored), fresh per transport. Load: "
         f"`hey -c10 -q{max(1, args.rate // 10)}` (about {args.rate} req/s) for {args.minutes:g} min per transport; samples every "
         f"{args.interval:g} s; slope fitted (least squares, RSS against requests Envoy sent to the primary) after a "
@@ -257,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in transports if t not in TRANSPORTS]
     if unknown:
         ap.error(f"unknown transport(s) {', '.join(unknown)}; known: {', '.join(TRANSPORTS)}")
-    ensure_tools()
+    check_tools()
     command = " ".join(sys.argv[1:] if argv is None else argv)
     args.code = code_state()
     results: list[dict[str, Any]] = []
