@@ -1,42 +1,17 @@
 """The shape the tree promises: a pure core and configuration that do no I/O,
-and commands that read configuration without loading gRPC.
-
-Checked twice: statically (what each module imports, by name) and in a fresh
-interpreter (everything that importing the module loads, transitively)."""
+checked statically (what each module imports, by name). The same checked in
+a fresh interpreter (everything that importing a module loads, transitively),
+and commands that read configuration without loading gRPC:
+tests/service/test_import_layering.py."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 
 import pytest
 
-from tests.support.paths import CONFORMANCE, REPO
-
-PURE_PACKAGES = ("core", "config")
-# Modules that listen, connect, spawn, watch or serve: the shell's business.
-IO_MODULES = (
-    "grpc",
-    "grpc_health",
-    "asyncio",
-    "socket",
-    "ssl",
-    "selectors",
-    "subprocess",
-    "watchfiles",
-    "prometheus_client",
-    "http",
-    "urllib.request",
-)
-
-
-def pure_modules() -> list[str]:
-    out = []
-    for package in PURE_PACKAGES:
-        for path in sorted((REPO / "extproc" / package).glob("*.py")):
-            out.append(f"extproc.{package}.{path.stem}".removesuffix(".__init__"))
-    return out
+from tests.support.layering import PURE_PACKAGES, is_io, pure_modules
+from tests.support.paths import REPO
 
 
 def _imported_names(path: str) -> set[str]:
@@ -50,49 +25,13 @@ def _imported_names(path: str) -> set[str]:
     return names
 
 
-def _is_io(name: str) -> bool:
-    return any(name == io or name.startswith(io + ".") for io in IO_MODULES)
-
-
 @pytest.mark.parametrize("module", pure_modules())
 def test_pure_module_imports_no_io_module(module: str) -> None:
     path = module.replace(".", "/") + ("/__init__.py" if module.count(".") == 1 else ".py")
-    assert not [n for n in _imported_names(path) if _is_io(n)]
+    assert not [n for n in _imported_names(path) if is_io(n)]
     # Nor does anything it imports, in relative imports up and out of the pure packages.
     tree = ast.parse((REPO / path).read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level >= 2:
             target = (node.module or "").split(".")[0]
             assert target in (*PURE_PACKAGES, "wire"), f"{module} imports from extproc.{target}, outside the pure core"
-
-
-def _loaded_after(code: str) -> set[str]:
-    out = subprocess.run(
-        [sys.executable, "-c", f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return set(out.stdout.split())
-
-
-def test_pure_packages_load_no_io_module_transitively() -> None:
-    loaded = _loaded_after("\n".join(f"import {m}" for m in pure_modules()))
-    assert sorted(n for n in loaded if _is_io(n)) == []
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["check-config", "--config", str(CONFORMANCE)],
-        ["explain", "--config", str(CONFORMANCE), "--path", "/percent-mirror", "--header", "x-request-id=alice"],
-    ],
-    ids=["check-config", "explain"],
-)
-def test_reading_commands_do_not_load_grpc(argv: list[str]) -> None:
-    loaded = _loaded_after(
-        "from extproc.cli import main\nimport contextlib, io\n"
-        f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0"
-    )
-    assert not [n for n in loaded if n == "grpc" or n.startswith("grpc.")]
