@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -72,10 +71,7 @@ def test_up_runs_the_default_example_and_stops_every_child_on_sigterm() -> None:
         gw.wait_line(lambda s: s.startswith("primary") and "backend-2" in s and "50%" in s, timeout=20)
         gw.signal(signal.SIGTERM)
         assert gw.popen.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(k) for k in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(k) for k in kids)
+        wait_until(lambda: not any(alive(k) for k in kids), 10, "every child of up to exit")
     finally:
         gw.stop()
 
@@ -99,18 +95,28 @@ def test_first_screen_gives_every_url_the_logs_and_curls_that_do_what_they_say()
             stats = urllib.request.urlopen(admin + "/stats?filter=^cluster.backend-2.upstream_rq_total$", timeout=5).read().decode()
             return int(stats.split(":")[1]) if ":" in stats else 0
 
+        examples: dict[str, tuple[str, str, str]] = {}
         for curl in curls:
             host, key, target, what = EXAMPLE.search(curl).groups()  # type: ignore[union-attr]
             assert target.startswith(url)
-            before = mirror_count()
+            examples[what] = (host, key, target)
+        assert set(examples) == {"mirrored", "not mirrored"}
+
+        def send(what: str) -> None:
+            host, key, target = examples[what]
             req = urllib.request.Request(target, headers={"Host": host, "x-request-id": key})
             with urllib.request.urlopen(req, timeout=10) as resp:
                 assert resp.status == 200
-            if what == "mirrored":
-                wait_until(lambda: mirror_count() == before + 1, 10)  # noqa: B023 - called before the loop moves on
-            else:
-                # The primary's count is the positive witness that Envoy routed it.
-                assert mirror_count() == before
+
+        before = mirror_count()
+        send("mirrored")
+        wait_until(lambda: mirror_count() == before + 1, 10, "the mirrored curl's copy at backend-2")
+        # A mirror lands after the answer: the mirrored curl sent after the
+        # other is the positive witness that a copy of the other had its time.
+        send("not mirrored")
+        send("mirrored")
+        wait_until(lambda: mirror_count() >= before + 2, 10, "the second mirrored curl's copy at backend-2")
+        assert mirror_count() == before + 2, "the curl marked not mirrored was mirrored"
     finally:
         gw.stop()
 

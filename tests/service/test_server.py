@@ -85,8 +85,7 @@ def test_file_edit_reloads_within_two_seconds(route_file: Path, transport: str) 
     try:
         assert not sampled(s.port)
         route_file.write_text(ROUTE.format(percent=100))
-        took = wait_until(lambda: sampled(s.port), timeout=2.0)
-        assert took < 2.0
+        wait_until(lambda: sampled(s.port), timeout=2.0, what="the edited file to be in force")
         assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 1
     finally:
         s.stop()

@@ -180,9 +180,9 @@ def test_envoy_starts_after_a_healthy_sampler(services: dict[str, dict[str, Any]
 
 
 def test_every_backend_cluster_is_a_compose_service_on_its_port(services: dict[str, dict[str, Any]], envoy_config: dict[str, Any]) -> None:
-    for cluster, (host, port) in _clusters(envoy_config).items():
-        if cluster == SAMPLER_CLUSTER:
-            continue
+    backends = {cluster: address for cluster, address in _clusters(envoy_config).items() if cluster != SAMPLER_CLUSTER}
+    assert backends, "envoy/envoy.yaml has no backend cluster"
+    for cluster, (host, port) in backends.items():
         assert host in services, f"cluster {cluster} points at {host}, which is not a compose service"
         assert host == cluster
         assert port in _listens_on(services[host]), (
