@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,9 +165,7 @@ def test_a_64k_body_reaches_the_mirror_intact(conformance: LocalStack) -> None:
         "/percent-mirror/upload", "h", {"x-request-id": key, "content-type": "application/octet-stream"}, "POST", body
     )
     assert status == 200 and doc["bodyLength"] == len(body)
-    deadline = time.monotonic() + 10
-    while len(echoed(gw, "infra-backend-v2")) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(echoed(gw, "infra-backend-v2")) > before, 10, "the upload's mirror at infra-backend-v2")
     (mirror,) = echoed(gw, "infra-backend-v2")[before:]
     assert mirror["method"] == "POST"
     assert mirror["bodyLength"] == len(body)
@@ -277,9 +274,7 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, st
     assert settle(gw, {"infra-backend-v2": 0}) == {"infra-backend-v2": 0}
     reloads = gw.routes_reloads()
     (tmp_path / "routes.yaml").write_text(route)  # percent: 20
-    deadline = time.monotonic() + 10
-    while gw.routes_reloads() == reloads and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy to load the edited inline routes")
     assert gw.routes_reloads() == reloads + 1
     # The keep-alive connection opened before the change is still usable.
     for key in KEYS[:40]:
@@ -343,12 +338,14 @@ def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, stacks: lis
     plan = Plan(responder, Metrics())
     with BackgroundServer(Recording(lambda: plan, Metrics()), transport, port=port):
         # Envoy has checked the recording server's health at least once.
-        deadline = time.monotonic() + 10
-        while not (
-            gw.stat("cluster.mirror-sampler.health_check.success") > checks and gw.stat("cluster.mirror-sampler.membership_healthy") == 1
-        ):
-            assert time.monotonic() < deadline, "Envoy never saw the recording sampler healthy"
-            time.sleep(0.05)
+        wait_until(
+            lambda: (
+                gw.stat("cluster.mirror-sampler.health_check.success") > checks
+                and gw.stat("cluster.mirror-sampler.membership_healthy") == 1
+            ),
+            10,
+            "Envoy to see the recording sampler healthy",
+        )
         client = Client(gw.url)
         for path in ("/percent-mirror", "/percent-mirror-fraction/x", "/percent-multi-mirror-and-modify-headers"):
             assert client.request(path, "h", {"x-request-id": "alice"})[0] == 200
@@ -379,9 +376,7 @@ def test_kill_switch_in_the_file_stops_mirroring_live(tmp_path: Path, stacks: li
         route + "---\napiVersion: mirror-sampler.io/v1alpha1\nkind: MirrorSampler\nspec: {mirroring: Disabled}\n"
     )
     if inline:
-        deadline = time.monotonic() + 10
-        while gw.routes_reloads() == reloads and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy to load the inline routes with the kill switch")
     else:
         gw.samplers[0].wait_event("reloaded", timeout=5, after=mark)  # type: ignore[union-attr]
     assert mirrored_now(0) == 0
