@@ -4,11 +4,9 @@ that can send anything (the hostile tests need frames no library would send)."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.server.health import Health
 from extproc.server.transports.http2 import Http2Transport
 from extproc.wire import PROCESS_METHOD
+from tests.support.inprocess import LoopThread
 
 T = TypeVar("T")
 
@@ -72,9 +71,7 @@ class ServerThread:
     def __init__(self, servicer: Any, health: Health | None = None, **kwargs: Any) -> None:
         self.health = health or Health()
         self.errors: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="h2-test-server", daemon=True)
-        self.thread.start()
+        self.loop_thread = LoopThread("h2-test-server")
         kwargs.setdefault("on_error", self.errors.append)
         self.transport = Http2Transport(servicer, self.health, "127.0.0.1", 0, **kwargs)
         self.port = 0
@@ -85,16 +82,11 @@ class ServerThread:
             raise
 
     def run(self, coro: Any, timeout: float = 10) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.loop_thread.run(coro, timeout)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the server's loop (the transport's state lives there)."""
-
-        async def wrapper() -> T:
-            return fn()
-
-        result: T = self.run(wrapper())
-        return result
+        return self.loop_thread.call(fn)
 
     def stream_count(self) -> int:
         return self.call(self.transport.stream_count)
@@ -113,9 +105,7 @@ class ServerThread:
             if self.port:
                 self.stop()
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+            self.loop_thread.close()
 
 
 @contextmanager

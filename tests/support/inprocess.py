@@ -1,7 +1,8 @@
 """A transport serving a servicer inside the test process, on loopback.
 
-``serving`` is for async tests; ``BackgroundServer`` runs the same in its own
-thread and event loop, for synchronous tests (hypothesis, a real Envoy). Both
+``serving`` is for async tests; ``BackgroundServer`` runs the same on a
+``LoopThread`` (an event loop on its own thread, the one way a synchronous
+test runs a transport: hypothesis, a real Envoy, a raw-socket peer). Both
 stop the server when the block ends, also when the test fails.
 """
 
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import Any, TypeVar
 
 from extproc.core.plan import Plan
 from extproc.core.responses import Responder
@@ -55,6 +57,35 @@ async def serving(
         await server.stop(0)
 
 
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio event loop running on its own daemon thread until ``close``."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
+        """Run ``coro`` on the loop; its result, or its exception, here."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the loop (where a transport's state lives)."""
+
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 class BackgroundServer:
     """``with BackgroundServer(servicer, "http2") as port:`` in a sync test."""
 
@@ -63,29 +94,23 @@ class BackgroundServer:
         self.transport = transport
         self.requested_port = port
         self.health = health or Health()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.loop_thread: LoopThread | None = None
         self.server: transports.Transport | None = None
         self.port = 0
 
     def __enter__(self) -> int:
-        self.thread.start()
+        self.loop_thread = LoopThread("test-server")
         self.server = transports.create(self.transport, self.servicer, self.health, "127.0.0.1", self.requested_port)
         try:
-            self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+            self.port = self.loop_thread.run(self.server.start())
         except BaseException:
-            self._close()
+            self.loop_thread.close()
             raise
         return self.port
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.loop_thread is not None
         try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(10)
+            self.loop_thread.run(self.server.stop(0))
         finally:
-            self._close()
-
-    def _close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+            self.loop_thread.close()
