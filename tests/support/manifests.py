@@ -13,6 +13,26 @@ from extproc.core.policy import Route
 API = "gateway.networking.k8s.io/v1"
 
 
+def httproute(
+    *rules: dict[str, Any],
+    name: str = "web",
+    namespace: str | None = "team-a",
+    api: str = API,
+    annotations: dict[str, Any] | None = None,
+    created: str | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """An HTTPRoute document; ``spec`` fields (hostnames, parentRefs...) as given."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    if annotations is not None:
+        meta["annotations"] = annotations
+    if created is not None:
+        meta["creationTimestamp"] = created
+    return {"apiVersion": api, "kind": "HTTPRoute", "metadata": meta, "spec": {**spec, "rules": list(rules)}}
+
+
 def mirror(backend: str = "shadow", **fields: Any) -> dict[str, Any]:
     """A RequestMirror filter to ``backend`` port 8080 (``percent=10``, ``fraction={...}``)."""
     return {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": backend, "port": 8080}, **fields}}

@@ -22,7 +22,7 @@ from extproc.convert.kubernetes import load_documents
 from extproc.core.keys import DEFAULT_KEY_CHAIN, KeyKind, KeySource
 from extproc.core.policy import BackendRef, Policy
 from extproc.core.sampling import Fraction
-from tests.support.manifests import API, dump, mirror, routes_and_problems
+from tests.support.manifests import API, dump, httproute, mirror, routes_and_problems
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SRC = "routes.yaml"
@@ -308,13 +308,10 @@ def test_route_mode_needs_manifest_text() -> None:
 def doc(
     *rules: dict[str, Any], name: str = "web", namespace: str | None = "team-a", api: str = API, hostnames: list[str] | None = None
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace is not None:
-        meta["namespace"] = namespace
-    spec: dict[str, Any] = {"parentRefs": [{"name": "gw"}], "rules": list(rules)}
+    spec: dict[str, Any] = {"parentRefs": [{"name": "gw"}]}
     if hostnames is not None:
         spec["hostnames"] = hostnames
-    return {"apiVersion": api, "kind": "HTTPRoute", "metadata": meta, "spec": spec}
+    return httproute(*rules, name=name, namespace=namespace, api=api, **spec)
 
 
 def mrule(*filters: dict[str, Any], backend: str = "web") -> dict[str, Any]:

@@ -14,8 +14,7 @@ from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, key_hash
-
-API = "gateway.networking.k8s.io/v1"
+from tests.support.manifests import API, httproute
 
 
 def policy(*docs: str | dict[str, Any], **env: str) -> Policy:
@@ -26,15 +25,10 @@ def policy(*docs: str | dict[str, Any], **env: str) -> Policy:
 def route(
     name: str, *rules: dict[str, Any], hostnames: list[str] | None = None, namespace: str | None = None, created: str | None = None
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace:
-        meta["namespace"] = namespace
-    if created:
-        meta["creationTimestamp"] = created
-    spec: dict[str, Any] = {"parentRefs": [{"name": "gw"}], "rules": list(rules) or [{}]}
+    spec: dict[str, Any] = {"parentRefs": [{"name": "gw"}]}
     if hostnames is not None:
         spec["hostnames"] = hostnames
-    return {"apiVersion": API, "kind": "HTTPRoute", "metadata": meta, "spec": spec}
+    return httproute(*(rules or [{}]), name=name, namespace=namespace or None, created=created or None, **spec)
 
 
 def rule(*matches: dict[str, Any], mirrors: tuple[tuple[str, int], ...] = ()) -> dict[str, Any]:

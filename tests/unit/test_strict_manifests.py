@@ -19,7 +19,7 @@ from extproc.config.manifests import ParseResult, Skipped, parse_manifests
 from extproc.config.settings import Settings
 from extproc.core.policy import Route
 from extproc.core.sampling import Fraction
-from tests.support.manifests import API, dump, mirror
+from tests.support.manifests import API, dump, httproute, mirror
 from tests.support.paths import CONFORMANCE, EG_SEED, GEP_SEED, REPO
 from tests.support.seeds import httproute_manifests, seed_text
 
@@ -30,10 +30,7 @@ FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 
 
 def route(*rules: dict[str, Any], annotations: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": "web", "namespace": "team-a"}
-    if annotations is not None:
-        meta["annotations"] = annotations
-    return {"apiVersion": API, "kind": "HTTPRoute", "metadata": meta, "spec": {"rules": list(rules) or [rule()], **spec}}
+    return httproute(*(rules or [rule()]), annotations=annotations, **spec)
 
 
 def rule(*filters: dict[str, Any], **fields: Any) -> dict[str, Any]:
