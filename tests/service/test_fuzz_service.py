@@ -70,7 +70,7 @@ def test_any_stream_gets_valid_answers_and_never_an_unearned_mirror(channel: grp
     answerable = [r for r in stream if r.WhichOneof("request") is not None]
     # One answer per known message, of the matching kind, in order.
     assert [r.WhichOneof("response") for r in responses] == [r.WhichOneof("request") for r in answerable]
-    for request, response in zip(answerable, responses, strict=False):
+    for request, response in zip(answerable, responses, strict=True):
         if request.WhichOneof("request") != "request_headers":
             assert getattr(response, response.WhichOneof("response")).ByteSize() == 0
             continue

@@ -266,7 +266,7 @@ def test_conformance_shares(path: str, fractions: list[float]) -> None:
     n = 4000
     observed = share(conformance(), "gateway.example", path, n)
     assert len(observed) == len(fractions)
-    for o, p in zip(observed, fractions, strict=False):
+    for o, p in zip(observed, fractions, strict=True):
         assert within_5_sd(o, p, n), (path, o, p)
 
 
