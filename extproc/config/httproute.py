@@ -213,7 +213,7 @@ def _parse_match(p: Problems, path: str, raw: object) -> Match | None:
         p.add(f"{path}.path.type", f"must be Exact, PathPrefix or RegularExpression, got {ptype!r}")
     elif not isinstance(pvalue, str) or (ptype != "RegularExpression" and not pvalue.startswith("/")):
         p.add(f"{path}.path.value", f"must be a string starting with '/', got {pvalue!r}")
-    elif ptype != "RegularExpression" and any(c in pvalue for c in "?#") or _CONTROL.search(pvalue):
+    elif (ptype != "RegularExpression" and any(c in pvalue for c in "?#")) or _CONTROL.search(pvalue):
         p.add(f"{path}.path.value", f"must not contain '?', '#' or control characters (the query is not part of the path), got {pvalue!r}")
     elif problem := _path_problem(ptype, pvalue):
         p.add(f"{path}.path.value", problem)
