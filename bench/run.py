@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
+    written = "latest.json"
     try:
         chart(
             summary,
@@ -513,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             args.output / "latest.png",
             f"mirror-sampler bench, {date}, {info['nproc']} cores ({info['cpu']}), Envoy --concurrency {args.concurrency}",
         )
+        written += ", latest.png"
     except ImportError:
-        print("bench: matplotlib missing, no chart: pip install -e '.[bench]'", file=sys.stderr)
-    print(f"\nwrote {args.output / 'latest.md'}, latest.json, latest.png")
+        print("bench: matplotlib missing, no chart: `make bench` installs it (pip install -e '.[bench]')", file=sys.stderr)
+    print(f"\nwrote {args.output / 'latest.md'}, {written}")
     return 0
 
 
