@@ -89,7 +89,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     envoy = EnvoyProcess(out / "envoy.yaml", tmp_path)
     processes.append(envoy)
     envoy.start()
-    wait_until(lambda: envoy.stat("cluster.mirror-sampler.membership_healthy") >= 1, 20)
+    wait_until(lambda: envoy.stat("cluster.mirror-sampler.membership_healthy") >= 1, 20, "Envoy to see the sampler healthy")
     ports = envoy.listener_ports()
     front, internal = Client(f"http://127.0.0.1:{ports['front']}"), Client(f"http://127.0.0.1:{ports['internal']}")
     shop_host = "shop.example.com"
@@ -110,7 +110,8 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     api_keys = [f"api-{i}" for i in range(150)]
     before = {n: len(e.echoed()) for n, e in echoes.items()}
     phase(front, "/api/items", shop_host, api_keys, {}, {"shop": 150, "shadow-a": len(sampled(api_keys, 30, 100))})
-    wait_until(lambda: len(echoes["shadow-a"].echoed()) >= before["shadow-a"] + len(sampled(api_keys, 30, 100)), 10)
+    api_mirrors = len(sampled(api_keys, 30, 100))
+    wait_until(lambda: len(echoes["shadow-a"].echoed()) >= before["shadow-a"] + api_mirrors, 10, "the api mirrors at shadow-a")
     mirrored = echoes["shadow-a"].echoed()[before["shadow-a"] :]
     assert {d["headers"]["X-Request-Id"][0] for d in mirrored} == sampled(api_keys, 30, 100), "exactly the sampled keys"
     primary = echoes["shop"].echoed()[before["shop"] :]
@@ -152,7 +153,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     # route whose per-route Lua configuration (disabled: true, meant for the
     # user's own Lua filter) Envoy would apply to ours too if ours had none.
     sampler.stop()
-    wait_until(lambda: envoy.stat("cluster.mirror-sampler.membership_healthy") == 0, 20)
+    wait_until(lambda: envoy.stat("cluster.mirror-sampler.membership_healthy") == 0, 20, "Envoy to see the sampler gone")
     forged = {"x-mirror-cluster-0": "shadow-a", "x-mirror-cluster-1": "shadow-b"}
     phase(front, "/api/forged", shop_host, unsampled, forged, {"shop": 30})
     phase(front, "/checkout", shop_host, unsampled, {"x-tenant": "acme", **forged}, {"shop": 30})

@@ -287,14 +287,14 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, st
     reloader = gw.reloader
     assert reloader is not None
     (tmp_path / "routes.yaml").write_text(route.replace("percent: 20", "percent: 120"))
-    wait_until(lambda: reloader.outcomes["invalid"] == 1, 10)
+    wait_until(lambda: reloader.outcomes["invalid"] == 1, 10, "the invalid edit to be judged")
     assert gw.routes_reloads() == reloads + 1
     # Files written next to the config are not the config; a change that does
     # not alter Envoy's routes is not a rejection (Envoy counted none).
     for i in range(10):
         (tmp_path / "up.log").write_text(f"{i}\n")
     (tmp_path / "routes.yaml").write_text(route + "\n# a comment changes no route\n")
-    wait_until(lambda: reloader.outcomes["unchanged"] == 1, 10)
+    wait_until(lambda: reloader.outcomes["unchanged"] == 1, 10, "the unchanged edit to be judged")
     assert reloader.outcomes == {"reloaded": 1, "invalid": 1, "unchanged": 1}
     assert gw.stat("http.ingress_http.rds.mirror-sampler.update_rejected") == 0
     client.close()

@@ -89,7 +89,7 @@ def probes(gw: LocalStack) -> int:
 def flowing(load: Load, more: int) -> None:
     """Wait until the load has had ``more`` answers from now on."""
     mark = len(load.statuses)
-    wait_until(lambda: len(load.statuses) >= mark + more, 20)
+    wait_until(lambda: len(load.statuses) >= mark + more, 20, f"{more} more answers to the load")
 
 
 def test_sigkill_under_load_never_fails_a_request_and_mirroring_comes_back(
@@ -109,7 +109,7 @@ def test_sigkill_under_load_never_fails_a_request_and_mirroring_comes_back(
         gw.wait_samplers_healthy()
         send_sampled(gw, SAMPLED[:20])
         # Under load the shadow is never idle: wait for the probes' mirrors.
-        wait_until(lambda: probes(gw) >= 20, 10)
+        wait_until(lambda: probes(gw) >= 20, 10, "the 20 probes' mirrors at shadow")
         flowing(load, 20)
     assert probes(gw) == 20
     assert load.errors == []

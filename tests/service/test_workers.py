@@ -179,9 +179,10 @@ def test_sighup_reaches_every_worker(workers: Workers) -> None:
         return {i: scrape(p, "mirror_sampler_reloads_total", {"result": "unchanged"}) for i, p in workers.metrics_ports.items()}
 
     before = unchanged()
+    assert len(before) == 2, "a metrics port per worker"
     workers.signal(signal.SIGHUP)
     # The file did not change: every worker re-read it and counted "unchanged".
-    wait_until(lambda: all(unchanged()[i] > before[i] for i in before), 10)
+    wait_until(lambda: all(unchanged()[i] > before[i] for i in before), 10, "every worker to re-read the file on SIGHUP")
 
 
 def test_file_change_reaches_every_worker(workers: Workers, route_file: Path) -> None:
@@ -190,7 +191,8 @@ def test_file_change_reaches_every_worker(workers: Workers, route_file: Path) ->
     def oks() -> list[float]:
         return [scrape(p, "mirror_sampler_reloads_total", {"result": "ok"}) for p in workers.metrics_ports.values()]
 
-    wait_until(lambda: all(n >= 1 for n in oks()), 10)
+    assert len(workers.metrics_ports) == 2, "a metrics port per worker"
+    wait_until(lambda: all(n >= 1 for n in oks()), 10, "every worker to reload the edit")
     assert not any(ask_on_new_connections(workers.port, 10))
 
 
