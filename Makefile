@@ -51,6 +51,7 @@ LOAD_GENERATORS := wrk hey
 load-generators:
 	@missing=""; for t in $(LOAD_GENERATORS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
+		command -v apt-get >/dev/null || { echo "bench needs$$missing on PATH: install them, then run make again"; exit 1; }; \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
 		echo "installing$$missing (apt-get)"; \
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
