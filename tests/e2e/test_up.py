@@ -19,6 +19,7 @@ from extproc.config.settings import Settings
 from extproc.stack.children import Child
 from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
 from extproc.stack.view import view_rows
+from tests.support.harness import start_stack
 from tests.support.paths import REPO
 from tests.support.procs import alive, busy_port, wait_until
 
@@ -172,3 +173,20 @@ def test_view_rows_show_achieved_and_configured_ratio() -> None:
     rows = view_rows(policy, {"cluster.backend.upstream_rq_total": 200, "cluster.backend-2.upstream_rq_total": 97})
     assert any(r.split() == ["backend", "200"] for r in rows)
     assert any(r.split() == ["backend-2", "97", "200", "48.5%", "50%"] for r in rows)
+
+
+def test_the_live_view_shows_an_inline_edit(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """Under --inline the view shows the fractions in force, not the start-up ones."""
+    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text(), inline=True)
+    stacks.append(gw)
+    assert configured(gw) == "50%"
+    reloads = gw.routes_reloads()
+    (tmp_path / "routes.yaml").write_text(DEFAULT_CONFIG.read_text().replace("percent: 50", "percent: 10"))
+    wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy loading the edited routes")
+    assert configured(gw) == "10%"
+
+
+def configured(gw: LocalStack) -> str:
+    """The configured fraction the view shows for the mirror backend."""
+    (row,) = [r for r in view_rows(gw.policy, gw.stats()) if r.split()[0] == "backend-2"]
+    return row.split()[-1]

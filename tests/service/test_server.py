@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.config.build import build_policy
+from extproc.config.settings import Settings
+from extproc.core.sampling import Fraction
+from extproc.server import logs
+from extproc.server import store as store_module
+from extproc.server.metrics import Metrics
+from extproc.server.store import PolicyStore
 from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
 from tests.support.paths import REPO
 from tests.support.procs import Sampler, wait_until
@@ -248,3 +256,32 @@ def test_configmap_symlink_swaps_are_all_seen(tmp_path: Path, transport: str) ->
         assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 3
     finally:
         s.stop()
+
+
+def test_a_reload_that_read_earlier_never_outlives_one_that_read_later(route_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload race: the watcher's reload has read an edit (50%) and is
+    still building it when SIGHUP's reload reads a newer one (100%). The
+    interleaving is the test's, not the scheduler's: the first build waits
+    until SIGHUP's reload has returned. The last content read is in force."""
+    building_first = threading.Event()
+    release_first = threading.Event()
+
+    def build(settings: Settings, text: str | None = None) -> object:
+        if text is not None and "percent: 50" in text:
+            building_first.set()
+            assert release_first.wait(10), "the test never released the first reload"
+        return build_policy(settings, text)
+
+    monkeypatch.setattr(store_module, "build_policy", build)
+    store = PolicyStore(Settings.load({"MIRROR_CONFIG": str(route_file)}), Metrics(), logs.get("test"))
+    route_file.write_text(ROUTE.format(percent=50))
+    first = threading.Thread(target=store.reload, args=("file changed",))
+    first.start()
+    wait_until(building_first.is_set, 10, "the first reload building the 50% edit")
+    route_file.write_text(ROUTE.format(percent=100))
+    second = threading.Thread(target=store.reload, args=("SIGHUP",))
+    second.start()
+    wait_until(lambda: not second.is_alive(), 10, "SIGHUP's reload returning while the first one builds")
+    release_first.set()
+    wait_until(lambda: not first.is_alive(), 10, "the first reload returning")
+    assert [m.fraction for m in store.policy.rules[0].mirrors] == [Fraction(100)]

@@ -49,14 +49,15 @@ def busy_port() -> Iterator[int]:
         yield busy.getsockname()[1]
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 5.0) -> float:
-    """Poll until pred() is true; the seconds it took. Fails the test at the timeout."""
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:
+    """Poll until pred() is true; the seconds it took. Fails the test at the
+    timeout, naming ``what`` was awaited."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if pred():
             return time.monotonic() - start
         time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout}s")
+    raise AssertionError(f"{what}: not met within {timeout}s")
 
 
 def alive(pid: int) -> bool:
