@@ -277,9 +277,7 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, st
     assert settle(gw, {"infra-backend-v2": 0}) == {"infra-backend-v2": 0}
     reloads = gw.routes_reloads()
     (tmp_path / "routes.yaml").write_text(route)  # percent: 20
-    deadline = time.monotonic() + 10
-    while gw.routes_reloads() == reloads and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy loading the 20% routes")
     assert gw.routes_reloads() == reloads + 1
     # The keep-alive connection opened before the change is still usable.
     for key in KEYS[:40]:
@@ -292,14 +290,14 @@ def test_inline_routes_reload_from_the_file_without_a_restart(tmp_path: Path, st
     reloader = gw.reloader
     assert reloader is not None
     (tmp_path / "routes.yaml").write_text(route.replace("percent: 20", "percent: 120"))
-    wait_until(lambda: reloader.outcomes["invalid"] == 1, 10)
+    wait_until(lambda: reloader.outcomes["invalid"] == 1, 10, "up judging the 120% edit invalid")
     assert gw.routes_reloads() == reloads + 1
     # Files written next to the config are not the config; a change that does
     # not alter Envoy's routes is not a rejection (Envoy counted none).
     for i in range(10):
         (tmp_path / "up.log").write_text(f"{i}\n")
     (tmp_path / "routes.yaml").write_text(route + "\n# a comment changes no route\n")
-    wait_until(lambda: reloader.outcomes["unchanged"] == 1, 10)
+    wait_until(lambda: reloader.outcomes["unchanged"] == 1, 10, "up judging the comment edit")
     assert reloader.outcomes == {"reloaded": 1, "invalid": 1, "unchanged": 1}
     assert gw.stat("http.ingress_http.rds.mirror-sampler.update_rejected") == 0
     client.close()
@@ -379,9 +377,7 @@ def test_kill_switch_in_the_file_stops_mirroring_live(tmp_path: Path, stacks: li
         route + "---\napiVersion: mirror-sampler.io/v1alpha1\nkind: MirrorSampler\nspec: {mirroring: Disabled}\n"
     )
     if inline:
-        deadline = time.monotonic() + 10
-        while gw.routes_reloads() == reloads and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy loading the routes of the disabled file")
     else:
         gw.samplers[0].wait_event("reloaded", timeout=5, after=mark)  # type: ignore[union-attr]
     assert mirrored_now(0) == 0

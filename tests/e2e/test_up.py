@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -72,11 +71,9 @@ def test_up_runs_the_default_example_and_stops_every_child_on_sigterm() -> None:
         # Not a terminal: the live view comes as periodic lines.
         gw.wait_line(lambda s: s.startswith("primary") and "backend-2" in s and "50%" in s, timeout=20)
         gw.signal(signal.SIGTERM)
-        assert gw.popen.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(k) for k in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(k) for k in kids)
+        wait_until(lambda: gw.popen.poll() is not None, 30, "up exiting on SIGTERM")
+        assert gw.popen.returncode == 0
+        wait_until(lambda: not any(alive(k) for k in kids), 10, "every child of up gone")
     finally:
         gw.stop()
 
@@ -108,7 +105,7 @@ def test_first_screen_gives_every_url_the_logs_and_curls_that_do_what_they_say()
             with urllib.request.urlopen(req, timeout=10) as resp:
                 assert resp.status == 200
             if what == "mirrored":
-                wait_until(lambda: mirror_count() == before + 1, 10)  # noqa: B023 - called before the loop moves on
+                wait_until(lambda: mirror_count() == before + 1, 10, f"the mirror of {key}'s request")  # noqa: B023 - called before the loop moves on
             else:
                 # The primary's count is the positive witness that Envoy routed it.
                 assert mirror_count() == before
@@ -130,7 +127,8 @@ def test_up_right_after_ctrl_c_starts_on_the_same_ports() -> None:
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
         first.signal(signal.SIGINT)
-        assert first.popen.wait(30) == 0
+        wait_until(lambda: first.popen.poll() is not None, 30, "the first up exiting on SIGINT")
+        assert first.popen.returncode == 0
     finally:
         first.stop()
     second = up(*ports)
@@ -144,7 +142,8 @@ def test_port_in_use_exits_non_zero_naming_the_part() -> None:
     with busy_port() as port:
         gw = up("--listener-port", str(port))
         try:
-            assert gw.popen.wait(60) == 1
+            wait_until(lambda: gw.popen.poll() is not None, 60, "up exiting on a busy listener port")
+            assert gw.popen.returncode == 1
             assert f"--listener-port: port {port} on 127.0.0.1 is not free" in gw.output()
         finally:
             gw.stop()

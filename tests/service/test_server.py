@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -93,8 +92,7 @@ def test_file_edit_reloads_within_two_seconds(route_file: Path, transport: str) 
     try:
         assert not sampled(s.port)
         route_file.write_text(ROUTE.format(percent=100))
-        took = wait_until(lambda: sampled(s.port), timeout=2.0)
-        assert took < 2.0
+        wait_until(lambda: sampled(s.port), 2.0, "the 100% edit in force")
         assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 1
     finally:
         s.stop()
@@ -156,7 +154,7 @@ def test_sighup_forces_reload(route_file: Path, transport: str) -> None:
         mark = s.line_count
         s.signal(signal.SIGHUP)
         # Same content: nothing to swap, but the reload ran and was counted.
-        wait_until(lambda: s.metric("mirror_sampler_reloads_total", {"result": "unchanged"}) >= 1, 5)
+        wait_until(lambda: s.metric("mirror_sampler_reloads_total", {"result": "unchanged"}) >= 1, 5, "SIGHUP's reload counted unchanged")
         assert s.popen.poll() is None
         route_file.write_text(ROUTE.format(percent=100))
         s.signal(signal.SIGHUP)
@@ -169,13 +167,13 @@ def test_sighup_forces_reload(route_file: Path, transport: str) -> None:
 def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path, transport: str) -> None:
     route_file.write_text(ROUTE.format(percent=100))
     s = Sampler(
-        {"MIRROR_TRANSPORT": transport, "MIRROR_CONFIG": str(route_file), "MIRROR_DRAIN_DELAY": "1.5", "MIRROR_SHUTDOWN_GRACE": "5"}
+        {"MIRROR_TRANSPORT": transport, "MIRROR_CONFIG": str(route_file), "MIRROR_DRAIN_DELAY": "1.5", "MIRROR_SHUTDOWN_GRACE": "60"}
     )
 
     def served(resp: ProcessingResponse) -> bool:
         return bool(resp.request_headers.response.header_mutation.set_headers)
 
-    async def main() -> tuple[int, bool, bool, float]:
+    async def main() -> tuple[int, bool, bool]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") as ch:
             open_stream = ch.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)()
             await open_stream.write(request(b"alice"))
@@ -198,16 +196,16 @@ def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path, tran
             still_served = served(await open_stream.read())
             await open_stream.done_writing()
             assert await open_stream.read() == grpc.aio.EOF
-            return health.status, refused, still_served, time.monotonic()
+            return health.status, refused, still_served
 
     try:
-        status, refused, still_served, closed_at = asyncio.run(main())
+        status, refused, still_served = asyncio.run(main())
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert refused
         assert still_served
-        # With its last stream closed the process exits without waiting out the grace.
-        assert s.popen.wait(10) == 0
-        assert time.monotonic() - closed_at < 4
+        # With its last stream closed the process exits without waiting out the grace (60 s).
+        wait_until(lambda: s.popen.poll() is not None, 10, "the sampler exiting once its last stream closed")
+        assert s.popen.returncode == 0
         assert any('"event": "stopped"' in line for line in s.lines)
     finally:
         s.stop()
@@ -252,7 +250,7 @@ def test_configmap_symlink_swaps_are_all_seen(tmp_path: Path, transport: str) ->
     try:
         for version, percent in ((1, 100), (2, 0), (3, 100)):
             publish(version, percent)
-            wait_until(lambda: sampled(s.port) is (percent == 100), timeout=3)  # noqa: B023 - called before the loop moves on
+            wait_until(lambda: sampled(s.port) is (percent == 100), 3, f"ConfigMap version {version} ({percent}%) in force")  # noqa: B023 - called before the loop moves on
         assert s.metric("mirror_sampler_reloads_total", {"result": "ok"}) == 3
     finally:
         s.stop()
@@ -269,7 +267,7 @@ def test_a_reload_that_read_earlier_never_outlives_one_that_read_later(route_fil
     def build(settings: Settings, text: str | None = None) -> object:
         if text is not None and "percent: 50" in text:
             building_first.set()
-            assert release_first.wait(10), "the test never released the first reload"
+            wait_until(release_first.is_set, 10, "the test releasing the first reload")
         return build_policy(settings, text)
 
     monkeypatch.setattr(store_module, "build_policy", build)

@@ -96,3 +96,13 @@ def test_reading_commands_do_not_load_grpc(argv: list[str]) -> None:
         f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0"
     )
     assert not [n for n in loaded if n == "grpc" or n.startswith("grpc.")]
+    # Reading the file is config.source's business, not the sampler's store's; nothing watches it.
+    assert not {"extproc.server.store", "extproc.watch", "watchfiles"} & loaded
+
+
+def test_the_stack_reads_configuration_through_config_not_the_server() -> None:
+    for path in sorted((REPO / "extproc" / "stack").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                assert node.module != "server.store", f"{path.name} imports the sampler's store"
