@@ -103,8 +103,8 @@ class RouteReloader:
             return
         envoy = self.envoy()
         before = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
-        previous, self.stack.policy = self.stack.policy, policy
         if not write_routes(self.stack.routes_file(), policy, self.stack.topology()):
+            self.stack.policy = policy
             self.outcomes["unchanged"] += 1
             print("mirror-sampler up: the change does not alter Envoy's routes; nothing to reload", flush=True)
             return
@@ -112,16 +112,18 @@ class RouteReloader:
         while True:
             rejected, reloads = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
             if reloads > before[1]:
+                self.stack.policy = policy
                 self.outcomes["reloaded"] += 1
                 print("mirror-sampler up: routes reloaded", flush=True)
                 return
             if rejected > before[0]:
-                self.stack.policy = previous
                 self.outcomes["rejected_by_envoy"] += 1
                 print("mirror-sampler up: Envoy rejected the new routes; previous routes stay (see the envoy log)", file=sys.stderr)
                 return
             if time.monotonic() > deadline:
-                # Neither counter moved: say so, without claiming a rejection.
+                # Neither counter moved: say so, without claiming a rejection
+                # (the routes file is written: Envoy serves it once it reads it).
+                self.stack.policy = policy
                 self.outcomes["unconfirmed"] += 1
                 print("mirror-sampler up: Envoy has not reported the new routes yet (see the envoy log)", file=sys.stderr)
                 return
