@@ -101,12 +101,12 @@ class LocalStack:
         self.policy = build_policy(self.settings, text)
         if self.inline and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
-        if self.inline and self.settings.config:
-            # Started with Envoy; it judges edits against the text the policy was built from.
-            self.reloader = RouteReloader(self.settings, self, built_from=text)
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.inline and self.settings.config:
+            # Started with Envoy; it judges edits against the text the policy was built from.
+            self.reloader = RouteReloader(self.settings, self, built_from=text)
 
     # -- lifecycle ---------------------------------------------------------
 
