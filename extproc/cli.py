@@ -76,8 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config.build import parse, policy_from
+    from .config.source import read_manifest
     from .config.summary import summarize
-    from .server.store import read_manifest
 
     settings = settings_from(args)
     parsed = parse(settings, read_manifest(settings))
@@ -100,8 +100,8 @@ def _pairs(values: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from .config.source import load_policy
     from .core.explain import BulkInputError, explain, explain_bulk, render_line, render_text, request_headers
-    from .server.store import load_policy
 
     policy = load_policy(settings_from(args))
     headers, cookies = _pairs(args.header, "--header"), _pairs(args.cookie, "--cookie")
@@ -140,9 +140,9 @@ def _address(text: str, what: str) -> Address:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from .config.source import load_policy
     from .envoy.lua import unsupported
     from .envoy.render import Address, Topology, backend_ports, compose_topology, render
-    from .server.store import load_policy
 
     envoy = envoy_settings_from(args)
     policy = load_policy(settings_from(args))

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from ..config.addresses import split_address
 from ..config.settings import Settings
+from ..watch import AsyncDriver
 from . import logs, transports
 from .health import Health
 from .metrics import Metrics
@@ -56,17 +57,12 @@ class Server:
         self.store = store or PolicyStore(settings, self.metrics, self.log)
         self.health = Health(serving=False)
         self.stop_requested = asyncio.Event()
-        self._reloads: set[asyncio.Task[bool]] = set()
+        # File events and SIGHUP: reloads in a thread, one at a time, the last content read in force.
+        self.reloads = AsyncDriver(self.store.source, seen=self.store.folder_changed)
         self.port: int | None = None
 
     def request_stop(self) -> None:
         self.stop_requested.set()
-
-    def _reload_on_sighup(self) -> None:
-        # Parsing runs in a thread, as for file events: the loop keeps answering.
-        task = asyncio.get_running_loop().create_task(self.store.reload_in_thread("SIGHUP"))
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
 
     async def serve(self) -> None:
         settings = self.settings
@@ -100,8 +96,8 @@ class Server:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_on_sighup)
-        watcher = asyncio.create_task(self.store.watch(self.stop_requested))
+        loop.add_signal_handler(signal.SIGHUP, self.reloads.request, "SIGHUP")
+        watcher = asyncio.create_task(self.reloads.watch(self.stop_requested))
         lag_probe = asyncio.create_task(watch_loop_lag(self.metrics, self.stop_requested))
         # Start-up objects (config, protobuf descriptors, Envoy-config
         # helpers) never die: keep them out of every collection.

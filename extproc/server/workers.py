@@ -114,7 +114,7 @@ class Supervisor:
     def run(self) -> int:
         # Bad configuration fails here, once, with every problem listed,
         # rather than in N workers.
-        from .store import load_policy
+        from ..config.source import load_policy
 
         load_policy(self.settings)
         self.holder, self.port = hold_port(self.settings.listen)

@@ -1,9 +1,11 @@
 """Inline mode's live routes: a changed HTTPRoute file becomes new Envoy
 routes through filesystem RDS, without restarting Envoy.
 
-Only the configuration file itself is watched (other files in its folder,
-such as logs, cause nothing), and a rejection is reported only when Envoy's
-RDS counted one.
+The route reloader is the judge of the configuration source
+(``config.source``), driven by a watch thread: each content of the file is
+judged once, other files in its folder cause nothing, and a rejection is
+reported only when Envoy's RDS counted one. The policy it puts in force is the
+stack's (what `up`'s live view shows), not a copy.
 """
 
 from __future__ import annotations
@@ -11,20 +13,18 @@ from __future__ import annotations
 import collections
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-
-import watchfiles
+from typing import Protocol
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import Settings
+from ..config.source import ConfigSource
 from ..core.policy import Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import ROUTE_CONFIG_NAME, Topology, backend_names, route_discovery, to_yaml
-from ..server.store import content_digest, read_manifest, touches
+from ..watch import WatchThread
 from .envoy import EnvoyProcess
 
 RDS_STAT = f"http.ingress_http.rds.{ROUTE_CONFIG_NAME}."
@@ -43,90 +43,87 @@ def write_routes(target: Path, policy: Policy, topology: Topology) -> bool:
     return True
 
 
+class InlineStack(Protocol):
+    """What the reloader needs of the stack: its policy in force, which it replaces."""
+
+    policy: Policy
+    envoy: EnvoyProcess | None
+
+    def topology(self) -> Topology: ...
+
+    def routes_file(self) -> Path: ...
+
+
 class RouteReloader:
     """Watches ``settings.config``; each valid change is written as new routes."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        routes_file: Path,
-        envoy: EnvoyProcess,
-        topology: Callable[[], Topology],
-        policy: Policy,
-        judged: bytes,
-    ) -> None:
-        """``policy``: the one in force; ``judged``: the content_digest of the
-        file text it was built from (a later edit must not pass for it)."""
+    def __init__(self, settings: Settings, stack: InlineStack, built_from: str | None) -> None:
+        """``built_from``: the file text the stack's policy was built from."""
         self.settings = settings
-        self.routes_file = routes_file
-        self.envoy = envoy
-        self.topology = topology
-        self.policy = policy
-        # Each content of the file is judged once: an editor's save may come
-        # as several events, and the same content must not be reported twice.
-        self._judged = judged
-        self.stop_event = threading.Event()
+        self.stack = stack
+        self.source = ConfigSource(settings, self, built_from)
+        self.watcher = WatchThread(self.source, name="route-watcher")
         # How each change ended: reloaded, invalid, unchanged, new_backends,
-        # rejected_by_envoy, unconfirmed (what `up` printed, countable by tests).
+        # rejected_by_envoy, unconfirmed, failed (what `up` printed, countable by tests).
         self.outcomes: collections.Counter[str] = collections.Counter()
 
     def start(self) -> None:
-        threading.Thread(target=self._watch, name="route-watcher", daemon=True).start()
+        self.watcher.start()
 
     def stop(self) -> None:
-        self.stop_event.set()
+        self.watcher.stop()
+
+    def envoy(self) -> EnvoyProcess:
+        assert self.stack.envoy is not None, "routes are reloaded only once Envoy runs"
+        return self.stack.envoy
 
     def reloads(self) -> int:
-        return self.envoy.stat(RDS_STAT + "config_reload")
+        return self.envoy().stat(RDS_STAT + "config_reload")
 
-    def _watch(self) -> None:
-        config = Path(self.settings.config)
-        for changes in watchfiles.watch(config.parent, stop_event=self.stop_event, debounce=200, step=50, recursive=False):
-            if not touches(changes, config):
-                continue
-            try:
-                self.reload()
-            except Exception as e:  # keep watching whatever happened
-                print(f"mirror-sampler up: reloading routes failed, previous routes stay: {e!r}", file=sys.stderr)
+    # -- the source's judge ------------------------------------------------
 
-    def reload(self) -> None:
-        try:
-            text = read_manifest(self.settings)
-            digest = content_digest(text)
-            if digest == self._judged:
-                return
-            self._judged = digest
-            policy = build_policy(self.settings, text)
-            if unsupported(policy):
-                raise ConfigError(unsupported(policy))
-        except ConfigError as e:
-            self.outcomes["invalid"] += 1
-            print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
-            return
-        if set(backend_names(policy)) != set(backend_names(self.policy)):
+    def unchanged(self, reason: str) -> None:
+        pass  # the same content again: nothing to say
+
+    def rejected(self, reason: str, problems: list[str]) -> None:
+        self.outcomes["invalid"] += 1
+        print("mirror-sampler up: configuration change rejected, previous routes stay:", *problems, sep="\n  ", file=sys.stderr)
+
+    def failed(self, reason: str, error: Exception) -> None:
+        self.outcomes["failed"] += 1
+        print(f"mirror-sampler up: reloading routes failed, previous routes stay: {error!r}", file=sys.stderr)
+
+    def judge(self, text: str | None, reason: str) -> None:
+        policy = build_policy(self.settings, text)
+        if unsupported(policy):
+            raise ConfigError(unsupported(policy))
+        if set(backend_names(policy)) != set(backend_names(self.stack.policy)):
             self.outcomes["new_backends"] += 1
             print("mirror-sampler up: the change names other backends; restart to add their clusters", file=sys.stderr)
             return
-        before = self.envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
-        previous, self.policy = self.policy, policy
-        if not write_routes(self.routes_file, policy, self.topology()):
+        envoy = self.envoy()
+        before = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
+        if not write_routes(self.stack.routes_file(), policy, self.stack.topology()):
+            self.stack.policy = policy
             self.outcomes["unchanged"] += 1
             print("mirror-sampler up: the change does not alter Envoy's routes; nothing to reload", flush=True)
             return
         deadline = time.monotonic() + 10
         while True:
-            rejected, reloads = self.envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
+            rejected, reloads = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
             if reloads > before[1]:
+                self.stack.policy = policy
                 self.outcomes["reloaded"] += 1
                 print("mirror-sampler up: routes reloaded", flush=True)
                 return
             if rejected > before[0]:
-                self.policy = previous
                 self.outcomes["rejected_by_envoy"] += 1
                 print("mirror-sampler up: Envoy rejected the new routes; previous routes stay (see the envoy log)", file=sys.stderr)
                 return
             if time.monotonic() > deadline:
-                # Neither counter moved: say so, without claiming a rejection.
+                # Neither counter moved: say so, without claiming a rejection
+                # (the routes file is written: Envoy serves it once it reads it).
+                self.stack.policy = policy
                 self.outcomes["unconfirmed"] += 1
                 print("mirror-sampler up: Envoy has not reported the new routes yet (see the envoy log)", file=sys.stderr)
                 return

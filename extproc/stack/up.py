@@ -19,6 +19,7 @@ from pathlib import Path
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import EnvoySettings, Settings
+from ..config.source import read_manifest
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
 from ..core.matching import PathType
@@ -26,7 +27,6 @@ from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import Address, Topology, backend_names, render
 from ..server.ports import probe_free
-from ..server.store import content_digest, read_manifest
 from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
@@ -68,8 +68,8 @@ class LocalStack:
     sampler_ca: str = ""
     sampler_client_cert: str = ""
     sampler_client_key: str = ""
+    # The policy in force: what `up` rendered, replaced by inline route reloads; the live view shows it.
     policy: Policy = field(init=False)
-    config_digest: bytes = field(init=False, default=b"")
     backends: dict[str, EchoProcess] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
     samplers: list[SamplerProcess | None] = field(init=False, default_factory=list)
@@ -99,13 +99,14 @@ class LocalStack:
             self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
         text = read_manifest(self.settings)
         self.policy = build_policy(self.settings, text)
-        # What the policy was built from: the inline route reloader starts from it.
-        self.config_digest = content_digest(text)
         if self.inline and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.inline and self.settings.config:
+            # Started with Envoy; it judges edits against the text the policy was built from.
+            self.reloader = RouteReloader(self.settings, self, built_from=text)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -213,8 +214,7 @@ class LocalStack:
             self.wait_samplers_healthy()
         except EnvoyError as e:
             raise StackError(str(e)) from None
-        if self.inline and self.settings.config:
-            self.reloader = RouteReloader(self.settings, self.routes_file(), self.envoy, self.topology, self.policy, self.config_digest)
+        if self.reloader is not None:
             self.reloader.start()
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
@@ -226,7 +226,7 @@ class LocalStack:
             self.envoy.tick(deadline, "sampler health in envoy")
 
     def routes_reloads(self) -> int:
-        return self.reloader.reloads() if self.reloader is not None else 0
+        return self.reloader.reloads() if self.reloader is not None and self.envoy is not None else 0
 
     def stats(self) -> dict[str, int]:
         """Envoy's counters and gauges (admin /stats)."""

@@ -18,6 +18,7 @@ from extproc.config.settings import Settings
 from extproc.stack.children import Child
 from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
 from extproc.stack.view import view_rows
+from tests.support.harness import start_stack
 from tests.support.paths import REPO
 from tests.support.procs import alive, busy_port, wait_until
 
@@ -135,7 +136,8 @@ def test_up_right_after_ctrl_c_starts_on_the_same_ports() -> None:
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
         first.signal(signal.SIGINT)
-        assert first.popen.wait(30) == 0
+        wait_until(lambda: first.popen.poll() is not None, 30, "the first up exiting on SIGINT")
+        assert first.popen.returncode == 0
     finally:
         first.stop()
     second = up(*ports)
@@ -149,7 +151,8 @@ def test_port_in_use_exits_non_zero_naming_the_part() -> None:
     with busy_port() as port:
         gw = up("--listener-port", str(port))
         try:
-            assert gw.popen.wait(60) == 1
+            wait_until(lambda: gw.popen.poll() is not None, 60, "up exiting on a busy listener port")
+            assert gw.popen.returncode == 1
             assert f"--listener-port: port {port} on 127.0.0.1 is not free" in gw.output()
         finally:
             gw.stop()
@@ -178,3 +181,20 @@ def test_view_rows_show_achieved_and_configured_ratio() -> None:
     rows = view_rows(policy, {"cluster.backend.upstream_rq_total": 200, "cluster.backend-2.upstream_rq_total": 97})
     assert any(r.split() == ["backend", "200"] for r in rows)
     assert any(r.split() == ["backend-2", "97", "200", "48.5%", "50%"] for r in rows)
+
+
+def test_the_live_view_shows_an_inline_edit(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """Under --inline the view shows the fractions in force, not the start-up ones."""
+    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text(), inline=True)
+    stacks.append(gw)
+    assert configured(gw) == "50%"
+    reloads = gw.routes_reloads()
+    (tmp_path / "routes.yaml").write_text(DEFAULT_CONFIG.read_text().replace("percent: 50", "percent: 10"))
+    wait_until(lambda: configured(gw) == "10%", 10, "the live view showing the 10% edit")
+    assert gw.routes_reloads() > reloads  # shown once Envoy serves it
+
+
+def configured(gw: LocalStack) -> str:
+    """The configured fraction the view shows for the mirror backend."""
+    (row,) = [r for r in view_rows(gw.policy, gw.stats()) if r.split()[0] == "backend-2"]
+    return row.split()[-1]

@@ -45,3 +45,5 @@ def test_reading_commands_do_not_load_grpc(argv: list[str]) -> None:
         f"with contextlib.redirect_stdout(io.StringIO()):\n    assert main({argv!r}) == 0"
     )
     assert not [n for n in loaded if n == "grpc" or n.startswith("grpc.")]
+    # Reading the file is config.source's business, not the sampler's store's; nothing watches it.
+    assert not {"extproc.server.store", "extproc.watch", "watchfiles"} & loaded

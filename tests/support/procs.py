@@ -49,7 +49,7 @@ def busy_port() -> Iterator[int]:
         yield busy.getsockname()[1]
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str = "") -> float:
+def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> float:
     """Poll until pred() is true; the seconds it took. Fails the test at the
     timeout, naming ``what`` was awaited."""
     start = time.monotonic()
@@ -57,7 +57,7 @@ def wait_until(pred: Callable[[], object], timeout: float = 5.0, what: str = "")
         if pred():
             return time.monotonic() - start
         time.sleep(0.01)
-    raise AssertionError(f"{what or 'condition'} not met within {timeout}s")
+    raise AssertionError(f"{what}: not met within {timeout}s")
 
 
 def alive(pid: int) -> bool:

@@ -17,8 +17,8 @@ import yaml
 
 import extproc.envoy.render as envoyconf
 from extproc.config.settings import OPTIONS, Settings
+from extproc.config.source import load_policy
 from extproc.core.policy import SAMPLER_CLUSTER
-from extproc.server.store import load_policy
 from tests.support.paths import REPO as ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"

@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 from extproc.config.settings import Settings
+from extproc.config.source import load_policy
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.envoy import METADATA_KEY, SAMPLER_FILTER, convert_envoy
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
 from extproc.envoy.render import ANTI_SPOOF_FILTER
-from extproc.server.store import load_policy
 from tests.support.paths import DATA
 
 SOURCE = DATA / "convert" / "envoy"

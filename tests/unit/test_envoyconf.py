@@ -26,9 +26,9 @@ import yaml
 import extproc.envoy.render as envoyconf
 from extproc import cli
 from extproc.config.settings import Settings
+from extproc.config.source import load_policy
 from extproc.core.matching import Match, PathMatch, PathType, ValueMatch, ValueType
 from extproc.core.policy import SAMPLER_CLUSTER, Policy, Rule
-from extproc.server.store import load_policy
 from tests.support.paths import CONFORMANCE, REPO
 
 DEFAULT_CONFIG = "extproc/data/http-mirror.yaml"  # as the Makefile names it

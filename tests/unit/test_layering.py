@@ -35,3 +35,11 @@ def test_pure_module_imports_no_io_module(module: str) -> None:
         if isinstance(node, ast.ImportFrom) and node.level >= 2:
             target = (node.module or "").split(".")[0]
             assert target in (*PURE_PACKAGES, "wire"), f"{module} imports from extproc.{target}, outside the pure core"
+
+
+def test_the_stack_reads_configuration_through_config_not_the_server() -> None:
+    for path in sorted((REPO / "extproc" / "stack").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                assert node.module != "server.store", f"{path.name} imports the sampler's store"

@@ -1,0 +1,144 @@
+"""The configuration file as a source: each content judged once, one reload
+at a time, the last content read in force.
+
+The only place that reads MIRROR_CONFIG. What watches it (the folder, a
+Kubernetes ConfigMap's ``..data`` swaps, SIGHUP) and on which thread lives in
+the shell (``extproc.watch``); what a new content means is the consumer's
+``Judge``: the sampler's policy store, or ``up --inline``'s route reloader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..core.policy import Policy
+from .build import build_policy
+from .errors import ConfigError
+from .settings import Settings
+
+
+def read_manifest(settings: Settings) -> str | None:
+    """The MIRROR_CONFIG file's text (None in simple mode, which has no file)."""
+    if not settings.config:
+        return None
+    try:
+        return Path(settings.config).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"MIRROR_CONFIG: cannot read {settings.config}: {e}"]) from None
+
+
+def load_policy(settings: Settings) -> Policy:
+    """The policy these settings describe; ConfigError lists every problem."""
+    return build_policy(settings, read_manifest(settings))
+
+
+def content_digest(text: str | None) -> bytes:
+    """What identifies one content of the configuration file (judged once each)."""
+    return hashlib.sha256((text or "").encode()).digest()
+
+
+def touches(changes: Iterable[tuple[object, str]], config: Path) -> bool:
+    """Whether watchfiles ``changes`` in the config file's folder concern the
+    file: the file itself (written, or replaced by an editor's rename), or a
+    Kubernetes ConfigMap's atomic swap of its ``..data`` symlink, through which
+    the (unresolved) path points at the new content."""
+    name = config.name
+    for _, path in changes:
+        changed = Path(path).name
+        if changed == name or changed.startswith("..data"):
+            return True
+    return False
+
+
+class Judge(Protocol):
+    """What a consumer does with the source's contents."""
+
+    def judge(self, text: str | None, reason: str) -> None:
+        """A content not judged before: put it in force, or raise ConfigError
+        (or report why not itself). Never called twice for one content."""
+
+    def unchanged(self, reason: str) -> None:
+        """A reload found the content already judged."""
+
+    def rejected(self, reason: str, problems: list[str]) -> None:
+        """The file could not be read, or ``judge`` raised ConfigError."""
+
+    def failed(self, reason: str, error: Exception) -> None:
+        """A bug: called from the except block (the traceback is at hand)."""
+
+
+@dataclass(frozen=True)
+class _Request:
+    reason: str
+    quiet: bool
+
+    def then(self, later: _Request) -> _Request:
+        # Two requests become one reload: the later reason, counted unless both are quiet.
+        return _Request(later.reason, self.quiet and later.quiet)
+
+
+class ConfigSource:
+    """``settings.config`` as a series of contents for one ``Judge``.
+
+    Reloads run one at a time: a reload requested while another runs returns
+    at once and the running one reads the file again when it is done, so the
+    content judged last is the content read last, and a burst of requests
+    (SIGHUPs, events) costs at most one more read.
+    """
+
+    def __init__(self, settings: Settings, judge: Judge, built_from: str | None, read: Callable[[Settings], str | None] = read_manifest):
+        """``built_from``: the text the consumer's state was built from at
+        start-up (judged already: a later edit must not pass for it)."""
+        self.settings = settings
+        self.judge = judge
+        self._read = read
+        self._judged = content_digest(built_from)
+        self._guard = threading.Lock()
+        self._running = False
+        self._pending: _Request | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.settings.config).absolute() if self.settings.config else None
+
+    def reload(self, reason: str, quiet: bool = False) -> None:
+        """Read the file and judge its content if it is new; ``quiet``: an
+        unchanged content is not reported. Never raises."""
+        request = _Request(reason, quiet)
+        with self._guard:
+            self._pending = request if self._pending is None else self._pending.then(request)
+            if self._running:
+                return  # the running reload reads again for this request
+            self._running = True
+        try:
+            while True:
+                with self._guard:
+                    latest, self._pending = self._pending, None
+                    if latest is None:
+                        self._running = False
+                        return
+                self._judge_content(latest)
+        except BaseException:
+            with self._guard:
+                self._running = False
+            raise
+
+    def _judge_content(self, request: _Request) -> None:
+        try:
+            text = self._read(self.settings)
+            digest = content_digest(text)
+            if digest == self._judged:
+                if not request.quiet:
+                    self.judge.unchanged(request.reason)
+                return
+            self._judged = digest
+            self.judge.judge(text, request.reason)
+        except ConfigError as e:
+            self.judge.rejected(request.reason, e.problems)
+        except Exception as e:  # a bug must not end reloading, nor the process
+            self.judge.failed(request.reason, e)
