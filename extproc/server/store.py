@@ -23,7 +23,6 @@ from ..config.errors import ConfigError
 from ..config.settings import Settings
 from ..core.plan import Plan
 from ..core.policy import Policy
-from ..core.responses import Responder
 from .metrics import Metrics, ReloadResult
 
 
@@ -66,7 +65,7 @@ class PolicyStore:
         # Compiled here, in the reload thread (or at start), not on the event
         # loop by the first stream: a policy's decision series exist (at 0)
         # from the moment it is in force.
-        return Plan(Responder(policy), self.metrics)
+        return Plan(policy, self.metrics)
 
     def reload(self, reason: str, quiet: bool = False) -> bool:
         """Re-read the file; True if a new policy is now in force. Never
