@@ -199,6 +199,7 @@ def explain_bulk(
     path: str = "/",
     host: str = "",
     method: str = "GET",
+    rule_id: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One ``explain`` result per request, in input order.
 
@@ -211,7 +212,8 @@ def explain_bulk(
     it: a header, a cookie, a query parameter, or the trace id of a
     traceparent header. The arguments ``headers`` and ``cookies`` are added to
     every request (a line's own header or cookie of the same name wins);
-    ``path``, ``host`` and ``method`` apply where a line gives none. Line
+    ``path``, ``host`` and ``method`` apply where a line gives none;
+    ``rule_id``, the rule Envoy names, applies to every line. Line
     terminators are dropped; empty lines are skipped (they are not requests).
     Lines may be ``str`` or ``bytes`` (non-UTF-8 bytes kept as they are).
 
@@ -232,6 +234,8 @@ def explain_bulk(
     base = request_headers(headers, cookies, path, host, method)
     inputs = _match_inputs(plan.policy)
     rules: dict[tuple[bytes | None, ...], RulePlan | None] = {}
+    # As serving takes it: a rule of this policy wins over matching; any other id is ignored.
+    named = plan.by_id.get(rule_id) if rule_id is not None else None
     for number, raw in enumerate(lines, 1):
         line = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
         line = line.rstrip("\r\n")
@@ -247,6 +251,9 @@ def explain_bulk(
             problem = _put_key(request, source, line.encode("utf-8", "surrogateescape"))
             if problem is not None:
                 raise BulkInputError(number, problem)
+        if named is not None:
+            yield explainer.result(plan.trace_rule(named, request, named_by_envoy=True))
+            continue
         shape = (
             request.get(":authority"),
             request.get("host"),
