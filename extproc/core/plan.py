@@ -248,11 +248,17 @@ class Plan:
             return Trace(rule, named_by_envoy, targets=tuple(TargetTrace(target, outcome, salts[i]) for target, *_, i in plan.targets))
         source, key = found
         us = _with_more(key_hash(plan.salt, key), plan.more_salts, key)
-        instant = self.clock() if now is None else now
+        policy_salt = self.policy.salt
+        policy_u = us[salts.index(policy_salt)] if policy_salt in salts else key_hash(policy_salt, key)
+        instant = now
         targets = []
         for target, _, _, _, cap, _, salt_index in plan.targets:
             u = us[salt_index]
-            state = None if cap is None else cap.state(instant)
+            state = None
+            if cap is not None:
+                if instant is None:
+                    instant = self.clock()
+                state = cap.state(instant)
             if not in_sample(u, target):
                 outcome = Outcome.SKIPPED
             elif state is None or state.tokens >= 1.0:
@@ -260,5 +266,4 @@ class Plan:
             else:
                 outcome = Outcome.CAPPED
             targets.append(TargetTrace(target, outcome, salts[salt_index], u, state))
-        policy_u = key_hash(self.policy.salt, key)
         return Trace(rule, named_by_envoy, source, key, policy_u, tuple(targets))
