@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .headers import Headers, Repeated
 from .keys import KeyKind, extract_key
@@ -92,11 +92,23 @@ class RateCap:
         return CapState(self.rate, self.bucket.available(now))
 
 
+class TargetPlan(NamedTuple):
+    """One mirror target, compiled. A tuple, so that serving unpacks it in
+    one step; its order is the order ``Plan.sampled`` unpacks."""
+
+    target: MirrorTarget
+    pair: tuple[int, str]  # (slot, backend): what the answer sets
+    mirrored: Increment
+    skipped: Increment
+    cap: RateCap | None
+    capped: Increment
+    salt_index: int  # into RulePlan.salts
+
+
 class RulePlan:
-    """One rule, compiled: the distinct salts its targets hash with; per
-    target its threshold, (slot, backend) pair, counters, rate cap and the
-    index of its salt; per blocking outcome the counters of every target.
-    A rule without mirrors has no targets (nothing to decide or count)."""
+    """One rule, compiled: the distinct salts its targets hash with, its
+    targets, and per blocking outcome the counters of every target. A rule
+    without mirrors has no targets (nothing to decide or count)."""
 
     __slots__ = ("rule", "salts", "salt", "more_salts", "targets", "blocked")
 
@@ -111,7 +123,7 @@ class RulePlan:
         self.more_salts = self.salts[1:]
         cap = rule.max_mirrors_per_second
         self.targets = tuple(
-            (
+            TargetPlan(
                 t,
                 (t.slot, t.backend),
                 counters.decision_counter(rule.id, t.backend, Outcome.MIRRORED),
@@ -245,25 +257,25 @@ class Plan:
         found = None if blocked is not None else extract_key(self.policy.key_chain, headers)
         if found is None:
             outcome = Outcome.NO_KEY if blocked is None else blocked
-            return Trace(rule, named_by_envoy, targets=tuple(TargetTrace(target, outcome, salts[i]) for target, *_, i in plan.targets))
+            return Trace(rule, named_by_envoy, targets=tuple(TargetTrace(t.target, outcome, salts[t.salt_index]) for t in plan.targets))
         source, key = found
         us = _with_more(key_hash(plan.salt, key), plan.more_salts, key)
         policy_salt = self.policy.salt
         policy_u = us[salts.index(policy_salt)] if policy_salt in salts else key_hash(policy_salt, key)
         instant = now
         targets = []
-        for target, _, _, _, cap, _, salt_index in plan.targets:
-            u = us[salt_index]
+        for t in plan.targets:
+            u = us[t.salt_index]
             state = None
-            if cap is not None:
+            if t.cap is not None:
                 if instant is None:
                     instant = self.clock()
-                state = cap.state(instant)
-            if not in_sample(u, target):
+                state = t.cap.state(instant)
+            if not in_sample(u, t.target):
                 outcome = Outcome.SKIPPED
             elif state is None or state.tokens >= 1.0:
                 outcome = Outcome.MIRRORED
             else:
                 outcome = Outcome.CAPPED
-            targets.append(TargetTrace(target, outcome, salts[salt_index], u, state))
+            targets.append(TargetTrace(t.target, outcome, salts[t.salt_index], u, state))
         return Trace(rule, named_by_envoy, source, key, policy_u, tuple(targets))

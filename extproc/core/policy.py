@@ -30,7 +30,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
     NO_KEY = "no_key"
     METHOD = "method"  # the rule mirrors only other methods
-    CAPPED = "capped"  # sampled, but over the target's rate cap (service only)
+    CAPPED = "capped"  # sampled, but over the target's rate cap (the sampler process only: inline refuses caps)
     DISABLED = "disabled"  # the kill switch is on
 
 
