@@ -106,13 +106,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     policy = load_policy(settings_from(args))
     headers, cookies = _pairs(args.header, "--header"), _pairs(args.cookie, "--cookie")
     if args.bulk is None:
-        result = explain(policy, request_headers(headers, cookies, args.path, args.host, args.method))
+        result = explain(policy, request_headers(headers, cookies, args.path, args.host, args.method), rule_id=args.rule_id)
         print(json.dumps(result, indent=2) if args.json else render_text(result))
         return 0
     # Bytes in, so that keys which are not UTF-8 reach the decision as they are.
     with contextlib.ExitStack() as stack:
         stream = sys.stdin.buffer if args.bulk == "-" else stack.enter_context(_open_input(args.bulk))
-        results = explain_bulk(policy, stream, headers=headers, cookies=cookies, path=args.path, host=args.host, method=args.method)
+        results = explain_bulk(
+            policy, stream, headers=headers, cookies=cookies, path=args.path, host=args.host, method=args.method, rule_id=args.rule_id
+        )
         try:
             for r in results:
                 sys.stdout.write((json.dumps(r) if args.json else render_line(r)) + "\n")
@@ -276,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--path", default="/", help="request path, query string included")
     explain.add_argument("--host", default="", help="Host / :authority")
     explain.add_argument("--method", default="GET")
+    explain.add_argument(
+        "--rule-id", metavar="ID", help="the rule Envoy names on the stream (NAMESPACE/ROUTE/INDEX), as serving takes it; default: match"
+    )
     explain.add_argument("--json", action="store_true", help="print JSON (one object per line with --bulk)")
     explain.add_argument(
         "--bulk",

@@ -1,9 +1,10 @@
-"""Why a request is (not) mirrored: the decision spelled out (pure).
+"""Why a request is (not) mirrored: the engine's trace spelled out (pure).
 
 ``explain`` answers for one request; ``explain_bulk`` for many (one key or
-one JSON object a line), with the policy's matching done once per distinct
-request shape rather than once per line. Both give the same dict, and
-``render_text`` / ``render_line`` turn it into text.
+one JSON object a line), with the matching done once per distinct request
+shape rather than once per line. Both render ``Plan.trace`` (what serving
+decides, step by step) as the same dict, and ``render_text`` /
+``render_line`` turn it into text.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 
 from .headers import header_map
 from .keys import KeyKind, KeySource
-from .policy import Decision, MirrorTarget, Policy, Rule, target_salt
+from .plan import Plan, RulePlan
+from .policy import MirrorTarget, Policy
+from .trace import CapState, TargetTrace, Trace
 
 # What a JSON line may hold; anything else is refused (a typo such as
 # "header" would otherwise be silently ignored).
@@ -44,52 +47,61 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace")
 
 
-class _Explainer:
-    """The parts of an explanation that depend on the policy only, built once."""
+def _cap(state: CapState | None) -> dict[str, float] | None:
+    return None if state is None else {"per_second": state.per_second, "tokens": state.tokens}
 
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.key_chain = [str(s) for s in policy.key_chain]
-        self.salt = _text(policy.salt)
+
+class _Explainer:
+    """The parts of an explanation that depend on the plan only, built once."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.key_chain = [str(s) for s in plan.policy.key_chain]
+        self.salt = _text(plan.policy.salt)
         self._targets: dict[int, tuple[MirrorTarget, dict[str, Any]]] = {}
 
-    def _static(self, target: MirrorTarget) -> dict[str, Any]:
+    def _static(self, t: TargetTrace) -> dict[str, Any]:
         # Keyed by identity, and the target kept alive with it so the id
         # cannot be reused: targets are frozen parts of the policy.
-        found = self._targets.get(id(target))
+        found = self._targets.get(id(t.target))
         if found is None:
-            salt = target_salt(self.policy.salt, target)
+            target = t.target
             fields = {
                 "backend": target.backend,
-                "slot": self.policy.slot_names[target.slot],
+                "slot": self.plan.slot_names[target.slot],
                 "fraction": str(target.fraction),
                 "threshold": target.threshold,
                 # The salt this target's u is hashed with, so u can be
                 # reproduced from the target's entry alone.
-                "salt": _text(salt),
+                "salt": _text(t.salt),
                 "own_salt": target.salt is not None,
             }
             found = self._targets[id(target)] = (target, fields)
         return found[1]
 
-    def result(self, d: Decision) -> dict[str, Any]:
+    def result(self, trace: Trace) -> dict[str, Any]:
         return {
-            "rule": None if d.rule is None else d.rule.id,
+            "rule": None if trace.rule is None else trace.rule.id,
+            "named_by_envoy": trace.named_by_envoy,
             "key_chain": list(self.key_chain),
             "salt": self.salt,
-            "key_source": None if d.source is None else str(d.source),
-            "key": None if d.key is None else _text(d.key),
-            "u": d.u,
-            "targets": [{**self._static(t.target), "u": t.u, "decision": t.outcome.value} for t in d.targets],
+            "key_source": None if trace.source is None else str(trace.source),
+            "key": None if trace.key is None else _text(trace.key),
+            "u": trace.u,
+            "targets": [{**self._static(t), "u": t.u, "cap": _cap(t.cap), "decision": t.outcome.value} for t in trace.targets],
         }
 
 
-def explain(policy: Policy, headers: dict[str, bytes]) -> dict[str, Any]:
-    """The decision for one request, as a JSON-ready dict. ``u`` is the key
-    hashed with the policy's salt; each target has its own ``u`` and
-    ``salt`` (they differ from the top-level ones only for a target with a
-    salt of its own, ``own_salt``)."""
-    return _Explainer(policy).result(policy.decide(headers))
+def explain(policy: Policy | Plan, headers: dict[str, bytes], rule_id: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """The decision for one request, as a JSON-ready dict: the plan's trace.
+    ``u`` is the key hashed with the policy's salt; each target has its own
+    ``u`` and ``salt`` (they differ from the top-level ones only for a target
+    with a salt of its own, ``own_salt``). ``rule_id``: the rule Envoy names
+    (gRPC metadata), as serving takes it. ``cap``: a capped target's rate and
+    the tokens its bucket holds at ``now`` (the plan's clock by default); a
+    policy given here is compiled afresh, so its buckets are full."""
+    plan = policy if isinstance(policy, Plan) else Plan(policy)
+    return _Explainer(plan).result(plan.trace(headers, rule_id=rule_id, now=now))
 
 
 class BulkInputError(ValueError):
@@ -179,7 +191,7 @@ def _match_inputs(policy: Policy) -> tuple[str, ...]:
 
 
 def explain_bulk(
-    policy: Policy,
+    policy: Policy | Plan,
     lines: Iterable[str | bytes],
     *,
     headers: Sequence[tuple[str, str]] = (),
@@ -187,6 +199,7 @@ def explain_bulk(
     path: str = "/",
     host: str = "",
     method: str = "GET",
+    rule_id: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One ``explain`` result per request, in input order.
 
@@ -199,7 +212,8 @@ def explain_bulk(
     it: a header, a cookie, a query parameter, or the trace id of a
     traceparent header. The arguments ``headers`` and ``cookies`` are added to
     every request (a line's own header or cookie of the same name wins);
-    ``path``, ``host`` and ``method`` apply where a line gives none. Line
+    ``path``, ``host`` and ``method`` apply where a line gives none;
+    ``rule_id``, the rule Envoy names, applies to every line. Line
     terminators are dropped; empty lines are skipped (they are not requests).
     Lines may be ``str`` or ``bytes`` (non-UTF-8 bytes kept as they are).
 
@@ -210,15 +224,18 @@ def explain_bulk(
 
     The rule each request matches is cached by what matching reads (host,
     path, method and the headers the policy's matches name), so a run of
-    keys against one path matches once; the decision itself is
-    ``Policy.decide_rule`` per request, exactly as ``explain`` makes it.
+    keys against one path matches once; the rest is the plan's trace per
+    request, exactly as ``explain`` makes it (caps read, never taken).
     """
-    explainer = _Explainer(policy)
-    source = policy.key_chain[0]
+    plan = policy if isinstance(policy, Plan) else Plan(policy)
+    explainer = _Explainer(plan)
+    source = plan.policy.key_chain[0]
     defaults = (list(headers), list(cookies), path, host, method)
     base = request_headers(headers, cookies, path, host, method)
-    inputs = _match_inputs(policy)
-    rules: dict[tuple[bytes | None, ...], Rule | None] = {}
+    inputs = _match_inputs(plan.policy)
+    rules: dict[tuple[bytes | None, ...], RulePlan | None] = {}
+    # As serving takes it: a rule of this policy wins over matching; any other id is ignored.
+    named = plan.by_id.get(rule_id) if rule_id is not None else None
     for number, raw in enumerate(lines, 1):
         line = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
         line = line.rstrip("\r\n")
@@ -234,6 +251,9 @@ def explain_bulk(
             problem = _put_key(request, source, line.encode("utf-8", "surrogateescape"))
             if problem is not None:
                 raise BulkInputError(number, problem)
+        if named is not None:
+            yield explainer.result(plan.trace_rule(named, request, named_by_envoy=True))
+            continue
         shape = (
             request.get(":authority"),
             request.get("host"),
@@ -246,8 +266,8 @@ def explain_bulk(
         else:
             if len(rules) >= _CACHE_LIMIT:
                 rules.clear()
-            rule = rules[shape] = policy.match(request)
-        yield explainer.result(policy.decide_rule(rule, request))
+            rule = rules[shape] = plan.rule_plan(request)
+        yield explainer.result(plan.trace_rule(rule, request))
 
 
 def _one_line(text: str) -> str:
@@ -269,7 +289,7 @@ def render_line(result: dict[str, Any]) -> str:
 def render_text(result: dict[str, Any]) -> str:
     if result["rule"] is None:
         return "no rule matches this request: not mirrored"
-    lines = [f"rule: {result['rule']}"]
+    lines = [f"rule: {result['rule']}" + (" (named by Envoy)" if result["named_by_envoy"] else "")]
     if not result["targets"]:
         return "\n".join(lines + ["  no RequestMirror filter: not mirrored"])
     own = any(t["own_salt"] for t in result["targets"])
@@ -283,5 +303,6 @@ def render_text(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         salt = f"salt {t['salt']!r}" if t["own_salt"] else "(policy salt)"
         u = "" if t["u"] is None else f", u {t['u']}"
-        lines.append(f"  {t['backend']} ({t['slot']}) fraction {t['fraction']} threshold {t['threshold']}, {salt}{u}: {t['decision']}")
+        cap = "" if t["cap"] is None else f", cap {t['cap']['per_second']:g}/s ({t['cap']['tokens']:g} tokens now)"
+        lines.append(f"  {t['backend']} ({t['slot']}) fraction {t['fraction']} threshold {t['threshold']}, {salt}{u}{cap}: {t['decision']}")
     return "\n".join(lines)

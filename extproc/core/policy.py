@@ -1,10 +1,9 @@
 """The compiled policy: what the sampler decides with (pure).
 
 ``extproc.config`` builds a Policy from environment or HTTPRoute manifests;
-the servicer's hot-path ``Plan``, ``explain``, the Envoy configuration and the
-inline Lua all read the same object, so the decision, Envoy's routes and the
-generated code cannot drift. The decision itself (docs/DESIGN.md) is here:
-``gate``, ``target_salt`` and ``in_sample``; ``Plan`` compiles the same steps.
+the decision engine (``plan.Plan``, which serves and explains), the Envoy
+configuration and the inline Lua all read the same object, so the decision,
+Envoy's routes and the generated code cannot drift.
 A Policy is immutable: reload swaps the whole object, and each ext_proc stream
 keeps the snapshot it started with.
 """
@@ -15,9 +14,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .headers import Headers, Repeated
-from .keys import KeySource, extract_key
+from .keys import KeySource
 from .matching import Entry, Match, RequestView, RouteTable
-from .sampling import Fraction, key_hash
+from .sampling import Fraction
 
 # Envoy's name for the sampler's cluster (and the generated route
 # configuration); no backendRef may take it.
@@ -31,7 +30,7 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
     NO_KEY = "no_key"
     METHOD = "method"  # the rule mirrors only other methods
-    CAPPED = "capped"  # sampled, but over the target's rate cap (service only)
+    CAPPED = "capped"  # sampled, but over the target's rate cap (the sampler process only: inline refuses caps)
     DISABLED = "disabled"  # the kill switch is on
 
 
@@ -97,30 +96,6 @@ class Route:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
-class TargetDecision:
-    target: MirrorTarget
-    outcome: Outcome
-    # This target's u: the key hashed with target_salt(); None when no key was
-    # hashed (no key, or the rule was blocked before hashing).
-    u: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    rule: Rule | None
-    source: KeySource | None = None
-    key: bytes | None = None
-    # The key hashed with the policy's salt (None: no key hashed). It is every
-    # target's u unless a target has a salt of its own: read TargetDecision.u.
-    u: int | None = None
-    targets: tuple[TargetDecision, ...] = ()
-
-    @property
-    def sampled(self) -> tuple[MirrorTarget, ...]:
-        return tuple(t.target for t in self.targets if t.outcome is Outcome.MIRRORED)
-
-
 @dataclass(frozen=True)
 class Policy:
     routes: tuple[Route, ...]
@@ -184,45 +159,6 @@ class Policy:
         entry = self.table.lookup(RequestView(headers, repeated))
         return None if entry is None else entry.rule
 
-    def decide(self, headers: Headers, repeated: Repeated | None = None, rule_id: str | None = None) -> Decision:
-        """``rule_id``: the rule Envoy already matched (sent with the stream);
-        without it, or if it names no rule of this policy, match here."""
-        rule = self.rules_by_id.get(rule_id) if rule_id else None
-        if rule is None:
-            rule = self.match(headers, repeated)
-        return self.decide_rule(rule, headers)
-
-    def decide_rule(self, rule: Rule | None, headers: Headers) -> Decision:
-        if rule is None or not rule.mirrors:
-            return Decision(rule)
-        blocked = gate(rule, self.enabled, headers)
-        if blocked is not None:
-            return Decision(rule, targets=tuple(TargetDecision(t, blocked) for t in rule.mirrors))
-        found = extract_key(self.key_chain, headers)
-        if found is None:
-            return Decision(rule, targets=tuple(TargetDecision(t, Outcome.NO_KEY) for t in rule.mirrors))
-        source, key = found
-        # One hash per distinct salt: targets that share a salt share u.
-        hashes = {self.salt: key_hash(self.salt, key)}
-        decisions = []
-        for t in rule.mirrors:
-            salt = target_salt(self.salt, t)
-            u = hashes.get(salt)
-            if u is None:
-                u = hashes[salt] = key_hash(salt, key)
-            decisions.append(TargetDecision(t, Outcome.MIRRORED if in_sample(u, t) else Outcome.SKIPPED, u))
-        return Decision(rule, source, key, hashes[self.salt], tuple(decisions))
-
-
-def gate(rule: Rule, enabled: bool, headers: Headers) -> Outcome | None:
-    """Why none of a rule's targets is mirrored whatever the key, or None:
-    the kill switch first, then the rule's method filter."""
-    if not enabled:
-        return Outcome.DISABLED
-    if rule.raw_methods and headers.get(":method", b"GET") not in rule.raw_methods:
-        return Outcome.METHOD
-    return None
-
 
 def target_salt(policy_salt: bytes, target: MirrorTarget) -> bytes:
     """The salt a target's u is hashed with: its own, else the policy's.
@@ -233,13 +169,7 @@ def target_salt(policy_salt: bytes, target: MirrorTarget) -> bytes:
     of the other targets' (no nesting between them: at 50% and 50% they share
     about a quarter of the keys, not half). Within that target nothing
     changes: the same key always gets the same decision, and raising its
-    fraction only adds keys. Every place that decides (``Policy.decide_rule``,
-    ``Plan``, the inline Lua, ``explain``) takes the salt from here.
+    fraction only adds keys. Both places that decide (``Plan``, which also
+    explains, and the inline Lua) take the salt from here.
     """
     return policy_salt if target.salt is None else target.salt
-
-
-def in_sample(u: int, target: MirrorTarget) -> bool:
-    """The decision for one target: ``u * d < n * 2**64``, as one comparison
-    with the target's precomputed threshold (``Fraction.threshold``)."""
-    return u < target.threshold

@@ -17,10 +17,14 @@ class TokenBucket:
         self.tokens = capacity
         self.last = now
 
+    def available(self, now: float) -> float:
+        """The tokens at ``now``, taking none (what ``take`` would find)."""
+        return min(self.capacity, self.tokens + (now - self.last) * self.rate)
+
     def take(self, now: float) -> bool:
         """One token if there is one at ``now``. A refused take costs nothing,
         so a caller over the rate gets tokens back at ``rate``, not later."""
-        tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        tokens = self.available(now)
         self.last = now
         if tokens >= 1.0:
             self.tokens = tokens - 1.0

@@ -17,7 +17,6 @@ from ..config.settings import Settings
 from ..config.source import ConfigSource, read_manifest
 from ..core.plan import Plan
 from ..core.policy import Policy
-from ..core.responses import Responder
 from .metrics import Metrics, ReloadResult
 
 
@@ -44,7 +43,7 @@ class PolicyStore:
         # Compiled here, in the reload thread (or at start), not on the event
         # loop by the first stream: a policy's decision series exist (at 0)
         # from the moment it is in force.
-        return Plan(Responder(policy), self.metrics)
+        return Plan(policy, self.metrics)
 
     def reload(self, reason: str, quiet: bool = False) -> None:
         """Re-read the file (``ConfigSource.reload``). Never raises: whatever

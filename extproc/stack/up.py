@@ -23,6 +23,7 @@ from ..config.source import read_manifest
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
 from ..core.matching import PathType
+from ..core.plan import Plan
 from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
 from ..envoy.render import Address, Topology, backend_names, render
@@ -249,6 +250,7 @@ def example_requests(stack: LocalStack, tries: int = 10_000) -> list[str]:
     source = policy.key_chain[0]
     if source.kind is not KeyKind.HEADER:
         return []
+    plan = Plan(policy)
     for route in policy.routes:
         host = next((h for h in route.hostnames if not h.startswith("*")), "")
         if route.hostnames and not host:
@@ -264,8 +266,8 @@ def example_requests(stack: LocalStack, tries: int = 10_000) -> list[str]:
                 found: dict[bool, str] = {}
                 # The README's names first, so the screen and the README agree.
                 for key in itertools.chain(("alice", "user-123"), (f"user-{i}" for i in range(tries))):
-                    decision = policy.decide_rule(rule, request_headers([(source.name, key)], path=path, host=host, method=method))
-                    found.setdefault(bool(decision.sampled), key)
+                    trace = plan.trace(request_headers([(source.name, key)], path=path, host=host, method=method), rule_id=rule.id)
+                    found.setdefault(bool(trace.sampled), key)
                     if len(found) == 2:
                         break
                 flags = (f"-X {method} " if method != "GET" else "") + (f"-H 'Host: {host}' " if host else "")

@@ -18,7 +18,6 @@ import pytest
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.plan import Plan
-from extproc.core.responses import Responder
 from extproc.core.sampling import Fraction, decide
 from extproc.server.metrics import Metrics
 from extproc.server.servicer import ProcessStream, Servicer
@@ -327,7 +326,7 @@ def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, stacks: lis
     port = gw.sampler_ports[0]
     gw.samplers[0].stop()  # type: ignore[union-attr]
     seen: list[str | None] = []
-    responder = Responder(build_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}), CONFORMANCE.read_text()))
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}), CONFORMANCE.read_text())
 
     class Recording(Servicer):
         def open_stream(self, rule_id: str | None) -> ProcessStream:
@@ -335,7 +334,7 @@ def test_envoy_names_the_matched_rule_on_each_stream(tmp_path: Path, stacks: lis
             return super().open_stream(rule_id)
 
     checks = gw.stat("cluster.mirror-sampler.health_check.success")
-    plan = Plan(responder, Metrics())
+    plan = Plan(policy, Metrics())
     with BackgroundServer(Recording(lambda: plan, Metrics()), transport, port=port):
         # Envoy has checked the recording server's health at least once.
         wait_until(

@@ -108,6 +108,18 @@ def test_explain_no_rule_and_no_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not mirrored (no_key)" in capsys.readouterr().out
 
 
+def test_explain_with_the_rule_envoy_names(capsys: pytest.CaptureFixture[str]) -> None:
+    rule_0 = "gateway-conformance-infra/request-percentage-mirror/0"
+    request = ["--config", str(CONFORMANCE), "--path", "/percent-mirror-fraction", "--header", "x-request-id=alice"]
+    assert main(["explain", *request, "--rule-id", rule_0]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rule: {rule_0} (named by Envoy)\n")
+    assert f"fraction 20/100 threshold {Fraction(20).threshold}" in out
+    assert main(["explain", *request, "--rule-id", "no/such/rule", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["rule"], result["named_by_envoy"]) == ("gateway-conformance-infra/request-percentage-mirror/1", False)
+
+
 def test_explain_bad_header_argument() -> None:
     out = run_cli("explain", "--backend", "b", "--header", "novalue")
     assert out.returncode == 2 and "--header: must be NAME=VALUE" in out.stderr

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
-from extproc.core.responses import Responder
 from extproc.server.transports import TRANSPORTS
 from extproc.wire import PROCESS_METHOD, RULE_METADATA, ProcessingRequest
 from tests.support.inprocess import BackgroundServer, servicer_for
@@ -28,9 +27,8 @@ Answer = tuple[grpc.StatusCode, tuple[bytes, ...]]
 def channels() -> Iterator[dict[str, grpc.Channel]]:
     """The conformance policy (three rules, one with two targets) behind each transport."""
     policy = build_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}), CONFORMANCE.read_text())
-    responder = Responder(policy)
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    with BackgroundServer(servicer_for(responder), "http2") as http2, BackgroundServer(servicer_for(responder), "grpcio") as grpcio:
+    with BackgroundServer(servicer_for(policy), "http2") as http2, BackgroundServer(servicer_for(policy), "grpcio") as grpcio:
         ports = {"http2": http2, "grpcio": grpcio}
         opened = {name: grpc.insecure_channel(f"127.0.0.1:{port}", options=options) for name, port in ports.items()}
         try:

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
-from extproc.core.responses import Responder
 from extproc.core.sampling import Fraction, decide
 from extproc.server.transports import TRANSPORTS
 from extproc.wire import (
@@ -35,7 +34,7 @@ FRACTION = Fraction(30)
 def port(request: pytest.FixtureRequest) -> Iterator[int]:
     """The real servicer behind each transport on loopback, in its own thread and event loop."""
     policy = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "30"}))
-    with BackgroundServer(servicer_for(Responder(policy)), request.param) as bound:
+    with BackgroundServer(servicer_for(policy), request.param) as bound:
         yield bound
 
 

@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
-from extproc.core.responses import Responder
 from extproc.server.tls import server_ssl_context
 from extproc.wire import PROCESS_METHOD, SERVICE_NAME, HeaderMap, HeaderValue, HttpHeaders, ProcessingRequest, ProcessingResponse
 from tests.service.h2peer import FakeServicer, Peer, ServerThread, grpc_frame, server_thread
@@ -54,7 +53,7 @@ def _headers_request(request_id: str) -> bytes:
 
 
 def test_process_with_the_real_servicer() -> None:
-    servicer = servicer_for(Responder(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "50"}))))
+    servicer = servicer_for(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "50"})))
     requests = [_headers_request(f"req-{i}") for i in range(20)]
     expected = []
     for request in requests:

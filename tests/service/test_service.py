@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.plan import Plan
-from extproc.core.responses import Responder
+from extproc.core.policy import Outcome
 from extproc.core.sampling import Fraction, decide
 from extproc.server.metrics import Metrics
 from extproc.wire import (
@@ -26,6 +26,7 @@ from extproc.wire import (
     ProcessingRequest,
     ProcessingResponse,
 )
+from tests.support.decision import reference_outcomes, reference_rule
 from tests.support.inprocess import servicer_for, serving
 from tests.support.paths import CONFORMANCE
 
@@ -43,9 +44,9 @@ def run_with_processor(
 ) -> Any:
     async def main() -> Any:
         settings = Settings.load(policy_env)
-        responder = Responder(build_policy(settings, manifest))
+        policy = build_policy(settings, manifest)
         metrics = Metrics()
-        async with serving(servicer_for(responder, metrics), transport) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with serving(servicer_for(policy, metrics), transport) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             return await body(channel, metrics)
 
     return asyncio.run(main())
@@ -221,8 +222,8 @@ def test_stream_keeps_its_policy_snapshot(transport: str) -> None:
     """A swap of the policy mid-stream does not change that stream's answers."""
 
     async def main() -> tuple[dict[str, bytes], dict[str, bytes]]:
-        none = Responder(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"})))
-        all_ = Responder(build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"})))
+        none = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "0"}))
+        all_ = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"}))
         current = [none]
         async with serving(servicer_for(lambda: current[0]), transport) as port, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = process_call(channel)
@@ -272,7 +273,8 @@ def test_health_service_on_the_same_port(transport: str) -> None:
 
 
 # --------------------------------------------------------------------------
-# The compiled plan (service.Plan) decides exactly as Policy.decide.
+# The plan serves (and traces) exactly the decision as docs/DESIGN.md states
+# it (tests/support/decision.py), whichever rule Envoy names.
 
 MULTI = """\
 apiVersion: gateway.networking.k8s.io/v1
@@ -343,15 +345,15 @@ def _random_headers(rng: Any) -> dict[str, bytes]:
         ({"MIRROR_CONFIG": "x"}, "conformance"),
     ],
 )
-def test_compiled_plan_equals_policy_decide(env: dict[str, str], manifest: str | None) -> None:
+def test_compiled_plan_serves_and_traces_the_reference_decision(env: dict[str, str], manifest: str | None) -> None:
     import random
     from pathlib import Path
 
     text = {"multi": MULTI, "conformance": Path(CONFORMANCE).read_text() if manifest == "conformance" else None, None: None}[manifest]
     policy = build_policy(Settings.load(env), text)
-    responder = Responder(policy)
     metrics = Metrics()
-    plan = Plan(responder, metrics)
+    plan = Plan(policy, metrics)
+    rule_ids = [None, "no/such/rule", *(r.id for r in policy.rules)]
     rng = random.Random(4)
     expected_counts: dict[tuple[str, str, str], int] = {}
     for _ in range(3000):
@@ -360,14 +362,18 @@ def test_compiled_plan_equals_policy_decide(env: dict[str, str], manifest: str |
             headers[":path"] = rng.choice(
                 [b"/percent-mirror", b"/percent-mirror-fraction/x", b"/percent-multi-mirror-and-modify-headers", b"/x"]
             )
-        decision = policy.decide(headers)
-        want = tuple((t.slot, t.backend) for t in decision.sampled)
-        assert plan.sampled(headers) == want, headers
+        rule_id = rng.choice(rule_ids)
+        reference = reference_outcomes(policy, headers, rule_id)
+        want = tuple((t.slot, t.backend) for t, outcome in reference if outcome is Outcome.MIRRORED)
+        trace = plan.trace(headers, rule_id=rule_id)
+        assert [(t.target, t.outcome) for t in trace.targets] == reference, headers
+        assert trace.rule is reference_rule(policy, headers, rule_id)
+        assert plan.sampled(headers, rule_id=rule_id) == want, headers
         forged = any(n in headers for n in policy.slot_names)
-        assert plan.answer(headers) == responder.response(want, forged)
-        if decision.rule is not None:
-            for t in decision.targets:
-                k = (decision.rule.id, t.target.backend, t.outcome.value)
+        assert plan.answer(headers, rule_id=rule_id) == plan.responder.response(want, forged)
+        if trace.rule is not None:
+            for t, result in reference:
+                k = (trace.rule.id, t.backend, result.value)
                 expected_counts[k] = expected_counts.get(k, 0) + 2  # sampled() and answer() each count once
     for (rule, target, outcome), n in expected_counts.items():
         got = metrics.registry.get_sample_value("mirror_sampler_decisions_total", {"rule": rule, "target": target, "outcome": outcome})

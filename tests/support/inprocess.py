@@ -16,24 +16,24 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from extproc.core.plan import Plan
-from extproc.core.responses import Responder
+from extproc.core.policy import Policy
 from extproc.server import transports
 from extproc.server.health import Health
 from extproc.server.metrics import Metrics
 from extproc.server.servicer import Servicer
 
 
-def servicer_for(responder: Responder | Callable[[], Responder], metrics: Metrics | None = None) -> Servicer:
-    """The real servicer over a fixed responder, or over whatever ``responder()``
-    returns now (a test that swaps policies); each responder compiled once."""
+def servicer_for(policy: Policy | Callable[[], Policy], metrics: Metrics | None = None) -> Servicer:
+    """The real servicer over a fixed policy, or over whatever ``policy()``
+    returns now (a test that swaps policies); each policy compiled once."""
     counters = metrics or Metrics()
     plans: dict[int, Plan] = {}
 
     def current() -> Plan:
-        r = responder if isinstance(responder, Responder) else responder()
-        plan = plans.get(id(r))
-        if plan is None or plan.responder is not r:
-            plan = plans[id(r)] = Plan(r, counters)
+        p = policy if isinstance(policy, Policy) else policy()
+        plan = plans.get(id(p))
+        if plan is None or plan.policy is not p:
+            plan = plans[id(p)] = Plan(p, counters)
         return plan
 
     return Servicer(current, counters)

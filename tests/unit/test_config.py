@@ -20,6 +20,7 @@ from extproc.convert import ConvertError
 from extproc.convert.envoy import convert_envoy
 from extproc.convert.kubernetes import load_documents
 from extproc.core.keys import DEFAULT_KEY_CHAIN, KeyKind, KeySource
+from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, Policy
 from extproc.core.sampling import Fraction
 from tests.support.manifests import API, dump, httproute, mirror, routes_and_problems
@@ -291,7 +292,7 @@ def test_simple_mode_policy_carries_global_settings() -> None:
     assert pol.slot_names == ("x-shadow-0", "x-shadow-1", "x-shadow-2")
     assert pol.marker_header == "x-by"
     assert pol.rules[0].backends == (BackendRef("web"),)
-    d = pol.decide({":path": b"/", ":authority": b"h", "cookie": b"sid=alice"})
+    d = Plan(pol).trace({":path": b"/", ":authority": b"h", "cookie": b"sid=alice"})
     assert d.key == b"alice" and d.u == 2539909752279064467
 
 
@@ -706,7 +707,7 @@ def check_no_raise(text: str) -> None:
             {":path": b"/", ":authority": b"a.example", "x-request-id": b"k"},
             {":path": b"/a/b?q=1", ":authority": b"x.example:80", ":method": b"POST", "x": b"v", "x-h": b"v"},
         ):
-            pol.decide(headers)
+            Plan(pol).trace(headers)
 
 
 @pytest.mark.parametrize("text", ["a: 2024-13-45", "- 2023-02-29"])
@@ -1008,4 +1009,4 @@ def test_mirrors_of_a_rule_without_a_live_backend_are_never_decided() -> None:
     policy = build_policy(Settings.load({"MIRROR_CONFIG": "r.yaml"}), text)
     (rule,) = policy.rules
     assert rule.mirrors == ()
-    assert policy.decide({":path": b"/", "x-request-id": b"alice"}).sampled == ()
+    assert Plan(policy).trace({":path": b"/", "x-request-id": b"alice"}).sampled == ()

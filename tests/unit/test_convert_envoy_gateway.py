@@ -22,6 +22,7 @@ from extproc.convert.envoy_gateway import convert_envoy_gateway, convert_envoy_g
 from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.keys import DEFAULT_KEY_CHAIN
 from extproc.core.matching import PathType, ValueType
+from extproc.core.plan import Plan
 from extproc.core.policy import Policy, Route
 from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED
 from tests.support.seeds import httproute_manifests, seed_text
@@ -160,7 +161,7 @@ def test_sampler_from_the_configmap_decides_as_from_the_originals(name: str, sou
     for request in requests[:5]:
         for i in range(1000):
             keyed = {**request, "x-request-id": f"key-{i}".encode()}
-            a, b = original.decide(keyed), from_map.decide(keyed)
+            a, b = Plan(original).trace(keyed), Plan(from_map).trace(keyed)
             assert a.rule is not None and b.rule is not None and a.rule.id == b.rule.id
             assert [(t.target.backend, t.outcome) for t in a.targets] == [(t.target.backend, t.outcome) for t in b.targets]
 

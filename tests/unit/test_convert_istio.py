@@ -19,6 +19,7 @@ from extproc.convert import Conversion, ConvertError
 from extproc.convert.istio import convert_istio, convert_istio_sources, may_overlap, percent_fraction, token
 from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.matching import compile_regex
+from extproc.core.plan import Plan
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, is_sampled, key_hash
 from tests.support.paths import DATA
@@ -163,7 +164,7 @@ def test_sampled_slot_headers_select_exactly_the_sampled_mirrors(path: Any) -> N
             before = istio_route(original, request)
             for key in KEYS[:60]:
                 headers = {k: v.encode() for k, v in request.items()} | {":authority": host_of(vs).encode(), "x-request-id": key.encode()}
-                decision = policy.decide(headers)
+                decision = Plan(policy).trace(headers)
                 sampled = [t.target.backend for t in decision.targets if t.outcome is Outcome.MIRRORED]
                 slotted = {**request, **{SLOTS[t.target.slot]: t.target.backend for t in decision.targets if t.outcome is Outcome.MIRRORED}}
                 after = istio_route(vs, slotted)
@@ -238,7 +239,7 @@ def test_translated_routes_decide_with_the_exact_percentages() -> None:
     request = {":authority": b"reviews.shop.svc.cluster.local:9080", ":path": b"/api/v2beta", ":method": b"GET", "x-tenant": b"acme"}
     mirrored = 0
     for key in KEYS:
-        decision = policy.decide(request | {"x-request-id": key.encode()})
+        decision = Plan(policy).trace(request | {"x-request-id": key.encode()})
         assert decision.rule is not None and decision.rule.id == "shop/reviews/0"  # Istio's prefix is a string prefix
         expected = is_sampled(key_hash(b"", key.encode()), Fraction(125, 1000))
         assert (decision.targets[0].outcome is Outcome.MIRRORED) == expected

@@ -13,6 +13,7 @@ from extproc.config.settings import Settings
 from extproc.core.explain import BulkInputError, explain, explain_bulk, render_line, request_headers
 from extproc.core.keys import DEFAULT_KEY_CHAIN, parse_key_chain
 from extproc.core.matching import Entry, Match, RequestView, ValueMatch, ValueType
+from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
 from extproc.core.sampling import Fraction, decide, key_hash
 from tests.support.paths import CONFORMANCE
@@ -217,3 +218,36 @@ def test_headers_and_cookies_given_for_every_line() -> None:
     ]
     results = list(explain_bulk(policy, lines, headers=[("x-env", "canary")], cookies=[("session", "default"), ("other", "x")]))
     assert [(r["rule"], r["key"]) for r in results] == [("ns/r/0", "alice"), ("ns/r/0", "default"), (None, None), ("ns/r/0", "dave")]
+
+
+def test_bulk_reads_caps_without_taking_them() -> None:
+    """A cap is per sampler process and depends on arrival order: explain
+    shows the bucket's state and what the cap would do in it, and explaining
+    many requests takes no token (every line sees the same bucket)."""
+    policy = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100", "MIRROR_MAX_MIRRORS_PER_SECOND": "2"}))
+    results = list(explain_bulk(policy, KEYS[:50]))
+    assert {(t["decision"], json.dumps(t["cap"])) for r in results for t in r["targets"]} == {
+        ("mirrored", json.dumps({"per_second": 2.0, "tokens": 2.0}))
+    }
+    assert results[0] == explain(policy, request_headers([("x-request-id", KEYS[0])]))
+    # A plan whose bucket serving has emptied (a clock that stands still): every line capped.
+    plan = Plan(policy, clock=lambda: 5.0)
+    while plan.sampled({":path": b"/", "x-request-id": b"k"}):
+        pass
+    assert {t["decision"] for r in explain_bulk(plan, KEYS[:50]) for t in r["targets"]} == {"capped"}
+    assert render_line(next(explain_bulk(plan, ["k"]))) == "k\tsimple\tshadow=capped"
+
+
+def test_bulk_with_the_rule_envoy_names() -> None:
+    policy = conformance()
+    rule_0, rule_1 = (f"gateway-conformance-infra/request-percentage-mirror/{i}" for i in (0, 1))
+    # /percent-mirror-fraction matches rule 1 (25/50); Envoy may name rule 0 (20%).
+    named = list(explain_bulk(policy, KEYS[:300], path="/percent-mirror-fraction", rule_id=rule_0))
+    matched = list(explain_bulk(policy, KEYS[:300], path="/percent-mirror-fraction", rule_id="no/such/rule"))
+    assert {(r["rule"], r["named_by_envoy"]) for r in named} == {(rule_0, True)}
+    assert {(r["rule"], r["named_by_envoy"]) for r in matched} == {(rule_1, False)}
+    for key, a, b in zip(KEYS, named, matched, strict=False):
+        assert a["targets"][0]["decision"] == outcome(decide(b"", key.encode(), Fraction(20)))
+        assert b["targets"][0]["decision"] == outcome(decide(b"", key.encode(), Fraction(25, 50)))
+        headers = request_headers([("x-request-id", key)], path="/percent-mirror-fraction")
+        assert a == explain(policy, headers, rule_id=rule_0)

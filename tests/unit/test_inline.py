@@ -18,6 +18,7 @@ from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.keys import extract_key, parse_key_chain
 from extproc.core.matching import Match
+from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
 from extproc.core.sampling import Fraction, decide, key_hash
 from extproc.envoy.lua import LIBRARY, lua_string, rule_script
@@ -180,6 +181,7 @@ def test_each_rule_script_decides_like_the_policy(env: dict[str, str]) -> None:
         "gateway-conformance-infra/request-percentage-mirror/2": b"/percent-multi-mirror-and-modify-headers",
     }
     keys = [b""] + [f"user-{i}".encode() for i in range(2000)] + [os.urandom(9) for _ in range(200)]
+    plan = Plan(policy)
     for rule in policy.rules:
         rt = runtime(rule_script(policy, rule))
         on_request = rt.globals().envoy_on_request
@@ -189,7 +191,7 @@ def test_each_rule_script_decides_like_the_policy(env: dict[str, str]) -> None:
             handle = rt.globals().fake_handle(lua_table(rt, headers))
             on_request(handle)
             flat = {k: v[0] for k, v in headers.items()}
-            decision = policy.decide(flat)
+            decision = plan.trace(flat)
             assert decision.rule == rule
             want = {policy.slot_names[t.slot]: t.backend.encode() for t in decision.sampled}
             table = handle.headers_
@@ -287,14 +289,15 @@ SALTED_TARGETS: list[list[SaltedTarget]] = [
 @pytest.mark.parametrize("targets", SALTED_TARGETS)
 @pytest.mark.parametrize("policy_salt", [b"", b"v2", b"\x00s\xff"])
 def test_rule_script_with_target_salts_decides_like_the_policy(targets: list[SaltedTarget], policy_salt: bytes) -> None:
-    """Per-target salts: each target's slot is set exactly when Policy.decide
-    mirrors it, over many keys (every length around the 16-byte block and
+    """Per-target salts: each target's slot is set exactly when the plan's
+    trace mirrors it, over many keys (every length around the 16-byte block and
     8-byte word edges, random bytes, non-UTF-8)."""
     mirrors = tuple(MirrorTarget(b, f, i, salt=s) for i, (b, f, s) in enumerate(targets))
     rule = Rule("ns/r/0", (Match(),), mirrors, (BackendRef("web"),))
     policy = Policy((Route("ns", "r", (), (rule,)),), parse_key_chain("header:x-request-id"), salt=policy_salt, slots=len(mirrors))
     rt = runtime(rule_script(policy, rule))
     on_request = rt.globals().envoy_on_request
+    plan = Plan(policy)
     rng = random.Random(len(targets) * 31 + len(policy_salt))
     keys = [f"user-{i}".encode() for i in range(1500)] + [rng.randbytes(n) for n in range(1, 41) for _ in range(10)]
     keys += [b"\xff\xfe", "中文".encode()]
@@ -303,7 +306,7 @@ def test_rule_script_with_target_salts_decides_like_the_policy(targets: list[Sal
         headers = {":path": [b"/"], "x-request-id": [key]}
         handle = rt.globals().fake_handle(lua_table(rt, headers))
         on_request(handle)
-        decision = policy.decide({":path": b"/", "x-request-id": key})
+        decision = plan.trace({":path": b"/", "x-request-id": key})
         want = {policy.slot_names[t.slot]: t.backend.encode() for t in decision.sampled}
         table = handle.headers_
         got = {

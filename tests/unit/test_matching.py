@@ -1,5 +1,5 @@
 """Gateway API HTTPRoute matching and precedence, built the real way: YAML text
-through config.parse_manifests/build_policy, then Policy.match/Policy.decide
+through config.parse_manifests/build_policy, then Policy.match and the plan's trace
 (docs/DESIGN.md "Gateway API facts the matcher needs")."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import yaml
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
+from extproc.core.plan import Plan
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, key_hash
 from tests.support.manifests import API, httproute
@@ -529,48 +530,48 @@ def test_precedence_is_independent_of_document_order() -> None:
 
 
 # --------------------------------------------------------------------------
-# Policy.decide through the matched rule.
+# The plan's trace through the matched rule.
 
 
 def test_decide_uses_the_matched_rules_mirrors() -> None:
     pol = policy(route("r", rule(m("/none")), rule(m("/all"), mirrors=(("shadow", 100),)), rule(m("/zero"), mirrors=(("shadow", 0),))))
-    d = pol.decide(req("/all", x_request_id="abc"))
+    d = Plan(pol).trace(req("/all", x_request_id="abc"))
     assert d.rule is not None and d.rule.id == "default/r/1"
     assert [(t.target.backend, t.outcome) for t in d.targets] == [("shadow", Outcome.MIRRORED)]
     assert d.key == b"abc" and d.u == key_hash(b"", b"abc")
-    assert [t.outcome for t in pol.decide(req("/zero", x_request_id="abc")).targets] == [Outcome.SKIPPED]
-    none = pol.decide(req("/none", x_request_id="abc"))
+    assert [t.outcome for t in Plan(pol).trace(req("/zero", x_request_id="abc")).targets] == [Outcome.SKIPPED]
+    none = Plan(pol).trace(req("/none", x_request_id="abc"))
     assert none.rule is not None and none.targets == () and none.sampled == ()
-    unmatched = pol.decide(req("/elsewhere", x_request_id="abc"))
+    unmatched = Plan(pol).trace(req("/elsewhere", x_request_id="abc"))
     assert unmatched.rule is None and unmatched.targets == ()
 
 
 def test_decide_no_key() -> None:
     pol = policy(route("r", rule(mirrors=(("a", 100), ("b", 50)))))
-    d = pol.decide(req("/"))
+    d = Plan(pol).trace(req("/"))
     assert [t.outcome for t in d.targets] == [Outcome.NO_KEY, Outcome.NO_KEY]
     assert d.sampled == ()
-    assert [t.outcome for t in pol.decide(req("/", x_request_id="")).targets] == [Outcome.NO_KEY, Outcome.NO_KEY]
+    assert [t.outcome for t in Plan(pol).trace(req("/", x_request_id="")).targets] == [Outcome.NO_KEY, Outcome.NO_KEY]
 
 
 def test_decide_follows_the_key_chain_and_salt() -> None:
     pol = policy(route("r", rule(mirrors=(("a", 42),))), MIRROR_KEY="cookie:user,header:x-request-id", MIRROR_SALT="v2")
-    d = pol.decide(req("/", cookie="user=alice", x_request_id="zzz"))
+    d = Plan(pol).trace(req("/", cookie="user=alice", x_request_id="zzz"))
     assert d.key == b"alice" and d.u == 2539909752279064467 == key_hash(b"v2", b"alice")
     assert d.targets[0].outcome is Outcome.MIRRORED
 
 
 def test_decide_matches_design_vectors_at_42_percent() -> None:
     pol = policy(route("r", rule(mirrors=(("a", 42),))))
-    assert pol.decide(req("/", x_request_id="user-123")).targets[0].outcome is Outcome.SKIPPED
-    assert pol.decide(req("/", x_request_id="alice")).targets[0].outcome is Outcome.MIRRORED
+    assert Plan(pol).trace(req("/", x_request_id="user-123")).targets[0].outcome is Outcome.SKIPPED
+    assert Plan(pol).trace(req("/", x_request_id="alice")).targets[0].outcome is Outcome.MIRRORED
 
 
 def test_targets_of_one_rule_are_nested() -> None:
     pol = policy(route("r", rule(mirrors=(("ten", 10), ("five", 5)))))
     ten = five = 0
     for i in range(3000):
-        d = pol.decide(req("/", x_request_id=f"req-{i}"))
+        d = Plan(pol).trace(req("/", x_request_id=f"req-{i}"))
         outcome = {t.target.backend: t.outcome for t in d.targets}
         assert [t.target.slot for t in d.targets] == [0, 1]
         if outcome["five"] is Outcome.MIRRORED:
@@ -584,7 +585,7 @@ def test_targets_of_one_rule_are_nested() -> None:
 def test_simple_mode_policy_matches_everything() -> None:
     pol = build_policy(Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_FRACTION": "5/1000"}))
     for host, path in (("a.example", "/"), ("", "/x/y?z=1"), ("b", "/percent-mirror")):
-        d = pol.decide(req(path, host=host, x_request_id="k"))
+        d = Plan(pol).trace(req(path, host=host, x_request_id="k"))
         assert d.rule is not None and d.rule.id == "simple"
         assert d.targets[0].target.fraction == Fraction(5, 1000)
 

@@ -1,5 +1,6 @@
 """Protecting the shadow: the kill switch and the per-route method filter,
-decided alike by Policy, the servicer's compiled plan and the inline Lua."""
+decided alike by the plan's trace (explain), its serving answer and the
+inline Lua."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from extproc.config.manifests import parse_manifests
 from extproc.config.settings import Settings
 from extproc.core.plan import Plan
 from extproc.core.policy import Outcome
-from extproc.core.responses import Responder
 from extproc.server.metrics import Metrics
 from extproc.wire import ProcessingResponse
 
@@ -44,14 +44,13 @@ def request(method: str = "GET", key: bytes = b"k") -> dict[str, bytes]:
 
 
 def outcomes(p, headers: dict[str, bytes]) -> list[Outcome]:  # type: ignore[no-untyped-def]
-    return [t.outcome for t in p.decide(headers).targets]
+    return [t.outcome for t in Plan(p).trace(headers).targets]
 
 
 def plan_answer(p, headers: dict[str, bytes]) -> tuple[bool, Metrics]:  # type: ignore[no-untyped-def]
     """The servicer's compiled answer: was a slot header set? And its metrics."""
     metrics = Metrics()
-    responder = Responder(p)
-    answer = ProcessingResponse.FromString(Plan(responder, metrics).answer(headers))
+    answer = ProcessingResponse.FromString(Plan(p, metrics).answer(headers))
     return bool(answer.request_headers.response.header_mutation.set_headers), metrics
 
 
@@ -158,8 +157,7 @@ def test_rate_cap_from_annotation_counts_capped() -> None:
     p = policy('{"mirror-sampler.io/max-mirrors-per-second": "3"}')
     assert p.rules[0].max_mirrors_per_second == 3.0
     metrics = Metrics()
-    responder = Responder(p)
-    plan = Plan(responder, metrics)
+    plan = Plan(p, metrics)
     answers = [ProcessingResponse.FromString(plan.answer(request(key=f"k{i}".encode()))) for i in range(10)]
     mirrored = sum(bool(a.request_headers.response.header_mutation.set_headers) for a in answers)
     # 100% sampled, but only the bucket's 3 go out within this instant.

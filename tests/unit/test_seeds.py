@@ -12,6 +12,7 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.matching import PathType
+from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, Outcome, Policy
 from extproc.core.sampling import Fraction, key_hash
 from tests.support.manifests import routes_and_problems
@@ -38,7 +39,7 @@ def share(pol: Policy, host: str, path: str, n: int) -> list[float]:
     """Fraction of n request ids mirrored, per target of the matched rule."""
     counts: list[int] | None = None
     for i in range(n):
-        d = pol.decide(req(host, path, f"req-{i}"))
+        d = Plan(pol).trace(req(host, path, f"req-{i}"))
         if counts is None:
             counts = [0] * len(d.targets)
         for j, t in enumerate(d.targets):
@@ -109,7 +110,7 @@ def test_eg_single_mirror() -> None:
     check_eg_common(pol)
     assert mirrors_of(pol) == [("backend-2", Fraction(100, 100), 0)]
     assert pol.rules[0].backends == (BackendRef("backend", 3000, 1),)
-    d = pol.decide(req("backends.example", "/get", "any-id"))
+    d = Plan(pol).trace(req("backends.example", "/get", "any-id"))
     assert [(t.target.backend, t.outcome) for t in d.targets] == [("backend-2", Outcome.MIRRORED)]
 
 
@@ -126,7 +127,7 @@ def test_eg_two_request_mirrors_accepted() -> None:
     check_eg_common(pol)
     assert mirrors_of(pol) == [("backend-2", Fraction(100, 100), 0), ("backend-3", Fraction(100, 100), 1)]
     assert pol.rules[0].backends == (BackendRef("backend", 3000, 1),)
-    d = pol.decide(req("backends.example", "/get", "abc"))
+    d = Plan(pol).trace(req("backends.example", "/get", "abc"))
     assert [t.outcome for t in d.targets] == [Outcome.MIRRORED, Outcome.MIRRORED]
     assert [t.slot for t in d.sampled] == [0, 1]
 
@@ -175,9 +176,9 @@ def test_gep_percent_42() -> None:
     check_gep_common(pol)
     assert mirrors_of(pol) == [("foo-v2", Fraction(42, 100), 0)]
     # docs/DESIGN.md's vectors at 42/100.
-    assert pol.decide(req("mirror.example", "/", "user-123")).targets[0].outcome is Outcome.SKIPPED
-    assert pol.decide(req("mirror.example", "/", "alice")).targets[0].outcome is Outcome.MIRRORED
-    d = pol.decide(req("mirror.example", "/", "alice"))
+    assert Plan(pol).trace(req("mirror.example", "/", "user-123")).targets[0].outcome is Outcome.SKIPPED
+    assert Plan(pol).trace(req("mirror.example", "/", "alice")).targets[0].outcome is Outcome.MIRRORED
+    d = Plan(pol).trace(req("mirror.example", "/", "alice"))
     assert d.u == 3287336622105459802
     observed = share(pol, "mirror.example", "/", 5000)[0]
     assert within_5_sd(observed, 0.42, 5000)
@@ -192,7 +193,7 @@ def test_gep_fraction_5_in_1000() -> None:
     for i in range(200):
         rid = f"id-{i}"
         want = key_hash(b"", rid.encode()) * 1000 < 5 * 2**64
-        got = pol.decide(req("mirror.example", "/", rid)).targets[0].outcome
+        got = Plan(pol).trace(req("mirror.example", "/", rid)).targets[0].outcome
         assert got is (Outcome.MIRRORED if want else Outcome.SKIPPED)
 
 
@@ -201,8 +202,8 @@ def test_gep_fraction_sample_is_inside_percent_sample() -> None:
     p42, p05 = (load(t, GEP_SEED) for t in gep_manifests())
     for i in range(3000):
         h = req("mirror.example", "/", f"k{i}")
-        if p05.decide(h).targets[0].outcome is Outcome.MIRRORED:
-            assert p42.decide(h).targets[0].outcome is Outcome.MIRRORED
+        if Plan(p05).trace(h).targets[0].outcome is Outcome.MIRRORED:
+            assert Plan(p42).trace(h).targets[0].outcome is Outcome.MIRRORED
 
 
 # --------------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_conformance_shares(path: str, fractions: list[float]) -> None:
 def test_conformance_multi_mirror_targets_nested() -> None:
     pol = conformance()
     for i in range(2000):
-        d = pol.decide(req("gateway.example", "/percent-multi-mirror-and-modify-headers", f"r{i}"))
+        d = Plan(pol).trace(req("gateway.example", "/percent-multi-mirror-and-modify-headers", f"r{i}"))
         v2, v3 = (t.outcome for t in d.targets)
         if v2 is Outcome.MIRRORED:
             assert v3 is Outcome.MIRRORED

@@ -1,8 +1,8 @@
 """A mirror target with a salt of its own (MirrorTarget.salt): its u is the
 key hashed with that salt, so its sample is independent of the rule's other
 targets, and still consistent per key and monotone in its own fraction. The
-policy's decision, the hot-path Plan and explain agree on it bit for bit
-(the inline Lua: test_inline.py)."""
+plan's serving answer, its trace and explain agree on it bit for bit (the
+inline Lua: test_inline.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pytest
 
 from extproc.core import plan as plan_module
 from extproc.core.explain import explain, render_text
-from extproc.core.keys import DEFAULT_KEY_CHAIN, parse_key_chain
+from extproc.core.keys import DEFAULT_KEY_CHAIN, extract_key, parse_key_chain
 from extproc.core.matching import Match
 from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, MirrorTarget, Outcome, Policy, Route, Rule, target_salt
-from extproc.core.responses import Responder
 from extproc.core.sampling import Fraction, decide, key_hash
 
 Target = tuple[str, Fraction, bytes | None]
@@ -46,8 +45,9 @@ KEYS = [f"user-{i}".encode() for i in range(20_000)]
 
 def sample(policy: Policy, backend: str) -> set[bytes]:
     out = set()
+    plan = Plan(policy)
     for key in KEYS:
-        d = policy.decide({":path": b"/", "x-request-id": key})
+        d = plan.trace({":path": b"/", "x-request-id": key})
         if any(t.backend == backend for t in d.sampled):
             out.add(key)
     return out
@@ -67,24 +67,24 @@ def test_each_target_is_decided_with_its_own_u(policy_salt: bytes) -> None:
         ("c", Fraction(5, 7), b"\x00\xff"),
         ("d", Fraction(30), b"b"),
     ]
-    policy = salted_policy(targets, policy_salt)
+    plan = Plan(salted_policy(targets, policy_salt))
     for key in KEYS[:3000]:
-        d = policy.decide({":path": b"/", "x-request-id": key})
+        d = plan.trace({":path": b"/", "x-request-id": key})
         assert d.u == key_hash(policy_salt, key)  # unchanged meaning: the policy's salt
         for td, (_, fraction, own) in zip(d.targets, targets, strict=True):
             salt = policy_salt if own is None else own
-            assert td.u == key_hash(salt, key)
+            assert td.salt == salt and td.u == key_hash(salt, key)
             assert (td.outcome is Outcome.MIRRORED) is decide(salt, key, fraction)
         # Same salt, same fraction: the same decision.
         assert d.targets[1].outcome is d.targets[3].outcome
 
 
 def test_no_key_and_blocked_targets_carry_no_u() -> None:
-    policy = salted_policy([("a", Fraction(50), b"x")], methods=frozenset({"POST"}))
-    (blocked,) = policy.decide({":path": b"/", ":method": b"GET", "x-request-id": b"k"}).targets
-    assert blocked.outcome is Outcome.METHOD and blocked.u is None
-    (no_key,) = policy.decide({":path": b"/", ":method": b"POST"}).targets
-    assert no_key.outcome is Outcome.NO_KEY and no_key.u is None
+    plan = Plan(salted_policy([("a", Fraction(50), b"x")], methods=frozenset({"POST"})))
+    (blocked,) = plan.trace({":path": b"/", ":method": b"GET", "x-request-id": b"k"}).targets
+    assert blocked.outcome is Outcome.METHOD and blocked.u is None and blocked.salt == b"x"
+    (no_key,) = plan.trace({":path": b"/", ":method": b"POST"}).targets
+    assert no_key.outcome is Outcome.NO_KEY and no_key.u is None and no_key.salt == b"x"
 
 
 def test_shared_salt_nests_and_own_salts_are_independent() -> None:
@@ -109,11 +109,11 @@ def test_own_salt_sample_is_consistent_and_monotone_in_its_fraction() -> None:
 
 
 def test_a_target_salt_equal_to_the_policys_changes_nothing() -> None:
-    plain = salted_policy([("a", Fraction(20), None), ("b", Fraction(40), None)], b"s")
-    same = salted_policy([("a", Fraction(20), None), ("b", Fraction(40), b"s")], b"s")
+    plain = Plan(salted_policy([("a", Fraction(20), None), ("b", Fraction(40), None)], b"s"))
+    same = Plan(salted_policy([("a", Fraction(20), None), ("b", Fraction(40), b"s")], b"s"))
     for key in KEYS[:2000]:
         headers = {":path": b"/", "x-request-id": key}
-        assert [t.backend for t in plain.decide(headers).sampled] == [t.backend for t in same.decide(headers).sampled]
+        assert [t.backend for t in plain.trace(headers).sampled] == [t.backend for t in same.trace(headers).sampled]
 
 
 def test_target_salts_do_not_change_envoys_routes() -> None:
@@ -134,10 +134,10 @@ TARGET_SETS: list[list[Target]] = [
 
 @pytest.mark.parametrize("targets", TARGET_SETS)
 @pytest.mark.parametrize("policy_salt", [b"", b"v2"])
-def test_plan_decides_like_the_policy(targets: list[Target], policy_salt: bytes) -> None:
+def test_plan_serves_what_the_decision_function_and_its_trace_say(targets: list[Target], policy_salt: bytes) -> None:
     policy = salted_policy(targets, policy_salt, key="cookie:session,header:x-request-id")
     counters = Counters()
-    plan = Plan(Responder(policy), counters)
+    plan = Plan(policy, counters)
     rng = random.Random(7)
     want: dict[tuple[str, str, Outcome], int] = {}
     for i in range(3000):
@@ -146,9 +146,14 @@ def test_plan_decides_like_the_policy(targets: list[Target], policy_salt: bytes)
             headers["x-request-id"] = rng.randbytes(rng.randrange(1, 24))
         if rng.random() < 0.3:
             headers["cookie"] = b"session=" + str(i).encode()
-        decision = policy.decide(headers)
-        assert plan.sampled(headers) == tuple((t.slot, t.backend) for t in decision.sampled), headers
-        for t in decision.targets:
+        found = extract_key(policy.key_chain, headers)
+        # The reference: the decision function per target, with the target's salt.
+        expected = tuple(
+            (t.slot, t.backend) for t in policy.rules[0].mirrors if found and decide(target_salt(policy_salt, t), found[1], t.fraction)
+        )
+        trace = plan.trace(headers)
+        assert plan.sampled(headers) == expected == tuple((t.slot, t.backend) for t in trace.sampled), headers
+        for t in trace.targets:
             k = ("ns/r/0", t.target.backend, t.outcome)
             want[k] = want.get(k, 0) + 1
     assert counters.counts == want
@@ -165,7 +170,7 @@ def test_plan_decides_like_the_policy(targets: list[Target], policy_salt: bytes)
 )
 def test_plan_hashes_once_per_distinct_salt(monkeypatch: pytest.MonkeyPatch, targets: list[Target], salts: list[bytes]) -> None:
     policy = salted_policy(targets, b"p")
-    plan = Plan(Responder(policy), Counters())
+    plan = Plan(policy, Counters())
     calls: list[bytes] = []
 
     def counting(salt: bytes, key: bytes) -> int:
