@@ -95,7 +95,7 @@ def _published(service: dict[str, Any]) -> dict[int, int]:
         if isinstance(p, dict):
             out[int(p["target"])] = int(p.get("published") or p["target"])
             continue
-        parts = str(p).split("/")[0].split(":")
+        parts = _interpolate(str(p)).split("/")[0].split(":")
         out[int(parts[-1])] = int(parts[-2]) if len(parts) > 1 else int(parts[-1])
     return out
 
