@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import itertools
 import json
 import re
 from collections.abc import Sequence
@@ -34,8 +33,10 @@ from typing import Any
 import yaml
 from betterproto2 import Casing
 
-from ..core.keys import DEFAULT_KEY_CHAIN
-from ..core.policy import SAMPLER_CLUSTER, Policy
+from ..config.settings import slot_environment
+from ..core.policy import SAMPLER_CLUSTER
+from ..core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
+from ..core.variants import rule_layout
 from ..envoy import render
 from . import Conversion, ConvertError
 
@@ -234,10 +235,8 @@ class _Refused(Exception):
 
 @dataclass
 class _Options:
-    slot_names: tuple[str, ...]
-    marker_header: str
+    slot_headers: SlotHeaders
     topology: render.Topology
-    policy: Policy  # only for the slot and marker header names of the anti-spoof filter
     output_dir: Path | None
 
 
@@ -354,8 +353,8 @@ class _Converter:
             )
             return False
         ours = [
-            render.as_data(render.anti_spoof_filter(self.o.policy), src.casing),
-            render.as_data(render.ext_proc_filter(self.o.topology, SAMPLER_FILTER), src.casing),
+            render.as_data(render.anti_spoof_filter(self.o.slot_headers), src.casing),
+            render.as_data(render.ext_proc_filter(self.o.topology.message_timeout_ms, SAMPLER_FILTER), src.casing),
         ]
         hcm[filters_key] = filters[:router_at] + ours + filters[router_at:]
         if _get(hcm, "use_remote_address") is not True:
@@ -560,7 +559,7 @@ class _Converter:
         refusals: list[str] = []
         match = _dict(_get(route, "match"))
         names = [h.get("name") for h in _items(_get(match, "headers")) if isinstance(h, dict)]
-        slot_matchers = sorted({str(n) for n in names if n in self.o.slot_names})
+        slot_matchers = sorted({str(n) for n in names if n in self.o.slot_headers.names})
         if slot_matchers:
             # A variant route `mirror-sampler envoy-config` rendered: its mirrors
             # are already the sampler's decision.
@@ -578,9 +577,9 @@ class _Converter:
         clusters = [m.cluster for m in mirrors]
         for c in sorted({c for c in clusters if clusters.count(c) > 1}):
             refusals.append(f"{policies_key}: mirrors to {c!r} twice; the sampler decides once per cluster")
-        if len(raw) > len(self.o.slot_names):
+        if len(raw) > self.o.slot_headers.count:
             refusals.append(
-                f"{policies_key}: {len(raw)} mirrors but only {len(self.o.slot_names)} slot headers (convert with --slots {len(raw)} "
+                f"{policies_key}: {len(raw)} mirrors but only {self.o.slot_headers.count} slot headers (convert with --slots {len(raw)} "
                 f"and run the sampler with MIRROR_SLOTS={len(raw)})"
             )
         if refusals:
@@ -657,44 +656,41 @@ class _Converter:
         remove_key = src.field(plain, "request_headers_to_remove")
         removed = _items(plain.get(remove_key))
         already = {r.lower() for r in removed if isinstance(r, str)}
-        added = [s for s in self.o.slot_names if s not in already]
+        added = [s for s in self.o.slot_headers.names if s not in already]
         plain[remove_key] = [*removed, *added]
         self.per_route(src, plain, render.as_data(render.ext_proc_naming(rule_id), src.casing))
         _set_ours(src, plain, {"rule": rule_id, "request_mirror_policies": copy.deepcopy(original), "request_headers_to_remove": added})
 
-        variants = []
-        for size in range(len(mirrors), 0, -1):
-            for chosen in itertools.combinations(range(len(mirrors)), size):
-                suffix = "+".join(mirrors[i].cluster for i in chosen)
-                variant = copy.deepcopy(plain)
-                name_key = src.field(variant, "name")
-                if name_key in variant:
-                    variant[name_key] = f"{variant[name_key]} mirror {suffix}"
-                else:
-                    variant = {name_key: f"{rule_id} mirror {suffix}", **variant}
-                match = variant.get(src.field(variant, "match"))
-                if not isinstance(match, dict):
-                    match = variant[src.field(variant, "match")] = {}
-                headers_key = src.field(match, "headers")
-                slots = [
-                    {"name": slot, src.field({}, "string_match"): {"exact": mirrors[i].cluster}} if i in chosen
-                    else {"name": slot, src.field({}, "present_match"): False}
-                    for i, slot in enumerate(self.o.slot_names[: len(mirrors)])
-                ]  # fmt: skip
-                match[headers_key] = [*(match.get(headers_key) or []), *slots]
-                variant_action = variant[src.field(variant, "route")]
-                variant_action[policies_key] = [self.static_policy(src, mirrors[i].policy, rule_id) for i in chosen]
-                _set_ours(src, variant, {"rule": rule_id, "variant": suffix})
-                variants.append(variant)
-        return [*variants, plain]
+        routes = []
+        for layout in rule_layout(mirrors, _cluster, self.o.slot_headers):
+            if layout.is_plain:
+                routes.append(plain)
+                continue
+            suffix = "+".join(layout.tokens)
+            variant = copy.deepcopy(plain)
+            name_key = src.field(variant, "name")
+            if name_key in variant:
+                variant[name_key] = f"{variant[name_key]} mirror {suffix}"
+            else:
+                variant = {name_key: f"{rule_id} mirror {suffix}", **variant}
+            match = variant.get(src.field(variant, "match"))
+            if not isinstance(match, dict):
+                match = variant[src.field(variant, "match")] = {}
+            headers_key = src.field(match, "headers")
+            slots = [render.as_data(h, src.casing) for h in render.slot_matchers(layout)]
+            match[headers_key] = [*(match.get(headers_key) or []), *slots]
+            variant_action = variant[src.field(variant, "route")]
+            variant_action[policies_key] = [self.static_policy(src, m.policy, rule_id) for m in layout.targets]
+            _set_ours(src, variant, {"rule": rule_id, "variant": suffix})
+            routes.append(variant)
+        return routes
 
     def static_policy(self, src: _Source, policy: dict[str, Any], rule_id: str) -> dict[str, Any]:
         """The user's mirror policy, always taken (the sampler already decided),
         adding the marker header that names the rule on the mirrored copy."""
         out = {k: copy.deepcopy(v) for k, v in policy.items() if k not in ("runtime_fraction", "runtimeFraction")}
         key = src.field(out, "request_headers_mutations")
-        header = {"key": self.o.marker_header, "value": rule_id}
-        marker = {"append": {"header": header, src.field({}, "append_action"): "OVERWRITE_IF_EXISTS_OR_ADD"}}
+        marker = render.as_data(render.marker_mutation(self.o.slot_headers, rule_id), src.casing)
         out[key] = [*(out.get(key) or []), marker]
         return out
 
@@ -731,6 +727,10 @@ class _Converter:
         return out
 
 
+def _cluster(mirror: _Mirror) -> str:
+    return mirror.cluster
+
+
 def _set_ours(src: _Source, route: dict[str, Any], value: dict[str, Any]) -> None:
     meta_key = src.field(route, "metadata")
     meta = _dict(route.get(meta_key))
@@ -763,14 +763,8 @@ def _pop_ours(route: dict[str, Any]) -> dict[str, Any] | None:
 # policy.yaml
 
 
-def policy_text(http_routes: Sequence[_HTTPRoute], slots: int, slot_prefix: str, marker_header: str) -> str:
-    settings = []
-    if slots != 2:
-        settings.append(f"MIRROR_SLOTS={slots}")
-    if slot_prefix != "x-mirror-cluster-":
-        settings.append(f"MIRROR_SLOT_PREFIX={slot_prefix}")
-    if marker_header != "x-mirror-rule":
-        settings.append(f"MIRROR_MARKER_HEADER={marker_header}")
+def policy_text(http_routes: Sequence[_HTTPRoute], slot_headers: SlotHeaders) -> str:
+    settings = [f"{name}={value}" for name, value in slot_environment(slot_headers).items()]
     run = " ".join([*settings, "mirror-sampler serve --config policy.yaml"])
     lines = [
         "# Generated by `mirror-sampler convert envoy` with envoy.yaml: the mirror sampler's rules",
@@ -823,9 +817,7 @@ def convert_envoy(
     sampler_ca: str = "",
     sampler_client_cert: str = "",
     sampler_client_key: str = "",
-    slots: int = 2,
-    slot_prefix: str = "x-mirror-cluster-",
-    marker_header: str = "x-mirror-rule",
+    slot_headers: SlotHeaders = DEFAULT_SLOT_HEADERS,
     message_timeout_ms: int = 200,
     output_dir: Path | None = None,
 ) -> Conversion:
@@ -843,8 +835,6 @@ def convert_envoy(
         problems.append("--sampler-client-cert and --sampler-client-key: set both, or neither")
     if sampler_client_cert and not sampler_ca:
         problems.append("--sampler-client-cert: needs --sampler-ca too")
-    if not 1 <= slots <= 16:
-        problems.append(f"--slots: must be 1..16, got {slots}")
     if not paths:
         problems.append("no input: name an Envoy bootstrap file")
     if problems:
@@ -858,8 +848,7 @@ def convert_envoy(
         )  # fmt: skip
     boot = bootstraps[0]
     options = _Options(
-        slot_names=tuple(f"{slot_prefix}{i}" for i in range(slots)),
-        marker_header=marker_header,
+        slot_headers=slot_headers,
         topology=render.Topology(
             samplers=tuple(render.Address(host, port) for host, port in addresses),
             dns=not all(_is_ip(host) for host, _ in addresses),
@@ -868,7 +857,6 @@ def convert_envoy(
             sampler_cert=sampler_client_cert,
             sampler_key=sampler_client_key,
         ),
-        policy=Policy(routes=(), key_chain=DEFAULT_KEY_CHAIN, slot_prefix=slot_prefix, slots=slots, marker_header=marker_header),
         output_dir=output_dir.absolute() if output_dir is not None else None,
     )
     converter = _Converter(options)
@@ -887,7 +875,7 @@ def convert_envoy(
     files = {ENVOY_FILE: ENVOY_HEADER + _dump(boot, as_json=False)}
     for resolved, name in converter.rds_outputs.items():
         files[name] = _dump(converter.rds_sources[resolved], as_json=converter.rds_sources[resolved].json)
-    files[POLICY_FILE] = policy_text(converter.http_routes, slots, slot_prefix, marker_header)
+    files[POLICY_FILE] = policy_text(converter.http_routes, slot_headers)
     notes = list(converter.notes)
     text = boot.path.read_text(encoding="utf-8", errors="replace")
     if not boot.json and any(line.lstrip().startswith("#") and line.rstrip() + "\n" not in ENVOY_HEADER for line in text.splitlines()):

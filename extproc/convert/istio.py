@@ -22,7 +22,6 @@ Anything that cannot be translated exactly is left as it was, with a note.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
@@ -30,13 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import re2
+from betterproto2 import Casing
 
 from ..config.manifests import parse_manifests
 from ..config.settings import HOSTNAME, METHODS, NAME
 from ..core.matching import Entry, compile_regex
-from ..core.policy import SAMPLER_CLUSTER, Policy, Route
+from ..core.policy import SAMPLER_CLUSTER, Route
 from ..core.sampling import Fraction
-from ..envoy.lua import anti_spoof_lua
+from ..core.slots import SlotHeaders
+from ..core.variants import rule_layout
+from ..envoy import render
 from . import Conversion, ConvertError
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
@@ -56,8 +58,6 @@ COMMAND = "convert istio"
 MESH = "mesh"
 ROUTER = "envoy.filters.http.router"
 HCM = "envoy.filters.network.http_connection_manager"
-EXT_PROC = "envoy.filters.http.ext_proc"
-STRIP_FILTER = "mirror-sampler.strip-slot-headers"
 # Route fields the sampler cannot see or express: a route using them is left as it was.
 _UNTRANSLATABLE_MATCH = ("authority", "scheme", "port", "sourceLabels", "sourceNamespace", "gateways", "withoutHeaders", "statPrefix")
 _REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
@@ -396,28 +396,35 @@ def _order_problems(vs: VirtualService, route: Route) -> dict[int, str]:
     return problems
 
 
-def _variants(h: HttpRoute, slot_names: Sequence[str]) -> list[dict[str, Any]]:
-    raw, mirrors = h.raw, h.mirrors
+def _token(mirror: Mirror) -> str:
+    return mirror.token
+
+
+def _routes(h: HttpRoute, slot_headers: SlotHeaders) -> list[dict[str, Any]]:
+    """The route as ``core.variants`` lays it out: its variants, then its plain route."""
+    raw = h.raw
     out = []
-    for size in range(len(mirrors), 0, -1):
-        for chosen in itertools.combinations(range(len(mirrors)), size):
-            v = _without_mirrors(raw)
-            slot_headers = {slot_names[i]: {"exact": mirrors[i].token} for i in chosen}
-            v["match"] = [
-                {**copy.deepcopy(m), "headers": {**copy.deepcopy(m.get("headers") or {}), **copy.deepcopy(slot_headers)}}
-                for m in (raw.get("match") or [{}])
-            ]
-            if raw.get("mirror") is not None:
-                v["mirror"] = copy.deepcopy(mirrors[0].destination)
-            else:
-                # No percentage: the sampler already decided; Istio then mirrors all of them.
-                entries: list[dict[str, Any]] = [mirrors[i].entry or {} for i in chosen]
-                v["mirrors"] = [{k: copy.deepcopy(val) for k, val in e.items() if k != "percentage"} for e in entries]
-            if raw.get("name"):
-                v["name"] = f"{raw['name']}-mirror-{'-'.join(map(str, chosen))}"
-            # Name and match first, as people write them.
-            first: dict[str, Any] = {k: v[k] for k in ("name", "match") if k in v}
-            out.append({**first, **v})
+    for layout in rule_layout(h.mirrors, _token, slot_headers):
+        v = _without_mirrors(raw)
+        if layout.is_plain:
+            out.append(v)
+            continue
+        slot_matches = {name: {"exact": token} for name, token in layout.matches}
+        v["match"] = [
+            {**copy.deepcopy(m), "headers": {**copy.deepcopy(m.get("headers") or {}), **copy.deepcopy(slot_matches)}}
+            for m in (raw.get("match") or [{}])
+        ]
+        if raw.get("mirror") is not None:
+            v["mirror"] = copy.deepcopy(h.mirrors[0].destination)
+        else:
+            # No percentage: the sampler already decided; Istio then mirrors all of them.
+            entries: list[dict[str, Any]] = [m.entry or {} for m in layout.targets]
+            v["mirrors"] = [{k: copy.deepcopy(val) for k, val in e.items() if k != "percentage"} for e in entries]
+        if raw.get("name"):
+            v["name"] = f"{raw['name']}-mirror-{'-'.join(map(str, layout.slots))}"
+        # Name and match first, as people write them.
+        first: dict[str, Any] = {k: v[k] for k in ("name", "match") if k in v}
+        out.append({**first, **v})
     return out
 
 
@@ -440,7 +447,7 @@ def _remove_slots(route: dict[str, Any], slot_names: Sequence[str]) -> dict[str,
     return route
 
 
-def rewrite_virtual_service(vs: VirtualService, slot_names: Sequence[str]) -> Document:
+def rewrite_virtual_service(vs: VirtualService, slot_headers: SlotHeaders) -> Document:
     new = copy.deepcopy(vs.doc)
     new.pop("status", None)
     for key in ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink"):
@@ -448,40 +455,28 @@ def rewrite_virtual_service(vs: VirtualService, slot_names: Sequence[str]) -> Do
     http: list[dict[str, Any]] = []
     for h in vs.routes:
         if h.converted:
-            http += [_remove_slots(v, slot_names) for v in _variants(h, slot_names)]
-            http.append(_remove_slots(_without_mirrors(h.raw), slot_names))
+            http += [_remove_slots(r, slot_headers.names) for r in _routes(h, slot_headers)]
         else:
             # Also unconverted routes drop slot headers: the sampler may have set
             # them for a request that Istio routes here first.
-            http.append(_remove_slots(copy.deepcopy(h.raw), slot_names))
+            http.append(_remove_slots(copy.deepcopy(h.raw), slot_headers.names))
     new["spec"]["http"] = http
     return new
 
 
-def _ext_proc(cluster: str, authority: str, message_timeout_ms: int) -> dict[str, Any]:
-    return {
-        "name": EXT_PROC,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster, "authority": authority}},
-            # Fail open with a short timeout: the sampler is never on the critical path.
-            "failure_mode_allow": True,
-            "message_timeout": f"{message_timeout_ms / 1000:.3f}s",
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
-
-
 def envoy_filter(
-    namespace: str | None, contexts: Sequence[str], *, lua: str, cluster: str, authority: str, message_timeout_ms: int, name: str
+    namespace: str | None,
+    contexts: Sequence[str],
+    *,
+    slot_headers: SlotHeaders,
+    cluster: str,
+    authority: str,
+    message_timeout_ms: int,
+    name: str,
 ) -> Document:
+    # The filters envoy-config renders, with Istio's name for the sampler's cluster.
+    strip = render.as_data(render.anti_spoof_filter(slot_headers), Casing.SNAKE)
+    ext_proc = render.as_data(render.ext_proc_filter(message_timeout_ms, cluster=cluster, authority=authority), Casing.SNAKE)
     patches = []
     for context in contexts:
         match = {"context": context, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
@@ -491,23 +486,14 @@ def envoy_filter(
             {
                 "applyTo": "HTTP_FILTER",
                 "match": copy.deepcopy(match),
-                "patch": {
-                    "operation": "INSERT_BEFORE",
-                    "value": {
-                        "name": STRIP_FILTER,
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                            "default_source_code": {"inline_string": lua},
-                        },
-                    },
-                },
+                "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(strip)},
             }
         )
         patches.append(
             {
                 "applyTo": "HTTP_FILTER",
                 "match": copy.deepcopy(match),
-                "patch": {"operation": "INSERT_BEFORE", "value": _ext_proc(cluster, authority, message_timeout_ms)},
+                "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(ext_proc)},
             }
         )
     return {
@@ -590,8 +576,7 @@ def convert_istio_sources(
     sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
 ) -> Conversion:
     """``sources``: (file name, text) pairs holding VirtualServices."""
-    settings = options.settings()
-    slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
+    slot_headers = options.slot_headers
     services = _load(sources, cluster_domain)
     notes: list[str] = []
 
@@ -608,15 +593,16 @@ def convert_istio_sources(
         for h in vs.routes:
             where = f"spec.http[{h.index}]"
             try:
-                if len(h.mirrors) > settings.slots:
-                    raise Untranslatable(f"{len(h.mirrors)} mirrors but only {settings.slots} slot headers (raise --slots / MIRROR_SLOTS)")
+                if len(h.mirrors) > slot_headers.count:
+                    count = slot_headers.count
+                    raise Untranslatable(f"{len(h.mirrors)} mirrors but only {count} slot headers (raise --slots / MIRROR_SLOTS)")
                 if len({m.token for m in h.mirrors}) < len(h.mirrors):
                     raise Untranslatable("two mirrors of the route have the same host and subset")
                 for m in h.mirrors:
                     if not NAME.match(m.token) or len(m.token) > 253 or m.token == SAMPLER_CLUSTER:
                         raise Untranslatable(f"mirror host {m.destination.get('host')!r} has no DNS-1123 form the sampler accepts")
                 rule = translate_rule(h.raw, h.mirrors, where)
-                _check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", settings.slots)
+                _check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
                 h.rule = rule
             except Untranslatable as e:
                 if h.mirrors:
@@ -647,7 +633,7 @@ def convert_istio_sources(
                 notes.append(f"VirtualService {vs.id} mirrors nothing; not in virtualservices.yaml")
             continue
         doc = _sampler_route(vs)
-        routes, _, problems = parse_manifests(dump_documents([doc], ""), vs.source, settings.slots)
+        routes, _, problems = parse_manifests(dump_documents([doc], ""), vs.source, slot_headers.count)
         if problems:  # each rule loaded alone; together they must too
             raise ConvertError(problems)
         for h in candidates:
@@ -665,7 +651,7 @@ def convert_istio_sources(
             notes.append(f"VirtualService {vs.id}: nothing converted; not in virtualservices.yaml (keep the one you have)")
             continue
         config_routes.append(_sampler_route(vs))
-        rewritten.append(rewrite_virtual_service(vs, slot_names))
+        rewritten.append(rewrite_virtual_service(vs, slot_headers))
         for ns, ctx in filter_contexts(vs).items():
             for c in ctx:
                 if c not in contexts.setdefault(ns, []):
@@ -689,12 +675,11 @@ def convert_istio_sources(
     authority = f"{options.sampler_service}.{sampler_ns or 'default'}.svc.{cluster_domain}"
     # Istio's name for the Service's outbound cluster.
     cluster = f"outbound|{GRPC_PORT}||{authority}"
-    lua = anti_spoof_lua(
-        Policy(routes=(), key_chain=(), slot_prefix=settings.slot_prefix, slots=settings.slots, marker_header=settings.marker_header)
-    )
     service, message_timeout_ms = options.sampler_service, options.message_timeout_ms
     filters = [
-        envoy_filter(ns, ctx, lua=lua, cluster=cluster, authority=authority, message_timeout_ms=message_timeout_ms, name=service)
+        envoy_filter(
+            ns, ctx, slot_headers=slot_headers, cluster=cluster, authority=authority, message_timeout_ms=message_timeout_ms, name=service
+        )
         for ns, ctx in contexts.items()
     ]
     config_text = dump_documents(

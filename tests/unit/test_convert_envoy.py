@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.envoy import METADATA_KEY, SAMPLER_FILTER, convert_envoy
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
+from extproc.core.slots import SlotHeaders, SlotHeadersError
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from extproc.server.store import load_policy
 from tests.support.paths import DATA
@@ -198,7 +200,8 @@ def test_variants_match_the_slot_headers_and_mirror_statically(converted: tuple[
     chosen_sets = [["shadow-a", "shadow-b"], ["shadow-a"], ["shadow-b"]]
     user_policies = {p["cluster"]: p for p in originals["checkout"]["route"]["request_mirror_policies"]}
     for v, chosen in zip(variants, chosen_sets, strict=True):
-        slots = [h for h in v["match"]["headers"] if h["name"] in SLOTS]
+        # Envoy requires every header matcher of a route: their order means nothing.
+        slots = sorted((h for h in v["match"]["headers"] if h["name"] in SLOTS), key=lambda h: str(h["name"]))
         expected = [
             {"name": SLOTS[i], "string_match": {"exact": c}} if c in chosen else {"name": SLOTS[i], "present_match": False}
             for i, c in enumerate(["shadow-a", "shadow-b"])
@@ -366,8 +369,8 @@ def test_converting_the_output_again_changes_nothing(converted: tuple[Conversion
 
 def test_converting_again_with_other_settings_replaces_the_old_conversion(converted: tuple[Conversion, Path], inputs: Path) -> None:
     _, out = converted
-    direct = convert_envoy([inputs / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slots=3)
-    again = convert_envoy([out / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slots=3)
+    direct = convert_envoy([inputs / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slot_headers=SlotHeaders(count=3))
+    again = convert_envoy([out / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slot_headers=SlotHeaders(count=3))
     assert again.files == direct.files
 
 
@@ -458,7 +461,7 @@ def test_refused_mirrors_leave_their_route_as_it_was(mirrors: list[dict[str, Any
 
 def test_more_slots_take_more_mirrors() -> None:
     mirrors = [{"cluster": n, **FRACTION} for n in ("shadow", "shadow-2", "shadow-3")]
-    conversion = convert_dict(bootstrap([route("three", mirrors=mirrors)]), slots=3)
+    conversion = convert_dict(bootstrap([route("three", mirrors=mirrors)]), slot_headers=SlotHeaders(count=3))
     routes = routes_of(managers(load_text(conversion.files["envoy.yaml"]))["l"])
     assert len(routes) == 8, "seven variants and the plain route"
     assert "MIRROR_SLOTS=3 mirror-sampler serve --config policy.yaml" in conversion.files["policy.yaml"]
@@ -592,7 +595,7 @@ def test_envoy_accepts_the_converted_configuration(converted: tuple[Conversion, 
     variants = {"default": out / "envoy.yaml"}
     # A sampler found by DNS, three slots: a second configuration.
     other = tmp_path / "other"
-    conversion = convert_envoy([inputs / "envoy.yaml"], output_dir=other, sampler="localhost:50051", slots=3)
+    conversion = convert_envoy([inputs / "envoy.yaml"], output_dir=other, sampler="localhost:50051", slot_headers=SlotHeaders(count=3))
     write(conversion, other)
     variants["dns-three-slots"] = other / "envoy.yaml"
     procs = {
@@ -628,3 +631,21 @@ def test_several_samplers_are_endpoints_of_one_cluster(inputs: Path) -> None:
     clusters = {c["name"]: c for c in load_text(conversion.files["envoy.yaml"])["static_resources"]["clusters"]}
     endpoints = clusters["mirror-sampler"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [50051, 50052]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 8, 9, 16])
+def test_convert_envoy_takes_the_samplers_slot_count_bound(inputs: Path, count: int) -> None:
+    """One bound (core.slots): a slot count the sampler refuses, convert envoy
+    refuses too (it once took up to 16 while the sampler took 1..8)."""
+    try:
+        Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_SLOTS": str(count)})
+        sampler_takes = True
+    except ConfigError:
+        sampler_takes = False
+    try:
+        convert_envoy([inputs / "envoy.yaml"], slot_headers=SlotHeaders(count=count))
+        converter_takes = True
+    except SlotHeadersError as e:
+        assert e.field == "count" and "1..8" in str(e)
+        converter_takes = False
+    assert converter_takes == sampler_takes == (1 <= count <= 8)

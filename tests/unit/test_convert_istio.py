@@ -307,11 +307,10 @@ def test_envoy_filter_structure_and_contexts() -> None:
                 },
                 "failure_mode_allow": True,
                 "message_timeout": "0.200s",
+                # The body modes are NONE, their default (left out, as protobuf JSON does).
                 "processing_mode": {
                     "request_header_mode": "SEND",
                     "response_header_mode": "SKIP",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
                     "request_trailer_mode": "SKIP",
                     "response_trailer_mode": "SKIP",
                 },
