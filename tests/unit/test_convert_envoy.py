@@ -23,7 +23,8 @@ import yaml
 from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
-from extproc.convert.envoy import METADATA_KEY, SAMPLER_FILTER, convert_envoy
+from extproc.convert.envoy import convert_envoy
+from extproc.convert.envoy_routes import METADATA_KEY, SAMPLER_FILTER
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
 from extproc.core.slots import SlotHeaders, SlotHeadersError
