@@ -16,7 +16,9 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
-from extproc.convert.istio import convert_istio, convert_istio_sources, may_overlap, percent_fraction, token
+from extproc.convert.istio import convert_istio, convert_istio_sources
+from extproc.convert.istio_order import may_overlap
+from extproc.convert.istio_translate import percent_fraction, token
 from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.matching import compile_regex
 from extproc.core.policy import Outcome, Policy
