@@ -20,6 +20,7 @@ from ..core.slots import (
     DEFAULT_COUNT,
     DEFAULT_MARKER,
     DEFAULT_PREFIX,
+    DEFAULT_SLOT_HEADERS,
     MAX_COUNT,
     MIN_COUNT,
     SlotHeaders,
@@ -375,7 +376,7 @@ def load_slot_headers(environ: Mapping[str, str], overrides: Mapping[str, str | 
 def slot_environment(slot_headers: SlotHeaders) -> dict[str, str]:
     """The variables a sampler must be given to use ``slot_headers``: those
     that differ from the defaults."""
-    default = SlotHeaders()
+    default = DEFAULT_SLOT_HEADERS
     return {
         _option(name).env: str(getattr(slot_headers, f))
         for f, name in _SLOT_OPTIONS.items()
