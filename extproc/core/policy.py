@@ -144,6 +144,10 @@ class Policy:
         object.__setattr__(self, "table", RouteTable(by_host))
         object.__setattr__(self, "rules_by_id", {rule.id: rule for route in self.routes for rule in route.rules})
 
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return self.slot_headers.names
+
     def envoy_shape(self) -> tuple[object, ...]:
         """Everything Envoy's generated routes depend on in ext_proc mode:
         all but the fractions, the key chain and the salt."""
@@ -169,10 +173,6 @@ class Policy:
                 for r in self.routes
             ),
         )
-
-    @property
-    def slot_names(self) -> tuple[str, ...]:
-        return self.slot_headers.names
 
     @property
     def rules(self) -> tuple[Rule, ...]:
