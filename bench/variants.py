@@ -84,7 +84,7 @@ def native_yaml(policy: Policy, topology: Topology) -> str:
                             k("request_headers_mutations"): [
                                 {
                                     "append": {
-                                        "header": {"key": policy.marker_header, "value": rule.id},
+                                        "header": {"key": policy.slot_headers.marker, "value": rule.id},
                                         k("append_action"): "OVERWRITE_IF_EXISTS_OR_ADD",
                                     }
                                 }

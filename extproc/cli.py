@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import __version__
 from .config.addresses import split_peer_address
 from .config.errors import ConfigError
-from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings
+from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers
 from .server import logs
 
 if TYPE_CHECKING:
@@ -212,10 +212,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import ConvertError
 
     paths = [Path(f) for f in args.files]
+    slot_flags = {"slots": args.opt_slots, "slot_prefix": args.opt_slot_prefix, "marker_header": args.opt_marker_header}
     shared = {
-        "slots": _option("slots", args.opt_slots),
-        "slot_prefix": _option("slot_prefix", args.opt_slot_prefix),
-        "marker_header": _option("marker_header", args.opt_marker_header),
+        "slot_headers": load_slot_headers(os.environ, slot_flags),
         "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
     }
     try:

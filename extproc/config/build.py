@@ -15,16 +15,12 @@ from .settings import Settings
 SIMPLE_RULE_ID = "simple"
 
 
-def _reserved_headers(settings: Settings) -> set[str]:
-    return {f"{settings.slot_prefix}{i}" for i in range(settings.slots)} | {settings.marker_header}
-
-
 def _cross_route_problems(routes: list[Route], settings: Settings) -> list[str]:
     """What no single rule shows: one backend at two ports; a header modifier
     that would put a slot or marker header on a backend's request."""
     problems: list[str] = []
     ports: dict[str, tuple[int, str]] = {}
-    reserved = _reserved_headers(settings)
+    reserved = set(settings.slot_headers.reserved)
     for route in routes:
         for rule in route.rules:
             refs = [(b.name, b.port) for b in rule.backends] + [(m.backend, m.port) for m in rule.mirrors]
@@ -57,7 +53,7 @@ def parse(settings: Settings, manifest_text: str | None) -> ParseResult | None:
         return None
     if manifest_text is None:
         raise ConfigError([f"MIRROR_CONFIG: {settings.config}: no manifest text given"])
-    return parse_manifests(manifest_text, settings.config, settings.slots)
+    return parse_manifests(manifest_text, settings.config, settings.slot_headers.count)
 
 
 def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:
@@ -96,8 +92,6 @@ def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:
         routes=tuple(routes),
         key_chain=settings.key or DEFAULT_KEY_CHAIN,
         salt=settings.salt.encode(),
-        slot_prefix=settings.slot_prefix,
-        slots=settings.slots,
-        marker_header=settings.marker_header,
+        slot_headers=settings.slot_headers,
         enabled=enabled and not settings.kill_switch,
     )

@@ -13,9 +13,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..core.keys import KeyKind, KeySource, is_header_name, parse_key_chain
+from ..core.keys import KeyKind, KeySource, parse_key_chain
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.sampling import Fraction
+from ..core.slots import (
+    DEFAULT_COUNT,
+    DEFAULT_MARKER,
+    DEFAULT_PREFIX,
+    DEFAULT_SLOT_HEADERS,
+    MAX_COUNT,
+    MIN_COUNT,
+    SlotHeaders,
+    SlotHeadersError,
+    slot_header_name,
+)
 from .addresses import split_address
 from .errors import ConfigError
 
@@ -60,13 +71,6 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return v
 
     return parse
-
-
-def _header_name(value: str) -> str:
-    v = value.strip().lower()
-    if not is_header_name(v) or v.startswith(("x-envoy-", ":")) or v in ("host", "cookie"):
-        raise ValueError(f"must be a header name Envoy lets ext_proc set (not x-envoy-*, host or a :pseudo-header), got {value!r}")
-    return v
 
 
 def parse_fraction_text(value: str) -> Fraction:
@@ -162,17 +166,24 @@ OPTIONS: tuple[Option, ...] = (
         "slot_prefix",
         "MIRROR_SLOT_PREFIX",
         "--slot-prefix",
-        "x-mirror-cluster-",
-        _header_name,
+        DEFAULT_PREFIX,
+        slot_header_name,
         "slot header prefix; slots are <prefix>0, <prefix>1, ...",
     ),
-    Option("slots", "MIRROR_SLOTS", "--slots", "2", _int_range(1, 8), "slot headers per rule, the most mirrors one rule may have"),
+    Option(
+        "slots",
+        "MIRROR_SLOTS",
+        "--slots",
+        str(DEFAULT_COUNT),
+        _int_range(MIN_COUNT, MAX_COUNT),
+        "slot headers per rule, the most mirrors one rule may have",
+    ),
     Option(
         "marker_header",
         "MIRROR_MARKER_HEADER",
         "--marker-header",
-        "x-mirror-rule",
-        _header_name,
+        DEFAULT_MARKER,
+        slot_header_name,
         "header on mirrored copies naming the rule that sampled them",
     ),
     Option(
@@ -309,19 +320,22 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def _load(scope: str, environ: Mapping[str, str], overrides: Mapping[str, str | None]) -> dict[str, Any]:
+def _load(
+    scope: str, environ: Mapping[str, str], overrides: Mapping[str, str | None], only: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Flags (``overrides``, by field name) over environment over defaults,
-    for the options of one scope; ConfigError lists every problem."""
+    for the options of one scope (``only``: of these names); ConfigError lists
+    every problem."""
     values: dict[str, Any] = {}
     problems: list[str] = []
     for opt in OPTIONS:
-        if opt.scope != scope:
+        if opt.scope != scope or (only is not None and opt.name not in only):
             continue
         raw = overrides.get(opt.name)
         origin = f"{opt.flag}" if raw is not None else opt.env
         if raw is None:
             raw = environ.get(opt.env)
-        if raw is None or raw == "" and opt.default == "":
+        if raw is None or (raw == "" and opt.default == ""):
             raw = opt.default
             origin = f"{opt.env} (default)"
         if raw == "" and opt.name in ("percent", "fraction", "max_mirrors_per_second"):
@@ -334,6 +348,40 @@ def _load(scope: str, environ: Mapping[str, str], overrides: Mapping[str, str | 
     if problems:
         raise ConfigError(problems)
     return values
+
+
+# The options behind each field of SlotHeaders.
+_SLOT_OPTIONS = {"count": "slots", "prefix": "slot_prefix", "marker": "marker_header"}
+
+
+def _option(name: str) -> Option:
+    return next(o for o in OPTIONS if o.name == name)
+
+
+def _slot_headers(values: Mapping[str, Any]) -> SlotHeaders:
+    """The SlotHeaders of parsed option values; ConfigError names the variable at fault."""
+    try:
+        return SlotHeaders(**{f: values[name] for f, name in _SLOT_OPTIONS.items()})
+    except SlotHeadersError as e:
+        others = ", ".join(_option(n).env for f, n in _SLOT_OPTIONS.items() if f != e.field)
+        raise ConfigError([f"{_option(_SLOT_OPTIONS[e.field]).env}: {e} ({others})"]) from None
+
+
+def load_slot_headers(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> SlotHeaders:
+    """The slot headers alone (``convert`` needs no mirror configured): flags
+    (``overrides``, by option name) over environment over defaults."""
+    return _slot_headers(_load(SAMPLER, environ, overrides or {}, tuple(_SLOT_OPTIONS.values())))
+
+
+def slot_environment(slot_headers: SlotHeaders) -> dict[str, str]:
+    """The variables a sampler must be given to use ``slot_headers``: those
+    that differ from the defaults."""
+    default = DEFAULT_SLOT_HEADERS
+    return {
+        _option(name).env: str(getattr(slot_headers, f))
+        for f, name in _SLOT_OPTIONS.items()
+        if getattr(slot_headers, f) != getattr(default, f)
+    }
 
 
 @dataclass(frozen=True)
@@ -398,11 +446,13 @@ class Settings:
         for opt_env, value in (("MIRROR_BACKEND", self.backend), ("MIRROR_PRIMARY", self.primary)):
             if value and (not NAME.match(value) or value == SAMPLER_CLUSTER):
                 problems.append(f"{opt_env}: must be a lower-case DNS-1123 name other than {SAMPLER_CLUSTER!r}, got {value!r}")
-        slots = {f"{self.slot_prefix}{i}" for i in range(self.slots)}
-        if self.marker_header in slots:
-            problems.append(f"MIRROR_MARKER_HEADER: {self.marker_header!r} is also a slot header (MIRROR_SLOT_PREFIX, MIRROR_SLOTS)")
+        try:
+            reserved = self.slot_headers.reserved
+        except ConfigError as e:
+            problems += e.problems
+            reserved = ()
         for source in self.key:
-            if source.kind is KeyKind.HEADER and (source.name in slots or source.name == self.marker_header):
+            if source.kind is KeyKind.HEADER and source.name in reserved:
                 problems.append(
                     f"MIRROR_KEY: {source} is a header the sampler and Envoy strip from every request, so it would never be present"
                 )
@@ -412,6 +462,10 @@ class Settings:
             )
         if problems:
             raise ConfigError(problems)
+
+    @property
+    def slot_headers(self) -> SlotHeaders:
+        return _slot_headers({name: getattr(self, name) for name in _SLOT_OPTIONS.values()})
 
     def to_environ(self) -> dict[str, str]:
         """The environment that reproduces these settings in a child process."""

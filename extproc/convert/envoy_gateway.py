@@ -21,7 +21,6 @@ clienttrafficpolicy_types.go, shared_types.go).
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,9 @@ from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.manifests import SWITCH_KIND, parse_manifests
 from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
-from ..core.policy import Route, Rule
+from ..core.policy import MirrorTarget, Route, Rule
+from ..core.slots import SlotHeaders
+from ..core.variants import rule_layout
 from . import Conversion, ConvertError
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
@@ -60,63 +61,64 @@ MAX_REMOVE = 16
 _SERVER_FIELDS = ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink")
 
 
-def _slot_match(name: str, token: str) -> dict[str, str]:
-    return {"type": "Exact", "name": name, "value": token}
+def _backend(target: MirrorTarget) -> str:
+    return target.backend
 
 
-def variant_rules(raw: dict[str, Any], rule: Rule, slot_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The rule's variants (largest combination first), then its plain rule."""
+def variant_rules(raw: dict[str, Any], rule: Rule, slot_headers: SlotHeaders) -> list[dict[str, Any]]:
+    """The rule as ``core.variants`` lays it out: its variant rules, then its plain rule."""
     filters: list[dict[str, Any]] = list(raw.get("filters") or [])
     mirror_filters = [i for i, f in enumerate(filters) if f.get("type") == "RequestMirror"]
     assert len(mirror_filters) == len(rule.mirrors), "the parsed rule and its manifest disagree"
-    used_slots = [slot_names[m.slot] for m in rule.mirrors]
+    used_slots = slot_headers.names[: len(rule.mirrors)]
     out = []
-    for size in range(len(rule.mirrors), 0, -1):
-        for chosen in itertools.combinations(rule.mirrors, size):
-            variant = copy.deepcopy(raw)
-            slot_headers = [_slot_match(slot_names[m.slot], m.backend) for m in chosen]
-            variant["matches"] = [
-                {**copy.deepcopy(m), "headers": [*copy.deepcopy(m.get("headers") or []), *copy.deepcopy(slot_headers)]}
-                for m in (raw.get("matches") or [{}])
-            ]
-            chosen_filters = {mirror_filters[m.slot] for m in chosen}
-            new_filters = []
-            merged = False
-            for i, f in enumerate(filters):
-                if i in mirror_filters:
-                    if i in chosen_filters:
-                        f = copy.deepcopy(f)
-                        # No percentage: the sampler already decided; Envoy mirrors all it routes here.
-                        f["requestMirror"].pop("percent", None)
-                        f["requestMirror"].pop("fraction", None)
-                        new_filters.append(f)
-                elif f.get("type") == "RequestHeaderModifier":
-                    # The CRD allows one RequestHeaderModifier per rule: merge into it.
+    for layout in rule_layout(rule.mirrors, _backend, slot_headers):
+        if layout.is_plain:
+            plain = copy.deepcopy(raw)
+            kept = [copy.deepcopy(f) for f in filters if f.get("type") != "RequestMirror"]
+            if kept:
+                plain["filters"] = kept
+            else:
+                plain.pop("filters", None)
+            out.append(plain)
+            continue
+        variant = copy.deepcopy(raw)
+        slot_matches = [{"type": "Exact", "name": name, "value": token} for name, token in layout.matches]
+        variant["matches"] = [
+            {**copy.deepcopy(m), "headers": [*copy.deepcopy(m.get("headers") or []), *copy.deepcopy(slot_matches)]}
+            for m in (raw.get("matches") or [{}])
+        ]
+        chosen_filters = {mirror_filters[slot] for slot in layout.slots}
+        new_filters = []
+        merged = False
+        for i, f in enumerate(filters):
+            if i in mirror_filters:
+                if i in chosen_filters:
                     f = copy.deepcopy(f)
-                    modifier = f.setdefault("requestHeaderModifier", {})
-                    existing = list(modifier.get("remove") or [])
-                    known = {n.lower() for n in existing}
-                    modifier["remove"] = existing + [n for n in used_slots if n not in known]
+                    # No percentage: the sampler already decided; Envoy mirrors all it routes here.
+                    f["requestMirror"].pop("percent", None)
+                    f["requestMirror"].pop("fraction", None)
                     new_filters.append(f)
-                    merged = True
-                else:
-                    new_filters.append(copy.deepcopy(f))
-            if not merged:
-                # Route-level request_headers_to_remove in Envoy Gateway: applied
-                # before the shadow copy is made, so neither backend sees a slot.
-                new_filters.insert(0, {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": list(used_slots)}})
-            variant["filters"] = new_filters
-            if raw.get("name"):
-                # Rule names must be unique within a route.
-                variant["name"] = f"{raw['name']}-mirror-{'-'.join(str(m.slot) for m in chosen)}"
-            out.append(variant)
-    plain = copy.deepcopy(raw)
-    kept = [copy.deepcopy(f) for f in filters if f.get("type") != "RequestMirror"]
-    if kept:
-        plain["filters"] = kept
-    else:
-        plain.pop("filters", None)
-    out.append(plain)
+            elif f.get("type") == "RequestHeaderModifier":
+                # The CRD allows one RequestHeaderModifier per rule: merge into it.
+                f = copy.deepcopy(f)
+                modifier = f.setdefault("requestHeaderModifier", {})
+                existing = list(modifier.get("remove") or [])
+                known = {n.lower() for n in existing}
+                modifier["remove"] = existing + [n for n in used_slots if n not in known]
+                new_filters.append(f)
+                merged = True
+            else:
+                new_filters.append(copy.deepcopy(f))
+        if not merged:
+            # Route-level request_headers_to_remove in Envoy Gateway: applied
+            # before the shadow copy is made, so neither backend sees a slot.
+            new_filters.insert(0, {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": list(used_slots)}})
+        variant["filters"] = new_filters
+        if raw.get("name"):
+            # Rule names must be unique within a route.
+            variant["name"] = f"{raw['name']}-mirror-{'-'.join(map(str, layout.slots))}"
+        out.append(variant)
     return out
 
 
@@ -148,7 +150,7 @@ def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def rewrite_route(doc: Document, route: Route, slot_names: Sequence[str]) -> tuple[Document, bool]:
+def rewrite_route(doc: Document, route: Route, slot_headers: SlotHeaders) -> tuple[Document, bool]:
     """The route with each mirrored rule expanded; whether anything changed."""
     new = copy.deepcopy(doc)
     new.pop("status", None)
@@ -160,7 +162,7 @@ def rewrite_route(doc: Document, route: Route, slot_names: Sequence[str]) -> tup
         return new, False
     rules: list[dict[str, Any]] = []
     for raw, rule in zip(raw_rules, route.rules, strict=True):
-        rules.extend(variant_rules(raw, rule, slot_names) if rule.mirrors else [copy.deepcopy(raw)])
+        rules.extend(variant_rules(raw, rule, slot_headers) if rule.mirrors else [copy.deepcopy(raw)])
     problems = _limit_problems(f"{route.source}: HTTPRoute {route.id}", rules)
     if problems:
         raise ConvertError(problems)
@@ -269,12 +271,12 @@ def convert_envoy_gateway(paths: Sequence[Path], options: SamplerDeployment = DE
 def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT) -> Conversion:
     """``sources``: (file name, text) pairs of HTTPRoute manifests."""
     settings = options.settings()
-    slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
+    slot_headers = options.slot_headers
     problems: list[str] = []
     kept: list[Document] = []  # the sampler's configuration: the original routes (and kill switch)
     pairs: list[tuple[Document, Route]] = []
     for source, text in sources:
-        parsed = parse_manifests(text, source, settings.slots)
+        parsed = parse_manifests(text, source, slot_headers.count)
         routes, errors = parsed.routes, parsed.problems
         problems += errors
         if errors:
@@ -311,7 +313,7 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
     for doc, route in pairs:
         route_ns = (doc.get("metadata") or {}).get("namespace")
         route_namespaces[route_ns] = None
-        new, changed = rewrite_route(doc, route, slot_names)
+        new, changed = rewrite_route(doc, route, slot_headers)
         rewritten.append(new)
         if not changed:
             notes.append(f"{route.source}: HTTPRoute {route.id} has no mirrors to convert; included unchanged")
@@ -355,7 +357,6 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
     service = options.sampler_service
     policies = extension_policies(mirrored, service=service, sampler_ns=sampler_ns, message_timeout_ms=options.message_timeout_ms)
     policies += reference_grants(grants, service=service, sampler_ns=sampler_ns) if sampler_ns else []
-    header_names = [*slot_names, settings.marker_header]
     files = {
         "httproutes.yaml": dump_documents(
             rewritten,
@@ -376,7 +377,7 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
             ),
         ),
         "client-traffic-policy.yaml": dump_documents(
-            client_traffic_policies(list(gateways), header_names, service), generated_header(COMMAND, CTP_COMMENT)
+            client_traffic_policies(list(gateways), slot_headers.reserved, service), generated_header(COMMAND, CTP_COMMENT)
         ),
         "sampler.yaml": sampler_manifest(config_text, replace(options, namespace=sampler_ns), COMMAND),
     }

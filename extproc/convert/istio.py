@@ -17,27 +17,35 @@ translated into HTTPRoutes for its configuration. The sampler picks a rule by
 Gateway API precedence while Istio takes the first match; a route is converted
 only when no later route that might take the same request outranks it there.
 Anything that cannot be translated exactly is left as it was, with a note.
+
+This module reads the VirtualServices and runs the phases; ``istio_translate``
+translates routes into HTTPRoute rules, ``istio_order`` compares Istio's
+order with the sampler's precedence, ``istio_rewrite`` writes what Istio gets.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
-
-import re2
 
 from ..config.manifests import parse_manifests
-from ..config.settings import HOSTNAME, METHODS, NAME
-from ..core.matching import Entry, compile_regex
-from ..core.policy import SAMPLER_CLUSTER, Policy, Route
-from ..core.sampling import Fraction
-from ..envoy.lua import anti_spoof_lua
+from ..config.settings import NAME
+from ..core.policy import SAMPLER_CLUSTER
+from ..core.slots import SlotHeaders
 from . import Conversion, ConvertError
+from .istio_order import order_problems
+from .istio_rewrite import envoy_filter, filter_contexts, rewrite_virtual_service
+from .istio_translate import (
+    HttpRoute,
+    Untranslatable,
+    VirtualService,
+    check_alone,
+    route_mirrors,
+    sampler_route,
+    translate_hosts,
+    translate_rule,
+)
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
     GRPC_PORT,
@@ -46,492 +54,12 @@ from .kubernetes import (
     dump_documents,
     generated_header,
     load_documents,
-    metadata,
     read_sources,
     sampler_manifest,
 )
 
 ISTIO_APIS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 COMMAND = "convert istio"
-MESH = "mesh"
-ROUTER = "envoy.filters.http.router"
-HCM = "envoy.filters.network.http_connection_manager"
-EXT_PROC = "envoy.filters.http.ext_proc"
-STRIP_FILTER = "mirror-sampler.strip-slot-headers"
-# Route fields the sampler cannot see or express: a route using them is left as it was.
-_UNTRANSLATABLE_MATCH = ("authority", "scheme", "port", "sourceLabels", "sourceNamespace", "gateways", "withoutHeaders", "statPrefix")
-_REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
-
-
-class Untranslatable(Exception):
-    """This route has no exact HTTPRoute equivalent; the message says why."""
-
-
-@dataclass
-class Mirror:
-    destination: dict[str, Any]
-    fraction: Fraction
-    token: str
-    entry: dict[str, Any] | None = None  # the mirrors[] entry, when the route used mirrors[]
-
-
-@dataclass
-class HttpRoute:
-    """One VirtualService http[] route and what the conversion made of it."""
-
-    index: int
-    raw: dict[str, Any]
-    mirrors: list[Mirror]
-    rule: dict[str, Any] | None = None  # the translated HTTPRoute rule; None: untranslatable
-    reason: str = ""
-    converted: bool = False
-
-
-@dataclass
-class VirtualService:
-    source: str
-    doc: Document
-    namespace: str | None
-    name: str
-    hostnames: list[str] | None  # None: the hosts cannot be translated
-    routes: list[HttpRoute] = field(default_factory=list)
-    host_reason: str = ""
-
-    @property
-    def id(self) -> str:
-        return f"{self.namespace or 'default'}/{self.name}"
-
-    @property
-    def gateways(self) -> list[str]:
-        return list((self.doc.get("spec") or {}).get("gateways") or [])
-
-
-def percent_fraction(value: object, where: str) -> Fraction:
-    """An Istio percentage (a double) as an exact fraction: 12.5 -> 125/1000."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"])
-    try:
-        # repr: the shortest text that reads back as this double, i.e. what the user wrote.
-        d = (Decimal(repr(value)) if isinstance(value, float) else Decimal(value)).normalize()
-    except InvalidOperation:
-        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"]) from None
-    if not d.is_finite() or not 0 <= d <= 100:
-        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"])
-    exponent = d.as_tuple().exponent
-    places = max(0, -exponent) if isinstance(exponent, int) else 0
-    return Fraction(int(d.scaleb(places)), 100 * 10**places)
-
-
-def token(destination: dict[str, Any]) -> str:
-    """The slot header value for a destination: host (+ "--" subset), lower-case."""
-    host = str(destination.get("host", "")).lower()
-    subset = destination.get("subset")
-    return f"{host}--{str(subset).lower()}" if subset else host
-
-
-def _destination(raw: object, where: str) -> dict[str, Any]:
-    if not isinstance(raw, dict) or not isinstance(raw.get("host"), str) or not raw["host"]:
-        raise ConvertError([f"{where}: must be a destination with a host, got {raw!r}"])
-    return raw
-
-
-def route_mirrors(raw: dict[str, Any], where: str) -> list[Mirror]:
-    mirrors: list[Mirror] = []
-    if raw.get("mirror") is not None:
-        if raw.get("mirrors"):
-            raise ConvertError([f"{where}: set mirror or mirrors, not both"])
-        dest = _destination(raw["mirror"], f"{where}.mirror")
-        if raw.get("mirrorPercentage") is not None:
-            pct = raw["mirrorPercentage"]
-            value = pct.get("value", 0) if isinstance(pct, dict) else pct
-            fraction = percent_fraction(value, f"{where}.mirrorPercentage.value")
-        elif raw.get("mirrorPercent") is not None:  # deprecated integer form
-            fraction = percent_fraction(raw["mirrorPercent"], f"{where}.mirrorPercent")
-        else:
-            fraction = Fraction(100, 100)  # Istio: no percentage mirrors everything
-        mirrors.append(Mirror(dest, fraction, token(dest)))
-    for j, entry in enumerate(raw.get("mirrors") or []):
-        if not isinstance(entry, dict):
-            raise ConvertError([f"{where}.mirrors[{j}]: must be a mapping with a destination, got {entry!r}"])
-        dest = _destination(entry.get("destination"), f"{where}.mirrors[{j}].destination")
-        pct = entry.get("percentage")
-        if pct is None:
-            fraction = Fraction(100, 100)
-        else:
-            fraction = percent_fraction(pct.get("value", 0) if isinstance(pct, dict) else pct, f"{where}.mirrors[{j}].percentage.value")
-        mirrors.append(Mirror(dest, fraction, token(dest), entry))
-    return mirrors
-
-
-def re2_literal(text: str) -> str:
-    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
-
-
-def _value_match(name: str, sm: object, what: str) -> dict[str, str]:
-    """An Istio StringMatch as a Gateway API header / query match."""
-    if sm is None or sm == {}:
-        return {"type": "RegularExpression", "name": name, "value": ".*"}  # present, any value
-    if not isinstance(sm, dict) or len(sm) != 1:
-        raise Untranslatable(f"{what}: expected one of exact, prefix, regex, got {sm!r}")
-    kind, value = next(iter(sm.items()))
-    if not isinstance(value, str):
-        raise Untranslatable(f"{what}.{kind}: must be a string, got {value!r}")
-    if kind == "exact":
-        return {"type": "Exact", "name": name, "value": value}
-    if kind == "prefix":
-        return {"type": "RegularExpression", "name": name, "value": re2_literal(value) + ".*"}
-    if kind == "regex":
-        # Istio reads regex "*" as "present" (istio/istio#20629).
-        return {"type": "RegularExpression", "name": name, "value": ".*" if value == "*" else value}
-    raise Untranslatable(f"{what}: unknown match type {kind!r}")
-
-
-def translate_match(m: object, what: str) -> dict[str, Any]:
-    if not isinstance(m, dict):
-        raise Untranslatable(f"{what}: must be a mapping, got {m!r}")
-    for key in m:
-        if key in _UNTRANSLATABLE_MATCH:
-            raise Untranslatable(f"{what}.{key}: the sampler cannot see or express it")
-        if key not in ("uri", "headers", "queryParams", "method", "name", "ignoreUriCase"):
-            raise Untranslatable(f"{what}.{key}: not translatable")
-    if m.get("ignoreUriCase"):
-        raise Untranslatable(f"{what}.ignoreUriCase: Gateway API paths are case-sensitive")
-    out: dict[str, Any] = {}
-    uri = m.get("uri")
-    if uri:
-        if not isinstance(uri, dict) or len(uri) != 1:
-            raise Untranslatable(f"{what}.uri: expected one of exact, prefix, regex, got {uri!r}")
-        kind, value = next(iter(uri.items()))
-        if not isinstance(value, str):
-            raise Untranslatable(f"{what}.uri.{kind}: must be a string")
-        if kind == "exact":
-            out["path"] = {"type": "Exact", "value": value}
-        elif kind == "prefix" and value == "/":
-            out["path"] = {"type": "PathPrefix", "value": "/"}
-        elif kind == "prefix":
-            # Istio's prefix is a plain string prefix (/api matches /apis), not
-            # Gateway API's segment prefix: a regular expression says exactly that.
-            out["path"] = {"type": "RegularExpression", "value": re2_literal(value) + ".*"}
-        elif kind == "regex":
-            out["path"] = {"type": "RegularExpression", "value": value}
-        else:
-            raise Untranslatable(f"{what}.uri: unknown match type {kind!r}")
-    headers = m.get("headers") or {}
-    if not isinstance(headers, dict):
-        raise Untranslatable(f"{what}.headers: must be a mapping")
-    for name, sm in headers.items():
-        if not isinstance(name, str) or name.startswith("@") or name.startswith(":"):
-            raise Untranslatable(f"{what}.headers.{name}: JWT claim and pseudo-header matches are not HTTP headers the sampler sees")
-        out.setdefault("headers", []).append(_value_match(name.lower(), sm, f"{what}.headers.{name}"))
-    params = m.get("queryParams") or {}
-    if not isinstance(params, dict):
-        raise Untranslatable(f"{what}.queryParams: must be a mapping")
-    for name, sm in params.items():
-        out.setdefault("queryParams", []).append(_value_match(str(name), sm, f"{what}.queryParams.{name}"))
-    method = m.get("method")
-    if method is not None:
-        if not isinstance(method, dict) or set(method) != {"exact"} or method["exact"] not in METHODS:
-            raise Untranslatable(f"{what}.method: only an exact method ({', '.join(METHODS)}) translates, got {method!r}")
-        out["method"] = method["exact"]
-    return out
-
-
-def translate_rule(raw: dict[str, Any], mirrors: Sequence[Mirror], where: str) -> dict[str, Any]:
-    """The HTTPRoute rule the sampler decides with for this http[] route."""
-    if raw.get("delegate") is not None:
-        raise Untranslatable(f"{where}.delegate: delegated routes are decided in another VirtualService")
-    rule: dict[str, Any] = {}
-    matches = raw.get("match") or []
-    if not isinstance(matches, list):
-        raise Untranslatable(f"{where}.match: must be a list")
-    if matches:
-        rule["matches"] = [translate_match(m, f"{where}.match[{i}]") for i, m in enumerate(matches)]
-    backends = []
-    destinations = raw.get("route") or []
-    for i, d in enumerate(destinations):
-        dest = (d or {}).get("destination") if isinstance(d, dict) else None
-        if not isinstance(dest, dict) or not isinstance(dest.get("host"), str):
-            raise Untranslatable(f"{where}.route[{i}].destination: must have a host")
-        ref: dict[str, Any] = {"name": token(dest)}
-        if len(destinations) > 1:
-            ref["weight"] = d.get("weight", 0)
-        backends.append(ref)
-    if backends:
-        rule["backendRefs"] = backends
-    if mirrors:
-        rule["filters"] = [
-            {
-                "type": "RequestMirror",
-                "requestMirror": {
-                    "backendRef": {"name": m.token},
-                    "fraction": {"numerator": m.fraction.numerator, "denominator": m.fraction.denominator},
-                },
-            }
-            for m in mirrors
-        ]
-    return rule
-
-
-def _expand_host(host: str, namespace: str | None, cluster_domain: str) -> list[str]:
-    """The names a request may carry for a VirtualService host: a short name
-    is relative to the VirtualService's namespace, and a sidecar answers to
-    every form of a Service's name."""
-    ns = namespace or "default"
-    suffix = f".svc.{cluster_domain}"
-    if "." not in host:
-        return [host, f"{host}.{ns}", f"{host}.{ns}.svc", f"{host}.{ns}{suffix}"]
-    if host.endswith(suffix) and host.count(".") == 2 + cluster_domain.count(".") + 1:
-        name, svc_ns = host.split(".")[:2]
-        return ([name] if svc_ns == ns else []) + [f"{name}.{svc_ns}", f"{name}.{svc_ns}.svc", host]
-    return [host]
-
-
-def translate_hosts(hosts: object, namespace: str | None, cluster_domain: str) -> list[str]:
-    """Gateway API hostnames for VirtualService hosts ([] = every host)."""
-    if not isinstance(hosts, list) or not hosts:
-        raise Untranslatable("spec.hosts: must be a non-empty list")
-    out: list[str] = []
-    for h in hosts:
-        if not isinstance(h, str):
-            raise Untranslatable(f"spec.hosts: {h!r} is not a host name")
-        if h == "*":
-            return []
-        host = h.lower()
-        if "/" in host or not HOSTNAME.match(host):
-            raise Untranslatable(f"spec.hosts: {h!r} has no Gateway API hostname equivalent")
-        out.extend(_expand_host(host, namespace, cluster_domain))
-    return list(dict.fromkeys(out))
-
-
-def _string_overlap(a: object, b: object) -> bool:
-    """False only when no value can satisfy both StringMatches."""
-    if not isinstance(a, dict) or not isinstance(b, dict) or len(a) != 1 or len(b) != 1:
-        return True
-    (ka, va), (kb, vb) = next(iter(a.items())), next(iter(b.items()))
-    if not isinstance(va, str) or not isinstance(vb, str):
-        return True
-    if ka == "prefix" and kb == "exact" or ka == "regex" and kb == "exact":
-        (ka, va), (kb, vb) = (kb, vb), (ka, va)
-    if ka == "exact" and kb == "exact":
-        return va == vb
-    if ka == "exact" and kb == "prefix":
-        return va.startswith(vb)
-    if ka == "prefix" and kb == "prefix":
-        return va.startswith(vb) or vb.startswith(va)
-    if ka == "exact" and kb == "regex" and vb != "*":
-        try:
-            return compile_regex(vb).fullmatch(va.encode()) is not None
-        except re2.error:
-            return True
-    return True
-
-
-def may_overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether one request could satisfy both Istio match entries (True when unsure)."""
-    if not _string_overlap(a.get("uri"), b.get("uri")) or not _string_overlap(a.get("method"), b.get("method")):
-        return False
-    for key in ("headers", "queryParams"):
-        ma, mb = a.get(key) or {}, b.get(key) or {}
-        if isinstance(ma, dict) and isinstance(mb, dict):
-            for name in set(ma) & set(mb):
-                if not _string_overlap(ma[name], mb[name]):
-                    return False
-    return True
-
-
-def _check_alone(rule: dict[str, Any], where: str, slots: int) -> None:
-    """The sampler's own loader on this one rule: what it refuses (a regex RE2
-    rejects, a mirror to the primary itself...) is not translated."""
-    doc = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "check"}, "spec": {"rules": [rule]}}
-    problems = parse_manifests(dump_documents([doc], ""), where, slots).problems
-    if problems:
-        raise Untranslatable(problems[0].split(": ", 1)[-1])
-
-
-def _sampler_route(vs: VirtualService) -> Document:
-    translated = [r for r in vs.routes if r.rule is not None]
-    spec: dict[str, Any] = {}
-    if vs.hostnames:
-        spec["hostnames"] = vs.hostnames
-    spec["rules"] = [r.rule for r in translated]
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {
-            **metadata(vs.name, vs.namespace),
-            "annotations": {
-                # Rule i of this HTTPRoute is http[<n>] of the VirtualService (the sampler's rule id is namespace/name/i).
-                "convert.mirror-sampler.dev/translated-from": f"VirtualService {vs.id} "
-                + ", ".join(f"http[{r.index}]" for r in translated),
-            },
-        },
-        "spec": spec,
-    }
-
-
-def _order_problems(vs: VirtualService, route: Route) -> dict[int, str]:
-    """http index -> why the sampler could pick another rule than Istio for
-    this mirrored route: a later route (Istio never reaches it first) that may
-    take the same request and outranks it in Gateway API precedence."""
-    translated = [r for r in vs.routes if r.rule is not None]
-    raw_matches = [list(r.raw.get("match") or [{}]) for r in translated]
-    entries = [[Entry(match, rule, "", route.id, ri, mi) for mi, match in enumerate(rule.matches)] for ri, rule in enumerate(route.rules)]
-    problems: dict[int, str] = {}
-    for k, r in enumerate(translated):
-        if not r.mirrors:
-            continue
-        for later in range(k + 1, len(translated)):
-            clash = [
-                (mk, ml)
-                for mk, ek in enumerate(entries[k])
-                for ml, el in enumerate(entries[later])
-                if el.sort_key() < ek.sort_key() and may_overlap(raw_matches[k][mk], raw_matches[later][ml])
-            ]
-            if clash:
-                problems[r.index] = (
-                    f"http[{translated[later].index}] comes later but may take the same requests and ranks first in Gateway API precedence "
-                    "(the sampler's), so the sampler could decide for the wrong route"
-                )
-                break
-    return problems
-
-
-def _variants(h: HttpRoute, slot_names: Sequence[str]) -> list[dict[str, Any]]:
-    raw, mirrors = h.raw, h.mirrors
-    out = []
-    for size in range(len(mirrors), 0, -1):
-        for chosen in itertools.combinations(range(len(mirrors)), size):
-            v = _without_mirrors(raw)
-            slot_headers = {slot_names[i]: {"exact": mirrors[i].token} for i in chosen}
-            v["match"] = [
-                {**copy.deepcopy(m), "headers": {**copy.deepcopy(m.get("headers") or {}), **copy.deepcopy(slot_headers)}}
-                for m in (raw.get("match") or [{}])
-            ]
-            if raw.get("mirror") is not None:
-                v["mirror"] = copy.deepcopy(mirrors[0].destination)
-            else:
-                # No percentage: the sampler already decided; Istio then mirrors all of them.
-                entries: list[dict[str, Any]] = [mirrors[i].entry or {} for i in chosen]
-                v["mirrors"] = [{k: copy.deepcopy(val) for k, val in e.items() if k != "percentage"} for e in entries]
-            if raw.get("name"):
-                v["name"] = f"{raw['name']}-mirror-{'-'.join(map(str, chosen))}"
-            # Name and match first, as people write them.
-            first: dict[str, Any] = {k: v[k] for k in ("name", "match") if k in v}
-            out.append({**first, **v})
-    return out
-
-
-def _without_mirrors(raw: dict[str, Any]) -> dict[str, Any]:
-    v = copy.deepcopy(raw)
-    for key in ("mirror", "mirrors", "mirrorPercentage", "mirrorPercent"):
-        v.pop(key, None)
-    return v
-
-
-def _remove_slots(route: dict[str, Any], slot_names: Sequence[str]) -> dict[str, Any]:
-    """Route-level request header removal, applied before the shadow copy is
-    made: neither the backend nor the mirror sees a slot header."""
-    if route.get("route") is None:
-        return route  # a redirect or direct response: nothing is forwarded
-    request = route.setdefault("headers", {}).setdefault("request", {})
-    existing = list(request.get("remove") or [])
-    known = {n.lower() for n in existing}
-    request["remove"] = existing + [n for n in slot_names if n not in known]
-    return route
-
-
-def rewrite_virtual_service(vs: VirtualService, slot_names: Sequence[str]) -> Document:
-    new = copy.deepcopy(vs.doc)
-    new.pop("status", None)
-    for key in ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink"):
-        (new.get("metadata") or {}).pop(key, None)
-    http: list[dict[str, Any]] = []
-    for h in vs.routes:
-        if h.converted:
-            http += [_remove_slots(v, slot_names) for v in _variants(h, slot_names)]
-            http.append(_remove_slots(_without_mirrors(h.raw), slot_names))
-        else:
-            # Also unconverted routes drop slot headers: the sampler may have set
-            # them for a request that Istio routes here first.
-            http.append(_remove_slots(copy.deepcopy(h.raw), slot_names))
-    new["spec"]["http"] = http
-    return new
-
-
-def _ext_proc(cluster: str, authority: str, message_timeout_ms: int) -> dict[str, Any]:
-    return {
-        "name": EXT_PROC,
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": cluster, "authority": authority}},
-            # Fail open with a short timeout: the sampler is never on the critical path.
-            "failure_mode_allow": True,
-            "message_timeout": f"{message_timeout_ms / 1000:.3f}s",
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
-
-
-def envoy_filter(
-    namespace: str | None, contexts: Sequence[str], *, lua: str, cluster: str, authority: str, message_timeout_ms: int, name: str
-) -> Document:
-    patches = []
-    for context in contexts:
-        match = {"context": context, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
-        # Patches apply in order: the strip filter lands before the router,
-        # then ext_proc between it and the router.
-        patches.append(
-            {
-                "applyTo": "HTTP_FILTER",
-                "match": copy.deepcopy(match),
-                "patch": {
-                    "operation": "INSERT_BEFORE",
-                    "value": {
-                        "name": STRIP_FILTER,
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                            "default_source_code": {"inline_string": lua},
-                        },
-                    },
-                },
-            }
-        )
-        patches.append(
-            {
-                "applyTo": "HTTP_FILTER",
-                "match": copy.deepcopy(match),
-                "patch": {"operation": "INSERT_BEFORE", "value": _ext_proc(cluster, authority, message_timeout_ms)},
-            }
-        )
-    return {
-        "apiVersion": "networking.istio.io/v1alpha3",
-        "kind": "EnvoyFilter",
-        "metadata": metadata(name, namespace),
-        "spec": {"configPatches": patches},
-    }
-
-
-def filter_contexts(vs: VirtualService) -> dict[str | None, list[str]]:
-    """Namespace -> EnvoyFilter contexts: GATEWAY in each named gateway's
-    namespace, SIDECAR_OUTBOUND in the VirtualService's for `mesh` (or no gateways)."""
-    out: dict[str | None, list[str]] = {}
-    gateways = vs.gateways
-    if not gateways or MESH in gateways:
-        out.setdefault(vs.namespace, []).append("SIDECAR_OUTBOUND")
-    for g in gateways:
-        if g == MESH:
-            continue
-        ns = g.split("/", 1)[0] if "/" in g else vs.namespace
-        if "GATEWAY" not in out.setdefault(ns, []):
-            out[ns].append("GATEWAY")
-    return out
 
 
 def convert_istio(
@@ -586,44 +114,41 @@ def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[Virtu
     return services
 
 
-def convert_istio_sources(
-    sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
-) -> Conversion:
-    """``sources``: (file name, text) pairs holding VirtualServices."""
-    settings = options.settings()
-    slot_names = [f"{settings.slot_prefix}{i}" for i in range(settings.slots)]
-    services = _load(sources, cluster_domain)
-    notes: list[str] = []
+def _leave(notes: list[str], vs: VirtualService, h: HttpRoute, reason: str) -> None:
+    notes.append(f"{vs.source}: VirtualService {vs.id} http[{h.index}] left as it was (Istio keeps mirroring it at random): {reason}")
 
-    def leave(vs: VirtualService, h: HttpRoute, reason: str) -> None:
-        notes.append(f"{vs.source}: VirtualService {vs.id} http[{h.index}] left as it was (Istio keeps mirroring it at random): {reason}")
 
-    # Translate each route; mirrored ones that cannot be translated stay as they were.
+def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, notes: list[str]) -> None:
+    """Each route's HTTPRoute rule (``HttpRoute.rule``); mirrored ones that
+    cannot be translated stay as they were."""
     for vs in services:
         if vs.hostnames is None:
             for h in vs.routes:
                 if h.mirrors:
-                    leave(vs, h, vs.host_reason)
+                    _leave(notes, vs, h, vs.host_reason)
             continue
         for h in vs.routes:
             where = f"spec.http[{h.index}]"
             try:
-                if len(h.mirrors) > settings.slots:
-                    raise Untranslatable(f"{len(h.mirrors)} mirrors but only {settings.slots} slot headers (raise --slots / MIRROR_SLOTS)")
+                if len(h.mirrors) > slot_headers.count:
+                    count = slot_headers.count
+                    raise Untranslatable(f"{len(h.mirrors)} mirrors but only {count} slot headers (raise --slots / MIRROR_SLOTS)")
                 if len({m.token for m in h.mirrors}) < len(h.mirrors):
                     raise Untranslatable("two mirrors of the route have the same host and subset")
                 for m in h.mirrors:
                     if not NAME.match(m.token) or len(m.token) > 253 or m.token == SAMPLER_CLUSTER:
                         raise Untranslatable(f"mirror host {m.destination.get('host')!r} has no DNS-1123 form the sampler accepts")
                 rule = translate_rule(h.raw, h.mirrors, where)
-                _check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", settings.slots)
+                check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
                 h.rule = rule
             except Untranslatable as e:
                 if h.mirrors:
-                    leave(vs, h, str(e))
+                    _leave(notes, vs, h, str(e))
 
-    # One host in two VirtualServices: Istio merges or picks between them in
-    # an order the sampler cannot reproduce.
+
+def _drop_shared_hosts(services: Sequence[VirtualService], notes: list[str]) -> None:
+    """One host in two VirtualServices: Istio merges or picks between them in
+    an order the sampler cannot reproduce, so neither is translated."""
     owners: dict[str, list[VirtualService]] = {}
     for vs in services:
         for host in vs.hostnames or ([""] if vs.hostnames == [] else []):
@@ -634,29 +159,38 @@ def convert_istio_sources(
             others = sorted({o.id for group in owners.values() if vs in group for o in group if o is not vs})
             for h in vs.routes:
                 if h.mirrors and h.rule is not None:
-                    leave(vs, h, f"a host is shared with VirtualService {', '.join(others)}")
+                    _leave(notes, vs, h, f"a host is shared with VirtualService {', '.join(others)}")
                 h.rule = None
 
-    config_routes: list[Document] = []
-    rewritten: list[Document] = []
-    contexts: dict[str | None, list[str]] = {}
+
+@dataclass
+class _Converted:
+    config_routes: list[Document] = field(default_factory=list)  # the sampler's HTTPRoutes
+    rewritten: list[Document] = field(default_factory=list)  # the VirtualServices for Istio
+    contexts: dict[str | None, list[str]] = field(default_factory=dict)  # namespace -> EnvoyFilter contexts
+
+
+def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, notes: list[str]) -> _Converted:
+    """Each VirtualService with a translated mirrored route: its sampler
+    HTTPRoute, checked for precedence against Istio's order, and its rewrite."""
+    out = _Converted()
     for vs in services:
         candidates = [h for h in vs.routes if h.rule is not None and h.mirrors]
         if not candidates:
             if not any(h.mirrors for h in vs.routes):
                 notes.append(f"VirtualService {vs.id} mirrors nothing; not in virtualservices.yaml")
             continue
-        doc = _sampler_route(vs)
-        parsed = parse_manifests(dump_documents([doc], ""), vs.source, settings.slots)
+        doc = sampler_route(vs)
+        parsed = parse_manifests(dump_documents([doc], ""), vs.source, slot_headers.count)
         routes, problems = parsed.routes, parsed.problems
         if problems:  # each rule loaded alone; together they must too
             raise ConvertError(problems)
         for h in candidates:
             h.converted = True
-        for index, reason in _order_problems(vs, routes[0]).items():
+        for index, reason in order_problems(vs, routes[0]).items():
             h = next(r for r in vs.routes if r.index == index)
             h.converted = False
-            leave(vs, h, reason)
+            _leave(notes, vs, h, reason)
         for h in vs.routes:
             if h.rule is not None and h.mirrors and not h.converted:
                 # Still known to the sampler (so it picks this route, not a later
@@ -665,12 +199,12 @@ def convert_istio_sources(
         if not any(h.converted for h in vs.routes):
             notes.append(f"VirtualService {vs.id}: nothing converted; not in virtualservices.yaml (keep the one you have)")
             continue
-        config_routes.append(_sampler_route(vs))
-        rewritten.append(rewrite_virtual_service(vs, slot_names))
+        out.config_routes.append(sampler_route(vs))
+        out.rewritten.append(rewrite_virtual_service(vs, slot_headers))
         for ns, ctx in filter_contexts(vs).items():
             for c in ctx:
-                if c not in contexts.setdefault(ns, []):
-                    contexts[ns].append(c)
+                if c not in out.contexts.setdefault(ns, []):
+                    out.contexts[ns].append(c)
         for h in vs.routes:
             for m in h.mirrors if h.converted else ():
                 if m.fraction.denominator > 1_000_000:
@@ -678,7 +212,20 @@ def convert_istio_sources(
                         f"VirtualService {vs.id} http[{h.index}]: percentage {m.fraction} has more than 4 decimals; Istio itself "
                         "rounded it down to a millionth, the sampler uses it exactly"
                     )
-    if not rewritten:
+    return out
+
+
+def convert_istio_sources(
+    sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
+) -> Conversion:
+    """``sources``: (file name, text) pairs holding VirtualServices."""
+    slot_headers = options.slot_headers
+    services = _load(sources, cluster_domain)
+    notes: list[str] = []
+    _translate(services, slot_headers, notes)
+    _drop_shared_hosts(services, notes)
+    converted = _convert(services, slot_headers, notes)
+    if not converted.rewritten:
         raise ConvertError(
             ["no VirtualService route could be converted:", *notes]
             if notes
@@ -690,16 +237,26 @@ def convert_istio_sources(
     authority = f"{options.sampler_service}.{sampler_ns or 'default'}.svc.{cluster_domain}"
     # Istio's name for the Service's outbound cluster.
     cluster = f"outbound|{GRPC_PORT}||{authority}"
-    lua = anti_spoof_lua(
-        Policy(routes=(), key_chain=(), slot_prefix=settings.slot_prefix, slots=settings.slots, marker_header=settings.marker_header)
-    )
-    service, message_timeout_ms = options.sampler_service, options.message_timeout_ms
+    files = _files(converted, replace(options, namespace=sampler_ns), cluster, authority)
+    return Conversion(files=files, notes=_closing_notes(notes, converted, sampler_ns, authority))
+
+
+def _files(converted: _Converted, options: SamplerDeployment, cluster: str, authority: str) -> dict[str, str]:
+    """``options``: the sampler's, in the namespace it goes to."""
     filters = [
-        envoy_filter(ns, ctx, lua=lua, cluster=cluster, authority=authority, message_timeout_ms=message_timeout_ms, name=service)
-        for ns, ctx in contexts.items()
+        envoy_filter(
+            ns,
+            ctx,
+            slot_headers=options.slot_headers,
+            cluster=cluster,
+            authority=authority,
+            message_timeout_ms=options.message_timeout_ms,
+            name=options.sampler_service,
+        )
+        for ns, ctx in converted.contexts.items()
     ]
     config_text = dump_documents(
-        config_routes,
+        converted.config_routes,
         generated_header(
             COMMAND,
             "The sampler's configuration: the VirtualServices' mirrored routes translated\n"
@@ -710,9 +267,9 @@ def convert_istio_sources(
             '(host, plus "--subset"). Routes left as they were have no RequestMirror here.',
         ),
     )
-    files = {
+    return {
         "virtualservices.yaml": dump_documents(
-            rewritten,
+            converted.rewritten,
             generated_header(
                 COMMAND,
                 "Apply these INSTEAD of the original VirtualServices (same names): the originals'\n"
@@ -731,14 +288,18 @@ def convert_istio_sources(
                 "resource's namespace); SIDECAR_OUTBOUND ones apply to the sidecars of their namespace.",
             ),
         ),
-        "sampler.yaml": sampler_manifest(config_text, replace(options, namespace=sampler_ns), COMMAND),
+        "sampler.yaml": sampler_manifest(config_text, options, COMMAND),
     }
+
+
+def _closing_notes(notes: list[str], converted: _Converted, sampler_ns: str | None, authority: str) -> list[str]:
+    """``notes`` with what every conversion's reader must know around them."""
     notes.insert(
         0,
         "Istio would also mirror at random if the original VirtualServices were applied: "
         "apply virtualservices.yaml instead of them (same names)",
     )
-    if any("SIDECAR_OUTBOUND" in c for c in contexts.values()):
+    if any("SIDECAR_OUTBOUND" in c for c in converted.contexts.values()):
         notes.append(
             "SIDECAR_OUTBOUND: every outbound HTTP request of the sidecars in the EnvoyFilter's namespace consults the sampler; "
             "clients in other namespaces need a copy there (or in Istio's root namespace)"
@@ -753,4 +314,4 @@ def convert_istio_sources(
     )
     if sampler_ns is None:
         notes.append(f"no namespace given or found: the EnvoyFilter calls the sampler at {authority}; apply sampler.yaml there")
-    return Conversion(files=files, notes=notes)
+    return notes

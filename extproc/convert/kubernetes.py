@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from ..config.errors import ConfigError
 from ..config.manifest_yaml import ManifestLoader, yaml_problem
-from ..config.settings import Settings
+from ..config.settings import Settings, slot_environment
+from ..core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
 from ..envoy.render import LiteralDumper
 from . import ConvertError
 
@@ -46,49 +46,31 @@ TERMINATION_GRACE = DRAIN_DELAY + SHUTDOWN_GRACE + 10
 Document = dict[str, Any]
 _SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-# Settings.load wants route or simple mode; any file name picks route mode, and
-# only the slot settings are read from the result.
+# Settings.load wants route or simple mode; any file name picks route mode.
 _ROUTE_MODE = {"MIRROR_CONFIG": CONFIG_KEY}
-# The sampler's settings for which its container needs an environment variable
-# when they differ from the default: the rewritten routes name these headers.
-_SLOT_VARIABLES = (("slots", "MIRROR_SLOTS"), ("slot_prefix", "MIRROR_SLOT_PREFIX"), ("marker_header", "MIRROR_MARKER_HEADER"))
 
 
 @dataclass(frozen=True)
 class SamplerDeployment:
     """What every Kubernetes converter is told about the sampler it deploys:
-    where and how it runs, and the slot settings it and the rewritten routes
+    where and how it runs, and the slot headers it and the rewritten routes
     must agree on."""
 
     namespace: str | None = None  # None: the converted routes' namespace
     image: str = DEFAULT_IMAGE
     hpa: bool = False
     sampler_service: str = DEFAULT_SERVICE  # the Service's name, also naming the other sampler objects
-    slots: int = 2
-    slot_prefix: str = "x-mirror-cluster-"
-    marker_header: str = "x-mirror-rule"
+    slot_headers: SlotHeaders = DEFAULT_SLOT_HEADERS
     message_timeout_ms: int = 200
 
     def settings(self) -> Settings:
-        """The slot settings as the sampler will read them: validated and
-        normalised by its own loader, so the routes name the headers it sets."""
-        try:
-            return Settings.load(
-                {
-                    **_ROUTE_MODE,
-                    "MIRROR_SLOTS": str(self.slots),
-                    "MIRROR_SLOT_PREFIX": self.slot_prefix,
-                    "MIRROR_MARKER_HEADER": self.marker_header,
-                }
-            )
-        except ConfigError as e:
-            raise ConvertError(e.problems) from None
+        """The settings the deployed sampler runs with (its container's environment)."""
+        return Settings.load({**_ROUTE_MODE, **self.slot_environment()})
 
     def slot_environment(self) -> dict[str, str]:
         """The slot settings the sampler's container must be given: those that
         differ from the sampler's defaults."""
-        settings, defaults = self.settings(), Settings.load(_ROUTE_MODE)
-        return {var: str(getattr(settings, name)) for name, var in _SLOT_VARIABLES if getattr(settings, name) != getattr(defaults, name)}
+        return slot_environment(self.slot_headers)
 
 
 # Every converter's default; frozen, so one shared instance is safe as a default argument.

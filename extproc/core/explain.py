@@ -291,7 +291,7 @@ def render_text(result: dict[str, Any]) -> str:
         return "no rule matches this request: not mirrored"
     lines = [f"rule: {result['rule']}" + (" (named by Envoy)" if result["named_by_envoy"] else "")]
     if not result["targets"]:
-        return "\n".join(lines + ["  no RequestMirror filter: not mirrored"])
+        return "\n".join([*lines, "  no RequestMirror filter: not mirrored"])
     own = any(t["own_salt"] for t in result["targets"])
     if result["key_source"] is None:
         lines.append(f"key: none of {', '.join(result['key_chain'])} is present: not mirrored (no_key)")

@@ -17,6 +17,7 @@ from .headers import Headers, Repeated
 from .keys import KeySource
 from .matching import Entry, Match, RequestView, RouteTable
 from .sampling import Fraction
+from .slots import DEFAULT_SLOT_HEADERS, SlotHeaders
 
 # Envoy's name for the sampler's cluster (and the generated route
 # configuration); no backendRef may take it.
@@ -101,15 +102,11 @@ class Policy:
     routes: tuple[Route, ...]
     key_chain: tuple[KeySource, ...]
     salt: bytes = b""
-    slot_prefix: str = "x-mirror-cluster-"
-    slots: int = 2
-    marker_header: str = "x-mirror-rule"
+    slot_headers: SlotHeaders = DEFAULT_SLOT_HEADERS
     # The kill switch: False stops all mirroring (Envoy's routes stay as they are).
     enabled: bool = True
     table: RouteTable[Rule] = field(init=False, repr=False, compare=False)
     rules_by_id: dict[str, Rule] = field(init=False, repr=False, compare=False)
-    # <slot_prefix>0, <slot_prefix>1, ...: derived once, read per request.
-    slot_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_host: dict[str, list[Entry[Rule]]] = {}
@@ -121,15 +118,16 @@ class Policy:
                         bucket.append(Entry(match, rule, route.creation_timestamp, route.id, ri, mi))
         object.__setattr__(self, "table", RouteTable(by_host))
         object.__setattr__(self, "rules_by_id", {rule.id: rule for route in self.routes for rule in route.rules})
-        object.__setattr__(self, "slot_names", tuple(f"{self.slot_prefix}{i}" for i in range(self.slots)))
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return self.slot_headers.names
 
     def envoy_shape(self) -> tuple[object, ...]:
         """Everything Envoy's generated routes depend on in ext_proc mode:
         all but the fractions, the key chain and the salt."""
         return (
-            self.slot_prefix,
-            self.slots,
-            self.marker_header,
+            self.slot_headers,
             tuple(
                 (
                     r.namespace,

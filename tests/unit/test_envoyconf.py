@@ -405,7 +405,7 @@ def check_headers(r: dict[str, Any], rule: Rule, policy: Policy) -> None:
         expected += [(n.lower(), v, "APPEND_IF_EXISTS_OR_ADD") for n, v in mod.add]
         assert {n.lower() for n in mod.remove} <= set(removed)
     assert sorted(added) == sorted(expected)
-    assert not {n for n, _, _ in added} & {*policy.slot_names, policy.marker_header}, "a route adds a slot or marker header"
+    assert not {n for n, _, _ in added} & set(policy.slot_headers.reserved), "a route adds a slot or marker header"
 
 
 def check_variant(v: dict[str, Any], rule: Rule, policy: Policy) -> frozenset[str]:
@@ -432,7 +432,7 @@ def check_variant(v: dict[str, Any], rule: Rule, policy: Policy) -> frozenset[st
         assert p.get("disable_shadow_host_suffix_append") is True, p
         assert "runtime_fraction" not in p and "cluster_header" not in p, "Envoy must not sample again, nor read a header"
         markers = [m["append"]["header"] for m in p.get("request_headers_mutations", []) if "append" in m]
-        assert {"key": policy.marker_header, "value": rule.id} in markers, p
+        assert {"key": policy.slot_headers.marker, "value": rule.id} in markers, p
     return frozenset(sampled)
 
 
@@ -486,7 +486,7 @@ def check_filters(filters: list[dict[str, Any]], policy: Policy, timeout_ms: int
     lua = filters[lua_at]["typed_config"]
     assert lua["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
     source = lua["default_source_code"]["inline_string"]
-    for name in (*policy.slot_names, policy.marker_header):
+    for name in policy.slot_headers.reserved:
         assert f'"{name}"' in source, f"the Lua filter does not strip {name}"
     assert "envoy_on_request" in source and "clearRouteCache()" in source
     proc = filters[ext_at]["typed_config"]
@@ -630,7 +630,7 @@ def assert_valid(name: str, rendered: dict[str, Rendered], validations: dict[str
         "inline-routes",
         "inline-compose",
         "inline-snippet",
-    ],  # fmt: skip
+    ],
 )
 def test_envoy_accepts(name: str, rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
     assert_valid(name, rendered, validations)

@@ -21,6 +21,7 @@ from extproc.core.matching import Match
 from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
 from extproc.core.sampling import Fraction, decide, key_hash
+from extproc.core.slots import SlotHeaders
 from extproc.envoy.lua import LIBRARY, lua_string, rule_script
 from tests.support.paths import CONFORMANCE
 
@@ -294,7 +295,12 @@ def test_rule_script_with_target_salts_decides_like_the_policy(targets: list[Sal
     8-byte word edges, random bytes, non-UTF-8)."""
     mirrors = tuple(MirrorTarget(b, f, i, salt=s) for i, (b, f, s) in enumerate(targets))
     rule = Rule("ns/r/0", (Match(),), mirrors, (BackendRef("web"),))
-    policy = Policy((Route("ns", "r", (), (rule,)),), parse_key_chain("header:x-request-id"), salt=policy_salt, slots=len(mirrors))
+    policy = Policy(
+        (Route("ns", "r", (), (rule,)),),
+        parse_key_chain("header:x-request-id"),
+        salt=policy_salt,
+        slot_headers=SlotHeaders(count=len(mirrors)),
+    )
     rt = runtime(rule_script(policy, rule))
     on_request = rt.globals().envoy_on_request
     plan = Plan(policy)

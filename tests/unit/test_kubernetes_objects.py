@@ -14,6 +14,7 @@ from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import ConvertError
 from extproc.convert.kubernetes import CONFIG_DIR, DEFAULT_IMAGE, GRPC_PORT, METRICS_PORT, SamplerDeployment, sampler_objects
+from extproc.core.slots import SlotHeaders
 from tests.support.paths import CONFORMANCE
 
 # A recent Kubernetes the package ships schemas for, and the oldest we claim
@@ -141,7 +142,7 @@ def test_hpa_targets_the_deployment_and_owns_the_replica_count() -> None:
 
 
 def test_slot_settings_other_than_the_defaults_reach_the_container() -> None:
-    env = container(sampler_objects(CONFIG, SamplerDeployment(slots=3)))["env"]
+    env = container(sampler_objects(CONFIG, SamplerDeployment(slot_headers=SlotHeaders(count=3))))["env"]
     assert {"name": "MIRROR_SLOTS", "value": "3"} in env
     assert not {e["name"] for e in env} & {"MIRROR_SLOT_PREFIX", "MIRROR_MARKER_HEADER"}
     env = container(sampler_objects(CONFIG, SamplerDeployment()))["env"]

@@ -18,6 +18,7 @@ from extproc.core.matching import Match
 from extproc.core.plan import Plan
 from extproc.core.policy import BackendRef, MirrorTarget, Outcome, Policy, Route, Rule, target_salt
 from extproc.core.sampling import Fraction, decide, key_hash
+from extproc.core.slots import SlotHeaders
 
 Target = tuple[str, Fraction, bytes | None]
 
@@ -26,7 +27,7 @@ def salted_policy(targets: Sequence[Target], salt: bytes = b"", key: str | None 
     mirrors = tuple(MirrorTarget(backend, fraction, i, salt=own) for i, (backend, fraction, own) in enumerate(targets))
     rule = Rule("ns/r/0", (Match(),), mirrors, (BackendRef("web", 8080),), methods=methods)
     chain = parse_key_chain(key) if key else DEFAULT_KEY_CHAIN
-    return Policy((Route("ns", "r", (), (rule,)),), chain, salt=salt, slots=max(2, len(mirrors)))
+    return Policy((Route("ns", "r", (), (rule,)),), chain, salt=salt, slot_headers=SlotHeaders(count=max(2, len(mirrors))))
 
 
 class Counters:

@@ -64,7 +64,7 @@ class GrpcioTransport:
             async for data in requests:
                 try:
                     answer = stream.message(data)
-                except Exception:  # noqa: BLE001 - as the http2 transport: this stream ends, INTERNAL
+                except Exception:  # as the http2 transport: this stream ends, INTERNAL
                     await context.abort(grpc.StatusCode.INTERNAL, "the processor failed")
                 if answer is not None:
                     yield answer

@@ -1,0 +1,294 @@
+"""VirtualServices as ``convert istio`` reads them, and their routes
+translated into the HTTPRoute rules the sampler decides with (pure).
+
+The sampler reads Gateway API HTTPRoutes; anything in a route that has no
+exact HTTPRoute equivalent raises ``Untranslatable``, and the route is left
+as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from ..config.manifests import parse_manifests
+from ..config.settings import HOSTNAME, METHODS
+from ..core.sampling import Fraction
+from . import ConvertError
+from .kubernetes import Document, dump_documents, metadata
+
+# Route fields the sampler cannot see or express: a route using them is left as it was.
+_UNTRANSLATABLE_MATCH = ("authority", "scheme", "port", "sourceLabels", "sourceNamespace", "gateways", "withoutHeaders", "statPrefix")
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
+
+
+class Untranslatable(Exception):
+    """This route has no exact HTTPRoute equivalent; the message says why."""
+
+
+@dataclass
+class Mirror:
+    destination: dict[str, Any]
+    fraction: Fraction
+    token: str
+    entry: dict[str, Any] | None = None  # the mirrors[] entry, when the route used mirrors[]
+
+
+@dataclass
+class HttpRoute:
+    """One VirtualService http[] route and what the conversion made of it."""
+
+    index: int
+    raw: dict[str, Any]
+    mirrors: list[Mirror]
+    rule: dict[str, Any] | None = None  # the translated HTTPRoute rule; None: untranslatable
+    reason: str = ""
+    converted: bool = False
+
+
+@dataclass
+class VirtualService:
+    source: str
+    doc: Document
+    namespace: str | None
+    name: str
+    hostnames: list[str] | None  # None: the hosts cannot be translated
+    routes: list[HttpRoute] = field(default_factory=list)
+    host_reason: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace or 'default'}/{self.name}"
+
+    @property
+    def gateways(self) -> list[str]:
+        return list((self.doc.get("spec") or {}).get("gateways") or [])
+
+
+def percent_fraction(value: object, where: str) -> Fraction:
+    """An Istio percentage (a double) as an exact fraction: 12.5 -> 125/1000."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"])
+    try:
+        # repr: the shortest text that reads back as this double, i.e. what the user wrote.
+        d = (Decimal(repr(value)) if isinstance(value, float) else Decimal(value)).normalize()
+    except InvalidOperation:
+        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"]) from None
+    if not d.is_finite() or not 0 <= d <= 100:
+        raise ConvertError([f"{where}: must be a number 0..100, got {value!r}"])
+    exponent = d.as_tuple().exponent
+    places = max(0, -exponent) if isinstance(exponent, int) else 0
+    return Fraction(int(d.scaleb(places)), 100 * 10**places)
+
+
+def token(destination: dict[str, Any]) -> str:
+    """The slot header value for a destination: host (+ "--" subset), lower-case."""
+    host = str(destination.get("host", "")).lower()
+    subset = destination.get("subset")
+    return f"{host}--{str(subset).lower()}" if subset else host
+
+
+def _destination(raw: object, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("host"), str) or not raw["host"]:
+        raise ConvertError([f"{where}: must be a destination with a host, got {raw!r}"])
+    return raw
+
+
+def route_mirrors(raw: dict[str, Any], where: str) -> list[Mirror]:
+    mirrors: list[Mirror] = []
+    if raw.get("mirror") is not None:
+        if raw.get("mirrors"):
+            raise ConvertError([f"{where}: set mirror or mirrors, not both"])
+        dest = _destination(raw["mirror"], f"{where}.mirror")
+        if raw.get("mirrorPercentage") is not None:
+            pct = raw["mirrorPercentage"]
+            value = pct.get("value", 0) if isinstance(pct, dict) else pct
+            fraction = percent_fraction(value, f"{where}.mirrorPercentage.value")
+        elif raw.get("mirrorPercent") is not None:  # deprecated integer form
+            fraction = percent_fraction(raw["mirrorPercent"], f"{where}.mirrorPercent")
+        else:
+            fraction = Fraction(100, 100)  # Istio: no percentage mirrors everything
+        mirrors.append(Mirror(dest, fraction, token(dest)))
+    for j, entry in enumerate(raw.get("mirrors") or []):
+        if not isinstance(entry, dict):
+            raise ConvertError([f"{where}.mirrors[{j}]: must be a mapping with a destination, got {entry!r}"])
+        dest = _destination(entry.get("destination"), f"{where}.mirrors[{j}].destination")
+        pct = entry.get("percentage")
+        if pct is None:
+            fraction = Fraction(100, 100)
+        else:
+            fraction = percent_fraction(pct.get("value", 0) if isinstance(pct, dict) else pct, f"{where}.mirrors[{j}].percentage.value")
+        mirrors.append(Mirror(dest, fraction, token(dest), entry))
+    return mirrors
+
+
+def re2_literal(text: str) -> str:
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
+def _value_match(name: str, sm: object, what: str) -> dict[str, str]:
+    """An Istio StringMatch as a Gateway API header / query match."""
+    if sm is None or sm == {}:
+        return {"type": "RegularExpression", "name": name, "value": ".*"}  # present, any value
+    if not isinstance(sm, dict) or len(sm) != 1:
+        raise Untranslatable(f"{what}: expected one of exact, prefix, regex, got {sm!r}")
+    kind, value = next(iter(sm.items()))
+    if not isinstance(value, str):
+        raise Untranslatable(f"{what}.{kind}: must be a string, got {value!r}")
+    if kind == "exact":
+        return {"type": "Exact", "name": name, "value": value}
+    if kind == "prefix":
+        return {"type": "RegularExpression", "name": name, "value": re2_literal(value) + ".*"}
+    if kind == "regex":
+        # Istio reads regex "*" as "present" (istio/istio#20629).
+        return {"type": "RegularExpression", "name": name, "value": ".*" if value == "*" else value}
+    raise Untranslatable(f"{what}: unknown match type {kind!r}")
+
+
+def translate_match(m: object, what: str) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise Untranslatable(f"{what}: must be a mapping, got {m!r}")
+    for key in m:
+        if key in _UNTRANSLATABLE_MATCH:
+            raise Untranslatable(f"{what}.{key}: the sampler cannot see or express it")
+        if key not in ("uri", "headers", "queryParams", "method", "name", "ignoreUriCase"):
+            raise Untranslatable(f"{what}.{key}: not translatable")
+    if m.get("ignoreUriCase"):
+        raise Untranslatable(f"{what}.ignoreUriCase: Gateway API paths are case-sensitive")
+    out: dict[str, Any] = {}
+    uri = m.get("uri")
+    if uri:
+        if not isinstance(uri, dict) or len(uri) != 1:
+            raise Untranslatable(f"{what}.uri: expected one of exact, prefix, regex, got {uri!r}")
+        kind, value = next(iter(uri.items()))
+        if not isinstance(value, str):
+            raise Untranslatable(f"{what}.uri.{kind}: must be a string")
+        if kind == "exact":
+            out["path"] = {"type": "Exact", "value": value}
+        elif kind == "prefix" and value == "/":
+            out["path"] = {"type": "PathPrefix", "value": "/"}
+        elif kind == "prefix":
+            # Istio's prefix is a plain string prefix (/api matches /apis), not
+            # Gateway API's segment prefix: a regular expression says exactly that.
+            out["path"] = {"type": "RegularExpression", "value": re2_literal(value) + ".*"}
+        elif kind == "regex":
+            out["path"] = {"type": "RegularExpression", "value": value}
+        else:
+            raise Untranslatable(f"{what}.uri: unknown match type {kind!r}")
+    headers = m.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise Untranslatable(f"{what}.headers: must be a mapping")
+    for name, sm in headers.items():
+        if not isinstance(name, str) or name.startswith("@") or name.startswith(":"):
+            raise Untranslatable(f"{what}.headers.{name}: JWT claim and pseudo-header matches are not HTTP headers the sampler sees")
+        out.setdefault("headers", []).append(_value_match(name.lower(), sm, f"{what}.headers.{name}"))
+    params = m.get("queryParams") or {}
+    if not isinstance(params, dict):
+        raise Untranslatable(f"{what}.queryParams: must be a mapping")
+    for name, sm in params.items():
+        out.setdefault("queryParams", []).append(_value_match(str(name), sm, f"{what}.queryParams.{name}"))
+    method = m.get("method")
+    if method is not None:
+        if not isinstance(method, dict) or set(method) != {"exact"} or method["exact"] not in METHODS:
+            raise Untranslatable(f"{what}.method: only an exact method ({', '.join(METHODS)}) translates, got {method!r}")
+        out["method"] = method["exact"]
+    return out
+
+
+def translate_rule(raw: dict[str, Any], mirrors: Sequence[Mirror], where: str) -> dict[str, Any]:
+    """The HTTPRoute rule the sampler decides with for this http[] route."""
+    if raw.get("delegate") is not None:
+        raise Untranslatable(f"{where}.delegate: delegated routes are decided in another VirtualService")
+    rule: dict[str, Any] = {}
+    matches = raw.get("match") or []
+    if not isinstance(matches, list):
+        raise Untranslatable(f"{where}.match: must be a list")
+    if matches:
+        rule["matches"] = [translate_match(m, f"{where}.match[{i}]") for i, m in enumerate(matches)]
+    backends = []
+    destinations = raw.get("route") or []
+    for i, d in enumerate(destinations):
+        dest = (d or {}).get("destination") if isinstance(d, dict) else None
+        if not isinstance(dest, dict) or not isinstance(dest.get("host"), str):
+            raise Untranslatable(f"{where}.route[{i}].destination: must have a host")
+        ref: dict[str, Any] = {"name": token(dest)}
+        if len(destinations) > 1:
+            ref["weight"] = d.get("weight", 0)
+        backends.append(ref)
+    if backends:
+        rule["backendRefs"] = backends
+    if mirrors:
+        rule["filters"] = [
+            {
+                "type": "RequestMirror",
+                "requestMirror": {
+                    "backendRef": {"name": m.token},
+                    "fraction": {"numerator": m.fraction.numerator, "denominator": m.fraction.denominator},
+                },
+            }
+            for m in mirrors
+        ]
+    return rule
+
+
+def _expand_host(host: str, namespace: str | None, cluster_domain: str) -> list[str]:
+    """The names a request may carry for a VirtualService host: a short name
+    is relative to the VirtualService's namespace, and a sidecar answers to
+    every form of a Service's name."""
+    ns = namespace or "default"
+    suffix = f".svc.{cluster_domain}"
+    if "." not in host:
+        return [host, f"{host}.{ns}", f"{host}.{ns}.svc", f"{host}.{ns}{suffix}"]
+    if host.endswith(suffix) and host.count(".") == 2 + cluster_domain.count(".") + 1:
+        name, svc_ns = host.split(".")[:2]
+        return ([name] if svc_ns == ns else []) + [f"{name}.{svc_ns}", f"{name}.{svc_ns}.svc", host]
+    return [host]
+
+
+def translate_hosts(hosts: object, namespace: str | None, cluster_domain: str) -> list[str]:
+    """Gateway API hostnames for VirtualService hosts ([] = every host)."""
+    if not isinstance(hosts, list) or not hosts:
+        raise Untranslatable("spec.hosts: must be a non-empty list")
+    out: list[str] = []
+    for h in hosts:
+        if not isinstance(h, str):
+            raise Untranslatable(f"spec.hosts: {h!r} is not a host name")
+        if h == "*":
+            return []
+        host = h.lower()
+        if "/" in host or not HOSTNAME.match(host):
+            raise Untranslatable(f"spec.hosts: {h!r} has no Gateway API hostname equivalent")
+        out.extend(_expand_host(host, namespace, cluster_domain))
+    return list(dict.fromkeys(out))
+
+
+def check_alone(rule: dict[str, Any], where: str, slots: int) -> None:
+    """The sampler's own loader on this one rule: what it refuses (a regex RE2
+    rejects, a mirror to the primary itself...) is not translated."""
+    doc = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "check"}, "spec": {"rules": [rule]}}
+    problems = parse_manifests(dump_documents([doc], ""), where, slots).problems
+    if problems:
+        raise Untranslatable(problems[0].split(": ", 1)[-1])
+
+
+def sampler_route(vs: VirtualService) -> Document:
+    translated = [r for r in vs.routes if r.rule is not None]
+    spec: dict[str, Any] = {}
+    if vs.hostnames:
+        spec["hostnames"] = vs.hostnames
+    spec["rules"] = [r.rule for r in translated]
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {
+            **metadata(vs.name, vs.namespace),
+            "annotations": {
+                # Rule i of this HTTPRoute is http[<n>] of the VirtualService (the sampler's rule id is namespace/name/i).
+                "convert.mirror-sampler.dev/translated-from": f"VirtualService {vs.id} "
+                + ", ".join(f"http[{r.index}]" for r in translated),
+            },
+        },
+        "spec": spec,
+    }
