@@ -1,0 +1,7 @@
+"""The mirror decision as an Envoy dynamic module, written in C and built here.
+
+``decision.c`` is the decision (pure, as extproc/core), ``mirror_sampler.c`` the Envoy
+HTTP-filter glue, ``abi.h`` the part of Envoy's dynamic-module ABI it uses;
+``build.py`` compiles them with the system C compiler, ``support.py`` knows which
+Envoy versions load them. The configuration it reads comes from extproc/envoy/module.py.
+"""
