@@ -1,4 +1,4 @@
-"""Which Envoy versions load the module (pure, but for ``installed_version``).
+"""Which Envoy versions load the module, and the module for one Envoy.
 
 What gates loading is symbols, not the ABI version string: Envoy resolves the hooks by
 name and the module its callbacks by name. A callback that kept its name but changed its
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+
+from ..config.errors import ConfigError
+from .build import ModuleBuildError, build_module
 
 SUPPORTED = ("1.39", "1.40")
 _VERSION = re.compile(r"/(\d+)\.(\d+)\.(\d+)/")
@@ -49,3 +52,13 @@ def check_envoy(binary: str) -> str:
     version = installed_version(binary)
     check_supported(version)
     return version
+
+
+def module_for(binary: str) -> str:
+    """The module built for the Envoy at ``binary``, after checking that this Envoy
+    loads it: its path, or a ConfigError saying why not and what to use instead."""
+    try:
+        check_envoy(binary)
+        return str(build_module())
+    except (UnsupportedEnvoy, ModuleBuildError) as e:
+        raise ConfigError([f"--inline module (MIRROR_INLINE=module): {e}"]) from None

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import watchfiles
 
@@ -30,10 +31,14 @@ from .envoy import EnvoyProcess
 RDS_STAT = f"http.ingress_http.rds.{ROUTE_CONFIG_NAME}."
 
 
-def write_routes(target: Path, policy: Policy, topology: Topology) -> bool:
+# The routes file of an in-process engine (Lua: render.route_discovery; the module: envoy.module).
+Discovery = Callable[[Policy, Topology], dict[str, Any]]
+
+
+def write_routes(target: Path, policy: Policy, topology: Topology, discovery: Discovery = route_discovery) -> bool:
     """Write the routes if they differ from the file's; False if they do not.
     Atomically: Envoy reloads when a file is moved into the directory."""
-    text = to_yaml(route_discovery(policy, topology))
+    text = to_yaml(discovery(policy, topology))
     if target.exists() and target.read_text() == text:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -54,9 +59,14 @@ class RouteReloader:
         topology: Callable[[], Topology],
         policy: Policy,
         judged: bytes,
+        discovery: Discovery = route_discovery,
+        refused: Callable[[Policy], list[str]] = unsupported,
     ) -> None:
         """``policy``: the one in force; ``judged``: the content_digest of the
-        file text it was built from (a later edit must not pass for it)."""
+        file text it was built from (a later edit must not pass for it);
+        ``discovery`` and ``refused``: the engine's routes and what it cannot do."""
+        self.discovery = discovery
+        self.refused = refused
         self.settings = settings
         self.routes_file = routes_file
         self.envoy = envoy
@@ -97,8 +107,8 @@ class RouteReloader:
                 return
             self._judged = digest
             policy = build_policy(self.settings, text)
-            if unsupported(policy):
-                raise ConfigError(unsupported(policy))
+            if self.refused(policy):
+                raise ConfigError(self.refused(policy))
         except ConfigError as e:
             self.outcomes["invalid"] += 1
             print("mirror-sampler up: configuration change rejected, previous routes stay:", *e.problems, sep="\n  ", file=sys.stderr)
@@ -109,7 +119,7 @@ class RouteReloader:
             return
         before = self.envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
         previous, self.policy = self.policy, policy
-        if not write_routes(self.routes_file, policy, self.topology()):
+        if not write_routes(self.routes_file, policy, self.topology(), self.discovery):
             self.outcomes["unchanged"] += 1
             print("mirror-sampler up: the change does not alter Envoy's routes; nothing to reload", flush=True)
             return

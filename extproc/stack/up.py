@@ -18,19 +18,22 @@ from pathlib import Path
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
-from ..config.settings import EnvoySettings, Settings
+from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
 from ..core.matching import PathType
 from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
-from ..envoy.render import Address, Topology, backend_names, render
+from ..envoy.module import render_module
+from ..envoy.module import route_discovery as module_route_discovery
+from ..envoy.render import Address, Topology, backend_names, render, route_discovery
+from ..module.support import module_for
 from ..server.ports import probe_free
 from ..server.store import content_digest, read_manifest
 from .backend import EchoProcess
 from .children import Child, ChildFailed
-from .envoy import EnvoyError, EnvoyProcess
-from .routes import RouteReloader, write_routes
+from .envoy import EnvoyError, EnvoyProcess, envoy_binary
+from .routes import Discovery, RouteReloader, write_routes
 from .sampler import SamplerProcess
 from .view import view_rows
 
@@ -64,11 +67,14 @@ class LocalStack:
     log_dir: Path | None = None
     sampler_env: dict[str, str] = field(default_factory=dict)
     inline: bool = False
+    # The in-process engine when inline: lua or module (settings.INLINE_ENGINES).
+    engine: str = DEFAULT_INLINE
     # TLS from Envoy to the sampler (the sampler's side: MIRROR_TLS_* settings).
     sampler_ca: str = ""
     sampler_client_cert: str = ""
     sampler_client_key: str = ""
     policy: Policy = field(init=False)
+    module_path: str = field(init=False, default="")
     config_digest: bytes = field(init=False, default=b"")
     backends: dict[str, EchoProcess] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
@@ -86,7 +92,8 @@ class LocalStack:
             envoy.listener_port,
             envoy.admin_port,
             envoy.message_timeout_ms,
-            inline=envoy.inline,
+            inline=bool(envoy.inline),
+            engine=envoy.inline or DEFAULT_INLINE,
             sampler_ca=envoy.sampler_ca,
             sampler_client_cert=envoy.sampler_client_cert,
             sampler_client_key=envoy.sampler_client_key,
@@ -101,8 +108,10 @@ class LocalStack:
         self.policy = build_policy(self.settings, text)
         # What the policy was built from: the inline route reloader starts from it.
         self.config_digest = content_digest(text)
-        if self.inline and unsupported(self.policy):
+        if self.inline and self.engine == "lua" and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
+        # Checked and built before anything starts: the Envoy version, the compiler.
+        self.module_path = module_for(envoy_binary()) if self.inline and self.engine == "module" else ""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -203,8 +212,11 @@ class LocalStack:
         assert self.log_dir is not None
         config = self._log("envoy").with_suffix(".yaml")
         if self.inline:
-            write_routes(self.routes_file(), self.policy, self.topology())
-        config.write_text(render(self.policy, self.topology()))
+            write_routes(self.routes_file(), self.policy, self.topology(), self._discovery())
+        if self.module_path:
+            config.write_text(render_module(self.policy, self.topology(), self.module_path))
+        else:
+            config.write_text(render(self.policy, self.topology()))
         self.envoy = EnvoyProcess(config, self.log_dir)
         try:
             self.envoy.start()
@@ -214,8 +226,23 @@ class LocalStack:
         except EnvoyError as e:
             raise StackError(str(e)) from None
         if self.inline and self.settings.config:
-            self.reloader = RouteReloader(self.settings, self.routes_file(), self.envoy, self.topology, self.policy, self.config_digest)
+            self.reloader = RouteReloader(
+                self.settings,
+                self.routes_file(),
+                self.envoy,
+                self.topology,
+                self.policy,
+                self.config_digest,
+                self._discovery(),
+                (lambda policy: []) if self.module_path else unsupported,
+            )
             self.reloader.start()
+
+    def _discovery(self) -> Discovery:
+        if not self.module_path:
+            return route_discovery
+        module_path = self.module_path
+        return lambda policy, topology: module_route_discovery(policy, module_path)
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
         """Envoy health-checks the samplers; until one passes, requests go unmirrored."""
