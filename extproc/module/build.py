@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = ("mirror_sampler.c", "decision.c")
-HEADERS = ("abi.h", "decision.h")
+SOURCES = ("mirror_sampler.c", "decision.c", "config.c", "json.c")
+HEADERS = ("abi.h", "decision.h", "json.h")
 # Warnings are errors: a crash in the module is a crash of Envoy's data plane.
 WARNINGS = ("-std=c11", "-Wall", "-Wextra", "-Werror")
 MODULE_FLAGS = (*WARNINGS, "-O2", "-fPIC", "-shared", "-fvisibility=hidden")

@@ -1,5 +1,5 @@
-/* Test driver for extproc/module/decision.c: the module's own parsers and decision,
- * driven line by line from stdin (built with AddressSanitizer and UBSan by
+/* Test driver for the module's core (extproc/module: decision.c, config.c, json.c):
+ * its parsers and decision, driven line by line from stdin (built with AddressSanitizer and UBSan by
  * tests/support/module_harness.py). Fields are hex ("-": empty), so any byte can travel.
  *
  *   F <json>               filter config        -> "ok" | "error <message>"

@@ -1,7 +1,8 @@
 """The dynamic module's C decision, driven from Python through a small C driver
-(tests/support/module_driver.c) compiled with extproc/module/decision.c: the module's
-own parsers and decision, not a copy. Built with AddressSanitizer and UBSan, so a
-memory error or undefined behaviour ends the driver (and fails the test)."""
+(tests/support/module_driver.c) compiled with the module's core (decision.c,
+config.c, json.c): the module's own parsers and decision, not a copy. Built with
+AddressSanitizer and UBSan, so a memory error or undefined behaviour ends the
+driver (and fails the test)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from extproc.module.build import SOURCE_DIR, WARNINGS, compile_c
+from extproc.module.build import SOURCE_DIR, SOURCES, WARNINGS, compile_c
 
 DRIVER_SOURCE = Path(__file__).with_name("module_driver.c")
 SANITIZERS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 
 
 def build_driver(directory: Path) -> Path:
-    return compile_c(directory / "module-driver", [DRIVER_SOURCE, SOURCE_DIR / "decision.c"], (*WARNINGS, *SANITIZERS))
+    core = [SOURCE_DIR / name for name in SOURCES if name != "mirror_sampler.c"]
+    return compile_c(directory / "module-driver", [DRIVER_SOURCE, *core], (*WARNINGS, *SANITIZERS))
 
 
 class ModuleDriver:
