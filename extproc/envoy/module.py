@@ -45,7 +45,8 @@ def filter_settings(policy: Policy) -> dict[str, Any]:
 def rule_settings(policy: Policy, rule: Rule) -> dict[str, Any]:
     """One rule as the module decides it (policy.gate, keys.extract_key, target_salt,
     in_sample and the rate cap). Salts travel as hex: they are bytes. The threshold is
-    Fraction.threshold, up to 2**64 (every key)."""
+    Fraction.threshold, up to 2**64 (every key), as a decimal string: a JSON number that
+    large would not survive a double (Envoy Gateway passes configs as Structs)."""
     return {
         "rule": rule.id,
         "enabled": policy.enabled,
@@ -57,7 +58,7 @@ def rule_settings(policy: Policy, rule: Rule) -> dict[str, Any]:
                 "slot": policy.slot_names[t.slot],
                 "cluster": t.backend,
                 "salt_hex": target_salt(policy.salt, t).hex(),
-                "threshold": t.threshold,
+                "threshold": str(t.threshold),
             }
             for t in rule.mirrors
         ],

@@ -27,7 +27,8 @@ static const jnode *member(const jnode *obj, const char *key) {
 }
 
 /* Every key known, every required key present: a misspelt field is an error, not a default. */
-static bool check_keys(const jnode *obj, const char *where, const char *const *known, size_t nknown, problem *pr) {
+/* known[0 .. nrequired) must be present, known[nrequired .. nknown) may be. */
+static bool check_keys(const jnode *obj, const char *where, const char *const *known, size_t nknown, size_t nrequired, problem *pr) {
   char field[160];
   if (obj->type != J_OBJECT) return refuse(pr, where, "expected an object");
   for (size_t i = 0; i < obj->count; i++) {
@@ -37,7 +38,7 @@ static bool check_keys(const jnode *obj, const char *where, const char *const *k
     snprintf(field, sizeof field, "%s.%.64s", where, obj->keys[i]);
     if (!found) return refuse(pr, field, "unknown or repeated field");
   }
-  for (size_t k = 0; k < nknown; k++) {
+  for (size_t k = 0; k < nrequired; k++) {
     snprintf(field, sizeof field, "%s.%s", where, known[k]);
     if (!member(obj, known[k])) return refuse(pr, field, "missing");
   }
@@ -78,23 +79,26 @@ static void free_bytes(ms_bytes *b) {
   b->len = 0;
 }
 
-static const char *const FILTER_KEYS[] = {"slot_headers", "marker_header"};
+static const char *const FILTER_KEYS[] = {"slot_headers", "marker_header", "rule"};
 
 void ms_filter_free(ms_filter *f) {
   if (!f) return;
   for (int i = 0; i < f->nslots; i++) free_bytes(&f->slots[i]);
   free_bytes(&f->marker);
+  ms_rule_free(f->rule);
   free(f);
 }
 
-ms_filter *ms_filter_parse(const char *json, size_t len, char *err, size_t err_len) {
+static ms_rule *rule_from(const jnode *root, ms_bucket_lookup buckets, problem *pr);
+
+ms_filter *ms_filter_parse(const char *json, size_t len, ms_bucket_lookup buckets, char *err, size_t err_len) {
   problem pr = {err, err_len, false};
   jnode root;
   if (!jparse(json, len, &root, err, err_len)) return NULL;
   ms_filter *f = calloc(1, sizeof *f);
   if (!f) { jfree(&root); ms_fail(err, err_len, "out of memory"); return NULL; }
   char field[64];
-  if (check_keys(&root, "filter", FILTER_KEYS, 2, &pr)) {
+  if (check_keys(&root, "filter", FILTER_KEYS, 3, 2, &pr)) {
     const jnode *slots = member(&root, "slot_headers");
     if (slots->type != J_ARRAY || slots->count < 1 || slots->count > MS_MAX_TARGETS)
       refuse(&pr, "filter.slot_headers", "expected a list of 1 to 8 header names");
@@ -103,6 +107,8 @@ ms_filter *ms_filter_parse(const char *json, size_t len, char *err, size_t err_l
       if (header_name(&slots->items[i], field, &f->slots[i], &pr)) f->nslots++;
     }
     if (!pr.failed) header_name(member(&root, "marker_header"), "filter.marker_header", &f->marker, &pr);
+    const jnode *rule = member(&root, "rule");
+    if (!pr.failed && rule) f->rule = rule_from(rule, buckets, &pr);
   }
   jfree(&root);
   if (pr.failed) { ms_filter_free(f); return NULL; }
@@ -129,14 +135,18 @@ void ms_rule_free(ms_rule *r) {
   free(r);
 }
 
-/* Threshold: an integer in [0, 2^64]; 2^64 (every key) does not fit a uint64. */
+/* Threshold: decimal digits of an integer in [0, 2^64], as a string (a JSON number
+ * that large would not survive a double, as in a google.protobuf.Struct); 2^64, every
+ * key, does not fit a uint64. */
 static bool threshold(const jnode *n, const char *field, ms_target *t, problem *pr) {
-  if (n->type != J_NUMBER || n->text[0] == '-' || strpbrk(n->text, ".eE")) return refuse(pr, field, "expected an integer from 0 to 2^64");
+  const char *bad = "expected a string of decimal digits, 0 to 2^64";
+  if (n->type != J_STRING || n->len == 0 || n->len > 20 || (n->len > 1 && n->text[0] == '0')) return refuse(pr, field, bad);
   if (!strcmp(n->text, "18446744073709551616")) { t->always = true; t->threshold = UINT64_MAX; return true; }
   uint64_t v = 0;
   for (size_t i = 0; i < n->len; i++) {
+    if (n->text[i] < '0' || n->text[i] > '9') return refuse(pr, field, bad);
     uint64_t d = (uint64_t)(n->text[i] - '0');
-    if (v > (UINT64_MAX - d) / 10) return refuse(pr, field, "expected an integer from 0 to 2^64");
+    if (v > (UINT64_MAX - d) / 10) return refuse(pr, field, bad);
     v = v * 10 + d;
   }
   t->threshold = v;
@@ -166,7 +176,7 @@ static void parse_chain(const jnode *chain, ms_rule *r, problem *pr) {
   for (size_t i = 0; !pr->failed && i < chain->count; i++) {
     const jnode *src = &chain->items[i];
     snprintf(field, sizeof field, "rule.key_chain[%zu]", i);
-    if (!check_keys(src, field, SOURCE_KEYS, 2, pr)) return;
+    if (!check_keys(src, field, SOURCE_KEYS, 2, 2, pr)) return;
     const jnode *kind = member(src, "kind"), *name = member(src, "name");
     int k = -1;
     for (int j = 0; j < 4 && kind->type == J_STRING; j++)
@@ -195,7 +205,7 @@ static void parse_targets(const jnode *targets, ms_rule *r, ms_bucket_lookup buc
     const jnode *tn = &targets->items[i];
     ms_target *t = &r->targets[r->ntargets];
     snprintf(field, sizeof field, "rule.targets[%zu]", i);
-    if (!check_keys(tn, field, TARGET_KEYS, 4, pr)) return;
+    if (!check_keys(tn, field, TARGET_KEYS, 4, 4, pr)) return;
     r->ntargets++;
     snprintf(field, sizeof field, "rule.targets[%zu].slot", i);
     if (!header_name(member(tn, "slot"), field, &t->slot, pr)) return;
@@ -218,35 +228,40 @@ static void parse_targets(const jnode *targets, ms_rule *r, ms_bucket_lookup buc
   }
 }
 
+static ms_rule *rule_from(const jnode *root, ms_bucket_lookup buckets, problem *pr) {
+  ms_rule *r = calloc(1, sizeof *r);
+  if (!r) { refuse(pr, "rule", "out of memory"); return NULL; }
+  r->own_buckets = buckets == NULL;
+  char field[64];
+  if (check_keys(root, "rule", RULE_KEYS, 6, 6, pr) && text(member(root, "rule"), "rule.rule", 1024, &r->id, pr)) {
+    const jnode *enabled = member(root, "enabled"), *methods = member(root, "methods"), *cap = member(root, "max_mirrors_per_second");
+    if (enabled->type != J_BOOL) refuse(pr, "rule.enabled", "expected true or false");
+    else r->enabled = enabled->boolean;
+    if (!pr->failed && (methods->type != J_ARRAY || methods->count > MS_MAX_METHODS)) refuse(pr, "rule.methods", "expected a list of at most 16 methods");
+    for (size_t i = 0; !pr->failed && i < methods->count; i++) {
+      snprintf(field, sizeof field, "rule.methods[%zu]", i);
+      if (text(&methods->items[i], field, 32, &r->methods[r->nmethods], pr)) r->nmethods++;
+    }
+    if (!pr->failed) {
+      if (cap->type == J_NULL) r->max_per_second = 0;
+      else if (cap->type != J_NUMBER || cap->text[0] == '-' || !((r->max_per_second = strtod(cap->text, NULL)) > 0 && r->max_per_second <= 1e6))
+        refuse(pr, "rule.max_mirrors_per_second", "expected null or a number of mirrors per second, 0 < rate <= 1000000");
+    }
+    if (!pr->failed) parse_chain(member(root, "key_chain"), r, pr);
+    if (!pr->failed) parse_targets(member(root, "targets"), r, buckets, pr);
+  }
+  if (pr->failed) {
+    ms_rule_free(r);
+    return NULL;
+  }
+  return r;
+}
+
 ms_rule *ms_rule_parse(const char *json, size_t len, ms_bucket_lookup buckets, char *err, size_t err_len) {
   problem pr = {err, err_len, false};
   jnode root;
   if (!jparse(json, len, &root, err, err_len)) return NULL;
-  ms_rule *r = calloc(1, sizeof *r);
-  if (!r) { jfree(&root); ms_fail(err, err_len, "out of memory"); return NULL; }
-  r->own_buckets = buckets == NULL;
-  char field[64];
-  if (check_keys(&root, "rule", RULE_KEYS, 6, &pr) && text(member(&root, "rule"), "rule.rule", 1024, &r->id, &pr)) {
-    const jnode *enabled = member(&root, "enabled"), *methods = member(&root, "methods"), *cap = member(&root, "max_mirrors_per_second");
-    if (enabled->type != J_BOOL) refuse(&pr, "rule.enabled", "expected true or false");
-    else r->enabled = enabled->boolean;
-    if (!pr.failed && (methods->type != J_ARRAY || methods->count > MS_MAX_METHODS)) refuse(&pr, "rule.methods", "expected a list of at most 16 methods");
-    for (size_t i = 0; !pr.failed && i < methods->count; i++) {
-      snprintf(field, sizeof field, "rule.methods[%zu]", i);
-      if (text(&methods->items[i], field, 32, &r->methods[r->nmethods], &pr)) r->nmethods++;
-    }
-    if (!pr.failed) {
-      if (cap->type == J_NULL) r->max_per_second = 0;
-      else if (cap->type != J_NUMBER || cap->text[0] == '-' || !((r->max_per_second = strtod(cap->text, NULL)) > 0 && r->max_per_second <= 1e6))
-        refuse(&pr, "rule.max_mirrors_per_second", "expected null or a number of mirrors per second, 0 < rate <= 1000000");
-    }
-    if (!pr.failed) parse_chain(member(&root, "key_chain"), r, &pr);
-    if (!pr.failed) parse_targets(member(&root, "targets"), r, buckets, &pr);
-  }
+  ms_rule *r = rule_from(&root, buckets, &pr);
   jfree(&root);
-  if (pr.failed) {
-    ms_rule_free(r);
-    return NULL;
-  }
   return r;
 }

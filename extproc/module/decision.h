@@ -60,6 +60,7 @@ typedef struct {
   ms_bytes slots[MS_MAX_TARGETS]; /* every slot header name */
   int nslots;
   ms_bytes marker; /* the marker header name */
+  ms_rule *rule; /* the rule for routes without one of their own (NULL: none) */
 } ms_filter;
 
 typedef enum { MS_MIRRORED, MS_SKIPPED, MS_NO_KEY, MS_METHOD, MS_CAPPED, MS_DISABLED, MS_OUTCOMES } ms_outcome;
@@ -74,11 +75,11 @@ typedef struct {
 } ms_headers;
 
 /* Parsers: NULL and a message in err (naming the field) for anything malformed. */
-ms_filter *ms_filter_parse(const char *json, size_t len, char *err, size_t err_len);
-void ms_filter_free(ms_filter *filter);
 /* buckets: where a rule's rate-capped targets find their shared bucket by (rule, target);
  * NULL gives each target a bucket of its own (tests). */
 typedef ms_bucket *(*ms_bucket_lookup)(const ms_bytes *rule, const ms_bytes *cluster, const ms_bytes *slot);
+ms_filter *ms_filter_parse(const char *json, size_t len, ms_bucket_lookup buckets, char *err, size_t err_len);
+void ms_filter_free(ms_filter *filter);
 ms_rule *ms_rule_parse(const char *json, size_t len, ms_bucket_lookup buckets, char *err, size_t err_len);
 void ms_rule_free(ms_rule *rule);
 

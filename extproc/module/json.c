@@ -21,6 +21,9 @@ void ms_fail(char *err, size_t err_len, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(err, err_len, fmt, ap);
   va_end(ap);
+  /* One line, whatever a configured key contained. */
+  for (char *c = err; *c; c++)
+    if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
 }
 
 static bool jfail(jreader *r, const char *what) {

@@ -22,7 +22,7 @@ typedef struct jnode {
 bool jparse(const char *text, size_t len, jnode *root, char *err, size_t err_len);
 void jfree(jnode *n);
 
-/* printf into err (if there is room for a message at all). */
+/* printf into err, as one line (control characters become '?'). */
 void ms_fail(char *err, size_t err_len, const char *fmt, ...);
 /* A hex digit's value, or -1. */
 int ms_hexval(char c);

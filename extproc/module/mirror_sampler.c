@@ -109,6 +109,9 @@ EXPORT int envoy_dynamic_module_on_http_filter_request_headers(void *filter, con
   (void)end_of_stream;
   const filter_config *config = module_filter;
   const ms_rule *rule = envoy_dynamic_module_callback_get_most_specific_route_config(filter);
+  /* A filter config carrying a rule (Envoy Gateway: one filter config per route) serves
+   * the routes that have no rule of their own. */
+  if (!rule) rule = config->headers->rule;
   ms_outcome out[MS_MAX_TARGETS];
   int decided = rule ? rule->ntargets : 0;
   if (decided) {
@@ -152,7 +155,7 @@ EXPORT const void *envoy_dynamic_module_on_http_filter_config_new(void *config_e
   char err[256] = "";
   filter_config *config = calloc(1, sizeof *config);
   if (!config) return NULL;
-  config->headers = ms_filter_parse(json.ptr, json.length, err, sizeof err);
+  config->headers = ms_filter_parse(json.ptr, json.length, shared_bucket, err, sizeof err);
   module_buffer labels[3] = {buf("rule", 4), buf("target", 6), buf("outcome", 7)};
   if (config->headers && (!define_counter(config_envoy, "mirror_sampler_decisions", labels, 3, &config->decisions) ||
                           !define_counter(config_envoy, "mirror_sampler_forged_headers", NULL, 0, &config->forged)))

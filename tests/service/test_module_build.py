@@ -103,7 +103,7 @@ def test_a_malformed_module_config_is_refused_by_envoy_with_a_message(tmp_path: 
     out = tmp_path / "envoy.yaml"
     env = {**os.environ, "MIRROR_CONFIG": str(CONFORMANCE), "MIRROR_MODULE_CACHE": str(tmp_path / "cache")}
     subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--inline", "module", "--output", str(out)], env=env, check=True)
-    out.write_text(out.read_text().replace('"threshold":', '"threshold":-', 1))
+    out.write_text(out.read_text().replace('"threshold":"', '"threshold":"-', 1))
     checked = validate(out)
     assert checked.returncode != 0
     assert "mirror-sampler module: route config refused: rule.targets[0].threshold" in checked.stdout + checked.stderr

@@ -218,7 +218,7 @@ GOOD_RULE: dict[str, Any] = {
     "methods": [],
     "key_chain": [{"kind": "header", "name": "x-request-id"}],
     "max_mirrors_per_second": None,
-    "targets": [{"slot": "x-mirror-cluster-0", "cluster": "shadow", "salt_hex": "", "threshold": 2**63}],
+    "targets": [{"slot": "x-mirror-cluster-0", "cluster": "shadow", "salt_hex": "", "threshold": str(2**63)}],
 }
 
 
@@ -245,6 +245,8 @@ def with_change(path: list[str | int], value: Any) -> bytes:
         (with_change(["enabled"], "yes"), "rule.enabled"),
         (with_change(["enabled"], KeyError), "rule.enabled: missing"),
         (with_change(["colour"], 1), "rule.colour: unknown"),
+        # A message is one line (Envoy's log, the driver's protocol), whatever a key holds.
+        (with_change(["col\nour"], 1), "rule.col?our: unknown"),
         (with_change(["methods"], "GET"), "rule.methods"),
         (with_change(["key_chain"], []), "rule.key_chain"),
         (with_change(["key_chain", 0, "kind"], "body"), "rule.key_chain[0].kind"),
@@ -253,9 +255,13 @@ def with_change(path: list[str | int], value: Any) -> bytes:
         (with_change(["max_mirrors_per_second"], 0), "rule.max_mirrors_per_second"),
         (with_change(["max_mirrors_per_second"], -1), "rule.max_mirrors_per_second"),
         (with_change(["max_mirrors_per_second"], "5"), "rule.max_mirrors_per_second"),
-        (with_change(["targets", 0, "threshold"], 2**64 + 1), "rule.targets[0].threshold"),
-        (with_change(["targets", 0, "threshold"], 1.5), "rule.targets[0].threshold"),
-        (with_change(["targets", 0, "threshold"], -1), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], str(2**64 + 1)), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], str(10**20)), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], "1.5"), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], "-1"), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], "007"), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], ""), "rule.targets[0].threshold"),
+        (with_change(["targets", 0, "threshold"], 5), "rule.targets[0].threshold"),
         (with_change(["targets", 0, "salt_hex"], "abc"), "rule.targets[0].salt_hex"),
         (with_change(["targets", 0, "salt_hex"], "zz"), "rule.targets[0].salt_hex"),
         (with_change(["targets", 0, "slot"], "bad header"), "rule.targets[0].slot"),
@@ -270,12 +276,22 @@ def test_malformed_rule_config_is_refused_with_the_field(driver: ModuleDriver, t
 
 
 def test_edge_values_are_accepted(driver: ModuleDriver) -> None:
-    assert driver.rule_config(with_change(["targets", 0, "threshold"], 2**64)) == "ok"
+    assert driver.rule_config(with_change(["targets", 0, "threshold"], str(2**64))) == "ok"
     assert driver.decide([(b"x-request-id", b"k")])[1] == ["mirrored"]
-    assert driver.rule_config(with_change(["targets", 0, "threshold"], 0)) == "ok"
+    assert driver.rule_config(with_change(["targets", 0, "threshold"], "0")) == "ok"
     assert driver.decide([(b"x-request-id", b"k")])[1] == ["skipped"]
     assert driver.rule_config(with_change(["targets"], [])) == "ok"
     assert driver.decide([(b"x-request-id", b"k")])[1] == []
+
+
+def test_a_filter_config_may_carry_a_rule(driver: ModuleDriver) -> None:
+    """Envoy Gateway gives each route its own filter config, and no per-route config:
+    the rule travels in the filter config there."""
+    headers = {"slot_headers": ["x-mirror-cluster-0"], "marker_header": "x-mirror-rule"}
+    assert driver.filter_config(json.dumps({**headers, "rule": GOOD_RULE}).encode()) == "ok"
+    broken = json.loads(with_change(["targets", 0, "cluster"], ""))
+    answer = driver.filter_config(json.dumps({**headers, "rule": broken}).encode())
+    assert answer.startswith("error rule.targets[0].cluster"), answer
 
 
 @pytest.mark.parametrize(

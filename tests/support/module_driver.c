@@ -126,7 +126,7 @@ int main(void) {
     size_t n1 = 0, n2 = 0;
     err[0] = 0;
     if (nf == 2 && !strcmp(fields[0], "F") && unhex(fields[1], &n1)) {
-      ms_filter *f = ms_filter_parse(fields[1], n1, err, sizeof err);
+      ms_filter *f = ms_filter_parse(fields[1], n1, NULL, err, sizeof err);
       if (f) printf("ok\n");
       else printf("error %s\n", err);
       ms_filter_free(f);

@@ -39,8 +39,8 @@ def test_rule_settings_carry_the_decision() -> None:
         "key_chain": [{"kind": "cookie", "name": "s"}, {"kind": "traceparent", "name": ""}],
         "max_mirrors_per_second": 2.5,
         "targets": [
-            {"slot": "x-mirror-cluster-0", "cluster": "a", "salt_hex": "7632", "threshold": Fraction(35).threshold},
-            {"slot": "x-mirror-cluster-1", "cluster": "b", "salt_hex": "00ff", "threshold": 2**64},
+            {"slot": "x-mirror-cluster-0", "cluster": "a", "salt_hex": "7632", "threshold": str(Fraction(35).threshold)},
+            {"slot": "x-mirror-cluster-1", "cluster": "b", "salt_hex": "00ff", "threshold": str(2**64)},
         ],
     }
     assert module.filter_settings(policy) == {
