@@ -9,6 +9,7 @@ rate cap shared by Envoy's two workers; `up --inline module` with its live reloa
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
 from extproc.stack.up import LocalStack
-from tests.support.harness import KEYS, Client, echoed_all, expected_count, settle, start_stack
+from tests.support.harness import KEYS, Client, echoed_all, expected_count, request_ids, settle, start_stack
 from tests.support.paths import CONFORMANCE
 from tests.support.procs import wait_until
 
@@ -249,3 +250,58 @@ def test_up_inline_module_counts_exactly_and_reloads_live(tmp_path: Path, stacks
     rule = "gateway-conformance-infra/request-percentage-mirror/2"
     assert gw.stat(decisions("disabled", rule, "infra-backend-v2")) == len(KEYS)
     client.close()
+
+
+# --------------------------------------------------------------------------
+# Generated requests, one by one against the Policy
+
+
+@pytest.mark.parametrize("binary", VERSIONS)
+def test_generated_requests_are_mirrored_exactly_as_the_policy_decides(tmp_path: Path, binary: str) -> None:
+    """Every key source through Envoy's own header map (cookies, the query in :path,
+    traceparent, a plain header), two targets with their own salts, a salt, methods:
+    each request's mirrors, seen by the shadow backends, against Policy.decide."""
+    route = ROUTES.split("---")[0].replace(
+        "percent: 50}}]", "percent: 50}}, {type: RequestMirror, requestMirror: {backendRef: {name: shadow-b, port: 8080}, percent: 30}}]"
+    )
+    route = route.replace(
+        "metadata: {name: mod, namespace: ns}",
+        "metadata: {name: mod, namespace: ns, annotations: {mirror-sampler.io/target-salts: shadow-b=b}}",
+    )
+    env = {"MIRROR_CONFIG": "routes.yaml", "MIRROR_KEY": "header:x-user,cookie:session,query:uid,traceparent", "MIRROR_SALT": "s"}
+    policy = build_policy(Settings.load(env), route)
+    rng = random.Random(7)
+    with pytest.MonkeyPatch.context() as mp:
+        if binary:
+            mp.setattr(envoy_stack, "envoy_binary", lambda: binary)
+        gw = ModuleGateway(tmp_path, policy)
+    try:
+        client = Client(gw.url)
+        want: dict[str, set[str]] = {"shadow": set(), "shadow-b": set()}
+        for i in range(150):
+            request_id = f"gen-{i}"
+            headers = {"x-request-id": request_id}
+            query = ""
+            kind = rng.randrange(5)
+            if kind == 0:
+                headers["x-user"] = f"user-{rng.randrange(1000)}"
+            elif kind == 1:
+                headers["cookie"] = f"a=1; session=s{rng.randrange(1000)}; b=2"
+            elif kind == 2:
+                query = f"?x=1&uid=u{rng.randrange(1000)}"
+            elif kind == 3:
+                headers["traceparent"] = f"00-{rng.randbytes(16).hex()}-00f067aa0ba902b7-01"
+            path = f"/half{query}"
+            status, _ = client.request(path, "h", headers)
+            assert status == 200
+            view = {k.lower(): v.encode() for k, v in headers.items()} | {":path": path.encode(), ":method": b"GET"}
+            for target in policy.decide(view).sampled:
+                want[target.backend].add(request_id)
+        client.close()
+        assert all(want.values()) and want["shadow"] != want["shadow-b"]
+        totals = {name: len(ids) for name, ids in want.items()}
+        assert settle(gw, totals) == totals
+        for name, ids in want.items():
+            assert set(request_ids(echoed_all(gw, name))) == ids, name  # type: ignore[arg-type]
+    finally:
+        gw.stop()
