@@ -187,16 +187,11 @@ def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace)
     """The module engine's configuration, for the Envoy on this machine (the module
     is built here, and its path is in the configuration)."""
     from .envoy.module import render_module
-    from .module.support import module_for
-    from .stack.envoy import EnvoyError, envoy_binary
+    from .module.support import module_for_installed_envoy
 
     if args.target == "compose":
         raise ConfigError(["--inline module with --for compose: not available yet (the Envoy image has no module); use --inline lua"])
-    try:
-        binary = envoy_binary()
-    except EnvoyError as e:
-        raise ConfigError([f"--inline module: cannot check which Envoy will load the module: {e}"]) from None
-    return render_module(policy, topology, module_for(binary), snippet_only=args.snippet)
+    return render_module(policy, topology, module_for_installed_envoy(), snippet_only=args.snippet)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -62,3 +62,14 @@ def module_for(binary: str) -> str:
         return str(build_module())
     except (UnsupportedEnvoy, ModuleBuildError) as e:
         raise ConfigError([f"--inline module (MIRROR_INLINE=module): {e}"]) from None
+
+
+def module_for_installed_envoy() -> str:
+    """``module_for`` the Envoy that `up` runs and `envoy-config` renders for (the venv's)."""
+    from ..stack.envoy import EnvoyError, envoy_binary
+
+    try:
+        binary = envoy_binary()
+    except EnvoyError as e:
+        raise ConfigError([f"--inline module (MIRROR_INLINE=module): cannot check which Envoy will load the module: {e}"]) from None
+    return module_for(binary)

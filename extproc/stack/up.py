@@ -27,12 +27,12 @@ from ..envoy.lua import unsupported
 from ..envoy.module import render_module
 from ..envoy.module import route_discovery as module_route_discovery
 from ..envoy.render import Address, Topology, backend_names, render, route_discovery
-from ..module.support import module_for
+from ..module.support import module_for_installed_envoy
 from ..server.ports import probe_free
 from ..server.store import content_digest, read_manifest
 from .backend import EchoProcess
 from .children import Child, ChildFailed
-from .envoy import EnvoyError, EnvoyProcess, envoy_binary
+from .envoy import EnvoyError, EnvoyProcess
 from .routes import Discovery, RouteReloader, write_routes
 from .sampler import SamplerProcess
 from .view import view_rows
@@ -111,7 +111,7 @@ class LocalStack:
         if self.inline and self.engine == "lua" and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
         # Checked and built before anything starts: the Envoy version, the compiler.
-        self.module_path = module_for(envoy_binary()) if self.inline and self.engine == "module" else ""
+        self.module_path = module_for_installed_envoy() if self.inline and self.engine == "module" else ""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)

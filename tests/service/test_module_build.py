@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from extproc.config.errors import ConfigError
+from extproc.config.settings import Settings
 from extproc.module import build
-from extproc.module.support import module_for
-from extproc.stack.envoy import validate
+from extproc.module.support import module_for, module_for_installed_envoy
+from extproc.stack import envoy as envoy_stack
+from extproc.stack.envoy import EnvoyError, validate
+from extproc.stack.up import LocalStack
 from tests.support.paths import CONFORMANCE
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -107,3 +110,20 @@ def test_a_malformed_module_config_is_refused_by_envoy_with_a_message(tmp_path: 
     checked = validate(out)
     assert checked.returncode != 0
     assert "mirror-sampler module: route config refused: rule.targets[0].threshold" in checked.stdout + checked.stderr
+
+
+def test_no_envoy_to_check_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> str:
+        raise EnvoyError("envoy: binary not found")
+
+    monkeypatch.setattr(envoy_stack, "envoy_binary", missing)
+    with pytest.raises(ConfigError, match="cannot check which Envoy will load the module: envoy: binary not found"):
+        module_for_installed_envoy()
+
+
+def test_up_refuses_an_unsupported_envoy_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(envoy_stack, "envoy_binary", lambda: fake_envoy(tmp_path, "1.38.3"))
+    settings = Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)})
+    with pytest.raises(ConfigError, match="Envoy 1.38.3 is not supported"):
+        LocalStack(settings, listener_port=0, admin_port=0, log_dir=tmp_path / "logs", inline=True, engine="module")
+    assert not (tmp_path / "logs").exists()
