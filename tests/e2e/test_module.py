@@ -27,7 +27,7 @@ from extproc.module.support import module_for
 from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
-from extproc.stack.up import LocalStack
+from extproc.stack.up import DEFAULT_CONFIG, LocalStack
 from tests.support.harness import KEYS, Client, echoed_all, expected_count, request_ids, settle, start_stack
 from tests.support.paths import CONFORMANCE
 from tests.support.procs import wait_until
@@ -305,3 +305,21 @@ def test_generated_requests_are_mirrored_exactly_as_the_policy_decides(tmp_path:
             assert set(request_ids(echoed_all(gw, name))) == ids, name  # type: ignore[arg-type]
     finally:
         gw.stop()
+
+
+def test_up_inline_module_serves_the_seed_walkthrough(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """Envoy Gateway's mirroring guide, as `up --inline module` runs it by default."""
+    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text(), inline=True, engine="module")
+    stacks.append(gw)
+    client = Client(gw.url)
+    for key in KEYS:
+        status, doc = client.request("/get", "backends.example", {"x-request-id": key})
+        assert status == 200 and doc["pod"] == "backend"
+    client.close()
+    want = {"backend-2": expected_count(Fraction(50), KEYS)}
+    assert settle(gw, want) == want
+    mirrors = echoed_all(gw, "backend-2")
+    assert sorted(request_ids(mirrors)) == sorted(k for k in KEYS if decide(b"", k.encode(), Fraction(50)))
+    for doc in mirrors:
+        assert doc["headers"]["X-Mirror-Rule"] == ["default/http-mirror/0"] and doc["host"] == "backends.example"
+        assert not any(h.lower().startswith("x-mirror-cluster") for h in doc["headers"])
