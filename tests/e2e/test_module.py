@@ -323,3 +323,28 @@ def test_up_inline_module_serves_the_seed_walkthrough(tmp_path: Path, stacks: li
     for doc in mirrors:
         assert doc["headers"]["X-Mirror-Rule"] == ["default/http-mirror/0"] and doc["host"] == "backends.example"
         assert not any(h.lower().startswith("x-mirror-cluster") for h in doc["headers"])
+
+
+def test_up_inline_module_accepts_a_rate_cap_live(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """Lua refuses a cap (per-worker states share no bucket); the module takes it,
+    through the same live route reload."""
+    route = CONFORMANCE.read_text()
+    gw = start_stack(tmp_path, route, inline=True, engine="module")
+    stacks.append(gw)
+    reloader = gw.reloader
+    assert reloader is not None
+    capped = route.replace(
+        "  namespace: gateway-conformance-infra\nspec:",
+        "  namespace: gateway-conformance-infra\n  annotations: {mirror-sampler.io/max-mirrors-per-second: '2'}\nspec:",
+        1,
+    )
+    assert capped != route
+    (tmp_path / "routes.yaml").write_text(capped)
+    wait_until(lambda: reloader.outcomes["reloaded"] == 1, 10)
+    client = Client(gw.url)
+    for key in KEYS:
+        assert client.request("/percent-mirror", "h", {"x-request-id": key})[0] == 200
+    client.close()
+    rule = "gateway-conformance-infra/request-percentage-mirror/0"
+    wait_until(lambda: gw.stat(decisions("capped", rule, "infra-backend-v2")) > 0)
+    assert reloader.outcomes == {"reloaded": 1}
