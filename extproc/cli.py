@@ -22,7 +22,8 @@ from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, l
 from .server import logs
 
 if TYPE_CHECKING:
-    from .envoy.render import Address
+    from .core.policy import Policy
+    from .envoy.render import Address, Topology
 
 EXIT_CONFIG = 2
 
@@ -38,6 +39,10 @@ def _options_parser(scope: str, title: str) -> argparse.ArgumentParser:
         default = f", default {opt.default!r}" if opt.default else ""
         if opt.is_switch:
             group.add_argument(opt.flag, dest=dest, action="store_const", const="on", default=None, help=f"{opt.help} [{opt.env}{default}]")
+        elif opt.value_optional:
+            group.add_argument(
+                opt.flag, dest=dest, nargs="?", const="on", default=None, metavar="ENGINE", help=f"{opt.help} [{opt.env}{default}]"
+            )
         else:
             group.add_argument(opt.flag, dest=dest, default=None, metavar=opt.env, help=f"{opt.help} [{opt.env}{default}]")
     return parent
@@ -148,7 +153,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
     envoy = envoy_settings_from(args)
     policy = load_policy(settings_from(args))
-    if envoy.inline and unsupported(policy):
+    if envoy.inline == "lua" and unsupported(policy):
         raise ConfigError(unsupported(policy))
     if args.target == "compose":
         topology = compose_topology(policy)
@@ -165,18 +170,30 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         listener=Address(topology.listener.host, envoy.listener_port),
         admin=Address(topology.admin.host, envoy.admin_port),
         message_timeout_ms=envoy.message_timeout_ms,
-        inline=envoy.inline,
+        inline=bool(envoy.inline),
         sampler_ca=envoy.sampler_ca,
         sampler_cert=envoy.sampler_client_cert,
         sampler_key=envoy.sampler_client_key,
     )
-    text = render(policy, topology, snippet_only=args.snippet)
+    in_module = envoy.inline == "module"
+    text = _render_module(policy, topology, args) if in_module else render(policy, topology, snippet_only=args.snippet)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace) -> str:
+    """The module engine's configuration, for the Envoy on this machine (the module
+    is built here, and its path is in the configuration)."""
+    from .envoy.module import render_module
+    from .module.support import module_for_installed_envoy
+
+    if args.target == "compose":
+        raise ConfigError(["--inline module with --for compose: not available yet (the Envoy image has no module); use --inline lua"])
+    return render_module(policy, topology, module_for_installed_envoy(), snippet_only=args.snippet)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -119,6 +119,24 @@ def parse_switch(value: str) -> bool:
     return v in _ON
 
 
+# The in-process engines (MIRROR_INLINE): "on" is the default one, Lua, which any
+# Envoy with Lua runs and needs no compiler; the dynamic module (C) adds Envoy stats
+# and rate caps but needs Envoy 1.39 or 1.40 and a C compiler (docs/module.md).
+INLINE_ENGINES = ("lua", "module")
+DEFAULT_INLINE = "lua"
+
+
+def parse_inline(value: str) -> str:
+    """ "" (off: the ext_proc sampler decides), "lua" or "module"; on means the default engine."""
+    v = value.strip().lower()
+    if v in INLINE_ENGINES:
+        return v
+    try:
+        return DEFAULT_INLINE if parse_switch(v) else ""
+    except ValueError:
+        raise ValueError(f"must be off, on (= {DEFAULT_INLINE}), {' or '.join(INLINE_ENGINES)}; got {value!r}") from None
+
+
 SAMPLER = "sampler"  # serve, check-config, explain, envoy-config, up
 ENVOY = "envoy"  # envoy-config and up: the Envoy they configure or run
 
@@ -135,8 +153,13 @@ class Option:
 
     @property
     def is_switch(self) -> bool:
-        """A flag without a value (``--inline``): given means on."""
+        """A flag without a value: given means on."""
         return self.parse is parse_switch
+
+    @property
+    def value_optional(self) -> bool:
+        """A flag whose value may be left out (``--inline`` or ``--inline module``): alone, it means on."""
+        return self.parse is parse_inline
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -294,8 +317,8 @@ OPTIONS: tuple[Option, ...] = (
         "MIRROR_INLINE",
         "--inline",
         "off",
-        parse_switch,
-        "Envoy decides itself (generated Lua per route); no sampler process",
+        parse_inline,
+        "Envoy decides itself, no sampler process: lua (generated Lua per route; what on means) or module (the C dynamic module)",
         ENVOY,
     ),
     Option(
@@ -512,7 +535,7 @@ class EnvoySettings:
     listener_port: int
     admin_port: int
     message_timeout_ms: int
-    inline: bool
+    inline: str  # "" (the ext_proc sampler decides), or the engine: lua or module
     sampler_ca: str
     sampler_client_cert: str
     sampler_client_key: str

@@ -14,15 +14,15 @@ import collections
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.settings import Settings
 from ..config.source import ConfigSource
 from ..core.policy import Policy
-from ..envoy.lua import unsupported
 from ..envoy.render import ROUTE_CONFIG_NAME, Topology, backend_names, route_discovery, to_yaml
 from ..watch import WatchThread
 from .envoy import EnvoyProcess
@@ -30,10 +30,14 @@ from .envoy import EnvoyProcess
 RDS_STAT = f"http.ingress_http.rds.{ROUTE_CONFIG_NAME}."
 
 
-def write_routes(target: Path, policy: Policy, topology: Topology) -> bool:
+# The routes file of an in-process engine (Lua: render.route_discovery; the module: envoy.module).
+Discovery = Callable[[Policy, Topology], dict[str, Any]]
+
+
+def write_routes(target: Path, policy: Policy, topology: Topology, discovery: Discovery = route_discovery) -> bool:
     """Write the routes if they differ from the file's; False if they do not.
     Atomically: Envoy reloads when a file is moved into the directory."""
-    text = to_yaml(route_discovery(policy, topology))
+    text = to_yaml(discovery(policy, topology))
     if target.exists() and target.read_text() == text:
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +48,8 @@ def write_routes(target: Path, policy: Policy, topology: Topology) -> bool:
 
 
 class InlineStack(Protocol):
-    """What the reloader needs of the stack: its policy in force, which it replaces."""
+    """What the reloader needs of the stack: its policy in force, which it
+    replaces, and its in-process engine's routes and refusals."""
 
     policy: Policy
     envoy: EnvoyProcess | None
@@ -52,6 +57,10 @@ class InlineStack(Protocol):
     def topology(self) -> Topology: ...
 
     def routes_file(self) -> Path: ...
+
+    def discovery(self) -> Discovery: ...
+
+    def refused(self, policy: Policy) -> list[str]: ...
 
 
 class RouteReloader:
@@ -95,15 +104,16 @@ class RouteReloader:
 
     def judge(self, text: str | None, reason: str) -> None:
         policy = build_policy(self.settings, text)
-        if unsupported(policy):
-            raise ConfigError(unsupported(policy))
+        refused = self.stack.refused(policy)
+        if refused:
+            raise ConfigError(refused)
         if set(backend_names(policy)) != set(backend_names(self.stack.policy)):
             self.outcomes["new_backends"] += 1
             print("mirror-sampler up: the change names other backends; restart to add their clusters", file=sys.stderr)
             return
         envoy = self.envoy()
         before = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
-        if not write_routes(self.stack.routes_file(), policy, self.stack.topology()):
+        if not write_routes(self.stack.routes_file(), policy, self.stack.topology(), self.stack.discovery()):
             self.stack.policy = policy
             self.outcomes["unchanged"] += 1
             print("mirror-sampler up: the change does not alter Envoy's routes; nothing to reload", flush=True)

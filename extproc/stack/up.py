@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
-from ..config.settings import EnvoySettings, Settings
+from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings
 from ..config.source import read_manifest
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
@@ -26,12 +26,15 @@ from ..core.matching import PathType
 from ..core.plan import Plan
 from ..core.policy import SAMPLER_CLUSTER, Policy
 from ..envoy.lua import unsupported
-from ..envoy.render import Address, Topology, backend_names, render
+from ..envoy.module import render_module
+from ..envoy.module import route_discovery as module_route_discovery
+from ..envoy.render import Address, Topology, backend_names, render, route_discovery
+from ..module.support import module_for_installed_envoy
 from ..server.ports import probe_free
 from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
-from .routes import RouteReloader, write_routes
+from .routes import Discovery, RouteReloader, write_routes
 from .sampler import SamplerProcess
 from .view import view_rows
 
@@ -65,12 +68,15 @@ class LocalStack:
     log_dir: Path | None = None
     sampler_env: dict[str, str] = field(default_factory=dict)
     inline: bool = False
+    # The in-process engine when inline: lua or module (settings.INLINE_ENGINES).
+    engine: str = DEFAULT_INLINE
     # TLS from Envoy to the sampler (the sampler's side: MIRROR_TLS_* settings).
     sampler_ca: str = ""
     sampler_client_cert: str = ""
     sampler_client_key: str = ""
     # The policy in force: what `up` rendered, replaced by inline route reloads; the live view shows it.
     policy: Policy = field(init=False)
+    module_path: str = field(init=False, default="")
     backends: dict[str, EchoProcess] = field(init=False, default_factory=dict)
     backend_ports: dict[str, int] = field(init=False, default_factory=dict)
     samplers: list[SamplerProcess | None] = field(init=False, default_factory=list)
@@ -87,7 +93,8 @@ class LocalStack:
             envoy.listener_port,
             envoy.admin_port,
             envoy.message_timeout_ms,
-            inline=envoy.inline,
+            inline=bool(envoy.inline),
+            engine=envoy.inline or DEFAULT_INLINE,
             sampler_ca=envoy.sampler_ca,
             sampler_client_cert=envoy.sampler_client_cert,
             sampler_client_key=envoy.sampler_client_key,
@@ -100,8 +107,10 @@ class LocalStack:
             self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
         text = read_manifest(self.settings)
         self.policy = build_policy(self.settings, text)
-        if self.inline and unsupported(self.policy):
+        if self.inline and self.engine == "lua" and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
+        # Checked and built before anything starts: the Envoy version, the compiler.
+        self.module_path = module_for_installed_envoy() if self.inline and self.engine == "module" else ""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -205,8 +214,11 @@ class LocalStack:
         assert self.log_dir is not None
         config = self._log("envoy").with_suffix(".yaml")
         if self.inline:
-            write_routes(self.routes_file(), self.policy, self.topology())
-        config.write_text(render(self.policy, self.topology()))
+            write_routes(self.routes_file(), self.policy, self.topology(), self.discovery())
+        if self.module_path:
+            config.write_text(render_module(self.policy, self.topology(), self.module_path))
+        else:
+            config.write_text(render(self.policy, self.topology()))
         self.envoy = EnvoyProcess(config, self.log_dir)
         try:
             self.envoy.start()
@@ -217,6 +229,17 @@ class LocalStack:
             raise StackError(str(e)) from None
         if self.reloader is not None:
             self.reloader.start()
+
+    def discovery(self) -> Discovery:
+        """The routes file of the in-process engine."""
+        if not self.module_path:
+            return route_discovery
+        module_path = self.module_path
+        return lambda policy, topology: module_route_discovery(policy, module_path)
+
+    def refused(self, policy: Policy) -> list[str]:
+        """What the in-process engine cannot do (the module does everything)."""
+        return [] if self.module_path else unsupported(policy)
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
         """Envoy health-checks the samplers; until one passes, requests go unmirrored."""

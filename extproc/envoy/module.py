@@ -1,0 +1,161 @@
+"""Envoy configuration for the dynamic-module engine (``--inline module``).
+
+The same route layout as the other engines (render.py: variant routes that match the
+slot headers carry the static mirror policies), with the decision made by the C module
+(extproc/module): one ``envoy.filters.http.dynamic_modules`` filter on every route,
+which strips client-sent slot and marker headers, and on each route of a mirror rule
+the rule itself as per-route configuration, so Envoy's own route match picks it. The
+configuration is data: JSON derived here from the compiled Policy (nothing generated
+per rule is code), read by extproc/module/decision.c. Pure but for nothing: text in,
+messages out.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from typing import Any
+
+from betterproto2 import Casing
+
+from ..core.policy import Policy, Rule, target_salt
+from . import lua as scripts
+from . import render
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import envoy_data_plane.envoy.config.core.v3 as core
+    import envoy_data_plane.envoy.config.route.v3 as route
+    import envoy_data_plane.envoy.extensions.dynamic_modules.v3 as dynamic_modules
+    import envoy_data_plane.envoy.extensions.filters.http.dynamic_modules.v3 as module_filter
+    import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 as hcm
+    from envoy_data_plane.google.protobuf import Any as AnyMessage
+    from envoy_data_plane.google.protobuf import StringValue
+
+MODULE_FILTER = "mirror-sampler.module"
+MODULE_NAME = "mirror_sampler"
+
+
+def filter_settings(policy: Policy) -> dict[str, Any]:
+    """The filter-level configuration: the headers that are the filter's alone."""
+    return {"slot_headers": list(policy.slot_names), "marker_header": policy.slot_headers.marker}
+
+
+def rule_settings(policy: Policy, rule: Rule) -> dict[str, Any]:
+    """One rule as the module decides it (policy.gate, keys.extract_key, target_salt,
+    in_sample and the rate cap). Salts travel as hex: they are bytes. The threshold is
+    Fraction.threshold, up to 2**64 (every key), as a decimal string: a JSON number that
+    large would not survive a double (Envoy Gateway passes configs as Structs)."""
+    return {
+        "rule": rule.id,
+        "enabled": policy.enabled,
+        "methods": sorted(rule.methods),
+        "key_chain": [{"kind": s.kind.value, "name": s.name} for s in policy.key_chain],
+        "max_mirrors_per_second": rule.max_mirrors_per_second,
+        "targets": [
+            {
+                "slot": policy.slot_names[t.slot],
+                "cluster": t.backend,
+                "salt_hex": target_salt(policy.salt, t).hex(),
+                "threshold": str(t.threshold),
+            }
+            for t in rule.mirrors
+        ],
+    }
+
+
+def to_json(settings: dict[str, Any]) -> str:
+    return json.dumps(settings, separators=(",", ":"), ensure_ascii=True)
+
+
+def _module(path: str) -> dynamic_modules.DynamicModuleConfig:
+    return dynamic_modules.DynamicModuleConfig(name=MODULE_NAME, module=core.AsyncDataSource(local=core.DataSource(filename=path)))
+
+
+def _text(text: str) -> AnyMessage:
+    return AnyMessage.pack(StringValue(value=text))
+
+
+def http_filter(policy: Policy, module_path: str) -> hcm.HttpFilter:
+    config = module_filter.DynamicModuleFilter(
+        dynamic_module_config=_module(module_path), filter_name=MODULE_NAME, filter_config=_text(to_json(filter_settings(policy)))
+    )
+    return hcm.HttpFilter(name=MODULE_FILTER, typed_config=AnyMessage.pack(config))
+
+
+def per_route(policy: Policy, rule: Rule, module_path: str) -> AnyMessage:
+    config = module_filter.DynamicModuleFilterPerRoute(
+        dynamic_module_config=_module(module_path),
+        filter_name=MODULE_NAME,
+        filter_config=_text(to_json(rule_settings(policy, rule))),
+    )
+    return AnyMessage.pack(config)
+
+
+def virtual_hosts(policy: Policy, module_path: str, catch_all: bool = True) -> list[route.VirtualHost]:
+    """render's routes for in-Envoy deciding, each rule's decision handed to the module
+    instead of a script: where render attaches the rule's Lua, the rule's settings go."""
+    hosts = []
+    for hostname, entries in policy.table.vhosts:
+        routes = []
+        for entry in entries:
+            for r in render.rule_routes(entry.rule, entry.match, policy, in_envoy=True):
+                if r.typed_per_filter_config and scripts.DECIDE_FILTER in r.typed_per_filter_config:
+                    r.typed_per_filter_config = {MODULE_FILTER: per_route(policy, entry.rule, module_path)}
+                routes.append(r)
+        hosts.append(route.VirtualHost(name=hostname or "any-host", domains=[hostname or "*"], routes=routes))
+    if catch_all and not any(h.domains == ["*"] for h in hosts):
+        hosts.append(route.VirtualHost(name="any-host", domains=["*"], routes=[]))
+    return hosts
+
+
+def route_configuration(policy: Policy, module_path: str) -> route.RouteConfiguration:
+    config = render.route_configuration(policy, in_envoy=True)
+    config.virtual_hosts = virtual_hosts(policy, module_path)
+    return config
+
+
+def http_connection_manager(policy: Policy, topology: render.Topology, module_path: str) -> hcm.HttpConnectionManager:
+    manager = render.http_connection_manager(policy, replace(topology, inline=True))
+    manager.http_filters = [http_filter(policy, module_path), manager.http_filters[-1]]
+    if manager.route_config is not None:
+        manager.route_config = route_configuration(policy, module_path)
+    return manager
+
+
+def bootstrap_config(policy: Policy, topology: render.Topology, module_path: str) -> Any:
+    config = render.bootstrap_config(policy, replace(topology, inline=True))
+    assert config.static_resources is not None
+    chain = config.static_resources.listeners[0].filter_chains[0]
+    chain.filters[0].typed_config = AnyMessage.pack(http_connection_manager(policy, topology, module_path))
+    return config
+
+
+def route_discovery(policy: Policy, module_path: str) -> dict[str, Any]:
+    """The file behind filesystem RDS (``up``'s live reload)."""
+    return {"resources": [AnyMessage.pack(route_configuration(policy, module_path)).to_dict()]}
+
+
+def snippet(policy: Policy, topology: render.Topology, module_path: str) -> dict[str, Any]:
+    return {
+        "http_filters": [render.as_data(http_filter(policy, module_path), Casing.SNAKE)],
+        "clusters": [],
+        "virtual_hosts": [render.as_data(v, Casing.SNAKE) for v in virtual_hosts(policy, module_path, catch_all=False)],
+    }
+
+
+def render_module(policy: Policy, topology: render.Topology, module_path: str, *, snippet_only: bool = False) -> str:
+    if snippet_only:
+        return render.to_yaml(snippet(policy, topology, module_path), SNIPPET_COMMENT)
+    return render.to_yaml(bootstrap_config(policy, topology, module_path))
+
+
+SNIPPET_COMMENT = """\
+# Paste into an existing Envoy (1.39 or 1.40):
+#  - http_filters: ahead of envoy.filters.http.router; it loads the dynamic module
+#    from the path shown (built by mirror-sampler for this machine);
+#  - virtual_hosts: the routes, each mirror-carrying rule preceded by its variant
+#    routes, the rule's decision settings on each; the backend clusters they name
+#    must exist. No sampler cluster: Envoy decides.
+"""

@@ -1,0 +1,114 @@
+"""The module engine's configuration (pure): settings from the Policy, the routes that
+carry them, the Envoy version guard, the --inline option."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from extproc.config.build import build_policy
+from extproc.config.settings import Settings, parse_inline
+from extproc.core.keys import parse_key_chain
+from extproc.core.matching import Match
+from extproc.core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
+from extproc.core.sampling import Fraction
+from extproc.envoy import module
+from extproc.envoy.lua import DECIDE_FILTER
+from extproc.envoy.render import Topology, as_data, route_configuration
+from extproc.module.support import SUPPORTED, UnsupportedEnvoy, check_supported, parse_version
+from tests.support.paths import CONFORMANCE
+
+SO = "/cache/libmirror_sampler-test.so"
+
+
+def conformance(**env: str) -> Policy:
+    return build_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE), **env}), CONFORMANCE.read_text())
+
+
+def test_rule_settings_carry_the_decision() -> None:
+    targets = (MirrorTarget("a", Fraction(35), 0), MirrorTarget("b", Fraction(100), 1, salt=b"\x00\xff"))
+    rule = Rule("ns/r/0", (Match(),), targets, (BackendRef("web"),), methods=frozenset({"POST", "GET"}), max_mirrors_per_second=2.5)
+    policy = Policy((Route("ns", "r", (), (rule,)),), parse_key_chain("cookie:s,traceparent"), salt=b"v2", enabled=False)
+    settings = json.loads(module.to_json(module.rule_settings(policy, rule)))
+    assert settings == {
+        "rule": "ns/r/0",
+        "enabled": False,
+        "methods": ["GET", "POST"],
+        "key_chain": [{"kind": "cookie", "name": "s"}, {"kind": "traceparent", "name": ""}],
+        "max_mirrors_per_second": 2.5,
+        "targets": [
+            {"slot": "x-mirror-cluster-0", "cluster": "a", "salt_hex": "7632", "threshold": str(Fraction(35).threshold)},
+            {"slot": "x-mirror-cluster-1", "cluster": "b", "salt_hex": "00ff", "threshold": str(2**64)},
+        ],
+    }
+    assert module.filter_settings(policy) == {
+        "slot_headers": ["x-mirror-cluster-0", "x-mirror-cluster-1"],
+        "marker_header": "x-mirror-rule",
+    }
+
+
+def per_route_filters(config: Any) -> list[dict[str, Any]]:
+    data = as_data(config)
+    return [r.get("typedPerFilterConfig", {}) for vh in data["virtualHosts"] for r in vh.get("routes", [])]
+
+
+def test_the_module_decides_exactly_where_the_lua_would() -> None:
+    """The same routes as the Lua engine, each rule's script swapped for its settings."""
+    policy = conformance(MIRROR_SALT="s")
+    lua_routes = per_route_filters(route_configuration(policy, in_envoy=True))
+    module_routes = per_route_filters(module.route_configuration(policy, SO))
+    assert len(lua_routes) == len(module_routes)
+    rules = {r.id: r for r in policy.rules}
+    for lua, mod in zip(lua_routes, module_routes, strict=True):
+        assert (DECIDE_FILTER in lua) == (module.MODULE_FILTER in mod)
+        if module.MODULE_FILTER in mod:
+            per_route = mod[module.MODULE_FILTER]
+            assert per_route["dynamicModuleConfig"]["module"]["local"]["filename"] == SO
+            settings = json.loads(per_route["filterConfig"]["value"])
+            assert settings == module.rule_settings(policy, rules[settings["rule"]])
+
+
+def test_bootstrap_runs_the_module_before_the_router_and_no_sampler() -> None:
+    policy = conformance()
+    data = as_data(module.bootstrap_config(policy, Topology(), SO))
+    hcm = data["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    assert [f["name"] for f in hcm["httpFilters"]] == [module.MODULE_FILTER, "envoy.filters.http.router"]
+    assert json.loads(hcm["httpFilters"][0]["typedConfig"]["filterConfig"]["value"]) == module.filter_settings(policy)
+    assert "mirror-sampler" not in [c["name"] for c in data["staticResources"]["clusters"]]
+    rds = module.route_discovery(policy, SO)
+    assert rds["resources"][0]["virtualHosts"] == as_data(module.route_configuration(policy, SO))["virtualHosts"]
+
+
+@pytest.mark.parametrize("version", ["1.39.0", "1.39.3", "1.40.0", "1.40.7"])
+def test_supported_versions(version: str) -> None:
+    check_supported(version)
+
+
+@pytest.mark.parametrize("version", ["1.38.3", "1.36.4", "1.41.0", "2.0.0"])
+def test_unsupported_version_names_it_and_the_alternatives(version: str) -> None:
+    with pytest.raises(UnsupportedEnvoy) as e:
+        check_supported(version)
+    message = str(e.value)
+    assert version in message and "--inline lua" in message and "ext_proc" in message
+    assert all(v in message for v in SUPPORTED)
+
+
+def test_version_from_envoy_version_output() -> None:
+    text = "\nenvoy  version: 9e5580933739775e8bce696a57a2e1bc99368f23/1.40.0/Clean/RELEASE/BoringSSL\n\n"
+    assert parse_version(text) == "1.40.0"
+    with pytest.raises(UnsupportedEnvoy, match="cannot read"):
+        parse_version("command not found")
+
+
+@pytest.mark.parametrize(
+    ("text", "engine"), [("off", ""), ("on", "lua"), ("yes", "lua"), ("lua", "lua"), ("module", "module"), ("Module", "module")]
+)
+def test_inline_option(text: str, engine: str) -> None:
+    assert parse_inline(text) == engine
+
+
+def test_inline_option_refuses_other_engines() -> None:
+    with pytest.raises(ValueError, match=r"off, on .* lua or module"):
+        parse_inline("wasm")
