@@ -1,0 +1,231 @@
+"""End to end: Envoy 1.40 captures the primary's and each shadow's response
+of mirrored requests only, two observer processes share one SQLite file, and
+every request is joined and judged once, with Diffy's noise rule.
+
+Backends (threads of this test, answering like three versions of a service):
+primary and secondary run "v1", the candidate "v2". Every answer carries a
+timestamp and a random nonce (noise); the candidate changes ``version`` on
+/field, answers 500 on /status and is 200 ms slower on /slow.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.compare.envoy import CAPTURE_LISTENER, add_capture
+from extproc.compare.noise import Result
+from extproc.compare.store import CompareStore
+from extproc.config.settings import Settings
+from extproc.core.sampling import Fraction, decide
+from extproc.envoy.render import Address, Topology, as_data, bootstrap_config, to_yaml
+from extproc.server.store import load_policy
+from extproc.stack.children import Child
+from extproc.stack.envoy import EnvoyProcess
+from tests.support.harness import Client
+from tests.support.procs import Sampler, wait_until
+
+pytestmark = pytest.mark.e2e
+
+RULE = "default/shop/0"
+OTHER_RULE = "default/shop/1"
+ROUTES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: shop, namespace: default}
+spec:
+  hostnames: [shop.example]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: primary, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: candidate, port: 8080}, percent: 50}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: secondary, port: 8080}, percent: 50}}
+  - matches: [{path: {type: PathPrefix, value: /other}}]
+    backendRefs: [{name: primary, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: candidate, port: 8080}, percent: 100}}
+"""
+COMPARE = f"""\
+compare:
+  rules:
+  - rule: {RULE}
+    targets: [candidate, secondary]
+    secondary: secondary
+"""
+KINDS = ("field", "status", "slow")
+KEYS = [f"user-{i}" for i in range(30)]
+SLOW_S = 0.2
+
+
+class VersionedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: VersionedServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+    def do_GET(self) -> None:
+        v2 = self.server.version == 2
+        kind = self.path.split("/")[2] if self.path.count("/") >= 2 else ""
+        if v2 and kind == "slow":
+            time.sleep(SLOW_S)
+        doc = {
+            "path": self.path,
+            "version": 2 if v2 and kind == "field" else 1,
+            "items": [{"id": 1, "price": 9.5}, {"id": 2, "price": 3.25}],
+            "ts": time.time(),
+            "nonce": uuid.uuid4().hex,
+        }
+        payload = json.dumps(doc).encode()
+        self.send_response(500 if v2 and kind == "status" else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class VersionedServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(("127.0.0.1", 0), VersionedHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+
+class Observer(Child):
+    """`mirror-sampler compare capture` on a port of its own choosing."""
+
+    def __init__(self, db: Path, config: Path, name: str) -> None:
+        argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--db", str(db), "--config", str(config)]
+        super().__init__(name, argv)
+        self.port = int(self.wait_event("compare_serving")["port"])
+
+
+@pytest.fixture
+def started(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
+    things: list[Any] = []
+    yield things
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for thing in reversed(things):
+        if isinstance(thing, VersionedServer):
+            thing.shutdown()
+            thing.server_close()
+            continue
+        child = thing.child if isinstance(thing, EnvoyProcess) else thing
+        if failed and child is not None:
+            print(f"--- {child.name} ---\n{child.output()[-3000:]}")
+        thing.stop()
+
+
+def ingress_port(envoy: EnvoyProcess) -> int:
+    data = json.loads(envoy.admin("/listeners?format=json"))
+    for status in data["listener_statuses"]:
+        if status["name"] == "ingress":
+            return int(status["local_address"]["socket_address"]["port_value"])
+    raise AssertionError("no ingress listener")
+
+
+def mirrored(request_id: str) -> bool:
+    return decide(b"", request_id.encode(), Fraction(50, 100))
+
+
+def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_path: Path, started: list[Any]) -> None:
+    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
+    started.extend(backends.values())
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text(COMPARE)
+    db = tmp_path / "compare.db"
+    # Two observer processes on one file: Envoy spreads streams over both, so
+    # a request's primary and shadow captures often reach different processes.
+    observers = [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
+    started.extend(observers)
+    sampler = Sampler({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")})
+    started.append(sampler)
+
+    policy = load_policy(Settings.load({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")}))
+    topology = Topology(
+        listener=Address("127.0.0.1", 0),
+        admin=Address("127.0.0.1", 0),
+        samplers=(Address("127.0.0.1", sampler.port),),
+        backends={name: Address("127.0.0.1", server.port) for name, server in backends.items()},
+    )
+    rendered = as_data(bootstrap_config(policy, topology))
+    config = add_capture(
+        rendered, {RULE: ["candidate", "secondary"]}, policy.marker_header, [Address("127.0.0.1", o.port) for o in observers]
+    )
+    (tmp_path / "envoy.yaml").write_text(to_yaml(config))
+    envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
+    started.append(envoy)
+
+    client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
+    sent: dict[str, str] = {}
+    for key in KEYS:
+        for kind in KINDS:  # interleaved: each kind is a third of the compared pairs from the start
+            request_id = f"{key}-{kind}"
+            status, _ = client.request(f"/api/{kind}/{key}", "shop.example", {"x-request-id": request_id})
+            assert status == 200
+            sent[request_id] = kind
+    for key in KEYS[:10]:
+        status, _ = client.request(f"/other/{key}", "shop.example", {"x-request-id": f"{key}-other"})
+        assert status == 200
+    client.close()
+
+    expected = {rid: kind for rid, kind in sent.items() if mirrored(rid)}
+    assert 0 < len(expected) < len(sent), "the key set must have mirrored and unmirrored requests"
+    store = CompareStore(db, observers_config(tmp_path))
+    wait_until(lambda: len(store.comparisons()) >= 2 * len(expected), timeout=30)
+    comparisons = store.comparisons()
+
+    # Each mirrored request judged once per target; nothing for the others.
+    assert Counter((c.request_id, c.target) for c in comparisons) == Counter(
+        {(rid, t): 1 for rid in expected for t in ("candidate", "secondary")}
+    )
+    assert store.pending_count() == 0
+    # Envoy's own witnesses: a capture stream per mirrored primary (none for
+    # unmirrored requests or the uncompared rule), one per compared copy.
+    stats = envoy.stats()
+    assert stats["http.ingress_http.ext_proc.compare.streams_started"] == len(expected)
+    assert stats["http.compare_shadow.ext_proc.compare.streams_started"] == 2 * len(expected)
+    assert stats["cluster.candidate.upstream_rq_total"] == len(expected) + 10
+    assert stats["cluster.secondary.upstream_rq_total"] == len(expected)
+    assert stats[f"listener.envoy_internal_{CAPTURE_LISTENER}.downstream_cx_total"] >= 1
+
+    by_target = {t: {c.request_id: c for c in comparisons if c.target == t} for t in ("candidate", "secondary")}
+    # The secondary's differences are the noise: timestamp and nonce, on every request.
+    assert {c.result for c in by_target["secondary"].values()} == {Result.NOISE_ONLY}
+    assert {tuple(f["path"] for f in c.fields) for c in by_target["secondary"].values()} == {("body.nonce", "body.ts")}
+    # The candidate: real differences exactly where v2 differs; the rest noise.
+    want = {"field": Result.DIFFERS, "status": Result.DIFFERS, "slow": Result.NOISE_ONLY}
+    assert {rid: c.result for rid, c in by_target["candidate"].items()} == {rid: want[kind] for rid, kind in expected.items()}
+    for rid, kind in expected.items():
+        c = by_target["candidate"][rid]
+        paths = {f["path"] for f in c.fields} - {"body.nonce", "body.ts"}
+        assert paths == {"field": {"body.version"}, "status": {"status"}, "slow": set()}[kind], rid
+        assert (c.primary_status, c.shadow_status) == (200, 500 if kind == "status" else 200)
+        if kind == "slow":
+            assert c.shadow_ms is not None and c.primary_ms is not None and c.shadow_ms >= SLOW_S * 1000 > c.primary_ms
+    # Both observers stored captures: the join crossed processes.
+    assert all(o.alive() for o in observers)
+    store.close()
+
+
+def observers_config(tmp_path: Path) -> Any:
+    from extproc.compare.cli import load_config
+
+    return load_config(str(tmp_path / "compare.yaml"))
