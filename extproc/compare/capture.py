@@ -22,9 +22,10 @@ import structlog
 
 from ..wire import SERVICE_NAME, ProcessingRequest
 from .config import CompareConfig
+from .judge import Comparison
 from .metrics import CompareMetrics
 from .records import CAPTURE_METADATA, Capture, CaptureAssembler, CaptureTag, TagError
-from .store import CompareStore, Comparison
+from .store import CompareStore
 
 log = structlog.get_logger("mirror_sampler.compare")
 QUEUE_BOUND = 10_000
@@ -79,6 +80,8 @@ class Writer:
                 if self.clock() >= next_sweep:
                     next_sweep = self.clock() + SWEEP_EVERY_S
                     self._record(store.sweep(self.clock()))
+                    if store.dropped_by_last_sweep:
+                        self.metrics.dropped("pending_over_bound", store.dropped_by_last_sweep)
         finally:
             store.close()
 

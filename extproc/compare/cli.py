@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from ..config.addresses import split_address
 from ..config.errors import ConfigError
 from .config import CompareConfig, parse_compare
+from .store import CompareStore
 
 DEFAULT_DB = "mirror-sampler-compare.db"
 DEFAULT_LISTEN = "127.0.0.1:50061"
@@ -51,6 +53,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, "json", sys.stdout)
     log = logs.get("compare")
     metrics = CompareMetrics()
+    metrics.declare(config)
     metrics_port = None
     if metrics_address is not None:
         server, _ = start_http_server(metrics_address[1], metrics_address[0], registry=metrics.registry)
@@ -78,17 +81,51 @@ def register(sub: Any) -> None:
     capture.add_argument("--config", metavar="FILE", help="YAML with the compare settings (a MirrorSampler document's spec.compare)")
     capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     capture.set_defaults(func=cmd_capture)
-    for name, func in (("report", cmd_report), ("show", cmd_show)):
-        del name, func  # added by the report step
+
+    report = actions.add_parser("report", help="per rule and target: matches, differing fields with their noise, status pairs, latency")
+    report.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
+    report.add_argument("--config", metavar="FILE", help="the compare settings the observers run with (secondary, margin)")
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument("--html", metavar="FILE", help="also write a static HTML report (one file, no server)")
+    report.set_defaults(func=cmd_report)
+
+    show = actions.add_parser("show", help="one request's primary and shadows side by side, differing fields marked")
+    show.add_argument("request_id", metavar="REQUEST_ID", help="the request's x-request-id")
+    show.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_show)
+
+
+def _open_store(path: str, config: CompareConfig) -> CompareStore:
+    if not Path(path).is_file():
+        raise ConfigError([f"--db {path}: no such file (run `mirror-sampler compare capture --db {path}` first)"])
+    return CompareStore(path, config)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from .report import render_html, render_text, report_data
+    from .summary import summarize
+
+    config = load_config(args.config)
+    store = _open_store(args.db, config)
+    try:
+        summaries = summarize(store.comparisons(), config)
+    finally:
+        store.close()
+    data = report_data(summaries, datetime.now(UTC).isoformat(timespec="seconds"))
+    if args.html:
+        Path(args.html).write_text(render_html(data), encoding="utf-8")
+    sys.stdout.write(json.dumps(data, indent=2) + "\n" if args.json else render_text(summaries))
+    return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from .report import render_show, show_data
 
-
-def _dump(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False)
+    store = _open_store(args.db, CompareConfig())
+    try:
+        found = store.comparisons(args.request_id)
+    finally:
+        store.close()
+    sys.stdout.write(json.dumps(show_data(args.request_id, found), indent=2) + "\n" if args.json else render_show(args.request_id, found))
+    return 0 if found else 1

@@ -68,3 +68,22 @@ def including(rates: Rates, paths: Sequence[str]) -> Rates:
     for p in set(paths):
         differing[p] = differing.get(p, 0) + 1
     return Rates(rates.compared + 1, differing)
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One request's verdict for one target, as stored."""
+
+    rule: str
+    target: str
+    request_id: str
+    result: Result
+    method: str
+    path: str
+    primary_status: int | None
+    shadow_status: int | None
+    primary_ms: float | None
+    shadow_ms: float | None
+    # Differing fields: path, and both values when the configuration keeps them.
+    fields: tuple[dict[str, str], ...]
+    compared_at: float

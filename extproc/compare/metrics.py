@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from .config import CompareConfig
+from .judge import Comparison
 from .noise import Result
-from .store import Comparison
 
 # Differing field paths exported per rule and target; beyond this, "other":
 # a path made of user data (ids as keys) must not become a series each.
 MAX_FIELD_SERIES = 50
 OTHER_FIELD = "(other)"
+# Why a capture was not compared: the writer's queue was full, the store
+# failed, the stream had no proper tag, was not a ProcessingRequest, ended
+# before its response did, or waited past the bound of pending captures.
+DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "incomplete_stream", "pending_over_bound")
 
 
 class CompareMetrics:
@@ -39,6 +44,15 @@ class CompareMetrics:
         self.drops = Counter("mirror_sampler_compare_dropped", "Captures dropped, by reason", ["reason"], registry=r)
         self.max_field_series = max_field_series
         self._paths: dict[tuple[str, str], set[str]] = {}
+
+    def declare(self, config: CompareConfig) -> None:
+        """Every configured rule, target and result exported from the start, at 0."""
+        for rule_id, rule in config.rules.items():
+            for target in rule.targets:
+                for result in Result:
+                    self.results.labels(rule_id, target, result.value)
+        for reason in DROP_REASONS:
+            self.drops.labels(reason)
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.drops.labels(reason).inc(n)

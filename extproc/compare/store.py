@@ -17,12 +17,12 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig
-from .judge import Pairing, including, pair_up, settle
+from .judge import Comparison, Pairing, including, pair_up, settle
 from .noise import Rates, Result
 from .records import Capture, Side
 
@@ -54,25 +54,6 @@ CREATE TABLE IF NOT EXISTS dropped (reason TEXT PRIMARY KEY, count INTEGER NOT N
 COMPARED = (Result.SAME.value, Result.DIFFERS.value, Result.NOISE_ONLY.value)
 
 
-@dataclass(frozen=True, slots=True)
-class Comparison:
-    """One request's verdict for one target, as stored."""
-
-    rule: str
-    target: str
-    request_id: str
-    result: Result
-    method: str
-    path: str
-    primary_status: int | None
-    shadow_status: int | None
-    primary_ms: float | None
-    shadow_ms: float | None
-    # Differing fields: path, and both values when the configuration keeps them.
-    fields: tuple[dict[str, str], ...]
-    compared_at: float
-
-
 def encode_capture(capture: Capture) -> str:
     data = asdict(capture)
     data["body"] = base64.b64encode(capture.body).decode()
@@ -93,6 +74,8 @@ class CompareStore:
     def __init__(self, path: Path | str, config: CompareConfig, *, timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self.config = config
+        # Pending captures the last sweep dropped (over max_pending): for the metrics.
+        self.dropped_by_last_sweep = 0
         self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # WAL makes NORMAL durable against process crashes (not power loss): enough for observations.
@@ -136,6 +119,7 @@ class CompareStore:
         """Judge the groups that waited past the join timeout; enforce the bounds."""
         retention = self.config.retention
         out: list[Comparison] = []
+        self.dropped_by_last_sweep = 0
         with self._write() as db:
             stale = db.execute(
                 "SELECT DISTINCT rule, request_id FROM pending WHERE captured_at < ?", (now - retention.join_timeout_s,)
@@ -148,6 +132,7 @@ class CompareStore:
                 excess = pending - retention.max_pending
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
                 self._count_dropped("pending_over_bound", excess)
+                self.dropped_by_last_sweep = excess
             db.execute("DELETE FROM comparisons WHERE compared_at < ?", (now - retention.max_age_s,))
             db.execute(
                 "DELETE FROM comparisons WHERE id <= (SELECT MAX(id) FROM comparisons) - ?",

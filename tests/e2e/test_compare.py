@@ -11,6 +11,7 @@ timestamp and a random nonce (noise); the candidate changes ``version`` on
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -33,7 +34,7 @@ from extproc.server.store import load_policy
 from extproc.stack.children import Child
 from extproc.stack.envoy import EnvoyProcess
 from tests.support.harness import Client
-from tests.support.procs import Sampler, wait_until
+from tests.support.procs import Sampler, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -113,8 +114,10 @@ class Observer(Child):
 
     def __init__(self, db: Path, config: Path, name: str) -> None:
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--db", str(db), "--config", str(config)]
-        super().__init__(name, argv)
-        self.port = int(self.wait_event("compare_serving")["port"])
+        super().__init__(name, [*argv, "--metrics-listen", "127.0.0.1:0"])
+        ready = self.wait_event("compare_serving")
+        self.port = int(ready["port"])
+        self.metrics_port = int(ready["metrics_port"])
 
 
 @pytest.fixture
@@ -220,9 +223,38 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
         assert (c.primary_status, c.shadow_status) == (200, 500 if kind == "status" else 200)
         if kind == "slow":
             assert c.shadow_ms is not None and c.primary_ms is not None and c.shadow_ms >= SLOW_S * 1000 > c.primary_ms
-    # Both observers stored captures: the join crossed processes.
-    assert all(o.alive() for o in observers)
     store.close()
+
+    # The observers' counters, summed over both processes, say the same.
+    def counted(target: str, result: Result) -> float:
+        labels = {"rule": RULE, "target": target, "result": result.value}
+        return sum(scrape(o.metrics_port, "mirror_sampler_compared_total", labels) for o in observers)
+
+    n = Counter(expected.values())
+    wait_until(lambda: counted("secondary", Result.NOISE_ONLY) == len(expected), timeout=10)
+    assert counted("candidate", Result.DIFFERS) == n["field"] + n["status"]
+    assert counted("candidate", Result.NOISE_ONLY) == n["slow"]
+    assert counted("candidate", Result.SHADOW_MISSING) == 0
+    assert all(o.metrics_port and scrape(o.metrics_port, "mirror_sampler_compared_total") > 0 for o in observers), (
+        "both observers judged requests: the join crossed processes"
+    )
+
+    # The report: exact counts of real differences per field; the noise fields as noise.
+    cli = [sys.executable, "-m", "extproc", "compare"]
+    report_args = ["report", "--json", "--db", str(db), "--config", str(tmp_path / "compare.yaml")]
+    report = json.loads(subprocess.run([*cli, *report_args], check=True, capture_output=True, text=True).stdout)
+    candidate = next(t for t in report["targets"] if t["target"] == "candidate")
+    fields = {f["path"]: (f["count"], f["real"], f["noise_rate"]) for f in candidate["fields"]}
+    assert fields == {
+        "body.version": (n["field"], True, 0.0),
+        "status": (n["status"], True, 0.0),
+        "body.ts": (len(expected), False, 1.0),
+        "body.nonce": (len(expected), False, 1.0),
+    }
+    assert candidate["latency_ms"]["shadow"]["p99"] >= SLOW_S * 1000
+    some_status = next(rid for rid, kind in expected.items() if kind == "status")
+    shown = subprocess.run([*cli, "show", some_status, "--db", str(db)], check=True, capture_output=True, text=True).stdout
+    assert "* status" in shown and "500" in shown
 
 
 def observers_config(tmp_path: Path) -> Any:
