@@ -137,5 +137,6 @@ for (const t of data.targets) {
 
 def render_html(data: dict[str, Any]) -> str:
     """One file, no server, nothing fetched: the data is embedded, the page draws it."""
-    embedded = json.dumps(data, ensure_ascii=True).replace("</", "<\\/")
+    # "<" occurs only inside JSON strings: as \u003c no text can close the script element.
+    embedded = json.dumps(data, ensure_ascii=True).replace("<", "\\u003c")
     return _PAGE.replace("__GENERATED__", html.escape(str(data["generated_at"]))).replace("__DATA__", embedded)
