@@ -17,6 +17,12 @@ from typing import Final
 CAPTURE_METADATA: Final = "x-mirror-sampler-capture"
 # Response headers never stored, whatever the user lists.
 NEVER_STORED: Final = frozenset({"set-cookie", "authorization", "cookie", "proxy-authorization"})
+# Request headers whose values are credentials: wherever a response repeats
+# one (an echo, an error page), it is replaced before anything is stored.
+CREDENTIALS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+REDACTED: Final = b"(redacted)"
+# Shorter cookie values are left alone: replacing "1" everywhere would wreck the body.
+MIN_SECRET_LENGTH: Final = 6
 # The router adds it to every response that came from an upstream; a response
 # Envoy made itself (no healthy host, connect failure, timeout) lacks it.
 UPSTREAM_TIME_HEADER: Final = "x-envoy-upstream-service-time"
@@ -108,6 +114,7 @@ class CaptureAssembler:
     started: float | None = None
     answered: float | None = None
     upstream_ms: float | None = None
+    secrets: list[bytes] = field(default_factory=list)
     complete: Capture | None = None
 
     def request_headers(self, headers: list[tuple[str, str]], now: float) -> None:
@@ -119,6 +126,21 @@ class CaptureAssembler:
                 self.method = value
             elif name == ":path":
                 self.path = value
+            if name in CREDENTIALS or name in self.private_headers:
+                self._remember_secret(name, value)
+
+    def _remember_secret(self, name: str, value: str) -> None:
+        found = [value]
+        if name == "cookie":
+            found += [part.partition("=")[2].strip() for part in value.split(";")]
+        elif " " in value:  # "Bearer TOKEN": the token alone too
+            found.append(value.partition(" ")[2].strip())
+        self.secrets += [s.encode() for s in found if len(s) >= MIN_SECRET_LENGTH]
+
+    def _scrub(self, data: bytes) -> bytes:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            data = data.replace(secret, REDACTED)
+        return data
 
     def response_headers(self, headers: list[tuple[str, str]], end_of_stream: bool, now: float, wall: float) -> Capture | None:
         hidden = NEVER_STORED | self.private_headers
@@ -131,7 +153,7 @@ class CaptureAssembler:
                 self.local_reply = False
                 self.upstream_ms = float(value) if value.isdigit() else None
             elif not name.startswith(":") and name not in hidden:
-                kept.append((name, value))
+                kept.append((name, self._scrub(value.encode()).decode("utf-8", "replace")))
         self.headers = kept
         self.answered = now
         if end_of_stream:
@@ -161,7 +183,7 @@ class CaptureAssembler:
             path=self.path,
             status=self.status,
             headers=tuple(self.headers),
-            body=bytes(self.body),
+            body=self._scrub(bytes(self.body)),
             body_truncated=truncated,
             latency_ms=self.upstream_ms if self.upstream_ms is not None else (self.answered - self.started) * 1000.0,
             local_reply=self.local_reply,

@@ -12,7 +12,6 @@ sides) and keeps pending captures and comparisons within their bounds.
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -29,7 +28,7 @@ from .records import Capture, Side
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
     rule TEXT NOT NULL, request_id TEXT NOT NULL, side TEXT NOT NULL, target TEXT NOT NULL,
-    record TEXT NOT NULL, captured_at REAL NOT NULL,
+    record TEXT NOT NULL, body BLOB NOT NULL, captured_at REAL NOT NULL,
     PRIMARY KEY (rule, request_id, side, target)
 );
 CREATE INDEX IF NOT EXISTS pending_age ON pending (captured_at);
@@ -55,15 +54,16 @@ COMPARED = (Result.SAME.value, Result.DIFFERS.value, Result.NOISE_ONLY.value)
 
 
 def encode_capture(capture: Capture) -> str:
+    """Everything but the body (stored as it is, in its own column)."""
     data = asdict(capture)
-    data["body"] = base64.b64encode(capture.body).decode()
+    del data["body"]
     data["side"] = capture.side.value
     return json.dumps(data, separators=(",", ":"))
 
 
-def decode_capture(text: str) -> Capture:
+def decode_capture(text: str, body: bytes) -> Capture:
     data = json.loads(text)
-    data["body"] = base64.b64decode(data["body"])
+    data["body"] = body
     data["side"] = Side(data["side"])
     data["targets"] = tuple(data["targets"])
     data["headers"] = tuple((n, v) for n, v in data["headers"])
@@ -81,6 +81,8 @@ class CompareStore:
         # WAL makes NORMAL durable against process crashes (not power loss): enough for observations.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows (joined captures with their bodies) are overwritten, not left in free pages.
+        self.db.execute("PRAGMA secure_delete=ON")
         with self._write():
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -107,8 +109,16 @@ class CompareStore:
         with self._write() as db:
             for capture in captures:
                 db.execute(
-                    "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?)",
-                    (capture.rule, capture.request_id, capture.side.value, capture.target, encode_capture(capture), capture.captured_at),
+                    "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        capture.rule,
+                        capture.request_id,
+                        capture.side.value,
+                        capture.target,
+                        encode_capture(capture),
+                        capture.body,
+                        capture.captured_at,
+                    ),  # fmt: skip
                 )
                 primary, shadows = self._group(capture.rule, capture.request_id)
                 if primary is not None and all(t in shadows for t in primary.targets):
@@ -146,13 +156,13 @@ class CompareStore:
     def _group(self, rule: str, request_id: str) -> tuple[Capture | None, dict[str, Capture]]:
         primary = None
         shadows = {}
-        for side, target, record in self.db.execute(
-            "SELECT side, target, record FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
+        for side, target, record, body in self.db.execute(
+            "SELECT side, target, record, body FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
         ):
             if side == Side.PRIMARY.value:
-                primary = decode_capture(record)
+                primary = decode_capture(record, body)
             else:
-                shadows[target] = decode_capture(record)
+                shadows[target] = decode_capture(record, body)
         return primary, shadows
 
     def _judge(self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float) -> list[Comparison]:

@@ -34,7 +34,7 @@ from extproc.server.store import load_policy
 from extproc.stack.children import Child
 from extproc.stack.envoy import EnvoyProcess
 from tests.support.harness import Client
-from tests.support.procs import Sampler, scrape, wait_until
+from tests.support.procs import Sampler, busy_port, scrape, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -67,6 +67,10 @@ compare:
 KINDS = ("field", "status", "slow")
 KEYS = [f"user-{i}" for i in range(30)]
 SLOW_S = 0.2
+TOKEN_SECRET = "tok-4f1d2c9e7a"
+COOKIE_SECRET = "ck-93b7e1a0d5"
+SET_COOKIE_SECRET = "sc-5a8e2b7c1f"
+CREDENTIALS = {"authorization": f"Bearer {TOKEN_SECRET}", "cookie": f"session={COOKIE_SECRET}; lang=en"}
 
 
 class VersionedHandler(BaseHTTPRequestHandler):
@@ -87,9 +91,12 @@ class VersionedHandler(BaseHTTPRequestHandler):
             "items": [{"id": 1, "price": 9.5}, {"id": 2, "price": 3.25}],
             "ts": time.time(),
             "nonce": uuid.uuid4().hex,
+            # A careless backend: it repeats the credentials it was sent.
+            "echo": {"authorization": self.headers.get("Authorization", ""), "cookie": self.headers.get("Cookie", "")},
         }
         payload = json.dumps(doc).encode()
         self.send_response(500 if v2 and kind == "status" else 200)
+        self.send_header("Set-Cookie", f"session={SET_COOKIE_SECRET}")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -148,9 +155,8 @@ def mirrored(request_id: str) -> bool:
     return decide(b"", request_id.encode(), Fraction(50, 100))
 
 
-def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_path: Path, started: list[Any]) -> None:
-    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
-    started.extend(backends.values())
+def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, int]) -> tuple[EnvoyProcess, list[Observer], Path]:
+    """Sampler, two observers on one SQLite file, and Envoy with the capture points."""
     (tmp_path / "routes.yaml").write_text(ROUTES)
     (tmp_path / "compare.yaml").write_text(COMPARE)
     db = tmp_path / "compare.db"
@@ -160,13 +166,12 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
     started.extend(observers)
     sampler = Sampler({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")})
     started.append(sampler)
-
     policy = load_policy(Settings.load({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")}))
     topology = Topology(
         listener=Address("127.0.0.1", 0),
         admin=Address("127.0.0.1", 0),
         samplers=(Address("127.0.0.1", sampler.port),),
-        backends={name: Address("127.0.0.1", server.port) for name, server in backends.items()},
+        backends={name: Address("127.0.0.1", port) for name, port in backend_ports.items()},
     )
     rendered = as_data(bootstrap_config(policy, topology))
     config = add_capture(
@@ -175,13 +180,20 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
     (tmp_path / "envoy.yaml").write_text(to_yaml(config))
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
     started.append(envoy)
+    return envoy, observers, db
+
+
+def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_path: Path, started: list[Any]) -> None:
+    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
+    started.extend(backends.values())
+    envoy, observers, db = start_gateway(tmp_path, started, {name: server.port for name, server in backends.items()})
 
     client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
     sent: dict[str, str] = {}
     for key in KEYS:
         for kind in KINDS:  # interleaved: each kind is a third of the compared pairs from the start
             request_id = f"{key}-{kind}"
-            status, _ = client.request(f"/api/{kind}/{key}", "shop.example", {"x-request-id": request_id})
+            status, _ = client.request(f"/api/{kind}/{key}", "shop.example", {"x-request-id": request_id, **CREDENTIALS})
             assert status == 200
             sent[request_id] = kind
     for key in KEYS[:10]:
@@ -255,6 +267,36 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
     some_status = next(rid for rid, kind in expected.items() if kind == "status")
     shown = subprocess.run([*cli, "show", some_status, "--db", str(db)], check=True, capture_output=True, text=True).stdout
     assert "* status" in shown and "500" in shown
+
+    # Credentials sent, echoed and set by the backends leave no trace in the
+    # database files, the report or the observers' logs.
+    files = b"".join(p.read_bytes() for p in tmp_path.glob("compare.db*"))
+    texts = [shown, json.dumps(report), *(o.output() for o in observers)]
+    for secret in (TOKEN_SECRET, COOKIE_SECRET, SET_COOKIE_SECRET):
+        assert secret.encode() not in files
+        assert not any(secret in text for text in texts)
+    assert b'"authorization": "(redacted)"' in files, "the scrubbed bodies went through the store as they are"
+
+
+def test_a_shadow_envoy_cannot_reach_is_a_shadow_error_not_a_difference(tmp_path: Path, started: list[Any]) -> None:
+    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1)}
+    started.extend(backends.values())
+    with busy_port() as closed:  # listening, never accepting: then closed before Envoy starts
+        pass
+    envoy, observers, db = start_gateway(tmp_path, started, {**{n: s.port for n, s in backends.items()}, "candidate": closed})
+    client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
+    ids = [f"{key}-field" for key in KEYS]
+    for rid in ids:
+        status, _ = client.request(f"/api/field/{rid}", "shop.example", {"x-request-id": rid})
+        assert status == 200, "the primary never notices"
+    client.close()
+    expected = [rid for rid in ids if mirrored(rid)]
+    store = CompareStore(db, observers_config(tmp_path))
+    wait_until(lambda: len(store.comparisons()) >= 2 * len(expected), timeout=30)
+    results = Counter((c.target, c.result) for c in store.comparisons())
+    assert results == {("candidate", Result.SHADOW_ERROR): len(expected), ("secondary", Result.NOISE_ONLY): len(expected)}
+    assert envoy.stats()["cluster.candidate.upstream_cx_connect_fail"] >= 1
+    store.close()
 
 
 def observers_config(tmp_path: Path) -> Any:
