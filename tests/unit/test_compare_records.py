@@ -89,7 +89,10 @@ def test_credentials_the_response_repeats_are_replaced_before_anything_is_kept()
     a = CaptureAssembler(PRIMARY, body_limit=1000, private_headers=frozenset({"x-api-key"}))
     a.request_headers([*REQUEST, ("x-api-key", "key-123456"), ("cookie", "session=abcdef123; theme=1")], now=0.0)
     a.response_headers([(":status", "200"), ("x-echo", "Bearer s3cret")], end_of_stream=False, now=0.0, wall=0.0)
-    body = b'{"auth": "Bearer s3cret", "token": "s3cret", "cookie": "session=abcdef123; theme=1", "sid": "abcdef123", "k": "key-123456", "n": 1}'
+    body = (
+        b'{"auth": "Bearer s3cret", "token": "s3cret", "cookie": "session=abcdef123; theme=1",'
+        b' "sid": "abcdef123", "k": "key-123456", "n": 1}'
+    )
     done = a.response_body(body, end_of_stream=True, wall=0.0)
     assert done is not None
     for secret in (b"s3cret", b"abcdef123", b"key-123456"):
