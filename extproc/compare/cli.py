@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,21 +20,37 @@ from .store import CompareStore
 
 DEFAULT_DB = "mirror-sampler-compare.db"
 DEFAULT_LISTEN = "127.0.0.1:50061"
+ROUTES_HELP = (
+    "the HTTPRoutes (default $MIRROR_CONFIG): rule ids and targets are checked against them, targets default to the rule's mirrors"
+)
 
 
-def load_config(path: str | None) -> CompareConfig:
-    """A file with a MirrorSampler document whose spec has ``compare``, or a bare ``compare:`` mapping."""
+def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
+    """Each rule id's mirror targets, from the HTTPRoutes the sampler reads (None: not given)."""
+    if not routes:
+        return None
+    from ..config.settings import Settings
+    from ..server.store import load_policy
+
+    policy = load_policy(Settings.load({"MIRROR_CONFIG": routes}))
+    return {rule.id: tuple(m.backend for m in rule.mirrors) for rule in policy.rules if rule.mirrors}
+
+
+def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
+    """A file with a MirrorSampler document whose spec has ``compare``, or a
+    bare ``compare:`` mapping; checked against the routes when they are given."""
     if not path:
         return CompareConfig()
+    mirrors = rule_mirrors(routes)
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == "MirrorSampler":
-            return parse_compare((doc.get("spec") or {}).get("compare"), path)
+            return parse_compare((doc.get("spec") or {}).get("compare"), path, mirrors)
         if isinstance(doc, dict) and "compare" in doc:
-            return parse_compare(doc["compare"], path)
+            return parse_compare(doc["compare"], path, mirrors)
     raise ConfigError([f"--config {path}: no MirrorSampler document with spec.compare, and no compare: mapping"])
 
 
@@ -44,7 +61,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from .capture import serve
     from .metrics import CompareMetrics
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.routes)
     try:
         host, port = split_address(args.listen)
         metrics_address = split_address(args.metrics_listen) if args.metrics_listen else None
@@ -79,12 +96,14 @@ def register(sub: Any) -> None:
         "--db", default=DEFAULT_DB, metavar="FILE", help=f"SQLite file, shared by every observer process (default {DEFAULT_DB})"
     )
     capture.add_argument("--config", metavar="FILE", help="YAML with the compare settings (a MirrorSampler document's spec.compare)")
+    capture.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
     capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     capture.set_defaults(func=cmd_capture)
 
     report = actions.add_parser("report", help="per rule and target: matches, differing fields with their noise, status pairs, latency")
     report.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
     report.add_argument("--config", metavar="FILE", help="the compare settings the observers run with (secondary, margin)")
+    report.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
     report.add_argument("--json", action="store_true", help="print JSON")
     report.add_argument("--html", metavar="FILE", help="also write a static HTML report (one file, no server)")
     report.set_defaults(func=cmd_report)
@@ -106,7 +125,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_html, render_text, report_data
     from .summary import summarize
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.routes)
     store = _open_store(args.db, config)
     try:
         summaries = summarize(store.comparisons(), config)

@@ -53,6 +53,10 @@ class CompareConfig:
     def rule(self, rule_id: str) -> RuleCompare:
         return self.rules.get(rule_id) or RuleCompare(targets=())
 
+    def compared(self) -> dict[str, tuple[str, ...]]:
+        """Each compared rule's compared targets: what ``envoy.add_capture`` needs."""
+        return {rule_id: rule.targets for rule_id, rule in self.rules.items()}
+
 
 # ---------------------------------------------------------------------------
 # Parsing: the ``compare`` mapping (in a MirrorSampler document's spec, or a file of its own)

@@ -1,0 +1,69 @@
+"""`mirror-sampler compare` as a user runs it: bad settings refused at start-up
+with the field named, report and show on a store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from extproc.compare.config import CompareConfig, RuleCompare
+from extproc.compare.records import Capture, Side
+from extproc.compare.store import CompareStore
+from tests.support.paths import REPO
+
+ROUTES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  rules:
+  - backendRefs: [{name: v1, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 8080}, percent: 10}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v1-again, port: 8080}, percent: 10}}
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extproc", "compare", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_settings_are_checked_against_the_routes_with_a_did_you_mean(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text(
+        "apiVersion: mirror-sampler.io/v1alpha1\nkind: MirrorSampler\nmetadata: {name: x}\n"
+        "spec:\n  compare:\n    rules:\n    - {rule: shop/web/0, secondary: v1-agian}\n"
+    )
+    done = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml"),
+               "--routes", str(tmp_path / "routes.yaml"))  # fmt: skip
+    assert done.returncode == 2
+    assert "compare.rules[0].secondary: 'v1-agian' is not one of the compared targets; did you mean v1-again?" in done.stderr
+    assert not (tmp_path / "c.db").exists(), "refused before anything was created"
+
+
+def test_report_and_show_read_the_store(tmp_path: Path) -> None:
+    config = CompareConfig(rules={"shop/web/0": RuleCompare(targets=("v2", "v1-again"), secondary="v1-again")})
+    store = CompareStore(tmp_path / "c.db", config)
+
+    def capture(side: Side, target: str, body: bytes) -> Capture:
+        targets = ("v2", "v1-again") if side is Side.PRIMARY else (target,)
+        return Capture("rid-1", "shop/web/0", side, targets, "GET", "/p", 200, (), body, False, 3.0, False, 0.0)
+
+    store.add([capture(Side.PRIMARY, "", b'{"v":1}'), capture(Side.SHADOW, "v1-again", b'{"v":1}'), capture(Side.SHADOW, "v2", b'{"v":2}')])
+    store.close()
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
+    files = ["--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
+    done = run("report", *files, "--json", "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 0, done.stderr
+    targets = {t["target"]: t for t in json.loads(done.stdout)["targets"]}
+    assert targets["v2"]["results"] == {"differs": 1} and targets["v2"]["fields"][0]["path"] == "body.v"
+    assert targets["v1-again"]["results"] == {"same": 1}
+    assert "<script" in (tmp_path / "r.html").read_text()
+    shown = run("show", "rid-1", "--db", str(tmp_path / "c.db"))
+    assert shown.returncode == 0 and "* body.v" in shown.stdout
+    assert run("show", "nope", "--db", str(tmp_path / "c.db")).returncode == 1
+    missing = run("report", "--db", str(tmp_path / "absent.db"))
+    assert missing.returncode == 2 and "absent.db: no such file" in missing.stderr
