@@ -67,6 +67,7 @@ compare:
 KINDS = ("field", "status", "slow")
 KEYS = [f"user-{i}" for i in range(30)]
 SLOW_S = 0.2
+BIG_BODY = 100 << 20
 TOKEN_SECRET = "tok-4f1d2c9e7a"
 COOKIE_SECRET = "ck-93b7e1a0d5"
 SET_COOKIE_SECRET = "sc-5a8e2b7c1f"
@@ -83,6 +84,9 @@ class VersionedHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         v2 = self.server.version == 2
         kind = self.path.split("/")[2] if self.path.count("/") >= 2 else ""
+        if kind == "big":
+            self._big()
+            return
         if v2 and kind == "slow":
             time.sleep(SLOW_S)
         doc = {
@@ -101,6 +105,19 @@ class VersionedHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+    def _big(self) -> None:
+        """BIG_BODY bytes of JSON, written a piece at a time."""
+        piece = b'"' + b"x" * (1 << 20) + b'",'
+        count = BIG_BODY // len(piece)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(1 + count * len(piece) + 3))
+        self.end_headers()
+        self.wfile.write(b"[")
+        for _ in range(count):
+            self.wfile.write(piece)
+        self.wfile.write(b"0]\n")
 
 
 class VersionedServer(ThreadingHTTPServer):
@@ -303,3 +320,41 @@ def observers_config(tmp_path: Path) -> Any:
     from extproc.compare.cli import load_config
 
     return load_config(str(tmp_path / "compare.yaml"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_100_mib_body_is_captured_up_to_the_bound_and_envoy_stops_sending_it(tmp_path: Path, started: list[Any]) -> None:
+    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
+    started.extend(backends.values())
+    envoy, observers, db = start_gateway(tmp_path, started, {name: server.port for name, server in backends.items()})
+    before = [rss_kib(o.pid) for o in observers]
+    rid = next(f"big-{i}" for i in range(100) if mirrored(f"big-{i}"))
+    client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
+    client.conn.request("GET", f"/api/big/{rid}", headers={"Host": "shop.example", "x-request-id": rid})
+    response = client.conn.getresponse()
+    received = 0
+    while chunk := response.read(1 << 20):
+        received += len(chunk)
+    client.close()
+    assert response.status == 200 and received >= BIG_BODY - (2 << 20), "the client gets the whole body"
+    store = CompareStore(db, observers_config(tmp_path))
+    wait_until(lambda: len(store.comparisons()) == 2, timeout=60)
+    found = {c.target: c for c in store.comparisons()}
+    # Cut at the bound on every side: compared by the digest of the first 64 KiB, which are equal.
+    assert found["candidate"].result is Result.SAME and found["secondary"].result is Result.SAME
+    store.close()
+    stats = envoy.stats()
+    # The observer ended each stream at the bound: Envoy sent a handful of
+    # messages per stream (3 when measured), not one per piece of 100 MiB,
+    # and the primary's request did not fail for it.
+    assert stats["http.ingress_http.ext_proc.compare.stream_msgs_sent"] <= 10
+    assert stats["http.compare_shadow.ext_proc.compare.stream_msgs_sent"] <= 20
+    assert stats["http.ingress_http.ext_proc.compare.streams_failed"] == 0
+    grown = [rss_kib(o.pid) - b for o, b in zip(observers, before, strict=True)]
+    assert max(grown) < 32 * 1024, f"observer memory grew by {grown} KiB"
