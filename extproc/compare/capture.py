@@ -50,9 +50,10 @@ class Writer:
     store_factory: Callable[[], CompareStore]
     metrics: CompareMetrics
     clock: Callable[[], float] = time.time
+    bound: int = QUEUE_BOUND
 
     def __post_init__(self) -> None:
-        self.queue: queue.Queue[Capture | None] = queue.Queue(maxsize=QUEUE_BOUND)
+        self.queue: queue.Queue[Capture | None] = queue.Queue(maxsize=self.bound)
         self.thread = threading.Thread(target=self._run, name="compare-writer", daemon=True)
 
     def start(self) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 from extproc.compare.config import CompareConfig, Retention, RuleCompare
+from extproc.compare.judge import Comparison
 from extproc.compare.noise import Result
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
@@ -110,3 +112,40 @@ def test_bodies_and_values_are_kept_only_when_enabled(tmp_path: Path) -> None:
     found = {c.target: c for c in loud.add(sides("req-0"))}
     assert found["candidate"].fields == ({"path": "body.v", "primary": "1", "shadow": "2"},)
     assert secondary.result is Result.SAME
+
+
+def test_ten_thousand_requests_that_never_join_are_dropped_to_the_bound_and_counted(tmp_path: Path) -> None:
+    retention = Retention(max_pending=1000, join_timeout_s=1e6)
+    store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
+    store.add([capture(f"lonely-{i}", Side.PRIMARY, at=float(i)) for i in range(10_000)])
+    store.sweep(now=10_000.0)
+    assert store.pending_count() == 1000
+    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_sweep == 9000
+    # The oldest went: a late shadow of a kept request still joins.
+    late = store.add([capture("lonely-9999", Side.SHADOW, t) for t in TARGETS])
+    assert {c.result for c in late} == {Result.SAME}
+
+
+def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    import threading
+
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    release = threading.Event()
+
+    class SlowStore(CompareStore):
+        def add(self, captures: Sequence[Capture]) -> list[Comparison]:
+            release.wait(30)
+            return super().add(captures)
+
+    metrics = CompareMetrics()
+    writer = Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, bound=10)
+    writer.start()
+    for i in range(50):
+        writer.offer(capture(f"r{i}", Side.PRIMARY))  # never blocks
+    dropped = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
+    assert dropped is not None and 50 - 10 - 1 <= dropped <= 50 - 10, "the bound, plus the one batch the writer holds"
+    release.set()
+    writer.stop()
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped
