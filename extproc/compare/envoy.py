@@ -213,7 +213,8 @@ def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]])
             policy["cluster"] = CAPTURE_SHADOW_CLUSTER
             policy.setdefault("requestHeadersMutations", []).append(_target_header(target))
             observed.append(target)
-    per_route[CAPTURE_FILTER] = as_data(AnyMessage.pack(observe_primary(rule_id, observed)))
+    if observed:  # a variant mirroring only targets not compared observes nothing
+        per_route[CAPTURE_FILTER] = as_data(AnyMessage.pack(observe_primary(rule_id, observed)))
 
 
 def add_capture(
