@@ -108,11 +108,62 @@ def register(sub: Any) -> None:
     report.add_argument("--html", metavar="FILE", help="also write a static HTML report (one file, no server)")
     report.set_defaults(func=cmd_report)
 
+    envoy = actions.add_parser(
+        "envoy-config",
+        help="add the capture points to a configuration `mirror-sampler envoy-config` wrote",
+        description="Reads the full configuration `envoy-config` rendered (not --snippet) and writes it with the capture filter, "
+        "the per-route capture settings of the compared rules, the internal capture listener and the observer clusters.",
+    )
+    envoy.add_argument("envoy_config", metavar="ENVOY_YAML", help="the output of `mirror-sampler envoy-config`")
+    envoy.add_argument("--config", required=True, metavar="FILE", help="the compare settings: which rules and targets")
+    envoy.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
+    envoy.add_argument(
+        "--observer", action="append", metavar="HOST:PORT", help=f"an observer's address (repeatable; default {DEFAULT_LISTEN})"
+    )
+    envoy.add_argument("--output", "-o", help="write here instead of standard output")
+    envoy.set_defaults(func=cmd_envoy_config)
+
     show = actions.add_parser("show", help="one request's primary and shadows side by side, differing fields marked")
     show.add_argument("request_id", metavar="REQUEST_ID", help="the request's x-request-id")
     show.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=cmd_show)
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from ..envoy.render import Address, to_yaml
+    from .envoy import add_capture
+
+    config = load_config(args.config, args.routes)
+    if not config.rules:
+        raise ConfigError([f"--config {args.config}: no rule to compare"])
+    try:
+        observers = [Address(*split_address(o)) for o in args.observer or [DEFAULT_LISTEN]]
+        rendered = yaml.safe_load(Path(args.envoy_config).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError([f"--observer: {e}"]) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"{args.envoy_config}: cannot read: {e}"]) from None
+    if not isinstance(rendered, dict) or "staticResources" not in rendered:
+        raise ConfigError([f"{args.envoy_config}: not the output of `mirror-sampler envoy-config` (no staticResources)"])
+    marker = _marker_header(args.routes)
+    text = to_yaml(add_capture(rendered, config.compared(), marker, observers))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _marker_header(routes: str | None) -> str:
+    """The header every mirrored copy carries with its rule id (a sampler setting)."""
+    from ..config.settings import Settings
+    from ..server.store import load_policy
+
+    environ = dict(os.environ)
+    if routes:
+        environ["MIRROR_CONFIG"] = routes
+    return load_policy(Settings.load(environ)).marker_header
 
 
 def _open_store(path: str, config: CompareConfig) -> CompareStore:

@@ -67,3 +67,26 @@ def test_report_and_show_read_the_store(tmp_path: Path) -> None:
     assert run("show", "nope", "--db", str(tmp_path / "c.db")).returncode == 1
     missing = run("report", "--db", str(tmp_path / "absent.db"))
     assert missing.returncode == 2 and "absent.db: no such file" in missing.stderr
+
+
+def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Path) -> None:
+    from extproc.stack.envoy import validate
+
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
+    rendered = subprocess.run(
+        [sys.executable, "-m", "extproc", "envoy-config", "--config", str(tmp_path / "routes.yaml"), "-o", str(tmp_path / "envoy.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    settings = ["--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
+    done = run("envoy-config", str(tmp_path / "envoy.yaml"), *settings, "--observer", "127.0.0.1:50061", "-o", str(tmp_path / "out.yaml"))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out.yaml").read_text()
+    assert "mirror-sampler.compare-capture" in text and "internalListener" in text
+    verdict = validate(tmp_path / "out.yaml")
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text("http_filters: []\n")
+    refused = run("envoy-config", str(snippet), *settings)
+    assert refused.returncode == 2 and "not the output of `mirror-sampler envoy-config`" in refused.stderr
