@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from ..wire import SERVICE_NAME, ProcessingRequest
+from ..wire import SERVICE_NAME, HttpHeaders, ProcessingRequest
 from .config import CompareConfig
 from .judge import Comparison
 from .metrics import CompareMetrics
@@ -39,8 +40,8 @@ def _tag(context: grpc.aio.ServicerContext[bytes, bytes]) -> str | None:
     return None
 
 
-def _headers(message: object) -> list[tuple[str, str]]:
-    return [(h.key, h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in message.headers.headers]  # type: ignore[attr-defined]
+def _headers(message: HttpHeaders) -> list[tuple[str, str]]:
+    return [(h.key, h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in message.headers.headers]
 
 
 @dataclass
@@ -121,7 +122,8 @@ class CaptureService:
         self.writer = writer
         self.metrics = metrics
 
-    async def process(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+    async def process(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+        """Reads one stream; answers nothing (observability mode: Envoy would ignore it)."""
         try:
             tag = CaptureTag.decode(_tag(context))
         except TagError as e:
@@ -150,9 +152,6 @@ class CaptureService:
                 return  # ends the stream: Envoy sends no more
         if assembler.complete is None:
             self.metrics.dropped("incomplete_stream")
-        # Observability mode: Envoy ignores answers, so none is ever sent.
-        if False:  # pragma: no cover - makes this an async generator
-            yield b""
 
 
 async def serve(
@@ -171,8 +170,6 @@ async def serve(
     ready(bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    import signal
-
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

@@ -293,6 +293,8 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
         assert secret.encode() not in files
         assert not any(secret in text for text in texts)
     assert b'"authorization": "(redacted)"' in files, "the scrubbed bodies went through the store as they are"
+    for o in observers:
+        assert "Traceback" not in o.output() and '"level": "error"' not in o.output(), o.output()[-2000:]
 
 
 def test_a_shadow_envoy_cannot_reach_is_a_shadow_error_not_a_difference(tmp_path: Path, started: list[Any]) -> None:
