@@ -158,8 +158,6 @@ async def serve(
     host: str, port: int, config: CompareConfig, store_path: str, metrics: CompareMetrics, ready: Callable[[int], None]
 ) -> None:
     writer = Writer(lambda: CompareStore(store_path, config), metrics)
-    # Open (and create) the schema before serving: a bad path fails at start-up.
-    CompareStore(store_path, config).close()
     writer.start()
     service = CaptureService(config, writer, metrics)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])

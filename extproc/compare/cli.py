@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from ..config.addresses import split_address
 from ..config.errors import ConfigError
 from .config import CompareConfig, parse_compare
+from .judge import Comparison
 from .store import CompareStore
 
 DEFAULT_DB = "mirror-sampler-compare.db"
@@ -62,6 +64,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from .metrics import CompareMetrics
 
     config = load_config(args.config, args.routes)
+    # The schema is created here: a path SQLite cannot use fails at start-up.
+    _open_store(args.db, config, create=True).close()
     try:
         host, port = split_address(args.listen)
         metrics_address = split_address(args.metrics_listen) if args.metrics_listen else None
@@ -101,7 +105,12 @@ def register(sub: Any) -> None:
     capture.set_defaults(func=cmd_capture)
 
     report = actions.add_parser("report", help="per rule and target: matches, differing fields with their noise, status pairs, latency")
-    report.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
+    report.add_argument(
+        "--db",
+        action="append",
+        metavar="FILE",
+        help=f"the observers' SQLite file (default {DEFAULT_DB}); repeat for several machines",
+    )
     report.add_argument("--config", metavar="FILE", help="the compare settings the observers run with (secondary, margin)")
     report.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
     report.add_argument("--json", action="store_true", help="print JSON")
@@ -125,7 +134,7 @@ def register(sub: Any) -> None:
 
     show = actions.add_parser("show", help="one request's primary and shadows side by side, differing fields marked")
     show.add_argument("request_id", metavar="REQUEST_ID", help="the request's x-request-id")
-    show.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB})")
+    show.add_argument("--db", action="append", metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB}); repeatable")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(func=cmd_show)
 
@@ -166,10 +175,26 @@ def _marker_header(routes: str | None) -> str:
     return load_policy(Settings.load(environ)).marker_header
 
 
-def _open_store(path: str, config: CompareConfig) -> CompareStore:
-    if not Path(path).is_file():
+def _open_store(path: str, config: CompareConfig, *, create: bool = False) -> CompareStore:
+    """The store, or a clear error naming --db (at start-up, never a traceback)."""
+    if not create and not Path(path).is_file():
         raise ConfigError([f"--db {path}: no such file (run `mirror-sampler compare capture --db {path}` first)"])
-    return CompareStore(path, config)
+    try:
+        return CompareStore(path, config)
+    except sqlite3.Error as e:
+        raise ConfigError([f"--db {path}: cannot open as SQLite: {e}"]) from None
+
+
+def _comparisons(paths: list[str], config: CompareConfig, request_id: str | None = None) -> list[Comparison]:
+    """From one file per machine, or several: their rows are independent."""
+    out: list[Comparison] = []
+    for path in paths:
+        store = _open_store(path, config)
+        try:
+            out += store.comparisons(request_id)
+        finally:
+            store.close()
+    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -177,11 +202,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     config = load_config(args.config, args.routes)
-    store = _open_store(args.db, config)
-    try:
-        summaries = summarize(store.comparisons(), config)
-    finally:
-        store.close()
+    summaries = summarize(_comparisons(args.db or [DEFAULT_DB], config), config)
     data = report_data(summaries, datetime.now(UTC).isoformat(timespec="seconds"))
     if args.html:
         Path(args.html).write_text(render_html(data), encoding="utf-8")
@@ -192,10 +213,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from .report import render_show, show_data
 
-    store = _open_store(args.db, CompareConfig())
-    try:
-        found = store.comparisons(args.request_id)
-    finally:
-        store.close()
+    found = _comparisons(args.db or [DEFAULT_DB], CompareConfig(), args.request_id)
     sys.stdout.write(json.dumps(show_data(args.request_id, found), indent=2) + "\n" if args.json else render_show(args.request_id, found))
     return 0 if found else 1

@@ -90,3 +90,29 @@ def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Pa
     snippet.write_text("http_filters: []\n")
     refused = run("envoy-config", str(snippet), *settings)
     assert refused.returncode == 2 and "not the output of `mirror-sampler envoy-config`" in refused.stderr
+
+
+def test_a_database_path_sqlite_cannot_use_is_refused_at_start_up(tmp_path: Path) -> None:
+    done = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no-such-dir" / "c.db"))
+    assert done.returncode == 2 and "--db" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "not-sqlite.db").write_text("hello, not a database " * 100)
+    done = run("report", "--db", str(tmp_path / "not-sqlite.db"))
+    assert done.returncode == 2 and "cannot open as SQLite" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_report_reads_several_machines_files(tmp_path: Path) -> None:
+    config = CompareConfig(rules={"shop/web/0": RuleCompare(targets=("v2",))})
+    for machine in ("a", "b"):
+        store = CompareStore(tmp_path / f"{machine}.db", config)
+        targets = ("v2",)
+        store.add(
+            [
+                Capture(f"{machine}-1", "shop/web/0", Side.PRIMARY, targets, "GET", "/", 200, (), b"1", False, 1.0, False, 0.0),
+                Capture(f"{machine}-1", "shop/web/0", Side.SHADOW, targets, "GET", "/", 200, (), b"2", False, 1.0, False, 0.0),
+            ]
+        )
+        store.close()
+    done = run("report", "--db", str(tmp_path / "a.db"), "--db", str(tmp_path / "b.db"), "--json")
+    assert done.returncode == 0, done.stderr
+    [target] = json.loads(done.stdout)["targets"]
+    assert target["results"] == {"differs": 2} and target["fields"][0]["examples"] == ["a-1", "b-1"]
