@@ -17,10 +17,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
+import watchfiles
 
+from ..config.errors import ConfigError
+from ..server.store import touches
 from ..wire import SERVICE_NAME, HttpHeaders, ProcessingRequest
 from .config import CompareConfig
 from .judge import Comparison
@@ -52,6 +56,8 @@ class Writer:
     metrics: CompareMetrics
     clock: Callable[[], float] = time.time
     bound: int = QUEUE_BOUND
+    # Replaced by a live edit; the writer's store judges with it from its next batch.
+    config: CompareConfig | None = None
 
     def __post_init__(self) -> None:
         self.queue: queue.Queue[Capture | None] = queue.Queue(maxsize=self.bound)
@@ -76,6 +82,8 @@ class Writer:
         try:
             while True:
                 batch, stopping = self._take()
+                if self.config is not None:
+                    store.config = self.config
                 self._store(store, batch)
                 if stopping:
                     return
@@ -154,12 +162,56 @@ class CaptureService:
             self.metrics.dropped("incomplete_stream")
 
 
-async def serve(
-    host: str, port: int, config: CompareConfig, store_path: str, metrics: CompareMetrics, ready: Callable[[int], None]
-) -> None:
+@dataclass
+class Settings:
+    """What ``serve`` needs; ``reload`` re-reads the settings file (ConfigError
+    when it is wrong), ``watched`` is that file (None: nothing to watch)."""
+
+    host: str
+    port: int
+    config: CompareConfig
+    store_path: str
+    reload: Callable[[], CompareConfig] | None = None
+    watched: Path | None = None
+
+
+async def watch(settings: Settings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:
+    """A valid edit of the settings file applies to what is captured and
+    judged next; an invalid one is logged and counted, the settings in force
+    stay. (Which rules and targets Envoy captures is Envoy's configuration.)"""
+    if settings.watched is None or settings.reload is None:
+        return
+    reload = settings.reload
+    watched = settings.watched.absolute()
+    last = watched.read_bytes() if watched.exists() else b""
+    async for changes in watchfiles.awatch(watched.parent, stop_event=stop, debounce=200, step=50, recursive=False):
+        if not touches(changes, watched):
+            continue
+        text = watched.read_bytes() if watched.exists() else b""
+        if text == last:
+            continue
+        last = text
+        try:
+            config = await asyncio.to_thread(reload)
+        except ConfigError as e:
+            metrics.reload("invalid")
+            log.warning("compare_reload_refused", problems=e.problems)
+            continue
+        apply(config)
+        metrics.reload("ok")
+        log.info("compare_reloaded", rules=sorted(config.rules))
+
+
+async def serve(settings: Settings, metrics: CompareMetrics, ready: Callable[[int], None]) -> None:
+    host, port, config, store_path = settings.host, settings.port, settings.config, settings.store_path
     writer = Writer(lambda: CompareStore(store_path, config), metrics)
     writer.start()
     service = CaptureService(config, writer, metrics)
+
+    def apply(new: CompareConfig) -> None:
+        service.config = new
+        writer.config = new
+
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(service.process)})
     server.add_generic_rpc_handlers((handler,))
@@ -170,6 +222,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(watch(settings, apply, metrics, stop))
     await stop.wait()
     await server.stop(grace=2)
+    await watcher
     writer.stop()

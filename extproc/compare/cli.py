@@ -60,7 +60,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from ..server import logs
-    from .capture import serve
+    from .capture import Settings, serve
     from .metrics import CompareMetrics
 
     config = load_config(args.config, args.routes)
@@ -83,7 +83,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
     def ready(bound: int) -> None:
         log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules))
 
-    asyncio.run(serve(host, port, config, args.db, metrics, ready))
+    settings = Settings(
+        host,
+        port,
+        config,
+        args.db,
+        reload=lambda: load_config(args.config, args.routes),
+        watched=Path(args.config) if args.config else None,
+    )
+    asyncio.run(serve(settings, metrics, ready))
     return 0
 
 

@@ -42,6 +42,11 @@ class CompareMetrics:
             registry=r,
         )
         self.drops = Counter("mirror_sampler_compare_dropped", "Captures dropped, by reason", ["reason"], registry=r)
+        self.reloads = Counter(
+            "mirror_sampler_compare_reloads", "Edits of the compare settings, by result (ok, invalid)", ["result"], registry=r
+        )
+        for result in ("ok", "invalid"):
+            self.reloads.labels(result)
         self.max_field_series = max_field_series
         self._paths: dict[tuple[str, str], set[str]] = {}
 
@@ -53,6 +58,9 @@ class CompareMetrics:
                     self.results.labels(rule_id, target, result.value)
         for reason in DROP_REASONS:
             self.drops.labels(reason)
+
+    def reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.drops.labels(reason).inc(n)

@@ -112,3 +112,25 @@ def test_streams_the_observer_cannot_use_are_counted_and_it_keeps_serving(observ
     wait_until(lambda: observer.dropped("incomplete_stream") == 1)
     test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer, tmp_path)
     assert observer.alive()
+
+
+def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused(observer: Observer, tmp_path: Path) -> None:
+    def reloads(result: str) -> float:
+        return scrape(observer.metrics_port, "mirror_sampler_compare_reloads_total", {"result": result})
+
+    def judged(rid: str) -> list[tuple[Result, tuple[dict[str, str], ...]]]:
+        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":1,"w":1}')]), PRIMARY) == grpc.StatusCode.OK
+        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":2,"w":2}')]), SHADOW) == grpc.StatusCode.OK
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        wait_until(lambda: len(store.comparisons(rid)) == 1, timeout=10)
+        return [(c.result, c.fields) for c in store.comparisons(rid)]
+
+    assert judged("before") == [(Result.DIFFERS, ({"path": "body.v"}, {"path": "body.w"}))]
+    settings = tmp_path / "compare.yaml"
+    settings.write_text(f"compare:\n  rules:\n  - {{rule: {RULE}, targets: [candidate], ignore: [body.v]}}\n")
+    wait_until(lambda: reloads("ok") == 1, timeout=10)
+    assert judged("after") == [(Result.DIFFERS, ({"path": "body.w"},))]
+    settings.write_text(f"compare:\n  rules:\n  - {{rule: {RULE}, targets: [candidate], ignor: [body.w]}}\n")
+    wait_until(lambda: reloads("invalid") == 1, timeout=10)
+    assert "compare.rules[0].ignor: unknown field; did you mean ignore?" in observer.output()
+    assert judged("refused") == [(Result.DIFFERS, ({"path": "body.w"},))], "the settings in force stay"
