@@ -16,7 +16,7 @@ import json
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,19 @@ CREATE TABLE IF NOT EXISTS differing_fields (
 CREATE INDEX IF NOT EXISTS differing_by_target ON differing_fields (rule, target, path);
 CREATE INDEX IF NOT EXISTS differing_by_comparison ON differing_fields (comparison_id);
 CREATE TABLE IF NOT EXISTS dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS compared_counts (
+    rule TEXT NOT NULL, target TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (rule, target)
+);
+CREATE TABLE IF NOT EXISTS field_counts (
+    rule TEXT NOT NULL, target TEXT NOT NULL, path TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (rule, target, path)
+);
 """
 COMPARED = (Result.SAME.value, Result.DIFFERS.value, Result.NOISE_ONLY.value)
 
 
 def encode_capture(capture: Capture) -> str:
     """Everything but the body (stored as it is, in its own column)."""
-    data = asdict(capture)
-    del data["body"]
+    data = {f.name: getattr(capture, f.name) for f in dataclass_fields(Capture) if f.name != "body"}
     data["side"] = capture.side.value
     return json.dumps(data, separators=(",", ":"))
 
@@ -143,12 +148,28 @@ class CompareStore:
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
                 self._count_dropped("pending_over_bound", excess)
                 self.dropped_by_last_sweep = excess
-            db.execute("DELETE FROM comparisons WHERE compared_at < ?", (now - retention.max_age_s,))
-            db.execute(
-                "DELETE FROM comparisons WHERE id <= (SELECT MAX(id) FROM comparisons) - ?",
-                (retention.max_comparisons,),
-            )
+            self._forget("compared_at < ?", (now - retention.max_age_s,))
+            self._forget("id <= (SELECT MAX(id) FROM comparisons) - ?", (retention.max_comparisons,))
         return out
+
+    def _forget(self, where: str, params: tuple[Any, ...]) -> None:
+        """Delete the comparisons ``where`` says, and take them out of the rates."""
+        placeholders = ",".join("?" * len(COMPARED))
+        gone = self.db.execute(
+            f"SELECT rule, target, COUNT(*) FROM comparisons WHERE {where} AND result IN ({placeholders}) GROUP BY rule, target",
+            (*params, *COMPARED),
+        ).fetchall()
+        self.db.executemany("UPDATE compared_counts SET count = count - ? WHERE rule = ? AND target = ?", [(n, r, t) for r, t, n in gone])
+        fields = self.db.execute(
+            "SELECT rule, target, path, COUNT(*) FROM differing_fields WHERE comparison_id IN"
+            f" (SELECT id FROM comparisons WHERE {where}) GROUP BY rule, target, path",
+            params,
+        ).fetchall()
+        self.db.executemany(
+            "UPDATE field_counts SET count = count - ? WHERE rule = ? AND target = ? AND path = ?", [(n, r, t, p) for r, t, p, n in fields]
+        )
+        self.db.execute("DELETE FROM field_counts WHERE count <= 0")
+        self.db.execute(f"DELETE FROM comparisons WHERE {where}", params)
 
     def _count_dropped(self, reason: str, n: int) -> None:
         self.db.execute("INSERT INTO dropped VALUES (?, ?) ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n))
@@ -211,6 +232,15 @@ class CompareStore:
                 json.dumps(fields), now,
             ),
         )  # fmt: skip
+        if result.value in COMPARED:
+            self.db.execute(
+                "INSERT INTO compared_counts VALUES (?, ?, 1) ON CONFLICT (rule, target) DO UPDATE SET count = count + 1",
+                (pairing.rule, pairing.target),
+            )
+            self.db.executemany(
+                "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
+                [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+            )
         self.db.executemany(
             "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
             [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
@@ -220,15 +250,11 @@ class CompareStore:
     # ------------------------------------------------------------------ reading
 
     def rates(self, rule: str, target: str) -> Rates:
-        """How often each field differed among the compared pairs kept."""
-        placeholders = ",".join("?" * len(COMPARED))
-        (compared,) = self.db.execute(
-            f"SELECT COUNT(*) FROM comparisons WHERE rule = ? AND target = ? AND result IN ({placeholders})", (rule, target, *COMPARED)
-        ).fetchone()
-        rows = self.db.execute(
-            "SELECT path, COUNT(*) FROM differing_fields WHERE rule = ? AND target = ? GROUP BY path", (rule, target)
-        ).fetchall()
-        return Rates(compared, {path: n for path, n in rows})
+        """How often each field differed among the compared pairs kept (counts
+        kept up to date on every write and deletion: no scan per verdict)."""
+        row = self.db.execute("SELECT count FROM compared_counts WHERE rule = ? AND target = ?", (rule, target)).fetchone()
+        rows = self.db.execute("SELECT path, count FROM field_counts WHERE rule = ? AND target = ?", (rule, target)).fetchall()
+        return Rates(row[0] if row else 0, {path: n for path, n in rows})
 
     def comparisons(self, request_id: str | None = None) -> list[Comparison]:
         query = (

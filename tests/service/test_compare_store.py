@@ -10,7 +10,7 @@ from pathlib import Path
 
 from extproc.compare.config import CompareConfig, Retention, RuleCompare
 from extproc.compare.judge import Comparison
-from extproc.compare.noise import Result
+from extproc.compare.noise import Rates, Result
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
 
@@ -99,6 +99,11 @@ def test_pending_captures_and_comparisons_stay_within_their_bounds(tmp_path: Pat
     assert store.dropped() == {"pending_over_bound": 7}
     kept = store.comparisons()
     assert len(kept) == 20 and kept[-1].request_id == "req-29", "the newest are kept"
+    # The rates follow what is kept, without rescanning it.
+    for target in TARGETS:
+        rows = [c for c in kept if c.target == target]
+        paths = Counter(f["path"] for c in rows for f in c.fields)
+        assert store.rates(RULE, target) == Rates(len(rows), dict(paths))
     store.sweep(now=1000.0 + 51)
     assert store.comparisons() == [], "older than max_age"
     assert store.rates(RULE, "candidate").compared == 0, "the field rows went with their comparisons"
