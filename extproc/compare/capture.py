@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import structlog
 import watchfiles
+from google.protobuf.message import DecodeError
 
 from ..config.errors import ConfigError
 from ..server.store import touches
@@ -142,7 +143,7 @@ class CaptureService:
         async for data in requests:
             try:
                 message = ProcessingRequest.FromString(data)
-            except Exception:  # noqa: BLE001 - not a ProcessingRequest: end this stream only
+            except DecodeError:  # not a ProcessingRequest: end this stream only
                 self.metrics.dropped("malformed_message")
                 return
             kind = message.WhichOneof("request")
