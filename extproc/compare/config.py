@@ -14,6 +14,7 @@ from .noise import DEFAULT_MARGIN
 from .paths import Pattern, PatternError
 
 DEFAULT_BODY_LIMIT = 64 * 1024
+DEFAULT_SHADOW_TIMEOUT_S = 15.0  # Envoy's default route timeout
 DEFAULT_JOIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_COMPARISONS = 100_000
@@ -44,6 +45,8 @@ class Retention:
 class CompareConfig:
     rules: Mapping[str, RuleCompare] = field(default_factory=dict)
     body_limit: int = DEFAULT_BODY_LIMIT
+    # Envoy answers 504 for a compared shadow silent this long (shadow_error).
+    shadow_timeout_s: float = DEFAULT_SHADOW_TIMEOUT_S
     # Keep the differing values (parts of bodies) of differing pairs; off: paths only.
     store_values: bool = False
     # Response headers never stored (beyond set-cookie and the credentials).
@@ -61,7 +64,7 @@ class CompareConfig:
 # ---------------------------------------------------------------------------
 # Parsing: the ``compare`` mapping (in a MirrorSampler document's spec, or a file of its own)
 
-_TOP = ("rules", "bodyLimit", "storeValues", "privateHeaders", "retention")
+_TOP = ("rules", "bodyLimit", "shadowTimeout", "storeValues", "privateHeaders", "retention")
 _RULE = ("rule", "targets", "secondary", "ignore", "ignoreHeaders", "tolerance", "margin")
 _RETENTION = ("maxComparisons", "maxAge", "maxPending", "joinTimeout")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -193,10 +196,16 @@ def parse_compare(data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] 
     config = CompareConfig(
         rules=rules,
         body_limit=_count(p, "compare.bodyLimit", top.get("bodyLimit"), DEFAULT_BODY_LIMIT),
+        shadow_timeout_s=_duration(p, "compare.shadowTimeout", top.get("shadowTimeout"), DEFAULT_SHADOW_TIMEOUT_S),
         store_values=store_values,
         private_headers=frozenset(h.lower() for h in _strings(p, "compare.privateHeaders", top.get("privateHeaders"))),
         retention=retention,
     )
+    if config.retention.join_timeout_s <= config.shadow_timeout_s:
+        p.add(
+            "compare.retention.joinTimeout",
+            f"must be longer than shadowTimeout ({config.shadow_timeout_s:g}s): a silent shadow's 504 must arrive before the join gives up",
+        )
     if p.items:
         raise ConfigError(p.items)
     return config

@@ -118,13 +118,14 @@ def _exact(name: str, value: str) -> route.HeaderMatcher:
     return route.HeaderMatcher(name=name, string_match=matcher.StringMatcher(exact=value))
 
 
-def capture_listener(compared: Mapping[str, Sequence[str]], marker_header: str) -> listener.Listener:
+def capture_listener(compared: Mapping[str, Sequence[str]], marker_header: str, shadow_timeout_s: float = 15.0) -> listener.Listener:
     """The internal listener mirrored copies of compared targets go through."""
     routes = [
         route.Route(
             name=f"{rule_id} compare {target}",
             match=route.RouteMatch(prefix="/", headers=[_exact(marker_header, rule_id), _exact(TARGET_HEADER, target)]),
-            route=route.RouteAction(cluster=target),
+            # A shadow that never answers: Envoy answers 504 for it after this (shadow_error).
+            route=route.RouteAction(cluster=target, timeout=datetime.timedelta(seconds=shadow_timeout_s)),
             request_headers_to_remove=[TARGET_HEADER],
             typed_per_filter_config={CAPTURE_FILTER: AnyMessage.pack(observe_shadow(rule_id, target))},
         )
@@ -218,11 +219,16 @@ def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]])
 
 
 def add_capture(
-    bootstrap: Mapping[str, Any], compared: Mapping[str, Sequence[str]], marker_header: str, observers: Sequence[Address]
+    bootstrap: Mapping[str, Any],
+    compared: Mapping[str, Sequence[str]],
+    marker_header: str,
+    observers: Sequence[Address],
+    shadow_timeout_s: float = 15.0,
 ) -> dict[str, Any]:
     """A copy of a rendered bootstrap (``as_data`` form) that captures the
     responses of the ``compared`` rules' mirrored requests, for these targets
-    of each rule, and streams them to ``observers``."""
+    of each rule, and streams them to ``observers``; a compared shadow that
+    has not answered after ``shadow_timeout_s`` is answered 504 by Envoy."""
     out = copy.deepcopy(dict(bootstrap))
     static = out["staticResources"]
     for entry in static["listeners"]:
@@ -237,7 +243,7 @@ def add_capture(
                 for host in manager.get("routeConfig", {}).get("virtualHosts", []):
                     for entry_route in host.get("routes", []):
                         _capture_route(entry_route, compared)
-    static["listeners"].append(as_data(capture_listener(compared, marker_header)))
+    static["listeners"].append(as_data(capture_listener(compared, marker_header, shadow_timeout_s)))
     static["clusters"].extend(as_data(c) for c in capture_clusters(observers))
     extension = {"name": "envoy.bootstrap.internal_listener", "typedConfig": as_data(AnyMessage.pack(internal_listener.InternalListener()))}
     out.setdefault("bootstrapExtensions", []).append(extension)

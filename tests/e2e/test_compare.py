@@ -10,6 +10,7 @@ timestamp and a random nonce (noise); the candidate changes ``version`` on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -59,6 +60,7 @@ spec:
 """
 COMPARE = f"""\
 compare:
+  shadowTimeout: 1s
   rules:
   - rule: {RULE}
     targets: [candidate, secondary]
@@ -191,9 +193,9 @@ def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, i
         backends={name: Address("127.0.0.1", port) for name, port in backend_ports.items()},
     )
     rendered = as_data(bootstrap_config(policy, topology))
-    config = add_capture(
-        rendered, {RULE: ["candidate", "secondary"]}, policy.marker_header, [Address("127.0.0.1", o.port) for o in observers]
-    )
+    settings = observers_config(tmp_path)
+    observed = [Address("127.0.0.1", o.port) for o in observers]
+    config = add_capture(rendered, settings.compared(), policy.marker_header, observed, settings.shadow_timeout_s)
     (tmp_path / "envoy.yaml").write_text(to_yaml(config))
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
     started.append(envoy)
@@ -297,11 +299,22 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
         assert "Traceback" not in o.output() and '"level": "error"' not in o.output(), o.output()[-2000:]
 
 
-def test_a_shadow_envoy_cannot_reach_is_a_shadow_error_not_a_difference(tmp_path: Path, started: list[Any]) -> None:
+@pytest.mark.parametrize("failure", ["unreachable", "silent"])
+def test_a_shadow_that_cannot_be_reached_or_never_answers_is_a_shadow_error(tmp_path: Path, started: list[Any], failure: str) -> None:
     backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1)}
     started.extend(backends.values())
-    with busy_port() as closed:  # listening, never accepting: then closed before Envoy starts
-        pass
+    with contextlib.ExitStack() as stack:
+        if failure == "unreachable":
+            with busy_port() as closed:  # a port that was free: closed again before Envoy starts
+                pass
+        else:  # listening, so connections succeed, and never answering: Envoy's shadow timeout ends them
+            closed = stack.enter_context(busy_port())
+        run_against_failing_candidate(tmp_path, started, backends, closed, failure)
+
+
+def run_against_failing_candidate(
+    tmp_path: Path, started: list[Any], backends: dict[str, VersionedServer], closed: int, failure: str
+) -> None:
     envoy, observers, db = start_gateway(tmp_path, started, {**{n: s.port for n, s in backends.items()}, "candidate": closed})
     client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
     ids = [f"{key}-field" for key in KEYS]
@@ -314,7 +327,11 @@ def test_a_shadow_envoy_cannot_reach_is_a_shadow_error_not_a_difference(tmp_path
     wait_until(lambda: len(store.comparisons()) >= 2 * len(expected), timeout=30)
     results = Counter((c.target, c.result) for c in store.comparisons())
     assert results == {("candidate", Result.SHADOW_ERROR): len(expected), ("secondary", Result.NOISE_ONLY): len(expected)}
-    assert envoy.stats()["cluster.candidate.upstream_cx_connect_fail"] >= 1
+    stats = envoy.stats()
+    if failure == "unreachable":
+        assert stats["cluster.candidate.upstream_cx_connect_fail"] >= 1
+    else:
+        assert stats["cluster.candidate.upstream_rq_timeout"] == len(expected), "Envoy's shadow timeout ended each"
     store.close()
 
 

@@ -36,6 +36,7 @@ def test_a_full_section_is_read() -> None:
             "bodyLimit": 1024,
             "storeValues": True,
             "privateHeaders": ["X-Token"],
+            "shadowTimeout": "5s",
             "retention": {"maxComparisons": 10, "maxAge": "2h", "maxPending": 5, "joinTimeout": "10s"},
         },
         "f.yaml",
@@ -49,7 +50,7 @@ def test_a_full_section_is_read() -> None:
     assert rule.diff_rules.tolerance == 0.01
     assert (config.body_limit, config.store_values, config.private_headers) == (1024, True, frozenset({"x-token"}))
     assert (config.retention.max_comparisons, config.retention.max_age_s, config.retention.max_pending) == (10, 7200.0, 5)
-    assert config.retention.join_timeout_s == 10.0
+    assert config.retention.join_timeout_s == 10.0 and config.shadow_timeout_s == 5.0
 
 
 def test_nothing_configured_compares_nothing() -> None:
@@ -91,6 +92,11 @@ def test_rules_and_targets_must_exist() -> None:
             "compare.rules[0].ignore[0]: 'cookie.a': must start with status, header or body",
         ),
         ({"rules": "all"}, "compare.rules: must be a list"),
+        (
+            {"shadowTimeout": "40s"},
+            "compare.retention.joinTimeout: must be longer than shadowTimeout (40s):"
+            " a silent shadow's 504 must arrive before the join gives up",
+        ),
     ],
 )
 def test_bad_values_name_their_field(data: dict[str, Any], message: str) -> None:

@@ -76,7 +76,7 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
     typed = listener["filterChains"][0]["filters"][0]["typedConfig"]
     assert typed["preserveExternalRequestId"] is True
     [route] = typed["routeConfig"]["virtualHosts"][0]["routes"]
-    assert route["route"] == {"cluster": "infra-backend-v2"}, "no mirror policy: no loop"
+    assert route["route"] == {"cluster": "infra-backend-v2", "timeout": "15s"}, "no mirror policy: no loop"
     assert {h["name"] for h in route["match"]["headers"]} == {POLICY.marker_header, TARGET_HEADER}
     assert route["requestHeadersToRemove"] == [TARGET_HEADER]
     tag = route["typedPerFilterConfig"][CAPTURE_FILTER]["overrides"]["grpcInitialMetadata"][0]["value"]
@@ -87,6 +87,13 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
     internal = clusters[CAPTURE_SHADOW_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
     assert internal == {"envoyInternalAddress": {"serverListenerName": CAPTURE_LISTENER}}
     assert [e["name"] for e in config["bootstrapExtensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
+    config = add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS, shadow_timeout_s=1.5)
+    listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
+    [route] = listener["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
+    assert route["route"]["timeout"] == "1.500s"
 
 
 def test_the_rendered_configuration_is_not_changed_in_place() -> None:
