@@ -164,7 +164,7 @@ class CaptureService:
 
 
 @dataclass
-class Settings:
+class ObserverSettings:
     """What ``serve`` needs; ``reload`` re-reads the settings file (ConfigError
     when it is wrong), ``watched`` is that file (None: nothing to watch)."""
 
@@ -176,7 +176,7 @@ class Settings:
     watched: Path | None = None
 
 
-async def watch(settings: Settings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:
+async def watch(settings: ObserverSettings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:
     """A valid edit of the settings file applies to what is captured and
     judged next; an invalid one is logged and counted, the settings in force
     stay. (Which rules and targets Envoy captures is Envoy's configuration.)"""
@@ -203,7 +203,7 @@ async def watch(settings: Settings, apply: Callable[[CompareConfig], None], metr
         log.info("compare_reloaded", rules=sorted(config.rules))
 
 
-async def serve(settings: Settings, metrics: CompareMetrics, ready: Callable[[int], None]) -> None:
+async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Callable[[int], None]) -> None:
     host, port, config, store_path = settings.host, settings.port, settings.config, settings.store_path
     writer = Writer(lambda: CompareStore(store_path, config), metrics)
     writer.start()

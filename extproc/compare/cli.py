@@ -60,7 +60,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from ..server import logs
-    from .capture import Settings, serve
+    from .capture import ObserverSettings, serve
     from .metrics import CompareMetrics
 
     config = load_config(args.config, args.routes)
@@ -83,7 +83,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     def ready(bound: int) -> None:
         log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules))
 
-    settings = Settings(
+    settings = ObserverSettings(
         host,
         port,
         config,
