@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler-service", default="mirror-sampler", metavar="NAME", help="the sampler's Service name (default mirror-sampler)"
     )
     convert.set_defaults(func=cmd_convert)
+
+    from .compare.cli import register as register_compare
+
+    register_compare(sub)
     return parser
 
 

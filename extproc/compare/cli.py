@@ -1,0 +1,226 @@
+"""`mirror-sampler compare`: capture (the observer), report, show."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sqlite3
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config.addresses import split_address
+from ..config.errors import ConfigError
+from .config import CompareConfig, parse_compare
+from .judge import Comparison
+from .store import CompareStore
+
+DEFAULT_DB = "mirror-sampler-compare.db"
+DEFAULT_LISTEN = "127.0.0.1:50061"
+ROUTES_HELP = (
+    "the HTTPRoutes (default $MIRROR_CONFIG): rule ids and targets are checked against them, targets default to the rule's mirrors"
+)
+
+
+def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
+    """Each rule id's mirror targets, from the HTTPRoutes the sampler reads (None: not given)."""
+    if not routes:
+        return None
+    from ..config.settings import Settings
+    from ..server.store import load_policy
+
+    policy = load_policy(Settings.load({"MIRROR_CONFIG": routes}))
+    return {rule.id: tuple(m.backend for m in rule.mirrors) for rule in policy.rules if rule.mirrors}
+
+
+def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
+    """A file with a MirrorSampler document whose spec has ``compare``, or a
+    bare ``compare:`` mapping; checked against the routes when they are given."""
+    if not path:
+        return CompareConfig()
+    mirrors = rule_mirrors(routes)
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == "MirrorSampler":
+            return parse_compare((doc.get("spec") or {}).get("compare"), path, mirrors)
+        if isinstance(doc, dict) and "compare" in doc:
+            return parse_compare(doc["compare"], path, mirrors)
+    raise ConfigError([f"--config {path}: no MirrorSampler document with spec.compare, and no compare: mapping"])
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from ..server import logs
+    from .capture import ObserverSettings, serve
+    from .metrics import CompareMetrics
+
+    config = load_config(args.config, args.routes)
+    # The schema is created here: a path SQLite cannot use fails at start-up.
+    _open_store(args.db, config, create=True).close()
+    try:
+        host, port = split_address(args.listen)
+        metrics_address = split_address(args.metrics_listen) if args.metrics_listen else None
+    except ValueError as e:
+        raise ConfigError([f"--listen/--metrics-listen: {e}"]) from None
+    logs.configure(args.log_level, "json", sys.stdout)
+    log = logs.get("compare")
+    metrics = CompareMetrics()
+    metrics.declare(config)
+    metrics_port = None
+    if metrics_address is not None:
+        server, _ = start_http_server(metrics_address[1], metrics_address[0], registry=metrics.registry)
+        metrics_port = server.server_port
+
+    def ready(bound: int) -> None:
+        log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules))
+
+    settings = ObserverSettings(
+        host,
+        port,
+        config,
+        args.db,
+        reload=lambda: load_config(args.config, args.routes),
+        watched=Path(args.config) if args.config else None,
+    )
+    asyncio.run(serve(settings, metrics, ready))
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Adds ``compare`` to the top-level subcommands."""
+    compare = sub.add_parser("compare", help="compare mirrored responses with the primary's (docs/compare.md)")
+    actions = compare.add_subparsers(dest="compare_command", required=True)
+    capture = actions.add_parser("capture", help="run the observer Envoy's capture filters stream responses to")
+    capture.add_argument(
+        "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=f"gRPC address (default {DEFAULT_LISTEN}; port 0 picks one)"
+    )
+    capture.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics here")
+    capture.add_argument(
+        "--db", default=DEFAULT_DB, metavar="FILE", help=f"SQLite file, shared by every observer process (default {DEFAULT_DB})"
+    )
+    capture.add_argument("--config", metavar="FILE", help="YAML with the compare settings (a MirrorSampler document's spec.compare)")
+    capture.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
+    capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    capture.set_defaults(func=cmd_capture)
+
+    report = actions.add_parser("report", help="per rule and target: matches, differing fields with their noise, status pairs, latency")
+    report.add_argument(
+        "--db",
+        action="append",
+        metavar="FILE",
+        help=f"the observers' SQLite file (default {DEFAULT_DB}); repeat for several machines",
+    )
+    report.add_argument("--config", metavar="FILE", help="the compare settings the observers run with (secondary, margin)")
+    report.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.add_argument("--html", metavar="FILE", help="also write a static HTML report (one file, no server)")
+    report.set_defaults(func=cmd_report)
+
+    envoy = actions.add_parser(
+        "envoy-config",
+        help="add the capture points to a configuration `mirror-sampler envoy-config` wrote",
+        description="Reads the full configuration `envoy-config` rendered (not --snippet) and writes it with the capture filter, "
+        "the per-route capture settings of the compared rules, the internal capture listener and the observer clusters.",
+    )
+    envoy.add_argument("envoy_config", metavar="ENVOY_YAML", help="the output of `mirror-sampler envoy-config`")
+    envoy.add_argument("--config", required=True, metavar="FILE", help="the compare settings: which rules and targets")
+    envoy.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
+    envoy.add_argument(
+        "--observer", action="append", metavar="HOST:PORT", help=f"an observer's address (repeatable; default {DEFAULT_LISTEN})"
+    )
+    envoy.add_argument("--output", "-o", help="write here instead of standard output")
+    envoy.set_defaults(func=cmd_envoy_config)
+
+    show = actions.add_parser("show", help="one request's primary and shadows side by side, differing fields marked")
+    show.add_argument("request_id", metavar="REQUEST_ID", help="the request's x-request-id")
+    show.add_argument("--db", action="append", metavar="FILE", help=f"the observers' SQLite file (default {DEFAULT_DB}); repeatable")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_show)
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from ..envoy.render import Address, to_yaml
+    from .envoy import add_capture
+
+    config = load_config(args.config, args.routes)
+    if not config.rules:
+        raise ConfigError([f"--config {args.config}: no rule to compare"])
+    try:
+        observers = [Address(*split_address(o)) for o in args.observer or [DEFAULT_LISTEN]]
+        rendered = yaml.safe_load(Path(args.envoy_config).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConfigError([f"--observer: {e}"]) from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError([f"{args.envoy_config}: cannot read: {e}"]) from None
+    if not isinstance(rendered, dict) or "staticResources" not in rendered:
+        raise ConfigError([f"{args.envoy_config}: not the output of `mirror-sampler envoy-config` (no staticResources)"])
+    marker = _marker_header(args.routes)
+    text = to_yaml(add_capture(rendered, config.compared(), marker, observers, config.shadow_timeout_s))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _marker_header(routes: str | None) -> str:
+    """The header every mirrored copy carries with its rule id (a sampler setting)."""
+    from ..config.settings import Settings
+    from ..server.store import load_policy
+
+    environ = dict(os.environ)
+    if routes:
+        environ["MIRROR_CONFIG"] = routes
+    return load_policy(Settings.load(environ)).marker_header
+
+
+def _open_store(path: str, config: CompareConfig, *, create: bool = False) -> CompareStore:
+    """The store, or a clear error naming --db (at start-up, never a traceback)."""
+    if not create and not Path(path).is_file():
+        raise ConfigError([f"--db {path}: no such file (run `mirror-sampler compare capture --db {path}` first)"])
+    try:
+        return CompareStore(path, config)
+    except sqlite3.Error as e:
+        raise ConfigError([f"--db {path}: cannot open as SQLite: {e}"]) from None
+
+
+def _comparisons(paths: list[str], config: CompareConfig, request_id: str | None = None) -> list[Comparison]:
+    """From one file per machine, or several: their rows are independent."""
+    out: list[Comparison] = []
+    for path in paths:
+        store = _open_store(path, config)
+        try:
+            out += store.comparisons(request_id)
+        finally:
+            store.close()
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_html, render_text, report_data
+    from .summary import summarize
+
+    config = load_config(args.config, args.routes)
+    summaries = summarize(_comparisons(args.db or [DEFAULT_DB], config), config)
+    data = report_data(summaries, datetime.now(UTC).isoformat(timespec="seconds"))
+    if args.html:
+        Path(args.html).write_text(render_html(data), encoding="utf-8")
+    sys.stdout.write(json.dumps(data, indent=2) + "\n" if args.json else render_text(summaries))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .report import render_show, show_data
+
+    found = _comparisons(args.db or [DEFAULT_DB], CompareConfig(), args.request_id)
+    sys.stdout.write(json.dumps(show_data(args.request_id, found), indent=2) + "\n" if args.json else render_show(args.request_id, found))
+    return 0 if found else 1

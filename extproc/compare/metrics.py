@@ -1,0 +1,81 @@
+"""Prometheus counters of the comparison (the observer's own registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from .config import CompareConfig
+from .judge import Comparison
+from .noise import Result
+
+# Differing field paths exported per rule and target; beyond this, "other":
+# a path made of user data (ids as keys) must not become a series each.
+MAX_FIELD_SERIES = 50
+OTHER_FIELD = "(other)"
+# Why a capture was not compared: the writer's queue was full, the store
+# failed, the stream had no proper tag, was not a ProcessingRequest, ended
+# before its response did, or waited past the bound of pending captures.
+DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "incomplete_stream", "pending_over_bound")
+
+
+class CompareMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, max_field_series: int = MAX_FIELD_SERIES) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.results = Counter(
+            "mirror_sampler_compared",
+            "Mirrored requests compared, by rule, target and result (" + ", ".join(x.value for x in Result) + ")",
+            ["rule", "target", "result"],
+            registry=r,
+        )
+        self.fields = Counter(
+            "mirror_sampler_compare_differing_fields",
+            f"Differing fields of compared requests, by rule, target and field path (at most {max_field_series} paths, then {OTHER_FIELD})",
+            ["rule", "target", "path"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mirror_sampler_compare_latency_seconds",
+            "Response latency seen by the capture filters, by rule, target and side (primary or shadow)",
+            ["rule", "target", "side"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.drops = Counter("mirror_sampler_compare_dropped", "Captures dropped, by reason", ["reason"], registry=r)
+        self.reloads = Counter(
+            "mirror_sampler_compare_reloads", "Edits of the compare settings, by result (ok, invalid)", ["result"], registry=r
+        )
+        for result in ("ok", "invalid"):
+            self.reloads.labels(result)
+        self.max_field_series = max_field_series
+        self._paths: dict[tuple[str, str], set[str]] = {}
+
+    def declare(self, config: CompareConfig) -> None:
+        """Every configured rule, target and result exported from the start, at 0."""
+        for rule_id, rule in config.rules.items():
+            for target in rule.targets:
+                for result in Result:
+                    self.results.labels(rule_id, target, result.value)
+        for reason in DROP_REASONS:
+            self.drops.labels(reason)
+
+    def reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
+
+    def dropped(self, reason: str, n: int = 1) -> None:
+        self.drops.labels(reason).inc(n)
+
+    def compared(self, c: Comparison) -> None:
+        self.results.labels(c.rule, c.target, c.result.value).inc()
+        known = self._paths.setdefault((c.rule, c.target), set())
+        for field in c.fields:
+            path = field["path"]
+            if path not in known and len(known) >= self.max_field_series:
+                path = OTHER_FIELD
+            else:
+                known.add(path)
+            self.fields.labels(c.rule, c.target, path).inc()
+        if c.primary_ms is not None:
+            self.latency.labels(c.rule, c.target, "primary").observe(c.primary_ms / 1000)
+        if c.shadow_ms is not None:
+            self.latency.labels(c.rule, c.target, "shadow").observe(c.shadow_ms / 1000)

@@ -1,0 +1,192 @@
+"""What one side of a mirrored request looked like, assembled from the
+messages an observing ext_proc filter streams (pure: the clock is an argument).
+
+Envoy names each stream's role in gRPC metadata (``CAPTURE_METADATA``) set
+by the route that enabled the capture: the primary side names its rule and
+the targets the request was mirrored to; the shadow side its rule and target.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+# gRPC metadata on every capture stream: who this side is (a CaptureTag as JSON).
+CAPTURE_METADATA: Final = "x-mirror-sampler-capture"
+# Response headers never stored, whatever the user lists.
+NEVER_STORED: Final = frozenset({"set-cookie", "authorization", "cookie", "proxy-authorization"})
+# Request headers whose values are credentials: wherever a response repeats
+# one (an echo, an error page), it is replaced before anything is stored.
+CREDENTIALS: Final = frozenset({"authorization", "cookie", "proxy-authorization"})
+REDACTED: Final = b"(redacted)"
+# Shorter cookie values are left alone: replacing "1" everywhere would wreck the body.
+MIN_SECRET_LENGTH: Final = 6
+# The router adds it to every response that came from an upstream; a response
+# Envoy made itself (no healthy host, connect failure, timeout) lacks it.
+UPSTREAM_TIME_HEADER: Final = "x-envoy-upstream-service-time"
+
+
+class Side(StrEnum):
+    PRIMARY = "primary"
+    SHADOW = "shadow"
+
+
+class TagError(ValueError):
+    """The capture metadata is missing or malformed (a configuration not made by us)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureTag:
+    """Who a capture stream observes: set per route in Envoy's configuration."""
+
+    side: Side
+    rule: str
+    # Primary: the targets this request was mirrored to (and compared). Shadow: its one target.
+    targets: tuple[str, ...]
+
+    def encode(self) -> str:
+        return json.dumps({"side": self.side.value, "rule": self.rule, "targets": list(self.targets)}, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | None) -> CaptureTag:
+        if not text:
+            raise TagError(f"no {CAPTURE_METADATA} metadata on the stream")
+        try:
+            data = json.loads(text)
+            side = Side(data["side"])
+            rule = data["rule"]
+            targets = tuple(data["targets"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise TagError(f"{CAPTURE_METADATA}: cannot read {text[:200]!r}: {e}") from None
+        if not isinstance(rule, str) or not rule or not all(isinstance(t, str) and t for t in targets):
+            raise TagError(f"{CAPTURE_METADATA}: rule and targets must be non-empty strings: {text[:200]!r}")
+        if side is Side.SHADOW and len(targets) != 1:
+            raise TagError(f"{CAPTURE_METADATA}: a shadow stream names exactly one target: {text[:200]!r}")
+        return cls(side, rule, targets)
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """One side's response to one request."""
+
+    request_id: str
+    rule: str
+    side: Side
+    # Shadow: (its target,); primary: the targets the request was mirrored to.
+    targets: tuple[str, ...]
+    method: str
+    path: str
+    status: int
+    # Response headers, lower-case names, without NEVER_STORED or the user's private ones.
+    headers: tuple[tuple[str, str], ...]
+    body: bytes  # at most the body bound
+    # The body went past the bound: ``body`` is its beginning (and its end was not awaited).
+    body_truncated: bool
+    # Envoy's x-envoy-upstream-service-time (the router's own measure, whole
+    # ms); for a local reply, the observer's time between the two messages.
+    latency_ms: float
+    # Envoy answered itself: no response came from the upstream.
+    local_reply: bool
+    captured_at: float  # wall clock, seconds
+
+    @property
+    def target(self) -> str:
+        """The shadow's target ("" for the primary)."""
+        return self.targets[0] if self.side is Side.SHADOW else ""
+
+
+@dataclass(slots=True)
+class CaptureAssembler:
+    """Feeds on one stream's messages; ``complete`` once the response ended."""
+
+    tag: CaptureTag
+    body_limit: int
+    private_headers: frozenset[str] = frozenset()
+    request_id: str = ""
+    method: str = ""
+    path: str = ""
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    local_reply: bool = True
+    body: bytearray = field(default_factory=bytearray)
+    started: float | None = None
+    answered: float | None = None
+    upstream_ms: float | None = None
+    secrets: list[bytes] = field(default_factory=list)
+    complete: Capture | None = None
+
+    def request_headers(self, headers: list[tuple[str, str]], now: float) -> None:
+        self.started = now
+        for name, value in headers:
+            if name == "x-request-id":
+                self.request_id = value
+            elif name == ":method":
+                self.method = value
+            elif name == ":path":
+                self.path = value
+            if name in CREDENTIALS or name in self.private_headers:
+                self._remember_secret(name, value)
+
+    def _remember_secret(self, name: str, value: str) -> None:
+        found = [value]
+        if name == "cookie":
+            found += [part.partition("=")[2].strip() for part in value.split(";")]
+        elif " " in value:  # "Bearer TOKEN": the token alone too
+            found.append(value.partition(" ")[2].strip())
+        self.secrets += [s.encode() for s in found if len(s) >= MIN_SECRET_LENGTH]
+
+    def _scrub(self, data: bytes) -> bytes:
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            data = data.replace(secret, REDACTED)
+        return data
+
+    def response_headers(self, headers: list[tuple[str, str]], end_of_stream: bool, now: float, wall: float) -> Capture | None:
+        hidden = NEVER_STORED | self.private_headers
+        kept = []
+        for name, value in headers:
+            name = name.lower()
+            if name == ":status":
+                self.status = int(value) if value.isdigit() else 0
+            elif name == UPSTREAM_TIME_HEADER:
+                self.local_reply = False
+                self.upstream_ms = float(value) if value.isdigit() else None
+            elif not name.startswith(":") and name not in hidden:
+                kept.append((name, self._scrub(value.encode()).decode("utf-8", "replace")))
+        self.headers = kept
+        self.answered = now
+        if end_of_stream:
+            return self._finish(wall)
+        return None
+
+    def response_body(self, chunk: bytes, end_of_stream: bool, wall: float) -> Capture | None:
+        """Complete at the end of the body, or as soon as it passes the bound
+        (the observer then ends the stream: Envoy sends no more of it)."""
+        room = self.body_limit - len(self.body)
+        self.body += chunk[: max(room, 0)]
+        if len(chunk) > room:
+            return self._finish(wall, truncated=True)
+        if end_of_stream:
+            return self._finish(wall)
+        return None
+
+    def _finish(self, wall: float, truncated: bool = False) -> Capture | None:
+        if self.started is None or self.answered is None or not self.request_id or not self.status:
+            return None  # the stream missed its start: nothing to join it by
+        self.complete = Capture(
+            request_id=self.request_id,
+            rule=self.tag.rule,
+            side=self.tag.side,
+            targets=self.tag.targets,
+            method=self.method,
+            path=self.path,
+            status=self.status,
+            headers=tuple(self.headers),
+            body=self._scrub(bytes(self.body)),
+            body_truncated=truncated,
+            latency_ms=self.upstream_ms if self.upstream_ms is not None else (self.answered - self.started) * 1000.0,
+            local_reply=self.local_reply,
+            captured_at=wall,
+        )
+        return self.complete

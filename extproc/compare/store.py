@@ -1,0 +1,281 @@
+"""Captures and comparisons in one SQLite file, shared by every observer
+process of this machine.
+
+Either side of a request may reach any process, in any order. Each capture
+is written in a ``BEGIN IMMEDIATE`` transaction, which SQLite serialises
+across processes: the writer that completes a request's group (the primary
+and every target it names) finds the others already committed, removes the
+group and writes the comparisons, so each request is judged exactly once.
+``sweep`` closes groups that waited longer than the join timeout (missing
+sides) and keeps pending captures and comparisons within their bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import fields as dataclass_fields
+from pathlib import Path
+from typing import Any
+
+from .config import CompareConfig
+from .judge import Comparison, Pairing, including, pair_up, settle
+from .noise import Rates, Result
+from .records import Capture, Side
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending (
+    rule TEXT NOT NULL, request_id TEXT NOT NULL, side TEXT NOT NULL, target TEXT NOT NULL,
+    record TEXT NOT NULL, body BLOB NOT NULL, captured_at REAL NOT NULL,
+    PRIMARY KEY (rule, request_id, side, target)
+);
+CREATE INDEX IF NOT EXISTS pending_age ON pending (captured_at);
+CREATE TABLE IF NOT EXISTS comparisons (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule TEXT NOT NULL, target TEXT NOT NULL, request_id TEXT NOT NULL, result TEXT NOT NULL,
+    method TEXT NOT NULL, path TEXT NOT NULL,
+    primary_status INTEGER, shadow_status INTEGER, primary_ms REAL, shadow_ms REAL,
+    fields TEXT NOT NULL, compared_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS comparisons_by_target ON comparisons (rule, target, result);
+CREATE INDEX IF NOT EXISTS comparisons_by_request ON comparisons (request_id);
+CREATE INDEX IF NOT EXISTS comparisons_age ON comparisons (compared_at);
+CREATE TABLE IF NOT EXISTS differing_fields (
+    comparison_id INTEGER NOT NULL REFERENCES comparisons (id) ON DELETE CASCADE,
+    rule TEXT NOT NULL, target TEXT NOT NULL, path TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS differing_by_target ON differing_fields (rule, target, path);
+CREATE INDEX IF NOT EXISTS differing_by_comparison ON differing_fields (comparison_id);
+CREATE TABLE IF NOT EXISTS dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS compared_counts (
+    rule TEXT NOT NULL, target TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (rule, target)
+);
+CREATE TABLE IF NOT EXISTS field_counts (
+    rule TEXT NOT NULL, target TEXT NOT NULL, path TEXT NOT NULL, count INTEGER NOT NULL, PRIMARY KEY (rule, target, path)
+);
+"""
+COMPARED = (Result.SAME.value, Result.DIFFERS.value, Result.NOISE_ONLY.value)
+
+
+def encode_capture(capture: Capture) -> str:
+    """Everything but the body (stored as it is, in its own column)."""
+    data = {f.name: getattr(capture, f.name) for f in dataclass_fields(Capture) if f.name != "body"}
+    data["side"] = capture.side.value
+    return json.dumps(data, separators=(",", ":"))
+
+
+def decode_capture(text: str, body: bytes) -> Capture:
+    data = json.loads(text)
+    data["body"] = body
+    data["side"] = Side(data["side"])
+    data["targets"] = tuple(data["targets"])
+    data["headers"] = tuple((n, v) for n, v in data["headers"])
+    return Capture(**data)
+
+
+class CompareStore:
+    def __init__(self, path: Path | str, config: CompareConfig, *, timeout_s: float = 30.0) -> None:
+        self.path = str(path)
+        self.config = config
+        # Pending captures the last sweep dropped (over max_pending): for the metrics.
+        self.dropped_by_last_sweep = 0
+        self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # WAL makes NORMAL durable against process crashes (not power loss): enough for observations.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows (joined captures with their bodies) are overwritten, not left in free pages.
+        self.db.execute("PRAGMA secure_delete=ON")
+        with self._write():
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, captures: Sequence[Capture]) -> list[Comparison]:
+        """Store captures; the comparisons of every request they complete."""
+        out: list[Comparison] = []
+        with self._write() as db:
+            for capture in captures:
+                db.execute(
+                    "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        capture.rule,
+                        capture.request_id,
+                        capture.side.value,
+                        capture.target,
+                        encode_capture(capture),
+                        capture.body,
+                        capture.captured_at,
+                    ),  # fmt: skip
+                )
+                primary, shadows = self._group(capture.rule, capture.request_id)
+                if primary is not None and all(t in shadows for t in primary.targets):
+                    out += self._judge(capture.rule, capture.request_id, primary, shadows, capture.captured_at)
+        return out
+
+    def sweep(self, now: float) -> list[Comparison]:
+        """Judge the groups that waited past the join timeout; enforce the bounds."""
+        retention = self.config.retention
+        out: list[Comparison] = []
+        self.dropped_by_last_sweep = 0
+        with self._write() as db:
+            stale = db.execute(
+                "SELECT DISTINCT rule, request_id FROM pending WHERE captured_at < ?", (now - retention.join_timeout_s,)
+            ).fetchall()
+            for rule, request_id in stale:
+                primary, shadows = self._group(rule, request_id)
+                out += self._judge(rule, request_id, primary, shadows, now)
+            (pending,) = db.execute("SELECT COUNT(*) FROM pending").fetchone()
+            if pending > retention.max_pending:
+                excess = pending - retention.max_pending
+                db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
+                self._count_dropped("pending_over_bound", excess)
+                self.dropped_by_last_sweep = excess
+            self._forget("compared_at < ?", (now - retention.max_age_s,))
+            self._forget("id <= (SELECT MAX(id) FROM comparisons) - ?", (retention.max_comparisons,))
+        return out
+
+    def _forget(self, where: str, params: tuple[Any, ...]) -> None:
+        """Delete the comparisons ``where`` says, and take them out of the rates."""
+        placeholders = ",".join("?" * len(COMPARED))
+        gone = self.db.execute(
+            f"SELECT rule, target, COUNT(*) FROM comparisons WHERE {where} AND result IN ({placeholders}) GROUP BY rule, target",
+            (*params, *COMPARED),
+        ).fetchall()
+        self.db.executemany("UPDATE compared_counts SET count = count - ? WHERE rule = ? AND target = ?", [(n, r, t) for r, t, n in gone])
+        fields = self.db.execute(
+            "SELECT rule, target, path, COUNT(*) FROM differing_fields WHERE comparison_id IN"
+            f" (SELECT id FROM comparisons WHERE {where}) GROUP BY rule, target, path",
+            params,
+        ).fetchall()
+        self.db.executemany(
+            "UPDATE field_counts SET count = count - ? WHERE rule = ? AND target = ? AND path = ?", [(n, r, t, p) for r, t, p, n in fields]
+        )
+        self.db.execute("DELETE FROM field_counts WHERE count <= 0")
+        self.db.execute(f"DELETE FROM comparisons WHERE {where}", params)
+
+    def _count_dropped(self, reason: str, n: int) -> None:
+        self.db.execute("INSERT INTO dropped VALUES (?, ?) ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n))
+
+    def _group(self, rule: str, request_id: str) -> tuple[Capture | None, dict[str, Capture]]:
+        primary = None
+        shadows = {}
+        for side, target, record, body in self.db.execute(
+            "SELECT side, target, record, body FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
+        ):
+            if side == Side.PRIMARY.value:
+                primary = decode_capture(record, body)
+            else:
+                shadows[target] = decode_capture(record, body)
+        return primary, shadows
+
+    def _judge(self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float) -> list[Comparison]:
+        self.db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id))
+        settings = self.config.rule(rule)
+        pairings = pair_up(primary, shadows, settings.diff_rules, rule=rule, request_id=request_id)
+        # The secondary first: this request's noise counts when its candidates are judged.
+        pairings.sort(key=lambda p: p.target != settings.secondary)
+        out = []
+        for pairing in pairings:
+            is_secondary = pairing.target == settings.secondary
+            rates = including(self.rates(rule, pairing.target), pairing.paths) if pairing.diff is not None else Rates(0, {})
+            noise = None if settings.secondary is None or is_secondary else self.rates(rule, settings.secondary)
+            result = settle(pairing, rates, noise, settings.margin, is_secondary=is_secondary)
+            out.append(self._write_comparison(pairing, result, now))
+        return out
+
+    def _write_comparison(self, pairing: Pairing, result: Result, now: float) -> Comparison:
+        p, s = pairing.primary, pairing.shadow
+        shown = pairing.diff.fields if pairing.diff is not None else ()
+        fields = tuple(
+            {"path": f.path, "primary": f.primary, "shadow": f.shadow} if self.config.store_values else {"path": f.path} for f in shown
+        )
+        either = p or s
+        assert either is not None
+        comparison = Comparison(
+            rule=pairing.rule,
+            target=pairing.target,
+            request_id=pairing.request_id,
+            result=result,
+            method=either.method,
+            path=either.path,
+            primary_status=p.status if p else None,
+            shadow_status=s.status if s else None,
+            primary_ms=p.latency_ms if p else None,
+            shadow_ms=s.latency_ms if s else None,
+            fields=fields,
+            compared_at=now,
+        )
+        cursor = self.db.execute(
+            "INSERT INTO comparisons (rule, target, request_id, result, method, path, primary_status, shadow_status,"
+            " primary_ms, shadow_ms, fields, compared_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                comparison.rule, comparison.target, comparison.request_id, result.value, comparison.method, comparison.path,
+                comparison.primary_status, comparison.shadow_status, comparison.primary_ms, comparison.shadow_ms,
+                json.dumps(fields), now,
+            ),
+        )  # fmt: skip
+        if result.value in COMPARED:
+            self.db.execute(
+                "INSERT INTO compared_counts VALUES (?, ?, 1) ON CONFLICT (rule, target) DO UPDATE SET count = count + 1",
+                (pairing.rule, pairing.target),
+            )
+            self.db.executemany(
+                "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
+                [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+            )
+        self.db.executemany(
+            "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
+            [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
+        )
+        return comparison
+
+    # ------------------------------------------------------------------ reading
+
+    def rates(self, rule: str, target: str) -> Rates:
+        """How often each field differed among the compared pairs kept (counts
+        kept up to date on every write and deletion: no scan per verdict)."""
+        row = self.db.execute("SELECT count FROM compared_counts WHERE rule = ? AND target = ?", (rule, target)).fetchone()
+        rows = self.db.execute("SELECT path, count FROM field_counts WHERE rule = ? AND target = ?", (rule, target)).fetchall()
+        return Rates(row[0] if row else 0, {path: n for path, n in rows})
+
+    def comparisons(self, request_id: str | None = None) -> list[Comparison]:
+        query = (
+            "SELECT rule, target, request_id, result, method, path, primary_status, shadow_status,"
+            " primary_ms, shadow_ms, fields, compared_at FROM comparisons"
+        )
+        rows = (
+            self.db.execute(query + " WHERE request_id = ? ORDER BY id", (request_id,))
+            if request_id
+            else self.db.execute(query + " ORDER BY id")
+        )
+        return [_comparison(row) for row in rows]
+
+    def pending_count(self) -> int:
+        (n,) = self.db.execute("SELECT COUNT(*) FROM pending").fetchone()
+        return int(n)
+
+    def dropped(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, count FROM dropped").fetchall())
+
+
+def _comparison(row: Sequence[Any]) -> Comparison:
+    rule, target, request_id, result, method, path, ps, ss, pm, sm, fields, at = row
+    return Comparison(rule, target, request_id, Result(result), method, path, ps, ss, pm, sm, tuple(json.loads(fields)), at)

@@ -1,0 +1,136 @@
+"""The observer over a real gRPC connection, as Envoy's capture filters use
+it: streams become captures and joins; streams it cannot use are counted and
+end alone, and the observer keeps serving."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from extproc.compare.config import CompareConfig, RuleCompare
+from extproc.compare.noise import Result
+from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
+from extproc.compare.store import CompareStore
+from extproc.stack.children import Child
+from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpBody, HttpHeaders, ProcessingRequest
+from tests.support.procs import scrape, wait_until
+
+RULE = "shop/web/0"
+CONFIG = CompareConfig(rules={RULE: RuleCompare(targets=("candidate",))})
+
+
+class Observer(Child):
+    def __init__(self, tmp: Path) -> None:
+        (tmp / "compare.yaml").write_text(f"compare:\n  bodyLimit: 1024\n  rules:\n  - {{rule: {RULE}, targets: [candidate]}}\n")
+        argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                "--db", str(tmp / "c.db"), "--config", str(tmp / "compare.yaml")]  # fmt: skip
+        super().__init__("observer", argv)
+        ready = self.wait_event("compare_serving")
+        self.port, self.metrics_port = int(ready["port"]), int(ready["metrics_port"])
+
+    def dropped(self, reason: str) -> float:
+        return scrape(self.metrics_port, "mirror_sampler_compare_dropped_total", {"reason": reason})
+
+
+@pytest.fixture
+def observer(tmp_path: Path) -> Iterator[Observer]:
+    o = Observer(tmp_path)
+    yield o
+    o.stop()
+
+
+def headers(**values: str) -> HttpHeaders:
+    return HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in values.items()]))
+
+
+def request(rid: str) -> ProcessingRequest:
+    return ProcessingRequest(request_headers=headers(**{":method": "GET", ":path": "/p", "x_request_id": rid}), observability_mode=True)
+
+
+def response(status: str, body: bytes) -> list[ProcessingRequest]:
+    return [
+        ProcessingRequest(response_headers=headers(**{":status": status, "x_envoy_upstream_service_time": "4"}), observability_mode=True),
+        ProcessingRequest(response_body=HttpBody(body=body, end_of_stream=True), observability_mode=True),
+    ]
+
+
+def stream(port: int, messages: Iterator[bytes], tag: str | None) -> grpc.StatusCode:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(PROCESS_METHOD)
+        metadata = [(CAPTURE_METADATA, tag)] if tag is not None else []
+        responses = call(messages, metadata=metadata, timeout=10)
+        assert list(responses) == [], "observability mode: never an answer"
+        code: grpc.StatusCode = responses.code()
+        return code
+
+
+def serialized(messages: list[ProcessingRequest]) -> Iterator[bytes]:
+    return (m.SerializeToString() for m in messages)
+
+
+PRIMARY = CaptureTag(Side.PRIMARY, RULE, ("candidate",)).encode()
+SHADOW = CaptureTag(Side.SHADOW, RULE, ("candidate",)).encode()
+
+
+def test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer: Observer, tmp_path: Path) -> None:
+    assert stream(observer.port, serialized([request("r1"), *response("200", b'{"v":1}')]), PRIMARY) == grpc.StatusCode.OK
+    assert stream(observer.port, serialized([request("r1"), *response("200", b'{"v":2}')]), SHADOW) == grpc.StatusCode.OK
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    wait_until(lambda: len(store.comparisons()) == 1, timeout=10)
+    [c] = store.comparisons()
+    assert (c.request_id, c.target, c.result, c.fields) == ("r1", "candidate", Result.DIFFERS, ({"path": "body.v"},))
+    assert (c.primary_ms, c.shadow_ms) == (4.0, 4.0)
+
+
+def test_the_observer_ends_a_stream_once_the_body_passes_the_bound(observer: Observer, tmp_path: Path) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[bytes]:
+        nonlocal pulled
+        yield request("big").SerializeToString()
+        yield response("200", b"")[0].SerializeToString()
+        for _ in range(10_000):
+            pulled += 1
+            yield ProcessingRequest(response_body=HttpBody(body=b"x" * 4096), observability_mode=True).SerializeToString()
+
+    assert stream(observer.port, endless(), PRIMARY) == grpc.StatusCode.OK
+    assert pulled < 10_000, "the call ended long before the body did"
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    wait_until(lambda: store.pending_count() == 1, timeout=10)
+
+
+def test_streams_the_observer_cannot_use_are_counted_and_it_keeps_serving(observer: Observer, tmp_path: Path) -> None:
+    assert stream(observer.port, serialized([request("x"), *response("200", b"")]), None) == grpc.StatusCode.OK
+    wait_until(lambda: observer.dropped("bad_tag") == 1)
+    assert stream(observer.port, iter([b"\xff\xff\xff garbage"]), PRIMARY) == grpc.StatusCode.OK
+    wait_until(lambda: observer.dropped("malformed_message") == 1)
+    assert stream(observer.port, serialized([request("cut")]), PRIMARY) == grpc.StatusCode.OK
+    wait_until(lambda: observer.dropped("incomplete_stream") == 1)
+    test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer, tmp_path)
+    assert observer.alive()
+
+
+def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused(observer: Observer, tmp_path: Path) -> None:
+    def reloads(result: str) -> float:
+        return scrape(observer.metrics_port, "mirror_sampler_compare_reloads_total", {"result": result})
+
+    def judged(rid: str) -> list[tuple[Result, tuple[dict[str, str], ...]]]:
+        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":1,"w":1}')]), PRIMARY) == grpc.StatusCode.OK
+        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":2,"w":2}')]), SHADOW) == grpc.StatusCode.OK
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        wait_until(lambda: len(store.comparisons(rid)) == 1, timeout=10)
+        return [(c.result, c.fields) for c in store.comparisons(rid)]
+
+    assert judged("before") == [(Result.DIFFERS, ({"path": "body.v"}, {"path": "body.w"}))]
+    settings = tmp_path / "compare.yaml"
+    settings.write_text(f"compare:\n  rules:\n  - {{rule: {RULE}, targets: [candidate], ignore: [body.v]}}\n")
+    wait_until(lambda: reloads("ok") == 1, timeout=10)
+    assert judged("after") == [(Result.DIFFERS, ({"path": "body.w"},))]
+    settings.write_text(f"compare:\n  rules:\n  - {{rule: {RULE}, targets: [candidate], ignor: [body.w]}}\n")
+    wait_until(lambda: reloads("invalid") == 1, timeout=10)
+    assert "compare.rules[0].ignor: unknown field; did you mean ignore?" in observer.output()
+    assert judged("refused") == [(Result.DIFFERS, ({"path": "body.w"},))], "the settings in force stay"

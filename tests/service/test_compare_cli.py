@@ -1,0 +1,118 @@
+"""`mirror-sampler compare` as a user runs it: bad settings refused at start-up
+with the field named, report and show on a store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from extproc.compare.config import CompareConfig, RuleCompare
+from extproc.compare.records import Capture, Side
+from extproc.compare.store import CompareStore
+from tests.support.paths import REPO
+
+ROUTES = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  rules:
+  - backendRefs: [{name: v1, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 8080}, percent: 10}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v1-again, port: 8080}, percent: 10}}
+"""
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extproc", "compare", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_settings_are_checked_against_the_routes_with_a_did_you_mean(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text(
+        "apiVersion: mirror-sampler.io/v1alpha1\nkind: MirrorSampler\nmetadata: {name: x}\n"
+        "spec:\n  compare:\n    rules:\n    - {rule: shop/web/0, secondary: v1-agian}\n"
+    )
+    done = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml"),
+               "--routes", str(tmp_path / "routes.yaml"))  # fmt: skip
+    assert done.returncode == 2
+    assert "compare.rules[0].secondary: 'v1-agian' is not one of the compared targets; did you mean v1-again?" in done.stderr
+    assert not (tmp_path / "c.db").exists(), "refused before anything was created"
+
+
+def test_report_and_show_read_the_store(tmp_path: Path) -> None:
+    config = CompareConfig(rules={"shop/web/0": RuleCompare(targets=("v2", "v1-again"), secondary="v1-again")})
+    store = CompareStore(tmp_path / "c.db", config)
+
+    def capture(side: Side, target: str, body: bytes) -> Capture:
+        targets = ("v2", "v1-again") if side is Side.PRIMARY else (target,)
+        return Capture("rid-1", "shop/web/0", side, targets, "GET", "/p", 200, (), body, False, 3.0, False, 0.0)
+
+    store.add([capture(Side.PRIMARY, "", b'{"v":1}'), capture(Side.SHADOW, "v1-again", b'{"v":1}'), capture(Side.SHADOW, "v2", b'{"v":2}')])
+    store.close()
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
+    files = ["--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
+    done = run("report", *files, "--json", "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 0, done.stderr
+    targets = {t["target"]: t for t in json.loads(done.stdout)["targets"]}
+    assert targets["v2"]["results"] == {"differs": 1} and targets["v2"]["fields"][0]["path"] == "body.v"
+    assert targets["v1-again"]["results"] == {"same": 1}
+    assert "<script" in (tmp_path / "r.html").read_text()
+    shown = run("show", "rid-1", "--db", str(tmp_path / "c.db"))
+    assert shown.returncode == 0 and "* body.v" in shown.stdout
+    assert run("show", "nope", "--db", str(tmp_path / "c.db")).returncode == 1
+    missing = run("report", "--db", str(tmp_path / "absent.db"))
+    assert missing.returncode == 2 and "absent.db: no such file" in missing.stderr
+
+
+def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Path) -> None:
+    from extproc.stack.envoy import validate
+
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
+    rendered = subprocess.run(
+        [sys.executable, "-m", "extproc", "envoy-config", "--config", str(tmp_path / "routes.yaml"), "-o", str(tmp_path / "envoy.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    settings = ["--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
+    done = run("envoy-config", str(tmp_path / "envoy.yaml"), *settings, "--observer", "127.0.0.1:50061", "-o", str(tmp_path / "out.yaml"))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "out.yaml").read_text()
+    assert "mirror-sampler.compare-capture" in text and "internalListener" in text
+    verdict = validate(tmp_path / "out.yaml")
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    snippet = tmp_path / "snippet.yaml"
+    snippet.write_text("http_filters: []\n")
+    refused = run("envoy-config", str(snippet), *settings)
+    assert refused.returncode == 2 and "not the output of `mirror-sampler envoy-config`" in refused.stderr
+
+
+def test_a_database_path_sqlite_cannot_use_is_refused_at_start_up(tmp_path: Path) -> None:
+    done = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "no-such-dir" / "c.db"))
+    assert done.returncode == 2 and "--db" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "not-sqlite.db").write_text("hello, not a database " * 100)
+    done = run("report", "--db", str(tmp_path / "not-sqlite.db"))
+    assert done.returncode == 2 and "cannot open as SQLite" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_report_reads_several_machines_files(tmp_path: Path) -> None:
+    config = CompareConfig(rules={"shop/web/0": RuleCompare(targets=("v2",))})
+    for machine in ("a", "b"):
+        store = CompareStore(tmp_path / f"{machine}.db", config)
+        targets = ("v2",)
+        store.add(
+            [
+                Capture(f"{machine}-1", "shop/web/0", Side.PRIMARY, targets, "GET", "/", 200, (), b"1", False, 1.0, False, 0.0),
+                Capture(f"{machine}-1", "shop/web/0", Side.SHADOW, targets, "GET", "/", 200, (), b"2", False, 1.0, False, 0.0),
+            ]
+        )
+        store.close()
+    done = run("report", "--db", str(tmp_path / "a.db"), "--db", str(tmp_path / "b.db"), "--json")
+    assert done.returncode == 0, done.stderr
+    [target] = json.loads(done.stdout)["targets"]
+    assert target["results"] == {"differs": 2} and target["fields"][0]["examples"] == ["a-1", "b-1"]

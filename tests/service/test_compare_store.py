@@ -1,0 +1,156 @@
+"""The SQLite store: joins across processes, the join timeout, the bounds."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from extproc.compare.config import CompareConfig, Retention, RuleCompare
+from extproc.compare.judge import Comparison
+from extproc.compare.noise import Rates, Result
+from extproc.compare.records import Capture, Side
+from extproc.compare.store import CompareStore
+
+RULE = "shop/web/0"
+CONFIG = CompareConfig(rules={RULE: RuleCompare(targets=("candidate", "secondary"), secondary="secondary")})
+TARGETS = ("candidate", "secondary")
+
+
+def capture(request_id: str, side: Side, target: str = "", at: float = 1000.0, body: bytes = b'{"v":1}', status: int = 200) -> Capture:
+    targets = TARGETS if side is Side.PRIMARY else (target,)
+    return Capture(request_id, RULE, side, targets, "GET", "/x", status, (), body, False, 5.0, False, at)
+
+
+def sides(request_id: str) -> list[Capture]:
+    """A request's three captures; the candidate differs on v for even ids."""
+    n = int(request_id.split("-")[1])
+    return [
+        capture(request_id, Side.PRIMARY),
+        capture(request_id, Side.SHADOW, "secondary"),
+        capture(request_id, Side.SHADOW, "candidate", body=b'{"v":2}' if n % 2 == 0 else b'{"v":1}'),
+    ]
+
+
+def write(db: str, captures: list[Capture], seed: int) -> None:
+    """One worker: its captures one by one, in its own order."""
+    store = CompareStore(db, CONFIG)
+    random.Random(seed).shuffle(captures)
+    for c in captures:
+        store.add([c])
+    store.close()
+
+
+def test_two_processes_writing_the_two_sides_join_every_request_exactly_once(tmp_path: Path) -> None:
+    db = str(tmp_path / "compare.db")
+    CompareStore(db, CONFIG).close()
+    ids = [f"req-{i}" for i in range(300)]
+    # Each capture goes to one of two workers at random: a request's sides
+    # are split between processes in every way, in every order.
+    rng = random.Random(7)
+    shares: list[list[Capture]] = [[], []]
+    for rid in ids:
+        for c in sides(rid):
+            shares[rng.randrange(2)].append(c)
+    assert all(shares)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=write, args=(db, share, seed)) for seed, share in enumerate(shares)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    store = CompareStore(db, CONFIG)
+    comparisons = store.comparisons()
+    assert Counter((c.request_id, c.target) for c in comparisons) == Counter({(rid, t): 1 for rid in ids for t in TARGETS})
+    assert store.pending_count() == 0
+    results = Counter((c.target, c.result) for c in comparisons)
+    assert results == {("secondary", Result.SAME): 300, ("candidate", Result.DIFFERS): 150, ("candidate", Result.SAME): 150}
+    assert store.rates(RULE, "candidate").differing == {"body.v": 150}
+
+
+def test_a_group_that_waits_past_the_join_timeout_is_judged_with_what_came(tmp_path: Path) -> None:
+    config = CompareConfig(rules=CONFIG.rules, retention=Retention(join_timeout_s=10))
+    store = CompareStore(tmp_path / "c.db", config)
+    assert store.add([capture("a", Side.PRIMARY, at=100.0), capture("a", Side.SHADOW, "secondary", at=100.0)]) == []
+    assert store.add([capture("b", Side.SHADOW, "candidate", at=100.0)]) == []
+    assert store.add([capture("c", Side.PRIMARY, at=105.0)]) == []
+    assert store.sweep(now=109.0) == [], "nothing is late yet"
+    late = store.sweep(now=111.0)
+    assert sorted((c.request_id, c.target, c.result) for c in late) == [
+        ("a", "candidate", Result.SHADOW_MISSING),
+        ("a", "secondary", Result.SAME),
+        ("b", "candidate", Result.PRIMARY_MISSING),
+    ]
+    assert store.pending_count() == 1, "c waits on"
+
+
+def test_pending_captures_and_comparisons_stay_within_their_bounds(tmp_path: Path) -> None:
+    retention = Retention(max_comparisons=20, max_age_s=50, max_pending=5, join_timeout_s=1000)
+    store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
+    for i in range(12):
+        store.add([capture(f"lonely-{i}", Side.PRIMARY, at=100.0 + i)])
+    for i in range(30):
+        store.add(sides(f"req-{i}"))
+    store.sweep(now=120.0)
+    assert store.pending_count() == 5
+    assert store.dropped() == {"pending_over_bound": 7}
+    kept = store.comparisons()
+    assert len(kept) == 20 and kept[-1].request_id == "req-29", "the newest are kept"
+    # The rates follow what is kept, without rescanning it.
+    for target in TARGETS:
+        rows = [c for c in kept if c.target == target]
+        paths = Counter(f["path"] for c in rows for f in c.fields)
+        assert store.rates(RULE, target) == Rates(len(rows), dict(paths))
+    store.sweep(now=1000.0 + 51)
+    assert store.comparisons() == [], "older than max_age"
+    assert store.rates(RULE, "candidate").compared == 0, "the field rows went with their comparisons"
+
+
+def test_bodies_and_values_are_kept_only_when_enabled(tmp_path: Path) -> None:
+    quiet = CompareStore(tmp_path / "a.db", CONFIG)
+    [secondary, candidate] = sorted(quiet.add(sides("req-0")), key=lambda c: c.target != "secondary")
+    assert candidate.fields == ({"path": "body.v"},)
+    loud = CompareStore(tmp_path / "b.db", CompareConfig(rules=CONFIG.rules, store_values=True))
+    found = {c.target: c for c in loud.add(sides("req-0"))}
+    assert found["candidate"].fields == ({"path": "body.v", "primary": "1", "shadow": "2"},)
+    assert secondary.result is Result.SAME
+
+
+def test_ten_thousand_requests_that_never_join_are_dropped_to_the_bound_and_counted(tmp_path: Path) -> None:
+    retention = Retention(max_pending=1000, join_timeout_s=1e6)
+    store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
+    store.add([capture(f"lonely-{i}", Side.PRIMARY, at=float(i)) for i in range(10_000)])
+    store.sweep(now=10_000.0)
+    assert store.pending_count() == 1000
+    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_sweep == 9000
+    # The oldest went: a late shadow of a kept request still joins.
+    late = store.add([capture("lonely-9999", Side.SHADOW, t) for t in TARGETS])
+    assert {c.result for c in late} == {Result.SAME}
+
+
+def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    import threading
+
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    release = threading.Event()
+
+    class SlowStore(CompareStore):
+        def add(self, captures: Sequence[Capture]) -> list[Comparison]:
+            release.wait(30)
+            return super().add(captures)
+
+    metrics = CompareMetrics()
+    writer = Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, bound=10)
+    writer.start()
+    for i in range(50):
+        writer.offer(capture(f"r{i}", Side.PRIMARY))  # never blocks
+    dropped = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
+    assert dropped is not None and 50 - 10 - 1 <= dropped <= 50 - 10, "the bound, plus the one batch the writer holds"
+    release.set()
+    writer.stop()
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped

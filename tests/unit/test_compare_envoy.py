@@ -1,0 +1,102 @@
+"""The capture points added to a rendered configuration (pure data)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from extproc.compare.envoy import (
+    CAPTURE_FILTER,
+    CAPTURE_LISTENER,
+    CAPTURE_SERVICE_CLUSTER,
+    CAPTURE_SHADOW_CLUSTER,
+    TARGET_HEADER,
+    add_capture,
+)
+from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
+from extproc.config.settings import Settings
+from extproc.envoy.render import Address, Topology, as_data, backend_names, bootstrap_config
+from extproc.server.store import load_policy
+from tests.support.paths import CONFORMANCE
+
+POLICY = load_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}))
+RENDERED = as_data(bootstrap_config(POLICY, Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)})))
+MULTI = POLICY.rules[2]  # two mirrors: infra-backend-v2 and infra-backend-v3
+COMPARED = {MULTI.id: ("infra-backend-v2",)}
+OBSERVERS = [Address("127.0.0.1", 50061), Address("127.0.0.1", 50062)]
+
+
+def manager(config: dict[str, Any]) -> dict[str, Any]:
+    typed: dict[str, Any] = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    return typed
+
+
+def routes(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for host in manager(config)["routeConfig"]["virtualHosts"] for r in host["routes"]}
+
+
+def test_the_capture_filter_runs_after_the_sampler_disabled_on_the_listener() -> None:
+    filters = manager(add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS))["httpFilters"]
+    names = [f["name"] for f in filters]
+    assert names.index(CAPTURE_FILTER) == len(names) - 2 and names[-1] == "envoy.filters.http.router"
+    capture = filters[-2]
+    assert capture["disabled"] is True
+    assert capture["typedConfig"]["observabilityMode"] is True and capture["typedConfig"]["failureModeAllow"] is True
+    mode = capture["typedConfig"]["processingMode"]
+    assert mode["requestHeaderMode"] == "SKIP" and mode["responseHeaderMode"] == "SKIP", "sends nothing unless a variant says so"
+
+
+def test_only_the_compared_rule_is_touched_and_only_its_compared_targets_go_through_the_capture_listener() -> None:
+    before, after = routes(RENDERED), routes(add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS))
+    assert after.keys() == before.keys()
+    for name, route in after.items():
+        if not name.startswith(MULTI.id):
+            assert route == before[name], name
+    plain = after[MULTI.id]["typedPerFilterConfig"][CAPTURE_FILTER]
+    assert plain["config"]["overrides"] == {}, "enabled, sending nothing"
+    both = after[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
+    clusters = [p["cluster"] for p in both["route"]["requestMirrorPolicies"]]
+    assert clusters == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
+    headers = [m["append"]["header"] for m in both["route"]["requestMirrorPolicies"][0]["requestHeadersMutations"]]
+    assert {"key": TARGET_HEADER, "value": "infra-backend-v2"} in headers
+    overrides = both["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]
+    assert overrides["processingMode"]["responseBodyMode"] == "STREAMED"
+    [metadata] = overrides["grpcInitialMetadata"]
+    assert metadata["key"] == CAPTURE_METADATA
+    assert CaptureTag.decode(metadata["value"]) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",))
+    only_v3 = after[f"{MULTI.id} mirror infra-backend-v3"]
+    assert CAPTURE_FILTER not in only_v3.get("typedPerFilterConfig", {}), "mirrors only a target not compared: observes nothing"
+    assert only_v3["route"] == before[f"{MULTI.id} mirror infra-backend-v3"]["route"]
+
+
+def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_without_mirroring() -> None:
+    config = add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS)
+    listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
+    assert "internalListener" in listener and "address" not in listener
+    typed = listener["filterChains"][0]["filters"][0]["typedConfig"]
+    assert typed["preserveExternalRequestId"] is True
+    [route] = typed["routeConfig"]["virtualHosts"][0]["routes"]
+    assert route["route"] == {"cluster": "infra-backend-v2", "timeout": "15s"}, "no mirror policy: no loop"
+    assert {h["name"] for h in route["match"]["headers"]} == {POLICY.marker_header, TARGET_HEADER}
+    assert route["requestHeadersToRemove"] == [TARGET_HEADER]
+    tag = route["typedPerFilterConfig"][CAPTURE_FILTER]["overrides"]["grpcInitialMetadata"][0]["value"]
+    assert CaptureTag.decode(tag) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",))
+    clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
+    endpoints = clusters[CAPTURE_SERVICE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
+    internal = clusters[CAPTURE_SHADOW_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
+    assert internal == {"envoyInternalAddress": {"serverListenerName": CAPTURE_LISTENER}}
+    assert [e["name"] for e in config["bootstrapExtensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
+    config = add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS, shadow_timeout_s=1.5)
+    listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
+    [route] = listener["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
+    assert route["route"]["timeout"] == "1.500s"
+
+
+def test_the_rendered_configuration_is_not_changed_in_place() -> None:
+    snapshot = json.dumps(RENDERED, sort_keys=True)
+    add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS)
+    assert json.dumps(RENDERED, sort_keys=True) == snapshot
