@@ -21,11 +21,11 @@ from pathlib import Path
 
 import grpc
 import structlog
-import watchfiles
 from google.protobuf.message import DecodeError
 
 from ..config.errors import ConfigError
-from ..server.store import touches
+from ..config.source import ConfigFile, ConfigSource
+from ..watch import AsyncDriver
 from ..wire import SERVICE_NAME, HttpHeaders, ProcessingRequest
 from .config import CompareConfig
 from .judge import Comparison
@@ -116,7 +116,7 @@ class Writer:
             return
         try:
             self._record(store.add(batch))
-        except Exception:  # noqa: BLE001 - a broken disk must not stop the observer; counted and logged
+        except Exception:
             log.exception("compare_store_failed", captures=len(batch))
             self.metrics.dropped("store_failed", len(batch))
 
@@ -165,42 +165,66 @@ class CaptureService:
 
 @dataclass
 class ObserverSettings:
-    """What ``serve`` needs; ``reload`` re-reads the settings file (ConfigError
-    when it is wrong), ``watched`` is that file (None: nothing to watch)."""
+    """What ``serve`` needs; ``parse`` reads a new content of the settings
+    file (ConfigError when it is wrong), ``watched`` is that file (None:
+    nothing to watch)."""
 
     host: str
     port: int
     config: CompareConfig
     store_path: str
-    reload: Callable[[], CompareConfig] | None = None
-    watched: Path | None = None
+    parse: Callable[[str], CompareConfig] | None = None
+    watched: str | None = None
+
+
+@dataclass(frozen=True)
+class _SettingsFile:
+    config: str
+
+
+def _read(file: ConfigFile) -> str | None:
+    try:
+        return Path(file.config).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"--config {file.config}: cannot read: {e}"]) from None
+
+
+class _Reloads:
+    """The settings file's judge (``config.source``): a valid edit applies to
+    what is captured and judged next; an invalid one is logged and counted,
+    the settings in force stay. (Which rules and targets Envoy captures is
+    Envoy's configuration.)"""
+
+    def __init__(self, parse: Callable[[str], CompareConfig], apply: Callable[[CompareConfig], None], metrics: CompareMetrics) -> None:
+        self.parse = parse
+        self.apply = apply
+        self.metrics = metrics
+
+    def judge(self, text: str | None, reason: str) -> None:
+        config = self.parse(text or "")
+        self.apply(config)
+        self.metrics.reload("ok")
+        log.info("compare_reloaded", rules=sorted(config.rules), reason=reason)
+
+    def unchanged(self, reason: str) -> None:
+        pass
+
+    def rejected(self, reason: str, problems: list[str]) -> None:
+        self.metrics.reload("invalid")
+        log.warning("compare_reload_refused", problems=problems, reason=reason)
+
+    def failed(self, reason: str, error: Exception) -> None:
+        self.metrics.reload("invalid")
+        log.error("compare_reload_failed", error=repr(error), reason=reason)
 
 
 async def watch(settings: ObserverSettings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:
-    """A valid edit of the settings file applies to what is captured and
-    judged next; an invalid one is logged and counted, the settings in force
-    stay. (Which rules and targets Envoy captures is Envoy's configuration.)"""
-    if settings.watched is None or settings.reload is None:
+    """Reloads the settings file through the one configuration source."""
+    if settings.watched is None or settings.parse is None:
         return
-    reload = settings.reload
-    watched = settings.watched.absolute()
-    last = watched.read_bytes() if watched.exists() else b""
-    async for changes in watchfiles.awatch(watched.parent, stop_event=stop, debounce=200, step=50, recursive=False):
-        if not touches(changes, watched):
-            continue
-        text = watched.read_bytes() if watched.exists() else b""
-        if text == last:
-            continue
-        last = text
-        try:
-            config = await asyncio.to_thread(reload)
-        except ConfigError as e:
-            metrics.reload("invalid")
-            log.warning("compare_reload_refused", problems=e.problems)
-            continue
-        apply(config)
-        metrics.reload("ok")
-        log.info("compare_reloaded", rules=sorted(config.rules))
+    file = _SettingsFile(str(Path(settings.watched).absolute()))
+    source = ConfigSource(file, _Reloads(settings.parse, apply, metrics), _read(file), read=_read)
+    await AsyncDriver(source).watch(stop)
 
 
 async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Callable[[int], None]) -> None:

@@ -32,7 +32,7 @@ def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
     if not routes:
         return None
     from ..config.settings import Settings
-    from ..server.store import load_policy
+    from ..config.source import load_policy
 
     policy = load_policy(Settings.load({"MIRROR_CONFIG": routes}))
     return {rule.id: tuple(m.backend for m in rule.mirrors) for rule in policy.rules if rule.mirrors}
@@ -43,10 +43,18 @@ def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
     bare ``compare:`` mapping; checked against the routes when they are given."""
     if not path:
         return CompareConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
+    return parse_config_text(text, path, routes)
+
+
+def parse_config_text(text: str, path: str, routes: str | None = None) -> CompareConfig:
     mirrors = rule_mirrors(routes)
     try:
-        docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d is not None]
-    except (OSError, yaml.YAMLError) as e:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == "MirrorSampler":
@@ -88,8 +96,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         port,
         config,
         args.db,
-        reload=lambda: load_config(args.config, args.routes),
-        watched=Path(args.config) if args.config else None,
+        parse=(lambda text: parse_config_text(text, args.config, args.routes)) if args.config else None,
+        watched=args.config or None,
     )
     asyncio.run(serve(settings, metrics, ready))
     return 0
@@ -175,12 +183,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def _marker_header(routes: str | None) -> str:
     """The header every mirrored copy carries with its rule id (a sampler setting)."""
     from ..config.settings import Settings
-    from ..server.store import load_policy
+    from ..config.source import load_policy
 
     environ = dict(os.environ)
     if routes:
         environ["MIRROR_CONFIG"] = routes
-    return load_policy(Settings.load(environ)).marker_header
+    return load_policy(Settings.load(environ)).slot_headers.marker
 
 
 def _open_store(path: str, config: CompareConfig, *, create: bool = False) -> CompareStore:

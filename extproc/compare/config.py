@@ -28,7 +28,7 @@ class RuleCompare:
 
     targets: tuple[str, ...]
     secondary: str | None = None
-    diff_rules: DiffRules = DiffRules()
+    diff_rules: DiffRules = field(default_factory=DiffRules)
     margin: float = DEFAULT_MARGIN
 
 

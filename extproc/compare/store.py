@@ -123,7 +123,7 @@ class CompareStore:
                         encode_capture(capture),
                         capture.body,
                         capture.captured_at,
-                    ),  # fmt: skip
+                    ),
                 )
                 primary, shadows = self._group(capture.rule, capture.request_id)
                 if primary is not None and all(t in shadows for t in primary.targets):

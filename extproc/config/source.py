@@ -22,7 +22,15 @@ from .errors import ConfigError
 from .settings import Settings
 
 
-def read_manifest(settings: Settings) -> str | None:
+class ConfigFile(Protocol):
+    """Where a source's file is: ``Settings`` (MIRROR_CONFIG), or another
+    consumer's file (``compare capture``'s settings)."""
+
+    @property
+    def config(self) -> str: ...
+
+
+def read_manifest(settings: ConfigFile) -> str | None:
     """The MIRROR_CONFIG file's text (None in simple mode, which has no file)."""
     if not settings.config:
         return None
@@ -91,7 +99,9 @@ class ConfigSource:
     (SIGHUPs, events) costs at most one more read.
     """
 
-    def __init__(self, settings: Settings, judge: Judge, built_from: str | None, read: Callable[[Settings], str | None] = read_manifest):
+    def __init__(
+        self, settings: ConfigFile, judge: Judge, built_from: str | None, read: Callable[[ConfigFile], str | None] = read_manifest
+    ) -> None:
         """``built_from``: the text the consumer's state was built from at
         start-up (judged already: a later edit must not pass for it)."""
         self.settings = settings

@@ -29,9 +29,9 @@ from extproc.compare.envoy import CAPTURE_LISTENER, add_capture
 from extproc.compare.noise import Result
 from extproc.compare.store import CompareStore
 from extproc.config.settings import Settings
+from extproc.config.source import load_policy
 from extproc.core.sampling import Fraction, decide
 from extproc.envoy.render import Address, Topology, as_data, bootstrap_config, to_yaml
-from extproc.server.store import load_policy
 from extproc.stack.children import Child
 from extproc.stack.envoy import EnvoyProcess
 from tests.support.harness import Client
@@ -195,7 +195,7 @@ def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, i
     rendered = as_data(bootstrap_config(policy, topology))
     settings = observers_config(tmp_path)
     observed = [Address("127.0.0.1", o.port) for o in observers]
-    config = add_capture(rendered, settings.compared(), policy.marker_header, observed, settings.shadow_timeout_s)
+    config = add_capture(rendered, settings.compared(), policy.slot_headers.marker, observed, settings.shadow_timeout_s)
     (tmp_path / "envoy.yaml").write_text(to_yaml(config))
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
     started.append(envoy)
@@ -315,7 +315,7 @@ def test_a_shadow_that_cannot_be_reached_or_never_answers_is_a_shadow_error(tmp_
 def run_against_failing_candidate(
     tmp_path: Path, started: list[Any], backends: dict[str, VersionedServer], closed: int, failure: str
 ) -> None:
-    envoy, observers, db = start_gateway(tmp_path, started, {**{n: s.port for n, s in backends.items()}, "candidate": closed})
+    envoy, _observers, db = start_gateway(tmp_path, started, {**{n: s.port for n, s in backends.items()}, "candidate": closed})
     client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
     ids = [f"{key}-field" for key in KEYS]
     for rid in ids:

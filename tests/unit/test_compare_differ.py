@@ -135,5 +135,5 @@ def test_status_is_a_field() -> None:
 
 @pytest.mark.parametrize("text", ["bodyx", "cookie.a", "body.", "body[x]", "header.a.b", "header.**", "status.a", 'body["open'])
 def test_bad_patterns_are_refused_with_the_reason(text: str) -> None:
-    with pytest.raises(PatternError, match="body|header|status|position"):
+    with pytest.raises(PatternError, match=r"body|header|status|position"):
         Pattern.of(text)

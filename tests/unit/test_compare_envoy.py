@@ -15,8 +15,8 @@ from extproc.compare.envoy import (
 )
 from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
 from extproc.config.settings import Settings
+from extproc.config.source import load_policy
 from extproc.envoy.render import Address, Topology, as_data, backend_names, bootstrap_config
-from extproc.server.store import load_policy
 from tests.support.paths import CONFORMANCE
 
 POLICY = load_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}))
@@ -36,7 +36,7 @@ def routes(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_the_capture_filter_runs_after_the_sampler_disabled_on_the_listener() -> None:
-    filters = manager(add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS))["httpFilters"]
+    filters = manager(add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS))["httpFilters"]
     names = [f["name"] for f in filters]
     assert names.index(CAPTURE_FILTER) == len(names) - 2 and names[-1] == "envoy.filters.http.router"
     capture = filters[-2]
@@ -47,7 +47,7 @@ def test_the_capture_filter_runs_after_the_sampler_disabled_on_the_listener() ->
 
 
 def test_only_the_compared_rule_is_touched_and_only_its_compared_targets_go_through_the_capture_listener() -> None:
-    before, after = routes(RENDERED), routes(add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS))
+    before, after = routes(RENDERED), routes(add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS))
     assert after.keys() == before.keys()
     for name, route in after.items():
         if not name.startswith(MULTI.id):
@@ -70,14 +70,14 @@ def test_only_the_compared_rule_is_touched_and_only_its_compared_targets_go_thro
 
 
 def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_without_mirroring() -> None:
-    config = add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS)
+    config = add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS)
     listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
     assert "internalListener" in listener and "address" not in listener
     typed = listener["filterChains"][0]["filters"][0]["typedConfig"]
     assert typed["preserveExternalRequestId"] is True
     [route] = typed["routeConfig"]["virtualHosts"][0]["routes"]
     assert route["route"] == {"cluster": "infra-backend-v2", "timeout": "15s"}, "no mirror policy: no loop"
-    assert {h["name"] for h in route["match"]["headers"]} == {POLICY.marker_header, TARGET_HEADER}
+    assert {h["name"] for h in route["match"]["headers"]} == {POLICY.slot_headers.marker, TARGET_HEADER}
     assert route["requestHeadersToRemove"] == [TARGET_HEADER]
     tag = route["typedPerFilterConfig"][CAPTURE_FILTER]["overrides"]["grpcInitialMetadata"][0]["value"]
     assert CaptureTag.decode(tag) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",))
@@ -90,7 +90,7 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
 
 
 def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
-    config = add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS, shadow_timeout_s=1.5)
+    config = add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS, shadow_timeout_s=1.5)
     listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
     [route] = listener["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
     assert route["route"]["timeout"] == "1.500s"
@@ -98,5 +98,5 @@ def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
 
 def test_the_rendered_configuration_is_not_changed_in_place() -> None:
     snapshot = json.dumps(RENDERED, sort_keys=True)
-    add_capture(RENDERED, COMPARED, POLICY.marker_header, OBSERVERS)
+    add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS)
     assert json.dumps(RENDERED, sort_keys=True) == snapshot
