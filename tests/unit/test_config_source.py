@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
-from extproc.config.source import ConfigSource, touches
+from extproc.config.source import ConfigFile, ConfigSource, touches
 
 SETTINGS = Settings.load({"MIRROR_CONFIG": "/config/routes.yaml"})
 
@@ -58,7 +58,7 @@ class File:
         self.reads: list[str] = []
         self.on_read: Callable[[], None] | None = None
 
-    def read(self, settings: Settings) -> str:
+    def read(self, settings: ConfigFile) -> str:
         self.reads.append(self.text)
         read = self.text
         if self.on_read is not None:
@@ -95,7 +95,7 @@ def test_an_unreadable_file_is_rejected_each_time_and_judges_nothing() -> None:
     judge = Recorder()
     reads: Iterator[str | ConfigError] = iter([ConfigError(["cannot read"]), ConfigError(["cannot read"]), "a"])
 
-    def read(settings: Settings) -> str:
+    def read(settings: ConfigFile) -> str:
         got = next(reads)
         if isinstance(got, ConfigError):
             raise got
