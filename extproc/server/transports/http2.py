@@ -330,13 +330,16 @@ class _BlockDecoder:
     ``hpack`` takes about 18 µs to decode (a third of the sampler's CPU per
     request). A block that neither added to nor evicted from the table decodes
     to the same headers for as long as the table is unchanged, so its result
-    is replayed for the same bytes in the same table state. The table changes
-    only by additions (counted here) and evictions (which shrink it), so
-    (additions, entries) identifies its state; a block that changed the table
-    is never replayed.
+    is replayed for the same bytes in the same decoder state. The entries
+    change only by additions (counted here) and evictions from the oldest end,
+    so (additions, entries) identifies them; with the table's maximum size
+    (which dynamic table size updates change without touching an entry) that
+    is the decoder's whole state. A block that changed any of the three is
+    never replayed: a block of bare size updates replayed under another
+    maximum size would leave this table smaller than the peer's.
     """
 
-    __slots__ = ("hpack", "entries", "additions", "cache", "checks")
+    __slots__ = ("hpack", "table", "entries", "additions", "cache", "checks")
 
     CACHED_BLOCKS = 64  # per connection: Envoy's blocks differ by little more than the rule id
     CACHED_BLOCK_BYTES = 512
@@ -345,6 +348,7 @@ class _BlockDecoder:
         self.hpack = hpack.Decoder(max_header_list_size=HARD_HEADER_LIST_SIZE)
         self.hpack.max_allowed_table_size = HEADER_TABLE_SIZE
         table = self.hpack.header_table
+        self.table = table
         self.entries = table.dynamic_entries
         self.additions = 0
         add = table.add
@@ -354,19 +358,19 @@ class _BlockDecoder:
             add(name, value)
 
         table.add = counting_add  # type: ignore[method-assign]  # an instance attribute: this decoder's table only
-        self.cache: dict[bytes, tuple[tuple[int, int], list[tuple[bytes, bytes]]]] = {}
+        self.cache: dict[bytes, tuple[tuple[int, int, int], list[tuple[bytes, bytes]]]] = {}
         # _check_request of a replayed header list, by the list's identity (the
         # value keeps the list alive, so its id cannot be reused meanwhile).
         self.checks: dict[int, tuple[list[tuple[bytes, bytes]], _Request | None]] = {}
 
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """The block's headers (raw bytes); HPACKError as ``hpack`` raises it."""
-        state = (self.additions, len(self.entries))
+        state = (self.additions, len(self.entries), self.table.maxsize)
         hit = self.cache.get(block)
         if hit is not None and hit[0] == state:
             return hit[1]
         headers: list[tuple[bytes, bytes]] = self.hpack.decode(block, raw=True)  # type: ignore[assignment]
-        if (self.additions, len(self.entries)) == state and len(block) <= self.CACHED_BLOCK_BYTES:
+        if (self.additions, len(self.entries), self.table.maxsize) == state and len(block) <= self.CACHED_BLOCK_BYTES:
             if len(self.cache) >= self.CACHED_BLOCKS:
                 self.cache.clear()
             self.cache[block] = (state, headers)
