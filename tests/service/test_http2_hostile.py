@@ -170,11 +170,11 @@ def test_stream_errors_keep_the_connection(srv: ServerThread, fake: FakeServicer
         assert p.rst(1) == STREAM_CLOSED
         p.send(frame(WINDOW_UPDATE, 0, 1, b"\x00\x00\x00\x01") + frame(RST_STREAM, 0, 1, _rst(CANCEL)))  # ignored
         p.send(frame(PRIORITY, 0, 9, b"\x00\x00\x00\x01\x10"))  # PRIORITY on an idle stream: ignored
-        # HEADERS on a stream id at or below the highest seen: closed.
+        # HEADERS again on a stream that was used and ended: closed.
         p.open(5, end=True)
         p.headers(5)
-        p.open(3, end=True)
-        assert p.rst(3) == STREAM_CLOSED
+        p.open(5, end=True)
+        assert p.rst(5) == STREAM_CLOSED
         # DATA after the client's END_STREAM (half-closed remote): STREAM_CLOSED.
         p.open(7)
         p.data(7, b"", end=True)
@@ -203,6 +203,18 @@ def test_stream_errors_keep_the_connection(srv: ServerThread, fake: FakeServicer
         assert p.goaway() == (19, FLOW_CONTROL_ERROR)
     wait_until(lambda: srv.stream_count() == 0)
     assert all(s.closed == 1 for s in fake.streams)
+
+
+def test_a_new_stream_id_below_an_earlier_one_is_a_connection_error(srv: ServerThread) -> None:
+    """Regression: RFC 9113 section 5.1.1 makes a new stream whose id is lower than
+    one already opened a connection error PROTOCOL_ERROR (it was RST_STREAM STREAM_CLOSED)."""
+    with Peer(srv.port) as p:
+        p.handshake()
+        p.open(5, end=True)
+        p.headers(5)
+        p.open(3, end=True)  # 3 was never used: opening 5 closed it implicitly
+        assert p.goaway() == (5, PROTOCOL_ERROR)
+        assert not [f for f in p.frames if f.type == RST_STREAM and f.sid == 3]
 
 
 def test_continuation_flood(srv: ServerThread) -> None:

@@ -25,6 +25,8 @@ Design:
   streams are therefore stream errors (RST_STREAM STREAM_CLOSED) or ignored,
   never connection errors: a late frame crossing our own RST_STREAM cannot be
   told from a misbehaving peer without remembering every closed stream.
+  The ids a peer skips are remembered (a few ranges): a HEADERS on one of
+  those opens a stream out of order, a connection error (section 5.1.1).
 - Streams we end while the client still sends (an early status) are ended
   with RST_STREAM NO_ERROR after the trailers (RFC 9113 section 8.1) and
   forgotten at once, so the table only holds streams the client keeps open.
@@ -58,6 +60,7 @@ import re
 import ssl as ssl_module
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Final, Protocol
@@ -134,6 +137,7 @@ RESET_BURST = 1000.0  # streams the peer may reset before sending a message, at 
 RESET_RATE = 200.0  # ... and per second after that
 SETTINGS_BURST = 100.0  # SETTINGS frames (each may touch every open stream) at once ...
 SETTINGS_RATE = 10.0  # ... and per second after that
+MAX_SKIPPED_RANGES = 64  # ranges of stream ids a peer jumped over, remembered to tell them from closed streams
 CLOSE_LINGER = 1.0  # seconds a connection in error stays half-open so the peer reads the GOAWAY
 
 _HDR = struct.Struct(">HBBBI")  # length (24 bits as 16 + 8), type, flags, stream id
@@ -448,6 +452,7 @@ class _Connection(asyncio.Protocol):
         self.preface_ok = False
         self.expect_settings = True
         self.highest = 0  # highest client stream id seen: lower unknown ids are closed, higher are idle
+        self.skipped: deque[tuple[int, int]] = deque(maxlen=MAX_SKIPPED_RANGES)  # stream ids the peer jumped over
         self.goaway_sid: int | None = None  # set once we sent GOAWAY
         self.peer_goaway = False
         self.dead = False  # no further input is processed
@@ -796,9 +801,14 @@ class _Connection(asyncio.Protocol):
                 self._remote_end(st, out)
             return
         if sid <= self.highest:
+            if self._never_opened(sid):
+                # RFC 9113 section 5.1.1: a new stream id must exceed every one opened before.
+                raise _ConnectionError(PROTOCOL_ERROR, "a new stream id lower than an earlier one")
             if self.goaway_sid is None or sid <= self.goaway_sid:
                 out.append(_rst_frame(sid, STREAM_CLOSED))
             return
+        if sid > self.highest + 2:
+            self.skipped.append((self.highest + 2, sid - 2))
         self.highest = sid
         if self.goaway_sid is not None:
             return  # after GOAWAY, newer streams are ignored; the peer retries them elsewhere
@@ -807,6 +817,13 @@ class _Connection(asyncio.Protocol):
             self._charge_reset()
             return
         self._open(sid, end, headers, out)
+
+    def _never_opened(self, sid: int) -> bool:
+        """Whether ``sid`` (at or below the highest) was skipped rather than used.
+        Closed streams are not remembered, but the ids a peer skips are (as ranges,
+        the latest MAX_SKIPPED_RANGES): a HEADERS on a used id is a frame on a closed
+        stream (STREAM_CLOSED), on a skipped one an attempt to open a stream out of order."""
+        return any(lo <= sid <= hi for lo, hi in self.skipped)
 
     def _open(self, sid: int, end: int, headers: list[tuple[bytes, bytes]], out: list[bytes]) -> None:
         request = self.decoder.checked(headers)
