@@ -6,11 +6,17 @@ a fresh grpcio channel's health Check succeeds."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import select
 import socket
+import threading
 import tracemalloc
 from collections.abc import Iterator
 
+import grpc
+import hpack
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.server.health import SERVING
 from extproc.server.transports import http2
@@ -549,3 +555,91 @@ def test_partial_messages_are_bounded_across_connections(srv: ServerThread, monk
         assert b.headers(1)[0]["grpc-status"] == "8"
         assert srv.call(lambda: srv.transport.partial_bytes) == 2005  # b's partial is freed
     wait_until(lambda: srv.call(lambda: srv.transport.partial_bytes) == 0)
+
+
+class LargeAnswers:
+    """Answers every message with 16 KiB: output outgrows input by far."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def open_stream(self, rule_id: str | None) -> LargeAnswers:
+        self.opened += 1
+        return self
+
+    def message(self, data: bytes) -> bytes | None:
+        return b"a" * 16384
+
+    def close(self) -> None:
+        pass
+
+
+def _flood(port: int, zero_window: bool, stop: threading.Event, sent: list[int]) -> None:
+    """Requests as fast as the server takes them, never reading an answer; reconnects when dropped."""
+    while not stop.is_set():
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.setblocking(False)
+            encoder = hpack.Encoder()
+            pending = PREFACE + settings_frame(*([(0x4, 0)] if zero_window else []))
+            sid = 1
+            while not stop.is_set():
+                if not pending:
+                    chunk = []
+                    for _ in range(200):
+                        block = encoder.encode(request_headers())
+                        chunk.append(frame(HEADERS, END_HEADERS, sid, block) + frame(DATA, END_STREAM, sid, grpc_frame(b"q")))
+                        sid += 2
+                    pending = b"".join(chunk)
+                select.select([], [s], [], 0.05)
+                try:
+                    n = s.send(pending)
+                except BlockingIOError:
+                    continue
+                pending = pending[n:]
+                sent[0] += n
+
+
+def _flood_many(port: int, connections: int) -> None:
+    """A separate process (the server's loop must not share a GIL with its attackers):
+    ``connections`` flooding peers, half of them granting no window, until killed."""
+    stop = threading.Event()
+    sent = [0]
+    floods = [threading.Thread(target=_flood, args=(port, i % 2 == 0, stop, sent), daemon=True) for i in range(connections)]
+    for t in floods:
+        t.start()
+    for t in floods:
+        t.join()
+
+
+def _queued_output(srv: ServerThread) -> int:
+    """What the server holds for its peers: unsent bytes and DATA waiting for window."""
+    return srv.call(
+        lambda: sum(c.transport.get_write_buffer_size() + c.pending_bytes for c in srv.transport.connections if c.transport is not None)
+    )
+
+
+def test_peers_that_never_read_hold_bounded_output_and_others_are_served() -> None:
+    """Regression: a dozen connections sending requests without reading (zero
+    window, or not reading the socket) made the server queue about 90 MiB and
+    delayed another client's Health/Check by more than 6 s. Now each such peer is
+    no longer read once its output backs up, what is queued is bounded per
+    connection and in total, and a well-behaved client is answered meanwhile."""
+    servicer = LargeAnswers()
+    with server_thread(servicer) as srv:
+        attackers = multiprocessing.get_context("spawn").Process(target=_flood_many, args=(srv.port, 12), daemon=True)
+        attackers.start()
+        try:
+            wait_until(lambda: servicer.opened > 100, timeout=30)  # witness: the hostile peers are being served
+            peak = 0
+            for _ in range(30):
+                peak = max(peak, _queued_output(srv))
+                # A fresh client's whole exchange (connect, handshake, Check) with a deadline far below the old delay.
+                with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                assert reply.status == SERVING
+            assert peak <= http2.MAX_QUEUED_TOTAL, peak
+        finally:
+            attackers.terminate()
+            attackers.join(10)

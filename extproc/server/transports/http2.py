@@ -132,12 +132,14 @@ MAX_CONNECTIONS = 1024  # Envoy keeps a few per worker thread; more is a peer ho
 PREFACE_TIMEOUT = 10.0  # seconds a new connection gets to send the preface and its SETTINGS
 IDLE_TIMEOUT = 3600.0  # seconds without input and without streams before GOAWAY (Envoy's own upstream default)
 SWEEP_INTERVAL = 1.0  # how often connections are checked against the two timeouts
-MAX_OUTPUT_BUFFER = 8 << 20  # unsent output per connection (transport buffer + flow-control queue)
+OUTPUT_HIGH_WATER = 64 << 10  # unsent output at which a connection is no longer read (the transport's high-water mark)
+MAX_OUTPUT_BUFFER = 1 << 20  # output held per connection (unsent + waiting for window): past it, GOAWAY ENHANCE_YOUR_CALM
 RESET_BURST = 1000.0  # streams the peer may reset before sending a message, at once ...
 RESET_RATE = 200.0  # ... and per second after that
 SETTINGS_BURST = 100.0  # SETTINGS frames (each may touch every open stream) at once ...
 SETTINGS_RATE = 10.0  # ... and per second after that
 MAX_SKIPPED_RANGES = 64  # ranges of stream ids a peer jumped over, remembered to tell them from closed streams
+MAX_QUEUED_TOTAL = 16 << 20  # output held across all connections: past it, a backed-up connection is sent away
 CLOSE_LINGER = 1.0  # seconds a connection in error stays half-open so the peer reads the GOAWAY
 
 _HDR = struct.Struct(">HBBBI")  # length (24 bits as 16 + 8), type, flags, stream id
@@ -464,6 +466,9 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = MIN_FRAME_SIZE
         self.pending_bytes = 0
         self.partial_bytes = 0
+        self.out_bytes = 0  # DATA bytes produced by the read in progress, not yet written
+        self.queued = 0  # unsent + window-blocked bytes, as last counted into owner.queued_bytes
+        self.write_paused = False  # the transport's buffer is above OUTPUT_HIGH_WATER: input waits
         self.cont_sid = 0  # stream whose header block continues in CONTINUATION frames
         self.cont_end = 0
         self.cont_frames = 0
@@ -490,6 +495,7 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         self.owner.connections.add(self)
+        transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
         transport.write(SERVER_PREFACE)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -500,19 +506,29 @@ class _Connection(asyncio.Protocol):
         for st in list(self.streams.values()):
             self._drop(st)
         self.inbuf = b""
+        self.owner.queued_bytes -= self.queued
+        self.queued = 0
         self.owner._forget(self)
 
     def eof_received(self) -> bool | None:
         return False  # the peer is gone: close our side too
 
     def pause_writing(self) -> None:
-        # A peer that does not read gets no more work done for it: stop reading its requests.
+        # A peer that does not read gets no more work done for it: its input
+        # waits (even the rest of a read in progress) until its output drains.
+        self.write_paused = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self.write_paused = False
+        if self.dead or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        try:
+            self._received(b"")  # the input that waited
+        except Exception as e:  # noqa: BLE001
+            self._fail(INTERNAL_ERROR, f"internal error: {type(e).__name__}")
 
     def data_received(self, data: bytes) -> None:
         if self.dead:
@@ -528,6 +544,9 @@ class _Connection(asyncio.Protocol):
 
     def _received(self, data: bytes) -> None:
         buf = self.inbuf + data if self.inbuf else data
+        if self.write_paused:
+            self.inbuf = buf  # at most what one read had left (reading is paused)
+            return
         if not self.preface_ok:
             n = min(len(buf), len(PREFACE))
             if buf[:n] != PREFACE[:n]:
@@ -594,9 +613,17 @@ class _Connection(asyncio.Protocol):
                 elif ftype == PUSH_PROMISE:
                     raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
                 # Unknown frame types are ignored (RFC 9113 section 4.1).
+                if self.out_bytes >= OUTPUT_HIGH_WATER or len(out) >= 1024:
+                    # One read can carry thousands of requests: write as we go, and
+                    # stop (keeping the rest) once the peer is not reading.
+                    self._write(out)
+                    if self.write_paused or self.dead:
+                        break
         except _ConnectionError as e:
             self._flush(out)
             self._fail(e.code, str(e))
+            return
+        if self.dead:
             return
         self.inbuf = buf[pos:] if pos < end else b""
         if self.window_opened:
@@ -812,7 +839,9 @@ class _Connection(asyncio.Protocol):
         self.highest = sid
         if self.goaway_sid is not None:
             return  # after GOAWAY, newer streams are ignored; the peer retries them elsewhere
-        if len(self.streams) >= MAX_CONCURRENT_STREAMS:
+        if len(self.streams) >= MAX_CONCURRENT_STREAMS or self.pending_bytes > OUTPUT_HIGH_WATER:
+            # Too many streams, or answers already waiting for a window the peer
+            # does not grant: no new work for this peer (it may retry the stream).
             out.append(_rst_frame(sid, REFUSED_STREAM))
             self._charge_reset()
             return
@@ -976,6 +1005,7 @@ class _Connection(asyncio.Protocol):
         if not st.pending and n <= self.send_window and n <= st.send_window and n <= self.peer_max_frame:
             self.send_window -= n
             st.send_window -= n
+            self.out_bytes += n
             out.append(_DATA_MSG.pack(n >> 8, n & 0xFF, DATA, 0, sid, 0, len(message)) + message)
             return
         st.pending += b"\x00" + len(message).to_bytes(4, "big") + message
@@ -990,6 +1020,7 @@ class _Connection(asyncio.Protocol):
             if n <= 0:
                 return
             out.append(_frame_header(n, DATA, 0, st.sid) + pending[:n])
+            self.out_bytes += n
             del pending[:n]
             self.send_window -= n
             st.send_window -= n
@@ -1060,22 +1091,32 @@ class _Connection(asyncio.Protocol):
         if not self.streams and (self.goaway_sid is not None or self.peer_goaway):
             self.close_when_idle = True
 
-    def _flush(self, out: list[bytes]) -> None:
+    def _write(self, out: list[bytes]) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         if out:
-            transport.write(b"".join(out))
+            transport.write(b"".join(out))  # may call pause_writing
             out.clear()
+        self.out_bytes = 0
+        queued = transport.get_write_buffer_size() + self.pending_bytes
+        owner = self.owner
+        owner.queued_bytes += queued - self.queued
+        self.queued = queued
+        if self.dead:
+            return
+        if queued > MAX_OUTPUT_BUFFER or (owner.queued_bytes > MAX_QUEUED_TOTAL and queued > OUTPUT_HIGH_WATER):
+            # The peer does not read (or grants no window) yet keeps us busy.
+            self._fail(ENHANCE_YOUR_CALM, "output not read")
+
+    def _flush(self, out: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._write(out)
         if self.close_when_idle and not self.streams and not self.dead:
             self.dead = True
             transport.close()
-            return
-        if transport.get_write_buffer_size() + self.pending_bytes > MAX_OUTPUT_BUFFER:
-            # The peer does not read (or grants no window) yet keeps us busy.
-            self.dead = True
-            self.owner._error("protocol")
-            transport.abort()
 
     def _fail(self, code: int, message: str) -> None:
         """Connection error: GOAWAY, forget every stream, let the peer read it, close."""
@@ -1155,6 +1196,7 @@ class Http2Transport:
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
         self.partial_bytes = 0  # partial messages held across all connections
+        self.queued_bytes = 0  # output held across all connections (unsent + waiting for window)
         self._sweeper: asyncio.TimerHandle | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
