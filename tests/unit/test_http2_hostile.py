@@ -12,6 +12,7 @@ import pytest
 
 from extproc.server.transports import http2
 from extproc.server.transports.http2.limits import Budget, Limits
+from extproc.server.transports.http2.protocol import EVENTS_PER_PARSE
 from tests.support.h2memory import FakeServicer, MemoryPeer
 from tests.support.h2wire import (
     CANCEL,
@@ -527,10 +528,13 @@ def test_a_batch_of_input_stops_producing_at_the_high_water_mark() -> None:
     p.service.serve(p.conn)
     assert p.conn.want_write
     produced = len(p.conn.data_to_send())
-    assert limits.output_high_water <= produced <= limits.output_high_water + 2048
-    assert servicer.opened < 20  # the other requests are not even parsed
+    # Parsing runs ahead of the answers by at most EVENTS_PER_PARSE events (two per request here).
+    answer = len(grpc_frame(b"a" * 1024)) + 9 + 64  # DATA, and the response HEADERS
+    assert limits.output_high_water <= produced <= limits.output_high_water + EVENTS_PER_PARSE // 2 * answer
+    assert servicer.opened < 20 + EVENTS_PER_PARSE // 2  # the other requests are not even parsed
     p.pump()  # a peer that reads: everything is answered, batch by batch
-    assert servicer.opened == 1000 and p.writes > 50
+    assert servicer.opened == 1000
+    assert p.writes >= 1000 * answer // (limits.output_high_water + EVENTS_PER_PARSE // 2 * answer)  # in bounded writes
 
 
 def test_answers_waiting_for_window_refuse_new_streams() -> None:
@@ -540,7 +544,8 @@ def test_answers_waiting_for_window_refuse_new_streams() -> None:
     servicer = CountingServicer(answer=b"a" * 1024)
     p = MemoryPeer(servicer, limits=limits)
     p.handshake((0x4, 0))  # no stream window at all
-    p.send(_requests(p, 1, 20))
+    for sid in range(1, 41, 2):
+        p.send(_requests(p, sid, 1))  # one request per read
     assert limits.output_high_water < p.conn.pending_bytes <= limits.output_high_water + 1029
     refused = [f.sid for f in p.read_all() if f.type == RST_STREAM and int.from_bytes(f.payload, "big") == REFUSED_STREAM]
     assert servicer.opened == 20 - len(refused) < 10
@@ -549,6 +554,18 @@ def test_answers_waiting_for_window_refuse_new_streams() -> None:
     assert p.conn.pending_bytes <= limits.output_high_water
     p.send(_requests(p, 41, 1))
     assert servicer.opened == 20 - len(refused) + 1  # new work again
+
+
+def test_one_read_of_many_requests_overshoots_by_at_most_one_parse() -> None:
+    """Within one read, parsing runs ahead of the answers by EVENTS_PER_PARSE
+    events: refusals start at most that late."""
+    limits = Limits(output_high_water=8 << 10)
+    servicer = CountingServicer(answer=b"a" * 1024)
+    p = MemoryPeer(servicer, limits=limits)
+    p.handshake((0x4, 0))
+    p.send(_requests(p, 1, 200))
+    assert p.conn.pending_bytes <= limits.output_high_water + EVENTS_PER_PARSE * 1029
+    assert servicer.opened < 200
 
 
 def test_answers_waiting_for_window_past_the_connection_limit_are_a_goaway() -> None:

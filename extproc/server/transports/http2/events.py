@@ -1,59 +1,28 @@
 """What the HTTP/2 protocol asks of the application (events), and the
-connection error it raises internally. Plain data."""
+connection error it raises internally. Plain data.
+
+An event is a tuple ``(kind, stream id, value)``: tuples, not classes, because
+the hot path makes three per request (a class with ``__init__`` costs a
+Python call each)."""
 
 from __future__ import annotations
 
+from typing import Any
 
-class Request:
-    """A Process stream was opened: the application opens its processor."""
+REQUEST = 0
+"""A Process stream was opened (value: the rule id or None): the application opens its processor."""
+MESSAGE = 1
+"""A request message on a Process stream (value: bytes): the application may ``send_message``."""
+CHECK_QUERY = 2
+"""A Health Check (value: the service): answer once with ``health``."""
+WATCH_QUERY = 3
+"""A Health Watch (value: the service): answer with ``health`` now and on every change."""
+CLOSED = 4
+"""A stream announced by REQUEST or WATCH_QUERY is gone, however it ended (value: None)."""
+INPUT_ENDED = 5
+"""Internal, never returned: the peer's END_STREAM, acted on once the messages before it are answered."""
 
-    __slots__ = ("sid", "rule")
-
-    def __init__(self, sid: int, rule: str | None) -> None:
-        self.sid = sid
-        self.rule = rule
-
-
-class Message:
-    """A request message on a Process stream: the application may ``send_message``."""
-
-    __slots__ = ("sid", "data")
-
-    def __init__(self, sid: int, data: bytes) -> None:
-        self.sid = sid
-        self.data = data
-
-
-class HealthQuery:
-    """A Health Check (answer once with ``health``) or Watch (answer now and on every change)."""
-
-    __slots__ = ("sid", "service", "watch")
-
-    def __init__(self, sid: int, service: str, watch: bool) -> None:
-        self.sid = sid
-        self.service = service
-        self.watch = watch
-
-
-class Closed:
-    """A stream announced by Request or a Watch is gone, however it ended."""
-
-    __slots__ = ("sid",)
-
-    def __init__(self, sid: int) -> None:
-        self.sid = sid
-
-
-Event = Request | Message | HealthQuery | Closed
-
-
-class InputEnded:
-    """Internal: the peer's END_STREAM, acted on once the messages before it are answered."""
-
-    __slots__ = ("sid",)
-
-    def __init__(self, sid: int) -> None:
-        self.sid = sid
+Event = tuple[int, int, Any]  # the value's type depends on the kind (above)
 
 
 class ConnectionFailure(Exception):
@@ -62,10 +31,6 @@ class ConnectionFailure(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-# What the adapter does with the socket once the output is written.
-OPEN, CLOSE, FAIL, ABORT = range(4)
 
 
 # What the adapter does with the socket once the output is written: keep it,

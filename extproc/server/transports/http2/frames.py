@@ -8,6 +8,8 @@ from typing import Final
 
 import hpack
 
+from .events import ConnectionFailure
+
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Frame types (section 6).
@@ -78,6 +80,29 @@ def ping_ack(payload: bytes) -> bytes:
 
 
 SETTINGS_ACK: Final = frame_header(0, SETTINGS, ACK, 0)
+
+
+def settings_values(payload: bytes) -> tuple[int | None, int | None]:
+    """(INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE) of a SETTINGS payload (a multiple of
+    6 bytes; the last value of each counts), None where absent; ConnectionFailure
+    for a value section 6.5.2 forbids."""
+    initial = max_frame = None
+    for i in range(0, len(payload), 6):
+        ident, value = SETTING.unpack_from(payload, i)
+        if ident == S_INITIAL_WINDOW_SIZE:
+            if value > MAX_WINDOW:
+                raise ConnectionFailure(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
+            initial = value
+        elif ident == S_MAX_FRAME_SIZE:
+            if not MIN_FRAME_SIZE <= value <= (1 << 24) - 1:
+                raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+            max_frame = value
+        elif ident == S_ENABLE_PUSH and value > 1:
+            raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
+        # HEADER_TABLE_SIZE: our encoding never uses the peer's dynamic table.
+        # MAX_CONCURRENT_STREAMS: we open none. MAX_HEADER_LIST_SIZE: ours are tiny.
+        # Unknown settings are ignored.
+    return initial, max_frame
 
 
 def server_preface(max_concurrent_streams: int, stream_window: int, max_header_list_size: int, connection_window: int) -> bytes:

@@ -7,7 +7,7 @@ from collections import deque
 
 from extproc.core.ratelimit import TokenBucket
 
-from .events import Closed, ConnectionFailure, Event, InputEnded
+from .events import CLOSED, ConnectionFailure, Event
 from .frames import DATA, DATA_MESSAGE, DEFAULT_WINDOW, ENHANCE_YOUR_CALM, MIN_FRAME_SIZE, NO_ERROR, frame_header, rst_frame
 from .grpc import CHECK, GRPC_NOT_FOUND, GRPC_OK, RESPONSE_HEADERS, health_response
 from .limits import Budget, Limits
@@ -23,7 +23,7 @@ class StreamOutput:
         self.budget = budget
         self.streams: dict[int, Stream] = {}
         self.blocked: dict[int, Stream] = {}  # streams with DATA waiting for window
-        self.events: deque[Event | InputEnded] = deque()
+        self.events: deque[Event] = deque()
         self.out: list[bytes] = []
         self.out_bytes = 0  # DATA bytes in ``out``: a batch of input stops producing once they pass the high-water mark
         self.send_window = DEFAULT_WINDOW
@@ -50,7 +50,7 @@ class StreamOutput:
             self._finish(st, status, message)
 
     def health(self, sid: int, status: int | None) -> None:
-        """The serving status for a HealthQuery: a Check's answer (None: unknown
+        """The serving status for a CHECK_QUERY or WATCH_QUERY: a Check's answer (None: unknown
         service), or a Watch's current status (sent only when it changed)."""
         st = self.streams.get(sid)
         if st is None:
@@ -146,7 +146,7 @@ class StreamOutput:
         self.budget.partial_bytes += change
 
     def _drop(self, st: Stream) -> None:
-        """Forget a stream, however it ended: the one place a Closed event is made."""
+        """Forget a stream, however it ended: the one place a CLOSED event is made."""
         sid = st.sid
         if self.streams.pop(sid, None) is None:
             return
@@ -156,6 +156,6 @@ class StreamOutput:
         if st.buf:
             self._partial(-len(st.buf))
         if st.announced:
-            self.events.append(Closed(sid))
+            self.events.append((CLOSED, sid, None))
         if not self.streams and (self.goaway_sid is not None or self.peer_goaway):
             self.close_when_idle = True

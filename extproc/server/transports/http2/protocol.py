@@ -5,9 +5,9 @@ application answers through methods (``send_message``, ``end_stream``,
 ``health``), and bytes to write come out (``data_to_send()``). No sockets, no
 asyncio, no servicer: the adapter (adapter.py) owns those.
 
-Events are pulled one at a time, so a stream's answer is produced before
-the frames that follow its request are read (an END_STREAM right after a
-message ends the stream after the message is answered).
+Events are pulled one at a time and kept in order with the protocol's own
+steps: an END_STREAM right after a message ends the stream after the message
+is answered.
 
 Design (RFC 9113 section numbers):
 - Request header blocks are decoded in order, every one, even for streams
@@ -45,7 +45,7 @@ from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 from extproc.core.ratelimit import TokenBucket
 
-from .events import ABORT, CLOSE, FAIL, OPEN, ConnectionFailure, Event, HealthQuery, InputEnded, Message, Request
+from .events import ABORT, CHECK_QUERY, CLOSE, FAIL, INPUT_ENDED, MESSAGE, OPEN, REQUEST, WATCH_QUERY, ConnectionFailure, Event
 from .frames import (
     ACK,
     COMPRESSION_ERROR,
@@ -72,10 +72,6 @@ from .frames import (
     PUSH_PROMISE,
     REFUSED_STREAM,
     RST_STREAM,
-    S_ENABLE_PUSH,
-    S_INITIAL_WINDOW_SIZE,
-    S_MAX_FRAME_SIZE,
-    SETTING,
     SETTINGS,
     SETTINGS_ACK,
     STREAM_CLOSED,
@@ -84,6 +80,7 @@ from .frames import (
     ping_ack,
     rst_frame,
     server_preface,
+    settings_values,
     window_frame,
 )
 from .grpc import (
@@ -100,6 +97,12 @@ from .hpack_replay import BlockDecoder
 from .limits import Budget, Limits
 from .output import StreamOutput
 from .streams import Stream, messages_in
+
+# Frames are parsed ahead of the application by at most this many events: a
+# parse costs a set-up, so not one per event, and the output one batch of input
+# produces stays near ``Limits.output_high_water`` (checked between parses).
+# Order is kept: an END_STREAM is acted on after the messages queued before it.
+EVENTS_PER_PARSE = 64
 
 
 class Connection(StreamOutput):
@@ -152,15 +155,16 @@ class Connection(StreamOutput):
         while True:
             while events:
                 ev = events.popleft()
-                if type(ev) is Message:
-                    if ev.sid in self.streams:
+                kind = ev[0]
+                if kind == MESSAGE:
+                    if ev[1] in self.streams:  # not ended meanwhile
                         return ev
-                elif type(ev) is InputEnded:
-                    st = self.streams.get(ev.sid)
+                elif kind == INPUT_ENDED:
+                    st = self.streams.get(ev[1])
                     if st is not None:
                         self._input_ended(st)
                 else:
-                    return ev  # type: ignore[return-value]  # Request, HealthQuery, Closed
+                    return ev
             if (self.dead or not self._parse()) and not events:
                 break  # (events left after a connection error: the Closed of its streams)
         if not self.dead and not self.want_write:
@@ -168,7 +172,8 @@ class Connection(StreamOutput):
         return None
 
     def _parse(self) -> bool:
-        """Frames up to the first that produces events; whether any frame was read."""
+        """Frames until EVENTS_PER_PARSE events are waiting or the output must be
+        written first; whether any frame was read."""
         self.want_write = False
         buf, pos = self.inbuf, self.inpos
         end = len(buf)
@@ -245,7 +250,7 @@ class Connection(StreamOutput):
                 elif ftype == PUSH_PROMISE:
                     raise ConnectionFailure(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
                 # Unknown frame types are ignored (section 4.1).
-                if events:
+                if len(events) >= EVENTS_PER_PARSE:
                     break
         except ConnectionFailure as e:
             self._fail(e.code, str(e))
@@ -306,18 +311,30 @@ class Connection(StreamOutput):
         st.recv_window -= length
         st.recv_unacked += length
         if payload:
-            held = len(st.buf)
-            problem = messages_in(st, payload, self.max_message, self._message)
-            self._partial(len(st.buf) - held)
-            if problem is not None:
-                self._finish(st, problem[0], problem[1])
-                return
+            n = len(payload) - 5
+            if (
+                not st.buf
+                and st.kind == PROCESS
+                and 0 <= n <= self.max_message
+                and not payload[0]
+                and int.from_bytes(payload[1:5], "big") == n
+            ):
+                # Envoy's case, without a call per message: one whole message in one frame.
+                st.got_message = True
+                self.events.append((MESSAGE, st.sid, payload[5:]))
+            else:
+                held = len(st.buf)
+                problem = messages_in(st, payload, self.max_message, self._message)
+                self._partial(len(st.buf) - held)
+                if problem is not None:
+                    self._finish(st, problem[0], problem[1])
+                    return
             if st.buf and (self.partial_bytes > self.limits.max_partial_bytes or self.budget.partial_bytes > self.limits.max_partial_total):
                 self._finish(st, GRPC_RESOURCE_EXHAUSTED, "too many partial messages buffered")
                 return
         if flags & END_STREAM:
             st.remote_closed = True
-            self.events.append(InputEnded(st.sid))
+            self.events.append((INPUT_ENDED, st.sid, None))
         elif st.recv_unacked >= self.limits.stream_window >> 2:
             self.out.append(window_frame(st.sid, st.recv_unacked))
             st.recv_window += st.recv_unacked
@@ -328,7 +345,7 @@ class Connection(StreamOutput):
         kind = st.kind
         if kind == PROCESS:
             st.got_message = True
-            self.events.append(Message(st.sid, msg))
+            self.events.append((MESSAGE, st.sid, msg))
             return None
         if st.got_message:
             return (GRPC_INTERNAL, "expected one request message")
@@ -339,7 +356,7 @@ class Connection(StreamOutput):
         st.service = service
         if kind == WATCH:
             st.announced = True
-            self.events.append(HealthQuery(st.sid, service, True))
+            self.events.append((WATCH_QUERY, st.sid, service))
         return None
 
     def _input_ended(self, st: Stream) -> None:
@@ -351,7 +368,7 @@ class Connection(StreamOutput):
         elif not st.got_message:
             self._finish(st, GRPC_INTERNAL, "expected one request message")
         elif st.kind == CHECK:
-            self.events.append(HealthQuery(st.sid, st.service, False))
+            self.events.append((CHECK_QUERY, st.sid, st.service))
         # WATCH: a half-closed Watch keeps streaming.
 
     def _continuation(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
@@ -409,7 +426,7 @@ class Connection(StreamOutput):
                 self._reset(st, PROTOCOL_ERROR)
             else:
                 st.remote_closed = True
-                self.events.append(InputEnded(sid))
+                self.events.append((INPUT_ENDED, sid, None))
             return
         if sid <= self.highest:
             if any(lo <= sid <= hi for lo, hi in self.skipped):
@@ -445,10 +462,10 @@ class Connection(StreamOutput):
         self.streams[sid] = st
         if kind == PROCESS:
             st.announced = True
-            self.events.append(Request(sid, rule))
+            self.events.append((REQUEST, sid, rule))
         if end:
             st.remote_closed = True
-            self.events.append(InputEnded(sid))
+            self.events.append((INPUT_ENDED, sid, None))
 
     def _rst_stream(self, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -501,29 +518,17 @@ class Connection(StreamOutput):
             if payload:
                 raise ConnectionFailure(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
-        length = len(payload)
-        if length % 6:
+        if len(payload) % 6:
             raise ConnectionFailure(FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
         # A window change touches every open stream: a SETTINGS flood would cost
         # (streams x frames), so SETTINGS frames are rationed like resets.
         if not self.settings.take(self.now):
             raise ConnectionFailure(ENHANCE_YOUR_CALM, "too many SETTINGS frames")
-        initial = self.peer_initial_window
-        for i in range(0, length, 6):
-            ident, value = SETTING.unpack_from(payload, i)
-            if ident == S_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise ConnectionFailure(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
-                initial = value  # only the last value in a frame matters
-            elif ident == S_MAX_FRAME_SIZE:
-                if not MIN_FRAME_SIZE <= value <= (1 << 24) - 1:
-                    raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
-                self.peer_max_frame = value
-            elif ident == S_ENABLE_PUSH and value > 1:
-                raise ConnectionFailure(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH not 0 or 1")
-            # HEADER_TABLE_SIZE: our encoding never uses the peer's dynamic table.
-            # MAX_CONCURRENT_STREAMS: we open none. MAX_HEADER_LIST_SIZE: ours are tiny.
-            # Unknown settings are ignored (section 6.5.2).
+        initial, max_frame = settings_values(payload)
+        if max_frame is not None:
+            self.peer_max_frame = max_frame
+        if initial is None:
+            initial = self.peer_initial_window
         delta = initial - self.peer_initial_window
         if delta:
             self.peer_initial_window = initial
