@@ -150,11 +150,14 @@ def test_stream_errors_keep_the_connection() -> None:
     assert p.rst(1) == STREAM_CLOSED
     p.send(frame(WINDOW_UPDATE, 0, 1, b"\x00\x00\x00\x01") + frame(RST_STREAM, 0, 1, rst_code(CANCEL)))  # ignored
     p.send(frame(PRIORITY, 0, 9, b"\x00\x00\x00\x01\x10"))  # PRIORITY on an idle stream: ignored
-    # HEADERS again on a stream that was used and ended: closed.
+    # Trailers on a stream that was used and ended (they may cross our answer): closed.
     p.open(5, end=True)
     p.headers(5)
-    p.open(5, end=True)
+    p.send(frame(HEADERS, END_HEADERS | END_STREAM, 5, p.block([("x-t", "1")])))
     assert p.rst(5) == STREAM_CLOSED
+    # WINDOW_UPDATE of 0 on a closed stream: RST_STREAM PROTOCOL_ERROR (section 6.9, any state).
+    p.send(frame(WINDOW_UPDATE, 0, 5, b"\x00\x00\x00\x00"))
+    assert p.rst(5) == PROTOCOL_ERROR
     # DATA after the client's END_STREAM (half-closed remote): STREAM_CLOSED.
     p.open(7)
     p.data(7, b"", end=True)
@@ -198,15 +201,49 @@ def test_a_new_stream_id_below_an_earlier_one_is_a_connection_error() -> None:
     assert not [f for f in p.frames if f.type == RST_STREAM and f.sid == 5]
 
 
-def test_skipped_ids_are_remembered_within_a_bound() -> None:
+@pytest.mark.parametrize(("sid", "code"), [(9, PROTOCOL_ERROR), (1, STREAM_CLOSED)])
+def test_skipped_ids_are_remembered_within_a_bound(sid: int, code: int) -> None:
     p = MemoryPeer(limits=Limits(max_skipped_ranges=2))
     p.handshake()
-    for sid in (3, 7, 11):  # three ranges skipped: 1, 5, 9; only the last two are remembered
-        p.open(sid, end=True)
-    p.open(1, end=True)  # forgotten: answered as a closed stream
-    assert p.rst(1) == STREAM_CLOSED
-    p.open(9, end=True)
-    assert p.goaway() == (11, PROTOCOL_ERROR)
+    for used in (3, 7, 11):  # three ranges skipped: 1, 5, 9; only the last two are remembered
+        p.open(used, end=True)
+    p.open(sid, end=True)  # 1 is forgotten: taken for a used, closed stream
+    assert p.goaway() == (11, code)
+
+
+def test_a_request_on_a_used_stream_is_a_connection_error() -> None:
+    """A request is a stream's first frame, so it never crosses our RST_STREAM:
+    reusing a closed stream id is section 5.1's connection error STREAM_CLOSED."""
+    p = MemoryPeer()
+    p.handshake()
+    p.open(1, end=True)
+    p.headers(1)
+    p.open(1, end=True)
+    assert p.goaway() == (1, STREAM_CLOSED)
+
+
+def test_a_stream_that_depends_on_itself_is_a_stream_error() -> None:
+    """Section 5.3.1, in HEADERS and in PRIORITY; the header block is still decoded."""
+    fake = FakeServicer()
+    p = MemoryPeer(fake)
+    p.handshake()
+    block = p.block(request_headers(extra=[("x-mirror-rule-id", "r")]))  # indexes into the dynamic table
+    p.send(frame(HEADERS, END_HEADERS | 0x20, 1, (1).to_bytes(4, "big") + b"\x10" + block))
+    assert p.rst(1) == PROTOCOL_ERROR
+    p.open(3)
+    p.send(frame(PRIORITY, 0, 3, (3).to_bytes(4, "big") + b"\x10"))
+    assert p.rst(3) == PROTOCOL_ERROR
+    p.open(5, end=True, extra=[("x-mirror-rule-id", "r")])  # refers to the entries the refused block added
+    assert p.headers(5)[0]["grpc-status"] == "0"
+    assert [s.rule_id for s in fake.streams] == [None, "r"] and not p.sent_by_server(GOAWAY)
+
+
+def test_padding_is_checked_on_closed_streams_too() -> None:
+    p = MemoryPeer()
+    p.handshake()
+    p.open(1, end=True)
+    p.send(frame(DATA, 0x8, 1, b"\x05abc"))
+    assert p.goaway() == (1, PROTOCOL_ERROR)
 
 
 def test_continuation_flood() -> None:

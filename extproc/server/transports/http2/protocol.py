@@ -102,6 +102,9 @@ from .streams import Stream, messages_in
 # parse costs a set-up, so not one per event, and the output one batch of input
 # produces stays near ``Limits.output_high_water`` (checked between parses).
 # Order is kept: an END_STREAM is acted on after the messages queued before it.
+# Not a wire flag: a HEADERS frame's priority names its own stream (carried with END_STREAM).
+SELF_DEPENDENT = 0x100
+
 EVENTS_PER_PARSE = 64
 
 
@@ -217,7 +220,7 @@ class Connection(StreamOutput):
                 elif ftype == DATA:
                     st = streams.get(sid)
                     if st is None:
-                        self._data_no_stream(sid, length)
+                        self._data_no_stream(sid, flags, payload)
                     else:
                         self._data(st, flags, payload)
                 elif ftype == HEADERS:
@@ -236,7 +239,7 @@ class Connection(StreamOutput):
                     if not flags & ACK:
                         out.append(ping_ack(payload))
                 elif ftype == PRIORITY:
-                    self._priority(sid, length)
+                    self._priority(sid, payload)
                 elif ftype == GOAWAY:
                     if sid:
                         raise ConnectionFailure(PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -278,11 +281,14 @@ class Connection(StreamOutput):
             self.dead = True
             self.state = CLOSE
 
-    def _data_no_stream(self, sid: int, length: int) -> None:
+    def _data_no_stream(self, sid: int, flags: int, payload: bytes) -> None:
+        length = len(payload)
         if sid == 0:
             raise ConnectionFailure(PROTOCOL_ERROR, "DATA on stream 0")
         if sid > self.highest:
             raise ConnectionFailure(PROTOCOL_ERROR, "DATA on an idle stream")
+        if flags & PADDED and (not length or payload[0] >= length):
+            raise ConnectionFailure(PROTOCOL_ERROR, "padding longer than the frame")
         # Closed stream: its DATA still counts against the connection window
         # (section 6.9), and the peer is told the stream is closed.
         self._consume_connection(length)
@@ -397,19 +403,22 @@ class Connection(StreamOutput):
                 end -= payload[0]
                 start = 1
             if flags & PRIORITY_FLAG:
-                start += 5
-                if start > end:
+                if start + 5 > end:
                     raise ConnectionFailure(FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+                if int.from_bytes(payload[start : start + 4], "big") & 0x7FFFFFFF == sid:
+                    flags |= SELF_DEPENDENT  # section 5.3.1: a stream error, once the block is decoded
+                start += 5
             payload = payload[start:end]
         if flags & END_HEADERS:
-            self._header_block(sid, flags & END_STREAM, payload)
+            self._header_block(sid, flags & (END_STREAM | SELF_DEPENDENT), payload)
         else:
             self.cont_sid = sid
-            self.cont_end = flags & END_STREAM
+            self.cont_end = flags & (END_STREAM | SELF_DEPENDENT)
             self.cont_frames = 0
             self.cont_block = bytearray(payload)
 
-    def _header_block(self, sid: int, end: int, block: bytes) -> None:
+    def _header_block(self, sid: int, flags: int, block: bytes) -> None:
+        end = flags & END_STREAM
         # Always decode, whatever becomes of the stream: the dynamic table must stay in step.
         try:
             headers = self.decoder.decode(bytes(block))
@@ -431,6 +440,11 @@ class Connection(StreamOutput):
         if sid <= self.highest:
             if any(lo <= sid <= hi for lo, hi in self.skipped):
                 raise ConnectionFailure(PROTOCOL_ERROR, "a new stream id lower than an earlier one")
+            if any(k[:1] == b":" for k, _ in headers):
+                # A request on a stream that was used and closed: never a frame crossing
+                # our RST_STREAM (a request is a stream's first frame), so section 5.1's
+                # connection error. Trailers may cross; they get a stream error.
+                raise ConnectionFailure(STREAM_CLOSED, "a request on a closed stream")
             if self.goaway_sid is None or sid <= self.goaway_sid:
                 self.out.append(rst_frame(sid, STREAM_CLOSED))
             return
@@ -439,6 +453,10 @@ class Connection(StreamOutput):
         self.highest = sid
         if self.goaway_sid is not None:
             return  # after GOAWAY, newer streams are ignored; the peer retries them elsewhere
+        if flags & SELF_DEPENDENT:
+            self.out.append(rst_frame(sid, PROTOCOL_ERROR))
+            self._charge_reset()
+            return
         if len(self.streams) >= self.limits.max_concurrent_streams or self.pending_bytes > self.limits.output_high_water:
             # Too many streams, or answers already waiting for a window the peer
             # does not grant: no new work for this peer (it may retry the stream).
@@ -500,6 +518,8 @@ class Connection(StreamOutput):
         if st is None:
             if sid > self.highest:
                 raise ConnectionFailure(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+            if not increment:
+                self._stream_error(sid, PROTOCOL_ERROR)  # section 6.9, whatever the stream's state
             return  # closed: may cross our RST or END_STREAM (section 5.1)
         if not increment:
             self._reset(st, PROTOCOL_ERROR)
@@ -540,16 +560,23 @@ class Connection(StreamOutput):
                 self.window_opened = True
         self.out.append(SETTINGS_ACK)
 
-    def _priority(self, sid: int, length: int) -> None:
+    def _priority(self, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise ConnectionFailure(PROTOCOL_ERROR, "PRIORITY on stream 0")
-        if length != 5:
-            st = self.streams.get(sid)
-            if st is not None:
-                self._reset(st, FRAME_SIZE_ERROR)
-            else:
-                self.out.append(rst_frame(sid, FRAME_SIZE_ERROR))
+        if len(payload) != 5:
+            self._stream_error(sid, FRAME_SIZE_ERROR)
+        elif int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+            self._stream_error(sid, PROTOCOL_ERROR)  # a stream cannot depend on itself (section 5.3.1)
         # Otherwise ignored (section 5.3.2 deprecates the scheme), on any stream state.
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        """RST_STREAM ``code`` on ``sid``, open or not; rationed like every reset we are made to send."""
+        st = self.streams.get(sid)
+        if st is not None:
+            self._reset(st, code)
+        else:
+            self.out.append(rst_frame(sid, code))
+            self._charge_reset()
 
     def drain(self) -> None:
         """Graceful stop: GOAWAY so the peer opens nothing new, end Watch streams,
