@@ -102,10 +102,12 @@ from .streams import Stream, messages_in
 # parse costs a set-up, so not one per event, and the output one batch of input
 # produces stays near ``Limits.output_high_water`` (checked between parses).
 # Order is kept: an END_STREAM is acted on after the messages queued before it.
+EVENTS_PER_PARSE = 64
+# Small frames (PING and SETTINGS acknowledgements, resets) count too: after this
+# many waiting to be written, the adapter writes before more input is parsed.
+FRAMES_PER_WRITE = 1024
 # Not a wire flag: a HEADERS frame's priority names its own stream (carried with END_STREAM).
 SELF_DEPENDENT = 0x100
-
-EVENTS_PER_PARSE = 64
 
 
 class Connection(StreamOutput):
@@ -196,7 +198,7 @@ class Connection(StreamOutput):
             limit = self.limits.output_high_water
             out = self.out
             while end - pos >= 9:
-                if self.out_bytes >= limit or len(out) >= 1024:
+                if self.out_bytes >= limit or len(out) >= FRAMES_PER_WRITE:
                     # One read can carry thousands of requests: the adapter writes
                     # what they produced, and stops reading a peer that does not read.
                     self.want_write = True
