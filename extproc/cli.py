@@ -90,7 +90,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     rules = policy.rules
     mirrors = sum(len(r.mirrors) for r in rules)
     print(f"configuration OK: {len(policy.routes)} route(s), {len(rules)} rule(s), {mirrors} mirror target(s)")
-    print(summarize(policy, parsed.skipped if parsed else ()), end="")
+    print(summarize(policy, parsed.skipped if parsed else (), parsed.compare if parsed else None), end="")
     return 0
 
 

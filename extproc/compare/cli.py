@@ -16,7 +16,9 @@ import yaml
 
 from ..config.addresses import split_address
 from ..config.errors import ConfigError
-from .config import CompareConfig, parse_compare
+from ..config.manifest_yaml import load_with_duplicates, yaml_problem
+from ..config.manifests import SWITCH_KIND, parse_manifests, sampler_document
+from .config import CompareConfig, mirror_targets, parse_compare
 from .judge import Comparison
 from .store import CompareStore
 
@@ -34,13 +36,13 @@ def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
     from ..config.settings import Settings
     from ..config.source import load_policy
 
-    policy = load_policy(Settings.load({"MIRROR_CONFIG": routes}))
-    return {rule.id: tuple(m.backend for m in rule.mirrors) for rule in policy.rules if rule.mirrors}
+    return mirror_targets(load_policy(Settings.load({"MIRROR_CONFIG": routes})).routes)
 
 
 def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
-    """A file with a MirrorSampler document whose spec has ``compare``, or a
-    bare ``compare:`` mapping; checked against the routes when they are given."""
+    """The compare settings: a MirrorSampler document's ``spec.compare`` (in
+    the routes' own file, or a file of its own), or a bare ``compare:``
+    mapping; checked against the routes when they are known."""
     if not path:
         return CompareConfig()
     try:
@@ -51,16 +53,45 @@ def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
 
 
 def parse_config_text(text: str, path: str, routes: str | None = None) -> CompareConfig:
-    mirrors = rule_mirrors(routes)
+    """Read as strictly as the sampler reads its file (duplicate keys with
+    their lines, one way of telling a YAML error). When the file holds the
+    HTTPRoutes too (and no other --routes is given), the sampler's parser
+    reads all of it: the compare rules are checked against its own routes."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = load_with_duplicates(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "MirrorSampler":
-            return parse_compare((doc.get("spec") or {}).get("compare"), path, mirrors)
-        if isinstance(doc, dict) and "compare" in doc:
-            return parse_compare(doc["compare"], path, mirrors)
+        raise ConfigError([yaml_problem(path, e)]) from None
+    if routes in (None, "", path) and any(isinstance(doc, dict) and doc.get("kind") == "HTTPRoute" for doc, _ in documents):
+        parsed = parse_manifests(text, path)
+        if parsed.problems:
+            raise ConfigError(parsed.problems)
+        if parsed.compare is None:
+            raise ConfigError([f"{path}: no MirrorSampler document with spec.compare"])
+        return parsed.compare
+    mirrors = rule_mirrors(routes)
+    for i, (doc, duplicates) in enumerate(documents):
+        where = f"{path} (document {i + 1})"
+        if isinstance(doc, dict) and doc.get("kind") == SWITCH_KIND:
+            # The whole document as the sampler checks it (apiVersion, spec's fields, duplicate keys).
+            sampler_doc, found = sampler_document(doc, where, duplicates)
+            data, at = (sampler_doc.compare if sampler_doc else None), "spec.compare"
+            if sampler_doc is not None and data is None:
+                continue  # a kill switch alone
+        elif isinstance(doc, dict) and "compare" in doc:
+            data, at = doc["compare"], "compare"
+            found = [f"{where}: {dup.path}: {dup.message}" for dup in duplicates]
+            found += [f"{where}: {key}: unknown field; a compare settings document has only compare" for key in doc if key != "compare"]
+        else:
+            continue
+        try:
+            config = parse_compare(data, where, mirrors, at)
+        except ConfigError as e:
+            found += e.problems
+        if found:
+            raise ConfigError(found)
+        return config
     raise ConfigError([f"--config {path}: no MirrorSampler document with spec.compare, and no compare: mapping"])
 
 

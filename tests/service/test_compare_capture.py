@@ -134,3 +134,47 @@ def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused
     wait_until(lambda: reloads("invalid") == 1, timeout=10)
     assert "compare.rules[0].ignor: unknown field; did you mean ignore?" in observer.output()
     assert judged("refused") == [(Result.DIFFERS, ({"path": "body.w"},))], "the settings in force stay"
+
+
+ROUTES_WITH_COMPARE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {{name: shop}}
+spec:
+  compare:
+    rules:
+    - {{rule: default/shop/0, targets: [candidate]{extra}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: shop, namespace: default}}
+spec:
+  rules:
+  - backendRefs: [{{name: primary, port: 8080}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: candidate, port: 8081}}, percent: 50}}
+"""
+
+
+def test_the_observer_reads_and_reloads_compare_from_the_routes_file(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES_WITH_COMPARE.format(extra=""))
+    argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--db", str(tmp_path / "c.db"), "--config", str(routes)]  # fmt: skip
+    child = Child("observer", argv)
+    try:
+        ready = child.wait_event("compare_serving")
+        assert ready["rules"] == ["default/shop/0"]
+        metrics_port = int(ready["metrics_port"])
+
+        def reloads(result: str) -> float:
+            return scrape(metrics_port, "mirror_sampler_compare_reloads_total", {"result": result})
+
+        routes.write_text(ROUTES_WITH_COMPARE.format(extra=", ignore: [body.v]"))
+        wait_until(lambda: reloads("ok") == 1, timeout=10)
+        routes.write_text(ROUTES_WITH_COMPARE.format(extra=", ignore: [body.v], ignore: [body.w]"))
+        wait_until(lambda: reloads("invalid") == 1, timeout=10)
+        assert "spec.compare.rules[0].ignore: duplicate key 'ignore' at line 7 (first at line 7)" in child.output()
+    finally:
+        child.stop()
