@@ -12,11 +12,12 @@ from .children import Child, ChildFailed
 
 class ObserverProcess(Child):
     """One observer on loopback ports it picks, its store in ``db``, its
-    settings (spec.compare) in ``config``; ready when constructed."""
+    settings (spec.compare) in ``config``, checked against the HTTPRoutes in
+    ``routes`` (None: not checked, whatever $MIRROR_CONFIG says); ready when constructed."""
 
-    def __init__(self, config: str, db: Path, *, log_path: Path | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, config: str, db: Path, *, routes: str | None, log_path: Path | None = None, timeout: float = 30.0) -> None:
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-                "--db", str(db), "--config", config, "--routes", config]  # fmt: skip
+                "--db", str(db), "--config", config, "--routes", routes or ""]  # fmt: skip
         super().__init__("observer", argv, log_path=log_path)
         try:
             ready = self.wait_event("compare_serving", timeout=timeout)

@@ -193,7 +193,9 @@ class LocalStack:
     def _start_observer(self) -> None:
         assert self.log_dir is not None
         try:
-            self.observer = ObserverProcess(self.settings.config, self.log_dir / "compare.db", log_path=self._log("observer"))
+            self.observer = ObserverProcess(
+                self.settings.config, self.log_dir / "compare.db", routes=self.settings.config, log_path=self._log("observer")
+            )
         except ChildFailed as e:
             raise StackError(str(e)) from None
 
