@@ -43,13 +43,14 @@ def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
     """The compare settings: a MirrorSampler document's ``spec.compare`` (in
     the routes' own file, or a file of its own), or a bare ``compare:``
     mapping; checked against the routes when they are known."""
-    if not path:
-        return CompareConfig()
+    return parse_config_text(read_config(path), path, routes) if path else CompareConfig()
+
+
+def read_config(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
-    return parse_config_text(text, path, routes)
 
 
 def parse_config_text(text: str, path: str, routes: str | None = None) -> CompareConfig:
@@ -102,7 +103,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from .capture import ObserverSettings, serve
     from .metrics import CompareMetrics
 
-    config = load_config(args.config, args.routes)
+    # The text the settings in force come from: the watch judges later contents against it.
+    text = read_config(args.config) if args.config else None
+    config = parse_config_text(text, args.config, args.routes) if text is not None else CompareConfig()
     # The schema is created here: a path SQLite cannot use fails at start-up.
     _open_store(args.db, config, create=True).close()
     try:
@@ -127,8 +130,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
         port,
         config,
         args.db,
-        parse=(lambda text: parse_config_text(text, args.config, args.routes)) if args.config else None,
+        parse=(lambda content: parse_config_text(content, args.config, args.routes)) if args.config else None,
         watched=args.config or None,
+        built_from=text,
     )
     asyncio.run(serve(settings, metrics, ready))
     return 0

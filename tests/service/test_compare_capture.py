@@ -178,3 +178,36 @@ def test_the_observer_reads_and_reloads_compare_from_the_routes_file(tmp_path: P
         assert "spec.compare.rules[0].ignore: duplicate key 'ignore' at line 7 (first at line 7)" in child.output()
     finally:
         child.stop()
+
+
+def test_an_edit_made_between_start_up_and_the_watch_is_applied(tmp_path: Path) -> None:
+    """The watch judges contents against the text the settings in force came
+    from, not against what the file holds when the watch starts (regression:
+    such an edit passed for the start-up settings and never applied)."""
+    import asyncio
+
+    from extproc.compare.capture import ObserverSettings, watch
+    from extproc.compare.cli import parse_config_text
+    from extproc.compare.metrics import CompareMetrics
+    from extproc.compare.paths import Pattern
+
+    path = tmp_path / "compare.yaml"
+    start_up = "compare:\n  rules:\n  - {rule: r/x/0, targets: [b]}\n"
+    config = parse_config_text(start_up, str(path))
+    path.write_text(start_up.replace("targets: [b]", "targets: [b], ignore: [body.v]"))
+    applied: list[CompareConfig] = []
+
+    async def observe() -> None:
+        stop = asyncio.Event()
+
+        def apply(new: CompareConfig) -> None:
+            applied.append(new)
+            stop.set()
+
+        settings = ObserverSettings(
+            "127.0.0.1", 0, config, str(tmp_path / "c.db"), lambda t: parse_config_text(t, str(path)), str(path), start_up
+        )
+        await asyncio.wait_for(watch(settings, apply, CompareMetrics(), stop), timeout=10)
+
+    asyncio.run(observe())
+    assert [c.rule("r/x/0").diff_rules.ignored for c in applied] == [(Pattern.of("body.v"),)]
