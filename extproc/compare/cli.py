@@ -29,21 +29,29 @@ ROUTES_HELP = (
 )
 
 
+def slot_count() -> int:
+    """How many mirrors a rule may have: the sampler's slot settings (MIRROR_SLOTS...), as the sampler reads them."""
+    from ..config.settings import load_slot_headers
+
+    return load_slot_headers(os.environ).count
+
+
 def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
     """Each rule id's mirror targets, from the HTTPRoutes the sampler reads (None: not given)."""
     if not routes:
         return None
-    from ..config.settings import Settings
+    from ..config.settings import Settings, load_slot_headers, slot_environment
     from ..config.source import load_policy
 
-    return mirror_targets(load_policy(Settings.load({"MIRROR_CONFIG": routes})).routes)
+    settings = Settings.load({"MIRROR_CONFIG": routes, **slot_environment(load_slot_headers(os.environ))})
+    return mirror_targets(load_policy(settings).routes)
 
 
 def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
     """The compare settings: a MirrorSampler document's ``spec.compare`` (in
     the routes' own file, or a file of its own), or a bare ``compare:``
     mapping; checked against the routes when they are known."""
-    return parse_config_text(read_config(path), path, routes) if path else CompareConfig()
+    return parse_config_text(read_config(path), path, routes, slot_count()) if path else CompareConfig()
 
 
 def read_config(path: str) -> str:
@@ -53,11 +61,12 @@ def read_config(path: str) -> str:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
 
 
-def parse_config_text(text: str, path: str, routes: str | None = None) -> CompareConfig:
+def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2) -> CompareConfig:
     """Read as strictly as the sampler reads its file (duplicate keys with
     their lines, one way of telling a YAML error). When the file holds the
     HTTPRoutes too (and no other --routes is given), the sampler's parser
-    reads all of it: the compare rules are checked against its own routes."""
+    reads all of it (with ``slots`` slot headers, the sampler's MIRROR_SLOTS):
+    the compare rules are checked against its own routes."""
     try:
         documents = load_with_duplicates(text)
     except RecursionError:
@@ -65,7 +74,7 @@ def parse_config_text(text: str, path: str, routes: str | None = None) -> Compar
     except yaml.YAMLError as e:
         raise ConfigError([yaml_problem(path, e)]) from None
     if routes in (None, "", path) and any(isinstance(doc, dict) and doc.get("kind") == "HTTPRoute" for doc, _ in documents):
-        parsed = parse_manifests(text, path)
+        parsed = parse_manifests(text, path, slots)
         if parsed.problems:
             raise ConfigError(parsed.problems)
         if parsed.compare is None:
@@ -105,7 +114,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     # The text the settings in force come from: the watch judges later contents against it.
     text = read_config(args.config) if args.config else None
-    config = parse_config_text(text, args.config, args.routes) if text is not None else CompareConfig()
+    slots = slot_count()
+    config = parse_config_text(text, args.config, args.routes, slots) if text is not None else CompareConfig()
     # The schema is created here: a path SQLite cannot use fails at start-up.
     _open_store(args.db, config, create=True).close()
     try:
@@ -130,7 +140,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         port,
         config,
         args.db,
-        parse=(lambda content: parse_config_text(content, args.config, args.routes)) if args.config else None,
+        parse=(lambda content: parse_config_text(content, args.config, args.routes, slots)) if args.config else None,
         watched=args.config or None,
         built_from=text,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..compare.metrics import read_counts
@@ -15,10 +16,19 @@ class ObserverProcess(Child):
     settings (spec.compare) in ``config``, checked against the HTTPRoutes in
     ``routes`` (None: not checked, whatever $MIRROR_CONFIG says); ready when constructed."""
 
-    def __init__(self, config: str, db: Path, *, routes: str | None, log_path: Path | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: str,
+        db: Path,
+        *,
+        routes: str | None,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        timeout: float = 30.0,
+    ) -> None:
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                 "--db", str(db), "--config", config, "--routes", routes or ""]  # fmt: skip
-        super().__init__("observer", argv, log_path=log_path)
+        super().__init__("observer", argv, env, log_path=log_path)
         try:
             ready = self.wait_event("compare_serving", timeout=timeout)
         except ChildFailed:

@@ -21,7 +21,7 @@ from ..compare.envoy import render_with_capture
 from ..compare.summary import live_targets
 from ..config.build import parse, policy_from
 from ..config.errors import ConfigError
-from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings
+from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings, slot_environment
 from ..config.source import read_manifest
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
@@ -194,7 +194,11 @@ class LocalStack:
         assert self.log_dir is not None
         try:
             self.observer = ObserverProcess(
-                self.settings.config, self.log_dir / "compare.db", routes=self.settings.config, log_path=self._log("observer")
+                self.settings.config,
+                self.log_dir / "compare.db",
+                routes=self.settings.config,
+                env=slot_environment(self.settings.slot_headers),  # the sampler's slots: its routes read alike
+                log_path=self._log("observer"),
             )
         except ChildFailed as e:
             raise StackError(str(e)) from None

@@ -11,6 +11,7 @@ from pathlib import Path
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
+from extproc.stack.children import Child
 from tests.support.paths import REPO
 
 ROUTES = """\
@@ -168,3 +169,16 @@ def test_envoy_config_says_when_it_cannot_render_the_capture_points(tmp_path: Pa
     routes.write_text(invalid)
     bad = envoy_config("--config", str(routes))
     assert bad.returncode == 2 and "spec.compare.shadowTimout: unknown field; did you mean shadowTimeout?" in bad.stderr
+
+
+def test_the_observer_reads_the_routes_with_the_samplers_slot_settings(tmp_path: Path) -> None:
+    three = ROUTES + "    - {type: RequestMirror, requestMirror: {backendRef: {name: v3, port: 8080}, percent: 10}}\n"
+    (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE.replace("secondary: v1-again", "targets: [v3]") + three)
+    argv = ["capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "routes.yaml")]
+    refused = run(*argv)
+    assert refused.returncode == 2 and "has 3 mirrors but only 2 slot headers (raise MIRROR_SLOTS)" in refused.stderr
+    child = Child("observer", [sys.executable, "-m", "extproc", "compare", *argv], {"MIRROR_SLOTS": "3"}, cwd=REPO)
+    try:
+        assert child.wait_event("compare_serving")["rules"] == ["shop/web/0"]
+    finally:
+        child.stop()

@@ -185,3 +185,15 @@ def test_a_file_of_its_own_is_read_as_strictly_as_the_sampler_reads(text: str, p
     with pytest.raises(ConfigError) as e:
         parse_config_text(text, "c.yaml")
     assert e.value.problems == problems
+
+
+def test_the_routes_file_is_read_with_the_samplers_slot_count() -> None:
+    three = with_compare().replace(
+        "      requestMirror: {backendRef: {name: secondary, port: 8082}, percent: 50}\n",
+        "      requestMirror: {backendRef: {name: secondary, port: 8082}, percent: 50}\n"
+        "    - type: RequestMirror\n      requestMirror: {backendRef: {name: third, port: 8083}, percent: 50}\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        parse_config_text(three, "routes.yaml")
+    assert "has 3 mirrors but only 2 slot headers (raise MIRROR_SLOTS)" in e.value.problems[0]
+    assert parse_config_text(three, "routes.yaml", slots=3).rule("default/shop/0").targets == ("candidate", "secondary", "third")
