@@ -22,6 +22,7 @@ from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, l
 from .server import logs
 
 if TYPE_CHECKING:
+    from .compare.config import CompareConfig
     from .core.policy import Policy
     from .envoy.render import Address, Topology
 
@@ -90,7 +91,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     rules = policy.rules
     mirrors = sum(len(r.mirrors) for r in rules)
     print(f"configuration OK: {len(policy.routes)} route(s), {len(rules)} rule(s), {mirrors} mirror target(s)")
-    print(summarize(policy, parsed.skipped if parsed else ()), end="")
+    print(summarize(policy, parsed.skipped if parsed else (), parsed.compare if parsed else None), end="")
     return 0
 
 
@@ -147,12 +148,16 @@ def _address(text: str, what: str) -> Address:
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
-    from .config.source import load_policy
+    from .config.build import parse, policy_from
+    from .config.source import read_manifest
     from .envoy.lua import unsupported
     from .envoy.render import Address, Topology, backend_ports, compose_topology, render
 
     envoy = envoy_settings_from(args)
-    policy = load_policy(settings_from(args))
+    settings = settings_from(args)
+    parsed = parse(settings, read_manifest(settings))
+    policy = policy_from(settings, parsed)
+    compare = parsed.compare if parsed is not None and parsed.compare is not None and parsed.compare.rules else None
     if envoy.inline == "lua" and unsupported(policy):
         raise ConfigError(unsupported(policy))
     if args.target == "compose":
@@ -176,13 +181,44 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         sampler_key=envoy.sampler_client_key,
     )
     in_module = envoy.inline == "module"
-    text = _render_module(policy, topology, args) if in_module else render(policy, topology, snippet_only=args.snippet)
+    capture_blocked = _capture_unavailable(args, envoy.inline)
+    if args.observer and compare is None:
+        raise ConfigError(["--observer: the configuration has no spec.compare rule (a MirrorSampler document's spec.compare)"])
+    if args.observer and capture_blocked:
+        raise ConfigError([f"--observer: {reason}" for reason in capture_blocked])
+    if compare is not None and not capture_blocked:
+        text = _render_with_capture(policy, topology, compare, args)
+    else:
+        for reason in capture_blocked if compare is not None else []:
+            print(f"mirror-sampler envoy-config: spec.compare: {reason}", file=sys.stderr)
+        text = _render_module(policy, topology, args) if in_module else render(policy, topology, snippet_only=args.snippet)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _capture_unavailable(args: argparse.Namespace, inline: str) -> list[str]:
+    """Why the capture points of spec.compare cannot be rendered with these flags: they
+    are what Envoy 1.40 was shown to capture with (tests/e2e/test_compare.py), the
+    sampler's ext_proc in the whole bootstrap, observers on this machine."""
+    flags = [
+        (args.snippet, "--snippet"),
+        (bool(inline), f"--inline {inline}"),
+        (args.target == "compose", "--for compose (the observers' cluster is static, on this machine)"),
+    ]
+    return [f"the capture points are not rendered with {flag}" for given, flag in flags if given]
+
+
+def _render_with_capture(policy: Policy, topology: Topology, compare: CompareConfig, args: argparse.Namespace) -> str:
+    """The full configuration with the capture points of spec.compare (docs/compare.md)."""
+    from .compare.cli import DEFAULT_LISTEN
+    from .compare.envoy import render_with_capture
+
+    observers = [_address(o, "--observer") for o in args.observer or [DEFAULT_LISTEN]]
+    return render_with_capture(policy, topology, compare, observers)
 
 
 def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace) -> str:
@@ -328,6 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=HOST:PORT",
         help="where a backend listens (local; default 127.0.0.1:<backendRef port>)",
+    )
+    envoy.add_argument(
+        "--observer",
+        action="append",
+        metavar="HOST:PORT",
+        help="with spec.compare in the configuration: an observer (`mirror-sampler compare capture`) the capture points stream to "
+        "(repeatable; default 127.0.0.1:50061)",
     )
     envoy.set_defaults(func=cmd_envoy_config)
 

@@ -167,7 +167,8 @@ class CaptureService:
 class ObserverSettings:
     """What ``serve`` needs; ``parse`` reads a new content of the settings
     file (ConfigError when it is wrong), ``watched`` is that file (None:
-    nothing to watch)."""
+    nothing to watch), ``built_from`` the text ``config`` was parsed from (an
+    edit made before the watch starts must not pass for it)."""
 
     host: str
     port: int
@@ -175,6 +176,7 @@ class ObserverSettings:
     store_path: str
     parse: Callable[[str], CompareConfig] | None = None
     watched: str | None = None
+    built_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ async def watch(settings: ObserverSettings, apply: Callable[[CompareConfig], Non
     if settings.watched is None or settings.parse is None:
         return
     file = _SettingsFile(str(Path(settings.watched).absolute()))
-    source = ConfigSource(file, _Reloads(settings.parse, apply, metrics), _read(file), read=_read)
+    source = ConfigSource(file, _Reloads(settings.parse, apply, metrics), settings.built_from, read=_read)
     await AsyncDriver(source).watch(stop)
 
 

@@ -16,7 +16,9 @@ import yaml
 
 from ..config.addresses import split_address
 from ..config.errors import ConfigError
-from .config import CompareConfig, parse_compare
+from ..config.manifest_yaml import load_with_duplicates, yaml_problem
+from ..config.manifests import SWITCH_KIND, parse_manifests, sampler_document
+from .config import CompareConfig, mirror_targets, parse_compare
 from .judge import Comparison
 from .store import CompareStore
 
@@ -27,40 +29,79 @@ ROUTES_HELP = (
 )
 
 
+def slot_count() -> int:
+    """How many mirrors a rule may have: the sampler's slot settings (MIRROR_SLOTS...), as the sampler reads them."""
+    from ..config.settings import load_slot_headers
+
+    return load_slot_headers(os.environ).count
+
+
 def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
     """Each rule id's mirror targets, from the HTTPRoutes the sampler reads (None: not given)."""
     if not routes:
         return None
-    from ..config.settings import Settings
+    from ..config.settings import Settings, load_slot_headers, slot_environment
     from ..config.source import load_policy
 
-    policy = load_policy(Settings.load({"MIRROR_CONFIG": routes}))
-    return {rule.id: tuple(m.backend for m in rule.mirrors) for rule in policy.rules if rule.mirrors}
+    settings = Settings.load({"MIRROR_CONFIG": routes, **slot_environment(load_slot_headers(os.environ))})
+    return mirror_targets(load_policy(settings).routes)
 
 
 def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
-    """A file with a MirrorSampler document whose spec has ``compare``, or a
-    bare ``compare:`` mapping; checked against the routes when they are given."""
-    if not path:
-        return CompareConfig()
+    """The compare settings: a MirrorSampler document's ``spec.compare`` (in
+    the routes' own file, or a file of its own), or a bare ``compare:``
+    mapping; checked against the routes when they are known."""
+    return parse_config_text(read_config(path), path, routes, slot_count()) if path else CompareConfig()
+
+
+def read_config(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
-    return parse_config_text(text, path, routes)
 
 
-def parse_config_text(text: str, path: str, routes: str | None = None) -> CompareConfig:
-    mirrors = rule_mirrors(routes)
+def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2) -> CompareConfig:
+    """Read as strictly as the sampler reads its file (duplicate keys with
+    their lines, one way of telling a YAML error). When the file holds the
+    HTTPRoutes too (and no other --routes is given), the sampler's parser
+    reads all of it (with ``slots`` slot headers, the sampler's MIRROR_SLOTS):
+    the compare rules are checked against its own routes."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = load_with_duplicates(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
     except yaml.YAMLError as e:
-        raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
-    for doc in docs:
-        if isinstance(doc, dict) and doc.get("kind") == "MirrorSampler":
-            return parse_compare((doc.get("spec") or {}).get("compare"), path, mirrors)
-        if isinstance(doc, dict) and "compare" in doc:
-            return parse_compare(doc["compare"], path, mirrors)
+        raise ConfigError([yaml_problem(path, e)]) from None
+    if routes in (None, "", path) and any(isinstance(doc, dict) and doc.get("kind") == "HTTPRoute" for doc, _ in documents):
+        parsed = parse_manifests(text, path, slots)
+        if parsed.problems:
+            raise ConfigError(parsed.problems)
+        if parsed.compare is None:
+            raise ConfigError([f"{path}: no MirrorSampler document with spec.compare"])
+        return parsed.compare
+    mirrors = rule_mirrors(routes)
+    for i, (doc, duplicates) in enumerate(documents):
+        where = f"{path} (document {i + 1})"
+        if isinstance(doc, dict) and doc.get("kind") == SWITCH_KIND:
+            # The whole document as the sampler checks it (apiVersion, spec's fields, duplicate keys).
+            sampler_doc, found = sampler_document(doc, where, duplicates)
+            data, at = (sampler_doc.compare if sampler_doc else None), "spec.compare"
+            if sampler_doc is not None and data is None:
+                continue  # a kill switch alone
+        elif isinstance(doc, dict) and "compare" in doc:
+            data, at = doc["compare"], "compare"
+            found = [f"{where}: {dup.path}: {dup.message}" for dup in duplicates]
+            found += [f"{where}: {key}: unknown field; a compare settings document has only compare" for key in doc if key != "compare"]
+        else:
+            continue
+        try:
+            config = parse_compare(data, where, mirrors, at)
+        except ConfigError as e:
+            found += e.problems
+        if found:
+            raise ConfigError(found)
+        return config
     raise ConfigError([f"--config {path}: no MirrorSampler document with spec.compare, and no compare: mapping"])
 
 
@@ -71,7 +112,10 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from .capture import ObserverSettings, serve
     from .metrics import CompareMetrics
 
-    config = load_config(args.config, args.routes)
+    # The text the settings in force come from: the watch judges later contents against it.
+    text = read_config(args.config) if args.config else None
+    slots = slot_count()
+    config = parse_config_text(text, args.config, args.routes, slots) if text is not None else CompareConfig()
     # The schema is created here: a path SQLite cannot use fails at start-up.
     _open_store(args.db, config, create=True).close()
     try:
@@ -96,8 +140,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
         port,
         config,
         args.db,
-        parse=(lambda text: parse_config_text(text, args.config, args.routes)) if args.config else None,
+        parse=(lambda content: parse_config_text(content, args.config, args.routes, slots)) if args.config else None,
         watched=args.config or None,
+        built_from=text,
     )
     asyncio.run(serve(settings, metrics, ready))
     return 0

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.errors import ConfigError, Problems
 from ..config.schema import did_you_mean
+from ..core.policy import Route
 from .differ import DEFAULT_IGNORED_HEADERS, DiffRules
 from .noise import DEFAULT_MARGIN
 from .paths import Pattern, PatternError
@@ -141,7 +142,7 @@ def _rule(p: Problems, path: str, data: Mapping[str, Any], mirrors: Mapping[str,
         if known_targets is not None and target not in known_targets:
             guess = did_you_mean(target, known_targets)
             p.add(f"{path}targets", f"{target!r} is not a mirror target of {rule_id}" + (f"; did you mean {guess}?" if guess else ""))
-    if not targets:
+    if not targets and mirrors is None:  # with the mirrors known, an unknown rule is reported above
         p.add(f"{path}targets", "required when the rule's mirrors are not known")
     secondary = data.get("secondary")
     if secondary is not None and secondary not in targets:
@@ -163,47 +164,53 @@ def _rule(p: Problems, path: str, data: Mapping[str, Any], mirrors: Mapping[str,
     return rule_id, RuleCompare(targets, secondary, rules, margin)
 
 
-def parse_compare(data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] | None = None) -> CompareConfig:
-    """The ``compare`` mapping, strictly: every problem named by its field.
-    ``mirrors``: each rule id's mirror targets, when the routes are known."""
+def mirror_targets(routes: Iterable[Route]) -> dict[str, tuple[str, ...]]:
+    """Each mirroring rule's id and targets: what ``parse_compare`` checks rules and targets against."""
+    return {rule.id: tuple(m.backend for m in rule.mirrors) for route in routes for rule in route.rules if rule.mirrors}
+
+
+def parse_compare(data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] | None = None, at: str = "compare") -> CompareConfig:
+    """The ``compare`` mapping, strictly: every problem named by its field
+    (``at``: the mapping's own path, ``spec.compare`` in a MirrorSampler
+    document). ``mirrors``: each rule id's mirror targets, when the routes are known."""
     p = Problems(where)
-    top = _mapping(p, "compare", data)
-    _unknown(p, "compare.", top, _TOP)
+    top = _mapping(p, at, data)
+    _unknown(p, f"{at}.", top, _TOP)
     rules: dict[str, RuleCompare] = {}
     raw_rules = top.get("rules") or []
     if not isinstance(raw_rules, list):
-        p.add("compare.rules", "must be a list")
+        p.add(f"{at}.rules", "must be a list")
         raw_rules = []
     for i, entry in enumerate(raw_rules):
-        path = f"compare.rules[{i}]."
+        path = f"{at}.rules[{i}]."
         parsed = _rule(p, path, _mapping(p, path.rstrip("."), entry), mirrors)
         if parsed is not None:
             if parsed[0] in rules:
                 p.add(f"{path}rule", f"{parsed[0]!r} is listed twice")
             rules[parsed[0]] = parsed[1]
-    retention_data = _mapping(p, "compare.retention", top.get("retention"))
-    _unknown(p, "compare.retention.", retention_data, _RETENTION)
+    retention_data = _mapping(p, f"{at}.retention", top.get("retention"))
+    _unknown(p, f"{at}.retention.", retention_data, _RETENTION)
     retention = Retention(
-        max_comparisons=_count(p, "compare.retention.maxComparisons", retention_data.get("maxComparisons"), DEFAULT_MAX_COMPARISONS),
-        max_age_s=_duration(p, "compare.retention.maxAge", retention_data.get("maxAge"), DEFAULT_MAX_AGE_S),
-        max_pending=_count(p, "compare.retention.maxPending", retention_data.get("maxPending"), DEFAULT_MAX_PENDING),
-        join_timeout_s=_duration(p, "compare.retention.joinTimeout", retention_data.get("joinTimeout"), DEFAULT_JOIN_TIMEOUT_S),
+        max_comparisons=_count(p, f"{at}.retention.maxComparisons", retention_data.get("maxComparisons"), DEFAULT_MAX_COMPARISONS),
+        max_age_s=_duration(p, f"{at}.retention.maxAge", retention_data.get("maxAge"), DEFAULT_MAX_AGE_S),
+        max_pending=_count(p, f"{at}.retention.maxPending", retention_data.get("maxPending"), DEFAULT_MAX_PENDING),
+        join_timeout_s=_duration(p, f"{at}.retention.joinTimeout", retention_data.get("joinTimeout"), DEFAULT_JOIN_TIMEOUT_S),
     )
     store_values = top.get("storeValues", False)
     if not isinstance(store_values, bool):
-        p.add("compare.storeValues", f"must be true or false, got {store_values!r}")
+        p.add(f"{at}.storeValues", f"must be true or false, got {store_values!r}")
         store_values = False
     config = CompareConfig(
         rules=rules,
-        body_limit=_count(p, "compare.bodyLimit", top.get("bodyLimit"), DEFAULT_BODY_LIMIT),
-        shadow_timeout_s=_duration(p, "compare.shadowTimeout", top.get("shadowTimeout"), DEFAULT_SHADOW_TIMEOUT_S),
+        body_limit=_count(p, f"{at}.bodyLimit", top.get("bodyLimit"), DEFAULT_BODY_LIMIT),
+        shadow_timeout_s=_duration(p, f"{at}.shadowTimeout", top.get("shadowTimeout"), DEFAULT_SHADOW_TIMEOUT_S),
         store_values=store_values,
-        private_headers=frozenset(h.lower() for h in _strings(p, "compare.privateHeaders", top.get("privateHeaders"))),
+        private_headers=frozenset(h.lower() for h in _strings(p, f"{at}.privateHeaders", top.get("privateHeaders"))),
         retention=retention,
     )
     if config.retention.join_timeout_s <= config.shadow_timeout_s:
         p.add(
-            "compare.retention.joinTimeout",
+            f"{at}.retention.joinTimeout",
             f"must be longer than shadowTimeout ({config.shadow_timeout_s:g}s): a silent shadow's 504 must arrive before the join gives up",
         )
     if p.items:

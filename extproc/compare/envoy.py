@@ -28,7 +28,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from ..envoy.render import Address, as_data
+from ..core.policy import Policy
+from ..envoy.render import Address, Topology, as_data, bootstrap_config, to_yaml
+from .config import CompareConfig
 from .records import CAPTURE_METADATA, CaptureTag, Side
 
 with warnings.catch_warnings():
@@ -248,3 +250,10 @@ def add_capture(
     extension = {"name": "envoy.bootstrap.internal_listener", "typedConfig": as_data(AnyMessage.pack(internal_listener.InternalListener()))}
     out.setdefault("bootstrapExtensions", []).append(extension)
     return out
+
+
+def render_with_capture(policy: Policy, topology: Topology, compare: CompareConfig, observers: Sequence[Address]) -> str:
+    """What ``envoy-config`` writes when the configuration has spec.compare: the
+    whole bootstrap, with the capture points of the compared rules and targets."""
+    rendered = as_data(bootstrap_config(policy, topology))
+    return to_yaml(add_capture(rendered, compare.compared(), policy.slot_headers.marker, observers, compare.shadow_timeout_s))

@@ -79,3 +79,21 @@ class CompareMetrics:
             self.latency.labels(c.rule, c.target, "primary").observe(c.primary_ms / 1000)
         if c.shadow_ms is not None:
             self.latency.labels(c.rule, c.target, "shadow").observe(c.shadow_ms / 1000)
+
+
+def read_counts(text: str) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], float]]:
+    """The compared and differing-field counters from an observer's /metrics
+    text: what ``summary.live_targets`` reads (keyed by rule, target, and the
+    result or the field path)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    results: dict[tuple[str, str, str], float] = {}
+    fields: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "mirror_sampler_compared_total":
+                results[(labels["rule"], labels["target"], labels["result"])] = sample.value
+            elif sample.name == "mirror_sampler_compare_differing_fields_total":
+                fields[(labels["rule"], labels["target"], labels["path"])] = sample.value
+    return results, fields

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,6 +136,76 @@ def summarize(comparisons: Iterable[Comparison], config: CompareConfig) -> list[
                 fields=fields,
                 status_pairs=tuple((p, s, n) for (p, s), n in sorted(pairs.items(), key=lambda kv: (-kv[1], str(kv[0])))),
                 latency_ms=latency,
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The live figures (`up`'s view), from the observer's counters rather than its store
+
+
+@dataclass(frozen=True, slots=True)
+class LiveTarget:
+    rule: str
+    target: str
+    is_secondary: bool
+    compared: int  # pairs where both sides answered
+    matched: int  # no real difference (same, or noise only)
+    unanswered: int  # shadow_error, shadow_missing, primary_missing
+    top_field: FieldSummary | None  # the real field differing most often, else the most frequent one
+
+    @property
+    def matched_share(self) -> float | None:
+        return self.matched / self.compared if self.compared else None
+
+
+def live_targets(
+    config: CompareConfig, results: Mapping[tuple[str, str, str], float], fields: Mapping[tuple[str, str, str], float]
+) -> list[LiveTarget]:
+    """Per rule and target, from the counters ``mirror_sampler_compared_total``
+    (keyed by rule, target, result) and ``..._differing_fields_total`` (rule,
+    target, path): rates and noise over everything counted so far, as the
+    report computes them over everything kept."""
+    by_target: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for (rule, target, result), n in results.items():
+        by_target[(rule, target)][result] += int(n)
+    differing: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
+    for (rule, target, path), n in fields.items():
+        if n:
+            differing[(rule, target)][path] = int(n)
+
+    def rates(rule: str, target: str) -> Rates:
+        counts = by_target.get((rule, target), Counter())
+        return Rates(sum(counts[r.value] for r in _COMPARED), differing.get((rule, target), {}))
+
+    out = []
+    for rule, target in sorted(by_target):
+        settings = config.rule(rule)
+        is_secondary = target == settings.secondary
+        own = rates(rule, target)
+        noise = rates(rule, settings.secondary) if settings.secondary and not is_secondary else None
+        candidates = [
+            FieldSummary(
+                path=path,
+                count=count,
+                rate=own.rate(path),
+                noise_rate=noise.rate(path) if noise is not None else None,
+                real=not is_secondary and (noise is None or is_real(path, own, noise, settings.margin)),
+                examples=(),
+            )
+            for path, count in own.differing.items()
+        ]
+        counts = by_target[(rule, target)]
+        out.append(
+            LiveTarget(
+                rule=rule,
+                target=target,
+                is_secondary=is_secondary,
+                compared=own.compared,
+                matched=counts[Result.SAME.value] + counts[Result.NOISE_ONLY.value],
+                unanswered=sum(counts[r.value] for r in Result if r not in _COMPARED),
+                top_field=min(candidates, key=lambda f: (not f.real, -f.count, f.path), default=None),
             )
         )
     return out

@@ -1,5 +1,6 @@
-"""HTTPRoute manifests (and the MirrorSampler kill switch) to routes, with
-every problem named by file, document and field path (pure).
+"""HTTPRoute manifests (and the MirrorSampler document: kill switch, compare
+settings) to routes, with every problem named by file, document and field
+path (pure).
 
 As strict as the Kubernetes API server with the Gateway API CRDs (v1.6.1,
 experimental channel; the field list is in schema.py): an unknown field, a
@@ -21,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from ..compare.config import CompareConfig, mirror_targets, parse_compare
 from ..core.policy import Route
 from . import schema
-from .errors import Problems
+from .errors import ConfigError, Problems
 from .httproute import check_annotations, mapping_field, parse_route
 from .manifest_yaml import DuplicateKey, load_with_duplicates, unencodable_paths, yaml_problem
 
@@ -106,6 +108,9 @@ class ParseResult:
     enabled: bool  # False when a MirrorSampler document switches mirroring off
     problems: list[str]
     skipped: list[Skipped]
+    # A MirrorSampler document's spec.compare: the sampler refuses it when
+    # invalid and otherwise ignores it (envoy-config and the observer use it).
+    compare: CompareConfig | None = None
 
 
 SWITCH_GROUP = "mirror-sampler.io"
@@ -115,8 +120,15 @@ SWITCH_KIND = "MirrorSampler"
 _READ_KINDS = ("HTTPRoute", SWITCH_KIND)
 
 
-def _mirroring(doc: dict[str, Any], where: str, duplicates: list[DuplicateKey]) -> tuple[bool | None, list[str]]:
-    """A MirrorSampler document: spec.mirroring Enabled or Disabled (the kill switch)."""
+@dataclass(frozen=True, slots=True)
+class SamplerDocument:
+    switch: bool | None  # spec.mirroring: True Enabled, False Disabled, None not given
+    compare: Any  # spec.compare as written (None: not given); parse_compare reads it once the routes are known
+
+
+def sampler_document(doc: dict[str, Any], where: str, duplicates: list[DuplicateKey]) -> tuple[SamplerDocument | None, list[str]]:
+    """A MirrorSampler document: spec.mirroring Enabled or Disabled (the kill
+    switch) and/or spec.compare (the comparison's settings, docs/compare.md)."""
     p = Problems(where)
     for dup in duplicates:
         p.add(dup.path, dup.message)
@@ -127,12 +139,29 @@ def _mirroring(doc: dict[str, Any], where: str, duplicates: list[DuplicateKey]) 
         p.add(problem.path, problem.message)
     meta = mapping_field(p, "metadata", doc.get("metadata"))
     check_annotations(p, mapping_field(p, "metadata.annotations", meta.get("annotations")), ())
-    value = mapping_field(p, "spec", doc.get("spec"), required=True).get("mirroring")
-    if value not in ("Enabled", "Disabled"):
-        p.add("spec.mirroring", f"must be Enabled or Disabled, got {value!r}")
+    spec = mapping_field(p, "spec", doc.get("spec"), required=True)
+    value, compare = spec.get("mirroring"), spec.get("compare")
+    if not (value is None and compare is not None) and value not in ("Enabled", "Disabled"):
+        p.add("spec.mirroring", f"must be Enabled or Disabled (optional in a document with spec.compare), got {value!r}")
     if p.items:
         return None, p.items
-    return value == "Enabled", []
+    return SamplerDocument(None if value is None else value == "Enabled", compare), []
+
+
+def _compare(given: list[tuple[str, Any]], routes: list[Route], problems: list[str]) -> CompareConfig | None:
+    """The one spec.compare of the file (given per document), checked against
+    the file's routes: which rules mirror, to which targets."""
+    if not given:
+        return None
+    first, data = given[0]
+    problems.extend(
+        f"{where}: spec.compare: given again (first in {first}); one MirrorSampler document carries it" for where, _ in given[1:]
+    )
+    try:
+        return parse_compare(data, first, mirror_targets(routes), at="spec.compare")
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
 
 
 def _kind_problem(kind: str, api_version: object) -> str | None:
@@ -175,6 +204,7 @@ def parse_manifests(text: str, source: str, slots: int = 2) -> ParseResult:
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}
     enabled = True
+    compare_given: list[tuple[str, Any]] = []
     for i, (doc, duplicates) in enumerate(documents):
         where = f"{source} (document {i + 1})"
         if doc is None:
@@ -191,9 +221,12 @@ def parse_manifests(text: str, source: str, slots: int = 2) -> ParseResult:
             problems.append(f"{where}: kind: is required (a Kubernetes manifest names its kind), got {kind!r}")
             continue
         if kind == SWITCH_KIND:
-            switch, errors = _mirroring(doc, where, duplicates)
+            sampler_doc, errors = sampler_document(doc, where, duplicates)
             problems.extend(errors)
-            enabled = enabled and switch is not False
+            if sampler_doc is not None:
+                enabled = enabled and sampler_doc.switch is not False
+                if sampler_doc.compare is not None:
+                    compare_given.append((where, sampler_doc.compare))
             continue
         if kind != "HTTPRoute":
             problem = _kind_problem(kind, doc.get("apiVersion"))
@@ -219,6 +252,7 @@ def parse_manifests(text: str, source: str, slots: int = 2) -> ParseResult:
                 seen[route.id] = where
                 routes.append(route)
                 skipped.extend(Skipped(where, route.id, f.path, f.message) for f in ignored)
+    compare = _compare(compare_given, routes, problems)
     if not routes and not problems:
         problems.append(f"{source}: no HTTPRoute ({', '.join(API_VERSIONS)}) found")
-    return ParseResult(routes, enabled, problems, skipped)
+    return ParseResult(routes, enabled, problems, skipped, compare)

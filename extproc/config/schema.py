@@ -220,7 +220,8 @@ HTTPROUTE = obj(
     status=quiet(ANY),
 )
 
-MIRROR_SAMPLER = obj(apiVersion=STR, kind=STR, metadata=OBJECT_META, spec=obj(mirroring=STR))
+# spec.compare is read by extproc.compare.config.parse_compare (strict, with its own did-you-mean).
+MIRROR_SAMPLER = obj(apiVersion=STR, kind=STR, metadata=OBJECT_META, spec=obj(mirroring=STR, compare=ANY))
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..compare.config import CompareConfig
+from ..compare.differ import DEFAULT_IGNORED_HEADERS
 from ..core.matching import Match, ValueMatch
 from ..core.policy import MirrorTarget, Policy, Route, Rule
 from .manifests import Skipped
 
 
-def summarize(policy: Policy, skipped: Sequence[Skipped] = ()) -> str:
+def summarize(policy: Policy, skipped: Sequence[Skipped] = (), compare: CompareConfig | None = None) -> str:
     """The policy as a reader checks it against their manifests; ``skipped``
-    from ``parse_manifests`` (empty in simple mode)."""
+    and ``compare`` from ``parse_manifests`` (empty in simple mode)."""
     lines = [
         "mirroring: " + ("enabled" if policy.enabled else "DISABLED (kill switch): no request is mirrored"),
         f"key: {', '.join(str(k) for k in policy.key_chain)}; salt: {policy.salt.decode(errors='replace')!r}",
@@ -27,7 +29,37 @@ def summarize(policy: Policy, skipped: Sequence[Skipped] = ()) -> str:
     if documents:
         lines.append("skipped documents:")
         lines.extend(f"  {item.document}: {item.what}: {item.why}" for item in documents)
+    if compare is not None:
+        lines.extend(_compare_lines(compare))
     return "\n".join(lines) + "\n"
+
+
+def _compare_lines(compare: CompareConfig) -> list[str]:
+    """spec.compare: not the sampler's decision; envoy-config and the observer act on it."""
+    r = compare.retention
+    lines = [
+        f"compare: {len(compare.rules)} rule(s) (the sampler does not act on it: envoy-config adds the capture points, "
+        "`compare capture` judges; docs/compare.md)",
+        f"  bodyLimit {compare.body_limit} bytes, shadowTimeout {compare.shadow_timeout_s:g}s, joinTimeout {r.join_timeout_s:g}s, "
+        f"values stored: {'yes' if compare.store_values else 'no (paths only)'}",
+        f"  retention: {r.max_comparisons} comparisons, {r.max_age_s:g}s, {r.max_pending} pending",
+    ]
+    if compare.private_headers:
+        lines.append(f"  private headers: {', '.join(sorted(compare.private_headers))}")
+    for rule_id, rule in compare.rules.items():
+        secondary = (
+            f"secondary {rule.secondary} (its differences are the noise)" if rule.secondary else "no secondary (every difference is real)"
+        )
+        lines.append(f"  rule {rule_id}: targets {', '.join(rule.targets)}; {secondary}; margin {rule.margin:g}")
+        diff = rule.diff_rules
+        if diff.ignored:
+            lines.append(f"    ignore: {', '.join(str(p) for p in diff.ignored)}")
+        extra = sorted(diff.ignored_headers - DEFAULT_IGNORED_HEADERS)
+        if extra:
+            lines.append(f"    ignore headers (beyond the defaults): {', '.join(extra)}")
+        if diff.tolerance:
+            lines.append(f"    numbers equal within {diff.tolerance:g}")
+    return lines
 
 
 def _route_lines(policy: Policy, route: Route, ignored: Sequence[Skipped]) -> list[str]:

@@ -110,10 +110,13 @@ class EnvoyProcess:
             return ""
 
     def listener_ports(self) -> dict[str, int]:
-        """Listener name -> the port Envoy bound (port 0 in the config: the kernel's choice)."""
+        """Listener name -> the port Envoy bound (port 0 in the config: the kernel's choice);
+        internal listeners (the comparison's capture listener) have no socket and are left out."""
         data = json.loads(self.admin("/listeners?format=json") or "{}")
         return {
-            status["name"]: int(status["local_address"]["socket_address"]["port_value"]) for status in data.get("listener_statuses", [])
+            status["name"]: int(status["local_address"]["socket_address"]["port_value"])
+            for status in data.get("listener_statuses", [])
+            if "socket_address" in status.get("local_address", {})
         }
 
     def listener_port(self) -> int:

@@ -16,9 +16,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config.build import build_policy
+from ..compare.config import CompareConfig
+from ..compare.envoy import render_with_capture
+from ..compare.summary import live_targets
+from ..config.build import parse, policy_from
 from ..config.errors import ConfigError
-from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings
+from ..config.settings import DEFAULT_INLINE, EnvoySettings, Settings, slot_environment
 from ..config.source import read_manifest
 from ..core.explain import request_headers
 from ..core.keys import KeyKind
@@ -34,9 +37,10 @@ from ..server.ports import probe_free
 from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
+from .observer import ObserverProcess
 from .routes import Discovery, RouteReloader, write_routes
 from .sampler import SamplerProcess
-from .view import view_rows
+from .view import compare_rows, view_rows
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "data" / "http-mirror.yaml"
 LOOPBACK = "127.0.0.1"
@@ -85,6 +89,9 @@ class LocalStack:
     url: str = field(init=False, default="")
     admin_url: str = field(init=False, default="")
     reloader: RouteReloader | None = field(init=False, default=None)
+    # spec.compare with rules: an observer, and Envoy rendered with the capture points.
+    compare: CompareConfig | None = field(init=False, default=None)
+    observer: ObserverProcess | None = field(init=False, default=None)
 
     @classmethod
     def from_settings(cls, settings: Settings, envoy: EnvoySettings, **kw: object) -> LocalStack:
@@ -106,7 +113,10 @@ class LocalStack:
         if self.settings.config:
             self.settings = replace(self.settings, config=str(Path(self.settings.config).absolute()))
         text = read_manifest(self.settings)
-        self.policy = build_policy(self.settings, text)
+        parsed = parse(self.settings, text)
+        self.policy = policy_from(self.settings, parsed)
+        if parsed is not None and parsed.compare is not None and parsed.compare.rules:
+            self.compare = parsed.compare
         if self.inline and self.engine == "lua" and unsupported(self.policy):
             raise ConfigError(unsupported(self.policy))
         # Checked and built before anything starts: the Envoy version, the compiler.
@@ -138,6 +148,8 @@ class LocalStack:
                 self.samplers.append(None)
                 self.sampler_ports.append(0)
                 self.start_sampler(i)
+            if self.captures():
+                self._start_observer()
             self._start_envoy()
         except BaseException:
             self.stop()
@@ -149,13 +161,15 @@ class LocalStack:
             self.reloader.stop()
         if self.envoy is not None:
             self.envoy.stop()
-        for child in [*self.samplers, *self.backends.values()]:
+        for child in [self.observer, *self.samplers, *self.backends.values()]:
             if child is not None:
                 child.stop()
 
     def children(self) -> dict[str, Child]:
         out: dict[str, Child] = {f"echo {n}": c for n, c in self.backends.items()}
         out.update({f"sampler {i}": c for i, c in enumerate(self.samplers) if c is not None})
+        if self.observer is not None:
+            out["observer"] = self.observer
         if self.envoy is not None and self.envoy.child is not None:
             out["envoy"] = self.envoy.child
         return out
@@ -171,6 +185,23 @@ class LocalStack:
             raise StackError(str(e)) from None
         self.backends[name] = echo
         self.backend_ports[name] = echo.port
+
+    def captures(self) -> bool:
+        """Whether Envoy captures for spec.compare: the capture points are rendered with the sampler's ext_proc only."""
+        return self.compare is not None and not self.inline
+
+    def _start_observer(self) -> None:
+        assert self.log_dir is not None
+        try:
+            self.observer = ObserverProcess(
+                self.settings.config,
+                self.log_dir / "compare.db",
+                routes=self.settings.config,
+                env=slot_environment(self.settings.slot_headers),  # the sampler's slots: its routes read alike
+                log_path=self._log("observer"),
+            )
+        except ChildFailed as e:
+            raise StackError(str(e)) from None
 
     def start_sampler(self, index: int = 0, env: dict[str, str] | None = None) -> SamplerProcess:
         """(Re)start sampler ``index``; a restart reuses its port, which Envoy knows."""
@@ -217,6 +248,9 @@ class LocalStack:
             write_routes(self.routes_file(), self.policy, self.topology(), self.discovery())
         if self.module_path:
             config.write_text(render_module(self.policy, self.topology(), self.module_path))
+        elif self.observer is not None and self.compare is not None:
+            observers = [Address(LOOPBACK, self.observer.port)]
+            config.write_text(render_with_capture(self.policy, self.topology(), self.compare, observers))
         else:
             config.write_text(render(self.policy, self.topology()))
         self.envoy = EnvoyProcess(config, self.log_dir)
@@ -302,11 +336,29 @@ def example_requests(stack: LocalStack, tries: int = 10_000) -> list[str]:
     return []
 
 
+def live_view(stack: LocalStack) -> list[str]:
+    """Requests per primary and mirror; with an observer, the comparison per target."""
+    rows = view_rows(stack.policy, stack.stats())
+    if stack.observer is not None and stack.compare is not None:
+        rows += compare_rows(live_targets(stack.compare, *stack.observer.counts()))
+    return rows
+
+
+def _compare_lines(stack: LocalStack) -> list[str]:
+    if stack.observer is not None:
+        report = f"mirror-sampler compare report --db {stack.observer.db} --config {stack.settings.config}"
+        return [f"  compare: observer metrics {stack.observer.metrics_url}; report: {report}"]
+    if stack.compare is not None:
+        return ["  compare: not captured with --inline (the capture points need the sampler's ext_proc; docs/compare.md)"]
+    return []
+
+
 def first_screen(stack: LocalStack) -> list[str]:
     metrics = [f"http://{LOOPBACK}:{s.metrics_port}/metrics" for s in stack.samplers if s is not None and s.metrics_port is not None]
     lines = [
         f"gateway ready: {stack.url} (Envoy admin {stack.admin_url})",
         f"  sampler metrics: {', '.join(metrics) if metrics else '(inline mode: Envoy decides, no sampler)'}",
+        *_compare_lines(stack),
         f"  logs: {stack.log_dir}",
         "try:",
         *example_requests(stack),
@@ -339,7 +391,7 @@ def run_up(settings: Settings, envoy: EnvoySettings, *, view: bool = True) -> in
                 break
             if not view:
                 continue
-            rows = view_rows(stack.policy, stack.stats())
+            rows = live_view(stack)
             if interactive:
                 # Redraw in place: move up over the previous view, clear, print.
                 sys.stdout.write(f"\x1b[{shown}F\x1b[J" if shown else "")

@@ -18,7 +18,7 @@ from extproc.config.settings import Settings
 from extproc.stack.children import Child
 from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
 from extproc.stack.view import view_rows
-from tests.support.harness import start_stack
+from tests.support.harness import Client, received, start_stack
 from tests.support.paths import REPO
 from tests.support.procs import alive, busy_port, wait_until
 
@@ -198,3 +198,38 @@ def configured(gw: LocalStack) -> str:
     """The configured fraction the view shows for the mirror backend."""
     (row,) = [r for r in view_rows(gw.policy, gw.stats()) if r.split()[0] == "backend-2"]
     return row.split()[-1]
+
+
+COMPARED_ROUTE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {name: shop}
+spec:
+  compare:
+    rules:
+    - {rule: default/http-mirror/0, ignore: [body.headers]}
+---
+""" + DEFAULT_CONFIG.read_text().replace("percent: 50", "percent: 100")
+
+
+def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """spec.compare in the routes file: up runs an observer, Envoy captures, the view counts the pairs."""
+    from extproc.stack.up import first_screen, live_view
+
+    gw = start_stack(tmp_path, COMPARED_ROUTE)
+    stacks.append(gw)
+    assert gw.observer is not None and any("compare: observer metrics" in line for line in first_screen(gw))
+    client = Client(gw.url)
+    for i in range(20):
+        assert client.request("/get", "backends.example", {"x-request-id": f"user-{i}"})[0] == 200
+    client.close()
+    wait_until(lambda: received(gw, "backend-2") == 20, 10, "every request mirrored to backend-2")
+
+    def compared_row() -> list[str]:
+        rows = live_view(gw)
+        start = next(i for i, r in enumerate(rows) if r.startswith("compared"))
+        return rows[start + 1].split()
+
+    wait_until(lambda: compared_row()[:2] == ["backend-2", "20"], 20, "the view counting 20 compared pairs")
+    # The echo names its pod: every pair differs there (the echoed headers are ignored by the rule).
+    assert compared_row() == ["backend-2", "20", "0.0%", "0", "body.pod", "100.0%", "[default/http-mirror/0]"]

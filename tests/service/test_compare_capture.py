@@ -134,3 +134,80 @@ def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused
     wait_until(lambda: reloads("invalid") == 1, timeout=10)
     assert "compare.rules[0].ignor: unknown field; did you mean ignore?" in observer.output()
     assert judged("refused") == [(Result.DIFFERS, ({"path": "body.w"},))], "the settings in force stay"
+
+
+ROUTES_WITH_COMPARE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {{name: shop}}
+spec:
+  compare:
+    rules:
+    - {{rule: default/shop/0, targets: [candidate]{extra}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: shop, namespace: default}}
+spec:
+  rules:
+  - backendRefs: [{{name: primary, port: 8080}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: candidate, port: 8081}}, percent: 50}}
+"""
+
+
+def test_the_observer_reads_and_reloads_compare_from_the_routes_file(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES_WITH_COMPARE.format(extra=""))
+    argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--db", str(tmp_path / "c.db"), "--config", str(routes)]  # fmt: skip
+    child = Child("observer", argv)
+    try:
+        ready = child.wait_event("compare_serving")
+        assert ready["rules"] == ["default/shop/0"]
+        metrics_port = int(ready["metrics_port"])
+
+        def reloads(result: str) -> float:
+            return scrape(metrics_port, "mirror_sampler_compare_reloads_total", {"result": result})
+
+        routes.write_text(ROUTES_WITH_COMPARE.format(extra=", ignore: [body.v]"))
+        wait_until(lambda: reloads("ok") == 1, timeout=10)
+        routes.write_text(ROUTES_WITH_COMPARE.format(extra=", ignore: [body.v], ignore: [body.w]"))
+        wait_until(lambda: reloads("invalid") == 1, timeout=10)
+        assert "spec.compare.rules[0].ignore: duplicate key 'ignore' at line 7 (first at line 7)" in child.output()
+    finally:
+        child.stop()
+
+
+def test_an_edit_made_between_start_up_and_the_watch_is_applied(tmp_path: Path) -> None:
+    """The watch judges contents against the text the settings in force came
+    from, not against what the file holds when the watch starts (regression:
+    such an edit passed for the start-up settings and never applied)."""
+    import asyncio
+
+    from extproc.compare.capture import ObserverSettings, watch
+    from extproc.compare.cli import parse_config_text
+    from extproc.compare.metrics import CompareMetrics
+    from extproc.compare.paths import Pattern
+
+    path = tmp_path / "compare.yaml"
+    start_up = "compare:\n  rules:\n  - {rule: r/x/0, targets: [b]}\n"
+    config = parse_config_text(start_up, str(path))
+    path.write_text(start_up.replace("targets: [b]", "targets: [b], ignore: [body.v]"))
+    applied: list[CompareConfig] = []
+
+    async def observe() -> None:
+        stop = asyncio.Event()
+
+        def apply(new: CompareConfig) -> None:
+            applied.append(new)
+            stop.set()
+
+        settings = ObserverSettings(
+            "127.0.0.1", 0, config, str(tmp_path / "c.db"), lambda t: parse_config_text(t, str(path)), str(path), start_up
+        )
+        await asyncio.wait_for(watch(settings, apply, CompareMetrics(), stop), timeout=10)
+
+    asyncio.run(observe())
+    assert [c.rule("r/x/0").diff_rules.ignored for c in applied] == [(Pattern.of("body.v"),)]

@@ -11,6 +11,7 @@ from pathlib import Path
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
+from extproc.stack.children import Child
 from tests.support.paths import REPO
 
 ROUTES = """\
@@ -116,3 +117,68 @@ def test_a_report_reads_several_machines_files(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     [target] = json.loads(done.stdout)["targets"]
     assert target["results"] == {"differs": 2} and target["fields"][0]["examples"] == ["a-1", "b-1"]
+
+
+SAMPLER_COMPARE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {name: shop}
+spec:
+  compare:
+    shadowTimeout: 3s
+    rules:
+    - {rule: shop/web/0, secondary: v1-again}
+---
+"""
+
+
+def envoy_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extproc", "envoy-config", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_envoy_config_reads_spec_compare_from_the_routes_file_and_envoy_accepts_it(tmp_path: Path) -> None:
+    from extproc.stack.envoy import validate
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(SAMPLER_COMPARE + ROUTES)
+    done = envoy_config(
+        "--config", str(routes), "--observer", "127.0.0.1:50071", "--observer", "127.0.0.1:50072", "-o", str(tmp_path / "e.yaml")
+    )
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "e.yaml").read_text()
+    assert "mirror-sampler.compare-capture" in text and "internalListener" in text and "portValue: 50072" in text
+    verdict = validate(tmp_path / "e.yaml")
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    # Without spec.compare: the same command renders no capture point, and --observer is refused.
+    routes.write_text(ROUTES)
+    plain = envoy_config("--config", str(routes))
+    assert plain.returncode == 0 and "compare-capture" not in plain.stdout
+    refused = envoy_config("--config", str(routes), "--observer", "127.0.0.1:50071")
+    assert refused.returncode == 2 and "--observer: the configuration has no spec.compare rule" in refused.stderr
+
+
+def test_envoy_config_says_when_it_cannot_render_the_capture_points(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(SAMPLER_COMPARE + ROUTES)
+    snippet = envoy_config("--config", str(routes), "--snippet")
+    assert snippet.returncode == 0 and "compare-capture" not in snippet.stdout
+    assert "spec.compare: the capture points are not rendered with --snippet" in snippet.stderr
+    refused = envoy_config("--config", str(routes), "--snippet", "--observer", "127.0.0.1:50071")
+    assert refused.returncode == 2 and "--observer: the capture points are not rendered with --snippet" in refused.stderr
+    invalid = SAMPLER_COMPARE.replace("shadowTimeout", "shadowTimout") + ROUTES
+    routes.write_text(invalid)
+    bad = envoy_config("--config", str(routes))
+    assert bad.returncode == 2 and "spec.compare.shadowTimout: unknown field; did you mean shadowTimeout?" in bad.stderr
+
+
+def test_the_observer_reads_the_routes_with_the_samplers_slot_settings(tmp_path: Path) -> None:
+    three = ROUTES + "    - {type: RequestMirror, requestMirror: {backendRef: {name: v3, port: 8080}, percent: 10}}\n"
+    (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE.replace("secondary: v1-again", "targets: [v3]") + three)
+    argv = ["capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "routes.yaml")]
+    refused = run(*argv)
+    assert refused.returncode == 2 and "has 3 mirrors but only 2 slot headers (raise MIRROR_SLOTS)" in refused.stderr
+    child = Child("observer", [sys.executable, "-m", "extproc", "compare", *argv], {"MIRROR_SLOTS": "3"}, cwd=REPO)
+    try:
+        assert child.wait_event("compare_serving")["rules"] == ["shop/web/0"]
+    finally:
+        child.stop()

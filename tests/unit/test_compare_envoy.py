@@ -100,3 +100,58 @@ def test_the_rendered_configuration_is_not_changed_in_place() -> None:
     snapshot = json.dumps(RENDERED, sort_keys=True)
     add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS)
     assert json.dumps(RENDERED, sort_keys=True) == snapshot
+
+
+ROUTES_WITH_COMPARE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {name: shop}
+spec:
+  compare:
+    shadowTimeout: 3s
+    rules:
+    - {rule: shop/web/0, targets: [v2]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  rules:
+  - backendRefs: [{name: v1, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 8080}, percent: 10}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v3, port: 8080}, percent: 10}}
+  - matches: [{path: {type: PathPrefix, value: /other}}]
+    backendRefs: [{name: v1, port: 8080}]
+    filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: v2, port: 8080}, percent: 10}}
+"""
+
+
+def test_envoy_config_renders_the_capture_points_of_spec_compare() -> None:
+    import yaml
+
+    from extproc.compare.envoy import render_with_capture
+    from extproc.config.build import build_policy
+    from extproc.config.manifests import parse_manifests
+
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": "routes.yaml"}), ROUTES_WITH_COMPARE)
+    compare = parse_manifests(ROUTES_WITH_COMPARE, "routes.yaml").compare
+    assert compare is not None
+    topology = Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(policy)})
+    config = yaml.safe_load(render_with_capture(policy, topology, compare, OBSERVERS))
+    listeners = {entry["name"]: entry for entry in config["staticResources"]["listeners"]}
+    [capture_route] = listeners[CAPTURE_LISTENER]["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0][
+        "routes"
+    ]
+    assert capture_route["route"] == {"cluster": "v2", "timeout": "3s"}, "spec.compare's target and shadowTimeout"
+    by_name = routes(config)
+    assert CAPTURE_FILTER in by_name["shop/web/0"]["typedPerFilterConfig"], "the compared rule's plain route enables the capture"
+    assert CAPTURE_FILTER not in by_name["shop/web/1"].get("typedPerFilterConfig", {}), "a rule not compared: untouched"
+    primary_tag = by_name["shop/web/0 mirror v2+v3"]["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]["grpcInitialMetadata"]
+    assert CaptureTag.decode(primary_tag[0]["value"]) == CaptureTag(Side.PRIMARY, "shop/web/0", ("v2",))
+    clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
+    endpoints = clusters[CAPTURE_SERVICE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
+    assert CAPTURE_SHADOW_CLUSTER in clusters
+    assert [e["name"] for e in config["bootstrapExtensions"]] == ["envoy.bootstrap.internal_listener"]

@@ -6,9 +6,10 @@ import ast
 
 import pytest
 
+from tests.support.layering import PURE_COMPARE_MODULES
 from tests.support.paths import REPO
 
-PURE = ("records", "paths", "differ", "noise", "judge", "config")
+PURE = PURE_COMPARE_MODULES
 IO = ("grpc", "asyncio", "socket", "sqlite3", "subprocess", "prometheus_client", "http", "urllib", "threading", "queue", "os", "pathlib")
 
 
