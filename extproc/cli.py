@@ -19,6 +19,7 @@ from . import __version__
 from .config.addresses import split_peer_address
 from .config.errors import ConfigError
 from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers
+from .module.build import DEFAULT_BUILDER_IMAGE
 from .server import logs
 
 if TYPE_CHECKING:
@@ -234,6 +235,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "slot_headers": load_slot_headers(os.environ, slot_flags),
         "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
     }
+    engine = _convert_engine(args.source, _option("inline", args.opt_inline))
     try:
         if args.source == "envoy":
             from .convert.envoy import convert_envoy
@@ -256,9 +258,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 namespace=args.namespace, image=args.image, hpa=args.hpa, sampler_service=args.sampler_service, **shared
             )
             if args.source == "envoy-gateway":
-                from .convert.envoy_gateway import convert_envoy_gateway
+                from .convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
 
-                conversion = convert_envoy_gateway(paths, deployment)
+                module = ModuleEngine(builder_image=args.module_builder_image) if engine == "module" else None
+                conversion = convert_envoy_gateway(paths, deployment, module)
             else:
                 from .convert.istio import convert_istio
 
@@ -273,6 +276,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for note in conversion.notes:
         print(f"note: {note}")
     return 0
+
+
+def _convert_engine(source: str, engine: str) -> str:
+    """The engine `convert SOURCE` writes for: "" (the ext_proc sampler) or one it supports."""
+    if engine == "lua":
+        raise ConfigError([f"--inline lua: convert {source} writes the ext_proc sampler or --inline module, not Lua"])
+    if engine == "module" and source == "istio":
+        raise ConfigError(["--inline module: not available for convert istio (docs/module.md); it writes the ext_proc sampler"])
+    return engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
         opt = next(o for o in OPTIONS if o.name == name)
         assert opt.flag is not None
         convert.add_argument(opt.flag, dest=f"opt_{name}", metavar=opt.env, help=f"{opt.help} [{opt.env}, default {opt.default!r}]")
+    inline = next(o for o in OPTIONS if o.name == "inline")
+    convert.add_argument(
+        "--inline",
+        dest="opt_inline",
+        nargs="?",
+        const="module",
+        metavar="ENGINE",
+        help="module: Envoy decides with the dynamic module, no sampler deployed (envoy, envoy-gateway) "
+        f"[{inline.env}, default: the ext_proc sampler]",
+    )
     group = convert.add_argument_group("envoy")
     group.add_argument(
         "--sampler", default="127.0.0.1:50051", metavar="HOST:PORT", help="where Envoy reaches the sampler (default 127.0.0.1:50051)"
@@ -361,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--namespace", help="the sampler's namespace (default: the routes')")
     group.add_argument("--image", default="mirror-sampler:latest", help="the sampler's container image (default mirror-sampler:latest)")
     group.add_argument("--hpa", action="store_true", help="also a HorizontalPodAutoscaler for the sampler")
+    group.add_argument(
+        "--module-builder-image",
+        default=DEFAULT_BUILDER_IMAGE,
+        metavar="IMAGE",
+        help=f"envoy-gateway --inline module: the image whose cc builds the module on Envoy's node (default {DEFAULT_BUILDER_IMAGE})",
+    )
     group.add_argument(
         "--sampler-service", default="mirror-sampler", metavar="NAME", help="the sampler's Service name (default mirror-sampler)"
     )
