@@ -242,8 +242,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
             envoy = envoy_settings_from(args)
             _address(args.sampler, "--sampler")
+            module_path = None
+            if engine == "module":
+                from .module.support import module_for_installed_envoy
+
+                module_path = args.module_path or module_for_installed_envoy()
             conversion = convert_envoy(
                 paths,
+                module_path=module_path,
+                decision_environ=os.environ,
                 sampler=args.sampler,
                 sampler_ca=envoy.sampler_ca,
                 sampler_client_cert=envoy.sampler_client_cert,
@@ -379,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
         opt = next(o for o in OPTIONS if o.name == name)
         assert opt.flag is not None
         group.add_argument(opt.flag, dest=f"opt_{name}", metavar="FILE", help=f"{opt.help} [{opt.env}]")
+    group.add_argument(
+        "--module-path",
+        metavar="FILE",
+        help="--inline module: where that Envoy loads the module from (default: build it here, for the Envoy `up` runs)",
+    )
     group = convert.add_argument_group("envoy-gateway and istio")
     group.add_argument("--namespace", help="the sampler's namespace (default: the routes')")
     group.add_argument("--image", default="mirror-sampler:latest", help="the sampler's container image (default mirror-sampler:latest)")
