@@ -188,12 +188,14 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
 def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace) -> str:
     """The module engine's configuration, for the Envoy on this machine (the module
-    is built here, and its path is in the configuration)."""
-    from .envoy.module import render_module
+    is built here, and its path is in the configuration) or for docker compose."""
+    from .envoy.module import COMPOSE_MODULE_PATH, render_module
     from .module.support import module_for_installed_envoy
 
     if args.target == "compose":
-        raise ConfigError(["--inline module with --for compose: not available yet (the Envoy image has no module); use --inline lua"])
+        # Built inside compose for the Envoy image (docker-compose.module.yml), whose pinned
+        # version tests/unit/test_compose_module.py checks against the supported ones.
+        return render_module(policy, topology, COMPOSE_MODULE_PATH, snippet_only=args.snippet)
     return render_module(policy, topology, module_for_installed_envoy(), snippet_only=args.snippet)
 
 

@@ -36,6 +36,8 @@ with warnings.catch_warnings():
 
 MODULE_FILTER = "mirror-sampler.module"
 MODULE_NAME = "mirror_sampler"
+# Where docker compose's Envoy finds the module (docker-compose.module.yml builds it there).
+COMPOSE_MODULE_PATH = "/etc/envoy/module/libmirror_sampler.so"
 
 
 def filter_settings(policy: Policy) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -103,6 +104,11 @@ def test_the_init_container_command_builds_the_module_from_the_config_map(tmp_pa
     assert Path(MODULE_PATH).name == built.name
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True, check=True).stdout
     assert "envoy_dynamic_module_on_http_filter_request_headers" in symbols
+    # Built on Debian 12, loaded by other glibc images (Envoy Gateway's distroless Envoy,
+    # docker compose's envoyproxy/envoy): it asks for nothing newer than glibc 2.17.
+    imports = subprocess.run(["objdump", "-T", str(built)], capture_output=True, text=True, check=True).stdout
+    versions = {tuple(int(n) for n in v.split(".")) for v in re.findall(r"GLIBC_([0-9.]+)", imports)}
+    assert versions and max(versions) <= (2, 17), sorted(versions)
 
 
 def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_routes(tmp_path: Path) -> None:
