@@ -15,9 +15,11 @@ targeting exactly that rule's routes (its variant rules and its plain rule, by
 How the ``.so`` reaches Envoy Gateway's Envoy: compiled where it runs, so that it is built
 for that node's architecture and libc, from the module's own C sources. A ConfigMap holds
 the sources (package data, a few tens of KB); the EnvoyProxy adds an init container (a
-compiler image on Debian 12, the base of Envoy Gateway's distroless Envoy image) that
-compiles them into an emptyDir with the same command line as ``module/build.py``, mounted
-read-only into the Envoy container, and allowlists that file as a ``Local`` source.
+compiler image on Debian 12; the module asks glibc for nothing newer than 2.17, so it loads
+in Envoy Gateway's distroless Envoy image) that compiles them into an emptyDir with the same
+command line as ``module/build.py``, mounted read-only into the Envoy container, and
+allowlists that file as a ``Local`` source. Nothing to serve, no sha256 to keep in step,
+and the module is built for the node's architecture.
 """
 
 from __future__ import annotations

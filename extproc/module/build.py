@@ -19,9 +19,10 @@ WARNINGS = ("-std=c11", "-Wall", "-Wextra", "-Werror")
 MODULE_FLAGS = (*WARNINGS, "-O2", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBS = ("-lpthread",)
 COMPILERS = ("cc", "gcc", "clang")
-# Where the module is built in a cluster (convert envoy-gateway --inline module): Debian 12
-# (glibc 2.36), the base of Envoy Gateway 1.9's distroless Envoy image, so what it builds
-# loads there. Pin a digest in production.
+# Where the module is built in a cluster (convert envoy-gateway --inline module) and by
+# docker-compose.module.yml: Debian 12. The module needs no glibc symbol newer than 2.17
+# (tests/service/test_convert_envoy_gateway_module.py), so it loads in Envoy Gateway's
+# distroless Envoy and in envoyproxy/envoy alike. Pin a digest in production.
 DEFAULT_BUILDER_IMAGE = "gcc:14-bookworm"
 
 
