@@ -58,3 +58,16 @@ def test_module_replaces_the_sampler_and_routes_carry_their_rules() -> None:
         carried[ours["rule"]] = carried.get(ours["rule"], 0) + 1
     # Every rule of the front listener: 1 mirror -> variant + plain; 2 mirrors -> 3 variants + plain.
     assert sorted(carried.values()) == [2, 2, 4]
+
+
+def test_cli_convert_envoy_inline_module_with_a_module_path(tmp_path: Any, capsys: Any) -> None:
+    from extproc.cli import main
+
+    out = tmp_path / "out"
+    assert main(["convert", "envoy", str(SOURCE), "-o", str(out), "--inline", "module", "--module-path", MODULE]) == 0
+    assert not (out / "policy.yaml").exists()
+    text = (out / "envoy.yaml").read_text()
+    assert MODULE in text and "mirror-sampler.ext_proc" not in text
+    assert text.startswith("# Converted by `mirror-sampler convert envoy --inline module`")
+    assert main(["convert", "envoy", str(SOURCE), "-o", str(out), "--inline", "lua"]) == 2
+    assert "--inline lua" in capsys.readouterr().err
