@@ -46,12 +46,17 @@ spec:
 """
 
 
-def egctl() -> Path:
+def owned_tool(pattern: str) -> Path:
+    """A tool (or CRD folder) `make owners-tools` builds, or a skip saying so."""
     folder = Path(os.environ.get("OWNERS_TOOLS_DIR", REPO / ".tools"))
-    found = sorted(folder.glob("egctl-*/egctl"))
+    found = sorted(folder.glob(pattern))
     if not found:
-        pytest.skip(f"egctl not built under {folder}: run `make owners-tools`, or set OWNERS_TOOLS_DIR")
+        pytest.skip(f"{pattern} not built under {folder}: run `make owners-tools`, or set OWNERS_TOOLS_DIR")
     return found[-1]
+
+
+def egctl() -> Path:
+    return owned_tool("egctl-*/egctl")
 
 
 def services(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,3 +165,22 @@ def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_rout
         enabled = set(r.get("typedPerFilterConfig") or {})
         # Exactly its own rule's filter: another rule's config would decide for the wrong rule.
         assert enabled == {by_rule[f"{NAMESPACE}/request-percentage-mirror/{index}"]}, section
+
+
+def test_every_object_validates_against_envoy_gateway_and_gateway_api_crds(tmp_path: Path) -> None:
+    """kubectl-validate with Envoy Gateway's and Gateway API's CRDs (CEL rules included)."""
+    validator = owned_tool("kubectl-validate-*/kubectl-validate")
+    crds = [owned_tool("crds/envoy-gateway-*"), owned_tool("crds/gateway-api-*")]
+    conversion = convert_envoy_gateway([CONFORMANCE], module=ModuleEngine())
+    for name, text in conversion.files.items():
+        (tmp_path / name).write_text(text)
+    crd_flags = [a for c in crds for a in ("--local-crds", str(c))]
+    done = subprocess.run(
+        [str(validator), *sorted(str(p) for p in tmp_path.iterdir()), *crd_flags, "--version", "1.35"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KUBECONFIG": "/dev/null"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("OK") == len(conversion.files)
