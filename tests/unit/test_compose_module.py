@@ -23,23 +23,9 @@ OVERRIDE = REPO / "docker-compose.module.yml"
 ENVOY_MODULE_YAML = REPO / "envoy" / "envoy-module.yaml"
 
 
-class _ComposeLoader(yaml.SafeLoader):
-    """Compose's merge tags (!override, !reset) as plain values."""
-
-
-def _tagged(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node)
-    return loader.construct_scalar(node)  # type: ignore[arg-type]
-
-
-_ComposeLoader.add_multi_constructor("!", _tagged)
-
-
 def load(path: Any) -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.load(path.read_text(encoding="utf-8"), Loader=_ComposeLoader)
+    # Plain YAML, no compose v2 merge tags (!override, !reset): Debian's docker-compose 1.29 reads it too.
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return loaded
 
 
