@@ -290,7 +290,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _convert_engine(source: str, engine: str) -> str:
     """The engine `convert SOURCE` writes for: "" (the ext_proc sampler) or one it supports."""
     if engine == "lua":
-        raise ConfigError([f"--inline lua: convert {source} writes the ext_proc sampler or --inline module, not Lua"])
+        raise ConfigError([f"--inline lua (or MIRROR_INLINE): convert {source} writes the ext_proc sampler or --inline module, not Lua"])
     if engine == "module" and source == "istio":
         raise ConfigError(["--inline module: not available for convert istio (docs/module.md); it writes the ext_proc sampler"])
     return engine
