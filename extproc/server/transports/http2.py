@@ -511,7 +511,7 @@ class _Connection(asyncio.Protocol):
         self.last_input = time.monotonic()
         try:
             self._received(data)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             # A bug or an unforeseen input must cost this connection only.
             self._fail(INTERNAL_ERROR, f"internal error: {type(e).__name__}")
 
@@ -690,7 +690,7 @@ class _Connection(asyncio.Protocol):
             assert st.proc is not None
             try:
                 answer = st.proc.message(msg)
-            except Exception:
+            except Exception:  # noqa: BLE001
                 # The servicer's failure ends this stream, not the connection.
                 self._finish(st, GRPC_INTERNAL, "the processor failed", out)
                 return
@@ -818,7 +818,7 @@ class _Connection(asyncio.Protocol):
         if kind == PROCESS:
             try:
                 st.proc = self.servicer.open_stream(rule)
-            except Exception:
+            except Exception:  # noqa: BLE001
                 self._reply_only(sid, end, _status_frame(GRPC_INTERNAL, "the processor failed", False), out)
                 return
         self.streams[sid] = st
