@@ -89,8 +89,9 @@ soak: $(BENCH_STAMP) load-generators
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
-# Regenerates envoy/envoy.yaml for docker compose (a test checks it is fresh).
+# Regenerates envoy/envoy.yaml (and envoy-module.yaml) for docker compose (tests check they are fresh).
 envoy-config: $(UP_STAMP)
+	$(BIN)/mirror-sampler envoy-config --for compose --inline module --config extproc/data/http-mirror.yaml --output envoy/envoy-module.yaml
 	$(BIN)/mirror-sampler envoy-config --for compose --config extproc/data/http-mirror.yaml --output envoy/envoy.yaml
 
 clean:

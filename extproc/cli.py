@@ -19,6 +19,7 @@ from . import __version__
 from .config.addresses import split_peer_address
 from .config.errors import ConfigError
 from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers
+from .module.build import DEFAULT_BUILDER_IMAGE
 from .server import logs
 
 if TYPE_CHECKING:
@@ -223,12 +224,14 @@ def _render_with_capture(policy: Policy, topology: Topology, compare: CompareCon
 
 def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace) -> str:
     """The module engine's configuration, for the Envoy on this machine (the module
-    is built here, and its path is in the configuration)."""
-    from .envoy.module import render_module
+    is built here, and its path is in the configuration) or for docker compose."""
+    from .envoy.module import COMPOSE_MODULE_PATH, render_module
     from .module.support import module_for_installed_envoy
 
     if args.target == "compose":
-        raise ConfigError(["--inline module with --for compose: not available yet (the Envoy image has no module); use --inline lua"])
+        # Built inside compose for the Envoy image (docker-compose.module.yml), whose pinned
+        # version tests/unit/test_compose_module.py checks against the supported ones.
+        return render_module(policy, topology, COMPOSE_MODULE_PATH, snippet_only=args.snippet)
     return render_module(policy, topology, module_for_installed_envoy(), snippet_only=args.snippet)
 
 
@@ -270,14 +273,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "slot_headers": load_slot_headers(os.environ, slot_flags),
         "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
     }
+    engine = _convert_engine(args.source, _option("inline", args.opt_inline))
     try:
         if args.source == "envoy":
             from .convert.envoy import convert_envoy
 
             envoy = envoy_settings_from(args)
             _address(args.sampler, "--sampler")
+            module_path = None
+            if engine == "module":
+                from .module.support import module_for_installed_envoy
+
+                module_path = args.module_path or module_for_installed_envoy()
             conversion = convert_envoy(
                 paths,
+                module_path=module_path,
+                decision_environ=os.environ,
                 sampler=args.sampler,
                 sampler_ca=envoy.sampler_ca,
                 sampler_client_cert=envoy.sampler_client_cert,
@@ -292,9 +303,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 namespace=args.namespace, image=args.image, hpa=args.hpa, sampler_service=args.sampler_service, **shared
             )
             if args.source == "envoy-gateway":
-                from .convert.envoy_gateway import convert_envoy_gateway
+                from .convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
 
-                conversion = convert_envoy_gateway(paths, deployment)
+                module = ModuleEngine(builder_image=args.module_builder_image) if engine == "module" else None
+                conversion = convert_envoy_gateway(paths, deployment, module)
             else:
                 from .convert.istio import convert_istio
 
@@ -309,6 +321,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     for note in conversion.notes:
         print(f"note: {note}")
     return 0
+
+
+def _convert_engine(source: str, engine: str) -> str:
+    """The engine `convert SOURCE` writes for: "" (the ext_proc sampler) or one it supports."""
+    if engine == "lua":
+        raise ConfigError([f"--inline lua (or MIRROR_INLINE): convert {source} writes the ext_proc sampler or --inline module, not Lua"])
+    if engine == "module" and source == "istio":
+        raise ConfigError(["--inline module: not available for convert istio (docs/module.md); it writes the ext_proc sampler"])
+    return engine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,6 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
         opt = next(o for o in OPTIONS if o.name == name)
         assert opt.flag is not None
         convert.add_argument(opt.flag, dest=f"opt_{name}", metavar=opt.env, help=f"{opt.help} [{opt.env}, default {opt.default!r}]")
+    inline = next(o for o in OPTIONS if o.name == "inline")
+    convert.add_argument(
+        "--inline",
+        dest="opt_inline",
+        nargs="?",
+        const="module",
+        metavar="ENGINE",
+        help="module: Envoy decides with the dynamic module, no sampler deployed (envoy, envoy-gateway) "
+        f"[{inline.env}, default: the ext_proc sampler]",
+    )
     group = convert.add_argument_group("envoy")
     group.add_argument(
         "--sampler", default="127.0.0.1:50051", metavar="HOST:PORT", help="where Envoy reaches the sampler (default 127.0.0.1:50051)"
@@ -400,10 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
         opt = next(o for o in OPTIONS if o.name == name)
         assert opt.flag is not None
         group.add_argument(opt.flag, dest=f"opt_{name}", metavar="FILE", help=f"{opt.help} [{opt.env}]")
+    group.add_argument(
+        "--module-path",
+        metavar="FILE",
+        help="--inline module: where that Envoy loads the module from (default: build it here, for the Envoy `up` runs)",
+    )
     group = convert.add_argument_group("envoy-gateway and istio")
     group.add_argument("--namespace", help="the sampler's namespace (default: the routes')")
     group.add_argument("--image", default="mirror-sampler:latest", help="the sampler's container image (default mirror-sampler:latest)")
     group.add_argument("--hpa", action="store_true", help="also a HorizontalPodAutoscaler for the sampler")
+    group.add_argument(
+        "--module-builder-image",
+        default=DEFAULT_BUILDER_IMAGE,
+        metavar="IMAGE",
+        help=f"envoy-gateway --inline module: the image whose cc builds the module on Envoy's node (default {DEFAULT_BUILDER_IMAGE})",
+    )
     group.add_argument(
         "--sampler-service", default="mirror-sampler", metavar="NAME", help="the sampler's Service name (default mirror-sampler)"
     )

@@ -28,18 +28,21 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from ..config.addresses import split_peer_address
+from ..config.build import build_policy
 from ..config.manifest_yaml import yaml_problem
+from ..config.settings import Settings, slot_environment
 from ..core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
-from ..envoy import render
+from ..envoy import module, render
 from . import Conversion, ConvertError
 from .envoy_data import Source, camel_style, value_of
 from .envoy_policy import policy_text
+from .envoy_routes import SAMPLER_FILTER
 from .envoy_walk import ENVOY_FILE, POLICY_FILE, Converter, Options
 
 ENVOY_HEADER = """\
@@ -47,6 +50,32 @@ ENVOY_HEADER = """\
 # now mirror what the mirror sampler decides (fractions in policy.yaml). After changing
 # your own configuration, convert it again.
 """
+
+
+MODULE_HEADER = """\
+# Converted by `mirror-sampler convert envoy --inline module`: routes that mirrored with
+# runtime_fraction now mirror what the mirror-sampler dynamic module decides in Envoy (the
+# fractions are in each route's mirror-sampler.module config). After changing your own
+# configuration, or to change a fraction, convert the original again.
+"""
+# What the module's rules take from the environment, as the sampler would (docs/module.md).
+DECISION_VARIABLES = ("MIRROR_KEY", "MIRROR_SALT")
+
+
+def _give_rules_to_the_module(
+    converter: Converter, policy: str, slot_headers: SlotHeaders, module_path: str, environ: Mapping[str, str]
+) -> None:
+    """Each mirror rule's routes get the rule, as the sampler would have decided it from
+    policy.yaml, as the module's per-route config (instead of the sampler's rule name)."""
+    given = {name: environ[name] for name in DECISION_VARIABLES if environ.get(name)}
+    settings = Settings.load({**given, **slot_environment(slot_headers), "MIRROR_CONFIG": POLICY_FILE})
+    compiled = build_policy(settings, policy)
+    for src, routes, rule_id in converter.rule_routes:
+        config = render.as_data(module.per_route(compiled, compiled.rules_by_id[rule_id], module_path), src.casing)
+        for route in routes:
+            per_filter = route[src.field(route, "typed_per_filter_config")]
+            per_filter.pop(SAMPLER_FILTER)
+            per_filter[module.MODULE_FILTER] = config
 
 
 class _Loader(yaml.SafeLoader):
@@ -114,13 +143,18 @@ def convert_envoy(
     slot_headers: SlotHeaders = DEFAULT_SLOT_HEADERS,
     message_timeout_ms: int = 200,
     output_dir: Path | None = None,
+    module_path: str | None = None,
+    decision_environ: Mapping[str, str] | None = None,
 ) -> Conversion:
     """``paths``: one Envoy bootstrap (YAML, or JSON by its .json suffix); RDS
     files it names may be listed too and are read through the bootstrap.
     ``output_dir``: where the files will be written, so that the bootstrap can
     name rewritten RDS files there (made absolute; None: bare file names,
     which Envoy resolves against its working directory). ``sampler``: one
-    HOST:PORT or several (one Envoy cluster, several endpoints)."""
+    HOST:PORT or several (one Envoy cluster, several endpoints). ``module_path``
+    (``--inline module``): Envoy decides with the dynamic module loaded from there, and
+    the rules' settings go into the converted routes (no sampler, no policy.yaml);
+    ``decision_environ``: MIRROR_KEY and MIRROR_SALT for those settings."""
     problems: list[str] = []
     addresses = [parse_address(a) for a in ([sampler] if isinstance(sampler, str) else sampler)]
     if not addresses:
@@ -152,6 +186,7 @@ def convert_envoy(
             sampler_key=sampler_client_key,
         ),
         output_dir=output_dir.absolute() if output_dir is not None else None,
+        module_path=module_path,
     )
     converter = Converter(options, _load)
     affected = converter.bootstrap(boot)
@@ -164,12 +199,16 @@ def convert_envoy(
         raise ConvertError(
             [*converter.notes, f"{boot.label}: no route mirrors with request_mirror_policies the sampler can take over; nothing to convert"]
         )
+    policy = policy_text(converter.http_routes, slot_headers)
+    if module_path is not None:
+        _give_rules_to_the_module(converter, policy, slot_headers, module_path, decision_environ or {})
     # The bootstrap as YAML whatever it was (envoy.yaml); an RDS file keeps
     # its format, which Envoy tells by the file name's suffix.
-    files = {ENVOY_FILE: ENVOY_HEADER + _dump(boot, as_json=False)}
+    files = {ENVOY_FILE: (ENVOY_HEADER if module_path is None else MODULE_HEADER) + _dump(boot, as_json=False)}
     for resolved, name in converter.rds_outputs.items():
         files[name] = _dump(converter.rds_sources[resolved], as_json=converter.rds_sources[resolved].json)
-    files[POLICY_FILE] = policy_text(converter.http_routes, slot_headers)
+    if module_path is None:
+        files[POLICY_FILE] = policy
     notes = list(converter.notes)
     text = boot.path.read_text(encoding="utf-8", errors="replace")
     if not boot.json and any(line.lstrip().startswith("#") and line.rstrip() + "\n" not in ENVOY_HEADER for line in text.splitlines()):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,15 @@ from ..core.policy import MirrorTarget, Route, Rule
 from ..core.slots import SlotHeaders
 from ..core.variants import rule_layout
 from . import Conversion, ConvertError
+from .envoy_gateway_module import (
+    DEFAULT_BUILDER_IMAGE,
+    ENVOY_PROXY_COMMENT,
+    POLICY_COMMENT,
+    envoy_proxy,
+    rule_policy,
+    rule_section_name,
+    source_config_map,
+)
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
     GRPC_PORT,
@@ -150,8 +159,12 @@ def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def rewrite_route(doc: Document, route: Route, slot_headers: SlotHeaders) -> tuple[Document, bool]:
-    """The route with each mirrored rule expanded; whether anything changed."""
+def rewrite_route(
+    doc: Document, route: Route, slot_headers: SlotHeaders, sections: dict[str, list[str]] | None = None
+) -> tuple[Document, bool]:
+    """The route with each mirrored rule expanded; whether anything changed. With
+    ``sections`` (the module engine), every mirrored rule gets a name, and ``sections``
+    receives, per rule id, the names of the rules it became (its policy's sectionNames)."""
     new = copy.deepcopy(doc)
     new.pop("status", None)
     meta = new.setdefault("metadata", {})
@@ -161,8 +174,16 @@ def rewrite_route(doc: Document, route: Route, slot_headers: SlotHeaders) -> tup
     if not any(r.mirrors for r in route.rules) or not raw_rules:
         return new, False
     rules: list[dict[str, Any]] = []
-    for raw, rule in zip(raw_rules, route.rules, strict=True):
-        rules.extend(variant_rules(raw, rule, slot_headers) if rule.mirrors else [copy.deepcopy(raw)])
+    for index, (raw, rule) in enumerate(zip(raw_rules, route.rules, strict=True)):
+        if not rule.mirrors:
+            rules.append(copy.deepcopy(raw))
+            continue
+        if sections is not None and not raw.get("name"):
+            raw = {"name": rule_section_name(index), **raw}
+        expanded = variant_rules(raw, rule, slot_headers)
+        if sections is not None:
+            sections[rule.id] = [r["name"] for r in expanded]
+        rules.extend(expanded)
     problems = _limit_problems(f"{route.source}: HTTPRoute {route.id}", rules)
     if problems:
         raise ConvertError(problems)
@@ -263,13 +284,18 @@ def client_traffic_policies(gateways: Sequence[tuple[str | None, str]], header_n
     ]
 
 
-def convert_envoy_gateway(paths: Sequence[Path], options: SamplerDeployment = DEFAULT_DEPLOYMENT) -> Conversion:
+def convert_envoy_gateway(
+    paths: Sequence[Path], options: SamplerDeployment = DEFAULT_DEPLOYMENT, module: ModuleEngine | None = None
+) -> Conversion:
     """Read the HTTPRoute files and convert them (``convert_envoy_gateway_sources``)."""
-    return convert_envoy_gateway_sources(read_sources(paths), options)
+    return convert_envoy_gateway_sources(read_sources(paths), options, module)
 
 
-def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT) -> Conversion:
-    """``sources``: (file name, text) pairs of HTTPRoute manifests."""
+def convert_envoy_gateway_sources(
+    sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, module: ModuleEngine | None = None
+) -> Conversion:
+    """``sources``: (file name, text) pairs of HTTPRoute manifests. ``module``: decide in
+    Envoy with the dynamic module (``--inline module``) instead of the ext_proc sampler."""
     settings = options.settings()
     slot_headers = options.slot_headers
     problems: list[str] = []
@@ -301,7 +327,7 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
         ),
     )
     try:
-        build_policy(settings, config_text)  # what no single file shows: duplicate routes across files, ports
+        policy = build_policy(settings, config_text)  # what no single file shows: duplicate routes across files, ports
     except ConfigError as e:
         raise ConvertError(e.problems) from None
 
@@ -310,10 +336,16 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
     mirrored: dict[str | None, list[str]] = {}
     gateways: dict[tuple[str | None, str], None] = {}
     route_namespaces: dict[str | None, None] = {}
+    rule_policies: list[Document] = []
     for doc, route in pairs:
         route_ns = (doc.get("metadata") or {}).get("namespace")
         route_namespaces[route_ns] = None
-        new, changed = rewrite_route(doc, route, slot_headers)
+        sections: dict[str, list[str]] | None = {} if module else None
+        new, changed = rewrite_route(doc, route, slot_headers, sections)
+        for rule_id, names in (sections or {}).items():
+            index = rule_id.rpartition("/")[2]
+            name = _object_name(options.sampler_service, route.name, index)
+            rule_policies.append(rule_policy(name, route_ns, route.name, names, policy, policy.rules_by_id[rule_id]))
         rewritten.append(new)
         if not changed:
             notes.append(f"{route.source}: HTTPRoute {route.id} has no mirrors to convert; included unchanged")
@@ -329,7 +361,7 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
         if not found and not others:
             notes.append(f"HTTPRoute {route.id} has no parentRefs: attach it to a Gateway")
         for rule, raw in zip(route.rules, (doc.get("spec") or {}).get("rules") or [], strict=False):
-            if rule.mirrors and raw.get("name"):
+            if rule.mirrors and raw.get("name") and not module:
                 notes.append(
                     f"HTTPRoute {route.id}: rule {raw['name']!r} keeps its name; its mirror variants are named "
                     f"{raw['name']}-mirror-<slots> "
@@ -340,6 +372,8 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
             [f"{', '.join(s for s, _ in sources)}: no HTTPRoute rule with a RequestMirror filter (and a backend) to convert"]
         )
 
+    if module:
+        return _module_conversion(rewritten, rule_policies, list(gateways), options, module, notes)
     known = [ns for ns in route_namespaces if ns]
     sampler_ns = options.namespace or (known[0] if known else None)
     if options.namespace is None and len(set(known)) > 1:
@@ -389,6 +423,65 @@ def convert_envoy_gateway_sources(sources: Sequence[tuple[str, str]], options: S
     notes.append(
         "the sampler decides with Gateway API precedence over the HTTPRoutes it was given: give it every HTTPRoute attached to these "
         "Gateways, or a route it does not know may win in Envoy while the sampler decides for another"
+    )
+    notes.append(
+        "the default key is x-request-id, which Envoy Gateway generates per request (ClientTrafficPolicy headers.requestID: Generate); "
+        "with PreserveOrGenerate clients could choose their own sample"
+    )
+    if not gateways:
+        notes.append("no Gateway found in parentRefs: no ClientTrafficPolicy written; strip the slot headers before routing yourself")
+        del files["client-traffic-policy.yaml"]
+    return Conversion(files=files, notes=notes)
+
+
+@dataclass(frozen=True)
+class ModuleEngine:
+    """How `--inline module` builds the module for Envoy Gateway's Envoy."""
+
+    builder_image: str = DEFAULT_BUILDER_IMAGE
+
+
+def _module_conversion(
+    rewritten: list[Document],
+    rule_policies: list[Document],
+    gateways: list[tuple[str | None, str]],
+    options: SamplerDeployment,
+    module: ModuleEngine,
+    notes: list[str],
+) -> Conversion:
+    service = options.sampler_service
+    proxy_name, sources_name = service, _object_name(service, "module-src")
+    namespaces = list(dict.fromkeys(ns for ns, _ in gateways)) or [options.namespace]
+    proxies: list[Document] = []
+    for ns in namespaces:
+        proxies += [source_config_map(sources_name, ns), envoy_proxy(proxy_name, ns, sources_name, module.builder_image)]
+    files = {
+        "httproutes.yaml": dump_documents(
+            rewritten,
+            generated_header(
+                COMMAND,
+                "Apply these INSTEAD of the original HTTPRoutes (same names): the originals'\n"
+                "percent / fraction would make Envoy Gateway mirror at random as well.\n"
+                "Each mirrored rule is now named variant rules (matching the slot headers the\n"
+                "module sets: header value = the mirror backend's name) followed by the plain rule.",
+            ),
+        ),
+        "envoy-extension-policy.yaml": dump_documents(rule_policies, generated_header(f"{COMMAND} --inline module", POLICY_COMMENT)),
+        "envoy-proxy.yaml": dump_documents(proxies, generated_header(f"{COMMAND} --inline module", ENVOY_PROXY_COMMENT)),
+        "client-traffic-policy.yaml": dump_documents(
+            client_traffic_policies(gateways, options.slot_headers.reserved, service), generated_header(COMMAND, CTP_COMMENT)
+        ),
+    }
+    gateway_names = ", ".join(f"{ns + '/' if ns else ''}{name}" for ns, name in gateways)
+    notes.insert(
+        0,
+        "Envoy Gateway would also mirror at random if the original HTTPRoutes with percent/fraction were applied: "
+        "apply httproutes.yaml instead of them (same names)",
+    )
+    notes.append(
+        f"the module decides in Envoy Gateway's Envoy (1.39 or 1.40; Envoy Gateway 1.9 ships 1.39): make "
+        f"{'the Gateways ' + gateway_names if gateways else 'each Gateway'} use EnvoyProxy {proxy_name} "
+        "(spec.infrastructure.parametersRef), or merge envoy-proxy.yaml into the EnvoyProxy they use"
     )
     notes.append(
         "the default key is x-request-id, which Envoy Gateway generates per request (ClientTrafficPolicy headers.requestID: Generate); "

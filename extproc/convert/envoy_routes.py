@@ -19,6 +19,7 @@ from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import MAX_COUNT, SlotHeaders
 from ..core.variants import rule_layout
 from ..envoy import render
+from ..envoy.module import MODULE_FILTER
 from .envoy_data import Findings, Source, camel_name, key_of, list_or_empty, mapping_or_empty, value_of
 
 # Our ext_proc filter's name in a converted configuration. Not Envoy's
@@ -232,6 +233,7 @@ class RouteRewriter(Findings):
             key = key_of(route, "typed_per_filter_config")
             if key is not None and isinstance(route[key], dict):
                 route[key].pop(SAMPLER_FILTER, None)
+                route[key].pop(MODULE_FILTER, None)
                 if not route[key]:
                     del route[key]
             if ours is not None and isinstance(value_of(route, "route"), dict):

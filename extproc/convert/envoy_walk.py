@@ -14,7 +14,7 @@ from typing import Any
 from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
-from ..envoy import render
+from ..envoy import module, render
 from .envoy_data import Source, list_or_empty, mapping_or_empty, value_of
 from .envoy_policy import NAMESPACE, PolicyRoute, PolicyRule
 from .envoy_routes import SAMPLER_FILTER, RouteRewriter
@@ -39,6 +39,8 @@ class Options:
     slot_headers: SlotHeaders
     topology: render.Topology
     output_dir: Path | None
+    # --inline module: the path Envoy loads the module from; None: the ext_proc sampler decides.
+    module_path: str | None = None
 
 
 class Converter(RouteRewriter):
@@ -52,6 +54,9 @@ class Converter(RouteRewriter):
         self.rds_sources: dict[Path, Source] = {}
         self.rds_converted: dict[tuple[Path, str], bool] = {}
         self.rds_outputs: dict[Path, str] = {}
+        # --inline module: each mirror rule's routes (variants and plain), given the rule's
+        # module settings once the whole Policy is known (convert_envoy).
+        self.rule_routes: list[tuple[Source, list[dict[str, Any]], str]] = []
 
     # -- bootstrap -----------------------------------------------------------
 
@@ -95,7 +100,7 @@ class Converter(RouteRewriter):
                     is_hcm = isinstance(config, dict) and (config.get("@type") == _HCM_TYPE or named_hcm)
                     if is_hcm and self.connection_manager(src, f"{fpath}.{src.field(flt, 'typed_config')}", config, lname):
                         affected = True
-        if affected:
+        if affected and self.o.module_path is None:
             kept.append(render.as_data(render.sampler_cluster(self.o.topology), src.casing))
         if clusters or affected:
             static[clusters_key] = kept
@@ -105,7 +110,7 @@ class Converter(RouteRewriter):
         filters_key = src.field(hcm, "http_filters")
         filters = [
             f for f in self.listing(src, f"{path}.{filters_key}", hcm.get(filters_key))
-            if not (isinstance(f, dict) and f.get("name") in (SAMPLER_FILTER, ANTI_SPOOF_FILTER))
+            if not (isinstance(f, dict) and f.get("name") in (SAMPLER_FILTER, ANTI_SPOOF_FILTER, module.MODULE_FILTER))
         ]  # fmt: skip
         if filters_key in hcm:
             hcm[filters_key] = filters
@@ -135,10 +140,14 @@ class Converter(RouteRewriter):
                 f"{src.label}: {path}.{filters_key}: no envoy.filters.http.router filter to put the sampler's filters ahead of"
             )
             return False
-        ours = [
-            render.as_data(render.anti_spoof_filter(self.slot_headers), src.casing),
-            render.as_data(render.ext_proc_filter(self.o.topology.message_timeout_ms, SAMPLER_FILTER), src.casing),
-        ]
+        if self.o.module_path is not None:
+            # The module strips client-sent slot and marker headers itself, on every route.
+            ours = [render.as_data(module.slot_http_filter(self.slot_headers, self.o.module_path), src.casing)]
+        else:
+            ours = [
+                render.as_data(render.anti_spoof_filter(self.slot_headers), src.casing),
+                render.as_data(render.ext_proc_filter(self.o.topology.message_timeout_ms, SAMPLER_FILTER), src.casing),
+            ]
         hcm[filters_key] = filters[:router_at] + ours + filters[router_at:]
         if value_of(hcm, "use_remote_address") is not True:
             self.notes.append(
@@ -282,11 +291,14 @@ class Converter(RouteRewriter):
             out: list[Any] = []
             for route, plan in planned:
                 if plan is None:
-                    if isinstance(route, dict):
+                    if isinstance(route, dict) and self.o.module_path is None:
                         self.per_route(src, route, render.as_data(render.ext_proc_off(), src.casing))
                     out.append(route)
                 else:
-                    out.extend(self.convert_route(src, route, *plan))
+                    converted = self.convert_route(src, route, *plan)
+                    if self.o.module_path is not None:
+                        self.rule_routes.append((src, converted, plan[0]))
+                    out.extend(converted)
             vh[routes_key] = out
         return True
 

@@ -20,6 +20,7 @@ from typing import Any
 from betterproto2 import Casing
 
 from ..core.policy import Policy, Rule, target_salt
+from ..core.slots import SlotHeaders
 from . import lua as scripts
 from . import render
 
@@ -35,11 +36,17 @@ with warnings.catch_warnings():
 
 MODULE_FILTER = "mirror-sampler.module"
 MODULE_NAME = "mirror_sampler"
+# Where docker compose's Envoy finds the module (docker-compose.module.yml builds it there).
+COMPOSE_MODULE_PATH = "/etc/envoy/module/libmirror_sampler.so"
 
 
 def filter_settings(policy: Policy) -> dict[str, Any]:
     """The filter-level configuration: the headers that are the filter's alone."""
-    return {"slot_headers": list(policy.slot_names), "marker_header": policy.slot_headers.marker}
+    return slot_settings(policy.slot_headers)
+
+
+def slot_settings(slot_headers: SlotHeaders) -> dict[str, Any]:
+    return {"slot_headers": list(slot_headers.names), "marker_header": slot_headers.marker}
 
 
 def rule_settings(policy: Policy, rule: Rule) -> dict[str, Any]:
@@ -78,8 +85,14 @@ def _text(text: str) -> AnyMessage:
 
 
 def http_filter(policy: Policy, module_path: str) -> hcm.HttpFilter:
+    return slot_http_filter(policy.slot_headers, module_path)
+
+
+def slot_http_filter(slot_headers: SlotHeaders, module_path: str) -> hcm.HttpFilter:
+    """The module's filter on the connection manager: it strips client-sent slot and
+    marker headers everywhere, and decides where a route carries a rule."""
     config = module_filter.DynamicModuleFilter(
-        dynamic_module_config=_module(module_path), filter_name=MODULE_NAME, filter_config=_text(to_json(filter_settings(policy)))
+        dynamic_module_config=_module(module_path), filter_name=MODULE_NAME, filter_config=_text(to_json(slot_settings(slot_headers)))
     )
     return hcm.HttpFilter(name=MODULE_FILTER, typed_config=AnyMessage.pack(config))
 

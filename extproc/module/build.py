@@ -19,6 +19,11 @@ WARNINGS = ("-std=c11", "-Wall", "-Wextra", "-Werror")
 MODULE_FLAGS = (*WARNINGS, "-O2", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBS = ("-lpthread",)
 COMPILERS = ("cc", "gcc", "clang")
+# Where the module is built in a cluster (convert envoy-gateway --inline module) and by
+# docker-compose.module.yml: Debian 12. The module needs no glibc symbol newer than 2.17
+# (tests/service/test_convert_envoy_gateway_module.py), so it loads in Envoy Gateway's
+# distroless Envoy and in envoyproxy/envoy alike. Pin a digest in production.
+DEFAULT_BUILDER_IMAGE = "gcc:14-bookworm"
 
 
 class ModuleBuildError(RuntimeError):
@@ -59,13 +64,21 @@ def cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(base) / "mirror-sampler"
 
 
+def compile_command(
+    cc: str, output: str, include_dir: Path | str, sources: Sequence[str], flags: Sequence[str] = MODULE_FLAGS
+) -> list[str]:
+    """The one compiler command line, here and where the module is built elsewhere
+    (the init container `convert envoy-gateway --inline module` writes)."""
+    return [cc, *flags, "-I", str(include_dir), "-o", output, *sources, *LIBS]
+
+
 def compile_c(output: Path, sources: Sequence[Path], flags: Sequence[str], cc: str | None = None) -> Path:
     """Compile to a temporary name and move it into place, so that a reader (Envoy,
     another build) never sees half a file."""
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
     os.close(fd)
-    command = [cc or compiler(), *flags, "-I", str(SOURCE_DIR), "-o", staging, *map(str, sources), *LIBS]
+    command = compile_command(cc or compiler(), staging, SOURCE_DIR, [str(s) for s in sources], flags)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
