@@ -452,7 +452,7 @@ def fail_on(found: list[str], total: int) -> None:
 
 
 def parity_routes(policy: Policy) -> dict[str, Any]:
-    config = envoyconf.route_configuration(policy).to_dict()
+    config: dict[str, Any] = envoyconf.route_configuration(policy).to_dict()
     for vhost in config["virtualHosts"]:
         for route in vhost.setdefault("routes", []):
             rule_id = route["name"].split(" mirror ")[0]
