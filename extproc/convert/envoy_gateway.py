@@ -424,14 +424,7 @@ def convert_envoy_gateway_sources(
         "the sampler decides with Gateway API precedence over the HTTPRoutes it was given: give it every HTTPRoute attached to these "
         "Gateways, or a route it does not know may win in Envoy while the sampler decides for another"
     )
-    notes.append(
-        "the default key is x-request-id, which Envoy Gateway generates per request (ClientTrafficPolicy headers.requestID: Generate); "
-        "with PreserveOrGenerate clients could choose their own sample"
-    )
-    if not gateways:
-        notes.append("no Gateway found in parentRefs: no ClientTrafficPolicy written; strip the slot headers before routing yourself")
-        del files["client-traffic-policy.yaml"]
-    return Conversion(files=files, notes=notes)
+    return _closing(files, notes, gateways)
 
 
 @dataclass(frozen=True)
@@ -483,6 +476,11 @@ def _module_conversion(
         f"{'the Gateways ' + gateway_names if gateways else 'each Gateway'} use EnvoyProxy {proxy_name} "
         "(spec.infrastructure.parametersRef), or merge envoy-proxy.yaml into the EnvoyProxy they use"
     )
+    return _closing(files, notes, gateways)
+
+
+def _closing(files: dict[str, str], notes: list[str], gateways: object) -> Conversion:
+    """What both engines say last: the key, and the ClientTrafficPolicy only where a Gateway was found."""
     notes.append(
         "the default key is x-request-id, which Envoy Gateway generates per request (ClientTrafficPolicy headers.requestID: Generate); "
         "with PreserveOrGenerate clients could choose their own sample"

@@ -22,7 +22,7 @@ from extproc.convert.envoy import convert_envoy
 from extproc.core.sampling import Fraction, decide
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
-from tests.support.harness import Client, settle
+from tests.support.harness import Client, Phases
 from tests.support.paths import DATA
 from tests.support.procs import Sampler, wait_until
 
@@ -94,17 +94,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     front, internal = Client(f"http://127.0.0.1:{ports['front']}"), Client(f"http://127.0.0.1:{ports['internal']}")
     shop_host = "shop.example.com"
     clusters = ("shop", "shadow-a", "shadow-b", "jobs")
-    counts = settle(envoy, dict.fromkeys(clusters, 0), timeout=0)
-
-    def phase(client: Client, path: str, host: str, keys: list[str], headers: dict[str, str], expect: dict[str, int]) -> None:
-        nonlocal counts
-        for key in keys:
-            status, _ = client.request(path, host, {"x-request-id": key, **headers})
-            assert status == 200, (path, key, status)
-        want = {c: counts[c] + expect.get(c, 0) for c in clusters}
-        got = settle(envoy, want, timeout=15)
-        assert got == want, path
-        counts = got
+    phase = Phases(envoy, clusters)
 
     # route 'api': 30/100 to shadow-a; the prefix_rewrite applies to both copies.
     api_keys = [f"api-{i}" for i in range(150)]

@@ -22,7 +22,7 @@ from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
 from tests.e2e.test_convert_envoy import BACKENDS, SLOTS, processes, sampled, user_config
-from tests.support.harness import Client, settle
+from tests.support.harness import Client, Phases
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -57,17 +57,7 @@ def test_converted_configuration_mirrors_exactly_what_the_module_decides(tmp_pat
     ports = envoy.listener_ports()
     front, internal = Client(f"http://127.0.0.1:{ports['front']}"), Client(f"http://127.0.0.1:{ports['internal']}")
     shop_host = "shop.example.com"
-    counts = settle(envoy, dict.fromkeys(CLUSTERS, 0), timeout=0)
-
-    def phase(client: Client, path: str, host: str, keys: list[str], headers: dict[str, str], expect: dict[str, int]) -> None:
-        nonlocal counts
-        for key in keys:
-            status, _ = client.request(path, host, {"x-request-id": key, **headers})
-            assert status == 200, (path, key, status)
-        want = {c: counts[c] + expect.get(c, 0) for c in CLUSTERS}
-        got = settle(envoy, want, timeout=15)
-        assert got == want, path
-        counts = got
+    phase = Phases(envoy, CLUSTERS)
 
     # route 'api': 30/100 to shadow-a; the user's prefix_rewrite and headers on both copies.
     api_keys = [f"api-{i}" for i in range(150)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +89,25 @@ def settle(gw: HasStats, expected: dict[str, int], timeout: float = 10.0) -> dic
         if (done and not busy(stats)) or time.monotonic() > deadline:
             return got
         time.sleep(0.05)
+
+
+class Phases:
+    """Requests sent in phases, each followed by the exact count it must add
+    to every cluster (the counts settle first: no mirror is still on its way)."""
+
+    def __init__(self, gw: HasStats, clusters: Sequence[str]) -> None:
+        self.gw = gw
+        self.clusters = tuple(clusters)
+        self.counts = settle(gw, dict.fromkeys(self.clusters, 0), timeout=0)
+
+    def __call__(self, client: Client, path: str, host: str, keys: list[str], headers: dict[str, str], expect: dict[str, int]) -> None:
+        for key in keys:
+            status, _ = client.request(path, host, {"x-request-id": key, **headers})
+            assert status == 200, (path, key, status)
+        want = {c: self.counts[c] + expect.get(c, 0) for c in self.clusters}
+        got = settle(self.gw, want, timeout=15)
+        assert got == want, path
+        self.counts = got
 
 
 def echoed(gw: LocalStack, backend: str) -> list[dict[str, Any]]:
