@@ -10,6 +10,9 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: up test check lint types bench soak protos envoy-config clean
 
+# owners-tools: the tools that own the formats (tests/owners), pinned in tools/versions.env.
+include tools/owners.mk
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -41,7 +44,7 @@ check: lint types
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 # Everything: unit, service (every transport) and end-to-end (a real Envoy).
-test: lint types
+test: lint types owners-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Native Envoy mirroring vs Envoy + sampler (each transport) vs inline;
