@@ -59,13 +59,11 @@ KNOWN_DISAGREEMENTS: dict[str, tuple[bool, str]] = {
     "port-less Service reference": (True, _DELIBERATE + "the CRD's 'Must have port for Service reference' (the sampler needs no port)"),
     "ignored field values": (True, _DELIBERATE + "value patterns and CEL rules inside fields the sampler ignores (timeouts here)"),
     "total matches 128": (False, _DEFECT + "the CEL rule is `<= 128` (its message says 'less than 128'); the parser refuses 128"),
-    "rule name pattern": (True, _DEFECT + "a rule name must match the CRD's pattern (a lower-case DNS subdomain)"),
     "YAML 1.1 scalar": (
         True,
         _DEFECT + "kubectl's YAML (go-yaml, YAML 1.1) reads y, Y, n, N as booleans and 1e3 as a number, PyYAML as strings: "
         "the CRD refuses a non-string value the parser accepts",
     ),
-    "duplicate remove": (True, _DEFECT + "requestHeaderModifier.remove is a set (x-kubernetes-list-type: set): a name twice is refused"),
     "backend name not DNS-1123": (False, _SAMPLER + "a Service name must be a DNS-1123 name; the CRD allows any 1..253 characters"),
     "RE2 refuses the regex": (False, _SAMPLER + "Envoy compiles RegularExpression matches with RE2 and refuses the route"),
     "Host added or removed": (False, _SAMPLER + "Envoy refuses to add or remove Host (setting it is a host rewrite)"),
