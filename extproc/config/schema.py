@@ -10,9 +10,10 @@ kubernetes-sigs/gateway-api. Versions v1 and v1beta1 share one schema there.
 
 ``check`` walks a document against this description the way the API server
 does with strict field validation: an unknown field is an error (with a
-"did you mean" when a known one is close), a list over the CRD's maxItems is
-an error, and the shape of fields the sampler ignores is checked here, since
-nothing else looks at them. Fields the sampler reads keep their shape and
+"did you mean" when a known one is close), a list over the CRD's maxItems, an
+item twice in a list the CRD declares a set and a rule name outside the CRD's
+pattern are errors, and the shape of fields the sampler ignores is checked
+here, since nothing else looks at them. Fields the sampler reads keep their shape and
 value checks in manifests.py, next to the code that reads them, so that each
 problem is reported once.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -59,6 +61,10 @@ class Node:
     required: tuple[str, ...] = ()
     # Why the sampler ignores the field (Use.IGNORED), as check-config shows it.
     note: str = ""
+    # A list the CRD declares a set (x-kubernetes-list-type: set): no item twice.
+    unique: bool = False
+    # A string's pattern in the CRD, checked wherever the field is.
+    pattern: str | None = None
 
 
 STR = Node(Kind.STRING)
@@ -71,8 +77,8 @@ def obj(required: tuple[str, ...] = (), **fields: Node) -> Node:
     return Node(Kind.OBJECT, fields=fields, required=required)
 
 
-def lst(items: Node, max_items: int | None = None, min_items: int = 0) -> Node:
-    return Node(Kind.LIST, items=items, max_items=max_items, min_items=min_items)
+def lst(items: Node, max_items: int | None = None, min_items: int = 0, *, unique: bool = False) -> Node:
+    return Node(Kind.LIST, items=items, max_items=max_items, min_items=min_items, unique=unique)
 
 
 def quiet(node: Node) -> Node:
@@ -108,7 +114,7 @@ OBJECT_META = obj(
 _BACKEND_OBJECT_REF = obj(group=STR, kind=STR, name=STR, namespace=STR, port=INT)
 _PARENT_REF = obj(group=STR, kind=STR, namespace=STR, name=STR, sectionName=STR, port=INT, required=("name",))
 _HEADER_PAIRS = lst(obj(name=STR, value=STR), max_items=16)
-_HEADER_MODIFIER = obj(set=_HEADER_PAIRS, add=_HEADER_PAIRS, remove=lst(STR, max_items=16))
+_HEADER_MODIFIER = obj(set=_HEADER_PAIRS, add=_HEADER_PAIRS, remove=lst(STR, max_items=16, unique=True))
 _PATH_MODIFIER = obj(type=STR, replaceFullPath=STR, replacePrefixMatch=STR, required=("type",))
 _DURATION = STR
 
@@ -124,11 +130,11 @@ _FILTER = obj(
     extensionRef=ignored(obj(group=STR, kind=STR, name=STR, required=("group", "kind", "name")), f"ExtensionRef filter: {NOT_USED}"),
     cors=ignored(
         obj(
-            allowOrigins=lst(STR, 64),
+            allowOrigins=lst(STR, 64, unique=True),
             allowCredentials=BOOL,
-            allowMethods=lst(STR, 9),
-            allowHeaders=lst(STR, 64),
-            exposeHeaders=lst(STR, 64),
+            allowMethods=lst(STR, 9, unique=True),
+            allowHeaders=lst(STR, 64, unique=True),
+            exposeHeaders=lst(STR, 64, unique=True),
             maxAge=INT,
         ),
         f"CORS filter: {NOT_USED}",
@@ -137,8 +143,8 @@ _FILTER = obj(
         obj(
             protocol=STR,
             backendRef=obj(group=STR, kind=STR, name=STR, namespace=STR, port=INT, required=("name",)),
-            grpc=obj(allowedHeaders=lst(STR, 64)),
-            http=obj(path=STR, allowedHeaders=lst(STR, 64), allowedResponseHeaders=lst(STR, 64)),
+            grpc=obj(allowedHeaders=lst(STR, 64, unique=True)),
+            http=obj(path=STR, allowedHeaders=lst(STR, 64, unique=True), allowedResponseHeaders=lst(STR, 64, unique=True)),
             forwardBody=obj(maxSize=INT),
             required=("backendRef", "protocol"),
         ),
@@ -194,8 +200,10 @@ def route_match_count(rules: Iterable[object]) -> int:
     return total
 
 
+# The CRD's SectionName: a rule's name is a lower-case DNS subdomain.
+SECTION_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _RULE = obj(
-    name=quiet(STR),
+    name=quiet(dataclasses.replace(STR, pattern=SECTION_NAME)),
     matches=lst(_MATCH, 64),
     filters=lst(_FILTER, 16),
     backendRefs=lst(_HTTP_BACKEND_REF, 16),
@@ -294,6 +302,8 @@ def _walk(value: object, node: Node, path: str, shape: bool, found: Findings) ->
         shown = type(value).__name__ if node.kind in (Kind.OBJECT, Kind.LIST, Kind.STRING_MAP) else repr(value)
         found.problems.append(Finding(path, f"must be {node.kind.value}, got {shown}"))
         return
+    if node.pattern is not None and isinstance(value, str) and not re.fullmatch(node.pattern, value):
+        found.problems.append(Finding(path, f"must match ^{node.pattern}$ (the CRD's pattern), got {value!r}"))
     if node.kind is Kind.STRING_MAP and shape and isinstance(value, dict):
         for key, text in value.items():
             if not isinstance(text, str):
@@ -315,6 +325,12 @@ def _walk(value: object, node: Node, path: str, shape: bool, found: Findings) ->
             found.problems.append(Finding(path, f"must have at most {node.max_items} items, got {len(value)}"))
         if len(value) < node.min_items:
             found.problems.append(Finding(path, f"must have at least {node.min_items} item(s), got {len(value)}"))
+        if node.unique:
+            seen: list[object] = []
+            for i, item in enumerate(value):
+                if item in seen:
+                    found.problems.append(Finding(f"{path}[{i}]", f"Duplicate value: {item!r} (the CRD's list is a set)"))
+                seen.append(item)
         if node.items is not None:
             for i, item in enumerate(value):
                 # A null list item is not dropped by the API server: it is a wrong type.

@@ -22,7 +22,8 @@ from extproc.config.settings import Settings
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
 from extproc.convert.envoy_gateway_module import MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME
-from tests.support.paths import CONFORMANCE, REPO
+from tests.owners.tools import cache
+from tests.support.paths import CONFORMANCE
 
 DYNAMIC_MODULE_FILTER = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 NAMESPACE = "gateway-conformance-infra"
@@ -47,11 +48,13 @@ spec:
 
 
 def owned_tool(pattern: str) -> Path:
-    """A tool (or CRD folder) `make owners-tools` builds, or a skip saying so."""
-    folder = Path(os.environ.get("OWNERS_TOOLS_DIR", REPO / ".tools"))
-    found = sorted(folder.glob(pattern))
+    """A tool (or CRD folder) `make owners-tools` builds, or a skip saying so (a failure under CI)."""
+    found = sorted(cache().glob(pattern))
     if not found:
-        pytest.skip(f"{pattern} not built under {folder}: run `make owners-tools`, or set OWNERS_TOOLS_DIR")
+        message = f"{pattern} not built under {cache()}: run `make owners-tools`, or set OWNERS_TOOLS_DIR"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: {message}")
+        pytest.skip(message)
     return found[-1]
 
 
