@@ -442,11 +442,15 @@ def test_envoy_pattern_memory_is_flat() -> None:
     assert p.stream_count() == 0
     assert servicer.opened == servicer.closed == 11000
     assert p.errors == 0
-    # The first 5,000 may still grow the stream table's capacity once; the next 5,000 add nothing.
+    # The first 5,000 may still grow the stream table's capacity once; the
+    # next 5,000 add nothing per stream: a leak of one small object a stream
+    # (a dict entry is about 100 bytes) would add 500 KB, while the bound
+    # leaves room for the few KB a long test process's caches and allocator
+    # may move (it was 2 KB and failed once in the full suite, at 4 KB).
     first = sum(stat.size_diff for stat in middle.compare_to(before, "filename"))
     second = sum(stat.size_diff for stat in after.compare_to(middle, "filename"))
     assert first < 64 * 1024, first
-    assert second < 2048, second
+    assert second < 16 * 1024, f"{second} bytes more after 5,000 more streams"
 
 
 def test_partial_frames_hold_bounded_memory() -> None:
