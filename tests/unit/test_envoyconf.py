@@ -12,8 +12,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,6 @@ from tests.support.paths import CONFORMANCE, REPO
 
 DEFAULT_CONFIG = "extproc/data/http-mirror.yaml"  # as the Makefile names it
 COMPOSE_ENVOY = REPO / "envoy" / "envoy.yaml"
-ENVOY = Path(sys.executable).parent / "envoy"
 ROUTER = "envoy.filters.http.router"
 HCM = "envoy.filters.network.http_connection_manager"
 
@@ -572,83 +569,6 @@ def snippet_bootstrap(snippet: dict[str, Any], policy: Policy) -> dict[str, Any]
             "clusters": [*snippet["clusters"], *backends],
         }
     }
-
-
-@pytest.fixture(scope="module")
-def validations(rendered: dict[str, Rendered], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
-    """`envoy --mode validate` of every rendering, all at once."""
-    tmp = tmp_path_factory.mktemp("validate")
-    files: dict[str, Path] = {}
-    for name, r in rendered.items():
-        if r.path is None:
-            continue
-        if name in ("snippet", "inline-snippet", "snippet-default"):
-            assert r.policy is not None
-            files[name] = tmp / "snippet-bootstrap.yaml"
-            files[name].write_text(yaml.safe_dump(snippet_bootstrap(yaml.safe_load(r.text), r.policy), sort_keys=False), encoding="utf-8")
-        else:
-            files[name] = r.path
-    procs = {
-        name: subprocess.Popen(
-            [str(ENVOY), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id", "--log-level", "warning"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name, path in files.items()
-    }
-    results = {}
-    for name, proc in procs.items():
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        results[name] = (proc.returncode, out)
-    return results
-
-
-def assert_valid(name: str, rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
-    r = rendered[name]
-    assert r.path is not None, f"rendering failed: {r.error}"
-    rc, out = validations[name]
-    # The reason is on the critical line; Envoy then dumps the whole config.
-    reason = [line[:1500] for line in out.splitlines() if "critical" in line or "error" in line.lower()]
-    assert rc == 0, f"Envoy rejects the {name} configuration ({r.path}):\n" + "\n".join(reason or [out[-3000:]])
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "default-local",
-        "default-compose",
-        "conformance",
-        "simple",
-        "routes",
-        "snippet",
-        "snippet-default",
-        "inline-routes",
-        "inline-compose",
-        "inline-snippet",
-    ],
-)
-def test_envoy_accepts(name: str, rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
-    assert_valid(name, rendered, validations)
-
-
-def test_envoy_accepts_mirrors_on_a_rule_without_backends(rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
-    """check-config accepts RequestMirror on a rule with no backendRefs (or only
-    weight-0 ones): its plain route answers 500, and its variant routes must
-    not carry an empty weighted_clusters, which Envoy refuses."""
-    assert_valid("mirror-without-backend", rendered, validations)
-
-
-def test_envoy_accepts_a_host_header_modifier(rendered: dict[str, Rendered], validations: dict[str, tuple[int, str]]) -> None:
-    """check-config accepts RequestHeaderModifier on Host; Envoy refuses Host in
-    request_headers_to_add/remove (':-prefixed or host headers may not be
-    modified'). Either config refuses it or envoyconf renders it another way
-    (host_rewrite_literal for set)."""
-    assert_valid("host-header-modifier", rendered, validations)
 
 
 # --------------------------------------------------------------------------
