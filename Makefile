@@ -55,8 +55,10 @@ browser:
 	}
 
 # Everything: unit, service (every transport) and end-to-end (a real Envoy).
+# One pytest process per core (TEST_JOBS=1 for one process).
+TEST_JOBS ?= auto
 test: lint types browser owners-tools
-	MIRROR_TEST_ENVOY_1_39=$(abspath $(ENVOY_GATEWAY_ENVOY)) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	MIRROR_TEST_ENVOY_1_39=$(abspath $(ENVOY_GATEWAY_ENVOY)) $(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The load generators wrk and hey (Debian/Ubuntu packages), installed here in
 # the open rather than by a benchmark script; sudo when not root.
