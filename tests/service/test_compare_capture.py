@@ -175,7 +175,8 @@ def test_the_observer_reads_and_reloads_compare_from_the_routes_file(tmp_path: P
         wait_until(lambda: reloads("ok") == 1, timeout=10)
         routes.write_text(ROUTES_WITH_COMPARE.format(extra=", ignore: [body.v], ignore: [body.w]"))
         wait_until(lambda: reloads("invalid") == 1, timeout=10)
-        assert "spec.compare.rules[0].ignore: duplicate key 'ignore' at line 7 (first at line 7)" in child.output()
+        refusal = "spec.compare.rules[0].ignore: duplicate key 'ignore' at line 7 (first at line 7)"
+        wait_until(lambda: refusal in child.output(), 10, "the observer logging why it refused the edit")
     finally:
         child.stop()
 
