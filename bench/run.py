@@ -18,7 +18,9 @@ Variants (bench/variants.py), run alternately, each repeat in a rotated order:
   which sends the sampler's own precomputed answers without decoding anything:
   Envoy's side of ext_proc, the ceiling any sampler can reach. It has no
   health service, so this row's sampler cluster has no health check;
-- ``inline``: the same policy decided in Envoy itself (generated Lua).
+- ``inline``: the same policy decided in Envoy itself (generated Lua);
+- ``module``: the same policy decided in Envoy by the dynamic module
+  (``--inline module``, built here with ``cc`` for the installed Envoy).
 
 Same Envoy binary, same ``--concurrency``, same upstreams: a second Envoy whose
 listeners answer ``direct_response`` (so the upstreams are not the bottleneck).
@@ -296,7 +298,14 @@ def verdict(ok: bool, by: str) -> str:
     return f"**met** ({by})" if ok else f"**missed** ({by})"
 
 
-COLOURS = {"native": "#888888", "sampler-http2": "#1f77b4", "sampler-grpcio": "#ff7f0e", "free-processor": "#2ca02c", "inline": "#9467bd"}
+COLOURS = {
+    "native": "#888888",
+    "sampler-http2": "#1f77b4",
+    "sampler-grpcio": "#ff7f0e",
+    "free-processor": "#2ca02c",
+    "inline": "#9467bd",
+    "module": "#8c564b",
+}
 
 
 def chart(summary: dict[str, Any], rates: tuple[int, ...], path: Path, title: str) -> None:
@@ -478,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         free_line,
         "",
         "`native`: render()'s configuration without the sampler's filters and cluster, keeping only the routes named by a rule id, each "
-        "mirroring the rule's targets with `runtime_fraction`. `inline`: the decision in Envoy (generated Lua), no processor.",
+        "mirroring the rule's targets with `runtime_fraction`. `inline`: the decision in Envoy (generated Lua), no processor. "
+        "`module`: the decision in Envoy by the dynamic module, no processor.",
         "",
         "## Targets",
         "",

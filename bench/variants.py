@@ -117,6 +117,15 @@ def inline_yaml(policy: Policy, topology: Topology) -> str:
     return render(policy, replace(topology, inline=True))
 
 
+def module_yaml(policy: Policy, topology: Topology) -> str:
+    """The dynamic module deciding in Envoy (`--inline module`), built here
+    for the installed Envoy (the version guard first)."""
+    from extproc.envoy.module import render_module
+    from extproc.module.support import module_for_installed_envoy
+
+    return render_module(policy, topology, module_for_installed_envoy())
+
+
 def variants(transports: list[str], workers: list[int], free: bool) -> list[Variant]:
     out = [Variant("native", native_yaml)]
     out += [Variant(f"sampler-{t}", render, "sampler", 1, t) for t in transports]
@@ -124,4 +133,5 @@ def variants(transports: list[str], workers: list[int], free: bool) -> list[Vari
     if free:
         out.append(Variant("free-processor", free_processor_yaml, "free"))
     out.append(Variant("inline", inline_yaml))
+    out.append(Variant("module", module_yaml))
     return out
