@@ -211,13 +211,14 @@ class _Reloads:
     def unchanged(self, reason: str) -> None:
         pass
 
+    # Logged, then counted: whoever sees the count can find the reason.
     def rejected(self, reason: str, problems: list[str]) -> None:
-        self.metrics.reload("invalid")
         log.warning("compare_reload_refused", problems=problems, reason=reason)
+        self.metrics.reload("invalid")
 
     def failed(self, reason: str, error: Exception) -> None:
-        self.metrics.reload("invalid")
         log.error("compare_reload_failed", error=repr(error), reason=reason)
+        self.metrics.reload("invalid")
 
 
 async def watch(settings: ObserverSettings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:

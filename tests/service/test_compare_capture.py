@@ -132,7 +132,8 @@ def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused
     assert judged("after") == [(Result.DIFFERS, ({"path": "body.w"},))]
     settings.write_text(f"compare:\n  rules:\n  - {{rule: {RULE}, targets: [candidate], ignor: [body.w]}}\n")
     wait_until(lambda: reloads("invalid") == 1, timeout=10)
-    assert "compare.rules[0].ignor: unknown field; did you mean ignore?" in observer.output()
+    refusal = "compare.rules[0].ignor: unknown field; did you mean ignore?"
+    wait_until(lambda: refusal in observer.output(), 10, "the observer logging why it refused the edit")
     assert judged("refused") == [(Result.DIFFERS, ({"path": "body.w"},))], "the settings in force stay"
 
 
