@@ -11,7 +11,6 @@ shadow backends log.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,6 @@ pytestmark = pytest.mark.e2e
 SOURCE = DATA / "convert" / "envoy"
 BACKENDS = ("shop", "shadow-a", "shadow-b", "jobs")
 SLOTS = ("X-Mirror-Cluster-0", "X-Mirror-Cluster-1")
-
-
-@pytest.fixture
-def processes(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
-    """Everything a test starts is stopped, also when it fails (then its output is shown)."""
-    started: list[Any] = []
-    try:
-        yield started
-    finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        for proc in reversed(started):
-            child = proc.child if isinstance(proc, EnvoyProcess) else proc
-            if failed and child is not None:
-                print(f"--- {child.name} ---\n{child.output()[-3000:]}")
-            proc.stop()
 
 
 def user_config(tmp: Path, ports: dict[str, int]) -> Path:

@@ -21,13 +21,12 @@ from extproc.module.support import module_for
 from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
-from tests.e2e.test_convert_envoy import BACKENDS, SLOTS, processes, sampled, user_config
+from tests.e2e.test_convert_envoy import BACKENDS, SLOTS, sampled, user_config
 from tests.support.harness import Client, Phases
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.e2e
 
-__all__ = ["processes"]  # the fixture that stops what a test started
 CLUSTERS = ("shop", "shadow-a", "shadow-b", "jobs")
 API_RULE = "envoy/front-local-route-shop/0"
 

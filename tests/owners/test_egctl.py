@@ -13,7 +13,7 @@ converter left alone never consults the sampler.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,20 +145,6 @@ def envoy_release(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
         binary = str(envoy_gateway_envoy())
         monkeypatch.setattr(extproc.stack.envoy, "envoy_binary", lambda: binary)
     return str(request.param)
-
-
-@pytest.fixture
-def processes(request: pytest.FixtureRequest) -> Iterator[list[Any]]:
-    started: list[Any] = []
-    try:
-        yield started
-    finally:
-        failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-        for proc in reversed(started):
-            child = proc.child if isinstance(proc, EnvoyProcess) else proc
-            if failed and child is not None:
-                print(f"--- {child.name} ---\n{child.output()[-3000:]}")
-            proc.stop()
 
 
 def ids(docs: list[dict[str, Any]]) -> list[str]:
