@@ -8,18 +8,93 @@ the user, with its line and column.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+# How kubectl reads a plain (unquoted) scalar: sigs.k8s.io/yaml decodes with
+# go-yaml v2, whose YAML 1.1 resolution differs from PyYAML's: `y`/`n` are
+# booleans, `1e3` is a number, `1:20` (sexagesimal in PyYAML) is text. A value
+# must mean here what it means to the API server, or the parser would accept a
+# field kubectl refuses (or the converse).
+_GO_BOOLS = {
+    **dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"), True),
+    **dict.fromkeys(("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"), False),
+}
+_GO_NULLS = frozenset(("", "~", "null", "Null", "NULL"))
+_GO_SPECIAL_FLOATS = {
+    **dict.fromkeys((".nan", ".NaN", ".NAN"), math.nan),
+    **dict.fromkeys((".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"), math.inf),
+    **dict.fromkeys(("-.inf", "-.Inf", "-.INF"), -math.inf),
+}
+# strconv.ParseInt(s, 0, 64) after go-yaml removed underscores: prefixes in either case,
+# a leading 0 is octal.
+_GO_INT = re.compile(r"[-+]?(?:0[bB][01]+|0[oO][0-7]+|0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_GO_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+_BOOL, _NULL, _INT, _FLOAT, _STR = (f"tag:yaml.org,2002:{t}" for t in ("bool", "null", "int", "float", "str"))
 
-class ManifestLoader(yaml.SafeLoader):
-    """SafeLoader for Kubernetes manifests: timestamps stay text (PyYAML
-    raises a bare ValueError on impossible dates; the HTTPRoute parser reports
-    them by field, and converted manifests keep them as written), and aliases
-    are refused, since they make recursive or exponentially large documents."""
+
+def go_yaml_tag(value: str) -> str:
+    """The tag go-yaml v2 gives a plain scalar (timestamps excepted: they stay text)."""
+    if value in _GO_BOOLS:
+        return _BOOL
+    if value in _GO_NULLS:
+        return _NULL
+    if value in _GO_SPECIAL_FLOATS:
+        return _FLOAT
+    if value[:1] in tuple("+-0123456789."):
+        plain = value.replace("_", "")
+        # A 64-bit range check as Go's: larger integers are floats there.
+        if _GO_INT.fullmatch(plain) and -(2**63) <= _go_int(plain) < 2**64:
+            return _INT
+        if _GO_FLOAT.fullmatch(plain):
+            return _FLOAT
+    return _STR
+
+
+def _go_int(plain: str) -> int:
+    sign, digits = (-1, plain[1:]) if plain[:1] == "-" else (1, plain.lstrip("+"))
+    if len(digits) > 1 and digits[0] == "0" and digits[1] in "0123456789":
+        return sign * int(digits, 8)
+    return sign * int(digits, 0)
+
+
+class GoYamlResolution:
+    """Plain scalars resolved as go-yaml resolves them: mixed into the loader
+    (a value means what it means to kubectl) and into dumpers (a string that
+    kubectl would read as something else, such as `y`, is written quoted)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0]:
+            return go_yaml_tag(value)
+        return super().resolve(kind, value, implicit)  # type: ignore[misc]
+
+
+class ManifestDumper(GoYamlResolution, yaml.SafeDumper):
+    """SafeDumper whose output kubectl reads back as the same values."""
+
+
+class ManifestLoader(GoYamlResolution, yaml.SafeLoader):
+    """SafeLoader for Kubernetes manifests: plain scalars resolve as kubectl's
+    go-yaml resolves them (above; timestamps stay text: PyYAML raises a bare
+    ValueError on impossible dates, the HTTPRoute parser reports them by field,
+    and converted manifests keep them as written), and aliases are refused,
+    since they make recursive or exponentially large documents."""
+
+    def construct_yaml_bool(self, node: Any) -> bool:
+        return _GO_BOOLS[self.construct_scalar(node)]
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value: str = self.construct_scalar(node)
+        return _go_int(value.replace("_", ""))
+
+    def construct_yaml_float(self, node: Any) -> float:
+        value: str = self.construct_scalar(node)
+        return _GO_SPECIAL_FLOATS.get(value) or float(value.replace("_", ""))
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -28,10 +103,9 @@ class ManifestLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-ManifestLoader.yaml_implicit_resolvers = {
-    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:timestamp"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
+ManifestLoader.add_constructor(_BOOL, ManifestLoader.construct_yaml_bool)
+ManifestLoader.add_constructor(_INT, ManifestLoader.construct_yaml_int)
+ManifestLoader.add_constructor(_FLOAT, ManifestLoader.construct_yaml_float)
 
 
 def yaml_problem(source: str, error: yaml.YAMLError) -> str:

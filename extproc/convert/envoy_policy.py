@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..config.manifest_yaml import ManifestDumper
 from ..config.settings import slot_environment
 from ..core.slots import SlotHeaders
 from .envoy_routes import Mirror
@@ -53,7 +54,7 @@ def policy_text(http_routes: Sequence[PolicyRoute], slot_headers: SlotHeaders) -
             "kind": "HTTPRoute",
             "metadata": {"name": http_route.name, "namespace": NAMESPACE},
         }
-        text = f"# Envoy {http_route.comment}\n" + yaml.safe_dump(head, sort_keys=False) + "spec:\n  rules:\n"
+        text = f"# Envoy {http_route.comment}\n" + yaml.dump(head, Dumper=ManifestDumper, sort_keys=False) + "spec:\n  rules:\n"
         for rule in http_route.rules:
             body = {
                 "backendRefs": [{"name": n} for n in rule.primaries],
@@ -68,7 +69,7 @@ def policy_text(http_routes: Sequence[PolicyRoute], slot_headers: SlotHeaders) -
                     for m in rule.mirrors
                 ],
             }
-            dumped = yaml.safe_dump([body], sort_keys=False, width=120)
+            dumped = yaml.dump([body], Dumper=ManifestDumper, sort_keys=False, width=120)
             text += f"  # {rule.id}: {rule.comment}\n" + "".join(f"  {line}\n" for line in dumped.splitlines())
         docs.append(text)
     return "\n".join(lines) + "\n" + "".join(f"---\n{d}" for d in docs)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..config.manifest_yaml import ManifestLoader, yaml_problem
+from ..config.manifest_yaml import GoYamlResolution, ManifestLoader, yaml_problem
 from ..config.settings import Settings, slot_environment
 from ..core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
 from ..envoy.render import LiteralDumper
@@ -109,9 +109,13 @@ def read_sources(paths: Sequence[Path]) -> list[tuple[str, str]]:
     return sources
 
 
+class ManifestLiteralDumper(GoYamlResolution, LiteralDumper):
+    """Literal blocks for long text, and quotes where kubectl's go-yaml would read a string as another type."""
+
+
 def dump_documents(docs: Iterable[Document], header: str) -> str:
     """Multi-document YAML; ``header`` is a comment block (each line starting with #)."""
-    body = "---\n".join(yaml.dump(d, Dumper=LiteralDumper, sort_keys=False, width=120) for d in docs)
+    body = "---\n".join(yaml.dump(d, Dumper=ManifestLiteralDumper, sort_keys=False, width=120) for d in docs)
     return header + body
 
 

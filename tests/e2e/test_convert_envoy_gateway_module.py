@@ -32,7 +32,8 @@ from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
 from tests.e2e.test_module import VERSIONS
-from tests.service.test_convert_envoy_gateway_module import WORLD, egctl, services
+from tests.owners.tools import egctl
+from tests.service.test_convert_envoy_gateway_module import WORLD, services
 from tests.support.harness import Client
 from tests.support.paths import CONFORMANCE
 from tests.support.procs import wait_until

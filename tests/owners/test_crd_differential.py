@@ -58,11 +58,6 @@ KNOWN_DISAGREEMENTS: dict[str, tuple[bool, str]] = {
     "non-ASCII header value": (True, _DELIBERATE + "the ASCII-only part of the CRD's header value pattern (UTF-8 values are matched)"),
     "port-less Service reference": (True, _DELIBERATE + "the CRD's 'Must have port for Service reference' (the sampler needs no port)"),
     "ignored field values": (True, _DELIBERATE + "value patterns and CEL rules inside fields the sampler ignores (timeouts here)"),
-    "YAML 1.1 scalar": (
-        True,
-        _DEFECT + "kubectl's YAML (go-yaml, YAML 1.1) reads y, Y, n, N as booleans and 1e3 as a number, PyYAML as strings: "
-        "the CRD refuses a non-string value the parser accepts",
-    ),
     "backend name not DNS-1123": (False, _SAMPLER + "a Service name must be a DNS-1123 name; the CRD allows any 1..253 characters"),
     "RE2 refuses the regex": (False, _SAMPLER + "Envoy compiles RegularExpression matches with RE2 and refuses the route"),
     "Host added or removed": (False, _SAMPLER + "Envoy refuses to add or remove Host (setting it is a host rewrite)"),
@@ -75,7 +70,8 @@ KNOWN_DISAGREEMENTS: dict[str, tuple[bool, str]] = {
 # -- valid routes: the space where both must accept --------------------------
 
 # Plain strings for PyYAML and for go-yaml alike: a letter first, never y or n
-# alone (the "YAML 1.1 scalar" change makes those on purpose).
+# alone (the "YAML 1.1 scalar" change makes those on purpose: kubectl's go-yaml
+# reads them as a boolean and a number, and so does the parser's loader).
 
 
 def _word(first: str, rest: str, min_rest: int, max_rest: int) -> st.SearchStrategy[str]:

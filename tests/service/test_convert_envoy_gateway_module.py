@@ -7,7 +7,6 @@ accepts every object and puts each rule's module filter exactly on that rule's r
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,8 @@ from extproc.config.settings import Settings
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
 from extproc.convert.envoy_gateway_module import MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME
-from tests.owners.tools import cache
+from tests.owners.kubectl_validate import validate
+from tests.owners.tools import egctl
 from tests.support.paths import CONFORMANCE
 
 DYNAMIC_MODULE_FILTER = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
@@ -45,21 +45,6 @@ spec:
     parametersRef: {{group: gateway.envoyproxy.io, kind: EnvoyProxy, name: mirror-sampler}}
   listeners: [{{name: http, protocol: HTTP, port: 80}}]
 """
-
-
-def owned_tool(pattern: str) -> Path:
-    """A tool (or CRD folder) `make owners-tools` builds, or a skip saying so (a failure under CI)."""
-    found = sorted(cache().glob(pattern))
-    if not found:
-        message = f"{pattern} not built under {cache()}: run `make owners-tools`, or set OWNERS_TOOLS_DIR"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true: {message}")
-        pytest.skip(message)
-    return found[-1]
-
-
-def egctl() -> Path:
-    return owned_tool("egctl-*/egctl")
 
 
 def services(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,18 +157,11 @@ def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_rout
 
 def test_every_object_validates_against_envoy_gateway_and_gateway_api_crds(tmp_path: Path) -> None:
     """kubectl-validate with Envoy Gateway's and Gateway API's CRDs (CEL rules included)."""
-    validator = owned_tool("kubectl-validate-*/kubectl-validate")
-    crds = [owned_tool("crds/envoy-gateway-*"), owned_tool("crds/gateway-api-*")]
     conversion = convert_envoy_gateway([CONFORMANCE], module=ModuleEngine())
+    files = []
     for name, text in conversion.files.items():
         (tmp_path / name).write_text(text)
-    crd_flags = [a for c in crds for a in ("--local-crds", str(c))]
-    done = subprocess.run(
-        [str(validator), *sorted(str(p) for p in tmp_path.iterdir()), *crd_flags, "--version", "1.35"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "KUBECONFIG": "/dev/null"},
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("OK") == len(conversion.files)
+        files.append(tmp_path / name)
+    verdicts = validate(files)
+    assert {p.name: v.errors for p, v in verdicts.items() if not v.valid} == {}
+    assert len(verdicts) == len(conversion.files)

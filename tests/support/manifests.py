@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from extproc.config.manifest_yaml import ManifestDumper
 from extproc.config.manifests import parse_manifests
 from extproc.core.policy import Route
 
@@ -40,7 +41,7 @@ def mirror(backend: str = "shadow", **fields: Any) -> dict[str, Any]:
 
 def dump(*docs: dict[str, Any] | str) -> str:
     """Documents (dicts, or YAML text as written) as one multi-document text."""
-    return "---\n".join(d if isinstance(d, str) else yaml.safe_dump(d, sort_keys=False) for d in docs)
+    return "---\n".join(d if isinstance(d, str) else yaml.dump(d, Dumper=ManifestDumper, sort_keys=False) for d in docs)
 
 
 def routes_and_problems(text: str, source: str, slots: int = 2) -> tuple[list[Route], list[str]]:
