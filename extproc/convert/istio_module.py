@@ -116,7 +116,8 @@ def _drop_shared_names(services: Sequence[VirtualService], slot_headers: SlotHea
             shared = [n for n in _route_names(h, slot_headers) if names[n] > 1] if h.converted else []
             if shared:
                 h.converted, h.rule = False, None
-                notes.append(left_note(vs, h, f"route name {shared[0]!r} is not unique among these VirtualServices; give it a unique name"))
+                reason = f"Envoy route name {', '.join(map(repr, shared))} is not unique among these VirtualServices; give the route a unique name"
+                notes.append(left_note(vs, h, reason))
 
 
 def _policy(converted: Sequence[VirtualService], options: SamplerDeployment) -> Policy:

@@ -150,5 +150,3 @@ def test_cli_writes_the_module_objects_and_refuses_other_engines(tmp_path: Any, 
     capsys.readouterr()
     assert main(["convert", "envoy-gateway", str(CONFORMANCE), "-o", str(out), "--inline", "lua"]) == 2
     assert "--inline lua" in capsys.readouterr().err
-    assert main(["convert", "istio", str(CONFORMANCE), "-o", str(out), "--inline", "module"]) == 2
-    assert "convert istio" in capsys.readouterr().err
