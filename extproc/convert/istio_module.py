@@ -116,8 +116,12 @@ def _drop_shared_names(services: Sequence[VirtualService], slot_headers: SlotHea
             shared = [n for n in _route_names(h, slot_headers) if names[n] > 1] if h.converted else []
             if shared:
                 h.converted, h.rule = False, None
-                reason = f"Envoy route name {', '.join(map(repr, shared))} is not unique among these VirtualServices; give the route a unique name"
-                notes.append(left_note(vs, h, reason))
+                names_text = ", ".join(map(repr, shared))
+                notes.append(
+                    left_note(
+                        vs, h, f"Envoy route name {names_text} is not unique among these VirtualServices; give the route a unique name"
+                    )
+                )
 
 
 def _policy(converted: Sequence[VirtualService], options: SamplerDeployment) -> Policy:

@@ -18,8 +18,8 @@ from extproc.config.build import build_policy
 from extproc.convert import Conversion
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway, convert_envoy_gateway_sources
 from extproc.convert.envoy_gateway_module import MODULE_ENTRY
-from extproc.convert.module_delivery import MODULE_DIR, MODULE_PATH, SOURCE_MOUNT
 from extproc.convert.kubernetes import SamplerDeployment
+from extproc.convert.module_delivery import MODULE_DIR, MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME, filter_settings, rule_settings
 from extproc.module.build import DEFAULT_BUILDER_IMAGE, HEADERS, SOURCE_DIR, SOURCES, compile_command
 from tests.support.paths import CONFORMANCE
