@@ -33,6 +33,7 @@ from extproc.core.slots import SlotHeaders
 from extproc.envoy.module import MODULE_FILTER, render_module, rule_settings
 from extproc.envoy.render import Topology
 from extproc.module.build import HEADERS, SOURCE_DIR, SOURCES, compile_command
+from tests.support.istio_envoy import envoy_route_names as envoy_names
 from tests.unit.test_convert_istio import (
     KEYS,
     LEFT,
@@ -57,12 +58,6 @@ PER_ROUTE_TYPE = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modu
 
 def convert(*paths: Path, **options: Any) -> Conversion:
     return convert_istio(list(paths) or [REVIEWS], SamplerDeployment(**options), module=MODULE)
-
-
-def envoy_names(route: dict[str, Any]) -> list[str]:
-    """Istio's names for the Envoy routes of one http[] route (route.go, TranslateRoute)."""
-    name = route.get("name", "")
-    return [f"{name}.{m['name']}" if m.get("name") else name for m in route.get("match") or [{}]]
 
 
 def route_rules(conversion: Conversion) -> dict[tuple[str, str], dict[str, Any]]:
