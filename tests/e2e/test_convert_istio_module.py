@@ -30,7 +30,7 @@ from extproc.stack import envoy as envoy_stack
 from extproc.stack.backend import EchoProcess
 from extproc.stack.envoy import EnvoyProcess
 from tests.e2e.test_module import VERSIONS
-from tests.support.harness import Client
+from tests.support.harness import Client, static_cluster
 from tests.support.istio_envoy import apply_envoy_filter, cluster_name, envoy_routes
 from tests.support.procs import wait_until
 from tests.unit.test_convert_istio import REVIEWS, SLOTS, sampler_policy
@@ -112,20 +112,7 @@ def bootstrap(files: dict[str, str], clusters: dict[str, int], module: str) -> d
                 ],
             }
         )
-    static_clusters = [
-        {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}
-                ],
-            },
-        }
-        for name, port in clusters.items()
-    ]
+    static_clusters = [static_cluster(name, port) for name, port in clusters.items()]
     admin = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
     return with_module_at({"admin": admin, "static_resources": {"listeners": listeners, "clusters": static_clusters}}, module)  # type: ignore[no-any-return]
 
