@@ -270,6 +270,10 @@ def _notes(notes: list[str], contexts: dict[str | None, list[str]]) -> list[str]
         "Envoy routes by name: a route of the same name in another VirtualService those proxies load would get the rule too"
     )
     out.append(
+        "the module clears the route cache after Istio's own filters (authorization included) have run; a variant routes to the "
+        "same destinations as its plain route, so only the mirrors change"
+    )
+    out.append(
         "the default key is x-request-id: an Istio ingress gateway generates it for external clients, but sidecars keep the caller's, "
         "so a caller inside the mesh that sets it chooses its sample"
     )
