@@ -309,8 +309,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 conversion = convert_envoy_gateway(paths, deployment, module)
             else:
                 from .convert.istio import convert_istio
+                from .convert.module_delivery import ModuleEngine
 
-                conversion = convert_istio(paths, deployment)
+                module = ModuleEngine(builder_image=args.module_builder_image) if engine == "module" else None
+                conversion = convert_istio(paths, deployment, module=module)
     except ConvertError as e:
         raise ConfigError(e.problems) from None
     output = Path(args.output)
@@ -327,8 +329,6 @@ def _convert_engine(source: str, engine: str) -> str:
     """The engine `convert SOURCE` writes for: "" (the ext_proc sampler) or one it supports."""
     if engine == "lua":
         raise ConfigError([f"--inline lua (or MIRROR_INLINE): convert {source} writes the ext_proc sampler or --inline module, not Lua"])
-    if engine == "module" and source == "istio":
-        raise ConfigError(["--inline module: not available for convert istio (docs/module.md); it writes the ext_proc sampler"])
     return engine
 
 
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="module",
         metavar="ENGINE",
-        help="module: Envoy decides with the dynamic module, no sampler deployed (envoy, envoy-gateway) "
+        help="module: Envoy decides with the dynamic module, no sampler deployed (envoy, envoy-gateway, istio 1.31+) "
         f"[{inline.env}, default: the ext_proc sampler]",
     )
     group = convert.add_argument_group("envoy")
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--module-builder-image",
         default=DEFAULT_BUILDER_IMAGE,
         metavar="IMAGE",
-        help=f"envoy-gateway --inline module: the image whose cc builds the module on Envoy's node (default {DEFAULT_BUILDER_IMAGE})",
+        help=f"--inline module: the image whose cc builds the module on the proxy's node (default {DEFAULT_BUILDER_IMAGE})",
     )
     group.add_argument(
         "--sampler-service", default="mirror-sampler", metavar="NAME", help="the sampler's Service name (default mirror-sampler)"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,7 @@ from ..core.policy import MirrorTarget, Route, Rule
 from ..core.slots import SlotHeaders
 from ..core.variants import rule_layout
 from . import Conversion, ConvertError
-from .envoy_gateway_module import (
-    DEFAULT_BUILDER_IMAGE,
-    ENVOY_PROXY_COMMENT,
-    POLICY_COMMENT,
-    envoy_proxy,
-    rule_policy,
-    rule_section_name,
-    source_config_map,
-)
+from .envoy_gateway_module import ENVOY_PROXY_COMMENT, POLICY_COMMENT, envoy_proxy, rule_policy, rule_section_name
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
     GRPC_PORT,
@@ -55,6 +47,8 @@ from .kubernetes import (
     read_sources,
     sampler_manifest,
 )
+from .module_delivery import ModuleEngine as ModuleEngine  # where the CLI finds it for this converter
+from .module_delivery import source_config_map
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 EG_API = "gateway.envoyproxy.io/v1alpha1"
@@ -425,13 +419,6 @@ def convert_envoy_gateway_sources(
         "Gateways, or a route it does not know may win in Envoy while the sampler decides for another"
     )
     return _closing(files, notes, gateways)
-
-
-@dataclass(frozen=True)
-class ModuleEngine:
-    """How `--inline module` builds the module for Envoy Gateway's Envoy."""
-
-    builder_image: str = DEFAULT_BUILDER_IMAGE
 
 
 def _module_conversion(

@@ -12,14 +12,9 @@ rule it decides (the module's optional ``rule``), so there is one policy per mir
 targeting exactly that rule's routes (its variant rules and its plain rule, by
 ``sectionName``). Every such rule gets a name, since a sectionName names a rule.
 
-How the ``.so`` reaches Envoy Gateway's Envoy: compiled where it runs, so that it is built
-for that node's architecture and libc, from the module's own C sources. A ConfigMap holds
-the sources (package data, a few tens of KB); the EnvoyProxy adds an init container (a
-compiler image on Debian 12; the module asks glibc for nothing newer than 2.17, so it loads
-in Envoy Gateway's distroless Envoy image) that compiles them into an emptyDir with the same
-command line as ``module/build.py``, mounted read-only into the Envoy container, and
-allowlists that file as a ``Local`` source. Nothing to serve, no sha256 to keep in step,
-and the module is built for the node's architecture.
+How the ``.so`` reaches Envoy Gateway's Envoy: ``module_delivery`` (a ConfigMap of the C
+sources, an init container compiling them in the pod); the EnvoyProxy carries those pod
+changes and allowlists the built file as a ``Local`` source.
 """
 
 from __future__ import annotations
@@ -29,22 +24,13 @@ from typing import Any
 
 from ..core.policy import Policy, Rule
 from ..envoy.module import MODULE_NAME, filter_settings, rule_settings
-from ..module.build import DEFAULT_BUILDER_IMAGE, HEADERS, SOURCE_DIR, SOURCES, compile_command
-from .kubernetes import MAX_CONFIGMAP_BYTES, Document, metadata
-
-__all__ = ["DEFAULT_BUILDER_IMAGE"]  # the converter's default, defined with the build
+from .kubernetes import Document, metadata
+from .module_delivery import MODULE_PATH, build_container, module_mount, module_volumes
 
 EG_API = "gateway.envoyproxy.io/v1alpha1"
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 # EnvoyProxy dynamicModules[].name = EnvoyExtensionPolicy dynamicModule[].name.
 MODULE_ENTRY = "mirror-sampler"
-MODULE_DIR = "/etc/envoy/mirror-sampler"
-MODULE_FILE = "libmirror_sampler.so"
-MODULE_PATH = f"{MODULE_DIR}/{MODULE_FILE}"
-SOURCE_MOUNT = "/src/mirror-sampler"
-BUILD_DIR = "/build"
-SOURCES_VOLUME = "mirror-sampler-module-src"
-MODULE_VOLUME = "mirror-sampler-module"
 
 
 def rule_section_name(rule_index: int) -> str:
@@ -52,39 +38,12 @@ def rule_section_name(rule_index: int) -> str:
     return f"mirror-sampler-{rule_index}"
 
 
-def source_config_map(name: str, namespace: str | None) -> Document:
-    data = {file: (SOURCE_DIR / file).read_text(encoding="utf-8") for file in (*SOURCES, *HEADERS)}
-    size = sum(len(v) for v in data.values())
-    assert size < MAX_CONFIGMAP_BYTES, f"the module's sources ({size} bytes) no longer fit a ConfigMap"
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(name, namespace), "data": data}
-
-
-def build_container(builder_image: str) -> dict[str, Any]:
-    """The init container that compiles the module for the node Envoy runs on."""
-    command = compile_command("cc", f"{BUILD_DIR}/{MODULE_FILE}", SOURCE_MOUNT, [f"{SOURCE_MOUNT}/{s}" for s in SOURCES])
-    return {
-        "name": "build-mirror-sampler-module",
-        "image": builder_image,
-        "command": command,
-        "volumeMounts": [
-            {"name": SOURCES_VOLUME, "mountPath": SOURCE_MOUNT, "readOnly": True},
-            {"name": MODULE_VOLUME, "mountPath": BUILD_DIR},
-        ],
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-    }
-
-
 def envoy_proxy(name: str, namespace: str | None, sources_config_map: str, builder_image: str) -> Document:
     """The allowlist entry, and the pod changes that put the module at MODULE_PATH."""
     deployment = {
         "initContainers": [build_container(builder_image)],
-        "pod": {
-            "volumes": [
-                {"name": SOURCES_VOLUME, "configMap": {"name": sources_config_map}},
-                {"name": MODULE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}},
-            ]
-        },
-        "container": {"volumeMounts": [{"name": MODULE_VOLUME, "mountPath": MODULE_DIR, "readOnly": True}]},
+        "pod": {"volumes": module_volumes(sources_config_map)},
+        "container": {"volumeMounts": [module_mount()]},
     }
     return {
         "apiVersion": EG_API,

@@ -20,7 +20,9 @@ Anything that cannot be translated exactly is left as it was, with a note.
 
 This module reads the VirtualServices and runs the phases; ``istio_translate``
 translates routes into HTTPRoute rules, ``istio_order`` compares Istio's
-order with the sampler's precedence, ``istio_rewrite`` writes what Istio gets.
+order with the sampler's precedence, ``istio_rewrite`` writes what Istio gets;
+``istio_module`` is the other engine (``--inline module``: the dynamic module
+in Istio's proxies, no sampler).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from pathlib import Path
 
 from ..config.manifests import parse_manifests
 from ..config.settings import NAME
-from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
 from . import Conversion, ConvertError
+from .istio_module import convert_with_module
 from .istio_order import order_problems
 from .istio_rewrite import envoy_filter, filter_contexts, rewrite_virtual_service
 from .istio_translate import (
@@ -41,6 +43,8 @@ from .istio_translate import (
     Untranslatable,
     VirtualService,
     check_alone,
+    check_mirrors,
+    left_note,
     route_mirrors,
     sampler_route,
     translate_hosts,
@@ -57,16 +61,21 @@ from .kubernetes import (
     read_sources,
     sampler_manifest,
 )
+from .module_delivery import ModuleEngine
 
 ISTIO_APIS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 COMMAND = "convert istio"
 
 
 def convert_istio(
-    paths: Sequence[Path], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
+    paths: Sequence[Path],
+    options: SamplerDeployment = DEFAULT_DEPLOYMENT,
+    *,
+    cluster_domain: str = "cluster.local",
+    module: ModuleEngine | None = None,
 ) -> Conversion:
     """Read the VirtualService files and convert them (``convert_istio_sources``)."""
-    return convert_istio_sources(read_sources(paths), options, cluster_domain=cluster_domain)
+    return convert_istio_sources(read_sources(paths), options, cluster_domain=cluster_domain, module=module)
 
 
 def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[VirtualService]:
@@ -114,10 +123,6 @@ def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[Virtu
     return services
 
 
-def _leave(notes: list[str], vs: VirtualService, h: HttpRoute, reason: str) -> None:
-    notes.append(f"{vs.source}: VirtualService {vs.id} http[{h.index}] left as it was (Istio keeps mirroring it at random): {reason}")
-
-
 def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, notes: list[str]) -> None:
     """Each route's HTTPRoute rule (``HttpRoute.rule``); mirrored ones that
     cannot be translated stay as they were."""
@@ -125,25 +130,18 @@ def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, no
         if vs.hostnames is None:
             for h in vs.routes:
                 if h.mirrors:
-                    _leave(notes, vs, h, vs.host_reason)
+                    notes.append(left_note(vs, h, vs.host_reason))
             continue
         for h in vs.routes:
             where = f"spec.http[{h.index}]"
             try:
-                if len(h.mirrors) > slot_headers.count:
-                    count = slot_headers.count
-                    raise Untranslatable(f"{len(h.mirrors)} mirrors but only {count} slot headers (raise --slots / MIRROR_SLOTS)")
-                if len({m.token for m in h.mirrors}) < len(h.mirrors):
-                    raise Untranslatable("two mirrors of the route have the same host and subset")
-                for m in h.mirrors:
-                    if not NAME.match(m.token) or len(m.token) > 253 or m.token == SAMPLER_CLUSTER:
-                        raise Untranslatable(f"mirror host {m.destination.get('host')!r} has no DNS-1123 form the sampler accepts")
+                check_mirrors(h.mirrors, slot_headers)
                 rule = translate_rule(h.raw, h.mirrors, where)
                 check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
                 h.rule = rule
             except Untranslatable as e:
                 if h.mirrors:
-                    _leave(notes, vs, h, str(e))
+                    notes.append(left_note(vs, h, str(e)))
 
 
 def _drop_shared_hosts(services: Sequence[VirtualService], notes: list[str]) -> None:
@@ -159,7 +157,7 @@ def _drop_shared_hosts(services: Sequence[VirtualService], notes: list[str]) -> 
             others = sorted({o.id for group in owners.values() if vs in group for o in group if o is not vs})
             for h in vs.routes:
                 if h.mirrors and h.rule is not None:
-                    _leave(notes, vs, h, f"a host is shared with VirtualService {', '.join(others)}")
+                    notes.append(left_note(vs, h, f"a host is shared with VirtualService {', '.join(others)}"))
                 h.rule = None
 
 
@@ -190,7 +188,7 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
         for index, reason in order_problems(vs, routes[0]).items():
             h = next(r for r in vs.routes if r.index == index)
             h.converted = False
-            _leave(notes, vs, h, reason)
+            notes.append(left_note(vs, h, reason))
         for h in vs.routes:
             if h.rule is not None and h.mirrors and not h.converted:
                 # Still known to the sampler (so it picks this route, not a later
@@ -216,11 +214,19 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
 
 
 def convert_istio_sources(
-    sources: Sequence[tuple[str, str]], options: SamplerDeployment = DEFAULT_DEPLOYMENT, *, cluster_domain: str = "cluster.local"
+    sources: Sequence[tuple[str, str]],
+    options: SamplerDeployment = DEFAULT_DEPLOYMENT,
+    *,
+    cluster_domain: str = "cluster.local",
+    module: ModuleEngine | None = None,
 ) -> Conversion:
-    """``sources``: (file name, text) pairs holding VirtualServices."""
+    """``sources``: (file name, text) pairs holding VirtualServices. ``module``: decide in
+    Istio's proxies with the dynamic module (``--inline module``, ``istio_module``)
+    instead of the ext_proc sampler."""
     slot_headers = options.slot_headers
     services = _load(sources, cluster_domain)
+    if module is not None:
+        return convert_with_module(services, options, module)
     notes: list[str] = []
     _translate(services, slot_headers, notes)
     _drop_shared_hosts(services, notes)

@@ -20,13 +20,14 @@ from .kubernetes import Document, metadata
 MESH = "mesh"
 ROUTER = "envoy.filters.http.router"
 HCM = "envoy.filters.network.http_connection_manager"
+ENVOY_FILTER_API = "networking.istio.io/v1alpha3"
 
 
 def _token(mirror: Mirror) -> str:
     return mirror.token
 
 
-def _routes(h: HttpRoute, slot_headers: SlotHeaders) -> list[dict[str, Any]]:
+def converted_routes(h: HttpRoute, slot_headers: SlotHeaders) -> list[dict[str, Any]]:
     """The route as ``core.variants`` lays it out: its variants, then its plain route."""
     raw = h.raw
     out = []
@@ -81,7 +82,7 @@ def rewrite_virtual_service(vs: VirtualService, slot_headers: SlotHeaders) -> Do
     http: list[dict[str, Any]] = []
     for h in vs.routes:
         if h.converted:
-            http += [_remove_slots(r, slot_headers.names) for r in _routes(h, slot_headers)]
+            http += [_remove_slots(r, slot_headers.names) for r in converted_routes(h, slot_headers)]
         else:
             # Also unconverted routes drop slot headers: the sampler may have set
             # them for a request that Istio routes here first.
@@ -103,31 +104,30 @@ def envoy_filter(
     # The filters envoy-config renders, with Istio's name for the sampler's cluster.
     strip = render.as_data(render.anti_spoof_filter(slot_headers), Casing.SNAKE)
     ext_proc = render.as_data(render.ext_proc_filter(message_timeout_ms, cluster=cluster, authority=authority), Casing.SNAKE)
-    patches = []
-    for context in contexts:
-        match = {"context": context, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
-        # Patches apply in order: the strip filter lands before the router,
-        # then ext_proc between it and the router.
-        patches.append(
-            {
-                "applyTo": "HTTP_FILTER",
-                "match": copy.deepcopy(match),
-                "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(strip)},
-            }
-        )
-        patches.append(
-            {
-                "applyTo": "HTTP_FILTER",
-                "match": copy.deepcopy(match),
-                "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(ext_proc)},
-            }
-        )
+    # Patches apply in order: the strip filter lands before the router,
+    # then ext_proc between it and the router.
+    patches = [before_router(context, value) for context in contexts for value in (strip, ext_proc)]
     return {
-        "apiVersion": "networking.istio.io/v1alpha3",
+        "apiVersion": ENVOY_FILTER_API,
         "kind": "EnvoyFilter",
         "metadata": metadata(name, namespace),
         "spec": {"configPatches": patches},
     }
+
+
+def before_router(context: str, http_filter: dict[str, Any]) -> dict[str, Any]:
+    """The patch inserting an HTTP filter before the router of every HTTP connection manager in ``context``."""
+    match = {"context": context, "listener": {"filterChain": {"filter": {"name": HCM, "subFilter": {"name": ROUTER}}}}}
+    return {"applyTo": "HTTP_FILTER", "match": match, "patch": {"operation": "INSERT_BEFORE", "value": copy.deepcopy(http_filter)}}
+
+
+def envoy_route_names(route: dict[str, Any]) -> list[str]:
+    """The names of the Envoy routes Istio makes of one http[] route: one route per match
+    entry, named after the http[] route, "<route>.<entry>" when the entry has a name
+    (pilot/pkg/networking/core/route/route.go, TranslateRoute)."""
+    name = str(route.get("name") or "")
+    entries = route.get("match") or [{}]
+    return list(dict.fromkeys(f"{name}.{m['name']}" if isinstance(m, dict) and m.get("name") else name for m in entries))
 
 
 def filter_contexts(vs: VirtualService) -> dict[str | None, list[str]]:

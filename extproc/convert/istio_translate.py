@@ -14,8 +14,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..config.manifests import parse_manifests
-from ..config.settings import HOSTNAME, METHODS
+from ..config.settings import HOSTNAME, METHODS, NAME
+from ..core.policy import SAMPLER_CLUSTER
 from ..core.sampling import Fraction
+from ..core.slots import SlotHeaders
 from . import ConvertError
 from .kubernetes import Document, dump_documents, metadata
 
@@ -122,6 +124,22 @@ def route_mirrors(raw: dict[str, Any], where: str) -> list[Mirror]:
             fraction = percent_fraction(pct.get("value", 0) if isinstance(pct, dict) else pct, f"{where}.mirrors[{j}].percentage.value")
         mirrors.append(Mirror(dest, fraction, token(dest), entry))
     return mirrors
+
+
+def check_mirrors(mirrors: Sequence[Mirror], slot_headers: SlotHeaders) -> None:
+    """What every engine needs of a route's mirrors: a slot header each, and a token
+    (the slot header's value) naming each target alone, in a form the Policy accepts."""
+    if len(mirrors) > slot_headers.count:
+        raise Untranslatable(f"{len(mirrors)} mirrors but only {slot_headers.count} slot headers (raise --slots / MIRROR_SLOTS)")
+    if len({m.token for m in mirrors}) < len(mirrors):
+        raise Untranslatable("two mirrors of the route have the same host and subset")
+    for m in mirrors:
+        if not NAME.match(m.token) or len(m.token) > 253 or m.token == SAMPLER_CLUSTER:
+            raise Untranslatable(f"mirror host {m.destination.get('host')!r} has no DNS-1123 form the sampler accepts")
+
+
+def left_note(vs: VirtualService, h: HttpRoute, reason: str) -> str:
+    return f"{vs.source}: VirtualService {vs.id} http[{h.index}] left as it was (Istio keeps mirroring it at random): {reason}"
 
 
 def re2_literal(text: str) -> str:

@@ -25,7 +25,7 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
-from extproc.convert.envoy_gateway_module import MODULE_PATH
+from extproc.convert.module_delivery import MODULE_PATH
 from extproc.core.plan import Plan
 from extproc.module.support import module_for
 from extproc.stack import envoy as envoy_stack

@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from extproc.convert.istio_module import GATEWAY_PATCH, SIDECAR_PATCH
 from tests.owners.kubectl_validate import validate
 from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED, REPO
 from tests.support.seeds import httproute_manifests, seed_text
+from tests.unit.test_convert_istio_module import patched_deployment
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +51,18 @@ def seed_files(tmp: Path) -> list[Path]:
     return files
 
 
+def istio_module_objects(out: Path) -> list[Path]:
+    """`convert istio --inline module`'s objects, and a Deployment with each of its
+    Deployment patches merged (a patch alone is no object to validate)."""
+    written = convert("istio", list(ISTIO_INPUTS), out, "--inline", "module")
+    patches = [p for p in written if p.name in (GATEWAY_PATCH, SIDECAR_PATCH)]
+    assert len(patches) == 2
+    for patch in patches:
+        deployment = patched_deployment(yaml.safe_load(patch.read_text()))
+        (out / f"patched-{patch.name}").write_text(yaml.safe_dump(deployment))
+    return [*(p for p in written if p not in patches), *(out / f"patched-{p.name}" for p in patches)]
+
+
 def test_every_manifest_the_project_writes_is_valid(tmp_path: Path) -> None:
     seeds = seed_files(tmp_path / "seeds")
     written: list[Path] = []
@@ -59,6 +74,7 @@ def test_every_manifest_the_project_writes_is_valid(tmp_path: Path) -> None:
     written += convert("envoy-gateway", [EG_INPUTS[0]], tmp_path / "envoy-gateway-options", *options)
     written += convert("istio", list(ISTIO_INPUTS), tmp_path / "istio")
     written += convert("istio", list(ISTIO_INPUTS), tmp_path / "istio-options", *options)
+    written += istio_module_objects(tmp_path / "istio-module")
     kinds = {line.split(":", 1)[1].strip() for f in written for line in f.read_text().splitlines() if line.startswith("kind:")}
     # What a conversion writes, all of it checked (a witness that the files are not empty).
     for kind in ("HTTPRoute", "EnvoyExtensionPolicy", "ClientTrafficPolicy", "ReferenceGrant", "VirtualService", "EnvoyFilter"):

@@ -19,7 +19,7 @@ import yaml
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway
-from extproc.convert.envoy_gateway_module import MODULE_PATH, SOURCE_MOUNT
+from extproc.convert.module_delivery import MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME
 from tests.owners.kubectl_validate import validate
 from tests.owners.tools import egctl

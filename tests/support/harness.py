@@ -41,6 +41,17 @@ class Client:
         self.conn.close()
 
 
+def static_cluster(name: str, port: int) -> dict[str, Any]:
+    """An Envoy cluster (bootstrap data) with one endpoint on a loopback port."""
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]},
+    }
+
+
 class HasStats(Protocol):
     """A running Envoy's counters: a LocalStack or an EnvoyProcess."""
 

@@ -17,8 +17,9 @@ from extproc.cli import main
 from extproc.config.build import build_policy
 from extproc.convert import Conversion
 from extproc.convert.envoy_gateway import ModuleEngine, convert_envoy_gateway, convert_envoy_gateway_sources
-from extproc.convert.envoy_gateway_module import MODULE_DIR, MODULE_ENTRY, MODULE_PATH, SOURCE_MOUNT
+from extproc.convert.envoy_gateway_module import MODULE_ENTRY
 from extproc.convert.kubernetes import SamplerDeployment
+from extproc.convert.module_delivery import MODULE_DIR, MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME, filter_settings, rule_settings
 from extproc.module.build import DEFAULT_BUILDER_IMAGE, HEADERS, SOURCE_DIR, SOURCES, compile_command
 from tests.support.paths import CONFORMANCE
@@ -149,5 +150,3 @@ def test_cli_writes_the_module_objects_and_refuses_other_engines(tmp_path: Any, 
     capsys.readouterr()
     assert main(["convert", "envoy-gateway", str(CONFORMANCE), "-o", str(out), "--inline", "lua"]) == 2
     assert "--inline lua" in capsys.readouterr().err
-    assert main(["convert", "istio", str(CONFORMANCE), "-o", str(out), "--inline", "module"]) == 2
-    assert "convert istio" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from extproc.config.settings import Settings
 from extproc.config.source import load_policy
 from extproc.core.matching import Match, PathMatch, PathType, ValueMatch, ValueType
 from extproc.core.policy import SAMPLER_CLUSTER, Policy, Rule
+from tests.support.harness import static_cluster
 from tests.support.paths import CONFORMANCE, REPO
 
 DEFAULT_CONFIG = "extproc/data/http-mirror.yaml"  # as the Makefile names it
@@ -529,20 +530,7 @@ def test_makefile_renders_what_the_freshness_test_compares() -> None:
 
 def snippet_bootstrap(snippet: dict[str, Any], policy: Policy) -> dict[str, Any]:
     """An existing Envoy that pasted the snippet where its comment says."""
-    backends = [
-        {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 18080 + i}}}}]}
-                ],
-            },
-        }
-        for i, name in enumerate(envoyconf.backend_names(policy))
-    ]
+    backends = [static_cluster(name, 18080 + i) for i, name in enumerate(envoyconf.backend_names(policy))]
     vhosts = list(snippet["virtual_hosts"])
     if not any("*" in vh["domains"] for vh in vhosts):
         # The user's own catch-all host, which Envoy allows only once.
