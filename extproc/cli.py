@@ -369,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="addresses for this machine (loopback) or for docker compose (service names)",
     )
-    envoy.add_argument("--snippet", action="store_true", help="only what an existing Envoy needs: filters, sampler cluster, routes")
+    envoy.add_argument(
+        "--snippet",
+        action="store_true",
+        help="only what an existing Envoy needs: filters, sampler cluster, routes (and the capture points of spec.compare)",
+    )
     envoy.add_argument("--output", "-o", help="write here instead of standard output")
     envoy.add_argument(
         "--sampler",
