@@ -3,9 +3,9 @@
 Verified against Envoy 1.40 (docs/compare.md, tests/e2e/test_compare.py):
 
 - Primary side: an ext_proc filter in ``observability_mode`` (Envoy sends and
-  does not wait: the primary is never slowed) after the sampler's filter,
+  does not wait: the primary is never slowed) after the deciding filter,
   disabled on the listener. Envoy builds a request's filter chain once, from
-  the first route it matched (the plain route, before the sampler's
+  the first route it matched (the plain route, before the decision's
   ``clear_route_cache``), so enabling the filter on the variant routes alone
   would never create it. The plain route of each compared rule therefore
   enables it with the filter's default processing mode, which sends nothing
