@@ -87,10 +87,13 @@ soak: $(BENCH_STAMP) load-generators
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
-# Regenerates envoy/envoy.yaml (and envoy-module.yaml) for docker compose (tests check they are fresh).
+# Regenerates envoy/envoy.yaml (and envoy-module.yaml; envoy-compare.yaml, envoy.yaml with the capture
+# points of extproc/data/compare.yaml) for docker compose (tests check they are fresh).
 envoy-config: $(UP_STAMP)
 	$(BIN)/mirror-sampler envoy-config --for compose --inline module --config extproc/data/http-mirror.yaml --output envoy/envoy-module.yaml
 	$(BIN)/mirror-sampler envoy-config --for compose --config extproc/data/http-mirror.yaml --output envoy/envoy.yaml
+	$(BIN)/mirror-sampler compare envoy-config envoy/envoy.yaml --config extproc/data/compare.yaml --routes extproc/data/http-mirror.yaml \
+		--observer mirror-sampler-compare:50061 --output envoy/envoy-compare.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -181,18 +181,17 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         sampler_cert=envoy.sampler_client_cert,
         sampler_key=envoy.sampler_client_key,
     )
-    in_module = envoy.inline == "module"
-    capture_blocked = _capture_unavailable(args, envoy.inline)
     if args.observer and compare is None:
         raise ConfigError(["--observer: the configuration has no spec.compare rule (a MirrorSampler document's spec.compare)"])
-    if args.observer and capture_blocked:
-        raise ConfigError([f"--observer: {reason}" for reason in capture_blocked])
-    if compare is not None and not capture_blocked:
-        text = _render_with_capture(policy, topology, compare, args)
+    module_path = _module_path(args) if envoy.inline == "module" else None
+    if compare is not None:
+        text = _render_with_capture(policy, topology, compare, args, module_path)
+    elif module_path is not None:
+        from .envoy.module import render_module
+
+        text = render_module(policy, topology, module_path, snippet_only=args.snippet)
     else:
-        for reason in capture_blocked if compare is not None else []:
-            print(f"mirror-sampler envoy-config: spec.compare: {reason}", file=sys.stderr)
-        text = _render_module(policy, topology, args) if in_module else render(policy, topology, snippet_only=args.snippet)
+        text = render(policy, topology, snippet_only=args.snippet)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
@@ -201,38 +200,36 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _capture_unavailable(args: argparse.Namespace, inline: str) -> list[str]:
-    """Why the capture points of spec.compare cannot be rendered with these flags: they
-    are what Envoy 1.40 was shown to capture with (tests/e2e/test_compare.py), the
-    sampler's ext_proc in the whole bootstrap, observers on this machine."""
-    flags = [
-        (args.snippet, "--snippet"),
-        (bool(inline), f"--inline {inline}"),
-        (args.target == "compose", "--for compose (the observers' cluster is static, on this machine)"),
-    ]
-    return [f"the capture points are not rendered with {flag}" for given, flag in flags if given]
+def _render_with_capture(
+    policy: Policy, topology: Topology, compare: CompareConfig, args: argparse.Namespace, module_path: str | None
+) -> str:
+    """The configuration with the capture points of spec.compare (docs/compare.md), for
+    every engine, whole or as a snippet; the observers on this machine, or compose's."""
+    from .compare.cli import OBSERVER_PORT
+    from .compare.envoy import CAPTURE_SERVICE_CLUSTER, render_with_capture
+    from .envoy.render import Address
+
+    if args.observer:
+        observers = [_address(o, "--observer") for o in args.observer]
+    elif args.target == "compose":
+        # The observer's compose service is named like its cluster, as the sampler's is.
+        observers = [Address(CAPTURE_SERVICE_CLUSTER, OBSERVER_PORT)]
+    else:
+        observers = [Address("127.0.0.1", OBSERVER_PORT)]
+    return render_with_capture(policy, topology, compare, observers, module_path=module_path, snippet_only=args.snippet)
 
 
-def _render_with_capture(policy: Policy, topology: Topology, compare: CompareConfig, args: argparse.Namespace) -> str:
-    """The full configuration with the capture points of spec.compare (docs/compare.md)."""
-    from .compare.cli import DEFAULT_LISTEN
-    from .compare.envoy import render_with_capture
-
-    observers = [_address(o, "--observer") for o in args.observer or [DEFAULT_LISTEN]]
-    return render_with_capture(policy, topology, compare, observers)
-
-
-def _render_module(policy: Policy, topology: Topology, args: argparse.Namespace) -> str:
-    """The module engine's configuration, for the Envoy on this machine (the module
-    is built here, and its path is in the configuration) or for docker compose."""
-    from .envoy.module import COMPOSE_MODULE_PATH, render_module
+def _module_path(args: argparse.Namespace) -> str:
+    """Where Envoy loads the module from: built here for the Envoy on this machine (checked
+    first), or where docker compose builds it for the Envoy image."""
+    from .envoy.module import COMPOSE_MODULE_PATH
     from .module.support import module_for_installed_envoy
 
     if args.target == "compose":
         # Built inside compose for the Envoy image (docker-compose.module.yml), whose pinned
         # version tests/unit/test_compose_module.py checks against the supported ones.
-        return render_module(policy, topology, COMPOSE_MODULE_PATH, snippet_only=args.snippet)
-    return render_module(policy, topology, module_for_installed_envoy(), snippet_only=args.snippet)
+        return COMPOSE_MODULE_PATH
+    return module_for_installed_envoy()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -372,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="addresses for this machine (loopback) or for docker compose (service names)",
     )
-    envoy.add_argument("--snippet", action="store_true", help="only what an existing Envoy needs: filters, sampler cluster, routes")
+    envoy.add_argument(
+        "--snippet",
+        action="store_true",
+        help="only what an existing Envoy needs: filters, sampler cluster, routes (and the capture points of spec.compare)",
+    )
     envoy.add_argument("--output", "-o", help="write here instead of standard output")
     envoy.add_argument(
         "--sampler",
@@ -391,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="HOST:PORT",
         help="with spec.compare in the configuration: an observer (`mirror-sampler compare capture`) the capture points stream to "
-        "(repeatable; default 127.0.0.1:50061)",
+        "(repeatable; default 127.0.0.1:50061, or mirror-sampler-compare:50061 for compose)",
     )
     envoy.set_defaults(func=cmd_envoy_config)
 

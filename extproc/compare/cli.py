@@ -23,7 +23,8 @@ from .judge import Comparison
 from .store import CompareStore
 
 DEFAULT_DB = "mirror-sampler-compare.db"
-DEFAULT_LISTEN = "127.0.0.1:50061"
+OBSERVER_PORT = 50061
+DEFAULT_LISTEN = f"127.0.0.1:{OBSERVER_PORT}"
 ROUTES_HELP = (
     "the HTTPRoutes (default $MIRROR_CONFIG): rule ids and targets are checked against them, targets default to the rule's mirrors"
 )

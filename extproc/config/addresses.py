@@ -6,6 +6,8 @@ port, which makes sense for a listener and never for a peer."""
 
 from __future__ import annotations
 
+import ipaddress
+
 
 def _split(value: str, lowest_port: int) -> tuple[str, int]:
     text = value.strip()
@@ -34,3 +36,13 @@ def split_peer_address(value: str) -> tuple[str, int]:
 def join_address(host: str, port: int) -> str:
     """The inverse of split_address: brackets around an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_ip_address(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address rather than a name (a STATIC Envoy
+    cluster takes addresses only; a name needs DNS)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

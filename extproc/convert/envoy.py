@@ -25,7 +25,6 @@ writes policy.yaml, ``envoy_data`` reads fields in either spelling.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config.addresses import split_peer_address
+from ..config.addresses import is_ip_address, split_peer_address
 from ..config.build import build_policy
 from ..config.manifest_yaml import yaml_problem
 from ..config.settings import Settings, slot_environment
@@ -122,14 +121,6 @@ def parse_address(text: str, flag: str = "--sampler") -> tuple[str, int]:
         raise ConvertError([f"{flag}: {e}"]) from None
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------
 
 
@@ -179,7 +170,7 @@ def convert_envoy(
         slot_headers=slot_headers,
         topology=render.Topology(
             samplers=tuple(render.Address(host, port) for host, port in addresses),
-            dns=not all(_is_ip(host) for host, _ in addresses),
+            dns=not all(is_ip_address(host) for host, _ in addresses),
             message_timeout_ms=message_timeout_ms,
             sampler_ca=sampler_ca,
             sampler_cert=sampler_client_cert,

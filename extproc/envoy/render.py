@@ -145,14 +145,19 @@ def slot_matchers(variant: Variant[Any]) -> list[route.HeaderMatcher]:
     return present + [route.HeaderMatcher(name=name, present_match=False) for name in variant.absent]
 
 
-def marker_mutation(slot_headers: SlotHeaders, rule_id: str) -> mutation_rules.HeaderMutation:
-    """On a mirrored copy: the marker header naming the rule that sampled it."""
+def set_header_mutation(name: str, value: str) -> mutation_rules.HeaderMutation:
+    """A mirror policy's change to its copy: this header with this value, whatever the copy had."""
     return mutation_rules.HeaderMutation(
         append=core.HeaderValueOption(
-            header=core.HeaderValue(key=slot_headers.marker, value=rule_id),
+            header=core.HeaderValue(key=name, value=value),
             append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
         )
     )
+
+
+def marker_mutation(slot_headers: SlotHeaders, rule_id: str) -> mutation_rules.HeaderMutation:
+    """On a mirrored copy: the marker header naming the rule that sampled it."""
+    return set_header_mutation(slot_headers.marker, rule_id)
 
 
 def _route_action(rule: Rule, policy: Policy, mirrors: Sequence[MirrorTarget]) -> route.RouteAction:

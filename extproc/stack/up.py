@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..compare.config import CompareConfig
-from ..compare.envoy import render_with_capture
+from ..compare.envoy import add_capture_to_discovery, render_with_capture
 from ..compare.summary import live_targets
 from ..config.build import parse, policy_from
 from ..config.errors import ConfigError
@@ -187,8 +187,8 @@ class LocalStack:
         self.backend_ports[name] = echo.port
 
     def captures(self) -> bool:
-        """Whether Envoy captures for spec.compare: the capture points are rendered with the sampler's ext_proc only."""
-        return self.compare is not None and not self.inline
+        """Whether Envoy captures for spec.compare (with every engine)."""
+        return self.compare is not None
 
     def _start_observer(self) -> None:
         assert self.log_dir is not None
@@ -246,11 +246,12 @@ class LocalStack:
         config = self._log("envoy").with_suffix(".yaml")
         if self.inline:
             write_routes(self.routes_file(), self.policy, self.topology(), self.discovery())
-        if self.module_path:
-            config.write_text(render_module(self.policy, self.topology(), self.module_path))
-        elif self.observer is not None and self.compare is not None:
+        if self.observer is not None and self.compare is not None:
             observers = [Address(LOOPBACK, self.observer.port)]
-            config.write_text(render_with_capture(self.policy, self.topology(), self.compare, observers))
+            module_path = self.module_path or None
+            config.write_text(render_with_capture(self.policy, self.topology(), self.compare, observers, module_path=module_path))
+        elif self.module_path:
+            config.write_text(render_module(self.policy, self.topology(), self.module_path))
         else:
             config.write_text(render(self.policy, self.topology()))
         self.envoy = EnvoyProcess(config, self.log_dir)
@@ -265,11 +266,14 @@ class LocalStack:
             self.reloader.start()
 
     def discovery(self) -> Discovery:
-        """The routes file of the in-process engine."""
-        if not self.module_path:
-            return route_discovery
+        """The routes file of the in-process engine, with the capture points of spec.compare:
+        every reload keeps them (which rules compare is Envoy's configuration, set at start)."""
         module_path = self.module_path
-        return lambda policy, topology: module_route_discovery(policy, module_path)
+        engine: Discovery = (lambda policy, topology: module_route_discovery(policy, module_path)) if module_path else route_discovery
+        compare = self.compare
+        if compare is None:
+            return engine
+        return lambda policy, topology: add_capture_to_discovery(engine(policy, topology), compare.compared())
 
     def refused(self, policy: Policy) -> list[str]:
         """What the in-process engine cannot do (the module does everything)."""
@@ -348,8 +352,6 @@ def _compare_lines(stack: LocalStack) -> list[str]:
     if stack.observer is not None:
         report = f"mirror-sampler compare report --db {stack.observer.db} --config {stack.settings.config}"
         return [f"  compare: observer metrics {stack.observer.metrics_url}; report: {report}"]
-    if stack.compare is not None:
-        return ["  compare: not captured with --inline (the capture points need the sampler's ext_proc; docs/compare.md)"]
     return []
 
 

@@ -15,10 +15,11 @@ import pytest
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
+from extproc.core.sampling import Fraction
 from extproc.stack.children import Child
 from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
 from extproc.stack.view import view_rows
-from tests.support.harness import Client, received, start_stack
+from tests.support.harness import Client, expected_count, received, start_stack
 from tests.support.paths import REPO
 from tests.support.procs import alive, busy_port, wait_until
 
@@ -212,17 +213,17 @@ spec:
 """ + DEFAULT_CONFIG.read_text().replace("percent: 50", "percent: 100")
 
 
-def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: list[LocalStack]) -> None:
-    """spec.compare in the routes file: up runs an observer, Envoy captures, the view counts the pairs."""
+@pytest.mark.parametrize("engine", ["", "lua", "module"], ids=["sampler", "inline-lua", "inline-module"])
+def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: list[LocalStack], engine: str) -> None:
+    """spec.compare in the routes file: up runs an observer, Envoy captures (whichever engine
+    decides), the view counts the pairs; inline, a live edit of the routes keeps capturing."""
     from extproc.stack.up import first_screen, live_view
 
-    gw = start_stack(tmp_path, COMPARED_ROUTE)
+    gw = start_stack(tmp_path, COMPARED_ROUTE, inline=bool(engine), engine=engine or "lua")
     stacks.append(gw)
     assert gw.observer is not None and any("compare: observer metrics" in line for line in first_screen(gw))
-    client = Client(gw.url)
-    for i in range(20):
-        assert client.request("/get", "backends.example", {"x-request-id": f"user-{i}"})[0] == 200
-    client.close()
+    keys = [f"user-{i}" for i in range(20)]
+    send(gw, keys)
     wait_until(lambda: received(gw, "backend-2") == 20, 10, "every request mirrored to backend-2")
 
     def compared_row() -> list[str]:
@@ -233,3 +234,24 @@ def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: l
     wait_until(lambda: compared_row()[:2] == ["backend-2", "20"], 20, "the view counting 20 compared pairs")
     # The echo names its pod: every pair differs there (the echoed headers are ignored by the rule).
     assert compared_row() == ["backend-2", "20", "0.0%", "0", "body.pod", "100.0%", "[default/http-mirror/0]"]
+    if not engine:
+        return
+    # Inline, an edit becomes new routes (filesystem RDS): they keep the capture points.
+    reloads = gw.routes_reloads()
+    (tmp_path / "routes.yaml").write_text(COMPARED_ROUTE.replace("percent: 100", "percent: 50"))
+    wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy serving the edited routes")
+    more = [f"user-{i}" for i in range(20, 60)]
+    send(gw, more)
+    mirrored = expected_count(Fraction(50), more)
+    assert 0 < mirrored < len(more)
+    wait_until(lambda: received(gw, "backend-2") == 20 + mirrored, 10, "the edited fraction mirrored")
+    pairs = str(20 + mirrored)
+    wait_until(lambda: compared_row()[:2] == ["backend-2", pairs], 20, f"the view counting {pairs} compared pairs")
+    assert gw.stat("http.ingress_http.ext_proc.compare.streams_started") == 20 + mirrored, "a stream per mirrored request only"
+
+
+def send(gw: LocalStack, keys: list[str]) -> None:
+    client = Client(gw.url)
+    for key in keys:
+        assert client.request("/get", "backends.example", {"x-request-id": key})[0] == 200
+    client.close()

@@ -157,14 +157,15 @@ def test_envoy_config_reads_spec_compare_from_the_routes_file_and_envoy_accepts_
     assert refused.returncode == 2 and "--observer: the configuration has no spec.compare rule" in refused.stderr
 
 
-def test_envoy_config_says_when_it_cannot_render_the_capture_points(tmp_path: Path) -> None:
+def test_envoy_config_renders_the_capture_points_with_every_flag(tmp_path: Path) -> None:
+    """--snippet, --inline and --for compose render them too (their shape and Envoy's
+    verdict: tests/unit/test_envoyconf.py, tests/service/test_envoyconf_validate.py)."""
     routes = tmp_path / "routes.yaml"
     routes.write_text(SAMPLER_COMPARE + ROUTES)
-    snippet = envoy_config("--config", str(routes), "--snippet")
-    assert snippet.returncode == 0 and "compare-capture" not in snippet.stdout
-    assert "spec.compare: the capture points are not rendered with --snippet" in snippet.stderr
-    refused = envoy_config("--config", str(routes), "--snippet", "--observer", "127.0.0.1:50071")
-    assert refused.returncode == 2 and "--observer: the capture points are not rendered with --snippet" in refused.stderr
+    for flags in (["--snippet"], ["--inline", "lua"], ["--for", "compose"]):
+        done = envoy_config("--config", str(routes), *flags, "--observer", "10.0.0.9:50071")
+        assert done.returncode == 0 and not done.stderr, (flags, done.stderr)
+        assert "mirror-sampler.compare-capture" in done.stdout and "50071" in done.stdout, flags
     invalid = SAMPLER_COMPARE.replace("shadowTimeout", "shadowTimout") + ROUTES
     routes.write_text(invalid)
     bad = envoy_config("--config", str(routes))

@@ -155,3 +155,65 @@ def test_envoy_config_renders_the_capture_points_of_spec_compare() -> None:
     assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
     assert CAPTURE_SHADOW_CLUSTER in clusters
     assert [e["name"] for e in config["bootstrapExtensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_routes_served_from_a_file_get_the_capture_points_there() -> None:
+    """`up --inline` serves routes by filesystem RDS: the bootstrap gets the filter, the
+    listener and the clusters; the routes file gets the per-route configuration."""
+    from extproc.compare.envoy import add_capture_to_discovery
+    from extproc.envoy.lua import DECIDE_FILTER
+    from extproc.envoy.render import route_discovery
+
+    topology = Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)}, inline=True, rds_path="/r/routes.yaml")
+    config = add_capture(as_data(bootstrap_config(POLICY, topology)), COMPARED, POLICY.slot_headers.marker, OBSERVERS)
+    assert [f["name"] for f in manager(config)["httpFilters"]] == [DECIDE_FILTER, CAPTURE_FILTER, "envoy.filters.http.router"]
+    assert "routeConfig" not in manager(config) and "rds" in manager(config)
+    discovery = route_discovery(POLICY, topology)
+    snapshot = json.dumps(discovery, sort_keys=True)
+    [served] = add_capture_to_discovery(discovery, COMPARED)["resources"]
+    assert json.dumps(discovery, sort_keys=True) == snapshot, "not changed in place"
+    by_name = {r["name"]: r for host in served["virtualHosts"] for r in host["routes"]}
+    assert by_name[MULTI.id]["typedPerFilterConfig"].keys() == {DECIDE_FILTER, CAPTURE_FILTER}
+    both = by_name[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
+    assert [p["cluster"] for p in both["route"]["requestMirrorPolicies"]] == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
+    others = [r for name, r in by_name.items() if not name.startswith(MULTI.id)]
+    assert others and all(CAPTURE_FILTER not in r.get("typedPerFilterConfig", {}) for r in others)
+
+
+def test_observers_named_by_host_are_resolved_by_dns() -> None:
+    """Compose addresses the observer by its service name: a STATIC cluster would refuse it."""
+    from extproc.compare.envoy import capture_clusters
+
+    by_ip = {c.name: c for c in capture_clusters([Address("127.0.0.1", 50061), Address("::1", 50061)])}
+    by_name = {c.name: c for c in capture_clusters([Address("mirror-sampler-compare", 50061)])}
+    assert as_data(by_ip[CAPTURE_SERVICE_CLUSTER])["type"] == "STATIC"
+    assert as_data(by_name[CAPTURE_SERVICE_CLUSTER])["type"] == "STRICT_DNS"
+    assert as_data(by_name[CAPTURE_SHADOW_CLUSTER])["type"] == "STATIC", "the internal listener's address is no name"
+
+
+def test_the_snippet_gets_the_capture_points_in_its_own_casing() -> None:
+    from extproc.compare.envoy import add_capture_to_snippet
+    from extproc.envoy.render import snippet
+
+    topology = Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)})
+    base = snippet(POLICY, topology)
+    snapshot = json.dumps(base, sort_keys=True)
+    out = add_capture_to_snippet(base, COMPARED, POLICY.slot_headers.marker, OBSERVERS, 2.0)
+    assert json.dumps(base, sort_keys=True) == snapshot, "not changed in place"
+    assert [f["name"] for f in out["http_filters"]] == [*(f["name"] for f in base["http_filters"]), CAPTURE_FILTER]
+    assert out["http_filters"][-1]["typed_config"]["observability_mode"] is True
+    routes = {r["name"]: r for host in out["virtual_hosts"] for r in host["routes"]}
+    both = routes[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
+    assert [p["cluster"] for p in both["route"]["request_mirror_policies"]] == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
+    assert both["typed_per_filter_config"][CAPTURE_FILTER]["config"]["overrides"]["processing_mode"]["response_body_mode"] == "STREAMED"
+    [listener] = out["listeners"]
+    assert listener["name"] == CAPTURE_LISTENER and "internal_listener" in listener
+    [route] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"] == {"cluster": "infra-backend-v2", "timeout": "2s"}
+    assert [c["name"] for c in out["clusters"]][-2:] == [CAPTURE_SERVICE_CLUSTER, CAPTURE_SHADOW_CLUSTER]
+    assert out["bootstrap_extensions"] == [
+        {
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
+        }
+    ]

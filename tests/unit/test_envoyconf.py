@@ -166,7 +166,25 @@ class Case:
     message_timeout_ms: int = 200
 
 
-INLINE = {"routes": ROUTES, "mirror-without-backend": MIRROR_WITHOUT_BACKEND, "host-header-modifier": HOST_HEADER_MODIFIER}
+# spec.compare on two of ROUTES' rules: all of one's mirrors, two of the other's three.
+COMPARE = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {name: shop}
+spec:
+  compare:
+    rules:
+    - {rule: prod/shop/0}
+    - {rule: prod/shop/2, targets: [shadow-a, shadow-c], secondary: shadow-c}
+---
+"""
+
+INLINE = {
+    "routes": ROUTES,
+    "mirror-without-backend": MIRROR_WITHOUT_BACKEND,
+    "host-header-modifier": HOST_HEADER_MODIFIER,
+    "compare": COMPARE + ROUTES,
+}
 
 CASES = {
     c.name: c
@@ -184,8 +202,18 @@ CASES = {
         Case("inline-routes", "routes", {"MIRROR_SLOTS": "3"}, ("--for", "local", "--inline")),
         Case("inline-compose", DEFAULT_CONFIG, args=("--for", "compose", "--inline")),
         Case("inline-snippet", "routes", {"MIRROR_SLOTS": "3"}, ("--snippet", "--inline")),
+        # spec.compare: the capture points with every engine, whole, as a snippet, for compose.
+        Case("compare-local", "compare", {"MIRROR_SLOTS": "3"}),
+        Case("compare-inline", "compare", {"MIRROR_SLOTS": "3"}, ("--for", "local", "--inline", "lua")),
+        Case("compare-module", "compare", {"MIRROR_SLOTS": "3"}, ("--for", "local", "--inline", "module")),
+        Case("compare-compose", "compare", {"MIRROR_SLOTS": "3"}, ("--for", "compose")),
+        Case("compare-module-compose", "compare", {"MIRROR_SLOTS": "3"}, ("--for", "compose", "--inline", "module")),
+        Case("compare-snippet", "compare", {"MIRROR_SLOTS": "3"}, ("--snippet", "--observer", "10.0.0.7:50061")),
+        Case("compare-inline-snippet", "compare", {"MIRROR_SLOTS": "3"}, ("--snippet", "--inline")),
+        Case("compare-module-snippet", "compare", {"MIRROR_SLOTS": "3"}, ("--snippet", "--inline", "module")),
     )
 }
+SNIPPET_CASES = ("snippet", "snippet-default", "inline-snippet", "compare-snippet", "compare-inline-snippet", "compare-module-snippet")
 # Whole bootstraps whose structure the tests below check.
 STRUCTURE_CASES = ["default-local", "default-compose", "conformance", "simple", "routes"]
 
@@ -520,8 +548,32 @@ def test_makefile_renders_what_the_freshness_test_compares() -> None:
     recipe = re.search(r"^envoy-config:.*\n((?:\t.*\n)+)", (REPO / "Makefile").read_text(encoding="utf-8"), re.M)
     assert recipe
     assert re.search(
-        rf"envoy-config --for compose --config {re.escape(DEFAULT_CONFIG)} (--output|-o) envoy/envoy\.yaml\s*$", recipe.group(1)
+        rf"envoy-config --for compose --config {re.escape(DEFAULT_CONFIG)} (--output|-o) envoy/envoy\.yaml\s*$", recipe.group(1), re.M
     )
+    # envoy-compare.yaml is made from envoy.yaml: after it.
+    assert " ".join(COMPARE_ENVOY_ARGV) in recipe.group(1).replace("\\\n\t\t", "")
+    assert recipe.group(1).index("envoy/envoy.yaml") < recipe.group(1).index("envoy/envoy-compare.yaml")
+
+
+# docker compose's comparison: envoy.yaml with the capture points of extproc/data/compare.yaml,
+# streaming to the observer's compose service (named like its cluster, as the sampler's is).
+COMPARE_ENVOY = REPO / "envoy" / "envoy-compare.yaml"
+COMPARE_CONFIG = "extproc/data/compare.yaml"
+COMPARE_ENVOY_ARGV = [
+    "compare", "envoy-config", "envoy/envoy.yaml", "--config", COMPARE_CONFIG, "--routes", DEFAULT_CONFIG,
+    "--observer", "mirror-sampler-compare:50061", "--output", "envoy/envoy-compare.yaml",
+]  # fmt: skip
+
+
+def test_compose_compare_config_is_fresh(tmp_path: Path) -> None:
+    out = tmp_path / "envoy-compare.yaml"
+    assert render_cli([*COMPARE_ENVOY_ARGV[:-1], str(out)], {}) == 0
+    assert COMPARE_ENVOY.read_bytes() == out.read_bytes(), "envoy/envoy-compare.yaml is stale: run `make envoy-config` and commit it"
+    config = snake(yaml.safe_load(out.read_text(encoding="utf-8")))
+    from extproc.compare.envoy import CAPTURE_SERVICE_CLUSTER
+
+    observer = clusters_of(config)[CAPTURE_SERVICE_CLUSTER]
+    assert observer["type"] == "STRICT_DNS" and endpoint_of(observer) == (CAPTURE_SERVICE_CLUSTER, 50061)
 
 
 # --------------------------------------------------------------------------
@@ -545,18 +597,23 @@ def snippet_bootstrap(snippet: dict[str, Any], policy: Policy) -> dict[str, Any]
             {"name": ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
     }
-    return {
+    bootstrap: dict[str, Any] = {
         "static_resources": {
             "listeners": [
                 {
                     "name": "existing",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": 18000}},
                     "filter_chains": [{"filters": [{"name": HCM, "typed_config": manager}]}],
-                }
+                },
+                # With spec.compare: the capture listener, and the extension that runs it.
+                *snippet.get("listeners", []),
             ],
             "clusters": [*snippet["clusters"], *backends],
         }
     }
+    if "bootstrap_extensions" in snippet:
+        bootstrap["bootstrap_extensions"] = snippet["bootstrap_extensions"]
+    return bootstrap
 
 
 # --------------------------------------------------------------------------
@@ -669,7 +726,7 @@ def test_snippet_has_no_catch_all_host_of_its_own(rendered: dict[str, Rendered])
     assert [vh["domains"] for vh in full] == [["backends.example"], ["*"]]
 
 
-@pytest.mark.parametrize("name", ["snippet", "snippet-default", "inline-snippet"])
+@pytest.mark.parametrize("name", SNIPPET_CASES)
 def test_snippet_is_snake_case_like_envoys_docs(name: str, rendered: dict[str, Rendered]) -> None:
     r = rendered[name]
     assert r.path is not None, r.error
@@ -754,3 +811,136 @@ def test_inline_puts_each_rules_script_on_every_route_of_the_rule(rendered: dict
             assert per_route["source_code"]["inline_string"] == rule_script(r.policy, with_mirrors[rule_id], variant=is_variant_route)
             seen.add(rule_id)
     assert seen == set(with_mirrors)
+
+
+# --------------------------------------------------------------------------
+# spec.compare: the capture points (extproc/compare/envoy.py) with every engine.
+
+COMPARED = {"prod/shop/0": ("shadow-a",), "prod/shop/2": ("shadow-a", "shadow-c")}
+
+
+def capture_pieces(doc: dict[str, Any], filters: list[dict[str, Any]], vhosts: list[dict[str, Any]]) -> None:
+    """The capture filter last before the router, disabled; each compared rule's plain
+    route enables it, each variant observes what it mirrors of the compared targets,
+    through the capture cluster; nothing else is touched."""
+    from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_SHADOW_CLUSTER, TARGET_HEADER
+    from extproc.compare.records import CaptureTag, Side
+
+    names = [f["name"] for f in filters]
+    assert names.index(CAPTURE_FILTER) == len(names) - 1 or names[names.index(CAPTURE_FILTER) + 1] == ROUTER
+    assert filters[names.index(CAPTURE_FILTER)]["disabled"] is True
+    seen = set()
+    for vh in vhosts:
+        for route in vh.get("routes", []):
+            rule_id, variant, mirrored = route["name"].partition(" mirror ")
+            capture = route.get("typed_per_filter_config", {}).get(CAPTURE_FILTER)
+            if rule_id not in COMPARED:
+                assert capture is None, route["name"]
+                continue
+            seen.add(rule_id)
+            if not variant:
+                assert capture["config"]["overrides"] == {}, route["name"]
+                continue
+            compared = [t for t in mirrored.split("+") if t in COMPARED[rule_id]]
+            policies = route["route"]["request_mirror_policies"]
+            through = [p for p in policies if p["cluster"] == CAPTURE_SHADOW_CLUSTER]
+            assert [p["cluster"] for p in policies if p not in through] == [t for t in mirrored.split("+") if t not in compared]
+            targets = [
+                m["append"]["header"]["value"]
+                for p in through
+                for m in p["request_headers_mutations"]
+                if m["append"]["header"]["key"] == TARGET_HEADER
+            ]
+            assert targets == compared, route["name"]
+            if not compared:
+                assert capture is None, route["name"]
+                continue
+            tag = capture["config"]["overrides"]["grpc_initial_metadata"][0]["value"]
+            assert CaptureTag.decode(tag) == CaptureTag(Side.PRIMARY, rule_id, tuple(compared)), route["name"]
+    assert seen == set(COMPARED)
+
+
+def capture_listener_of(listeners: list[dict[str, Any]]) -> dict[str, Any]:
+    from extproc.compare.envoy import CAPTURE_LISTENER
+
+    (listener,) = [entry for entry in listeners if entry["name"] == CAPTURE_LISTENER]
+    assert "internal_listener" in listener and "address" not in listener
+    return listener
+
+
+@pytest.mark.parametrize(
+    ("name", "deciders"),
+    [
+        ("compare-local", [envoyconf.ANTI_SPOOF_FILTER, envoyconf.EXT_PROC_FILTER]),
+        ("compare-inline", ["mirror-sampler.decide"]),
+        ("compare-module", ["mirror-sampler.module"]),
+        ("compare-compose", [envoyconf.ANTI_SPOOF_FILTER, envoyconf.EXT_PROC_FILTER]),
+        ("compare-module-compose", ["mirror-sampler.module"]),
+    ],
+)
+def test_capture_points_follow_the_deciding_filter_with_every_engine(name: str, deciders: list[str], rendered: dict[str, Rendered]) -> None:
+    from extproc.compare.envoy import CAPTURE_FILTER
+
+    r = rendered[name]
+    assert r.path is not None, r.error
+    doc = r.data
+    hcm = hcm_of({"static_resources": {"listeners": doc["static_resources"]["listeners"][:1]}})
+    assert [f["name"] for f in hcm["http_filters"]] == [*deciders, CAPTURE_FILTER, ROUTER]
+    capture_pieces(doc, hcm["http_filters"], hcm["route_config"]["virtual_hosts"])
+    capture_listener_of(doc["static_resources"]["listeners"])
+    assert [e["name"] for e in doc["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_the_decision_is_the_same_with_and_without_the_capture_points(rendered: dict[str, Rendered]) -> None:
+    """Capturing adds its own per-route configuration and leaves the deciding filter's alone."""
+    from extproc.compare.envoy import CAPTURE_FILTER
+
+    def decisions(name: str) -> list[tuple[str, Any]]:
+        hcm = hcm_of({"static_resources": {"listeners": rendered[name].data["static_resources"]["listeners"][:1]}})
+        return [
+            (route["name"], {k: v for k, v in route.get("typed_per_filter_config", {}).items() if k != CAPTURE_FILTER})
+            for vh in hcm["route_config"]["virtual_hosts"]
+            for route in vh["routes"]
+        ]
+
+    assert decisions("compare-inline") == decisions("inline-routes")
+    assert decisions("compare-local") == decisions("routes")
+
+
+def test_compose_streams_to_the_observer_service(rendered: dict[str, Rendered]) -> None:
+    """The observer is addressed in compose as the sampler is: its service name (the
+    cluster's name) resolved by DNS; locally, loopback."""
+    from extproc.compare.envoy import CAPTURE_SERVICE_CLUSTER
+
+    compose = clusters_of(rendered["compare-compose"].data)[CAPTURE_SERVICE_CLUSTER]
+    assert compose["type"] == "STRICT_DNS" and endpoint_of(compose) == (CAPTURE_SERVICE_CLUSTER, 50061)
+    local = clusters_of(rendered["compare-local"].data)[CAPTURE_SERVICE_CLUSTER]
+    assert local["type"] == "STATIC" and endpoint_of(local) == ("127.0.0.1", 50061)
+
+
+@pytest.mark.parametrize(
+    ("name", "deciders"),
+    [
+        ("compare-snippet", [envoyconf.ANTI_SPOOF_FILTER, envoyconf.EXT_PROC_FILTER]),
+        ("compare-inline-snippet", ["mirror-sampler.decide"]),
+        ("compare-module-snippet", ["mirror-sampler.module"]),
+    ],
+)
+def test_the_snippet_carries_the_capture_points(name: str, deciders: list[str], rendered: dict[str, Rendered]) -> None:
+    from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_SERVICE_CLUSTER, CAPTURE_SHADOW_CLUSTER
+
+    r = rendered[name]
+    assert r.path is not None, r.error
+    snip = yaml.safe_load(r.text)
+    assert set(snip) == {"http_filters", "clusters", "virtual_hosts", "listeners", "bootstrap_extensions"}
+    assert [f["name"] for f in snip["http_filters"]] == [*deciders, CAPTURE_FILTER], "the capture filter last, ahead of the router"
+    capture_pieces(snip, snip["http_filters"], snip["virtual_hosts"])
+    capture_listener_of(snip["listeners"])
+    clusters = {c["name"]: c for c in snip["clusters"]}
+    assert {CAPTURE_SERVICE_CLUSTER, CAPTURE_SHADOW_CLUSTER} <= set(clusters)
+    observer = "10.0.0.7" if name == "compare-snippet" else "127.0.0.1"
+    assert endpoint_of(clusters[CAPTURE_SERVICE_CLUSTER]) == (observer, 50061), "--observer, or its default"
+    assert [e["name"] for e in snip["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
+    comment = r.text[: r.text.index("\nhttp_filters:")]
+    for needle in ("spec.compare", CAPTURE_FILTER, "--observer HOST:PORT", "static_resources.listeners", "bootstrap_extensions"):
+        assert needle in comment, needle
