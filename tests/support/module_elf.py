@@ -1,6 +1,6 @@
 """What a built module (a shared library) exports and asks of the machine that loads it,
 read with binutils' ``nm`` and ``objdump``: wherever it was built (here, in the
-Dockerfile's ``module`` stage, by Envoy Gateway's init container), it must load in
+Dockerfile's ``module`` stage, in Envoy Gateway's init container), it must load in
 another glibc image (envoyproxy/envoy, Envoy Gateway's distroless Envoy)."""
 
 from __future__ import annotations
