@@ -1,5 +1,21 @@
 # The sampler only (no Envoy): `docker compose up` pairs it with the
 # envoyproxy/envoy image. Build: docker build -t mirror-sampler .
+
+# The dynamic module (docs/module.md) for docker-compose.module.yml, which copies it
+# into the volume Envoy loads it from: docker build --target module .
+# Compiled by the project's own build code (extproc/module/build.py, the command line
+# `envoy-config --inline module` uses) with Debian's gcc. First, so that a builder
+# without BuildKit, which builds every stage up to its target, builds only this one.
+FROM python:3.11-slim AS module
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY extproc/__init__.py extproc/
+COPY extproc/module extproc/module/
+RUN python -m extproc.module.build /opt/mirror-sampler/libmirror_sampler.so
+
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv

@@ -1,12 +1,17 @@
 """Compile the module on demand with the system C compiler, into a cache keyed by the
-digest of its sources and flags: a rebuild only when the C changed."""
+digest of its sources and flags: a rebuild only when the C changed.
+
+``python -m extproc.module.build OUTPUT`` compiles it to OUTPUT, where only the sources
+are present (the Dockerfile's ``module`` stage, for docker-compose.module.yml)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,10 +24,10 @@ WARNINGS = ("-std=c11", "-Wall", "-Wextra", "-Werror")
 MODULE_FLAGS = (*WARNINGS, "-O2", "-fPIC", "-shared", "-fvisibility=hidden")
 LIBS = ("-lpthread",)
 COMPILERS = ("cc", "gcc", "clang")
-# Where the module is built in a cluster (convert envoy-gateway --inline module) and by
-# docker-compose.module.yml: Debian 12. The module needs no glibc symbol newer than 2.17
-# (tests/service/test_convert_envoy_gateway_module.py), so it loads in Envoy Gateway's
-# distroless Envoy and in envoyproxy/envoy alike. Pin a digest in production.
+# Where the module is built in a cluster (convert envoy-gateway --inline module): Debian 12.
+# The module needs no glibc symbol newer than 2.17 (tests/support/module_elf.py), so it
+# loads in Envoy Gateway's distroless Envoy and in envoyproxy/envoy alike. Pin a digest in
+# production.
 DEFAULT_BUILDER_IMAGE = "gcc:14-bookworm"
 
 
@@ -83,6 +88,9 @@ def compile_c(output: Path, sources: Sequence[Path], flags: Sequence[str], cc: s
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise ModuleBuildError(f"building {output.name} failed ({' '.join(command)}):\n{done.stderr.strip()}")
+        # mkstemp's 0600, to which the linker adds only execute bits, would keep an Envoy
+        # running as another user (the envoyproxy/envoy image's uid 101) from loading it.
+        os.chmod(staging, 0o755)
         os.replace(staging, output)
     finally:
         Path(staging).unlink(missing_ok=True)
@@ -95,3 +103,22 @@ def build_module(cache: Path | None = None) -> Path:
     if target.exists():
         return target
     return compile_c(target, [SOURCE_DIR / s for s in SOURCES], MODULE_FLAGS)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m extproc.module.build",
+        description="Compile the dynamic module to OUTPUT with the system C compiler ($CC, cc, gcc or clang).",
+    )
+    parser.add_argument("output", type=Path, help="the shared library to write, for example /opt/mirror-sampler/libmirror_sampler.so")
+    args = parser.parse_args(argv)
+    try:
+        compile_c(args.output, [SOURCE_DIR / s for s in SOURCES], MODULE_FLAGS)
+    except ModuleBuildError as e:
+        print(f"mirror-sampler module: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

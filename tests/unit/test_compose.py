@@ -19,6 +19,7 @@ import extproc.envoy.render as envoyconf
 from extproc.config.settings import OPTIONS, Settings
 from extproc.config.source import load_policy
 from extproc.core.policy import SAMPLER_CLUSTER
+from tests.support.docker import dockerfile_stages
 from tests.support.paths import REPO as ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -293,15 +294,8 @@ def test_envoy_routes_come_from_the_file_the_sampler_loads(services: dict[str, d
 
 
 def _dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+    """(INSTRUCTION, arguments) of every stage, in order."""
+    return [instruction for stage in dockerfile_stages(DOCKERFILE).values() for instruction in stage]
 
 
 def _final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:

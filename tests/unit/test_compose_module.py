@@ -1,8 +1,9 @@
 """docker-compose.module.yml (the module engine on top of docker-compose.yml) agrees with
-the project, statically: the builder runs the module's own compile command on the
-repository's C sources into the volume Envoy mounts where envoy/envoy-module.yaml loads
-the module from; that file is fresh; the Envoy image is a version the module supports.
-(No Docker here: docker-compose.module.yml needs a compiler image, docs/module.md.)"""
+the project, statically: the builder is the Dockerfile's module stage, where the
+project's own build code compiles the module from the package's sources only, and it
+installs that file into the volume Envoy mounts where envoy/envoy-module.yaml loads the
+module from; that file is fresh; the Envoy image is a version the module supports.
+(Run with Docker: tests/e2e/test_docker_compose.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 import yaml
 
 from extproc.envoy.module import COMPOSE_MODULE_PATH
-from extproc.module.build import DEFAULT_BUILDER_IMAGE, SOURCE_DIR, SOURCES, compile_command
+from extproc.module.build import SOURCE_DIR
 from extproc.module.support import SUPPORTED
+from tests.support.docker import dockerfile_stages
 from tests.support.paths import REPO
 from tests.unit.test_envoyconf import DEFAULT_CONFIG, render_cli
 
@@ -38,17 +40,24 @@ def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def test_builder_compiles_the_repository_sources_into_the_volume_envoy_loads_from() -> None:
+def test_builder_installs_the_dockerfile_built_module_into_the_volume_envoy_loads_from() -> None:
     services = load(OVERRIDE)["services"]
     builder, envoy = services["module-build"], services["envoy"]
-    assert builder["image"] == DEFAULT_BUILDER_IMAGE
-    built = mounts(builder)
-    source_dir = next(t for t, (s, _) in built.items() if (REPO / s).resolve() == SOURCE_DIR.resolve())
-    assert built[source_dir][1], "sources mounted read-only"
+    assert (REPO / builder["build"]["context"]).resolve() == REPO and "dockerfile" not in builder["build"]
+    stage = dockerfile_stages(REPO / "Dockerfile")[builder["build"]["target"]]
+    # Debian's compiler, then the package's __init__ and module/ only: the build code
+    # needs nothing else (tests/service/test_module_build.py runs it that way).
+    (apt,) = [args for word, args in stage if word == "RUN" and "apt-get install" in args]
+    assert {"gcc", "libc6-dev"} <= set(apt.split())
+    copies = [args.split() for word, args in stage if word == "COPY"]
+    assert copies == [["extproc/__init__.py", "extproc/"], [str(SOURCE_DIR.relative_to(REPO)), "extproc/module/"]]
+    (run,) = [args.split() for word, args in stage if word == "RUN" and "extproc.module.build" in args]
+    assert run[:3] == ["python", "-m", "extproc.module.build"]
+    built = run[3]
     command = builder["command"]
-    output = PurePosixPath(command[command.index("-o") + 1])
-    assert command == compile_command("cc", str(output), source_dir, [f"{source_dir}/{s}" for s in SOURCES])
-    volume = built[str(output.parent)][0]
+    assert command[:2] == ["install", built], "installs (a new file, mode 0755) what the stage built"
+    output = PurePosixPath(command[2])
+    volume = mounts(builder)[str(output.parent)][0]
     assert volume in load(OVERRIDE)["volumes"]
     module = PurePosixPath(COMPOSE_MODULE_PATH)
     assert module.name == output.name
@@ -59,6 +68,13 @@ def test_builder_compiles_the_repository_sources_into_the_volume_envoy_loads_fro
     target = next(t for t, (s, _) in mounts(base_envoy).items() if s.endswith("envoy/envoy.yaml"))
     assert mounts(envoy)[target] == ("./envoy/envoy-module.yaml", True)
     assert "module-build" not in load(BASE)["services"]
+
+
+def test_the_module_file_pulls_no_image() -> None:
+    """Only the Dockerfile's base image and the base file's images are pulled: the ones
+    tests/support/docker.py can stand in for."""
+    for name, service in load(OVERRIDE)["services"].items():
+        assert "build" in service or "image" not in service, f"{name}: pulls {service.get('image')}"
 
 
 def test_the_envoy_image_loads_the_module() -> None:
