@@ -36,7 +36,7 @@ with warnings.catch_warnings():
 
 MODULE_FILTER = "mirror-sampler.module"
 MODULE_NAME = "mirror_sampler"
-# Where docker compose's Envoy finds the module (docker-compose.module.yml builds it there).
+# Where docker compose's Envoy finds the module (docker-compose.module.yml installs it there from the Dockerfile's module stage).
 COMPOSE_MODULE_PATH = "/etc/envoy/module/libmirror_sampler.so"
 
 
