@@ -1,5 +1,8 @@
-"""Inline mode's live routes: a changed HTTPRoute file becomes new Envoy
-routes through filesystem RDS, without restarting Envoy.
+"""`up`'s live routes: a changed HTTPRoute file becomes new Envoy routes
+through filesystem RDS, without restarting Envoy, whichever engine decides
+(with the sampler, its processes are then restarted on the file: a running
+sampler refuses an edit of the routes it was started with, as it must where
+Envoy's routes are deployed apart from it).
 
 The route reloader is the judge of the configuration source
 (``config.source``), driven by a watch thread: each content of the file is
@@ -47,9 +50,9 @@ def write_routes(target: Path, policy: Policy, topology: Topology, discovery: Di
     return True
 
 
-class InlineStack(Protocol):
+class ReloadableStack(Protocol):
     """What the reloader needs of the stack: its policy in force, which it
-    replaces, and its in-process engine's routes and refusals."""
+    replaces, its engine's routes and refusals, and what follows a reload."""
 
     policy: Policy
     envoy: EnvoyProcess | None
@@ -57,6 +60,8 @@ class InlineStack(Protocol):
     def topology(self) -> Topology: ...
 
     def routes_file(self) -> Path: ...
+
+    def routes_reloaded(self) -> None: ...
 
     def discovery(self) -> Discovery: ...
 
@@ -66,7 +71,7 @@ class InlineStack(Protocol):
 class RouteReloader:
     """Watches ``settings.config``; each valid change is written as new routes."""
 
-    def __init__(self, settings: Settings, stack: InlineStack, built_from: str | None) -> None:
+    def __init__(self, settings: Settings, stack: ReloadableStack, built_from: str | None) -> None:
         """``built_from``: the file text the stack's policy was built from."""
         self.settings = settings
         self.stack = stack
@@ -123,6 +128,7 @@ class RouteReloader:
             rejected, reloads = envoy.stat(RDS_STAT + "update_rejected"), self.reloads()
             if reloads > before[1]:
                 self.stack.policy = policy
+                self.stack.routes_reloaded()
                 self.outcomes["reloaded"] += 1
                 print("mirror-sampler up: routes reloaded", flush=True)
                 return

@@ -124,8 +124,10 @@ class LocalStack:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="mirror-sampler-up-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.inline and self.settings.config:
+        if self.settings.config:
             # Started with Envoy; it judges edits against the text the policy was built from.
+            # With the sampler too: a live edit may change the variant routes (a new target or
+            # match), not only what the sampler decides, and the live view follows the policy.
             self.reloader = RouteReloader(self.settings, self, built_from=text)
 
     # -- lifecycle ---------------------------------------------------------
@@ -231,7 +233,7 @@ class LocalStack:
             backends={n: Address(LOOPBACK, p) for n, p in self.backend_ports.items()},
             message_timeout_ms=self.message_timeout_ms,
             inline=self.inline,
-            rds_path=str(self.routes_file()) if self.inline else None,
+            rds_path=str(self.routes_file()) if self.reloader is not None else None,
             sampler_ca=self.sampler_ca,
             sampler_cert=self.sampler_client_cert,
             sampler_key=self.sampler_client_key,
@@ -244,7 +246,7 @@ class LocalStack:
     def _start_envoy(self) -> None:
         assert self.log_dir is not None
         config = self._log("envoy").with_suffix(".yaml")
-        if self.inline:
+        if self.reloader is not None:
             write_routes(self.routes_file(), self.policy, self.topology(), self.discovery())
         if self.observer is not None and self.compare is not None:
             observers = [Address(LOOPBACK, self.observer.port)]
@@ -275,9 +277,34 @@ class LocalStack:
             return engine
         return lambda policy, topology: add_capture_to_discovery(engine(policy, topology), compare.compared())
 
+    def routes_reloaded(self) -> None:
+        """Envoy serves new routes: samplers restart on the file (they refuse a change of
+        routes live), each on its port, so Envoy's cluster stays as it is. Envoy is seen to
+        mark them down, then up again: a restart quicker than its health check would
+        otherwise leave a stale verdict that fails requests open after the wait."""
+        if self.inline:
+            return
+        print("mirror-sampler up: restarting the sampler on the new routes (requests meanwhile are not mirrored)", flush=True)
+        running = [i for i, s in enumerate(self.samplers) if s is not None]
+        for index in running:
+            sampler = self.samplers[index]
+            assert sampler is not None
+            sampler.stop()
+        assert self.envoy is not None
+        deadline = time.monotonic() + 30
+        while self.stat(f"cluster.{SAMPLER_CLUSTER}.membership_healthy") > 0:
+            self.envoy.tick(deadline, "the stopped samplers marked down by envoy")
+        for index in running:
+            self.start_sampler(index)
+        self.wait_samplers_healthy()
+        # Healthy on the main thread may reach a busy worker later: one more passing check.
+        passed = self.stat(f"cluster.{SAMPLER_CLUSTER}.health_check.success")
+        while self.stat(f"cluster.{SAMPLER_CLUSTER}.health_check.success") <= passed:
+            self.envoy.tick(deadline, "a second passing health check of the restarted samplers")
+
     def refused(self, policy: Policy) -> list[str]:
-        """What the in-process engine cannot do (the module does everything)."""
-        return [] if self.module_path else unsupported(policy)
+        """What the engine cannot do (the sampler and the module do everything)."""
+        return unsupported(policy) if self.inline and not self.module_path else []
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
         """Envoy health-checks the samplers; until one passes, requests go unmirrored."""

@@ -19,7 +19,7 @@ from extproc.core.sampling import Fraction
 from extproc.stack.children import Child
 from extproc.stack.up import DEFAULT_CONFIG, LocalStack, StackError
 from extproc.stack.view import view_rows
-from tests.support.harness import Client, expected_count, received, start_stack
+from tests.support.harness import Client, expected_count, received, settle, start_stack
 from tests.support.paths import REPO
 from tests.support.procs import alive, busy_port, wait_until
 
@@ -184,15 +184,40 @@ def test_view_rows_show_achieved_and_configured_ratio() -> None:
     assert any(r.split() == ["backend-2", "97", "200", "48.5%", "50%"] for r in rows)
 
 
-def test_the_live_view_shows_an_inline_edit(tmp_path: Path, stacks: list[LocalStack]) -> None:
-    """Under --inline the view shows the fractions in force, not the start-up ones."""
-    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text(), inline=True)
+@pytest.mark.parametrize("inline", [False, True], ids=["sampler", "inline-lua"])
+def test_the_live_view_shows_an_edit(tmp_path: Path, stacks: list[LocalStack], inline: bool) -> None:
+    """The view shows the fractions in force, not the start-up ones, whichever engine decides."""
+    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text(), inline=inline)
     stacks.append(gw)
     assert configured(gw) == "50%"
     reloads = gw.routes_reloads()
     (tmp_path / "routes.yaml").write_text(DEFAULT_CONFIG.read_text().replace("percent: 50", "percent: 10"))
     wait_until(lambda: configured(gw) == "10%", 10, "the live view showing the 10% edit")
-    assert gw.routes_reloads() > reloads  # shown once Envoy serves it
+    if inline:
+        assert gw.routes_reloads() > reloads  # shown once Envoy serves it (the fraction is in the Lua)
+
+
+def test_an_edit_that_changes_the_routes_reaches_envoy_and_the_sampler(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """With the sampler deciding, a live edit may change Envoy's routes too (here the
+    hostname, and the percentage with it): up rewrites them (filesystem RDS) and restarts
+    the sampler on the file (a running sampler refuses a change of routes), so the new host
+    is routed and mirrored at the new percentage."""
+    gw = start_stack(tmp_path, DEFAULT_CONFIG.read_text())
+    stacks.append(gw)
+    reloads = gw.routes_reloads()
+    edited = DEFAULT_CONFIG.read_text().replace("backends.example", "shop.example").replace("percent: 50", "percent: 100")
+    (tmp_path / "routes.yaml").write_text(edited)
+    wait_until(lambda: gw.routes_reloads() > reloads, 10, "Envoy serving the edited routes")
+    assert gw.reloader is not None
+    wait_until(lambda: gw.reloader is not None and gw.reloader.outcomes["reloaded"] == 1, 30, "the samplers restarted on the edit")
+    assert configured(gw) == "100%"
+    before = received(gw, "backend-2")
+    keys = [f"user-{i}" for i in range(40)]
+    client = Client(gw.url)
+    for key in keys:
+        assert client.request("/get", "shop.example", {"x-request-id": key})[0] == 200
+    client.close()
+    assert settle(gw, {"backend-2": before + len(keys)}) == {"backend-2": before + len(keys)}
 
 
 def configured(gw: LocalStack) -> str:
