@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.compare.cli import load_config
 from extproc.compare.noise import Result
@@ -159,7 +161,9 @@ def compose(request: pytest.FixtureRequest, engine: Engine, standins: dict[str, 
     stack = Compose(engine, request.param)
     try:
         up = stack.run("up", "-d", "--build", timeout=1500)
-        assert up.returncode == 0, f"docker compose up failed ({standins}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        if up.returncode != 0:
+            tail = stack.run("logs", "--no-color", "--tail", "30").stdout[-4000:]
+            raise AssertionError(f"docker compose up failed ({standins}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}\n{tail}")
         try:
             _wait("the sampler container healthy", lambda: stack.health("mirror-sampler") == "healthy", 120)
             ready = f"http://127.0.0.1:{stack.ports['ADMIN']}/ready"
@@ -304,11 +308,11 @@ def _joined(stack: Compose) -> dict[str, int]:
     rule, target = _compared_pair()
     got: dict[str, int] = {}
 
-    def done() -> bool:
+    def done() -> object:
         stats = stack.stats()
         got.update({side: stats.get(name, 0) for side, name in CAPTURE_STREAMS.items()})
         got["judged"] = _observer(stack, "mirror_sampler_compared_total", {"rule": rule, "target": target})
-        return got["judged"] == got["primary"] == got["shadow"]
+        return got["judged"] == got["primary"] == got["shadow"] or dict(got)  # the counts, for the failure
 
     _wait("a comparison per capture stream", done, 30)
     return got
@@ -352,22 +356,24 @@ def test_compose_compares_each_mirrored_response(compose: Compose) -> None:
 
     # The report, as the compose file's comment runs it, inside the observer's container.
     (line,) = [line for line in COMPARE_FILE.read_text(encoding="utf-8").splitlines() if "mirror-sampler compare report" in line]
-    done = _in_observer(compose, "compare", "report", *line.partition("compare report")[2].split(), "--json")
-    assert done.returncode == 0, done.stderr
-    (summary,) = json.loads(done.stdout)["targets"]
+    reported = _in_observer(compose, "compare", "report", *shlex.split(line.partition("compare report")[2]), "--json")
+    assert reported.returncode == 0, reported.stderr
+    (summary,) = json.loads(reported.stdout)["targets"]
     assert (summary["rule"], summary["target"], summary["compared"]) == (rule, target, judged)
     assert {k: v for k, v in summary["results"].items() if v} == {"differs": judged}
     assert [(f["path"], f["count"], f["real"]) for f in summary["fields"]] == [("body.pod", judged, True)]
     assert set(summary["fields"][0]["examples"]) <= set(_sampled(KEYS + COMPARE_KEYS))
     assert summary["status_pairs"] == [{"primary": 200, "shadow": 200, "count": judged}]
 
-    # One request of each kind, by its id.
-    shown = _in_observer(compose, "compare", "show", sampled[0], "--db", "/data/compare.db", "--json")
+    # One request of each kind, by its id, from the observer's store.
+    command = yaml.safe_load(COMPARE_FILE.read_text(encoding="utf-8"))["services"][OBSERVER]["command"]
+    db = command[command.index("--db") + 1]
+    shown = _in_observer(compose, "compare", "show", sampled[0], "--db", db, "--json")
     assert shown.returncode == 0, shown.stderr
     (pair,) = json.loads(shown.stdout)["comparisons"]
     assert (pair["target"], pair["result"], [f["path"] for f in pair["differing_fields"]]) == (target, "differs", ["body.pod"])
     unsampled = next(k for k in COMPARE_KEYS if k not in sampled)
-    assert _in_observer(compose, "compare", "show", unsampled, "--db", "/data/compare.db").returncode == 1
+    assert _in_observer(compose, "compare", "show", unsampled, "--db", db).returncode == 1
 
 
 def test_compose_module_loads_in_envoys_image_as_envoys_user(compose: Compose, tmp_path: Path) -> None:
