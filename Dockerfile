@@ -30,7 +30,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 COPY --from=build /opt/venv /opt/venv
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin sampler
+# /data, the user's own: a named volume mounted there starts owned by it, so the compare
+# observer (docker-compose.compare.yml) can write its SQLite file.
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin sampler \
+    && install -d -o 10001 -g 10001 /data
 USER 10001:10001
 # ext_proc gRPC (and grpc.health.v1 on the same port), Prometheus /metrics.
 EXPOSE 50051 9464

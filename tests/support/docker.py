@@ -210,7 +210,9 @@ def ensure_standins(compose_files: Sequence[Path], envoy_binary: Path) -> dict[s
     import yaml
 
     services = [s for f in compose_files for s in yaml.safe_load(f.read_text())["services"].values()]
-    images = {s["image"] for s in services if "image" in s and "build" not in s}
+    # An image a service builds is not pulled, also where another service runs it (the compare observer).
+    built = {s["image"] for s in services if "image" in s and "build" in s}
+    images = {s["image"] for s in services if "image" in s} - built
     python = _dockerfile_base(REPO / "Dockerfile")
     base = None
     done: dict[str, str] = {}
