@@ -142,6 +142,9 @@ class CaptureAssembler:
             data = data.replace(secret, REDACTED)
         return data
 
+    def _scrub_text(self, value: str) -> str:
+        return self._scrub(value.encode()).decode("utf-8", "replace") if self.secrets else value
+
     def response_headers(self, headers: list[tuple[str, str]], end_of_stream: bool, now: float, wall: float) -> Capture | None:
         hidden = NEVER_STORED | self.private_headers
         kept = []
@@ -153,7 +156,7 @@ class CaptureAssembler:
                 self.local_reply = False
                 self.upstream_ms = float(value) if value.isdigit() else None
             elif not name.startswith(":") and name not in hidden:
-                kept.append((name, self._scrub(value.encode()).decode("utf-8", "replace")))
+                kept.append((name, self._scrub_text(value)))
         self.headers = kept
         self.answered = now
         if end_of_stream:
