@@ -1,11 +1,12 @@
 """Captures and comparisons in one SQLite file, shared by every observer
 process of this machine.
 
-Either side of a request may reach any process, in any order. Each capture
-is written in a ``BEGIN IMMEDIATE`` transaction, which SQLite serialises
-across processes: the writer that completes a request's group (the primary
-and every target it names) finds the others already committed, removes the
-group and writes the comparisons, so each request is judged exactly once.
+Either side of a request may reach any process, in any order. Each batch of
+captures is written in one ``BEGIN IMMEDIATE`` transaction, which SQLite
+serialises across processes: the writer that completes a request's group
+(the primary and every target it names) finds the others already committed
+(or in its own batch), removes the group and writes the comparisons, so each
+request is judged exactly once.
 ``sweep`` closes groups that waited longer than the join timeout (missing
 sides) and keeps pending captures and comparisons within their bounds.
 """
