@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         "Envoy CPU: utime+stime of the Envoy under test per request to the primary. Observers' CPU: of all the variant's "
         "observers over the phase (late joins included), per pair their counters added. `compared / mirrored`: pairs judged "
         "(same, differs, noise_only) against mirrored requests Envoy sent, both phases, all repeats. "
-        "`dropped`: the observers' mirror_sampler_compare_dropped_total. Per repeat: compare.json.",
+        "`dropped`: the observers' mirror_sampler_compare_dropped_total (incomplete_stream: requests wrk cut in flight at the end "
+        "of its run, whose capture streams Envoy closes up to 5 s later). Per repeat: compare.json.",
     ]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare.md").write_text("\n".join(md) + "\n")
