@@ -177,6 +177,14 @@ def test_hostile_input_costs_its_stream_or_connection_only(observer: Observer, t
     assert observer.alive()
 
 
+def test_sigterm_stores_what_was_captured_and_exits_zero(observer: Observer, tmp_path: Path) -> None:
+    """The writer's batch window is not a loss: a capture taken just before
+    SIGTERM is in the store once the observer has exited."""
+    assert stream(observer.port, serialized([request("last"), *response("200", b"{}")]), PRIMARY) == grpc.StatusCode.OK
+    assert observer.stop() == 0
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 1
+
+
 def test_the_observer_answers_health_checks(observer: Observer) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
