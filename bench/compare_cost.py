@@ -1,24 +1,46 @@
-"""What comparing the shadow costs (docs/compare.md): the same stack with the
-comparison off and on, in one run, alternating. "on" is the configuration
-`envoy-config` renders with spec.compare (the capture points) and observers
-(`mirror-sampler compare capture`, one per core, one SQLite file); the rule
-mirrors 50% (bench/testbed.py) and compares every mirror.
+"""What comparing the shadow costs (issue 17's `compare` row, docs/compare.md
+"Cost"): the same stack with the comparison off and on, alternating in one run.
 
-    .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 2] [--rate 100] [--observers 2]
+    .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent]
 
-Prints per repeat and the medians: req/s (wrk, saturating), the primary's
-latency at a fixed rate (hey), Envoy's CPU per request, the observers' CPU per
-compared request, and how many were compared (the observers' counter), so that
-"on" visibly compared what it mirrored. Ratios are paired within a repeat.
+Variants, each repeat in a rotated order (bench/testbed.py's stack: the
+sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
+upstreams; one rule mirroring ``--percent`` of requests, 100 by default so
+that every request measured is a mirrored one):
+
+- ``off``: the configuration ``envoy-config`` renders without spec.compare;
+- ``on``: with the capture points (``render_with_capture``), every mirror
+  compared, streamed to ``--observers`` observers of this tree
+  (`mirror-sampler compare capture`) on one SQLite file;
+- ``on-COMMIT`` (``--baseline``): the same with the observers of that commit
+  (``git archive``d, run from there with this Python environment);
+- ``on-absent``: the capture points streaming to addresses nobody listens
+  on: a comparison that is down must not slow the primary.
+
+Each measurement: wrk (closed loop, 16 connections) for the throughput, then
+hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
+observers are given until their compared count stops moving, so a variant's
+late joins are counted (and their CPU charged) in its own window. Figures:
+req/s; p50/p99 at the fixed rate and their difference from ``off`` in the same
+repeat; Envoy CPU µs per request; the observers' CPU µs per compared request
+(utime+stime of all of them over the phase, divided by the pairs their
+counters added) under wrk and at the fixed rate; captures dropped.
+Medians over repeats. Writes bench/results/compare.{md,json} (``--output``).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime
+import json
+import os
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +48,27 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.procstat import cpu_seconds  # noqa: E402
-from bench.run import measure  # noqa: E402
-from bench.testbed import MIRROR, PRIMARY, Variant, bench_policy, check_tools, free_port, start_envoy, start_stack, upstream_yaml  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from bench.compare_http2 import export  # noqa: E402
+from bench.procstat import code_state, cpu_seconds, machine  # noqa: E402
+from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    EXT_PROC_STATS,
+    HEY_CONNECTIONS,
+    MIRROR,
+    PRIMARY,
+    RESULTS,
+    Stack,
+    Variant,
+    bench_policy,
+    check_tools,
+    free_port,
+    primary_requests,
+    start_envoy,
+    start_stack,
+    upstream_yaml,
+)
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import render_with_capture  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
@@ -37,96 +77,239 @@ from extproc.stack.observer import ObserverProcess  # noqa: E402
 
 # The bench's policy is the simple mode's one rule.
 COMPARE_YAML = f"compare:\n  rules:\n  - {{rule: simple, targets: [{MIRROR}]}}\n"
+JUDGED = ("same", "differs", "noise_only")
 
 
-def compared(observers: list[ObserverProcess]) -> int:
-    total = 0.0
-    for o in observers:
-        results, _ = o.counts()
-        total += sum(n for (_, _, result), n in results.items() if result in ("same", "differs", "noise_only"))
-    return int(total)
+@dataclass
+class Observers:
+    """The observers one variant streams to (none for ``off``; unreachable addresses for ``on-absent``)."""
+
+    processes: list[ObserverProcess] = field(default_factory=list)
+    addresses: list[Address] = field(default_factory=list)
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(o.pid) for o in self.processes)
+
+    def compared(self) -> int:
+        total = 0.0
+        for o in self.processes:
+            results, _ = o.counts()
+            total += sum(n for (_, _, result), n in results.items() if result in JUDGED)
+        return int(total)
+
+    def dropped(self) -> dict[str, int]:
+        """Captures dropped so far, by reason (mirror_sampler_compare_dropped_total)."""
+        out: dict[str, int] = {}
+        for o in self.processes:
+            with urllib.request.urlopen(o.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name == "mirror_sampler_compare_dropped_total":
+                        out[s.labels["reason"]] = out.get(s.labels["reason"], 0) + int(s.value)
+        return out
+
+    def settled(self, quiet_s: float = 1.0, bound_s: float = 30.0) -> int:
+        """The compared count once the observers have joined what Envoy sent
+        (no change for ``quiet_s``): one phase's late joins are not the next one's."""
+        deadline = time.monotonic() + bound_s
+        last, since = self.compared(), time.monotonic()
+        while self.processes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = self.compared()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                break
+        return last
+
+    def stop(self) -> None:
+        for o in self.processes:
+            o.stop()
 
 
-def settled(observers: list[ObserverProcess], quiet_s: float = 1.0, bound_s: float = 30.0) -> int:
-    """The compared count once the observers have joined what Envoy sent (no change for ``quiet_s``),
-    so that one variant's late joins are not counted in the next one's window."""
-    deadline = time.monotonic() + bound_s
-    last, since = compared(observers), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = compared(observers)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            break
-    return last
+def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:
+    """One load phase with its CPU and counter deltas (observers settled before and after)."""
+    observers.settled()
+    stats0, envoy0, cpu0, compared0 = stack.envoy.stats(), cpu_seconds(stack.envoy.pid), observers.cpu(), observers.compared()
+    dropped0 = observers.dropped()
+    result = load()
+    compared = observers.settled() - compared0
+    cpu = observers.cpu() - cpu0
+    envoy = cpu_seconds(stack.envoy.pid) - envoy0
+    stats1 = stack.envoy.stats()
+    requests = primary_requests(stats1) - primary_requests(stats0)
+    mirrored = stats1.get(f"cluster.{MIRROR}.upstream_rq_total", 0) - stats0.get(f"cluster.{MIRROR}.upstream_rq_total", 0)
+    fail_open = stats1.get(EXT_PROC_STATS + "failure_mode_allowed", 0) - stats0.get(EXT_PROC_STATS + "failure_mode_allowed", 0)
+    return {
+        "load": result,
+        "requests": requests,
+        "mirrored_share": mirrored / requests if requests else float("nan"),
+        "fail_open": fail_open,
+        "envoy_cpu_us_per_req": envoy / requests * 1e6 if requests else float("nan"),
+        "compared": compared,
+        "observer_cpu_us_per_compared": cpu / compared * 1e6 if compared else float("nan"),
+        "dropped": {reason: n - dropped0.get(reason, 0) for reason, n in observers.dropped().items() if n > dropped0.get(reason, 0)},
+    }
+
+
+def measure(stack: Stack, observers: Observers, seconds: float, rate: int) -> dict[str, Any]:
+    run_wrk(stack.url, min(2, seconds))  # warm-up: connections, caches
+    wrk = phase(stack, observers, lambda: run_wrk(stack.url, seconds))
+    hey = phase(stack, observers, lambda: run_hey(stack.url, rate, seconds))
+    return {"wrk": wrk, "hey": hey}
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Medians over repeats; differences from ``off`` paired within each repeat."""
+    off = runs["off"]
+    out: dict[str, dict[str, float]] = {}
+    for name, rs in runs.items():
+        out[name] = {
+            "rps": med([r["wrk"]["load"] for r in rs]),
+            "rps_vs_off": med([r["wrk"]["load"] / o["wrk"]["load"] for r, o in zip(rs, off, strict=True)]),
+            "p50_ms": med([r["hey"]["load"]["p50"] for r in rs]),
+            "p99_ms": med([r["hey"]["load"]["p99"] for r in rs]),
+            "added_p50_ms": med([r["hey"]["load"]["p50"] - o["hey"]["load"]["p50"] for r, o in zip(rs, off, strict=True)]),
+            "added_p99_ms": med([r["hey"]["load"]["p99"] - o["hey"]["load"]["p99"] for r, o in zip(rs, off, strict=True)]),
+            "envoy_cpu_us_per_req_wrk": med([r["wrk"]["envoy_cpu_us_per_req"] for r in rs]),
+            "envoy_cpu_us_per_req_hey": med([r["hey"]["envoy_cpu_us_per_req"] for r in rs]),
+            "observer_cpu_us_per_compared_wrk": med([r["wrk"]["observer_cpu_us_per_compared"] for r in rs]),
+            "observer_cpu_us_per_compared_hey": med([r["hey"]["observer_cpu_us_per_compared"] for r in rs]),
+            "compared": sum(r[p]["compared"] for r in rs for p in ("wrk", "hey")),
+            "mirrored": sum(r[p]["mirrored_share"] * r[p]["requests"] for r in rs for p in ("wrk", "hey")),
+            "dropped": sum(n for r in rs for p in ("wrk", "hey") for n in r[p]["dropped"].values()),
+            "fail_open": sum(r[p]["fail_open"] for r in rs for p in ("wrk", "hey")),
+            "mirrored_share": med([r["wrk"]["mirrored_share"] for r in rs]),
+        }
+    return out
+
+
+def table(summary: dict[str, dict[str, float]], rate: int) -> list[str]:
+    lines = [
+        f"| variant | req/s (wrk) | vs off | p50 ms @{rate}/s | p99 ms | +p50 ms | +p99 ms | Envoy CPU µs/req (wrk, @{rate}) "
+        f"| observers' CPU µs/compared (wrk, @{rate}) | compared / mirrored | dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {fmt(s['rps'])} | {s['rps_vs_off']:.2f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
+            f"{s['added_p50_ms']:+.1f} | {s['added_p99_ms']:+.1f} | "
+            f"{fmt(s['envoy_cpu_us_per_req_wrk'])}, {fmt(s['envoy_cpu_us_per_req_hey'])} | "
+            f"{fmt(s['observer_cpu_us_per_compared_wrk'])}, {fmt(s['observer_cpu_us_per_compared_hey'])} | "
+            f"{int(s['compared'])} / {int(s['mirrored'])} | {int(s['dropped'])} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=8, help="seconds of load per measurement (default 8)")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds of off and on (default 2)")
+    ap.add_argument("--duration", type=float, default=8, help="seconds of each load phase (default 8)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant (default 3)")
     ap.add_argument("--rate", type=int, default=100, help="hey's fixed rate for the latency figures (default 100 req/s)")
-    ap.add_argument("--observers", type=int, default=2, help="observer processes (default 2)")
+    ap.add_argument("--percent", type=int, default=100, help="share of requests mirrored (default 100: every request is compared)")
+    ap.add_argument("--observers", type=int, default=2, help="observer processes per variant (default 2)")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency of the Envoy under test (default 1)")
+    ap.add_argument("--baseline", action="append", default=[], help="also the observers of this commit (repeatable)")
+    ap.add_argument("--no-absent", action="store_true", help="skip the on-absent variant")
+    ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
     check_tools()
-    policy = bench_policy()
+    load_start = os.getloadavg()[0]
+    command = "python bench/compare_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    policy = bench_policy(args.percent)
     workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-bench-"))
-    (workdir / "compare.yaml").write_text(COMPARE_YAML)
-    compare = parse_config_text(COMPARE_YAML, "compare.yaml")
-    observers = [
-        ObserverProcess(str(workdir / "compare.yaml"), workdir / "compare.db", routes=None, log_path=workdir / f"observer-{i}.log")
-        for i in range(args.observers)
-    ]
-    addresses = [Address("127.0.0.1", o.port) for o in observers]
+    settings = workdir / "compare.yaml"
+    settings.write_text(COMPARE_YAML)
+    compare = parse_config_text(COMPARE_YAML, str(settings))
+    trees: dict[str, Path] = {"on": REPO, **{f"on-{c}": export(c, workdir) for c in args.baseline}}
+    observers: dict[str, Observers] = {"off": Observers()}
+    try:
+        for name, tree in trees.items():
+            # Each variant's store in a folder of its own, away from the settings file's folder (which the observers watch).
+            (workdir / name).mkdir()
+            db, env = workdir / name / "compare.db", {"PYTHONPATH": str(tree)}
+            started = [
+                ObserverProcess(str(settings), db, routes=None, env=env, cwd=tree, log_path=workdir / f"{name}-observer-{i}.log")
+                for i in range(args.observers)
+            ]
+            observers[name] = Observers(started, [Address("127.0.0.1", o.port) for o in started])
+        if not args.no_absent:
+            # Ports bound and released at once: nobody listens there.
+            observers["on-absent"] = Observers([], [Address("127.0.0.1", free_port()) for _ in range(args.observers)])
+    except BaseException:
+        for o in observers.values():
+            o.stop()
+        raise
 
-    def with_capture(p: Policy, topology: Topology) -> str:
-        return render_with_capture(p, topology, compare, addresses)
+    def renderer(name: str) -> Callable[[Policy, Topology], str]:
+        if name == "off":
+            return render
+        addresses = observers[name].addresses
+        return lambda p, topology: render_with_capture(p, topology, compare, addresses)
 
-    variants = [Variant("off", render, processor="sampler"), Variant("on", with_capture, processor="sampler")]
+    variants = [Variant(name, renderer(name), processor="sampler", percent=args.percent) for name in observers]
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         for rep in range(args.repeats):
-            for v in variants if rep % 2 == 0 else variants[::-1]:
+            for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
                 stack = start_stack(v, policy, upstream_ports, workdir, args.concurrency)
-                cpu0, compared0 = sum(cpu_seconds(o.pid) for o in observers), compared(observers)
                 try:
-                    r = measure(stack, args.duration, (args.rate,))
+                    r = measure(stack, observers[v.name], args.duration, args.rate)
                 finally:
                     stack.stop()
-                r["compared"] = settled(observers) - compared0
-                cpu = sum(cpu_seconds(o.pid) for o in observers) - cpu0
-                r["observer_cpu_ms_per_compared"] = cpu / r["compared"] * 1e3 if r["compared"] else float("nan")
                 runs[v.name].append(r)
-                h = r[f"hey{args.rate}"]
+                w, h = r["wrk"], r["hey"]
                 print(
-                    f"  [{rep + 1}/{args.repeats}] {v.name:<4} {r['rps']:7.0f} req/s  p50 {h['p50']:6.2f} ms  p99 {h['p99']:6.2f} ms"
-                    f"  envoy {r['envoy_cpu_us_per_req_wrk']:6.1f} µs/req  compared {r['compared']}",
+                    f"  [{rep + 1}/{args.repeats}] {v.name:<14} {w['load']:6.0f} req/s  p50 {h['load']['p50']:5.1f} ms  "
+                    f"p99 {h['load']['p99']:6.1f} ms  envoy {w['envoy_cpu_us_per_req']:4.0f}/{h['envoy_cpu_us_per_req']:4.0f} µs/req  "
+                    f"observers {fmt(w['observer_cpu_us_per_compared'])}/{fmt(h['observer_cpu_us_per_compared'])} µs/compared  "
+                    f"compared {w['compared'] + h['compared']}  mirrored {w['mirrored_share']:.0%}  "
+                    f"dropped {w['dropped'] or ''} {h['dropped'] or ''}",
                     flush=True,
                 )
     finally:
         upstream.stop()
-        for o in observers:
+        for o in observers.values():
             o.stop()
-    print(
-        f"\n| comparison | req/s | vs off | p50 ms at {args.rate}/s | p99 ms | Envoy CPU µs/req | observers' CPU ms/compared | compared |"
+    summary = summarise(runs)
+    info = machine()
+    md = [
+        f"# Comparing the shadow: cost ({datetime.date.today().isoformat()})",
+        "",
+        f"`{command}`",
+        "",
+        f"{info['nproc']} cores ({info['cpu']}), Python {info['python']}; load average (1 min) {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (other work on the machine). Code: {code_state()}.",
+        f"{args.percent}% of requests mirrored, every mirror compared; {args.observers} observer(s) per `on` variant on one SQLite file; "
+        f"Envoy --concurrency {args.concurrency}; wrk -t1 -c{WRK_CONNECTIONS} and hey -c{HEY_CONNECTIONS} at {args.rate} req/s, "
+        f"{args.duration:g} s each; {args.repeats} repeat(s), rotated order; medians.",
+        "",
+        *table(summary, args.rate),
+        "",
+        "`+p50`/`+p99`: latency at the fixed rate minus `off`'s in the same repeat (median of the differences). "
+        "Envoy CPU: utime+stime of the Envoy under test per request to the primary. Observers' CPU: of all the variant's "
+        "observers over the phase (late joins included), per pair their counters added. `compared / mirrored`: pairs judged "
+        "(same, differs, noise_only) against mirrored requests Envoy sent, both phases, all repeats. "
+        "`dropped`: the observers' mirror_sampler_compare_dropped_total (incomplete_stream: requests wrk cut in flight at the end "
+        "of its run, whose capture streams Envoy closes up to 5 s later). Per repeat: compare.json.",
+    ]
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "compare.md").write_text("\n".join(md) + "\n")
+    (args.output / "compare.json").write_text(
+        json.dumps({"command": command, "machine": info, "summary": summary, "runs": runs}, indent=2) + "\n"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for v in variants:
-        rows = runs[v.name]
-
-        def med(key: str, rows: list[dict[str, Any]] = rows) -> float:
-            return float(statistics.median(r[key] if not key.startswith("hey") else r[f"hey{args.rate}"][key[3:]] for r in rows))
-
-        ratio = statistics.median(r["rps"] / o["rps"] for r, o in zip(rows, runs["off"], strict=True))
-        observer_ms = med("observer_cpu_ms_per_compared") if v.name == "on" else float("nan")
-        print(
-            f"| {v.name} | {med('rps'):.0f} | {ratio:.2f} | {med('heyp50'):.2f} | {med('heyp99'):.2f} | "
-            f"{med('envoy_cpu_us_per_req_wrk'):.1f} | {observer_ms:.2f} | {sum(r['compared'] for r in rows)} |"
-        )
+    print("\n".join(md))
+    print(f"\nlogs in {workdir}")
+    fails = sum(s["fail_open"] for s in summary.values())
+    if fails:
+        print(f"note: {fails} requests passed fail-open (ext_proc errors)", file=sys.stderr)
     return 0
 
 

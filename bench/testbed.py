@@ -59,8 +59,8 @@ def free_port() -> int:
         return port
 
 
-def bench_policy() -> Policy:
-    return build_policy(Settings.load(SAMPLER_ENV))
+def bench_policy(percent: int = PERCENT) -> Policy:
+    return build_policy(Settings.load({**SAMPLER_ENV, "MIRROR_PERCENT": str(percent)}))
 
 
 def upstream_yaml(ports: dict[str, int], admin_port: int) -> str:
@@ -135,6 +135,7 @@ class Variant:
     processor: str = ""  # "": none; "sampler"; "free"
     workers: int = 1
     transport: str = DEFAULT_TRANSPORT
+    percent: int = PERCENT  # the sampler's; the Envoy configuration is rendered from bench_policy(percent)
 
 
 def start_envoy(name: str, config: str, workdir: Path, concurrency: int) -> EnvoyProcess:
@@ -149,6 +150,7 @@ def start_envoy(name: str, config: str, workdir: Path, concurrency: int) -> Envo
 def start_sampler(variant: Variant, workdir: Path) -> SamplerProcess:
     env = {
         **SAMPLER_ENV,
+        "MIRROR_PERCENT": str(variant.percent),
         "MIRROR_LISTEN": f"{LOOPBACK}:0",
         "MIRROR_WORKERS": str(variant.workers),
         "MIRROR_TRANSPORT": variant.transport,

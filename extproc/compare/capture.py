@@ -1,11 +1,12 @@
-"""The observer: the gRPC ext_proc service Envoy's capture filters stream
-responses to (observability mode: Envoy never waits for it).
+"""The observer: the ext_proc service Envoy's capture filters stream
+responses to (observability mode: Envoy never waits for it), on the
+project's own HTTP/2 transport (extproc/server/transports/http2).
 
 Each stream becomes one Capture; the stream is ended as soon as the response
 is complete (or its body passed the bound), so Envoy frees it at once and
 sends no more. Captures go through a bounded queue to one writer thread that
-stores and joins them: a slow disk drops captures (counted), it never holds
-a stream or Envoy.
+stores and joins them a batch at a time: a slow disk drops captures
+(counted), it never holds a stream or Envoy.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
 from ..config.errors import ConfigError
 from ..config.source import ConfigFile, ConfigSource
+from ..server.health import Health
+from ..server.transports.http2 import FINISHED, Http2Transport
 from ..watch import AsyncDriver
-from ..wire import SERVICE_NAME, HttpHeaders, ProcessingRequest
+from ..wire import HttpHeaders, ProcessingRequest
 from .config import CompareConfig
 from .judge import Comparison
 from .metrics import CompareMetrics
@@ -36,13 +39,18 @@ from .store import CompareStore
 log = structlog.get_logger("mirror_sampler.compare")
 QUEUE_BOUND = 10_000
 SWEEP_EVERY_S = 1.0
+# Captures that arrive within this long of a batch's first are stored in its
+# transaction: one SQLite transaction per batch, not per capture (a request's
+# sides, answered within milliseconds, usually share one).
+BATCH_WINDOW_S = 0.1
+BATCH_MAX = 500
+# Open streams are given this long to finish at SIGTERM.
+STOP_GRACE_S = 2.0
 
 
-def _tag(context: grpc.aio.ServicerContext[bytes, bytes]) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == CAPTURE_METADATA:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return None
+# Envoy's routes send a handful of distinct tags: each is parsed once. (A bad
+# one raises each time, so it is never cached.)
+_tag = lru_cache(maxsize=256)(CaptureTag.decode)
 
 
 def _headers(message: HttpHeaders) -> list[tuple[str, str]]:
@@ -57,6 +65,7 @@ class Writer:
     metrics: CompareMetrics
     clock: Callable[[], float] = time.time
     bound: int = QUEUE_BOUND
+    window: float = BATCH_WINDOW_S
     # Replaced by a live edit; the writer's store judges with it from its next batch.
     config: CompareConfig | None = None
 
@@ -97,15 +106,22 @@ class Writer:
             store.close()
 
     def _take(self) -> tuple[list[Capture], bool]:
-        """What is queued (waiting up to a sweep interval for the first), and whether to stop."""
+        """What is queued (waiting up to a sweep interval for the first, then a
+        batch window for more), and whether to stop."""
         batch: list[Capture] = []
         try:
             item = self.queue.get(timeout=SWEEP_EVERY_S)
+        except queue.Empty:
+            return batch, False
+        if item is not None:
+            # One wait for the whole batch, not a wake-up per capture.
+            time.sleep(self.window)
+        try:
             while True:
                 if item is None:
                     return batch, True
                 batch.append(item)
-                if len(batch) >= 500:
+                if len(batch) >= BATCH_MAX:
                     return batch, False
                 item = self.queue.get_nowait()
         except queue.Empty:
@@ -125,42 +141,69 @@ class Writer:
             self.metrics.compared(c)
 
 
+class CaptureStream:
+    """One capture stream: the transport's ``ProcessStreamLike``. Answers
+    nothing (observability mode: Envoy would ignore it); ``FINISHED`` once it
+    has seen all it wants, which ends the stream."""
+
+    __slots__ = ("service", "assembler", "ended")
+
+    def __init__(self, service: CaptureService, assembler: CaptureAssembler | None) -> None:
+        self.service = service
+        self.assembler = assembler  # None: the stream's tag was refused (counted)
+        self.ended = assembler is None  # counted or captured: its close counts nothing more
+
+    def message(self, data: bytes) -> bytes | None:
+        assembler = self.assembler
+        if assembler is None:
+            return FINISHED
+        try:
+            message = ProcessingRequest.FromString(data)
+        except DecodeError:  # not a ProcessingRequest: end this stream only
+            self.service.metrics.dropped("malformed_message")
+            self.ended = True
+            return FINISHED
+        kind = message.WhichOneof("request")
+        done: Capture | None = None
+        if kind == "request_headers":
+            assembler.request_headers(_headers(message.request_headers), time.monotonic())
+        elif kind == "response_headers":
+            headers = message.response_headers
+            done = assembler.response_headers(_headers(headers), headers.end_of_stream, time.monotonic(), time.time())
+        elif kind == "response_body":
+            body = message.response_body
+            done = assembler.response_body(body.body, body.end_of_stream, time.time())
+        if done is None:
+            return None
+        self.ended = True
+        self.service.writer.offer(done)
+        return FINISHED  # Envoy frees the stream and sends no more
+
+    def close(self) -> None:
+        if not self.ended:
+            # Reset, cut or ended by Envoy before its response was complete.
+            self.ended = True
+            self.service.metrics.dropped("incomplete_stream")
+
+
 class CaptureService:
+    """The transport's servicer: a stream per capture, told who it observes by
+    the ``CAPTURE_METADATA`` its route set."""
+
     def __init__(self, config: CompareConfig, writer: Writer, metrics: CompareMetrics) -> None:
         self.config = config
         self.writer = writer
         self.metrics = metrics
 
-    async def process(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
-        """Reads one stream; answers nothing (observability mode: Envoy would ignore it)."""
+    def open_stream(self, metadata: str | None, /) -> CaptureStream:
         try:
-            tag = CaptureTag.decode(_tag(context))
+            tag = _tag(metadata)
         except TagError as e:
             self.metrics.dropped("bad_tag")
             log.warning("compare_bad_stream", error=str(e))
-            return
-        assembler = CaptureAssembler(tag, self.config.body_limit, self.config.private_headers)
-        async for data in requests:
-            try:
-                message = ProcessingRequest.FromString(data)
-            except DecodeError:  # not a ProcessingRequest: end this stream only
-                self.metrics.dropped("malformed_message")
-                return
-            kind = message.WhichOneof("request")
-            done: Capture | None = None
-            if kind == "request_headers":
-                assembler.request_headers(_headers(message.request_headers), time.monotonic())
-            elif kind == "response_headers":
-                done = assembler.response_headers(
-                    _headers(message.response_headers), message.response_headers.end_of_stream, time.monotonic(), time.time()
-                )
-            elif kind == "response_body":
-                done = assembler.response_body(message.response_body.body, message.response_body.end_of_stream, time.time())
-            if done is not None:
-                self.writer.offer(done)
-                return  # ends the stream: Envoy sends no more
-        if assembler.complete is None:
-            self.metrics.dropped("incomplete_stream")
+            return CaptureStream(self, None)
+        config = self.config
+        return CaptureStream(self, CaptureAssembler(tag, config.body_limit, config.private_headers))
 
 
 @dataclass
@@ -240,11 +283,16 @@ async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Call
         service.config = new
         writer.config = new
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    handler = grpc.method_handlers_generic_handler(SERVICE_NAME, {"Process": grpc.stream_stream_rpc_method_handler(service.process)})
-    server.add_generic_rpc_handlers((handler,))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
+    health = Health()
+    # reuse_port: observers may share one address (the kernel spreads Envoy's connections).
+    transport = Http2Transport(
+        service, health, host, port, reuse_port=True, on_error=metrics.transport_error, metadata_key=CAPTURE_METADATA
+    )
+    try:
+        bound = await transport.start()
+    except BaseException:
+        writer.stop()
+        raise
     ready(bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -252,6 +300,7 @@ async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Call
         loop.add_signal_handler(sig, stop.set)
     watcher = asyncio.create_task(watch(settings, apply, metrics, stop))
     await stop.wait()
-    await server.stop(grace=2)
+    health.set_all(False)
+    await transport.stop(STOP_GRACE_S)
     await watcher
     writer.stop()

@@ -121,7 +121,8 @@ def _duration(p: Problems, path: str, value: Any, default: float) -> float:
         return default
     text = str(value)
     number, unit = text[:-1], text[-1:]
-    if unit not in _UNITS or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
+    # isascii: str.isdigit is true of "²", which float() refuses.
+    if unit not in _UNITS or not number.isascii() or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
         p.add(path, f"must be a duration such as 30s, 10m, 12h or 7d, got {value!r}")
         return default
     return float(number) * _UNITS[unit]

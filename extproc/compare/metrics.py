@@ -47,6 +47,11 @@ class CompareMetrics:
         )
         for result in ("ok", "invalid"):
             self.reloads.labels(result)
+        self.connection_errors = Counter(
+            "mirror_sampler_compare_connection_errors",
+            "HTTP/2 connection errors and limits hit (that connection is closed, no other)",
+            registry=r,
+        )
         self.max_field_series = max_field_series
         self._paths: dict[tuple[str, str], set[str]] = {}
 
@@ -61,6 +66,10 @@ class CompareMetrics:
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()
+
+    def transport_error(self, kind: str) -> None:
+        """The transport's ``on_error`` (its only kind: "protocol")."""
+        self.connection_errors.inc()
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.drops.labels(reason).inc(n)

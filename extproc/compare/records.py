@@ -57,10 +57,11 @@ class CaptureTag:
             data = json.loads(text)
             side = Side(data["side"])
             rule = data["rule"]
-            targets = tuple(data["targets"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise TagError(f"{CAPTURE_METADATA}: cannot read {text[:200]!r}: {e}") from None
-        if not isinstance(rule, str) or not rule or not all(isinstance(t, str) and t for t in targets):
+            listed = data["targets"]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: "[[[[..." nested past the parser's depth
+            raise TagError(f"{CAPTURE_METADATA}: cannot read {text[:200]!r}: {e!r}") from None
+        targets = tuple(listed) if isinstance(listed, list) else ()
+        if not isinstance(rule, str) or not rule or not isinstance(listed, list) or not all(isinstance(t, str) and t for t in targets):
             raise TagError(f"{CAPTURE_METADATA}: rule and targets must be non-empty strings: {text[:200]!r}")
         if side is Side.SHADOW and len(targets) != 1:
             raise TagError(f"{CAPTURE_METADATA}: a shadow stream names exactly one target: {text[:200]!r}")
@@ -142,18 +143,22 @@ class CaptureAssembler:
             data = data.replace(secret, REDACTED)
         return data
 
+    def _scrub_text(self, value: str) -> str:
+        return self._scrub(value.encode()).decode("utf-8", "replace") if self.secrets else value
+
     def response_headers(self, headers: list[tuple[str, str]], end_of_stream: bool, now: float, wall: float) -> Capture | None:
         hidden = NEVER_STORED | self.private_headers
         kept = []
         for name, value in headers:
             name = name.lower()
             if name == ":status":
-                self.status = int(value) if value.isdigit() else 0
+                # isascii: str.isdigit is true of "²", which int() refuses.
+                self.status = int(value) if value.isascii() and value.isdigit() else 0
             elif name == UPSTREAM_TIME_HEADER:
                 self.local_reply = False
-                self.upstream_ms = float(value) if value.isdigit() else None
+                self.upstream_ms = float(value) if value.isascii() and value.isdigit() else None
             elif not name.startswith(":") and name not in hidden:
-                kept.append((name, self._scrub(value.encode()).decode("utf-8", "replace")))
+                kept.append((name, self._scrub_text(value)))
         self.headers = kept
         self.answered = now
         if end_of_stream:

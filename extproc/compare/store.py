@@ -1,11 +1,12 @@
 """Captures and comparisons in one SQLite file, shared by every observer
 process of this machine.
 
-Either side of a request may reach any process, in any order. Each capture
-is written in a ``BEGIN IMMEDIATE`` transaction, which SQLite serialises
-across processes: the writer that completes a request's group (the primary
-and every target it names) finds the others already committed, removes the
-group and writes the comparisons, so each request is judged exactly once.
+Either side of a request may reach any process, in any order. Each batch of
+captures is written in one ``BEGIN IMMEDIATE`` transaction, which SQLite
+serialises across processes: the writer that completes a request's group
+(the primary and every target it names) finds the others already committed
+(or in its own batch), removes the group and writes the comparisons, so each
+request is judged exactly once.
 ``sweep`` closes groups that waited longer than the join timeout (missing
 sides) and keeps pending captures and comparisons within their bounds.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from .config import CompareConfig
 from .judge import Comparison, Pairing, including, pair_up, settle
-from .noise import Rates, Result
+from .noise import NO_RATES, Rates, Result
 from .records import Capture, Side
 
 SCHEMA = """
@@ -109,25 +110,35 @@ class CompareStore:
     # ------------------------------------------------------------------ writing
 
     def add(self, captures: Sequence[Capture]) -> list[Comparison]:
-        """Store captures; the comparisons of every request they complete."""
+        """Store captures (one transaction); the comparisons of every request
+        they complete, as if they were added one at a time in order. A group
+        is read once per batch and completed in memory: a request whose sides
+        all arrive in one batch never touches ``pending``."""
         out: list[Comparison] = []
+        groups: dict[tuple[str, str], _Group] = {}
         with self._write() as db:
             for capture in captures:
-                db.execute(
-                    "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        capture.rule,
-                        capture.request_id,
-                        capture.side.value,
-                        capture.target,
-                        encode_capture(capture),
-                        capture.body,
-                        capture.captured_at,
-                    ),
-                )
-                primary, shadows = self._group(capture.rule, capture.request_id)
+                key = (capture.rule, capture.request_id)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = _Group(self._stored(*key))
+                member = (capture.side.value, capture.target)
+                group.members[member] = capture
+                group.unsaved.add(member)
+                primary, shadows = group.sides()
                 if primary is not None and all(t in shadows for t in primary.targets):
+                    if group.stored:
+                        db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", key)
                     out += self._judge(capture.rule, capture.request_id, primary, shadows, capture.captured_at)
+                    groups[key] = _Group({})  # a later capture of it starts a new group
+            db.executemany(
+                "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (c.rule, c.request_id, c.side.value, c.target, encode_capture(c), c.body, c.captured_at)
+                    for group in groups.values()
+                    for c in (group.members[m] for m in group.unsaved)
+                ],
+            )
         return out
 
     def sweep(self, now: float) -> list[Comparison]:
@@ -140,7 +151,8 @@ class CompareStore:
                 "SELECT DISTINCT rule, request_id FROM pending WHERE captured_at < ?", (now - retention.join_timeout_s,)
             ).fetchall()
             for rule, request_id in stale:
-                primary, shadows = self._group(rule, request_id)
+                primary, shadows = _Group(self._stored(rule, request_id)).sides()
+                db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id))
                 out += self._judge(rule, request_id, primary, shadows, now)
             (pending,) = db.execute("SELECT COUNT(*) FROM pending").fetchone()
             if pending > retention.max_pending:
@@ -174,20 +186,17 @@ class CompareStore:
     def _count_dropped(self, reason: str, n: int) -> None:
         self.db.execute("INSERT INTO dropped VALUES (?, ?) ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n))
 
-    def _group(self, rule: str, request_id: str) -> tuple[Capture | None, dict[str, Capture]]:
-        primary = None
-        shadows = {}
-        for side, target, record, body in self.db.execute(
-            "SELECT side, target, record, body FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
-        ):
-            if side == Side.PRIMARY.value:
-                primary = decode_capture(record, body)
-            else:
-                shadows[target] = decode_capture(record, body)
-        return primary, shadows
+    def _stored(self, rule: str, request_id: str) -> dict[tuple[str, str], Capture]:
+        """A request's pending captures, by (side, target)."""
+        return {
+            (side, target): decode_capture(record, body)
+            for side, target, record, body in self.db.execute(
+                "SELECT side, target, record, body FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
+            )
+        }
 
     def _judge(self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float) -> list[Comparison]:
-        self.db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id))
+        """The comparisons of one request's group (no longer pending)."""
         settings = self.config.rule(rule)
         pairings = pair_up(primary, shadows, settings.diff_rules, rule=rule, request_id=request_id)
         # The secondary first: this request's noise counts when its candidates are judged.
@@ -195,8 +204,11 @@ class CompareStore:
         out = []
         for pairing in pairings:
             is_secondary = pairing.target == settings.secondary
-            rates = including(self.rates(rule, pairing.target), pairing.paths) if pairing.diff is not None else Rates(0, {})
-            noise = None if settings.secondary is None or is_secondary else self.rates(rule, settings.secondary)
+            # The rates decide only a candidate's differences, and only against a secondary's noise.
+            rates, noise = NO_RATES, None
+            if pairing.paths and settings.secondary is not None and not is_secondary:
+                rates = including(self.rates(rule, pairing.target), pairing.paths)
+                noise = self.rates(rule, settings.secondary)
             result = settle(pairing, rates, noise, settings.margin, is_secondary=is_secondary)
             out.append(self._write_comparison(pairing, result, now))
         return out
@@ -274,6 +286,28 @@ class CompareStore:
 
     def dropped(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, count FROM dropped").fetchall())
+
+
+class _Group:
+    """One request's captures while a batch is added: those already pending
+    (``stored``) and those of the batch not yet written (``unsaved``)."""
+
+    __slots__ = ("members", "stored", "unsaved")
+
+    def __init__(self, stored: dict[tuple[str, str], Capture]) -> None:
+        self.members = stored
+        self.stored = bool(stored)
+        self.unsaved: set[tuple[str, str]] = set()
+
+    def sides(self) -> tuple[Capture | None, dict[str, Capture]]:
+        primary = None
+        shadows = {}
+        for (side, target), capture in self.members.items():
+            if side == Side.PRIMARY.value:
+                primary = capture
+            else:
+                shadows[target] = capture
+        return primary, shadows
 
 
 def _comparison(row: Sequence[Any]) -> Comparison:

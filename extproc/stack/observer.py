@@ -14,7 +14,9 @@ from .children import Child, ChildFailed
 class ObserverProcess(Child):
     """One observer on loopback ports it picks, its store in ``db``, its
     settings (spec.compare) in ``config``, checked against the HTTPRoutes in
-    ``routes`` (None: not checked, whatever $MIRROR_CONFIG says); ready when constructed."""
+    ``routes`` (None: not checked, whatever $MIRROR_CONFIG says); ready when
+    constructed. ``cwd``: where ``python -m extproc`` finds the package (a
+    benchmark's earlier tree)."""
 
     def __init__(
         self,
@@ -24,11 +26,12 @@ class ObserverProcess(Child):
         routes: str | None,
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
+        cwd: Path | None = None,
         timeout: float = 30.0,
     ) -> None:
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                 "--db", str(db), "--config", config, "--routes", routes or ""]  # fmt: skip
-        super().__init__("observer", argv, env, log_path=log_path)
+        super().__init__("observer", argv, env, log_path=log_path, cwd=cwd)
         try:
             ready = self.wait_event("compare_serving", timeout=timeout)
         except ChildFailed:

@@ -1,15 +1,20 @@
-"""The observer over a real gRPC connection, as Envoy's capture filters use
-it: streams become captures and joins; streams it cannot use are counted and
-end alone, and the observer keeps serving."""
+"""The observer over real HTTP/2 connections (grpcio's client, as Envoy's
+capture filters use it): streams become captures and joins, each ended as
+soon as its response is complete; streams it cannot use are counted and end
+alone, hostile input costs its stream or connection only, and the observer
+keeps serving."""
 
 from __future__ import annotations
 
+import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.noise import Result
@@ -17,6 +22,7 @@ from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
 from extproc.compare.store import CompareStore
 from extproc.stack.children import Child
 from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpBody, HttpHeaders, ProcessingRequest
+from tests.service.h2peer import CANCEL, RST_STREAM, Peer, frame, grpc_frame
 from tests.support.procs import scrape, wait_until
 
 RULE = "shop/web/0"
@@ -34,6 +40,9 @@ class Observer(Child):
 
     def dropped(self, reason: str) -> float:
         return scrape(self.metrics_port, "mirror_sampler_compare_dropped_total", {"reason": reason})
+
+    def connection_errors(self) -> float:
+        return scrape(self.metrics_port, "mirror_sampler_compare_connection_errors_total")
 
 
 @pytest.fixture
@@ -72,6 +81,13 @@ def serialized(messages: list[ProcessingRequest]) -> Iterator[bytes]:
     return (m.SerializeToString() for m in messages)
 
 
+def held_open(messages: list[ProcessingRequest], release: threading.Event) -> Iterator[bytes]:
+    """The messages, then no END_STREAM until ``release`` (Envoy keeps a capture
+    stream open after the response, until its deferred close)."""
+    yield from serialized(messages)
+    release.wait(30)
+
+
 PRIMARY = CaptureTag(Side.PRIMARY, RULE, ("candidate",)).encode()
 SHADOW = CaptureTag(Side.SHADOW, RULE, ("candidate",)).encode()
 
@@ -101,6 +117,78 @@ def test_the_observer_ends_a_stream_once_the_body_passes_the_bound(observer: Obs
     assert pulled < 10_000, "the call ended long before the body did"
     store = CompareStore(tmp_path / "c.db", CONFIG)
     wait_until(lambda: store.pending_count() == 1, timeout=10)
+
+
+def test_a_stream_is_ended_as_soon_as_its_response_is_complete(observer: Observer, tmp_path: Path) -> None:
+    """The client has not finished sending: the observer ends the call (OK)
+    once it has the whole response, so Envoy frees the stream."""
+    release = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
+            responses = channel.stream_stream(PROCESS_METHOD)(
+                held_open([request("open"), *response("200", b"{}")], release), metadata=[(CAPTURE_METADATA, PRIMARY)], timeout=20
+            )
+            assert list(responses) == [] and responses.code() == grpc.StatusCode.OK
+            assert not release.is_set(), "ended by the observer, not by the client"
+    finally:
+        release.set()
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    wait_until(lambda: store.pending_count() == 1, 10, "the capture stored")
+    assert observer.dropped("incomplete_stream") == 0
+
+
+def test_a_stream_reset_before_its_response_is_complete_is_counted(observer: Observer) -> None:
+    """RST_STREAM CANCEL after the request headers (Envoy's, when the downstream
+    request is reset): counted as incomplete, the connection serves on."""
+    with Peer(observer.port) as peer:
+        peer.handshake()
+        peer.open(1, extra=[(CAPTURE_METADATA, PRIMARY)])
+        peer.data(1, grpc_frame(request("cut").SerializeToString()))
+        peer.send(frame(RST_STREAM, 0, 1, CANCEL.to_bytes(4, "big")))
+        wait_until(lambda: observer.dropped("incomplete_stream") == 1, 10, "the reset stream counted")
+        peer.open(3, extra=[(CAPTURE_METADATA, PRIMARY)])
+        for message in [request("after"), *response("200", b"")]:
+            peer.data(3, grpc_frame(message.SerializeToString()))
+        messages, trailers = peer.response(3)
+        assert (messages, trailers["grpc-status"]) == ([], "0"), "ended by the observer once complete"
+    assert observer.connection_errors() == 0
+
+
+def test_hostile_input_costs_its_stream_or_connection_only(observer: Observer, tmp_path: Path) -> None:
+    # Tags that are not ours: counted, the stream ends.
+    for tag in ("not json", '{"side":"primary","rule":"r","targets":"xy"}', '{"side":"shadow","rule":"r","targets":["a","b"]}', "[" * 5000):
+        assert stream(observer.port, serialized([request("t"), *response("200", b"")]), tag) == grpc.StatusCode.OK
+    wait_until(lambda: observer.dropped("bad_tag") == 4, 10, "four bad tags counted")
+    # A message past the transport's 4 MiB bound: that stream ends RESOURCE_EXHAUSTED.
+    huge = ProcessingRequest(response_body=HttpBody(body=b"x" * (5 << 20)), observability_mode=True)
+    with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
+        messages = serialized([request("huge"), huge])
+        call = channel.stream_stream(PROCESS_METHOD)(messages, metadata=[(CAPTURE_METADATA, PRIMARY)], timeout=20)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(call)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Not HTTP/2 at all: that connection is closed and counted.
+    with socket.create_connection(("127.0.0.1", observer.port), timeout=10) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+        while raw.recv(65536):  # the GOAWAY, then the close
+            pass
+    wait_until(lambda: observer.connection_errors() == 1, 10, "the connection error counted")
+    test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer, tmp_path)
+    assert observer.alive()
+
+
+def test_sigterm_stores_what_was_captured_and_exits_zero(observer: Observer, tmp_path: Path) -> None:
+    """The writer's batch window is not a loss: a capture taken just before
+    SIGTERM is in the store once the observer has exited."""
+    assert stream(observer.port, serialized([request("last"), *response("200", b"{}")]), PRIMARY) == grpc.StatusCode.OK
+    assert observer.stop() == 0
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 1
+
+
+def test_the_observer_answers_health_checks(observer: Observer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_streams_the_observer_cannot_use_are_counted_and_it_keeps_serving(observer: Observer, tmp_path: Path) -> None:

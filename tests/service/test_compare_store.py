@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from extproc.compare.config import CompareConfig, Retention, RuleCompare
 from extproc.compare.judge import Comparison
 from extproc.compare.noise import Rates, Result
@@ -69,6 +71,34 @@ def test_two_processes_writing_the_two_sides_join_every_request_exactly_once(tmp
     results = Counter((c.target, c.result) for c in comparisons)
     assert results == {("secondary", Result.SAME): 300, ("candidate", Result.DIFFERS): 150, ("candidate", Result.SAME): 150}
     assert store.rates(RULE, "candidate").differing == {"body.v": 150}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_batch_is_stored_as_if_its_captures_came_one_at_a_time(tmp_path: Path, seed: int) -> None:
+    """The writer adds what it dequeued in one transaction, joining the batch's
+    groups in memory: same comparisons in the same order, same rows pending,
+    with sides missing, sides repeated and requests completed inside a batch."""
+    rng = random.Random(seed)
+    captures: list[Capture] = []
+    for i in range(40):
+        for c in sides(f"req-{i}"):
+            captures += [c] * rng.choices((0, 1, 2), (0.1, 0.8, 0.1))[0]
+    rng.shuffle(captures)
+    one, batched = CompareStore(tmp_path / "one.db", CONFIG), CompareStore(tmp_path / "batched.db", CONFIG)
+    expected = [judged for c in captures for judged in one.add([c])]
+    got: list[Comparison] = []
+    start = 0
+    while start < len(captures):
+        size = rng.randint(1, 25)
+        got += batched.add(captures[start : start + size])
+        start += size
+
+    def pending(store: CompareStore) -> list[tuple[str, ...]]:
+        return store.db.execute("SELECT rule, request_id, side, target, record FROM pending ORDER BY 1, 2, 3, 4").fetchall()
+
+    assert got == expected and len(expected) > 40
+    assert pending(batched) == pending(one) != []
+    assert batched.rates(RULE, "candidate") == one.rates(RULE, "candidate")
 
 
 def test_a_group_that_waits_past_the_join_timeout_is_judged_with_what_came(tmp_path: Path) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 from extproc.server.health import Health
 from extproc.server.transports.http2.events import OPEN
+from extproc.server.transports.http2.grpc import RULE_KEY
 from extproc.server.transports.http2.limits import Budget, Limits
 from extproc.server.transports.http2.protocol import Connection
-from extproc.server.transports.http2.service import StreamService
+from extproc.server.transports.http2.service import FINISHED, StreamService
 from tests.support.h2wire import Frame, PeerBase
 
 
@@ -27,6 +28,8 @@ class FakeStream:
             raise RuntimeError("boom")
         if data == b"none":
             return None
+        if data == b"finish":
+            return FINISHED
         return b"echo:" + (self.rule_id or "").encode() + b":" + data
 
     def close(self) -> None:
@@ -34,7 +37,9 @@ class FakeStream:
 
 
 class FakeServicer:
-    """Echoes each message (prefixed with the rule id); records every stream."""
+    """Echoes each message (prefixed with the rule id, or whatever the transport's
+    metadata key named); ``none`` gets no answer, ``finish`` ends the stream
+    (``FINISHED``), ``boom`` raises. Records every stream."""
 
     def __init__(self) -> None:
         self.streams: list[FakeStream] = []
@@ -59,6 +64,7 @@ class MemoryPeer(PeerBase):
         health: Health | None = None,
         max_message: int = 1 << 20,
         now: float = 0.0,
+        metadata_key: bytes = RULE_KEY,
     ) -> None:
         super().__init__()
         self.servicer = servicer if servicer is not None else FakeServicer()
@@ -67,7 +73,7 @@ class MemoryPeer(PeerBase):
         self.budget = budget or Budget()
         self.now = now
         self.unsent = 0
-        self.conn = Connection(self.limits, self.budget, now, max_message=max_message)
+        self.conn = Connection(self.limits, self.budget, now, max_message=max_message, metadata_key=metadata_key)
         self.service = StreamService(self.servicer, self.health)
         self.pending = b""
         self.writes = 0  # how many writes the server made (one per batch of input)

@@ -86,6 +86,7 @@ def test_rules_and_targets_must_exist() -> None:
         ({"bodyLimit": 0}, "compare.bodyLimit: must be a whole number >= 1, got 0"),
         ({"storeValues": "yes"}, "compare.storeValues: must be true or false, got 'yes'"),
         ({"retention": {"maxAge": "7 days"}}, "compare.retention.maxAge: must be a duration such as 30s, 10m, 12h or 7d, got '7 days'"),
+        ({"shadowTimeout": "²s"}, "compare.shadowTimeout: must be a duration such as 30s, 10m, 12h or 7d, got '²s'"),
         ({"rules": [{"rule": "shop/web/0", "margin": 2}]}, "compare.rules[0].margin: must be between 0 and 1, got 2"),
         (
             {"rules": [{"rule": "shop/web/0", "ignore": ["cookie.a"]}]},

@@ -25,6 +25,10 @@ def test_tags_read_back_as_written() -> None:
         '{"side":"x","rule":"r","targets":[]}',
         '{"side":"shadow","rule":"r","targets":["a","b"]}',
         '{"side":"primary","rule":"","targets":[]}',
+        '{"side":"primary","rule":"r","targets":"ab"}',  # a string is not a list of targets
+        '{"side":"primary","rule":"r","targets":{"a":1}}',
+        "[" * 100_000,  # deeper than the JSON parser goes
+        "[]",
     ],
 )
 def test_a_stream_without_a_proper_tag_is_refused(text: str | None) -> None:
@@ -78,6 +82,14 @@ def test_the_body_is_kept_up_to_the_bound_and_completes_as_soon_as_it_passes(chu
     assert len(done.body) <= limit
     assert done.body == whole[: len(done.body)]
     assert done.body_truncated == (len(whole) > limit)
+
+
+@pytest.mark.parametrize("status", ["²", "abc", ""])
+def test_a_status_that_is_not_a_number_yields_nothing(status: str) -> None:
+    a = CaptureAssembler(PRIMARY, body_limit=10)
+    a.request_headers(REQUEST, now=0.0)
+    headers = [(":status", status), ("x-envoy-upstream-service-time", "²")]
+    assert a.response_headers(headers, end_of_stream=True, now=0.0, wall=0.0) is None
 
 
 def test_a_stream_that_missed_its_request_headers_yields_nothing() -> None:

@@ -172,6 +172,34 @@ def test_servicer_exception_ends_only_that_stream(peer: MemoryPeer, fake: FakeSe
     assert peer.stream_count() == 0 and peer.errors == 0
 
 
+def test_finished_ends_the_stream_at_once_with_ok_and_tells_the_client_to_stop(peer: MemoryPeer, fake: FakeServicer) -> None:
+    """An observer that has seen all it wants ends the stream while the client
+    still sends: OK, then RST_STREAM NO_ERROR, and the stream is forgotten."""
+    peer.open(1)
+    peer.data(1, grpc_frame(b"first"))
+    peer.data(1, grpc_frame(b"finish"))  # no END_STREAM: the client would go on
+    messages, trailers = peer.response(1)
+    assert messages == [b"echo::first"] and trailers == {"grpc-status": "0"}
+    assert peer.rst(1) == NO_ERROR
+    assert peer.stream_count() == 0 and [s.closed for s in fake.streams] == [1]
+    peer.data(1, grpc_frame(b"late"))  # crossing the reset: that stream only
+    peer.open(3)
+    peer.data(3, grpc_frame(b"finish"))
+    fields, flags = peer.headers(3)
+    assert flags & END_STREAM and fields["grpc-status"] == "0"  # trailers-only: nothing was answered
+    assert [s.messages for s in fake.streams] == [[b"first", b"finish"], [b"finish"]]
+    assert peer.errors == 0 and not peer.closed
+
+
+def test_the_metadata_key_names_what_open_stream_gets(fake: FakeServicer) -> None:
+    p = MemoryPeer(fake, metadata_key=b"x-mirror-sampler-capture")
+    p.handshake()
+    p.open(1, extra=[("x-mirror-rule-id", "rule-7"), ("x-mirror-sampler-capture", '{"side":"primary"}')], end=True)
+    p.open(3, extra=[("x-mirror-rule-id", "rule-7")], end=True)
+    assert p.headers(3)[0]["grpc-status"] == "0"
+    assert [s.rule_id for s in fake.streams] == ['{"side":"primary"}', None]
+
+
 def test_open_stream_exception() -> None:
     class Broken:
         def open_stream(self, rule_id: str | None) -> ProcessStreamLike:

@@ -17,6 +17,6 @@ docs/http2.md tells the whole story.
 
 from .adapter import Http2Transport
 from .limits import Limits
-from .service import ProcessStreamLike, ServicerLike
+from .service import FINISHED, ProcessStreamLike, ServicerLike
 
-__all__ = ["Http2Transport", "Limits", "ProcessStreamLike", "ServicerLike"]
+__all__ = ["FINISHED", "Http2Transport", "Limits", "ProcessStreamLike", "ServicerLike"]

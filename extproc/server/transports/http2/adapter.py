@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 from extproc.server.health import Health
+from extproc.wire import RULE_METADATA
 
 from .events import ABORT, CLOSE, FAIL, OPEN
 from .limits import Budget, Limits
@@ -33,7 +34,9 @@ class _Adapter(asyncio.Protocol):
     def __init__(self, owner: Http2Transport) -> None:
         self.owner = owner
         self.service = StreamService(owner.servicer, owner.health)
-        self.conn = Connection(owner.limits, owner.budget, time.monotonic(), max_message=owner.max_message_bytes)
+        self.conn = Connection(
+            owner.limits, owner.budget, time.monotonic(), max_message=owner.max_message_bytes, metadata_key=owner.metadata_key
+        )
         self.transport: asyncio.Transport | None = None
         self.reported_errors = 0
         self.write_paused = False  # the peer does not read: its input waits
@@ -162,7 +165,8 @@ class _Adapter(asyncio.Protocol):
 
 
 class Http2Transport:
-    """Serves the sampler's gRPC methods over HTTP/2 (cleartext or TLS) on the running event loop."""
+    """Serves the sampler's gRPC methods over HTTP/2 (cleartext or TLS) on the
+    running event loop; the comparison's observer too (another servicer, another metadata key)."""
 
     def __init__(
         self,
@@ -176,6 +180,7 @@ class Http2Transport:
         on_error: Callable[[str], None] | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
         limits: Limits | None = None,
+        metadata_key: str = RULE_METADATA,
     ) -> None:
         self.servicer = servicer
         self.health = health
@@ -186,6 +191,8 @@ class Http2Transport:
         self.on_error = on_error
         self.max_message_bytes = max_message_bytes
         self.limits = limits or Limits()
+        # The request metadata whose value ``servicer.open_stream`` gets (gRPC metadata keys are lowercase).
+        self.metadata_key = metadata_key.encode()
         self.budget = Budget()  # partial messages and queued output across all connections
         self.connections: set[_Adapter] = set()
         self._sweeper: asyncio.TimerHandle | None = None

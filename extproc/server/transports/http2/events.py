@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 REQUEST = 0
-"""A Process stream was opened (value: the rule id or None): the application opens its processor."""
+"""A Process stream was opened (value: its metadata value named by the connection's key, for the
+sampler the rule id, or None): the application opens its processor."""
 MESSAGE = 1
 """A request message on a Process stream (value: bytes): the application may ``send_message``."""
 CHECK_QUERY = 2

@@ -64,13 +64,15 @@ def http_status_frame(status: int) -> bytes:
 
 
 # What a request's header list asks for: (method kind, a complete answer for a
-# request that is not served (or None), the rule id, a non-identity encoding);
+# request that is not served (or None), the value of the metadata key the
+# servicer reads (the rule id for the sampler), a non-identity encoding);
 # None for a malformed request (RFC 9113 section 8.2: RST_STREAM PROTOCOL_ERROR).
 Request = tuple[int, bytes | None, str | None, bool]
 
 
-def check_request(headers: list[tuple[bytes, bytes]], max_header_list_size: int) -> Request | None:
-    """The request header validation of RFC 9113 and gRPC over HTTP/2."""
+def check_request(headers: list[tuple[bytes, bytes]], max_header_list_size: int, key: bytes = RULE_KEY) -> Request | None:
+    """The request header validation of RFC 9113 and gRPC over HTTP/2; ``key``
+    names the metadata whose value goes to ``open_stream``."""
     method = scheme = path = ctype = rule = timeout = None
     encoding = False
     authority = regular = False
@@ -94,7 +96,7 @@ def check_request(headers: list[tuple[bytes, bytes]], max_header_list_size: int)
         regular = True
         if not _FIELD_NAME.fullmatch(k) or _BAD_VALUE.search(v) or k in _CONNECTION_SPECIFIC or (k == b"te" and v != b"trailers"):
             return None  # RFC 9113 section 8.2
-        if k == RULE_KEY:
+        if k == key:
             rule = v
         elif k == b"content-type":
             ctype = v

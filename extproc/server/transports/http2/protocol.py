@@ -90,6 +90,7 @@ from .grpc import (
     GRPC_RESOURCE_EXHAUSTED,
     GRPC_UNAVAILABLE,
     PROCESS,
+    RULE_KEY,
     WATCH,
     decode_service,
 )
@@ -111,10 +112,10 @@ SELF_DEPENDENT = 0x100
 
 
 class Connection(StreamOutput):
-    def __init__(self, limits: Limits, budget: Budget, now: float, *, max_message: int) -> None:
+    def __init__(self, limits: Limits, budget: Budget, now: float, *, max_message: int, metadata_key: bytes = RULE_KEY) -> None:
         super().__init__(limits, budget, now)
         self.max_message = max_message
-        self.decoder = BlockDecoder(limits.max_header_list_size, limits.hard_header_list_size)
+        self.decoder = BlockDecoder(limits.max_header_list_size, limits.hard_header_list_size, metadata_key)
         self.out.append(
             server_preface(limits.max_concurrent_streams, limits.stream_window, limits.max_header_list_size, limits.connection_window)
         )

@@ -4,22 +4,37 @@ the servicer is whatever it is)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 from extproc.server.health import SERVICE_UNKNOWN, Health
 
 from .events import CLOSED, MESSAGE, REQUEST, WATCH_QUERY
-from .grpc import GRPC_INTERNAL
+from .grpc import GRPC_INTERNAL, GRPC_OK
 from .protocol import Connection
 
 
+class Finished(bytes):
+    """The type of ``FINISHED``."""
+
+
+FINISHED: Final = Finished()
+"""What ``message`` returns to end its stream at once with OK (the peer is told
+to send no more): an observer that has seen all it wants. Told apart by identity."""
+
+
 class ProcessStreamLike(Protocol):
-    def message(self, data: bytes) -> bytes | None: ...
+    def message(self, data: bytes) -> bytes | None:
+        """The answer to one request message, None for none, or ``FINISHED``."""
+        ...
+
     def close(self) -> None: ...
 
 
 class ServicerLike(Protocol):
-    def open_stream(self, rule_id: str | None) -> ProcessStreamLike: ...
+    def open_stream(self, metadata: str | None, /) -> ProcessStreamLike:
+        """A new stream; ``metadata``: the value of the transport's metadata key
+        (the sampler's: the rule id its route set), None when absent."""
+        ...
 
 
 class StreamService:
@@ -49,7 +64,10 @@ class StreamService:
                         conn.end_stream(sid, GRPC_INTERNAL, "the processor failed")
                     else:
                         if answer is not None:
-                            conn.send_message(sid, answer)
+                            if answer is FINISHED:
+                                conn.end_stream(sid, GRPC_OK, "")
+                            else:
+                                conn.send_message(sid, answer)
             elif kind == REQUEST:
                 try:
                     procs[sid] = self.servicer.open_stream(value)
