@@ -106,12 +106,12 @@ spec:
       - {name: enc, value: "x%2Fy"}
     - path: {type: PathPrefix, value: /q}
       queryParams:
-      - {name: n, type: RegularExpression, value: "[0-9]{2,4}"}
+      - {name: "n", type: RegularExpression, value: "[0-9]{2,4}"}
     backendRefs: [{name: web, port: 8080}]
   - matches:                                        # 9: more query params first
     - path: {type: PathPrefix, value: /q}
       queryParams:
-      - {name: n, type: RegularExpression, value: "[0-9]{2,4}"}
+      - {name: "n", type: RegularExpression, value: "[0-9]{2,4}"}
       - {name: q, value: plain}
     backendRefs: [{name: web, port: 8080}]
   - matches:                                        # 10
