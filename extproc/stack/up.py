@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -285,22 +286,17 @@ class LocalStack:
         if self.inline:
             return
         print("mirror-sampler up: restarting the sampler on the new routes (requests meanwhile are not mirrored)", flush=True)
-        running = [i for i, s in enumerate(self.samplers) if s is not None]
-        for index in running:
-            sampler = self.samplers[index]
-            assert sampler is not None
+        running = [(i, s) for i, s in enumerate(self.samplers) if s is not None]
+        for _, sampler in running:
             sampler.stop()
-        assert self.envoy is not None
         deadline = time.monotonic() + 30
-        while self.stat(f"cluster.{SAMPLER_CLUSTER}.membership_healthy") > 0:
-            self.envoy.tick(deadline, "the stopped samplers marked down by envoy")
-        for index in running:
+        self._wait_sampler_stat("membership_healthy", lambda healthy: healthy == 0, deadline, "the stopped samplers marked down by envoy")
+        for index, _ in running:
             self.start_sampler(index)
-        self.wait_samplers_healthy()
+        self.wait_samplers_healthy(deadline)
         # Healthy on the main thread may reach a busy worker later: one more passing check.
         passed = self.stat(f"cluster.{SAMPLER_CLUSTER}.health_check.success")
-        while self.stat(f"cluster.{SAMPLER_CLUSTER}.health_check.success") <= passed:
-            self.envoy.tick(deadline, "a second passing health check of the restarted samplers")
+        self._wait_sampler_stat("health_check.success", lambda n: n > passed, deadline, "a second passing health check of the samplers")
 
     def refused(self, policy: Policy) -> list[str]:
         """What the engine cannot do (the sampler and the module do everything)."""
@@ -308,11 +304,16 @@ class LocalStack:
 
     def wait_samplers_healthy(self, deadline: float | None = None) -> None:
         """Envoy health-checks the samplers; until one passes, requests go unmirrored."""
-        assert self.envoy is not None
-        deadline = deadline or time.monotonic() + 30
         want = sum(1 for s in self.samplers if s is not None and s.alive())
-        while self.stat(f"cluster.{SAMPLER_CLUSTER}.membership_healthy") < want:
-            self.envoy.tick(deadline, "sampler health in envoy")
+        self._wait_sampler_stat(
+            "membership_healthy", lambda healthy: healthy >= want, deadline or time.monotonic() + 30, "sampler health in envoy"
+        )
+
+    def _wait_sampler_stat(self, stat: str, done: Callable[[int], bool], deadline: float, what: str) -> None:
+        """Until Envoy's stat of the samplers' cluster satisfies ``done`` (EnvoyError past the deadline)."""
+        assert self.envoy is not None
+        while not done(self.stat(f"cluster.{SAMPLER_CLUSTER}.{stat}")):
+            self.envoy.tick(deadline, what)
 
     def routes_reloads(self) -> int:
         return self.reloader.reloads() if self.reloader is not None and self.envoy is not None else 0
