@@ -42,13 +42,11 @@ from .istio_translate import (
     HttpRoute,
     Untranslatable,
     VirtualService,
-    check_alone,
-    check_mirrors,
+    checked_rule,
     left_note,
     route_mirrors,
     sampler_route,
     translate_hosts,
-    translate_rule,
 )
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
@@ -133,12 +131,8 @@ def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, no
                     notes.append(left_note(vs, h, vs.host_reason))
             continue
         for h in vs.routes:
-            where = f"spec.http[{h.index}]"
             try:
-                check_mirrors(h.mirrors, slot_headers)
-                rule = translate_rule(h.raw, h.mirrors, where)
-                check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
-                h.rule = rule
+                h.rule = checked_rule(vs, h, h.raw, slot_headers)
             except Untranslatable as e:
                 if h.mirrors:
                     notes.append(left_note(vs, h, str(e)))

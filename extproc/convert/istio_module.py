@@ -47,7 +47,7 @@ from .istio_rewrite import (
     filter_contexts,
     rewrite_virtual_service,
 )
-from .istio_translate import HttpRoute, Untranslatable, VirtualService, check_alone, check_mirrors, left_note, translate_rule
+from .istio_translate import HttpRoute, Untranslatable, VirtualService, checked_rule, left_note
 from .kubernetes import Document, SamplerDeployment, dump_documents, generated_header, metadata
 from .module_delivery import (
     MODULE_PATH,
@@ -84,11 +84,8 @@ def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, no
         for h in vs.routes:
             if not h.mirrors:
                 continue
-            where = f"spec.http[{h.index}]"
             try:
-                check_mirrors(h.mirrors, slot_headers)
-                rule = translate_rule({k: v for k, v in h.raw.items() if k != "match"}, h.mirrors, where)
-                check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
+                rule = checked_rule(vs, h, {k: v for k, v in h.raw.items() if k != "match"}, slot_headers)
             except Untranslatable as e:
                 notes.append(left_note(vs, h, str(e)))
                 continue
@@ -107,13 +104,15 @@ def _route_names(h: HttpRoute, slot_headers: SlotHeaders) -> list[str]:
 def _drop_shared_names(services: Sequence[VirtualService], slot_headers: SlotHeaders, notes: list[str]) -> None:
     """A route patch reaches every Envoy route of that name: a converted route whose name
     another route of these VirtualServices also has is left as it was."""
-    names: Counter[str] = Counter()
+    route_names = {
+        id(h): _route_names(h, slot_headers) if h.converted else [n for n in envoy_route_names(h.raw) if n]
+        for vs in services
+        for h in vs.routes
+    }
+    names = Counter(n for listed in route_names.values() for n in listed)
     for vs in services:
         for h in vs.routes:
-            names.update(_route_names(h, slot_headers) if h.converted else [n for n in envoy_route_names(h.raw) if n])
-    for vs in services:
-        for h in vs.routes:
-            shared = [n for n in _route_names(h, slot_headers) if names[n] > 1] if h.converted else []
+            shared = [n for n in route_names[id(h)] if names[n] > 1] if h.converted else []
             if shared:
                 h.converted, h.rule = False, None
                 names_text = ", ".join(map(repr, shared))

@@ -291,6 +291,16 @@ def check_alone(rule: dict[str, Any], where: str, slots: int) -> None:
         raise Untranslatable(problems[0].split(": ", 1)[-1])
 
 
+def checked_rule(vs: VirtualService, h: HttpRoute, raw: dict[str, Any], slot_headers: SlotHeaders) -> dict[str, Any]:
+    """``raw`` (the route, or the part of it an engine translates) as the HTTPRoute rule
+    the sampler would load, mirrors and all; Untranslatable when any step refuses it."""
+    where = f"spec.http[{h.index}]"
+    check_mirrors(h.mirrors, slot_headers)
+    rule = translate_rule(raw, h.mirrors, where)
+    check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
+    return rule
+
+
 def sampler_route(vs: VirtualService) -> Document:
     translated = [r for r in vs.routes if r.rule is not None]
     spec: dict[str, Any] = {}
