@@ -27,6 +27,7 @@ from . import render
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import envoy_data_plane.envoy.config.core.v3 as core
+    import envoy_data_plane.envoy.config.metrics.v3 as metrics
     import envoy_data_plane.envoy.config.route.v3 as route
     import envoy_data_plane.envoy.extensions.dynamic_modules.v3 as dynamic_modules
     import envoy_data_plane.envoy.extensions.filters.http.dynamic_modules.v3 as module_filter
@@ -40,9 +41,49 @@ MODULE_NAME = "mirror_sampler"
 COMPOSE_MODULE_PATH = "/etc/envoy/module/libmirror_sampler.so"
 
 
-def filter_settings(policy: Policy) -> dict[str, Any]:
-    """The filter-level configuration: the headers that are the filter's alone."""
-    return slot_settings(policy.slot_headers)
+# The module's decision counter, labelled (rule, target, outcome): Envoy writes it as
+# <namespace>.mirror_sampler_decisions.rule.<id>.target.<cluster>.outcome.<outcome>.
+# A labelled increment costs Envoy a stat lookup by name on every request (about 5,000
+# instructions: bench/module_instructions.py), so the module defines the counters of the
+# (rule, target) pairs its filter config lists ("counted") up front, without labels, under
+# that same name; these tags, in the bootstrap, give them back the same labels, so
+# /stats and /stats/prometheus read alike either way. Rules that appear later (a live
+# edit) or in a config we do not own (the snippet, converters) keep the labelled counter.
+_DECISIONS = r"^dynamicmodulescustom\.mirror_sampler_decisions"
+STATS_TAGS = (
+    ("rule", _DECISIONS + r"(\.rule\.(.+?))\.target\."),
+    ("target", _DECISIONS + r"\.rule\..+?(\.target\.(.+?))\.outcome\.[^.]+$"),
+    ("outcome", _DECISIONS + r"\.rule\..+?(\.outcome\.([^.]+))$"),
+)
+
+
+def tag_safe(rule_id: str, cluster: str) -> bool:
+    """Whether STATS_TAGS read (rule_id, cluster) back from the counter's name: the
+    rule's tag ends at the first ".target.", the target's at the last ".outcome."."""
+    return ".target." not in rule_id and ".outcome." not in cluster
+
+
+def counted(policy: Policy) -> list[dict[str, Any]]:
+    """The (rule, cluster) pairs whose counters the filter defines up front."""
+    pairs = []
+    for rule in policy.rules:
+        clusters = list(dict.fromkeys(t.backend for t in rule.mirrors if tag_safe(rule.id, t.backend)))
+        if clusters:
+            pairs.append({"rule": rule.id, "clusters": clusters})
+    return pairs
+
+
+def stats_config() -> metrics.StatsConfig:
+    return metrics.StatsConfig(stats_tags=[metrics.TagSpecifier(tag_name=name, regex=regex) for name, regex in STATS_TAGS])
+
+
+def filter_settings(policy: Policy, *, count: bool = True) -> dict[str, Any]:
+    """The filter-level configuration: the headers that are the filter's alone, and
+    (``count``: where the bootstrap carries STATS_TAGS) the counters to define."""
+    settings = slot_settings(policy.slot_headers)
+    if count:
+        settings["counted"] = counted(policy)
+    return settings
 
 
 def slot_settings(slot_headers: SlotHeaders) -> dict[str, Any]:
@@ -84,15 +125,19 @@ def _text(text: str) -> AnyMessage:
     return AnyMessage.pack(StringValue(value=text))
 
 
-def http_filter(policy: Policy, module_path: str) -> hcm.HttpFilter:
-    return slot_http_filter(policy.slot_headers, module_path)
+def http_filter(policy: Policy, module_path: str, *, count: bool = True) -> hcm.HttpFilter:
+    return _http_filter(filter_settings(policy, count=count), module_path)
 
 
 def slot_http_filter(slot_headers: SlotHeaders, module_path: str) -> hcm.HttpFilter:
+    return _http_filter(slot_settings(slot_headers), module_path)
+
+
+def _http_filter(settings: dict[str, Any], module_path: str) -> hcm.HttpFilter:
     """The module's filter on the connection manager: it strips client-sent slot and
     marker headers everywhere, and decides where a route carries a rule."""
     config = module_filter.DynamicModuleFilter(
-        dynamic_module_config=_module(module_path), filter_name=MODULE_NAME, filter_config=_text(to_json(slot_settings(slot_headers)))
+        dynamic_module_config=_module(module_path), filter_name=MODULE_NAME, filter_config=_text(to_json(settings))
     )
     return hcm.HttpFilter(name=MODULE_FILTER, typed_config=AnyMessage.pack(config))
 
@@ -142,6 +187,7 @@ def bootstrap_config(policy: Policy, topology: render.Topology, module_path: str
     assert config.static_resources is not None
     chain = config.static_resources.listeners[0].filter_chains[0]
     chain.filters[0].typed_config = AnyMessage.pack(http_connection_manager(policy, topology, module_path))
+    config.stats_config = stats_config()
     return config
 
 
@@ -152,7 +198,7 @@ def route_discovery(policy: Policy, module_path: str) -> dict[str, Any]:
 
 def snippet(policy: Policy, topology: render.Topology, module_path: str) -> dict[str, Any]:
     return {
-        "http_filters": [render.as_data(http_filter(policy, module_path), Casing.SNAKE)],
+        "http_filters": [render.as_data(http_filter(policy, module_path, count=False), Casing.SNAKE)],
         "clusters": [],
         "virtual_hosts": [render.as_data(v, Casing.SNAKE) for v in virtual_hosts(policy, module_path, catch_all=False)],
     }

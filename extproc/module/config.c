@@ -79,14 +79,86 @@ static void free_bytes(ms_bytes *b) {
   b->len = 0;
 }
 
-static const char *const FILTER_KEYS[] = {"slot_headers", "marker_header", "rule"};
+static const char *const FILTER_KEYS[] = {"slot_headers", "marker_header", "rule", "counted"};
+static const char *const COUNTED_KEYS[] = {"rule", "clusters"};
 
 void ms_filter_free(ms_filter *f) {
   if (!f) return;
   for (int i = 0; i < f->nslots; i++) free_bytes(&f->slots[i]);
   free_bytes(&f->marker);
   ms_rule_free(f->rule);
+  for (size_t i = 0; i < f->ncounted; i++) {
+    free_bytes(&f->counted[i].rule);
+    free_bytes(&f->counted[i].cluster);
+  }
+  free(f->counted);
+  free(f->table);
   free(f);
+}
+
+/* The hash of rule + NUL + cluster (neither may hold a NUL: text() refuses it). */
+uint64_t ms_stat_hash(const ms_bytes *rule, const ms_bytes *cluster) {
+  size_t len = rule->len + 1 + cluster->len;
+  char small[512], *joined = len <= sizeof small ? small : malloc(len);
+  if (!joined) return 0; /* only a slower probe: the lookup compares the names */
+  memcpy(joined, rule->ptr, rule->len);
+  joined[rule->len] = 0;
+  memcpy(joined + rule->len + 1, cluster->ptr, cluster->len);
+  uint64_t h = ms_murmur3_h1((const uint8_t *)joined, len);
+  if (joined != small) free(joined);
+  return h;
+}
+
+static bool same(const ms_bytes *a, const ms_bytes *b) { return a->len == b->len && !memcmp(a->ptr, b->ptr, a->len); }
+
+long ms_counted_find(const ms_filter *f, const ms_bytes *rule, const ms_target *t) {
+  if (!f->table) return -1;
+  for (size_t i = t->stat_hash & f->table_mask;; i = (i + 1) & f->table_mask) {
+    size_t slot = f->table[i];
+    if (!slot) return -1;
+    const ms_counted *c = &f->counted[slot - 1];
+    if (c->hash == t->stat_hash && same(&c->cluster, &t->cluster) && same(&c->rule, rule)) return (long)(slot - 1);
+  }
+}
+
+/* "counted": [{"rule": id, "clusters": [cluster, ...]}, ...]; a pair twice is refused. */
+static void parse_counted(const jnode *list, ms_filter *f, problem *pr) {
+  char field[80];
+  size_t total = 0;
+  if (list->type != J_ARRAY) { refuse(pr, "filter.counted", "expected a list"); return; }
+  for (size_t i = 0; i < list->count; i++) {
+    const jnode *clusters = list->items[i].type == J_OBJECT ? member(&list->items[i], "clusters") : NULL;
+    total += clusters && clusters->type == J_ARRAY ? clusters->count : 0;
+  }
+  if (total > MS_MAX_COUNTED) { refuse(pr, "filter.counted", "more than 4096 (rule, cluster) pairs"); return; }
+  size_t size = 16;
+  while (size < 2 * total) size *= 2;
+  f->counted = calloc(total ? total : 1, sizeof *f->counted);
+  f->table = calloc(size, sizeof *f->table);
+  f->table_mask = size - 1;
+  if (!f->counted || !f->table) { refuse(pr, "filter.counted", "out of memory"); return; }
+  for (size_t i = 0; !pr->failed && i < list->count; i++) {
+    const jnode *entry = &list->items[i];
+    snprintf(field, sizeof field, "filter.counted[%zu]", i);
+    if (!check_keys(entry, field, COUNTED_KEYS, 2, 2, pr)) return;
+    const jnode *clusters = member(entry, "clusters");
+    snprintf(field, sizeof field, "filter.counted[%zu].clusters", i);
+    if (clusters->type != J_ARRAY || clusters->count < 1) { refuse(pr, field, "expected a list of cluster names"); return; }
+    for (size_t j = 0; !pr->failed && j < clusters->count; j++) {
+      ms_counted *c = &f->counted[f->ncounted];
+      snprintf(field, sizeof field, "filter.counted[%zu].rule", i);
+      if (!text(member(entry, "rule"), field, 1024, &c->rule, pr)) return;
+      f->ncounted++;
+      snprintf(field, sizeof field, "filter.counted[%zu].clusters[%zu]", i, j);
+      if (!text(&clusters->items[j], field, 256, &c->cluster, pr)) return;
+      c->hash = ms_stat_hash(&c->rule, &c->cluster);
+      ms_target probe = {.cluster = c->cluster, .stat_hash = c->hash};
+      if (ms_counted_find(f, &c->rule, &probe) >= 0) { refuse(pr, field, "repeated (rule, cluster) pair"); return; }
+      size_t k = c->hash & f->table_mask;
+      while (f->table[k]) k = (k + 1) & f->table_mask;
+      f->table[k] = f->ncounted;
+    }
+  }
 }
 
 static ms_rule *rule_from(const jnode *root, ms_bucket_lookup buckets, problem *pr);
@@ -98,7 +170,7 @@ ms_filter *ms_filter_parse(const char *json, size_t len, ms_bucket_lookup bucket
   ms_filter *f = calloc(1, sizeof *f);
   if (!f) { jfree(&root); ms_fail(err, err_len, "out of memory"); return NULL; }
   char field[64];
-  if (check_keys(&root, "filter", FILTER_KEYS, 3, 2, &pr)) {
+  if (check_keys(&root, "filter", FILTER_KEYS, 4, 2, &pr)) {
     const jnode *slots = member(&root, "slot_headers");
     if (slots->type != J_ARRAY || slots->count < 1 || slots->count > MS_MAX_TARGETS)
       refuse(&pr, "filter.slot_headers", "expected a list of 1 to 8 header names");
@@ -109,6 +181,8 @@ ms_filter *ms_filter_parse(const char *json, size_t len, ms_bucket_lookup bucket
     if (!pr.failed) header_name(member(&root, "marker_header"), "filter.marker_header", &f->marker, &pr);
     const jnode *rule = member(&root, "rule");
     if (!pr.failed && rule) f->rule = rule_from(rule, buckets, &pr);
+    const jnode *counted = member(&root, "counted");
+    if (!pr.failed && counted) parse_counted(counted, f, &pr);
   }
   jfree(&root);
   if (pr.failed) { ms_filter_free(f); return NULL; }
@@ -211,6 +285,7 @@ static void parse_targets(const jnode *targets, ms_rule *r, ms_bucket_lookup buc
     if (!header_name(member(tn, "slot"), field, &t->slot, pr)) return;
     snprintf(field, sizeof field, "rule.targets[%zu].cluster", i);
     if (!text(member(tn, "cluster"), field, 256, &t->cluster, pr)) return;
+    t->stat_hash = ms_stat_hash(&r->id, &t->cluster);
     snprintf(field, sizeof field, "rule.targets[%zu].salt_hex", i);
     if (!salt_prefix(member(tn, "salt_hex"), field, &t->prefix, pr)) return;
     snprintf(field, sizeof field, "rule.targets[%zu].threshold", i);

@@ -40,6 +40,7 @@ typedef struct {
   bool always;      /* the threshold is 2^64: every key */
   uint64_t threshold;
   int hash_of; /* index of the first target with the same prefix (that u is reused) */
+  uint64_t stat_hash; /* ms_stat_hash(rule id, cluster): finds its counters (ms_counted_find) */
   ms_bucket *bucket; /* NULL: no rate cap */
 } ms_target;
 
@@ -56,11 +57,24 @@ typedef struct {
   bool own_buckets; /* buckets made for this rule alone (no lookup), freed with it */
 } ms_rule;
 
+/* A (rule, target) whose decision counters the filter config defines up front, one per
+ * outcome: incrementing those costs Envoy a fraction of a labelled counter's lookup. */
+typedef struct {
+  ms_bytes rule, cluster;
+  uint64_t hash; /* ms_stat_hash(rule, cluster) */
+} ms_counted;
+
+#define MS_MAX_COUNTED 4096
+
 typedef struct {
   ms_bytes slots[MS_MAX_TARGETS]; /* every slot header name */
   int nslots;
   ms_bytes marker; /* the marker header name */
   ms_rule *rule; /* the rule for routes without one of their own (NULL: none) */
+  ms_counted *counted;
+  size_t ncounted;
+  size_t *table; /* open addressing on hash: index + 1 into counted, 0 empty */
+  size_t table_mask;
 } ms_filter;
 
 typedef enum { MS_MIRRORED, MS_SKIPPED, MS_NO_KEY, MS_METHOD, MS_CAPPED, MS_DISABLED, MS_OUTCOMES } ms_outcome;
@@ -82,6 +96,9 @@ ms_filter *ms_filter_parse(const char *json, size_t len, ms_bucket_lookup bucket
 void ms_filter_free(ms_filter *filter);
 ms_rule *ms_rule_parse(const char *json, size_t len, ms_bucket_lookup buckets, char *err, size_t err_len);
 void ms_rule_free(ms_rule *rule);
+/* The index in filter->counted of (rule, target), or -1: counted by label instead. */
+long ms_counted_find(const ms_filter *filter, const ms_bytes *rule, const ms_target *target);
+uint64_t ms_stat_hash(const ms_bytes *rule, const ms_bytes *cluster);
 
 /* First 64-bit word of MurmurHash3_x64_128(data, seed 0). */
 uint64_t ms_murmur3_h1(const uint8_t *data, size_t len);

@@ -10,8 +10,11 @@
  * route carrying exactly those mirrors (or leaves one a forged header selected).
  *
  * Decisions are counted in Envoy's stats (mirror_sampler_decisions by rule, target and
- * outcome). A rate-capped target's token bucket is shared by every worker and by every
- * route of its rule, and survives route reloads: one per (rule, target) in this process.
+ * outcome): for the (rule, target) pairs the filter config lists, by counters defined up
+ * front (an increment is an add), for the others by the labelled counter (an increment is
+ * a stat lookup by name in Envoy). A rate-capped target's token bucket is shared by every
+ * worker and by every route of its rule, and survives route reloads: one per (rule,
+ * target) in this process.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <pthread.h>
@@ -32,6 +35,7 @@ typedef struct {
   ms_filter *headers;
   size_t decisions; /* counter ids */
   size_t forged;
+  size_t *counted; /* [i * MS_OUTCOMES + outcome]: the counter of headers->counted[i] */
 } filter_config;
 
 static module_buffer buf(const char *p, size_t n) {
@@ -129,9 +133,14 @@ EXPORT int envoy_dynamic_module_on_http_filter_request_headers(void *filter, con
       envoy_dynamic_module_callback_http_set_header(filter, REQUEST, bytes(&t->slot), bytes(&t->cluster));
       sampled = true;
     }
-    const char *outcome = ms_outcome_names[out[i]];
-    module_buffer labels[3] = {bytes(&rule->id), bytes(&t->cluster), buf(outcome, strlen(outcome))};
-    envoy_dynamic_module_callback_http_filter_increment_counter(filter, config->decisions, labels, 3, 1);
+    long counted = ms_counted_find(config->headers, &rule->id, t);
+    if (counted >= 0) {
+      envoy_dynamic_module_callback_http_filter_increment_counter(filter, config->counted[counted * MS_OUTCOMES + out[i]], NULL, 0, 1);
+    } else {
+      const char *outcome = ms_outcome_names[out[i]];
+      module_buffer labels[3] = {bytes(&rule->id), bytes(&t->cluster), buf(outcome, strlen(outcome))};
+      envoy_dynamic_module_callback_http_filter_increment_counter(filter, config->decisions, labels, 3, 1);
+    }
   }
   if (forged) envoy_dynamic_module_callback_http_filter_increment_counter(filter, config->forged, NULL, 0, 1);
   /* Re-match: the variant route with exactly these mirrors, or away from a forged one. */
@@ -148,6 +157,27 @@ static bool define_counter(void *config_envoy, const char *name, module_buffer *
          envoy_dynamic_module_type_metrics_result_Success;
 }
 
+/* The counters of the (rule, target) pairs the config lists, defined now (Envoy allows it
+ * only here) without labels, under the very name the labelled counter would get: the
+ * bootstrap's stats_tags (extproc/envoy/module.py) give them back their labels. */
+static bool define_counted(void *config_envoy, filter_config *config) {
+  const ms_filter *f = config->headers;
+  config->counted = calloc(f->ncounted ? f->ncounted * MS_OUTCOMES : 1, sizeof *config->counted);
+  if (!config->counted) return false;
+  size_t cap = 2048;
+  char *name = malloc(cap);
+  bool ok = name != NULL;
+  for (size_t i = 0; ok && i < f->ncounted; i++)
+    for (int o = 0; ok && o < MS_OUTCOMES; o++) {
+      const ms_counted *c = &f->counted[i];
+      int n = snprintf(name, cap, "mirror_sampler_decisions.rule.%.*s.target.%.*s.outcome.%s", (int)c->rule.len, c->rule.ptr,
+                       (int)c->cluster.len, c->cluster.ptr, ms_outcome_names[o]);
+      ok = n > 0 && (size_t)n < cap && define_counter(config_envoy, name, NULL, 0, &config->counted[i * MS_OUTCOMES + o]);
+    }
+  free(name);
+  return ok;
+}
+
 /* NULL makes Envoy refuse the configuration; the reason goes to Envoy's stderr. */
 EXPORT const void *envoy_dynamic_module_on_http_filter_config_new(void *config_envoy, envoy_dynamic_module_type_envoy_buffer name,
                                                                   envoy_dynamic_module_type_envoy_buffer json) {
@@ -158,11 +188,13 @@ EXPORT const void *envoy_dynamic_module_on_http_filter_config_new(void *config_e
   config->headers = ms_filter_parse(json.ptr, json.length, shared_bucket, err, sizeof err);
   module_buffer labels[3] = {buf("rule", 4), buf("target", 6), buf("outcome", 7)};
   if (config->headers && (!define_counter(config_envoy, "mirror_sampler_decisions", labels, 3, &config->decisions) ||
-                          !define_counter(config_envoy, "mirror_sampler_forged_headers", NULL, 0, &config->forged)))
+                          !define_counter(config_envoy, "mirror_sampler_forged_headers", NULL, 0, &config->forged) ||
+                          !define_counted(config_envoy, config)))
     snprintf(err, sizeof err, "Envoy refused to define the module's counters");
   if (err[0]) {
     fprintf(stderr, "mirror-sampler module: filter config refused: %s\n", err);
     ms_filter_free(config->headers);
+    free(config->counted);
     free(config);
     return NULL;
   }
@@ -172,6 +204,7 @@ EXPORT const void *envoy_dynamic_module_on_http_filter_config_new(void *config_e
 EXPORT void envoy_dynamic_module_on_http_filter_config_destroy(const void *module_config) {
   filter_config *config = (filter_config *)module_config;
   ms_filter_free(config->headers);
+  free(config->counted);
   free(config);
 }
 

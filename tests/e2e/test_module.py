@@ -8,6 +8,7 @@ rate cap shared by Envoy's two workers; `up --inline module` with its live reloa
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -16,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
@@ -90,12 +93,27 @@ def decisions(outcome: str, rule: str = "ns/mod/0", target: str = "shadow") -> s
 
 
 FORGED = "dynamicmodulescustom.mirror_sampler_forged_headers"
+# Left out of the filter config's "counted" pairs: its decisions take the labelled
+# counter, the path of rules the filter config does not list (a live edit's new rules).
+LABELLED_RULE = "ns/writes/0"
+
+
+def without_counted(config_text: str, rule: str) -> str:
+    """The rendered bootstrap with ``rule`` taken out of the module filter's counted pairs."""
+    config = yaml.safe_load(config_text)
+    manager = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    settings_text = manager["httpFilters"][0]["typedConfig"]["filterConfig"]
+    settings = json.loads(settings_text["value"])
+    kept = [c for c in settings["counted"] if c["rule"] != rule]
+    assert len(kept) == len(settings["counted"]) - 1
+    settings_text["value"] = json.dumps({**settings, "counted": kept})
+    return yaml.safe_dump(config)
 
 
 class ModuleGateway:
     """Envoy with two workers and the module, echo backends for every cluster."""
 
-    def __init__(self, tmp: Path, policy: Policy) -> None:
+    def __init__(self, tmp: Path, policy: Policy, labelled_rule: str | None = None) -> None:
         self.backends = {n: EchoProcess(n, log_path=tmp / f"echo-{n}.log") for n in backend_names(policy)}
         topology = Topology(
             listener=Address("127.0.0.1", 0),
@@ -103,7 +121,8 @@ class ModuleGateway:
             backends={n: Address("127.0.0.1", e.port) for n, e in self.backends.items()},
         )
         config = tmp / "envoy.yaml"
-        config.write_text(module.render_module(policy, topology, module_for(envoy_stack.envoy_binary())))
+        rendered = module.render_module(policy, topology, module_for(envoy_stack.envoy_binary()))
+        config.write_text(without_counted(rendered, labelled_rule) if labelled_rule else rendered)
         self.envoy = EnvoyProcess(config, tmp, extra_args=["--concurrency", "2"]).start()
         self.url = f"http://127.0.0.1:{self.envoy.listener_port()}"
 
@@ -112,6 +131,15 @@ class ModuleGateway:
 
     def stat(self, name: str) -> int:
         return self.envoy.stat(name)
+
+    def prometheus_decisions(self) -> dict[tuple[str, str, str], float]:
+        """mirror_sampler_decisions in /stats/prometheus, by (rule, target, outcome)."""
+        found = {}
+        for family in text_string_to_metric_families(self.envoy.admin("/stats/prometheus")):
+            for sample in family.samples:
+                if family.name == "envoy_dynamicmodulescustom_mirror_sampler_decisions":
+                    found[(sample.labels["rule"], sample.labels["target"], sample.labels["outcome"])] = sample.value
+        return found
 
     def stop(self) -> None:
         self.envoy.stop()
@@ -126,7 +154,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
         if binary:
             mp.setattr(envoy_stack, "envoy_binary", lambda: binary)
         policy = build_policy(Settings.load({"MIRROR_CONFIG": "routes.yaml", **KEY_ENV}), ROUTES)
-        gw = ModuleGateway(tmp_path_factory.mktemp("module"), policy)
+        gw = ModuleGateway(tmp_path_factory.mktemp("module"), policy, labelled_rule=LABELLED_RULE)
         try:
             yield gw
         finally:
@@ -182,8 +210,30 @@ def test_methods(gateway: ModuleGateway) -> None:
     assert settle(gw, {"shadow-writes": total}) == {"shadow-writes": total}
     stats = gw.stats()
     for outcome in ("method", "mirrored"):
-        name = decisions(outcome, "ns/writes/0", "shadow-writes")
+        name = decisions(outcome, LABELLED_RULE, "shadow-writes")
         assert stats.get(name, 0) - before.get(name, 0) == 10, outcome
+
+
+def test_decision_counters_read_alike_in_prometheus_counted_or_labelled(gateway: ModuleGateway) -> None:
+    """Counters defined up front (the counted pairs, given their labels back by the
+    bootstrap's stats tags) and labelled ones (a rule the filter config does not list)
+    are one metric with the same labels in /stats/prometheus, equal to /stats."""
+    gw = gateway
+    client = Client(gw.url)
+    for key in KEYS[:20]:
+        assert client.request("/half", "h", {"x-user": key})[0] == 200
+        assert client.request("/writes", "h", {"x-user": key}, method="POST", body=b"{}")[0] == 200
+    client.close()
+    wait_until(lambda: gw.stat(decisions("mirrored", LABELLED_RULE, "shadow-writes")) >= 20)
+    stats = gw.stats()
+    prometheus = gw.prometheus_decisions()
+    for rule, target in (("ns/mod/0", "shadow"), (LABELLED_RULE, "shadow-writes")):
+        mine = {outcome: n for (r, t, outcome), n in prometheus.items() if (r, t) == (rule, target)}
+        assert mine.get("mirrored", 0) > 0, (rule, prometheus)
+        for outcome, n in mine.items():
+            assert stats[decisions(outcome, rule, target)] == n, (rule, outcome)
+    prefix = "dynamicmodulescustom.mirror_sampler_decisions."
+    assert len(prometheus) == len([name for name in stats if name.startswith(prefix)])
 
 
 def test_rate_cap_is_shared_by_the_workers(gateway: ModuleGateway) -> None:

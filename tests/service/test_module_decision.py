@@ -312,6 +312,54 @@ def test_malformed_filter_config_is_refused_with_the_field(driver: ModuleDriver,
     assert answer.startswith("error ") and message in answer, answer
 
 
+HEADERS: dict[str, Any] = {"slot_headers": ["x-mirror-cluster-0"], "marker_header": "x-mirror-rule"}
+
+
+@pytest.mark.parametrize(
+    ("counted", "message"),
+    [
+        ({}, "filter.counted: expected a list"),
+        ([{"rule": "r"}], "filter.counted[0].clusters: missing"),
+        ([{"rule": "r", "clusters": []}], "filter.counted[0].clusters"),
+        ([{"rule": "r", "clusters": "c"}], "filter.counted[0].clusters"),
+        ([{"rule": "", "clusters": ["c"]}], "filter.counted[0].rule"),
+        ([{"rule": "r", "clusters": ["c", 7]}], "filter.counted[0].clusters[1]"),
+        ([{"rule": "r", "clusters": ["c"], "colour": 1}], "filter.counted[0].colour: unknown"),
+        ([{"rule": "r", "clusters": ["c"]}, {"rule": "r", "clusters": ["d", "c"]}], "filter.counted[1].clusters[1]: repeated"),
+        ([{"rule": "r", "clusters": [f"c{i}" for i in range(4097)]}], "more than 4096"),
+    ],
+)
+def test_malformed_counted_pairs_are_refused_with_the_field(driver: ModuleDriver, counted: Any, message: str) -> None:
+    answer = driver.filter_config(json.dumps({**HEADERS, "counted": counted}).encode())
+    assert answer.startswith("error ") and message in answer, answer
+
+
+names = st.text(st.characters(min_codepoint=1, max_codepoint=0x2FF), min_size=1, max_size=12)
+
+
+@SHARED
+@given(
+    pairs=st.lists(st.tuples(st.sampled_from(["r", "ns/r/0", "ns/r/1"]), names), max_size=40, unique=True),
+    rule_id=st.sampled_from(["r", "ns/r/0", "ns/r/1", "ns/other/0"]),
+    clusters=st.lists(names, min_size=1, max_size=8),
+)
+def test_counted_lookup_finds_each_rule_target_pair(
+    driver: ModuleDriver, pairs: list[tuple[str, str]], rule_id: str, clusters: list[str]
+) -> None:
+    """The counters a target increments are those of its own (rule, cluster) pair, or
+    none (-1: the labelled counter); pairs laid out in filter order, rule by rule."""
+    by_rule: dict[str, list[str]] = {}
+    for rule, cluster in pairs:
+        by_rule.setdefault(rule, []).append(cluster)
+    counted = [{"rule": rule, "clusters": cs} for rule, cs in by_rule.items()]
+    assert driver.filter_config(json.dumps({**HEADERS, "counted": counted}).encode()) == "ok"
+    order = [(c["rule"], cluster) for c in counted for cluster in c["clusters"]]
+    targets = [{**GOOD_RULE["targets"][0], "cluster": c} for c in clusters]
+    driver.rule({**GOOD_RULE, "rule": rule_id, "targets": targets})
+    want = [order.index((rule_id, c)) if (rule_id, c) in order else -1 for c in clusters]
+    assert driver.counted_indexes() == want
+
+
 json_leaves = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=20))
 json_values = st.recursive(
     json_leaves, lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=8), inner, max_size=5))
@@ -331,6 +379,12 @@ def test_hostile_config_never_crashes(driver: ModuleDriver, text: bytes) -> None
 )
 def test_hostile_fields_never_crash(driver: ModuleDriver, rule: bytes) -> None:
     assert driver.rule_config(rule).startswith(("ok", "error "))
+
+
+@SHARED
+@given(counted=json_values.map(lambda v: json.dumps({**HEADERS, "counted": v}).encode()))
+def test_hostile_counted_pairs_never_crash(driver: ModuleDriver, counted: bytes) -> None:
+    assert driver.filter_config(counted).startswith(("ok", "error "))
 
 
 def test_hostile_headers_never_crash(driver: ModuleDriver) -> None:

@@ -2,7 +2,9 @@
  * its parsers and decision, driven line by line from stdin (built with AddressSanitizer and UBSan by
  * tests/support/module_harness.py). Fields are hex ("-": empty), so any byte can travel.
  *
- *   F <json>               filter config        -> "ok" | "error <message>"
+ *   F <json>               filter config (current) -> "ok" | "error <message>"
+ *   L                      the counted index of each target of the current rule in the
+ *                          current filter config -> "<index or -1> ..."
  *   R <json>               rule config (current) -> "ok" | "error <message>"
  *   D <now_ns> <headers>   decide; headers = (length, name, length, value)... -> "key:<hex>|none <outcome,...>"
  *   H <prefix> <key>       u of prefix + key     -> decimal u
@@ -110,6 +112,7 @@ int main(void) {
   size_t cap = 1 << 16;
   char *line = malloc(cap), err[256];
   ms_rule *rule = NULL;
+  ms_filter *filter = NULL;
   size_t len = 0;
   int c;
   while (1) {
@@ -126,10 +129,13 @@ int main(void) {
     size_t n1 = 0, n2 = 0;
     err[0] = 0;
     if (nf == 2 && !strcmp(fields[0], "F") && unhex(fields[1], &n1)) {
-      ms_filter *f = ms_filter_parse(fields[1], n1, NULL, err, sizeof err);
-      if (f) printf("ok\n");
+      ms_filter_free(filter);
+      filter = ms_filter_parse(fields[1], n1, NULL, err, sizeof err);
+      if (filter) printf("ok\n");
       else printf("error %s\n", err);
-      ms_filter_free(f);
+    } else if (nf == 1 && !strcmp(fields[0], "L") && rule && filter) {
+      for (int i = 0; i < rule->ntargets; i++) printf(i ? " %ld" : "%ld", ms_counted_find(filter, &rule->id, &rule->targets[i]));
+      printf("\n");
     } else if (nf == 2 && !strcmp(fields[0], "R") && unhex(fields[1], &n1)) {
       ms_rule_free(rule);
       rule = ms_rule_parse(fields[1], n1, NULL, err, sizeof err);
@@ -152,6 +158,7 @@ int main(void) {
     fflush(stdout);
   }
   ms_rule_free(rule);
+  ms_filter_free(filter);
   free(line);
   return 0;
 }

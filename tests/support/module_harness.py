@@ -59,6 +59,11 @@ class ModuleDriver:
     def filter_config(self, text: bytes) -> str:
         return self.ask("F", text)
 
+    def counted_indexes(self) -> list[int]:
+        """For each target of the current rule, its index in the current filter
+        config's "counted" pairs, or -1."""
+        return [int(i) for i in self.ask("L").split()]
+
     def rule_config(self, text: bytes) -> str:
         return self.ask("R", text)
 

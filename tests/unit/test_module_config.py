@@ -4,6 +4,7 @@ carry them, the Envoy version guard, the --inline option."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from extproc.core.keys import parse_key_chain
 from extproc.core.matching import Match
 from extproc.core.policy import BackendRef, MirrorTarget, Policy, Route, Rule
 from extproc.core.sampling import Fraction
+from extproc.core.slots import SlotHeaders
 from extproc.envoy import module
 from extproc.envoy.lua import DECIDE_FILTER
 from extproc.envoy.render import Topology, as_data, route_configuration
@@ -46,7 +48,48 @@ def test_rule_settings_carry_the_decision() -> None:
     assert module.filter_settings(policy) == {
         "slot_headers": ["x-mirror-cluster-0", "x-mirror-cluster-1"],
         "marker_header": "x-mirror-rule",
+        "counted": [{"rule": "ns/r/0", "clusters": ["a", "b"]}],
     }
+    assert "counted" not in module.filter_settings(policy, count=False)
+
+
+def test_counted_pairs_are_those_the_stats_tags_read_back() -> None:
+    """A rule id holding ".target." or a cluster holding ".outcome." would be cut at the
+    wrong place by STATS_TAGS: those keep the labelled counter. Two targets on one cluster
+    share its counters (the labels are the same)."""
+    targets = (
+        MirrorTarget("a", Fraction(35), 0),
+        MirrorTarget("a", Fraction(5), 1, salt=b"x"),
+        MirrorTarget("x.outcome.y", Fraction(5), 2),
+    )
+    rules = (
+        Rule("ns/r/0", (Match(),), targets, (BackendRef("web"),)),
+        Rule("ns/r.target.v2/0", (Match(),), targets[:1], (BackendRef("web"),)),
+        Rule("ns/plain/0", (Match(),), (), (BackendRef("web"),)),
+    )
+    policy = Policy((Route("ns", "r", (), rules),), parse_key_chain("header:x-user"), slot_headers=SlotHeaders(count=3))
+    assert module.counted(policy) == [{"rule": "ns/r/0", "clusters": ["a"]}]
+
+
+@pytest.mark.parametrize(
+    ("rule_id", "cluster"),
+    [("ns/r/0", "shadow"), ("a.b/c.d/1", "svc.ns.svc.cluster.local"), ("x.outcome.y", "t.target.u"), ("r", "c.outcome")],
+)
+def test_stats_tags_read_the_labels_back_from_the_counter_name(rule_id: str, cluster: str) -> None:
+    """What Envoy's tag extraction does with STATS_TAGS (the first group is cut from the
+    name, the second is the value), on the name the module gives a counted counter."""
+    assert module.tag_safe(rule_id, cluster)
+    for outcome in ("mirrored", "no_key"):
+        name = f"dynamicmodulescustom.mirror_sampler_decisions.rule.{rule_id}.target.{cluster}.outcome.{outcome}"
+        tags, cut = {}, []
+        for tag, regex in module.STATS_TAGS:
+            found = re.search(regex, name)
+            assert found is not None, tag
+            tags[tag] = found.group(2)
+            cut.append(found.span(1))
+        assert tags == {"rule": rule_id, "target": cluster, "outcome": outcome}
+        rest = "".join(c for i, c in enumerate(name) if not any(a <= i < b for a, b in cut))
+        assert rest == "dynamicmodulescustom.mirror_sampler_decisions"
 
 
 def per_route_filters(config: Any) -> list[dict[str, Any]]:
@@ -76,6 +119,7 @@ def test_bootstrap_runs_the_module_before_the_router_and_no_sampler() -> None:
     hcm = data["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
     assert [f["name"] for f in hcm["httpFilters"]] == [module.MODULE_FILTER, "envoy.filters.http.router"]
     assert json.loads(hcm["httpFilters"][0]["typedConfig"]["filterConfig"]["value"]) == module.filter_settings(policy)
+    assert [(t["tagName"], t["regex"]) for t in data["statsConfig"]["statsTags"]] == list(module.STATS_TAGS)
     assert "mirror-sampler" not in [c["name"] for c in data["staticResources"]["clusters"]]
     rds = module.route_discovery(policy, SO)
     assert rds["resources"][0]["virtualHosts"] == as_data(module.route_configuration(policy, SO))["virtualHosts"]
