@@ -78,6 +78,9 @@ CREDENTIALS = {"authorization": f"Bearer {TOKEN_SECRET}", "cookie": f"session={C
 
 class VersionedHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Head and body are separate writes: without this the body waits for the
+    # peer's delayed ACK (40 ms a request), as in extproc/stack/echo.py.
+    disable_nagle_algorithm = True
     server: VersionedServer
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -32,6 +32,12 @@ from tests.support.seeds import httproute_manifests, seed_text
 
 pytestmark = pytest.mark.e2e
 
+# Each transport's contract is proven in tests/service; end to end, each one
+# serves the conformance route (exact counts), names the matched rule on its
+# streams and is found again by Envoy when restarted on its port (sampler
+# down), and test_faults.py drains and times out on each. The other tests
+# here are about Envoy, the policy and reloads, on the default transport.
+
 
 # --------------------------------------------------------------------------
 # The seed walkthrough (Envoy Gateway's mirroring guide, unchanged)
@@ -41,8 +47,8 @@ def eg_route(index: int) -> str:
     return httproute_manifests(seed_text("envoy-gateway-http-request-mirroring.md"))[index]
 
 
-def test_seed_walkthrough(tmp_path: Path, stacks: list[LocalStack], transport: str) -> None:
-    gw = start_stack(tmp_path, eg_route(0), transport=transport)
+def test_seed_walkthrough(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    gw = start_stack(tmp_path, eg_route(0))
     stacks.append(gw)
     client = Client(gw.url)
     status, doc = client.request("/get", "backends.example", {"x-request-id": "walkthrough-1"})
@@ -66,8 +72,8 @@ def test_seed_walkthrough(tmp_path: Path, stacks: list[LocalStack], transport: s
     client.close()
 
 
-def test_multiple_backend_refs_split_as_without_mirroring(tmp_path: Path, stacks: list[LocalStack], transport: str) -> None:
-    gw = start_stack(tmp_path, eg_route(1), transport=transport)
+def test_multiple_backend_refs_split_as_without_mirroring(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    gw = start_stack(tmp_path, eg_route(1))
     stacks.append(gw)
     client = Client(gw.url)
     n = 400
@@ -221,8 +227,8 @@ def test_sampler_down_fails_open_and_forged_headers_still_do_nothing(tmp_path: P
     client.close()
 
 
-def test_decisions_survive_restart_and_agree_across_two_samplers(tmp_path: Path, stacks: list[LocalStack], transport: str) -> None:
-    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "30"}, samplers=2, transport=transport)
+def test_decisions_survive_restart_and_agree_across_two_samplers(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "30"}, samplers=2)
     stacks.append(gw)
     keys = KEYS[:60]
     sampled = sorted(k for k in keys if decide(b"", k.encode(), Fraction(30)))
@@ -247,9 +253,9 @@ def test_decisions_survive_restart_and_agree_across_two_samplers(tmp_path: Path,
     client.close()
 
 
-def test_live_reload_changes_what_envoy_mirrors(tmp_path: Path, stacks: list[LocalStack], transport: str) -> None:
+def test_live_reload_changes_what_envoy_mirrors(tmp_path: Path, stacks: list[LocalStack]) -> None:
     route = CONFORMANCE.read_text()
-    gw = start_stack(tmp_path, route.replace("percent: 20", "percent: 0"), transport=transport)
+    gw = start_stack(tmp_path, route.replace("percent: 20", "percent: 0"))
     stacks.append(gw)
     envoy_pid = gw.envoy.pid  # type: ignore[union-attr]
     client = Client(gw.url)

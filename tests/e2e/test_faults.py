@@ -96,10 +96,8 @@ def flowing(load: Load, more: int) -> None:
     wait_until(lambda: len(load.statuses) >= mark + more, 20, f"{more} more answers to the load")
 
 
-def test_sigkill_under_load_never_fails_a_request_and_mirroring_comes_back(
-    tmp_path: Path, stacks: list[LocalStack], transport: str
-) -> None:
-    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "50"}, transport=transport)
+def test_sigkill_under_load_never_fails_a_request_and_mirroring_comes_back(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "50"})
     stacks.append(gw)
     with Load(gw.url) as load:
         flowing(load, 20)
@@ -176,8 +174,8 @@ def test_sampler_slower_than_message_timeout(tmp_path: Path, stacks: list[LocalS
 
 
 @pytest.mark.parametrize("fault", ["down", "stopped"])
-def test_shadow_down_or_hanging_leaves_primary_answers_alone(tmp_path: Path, stacks: list[LocalStack], fault: str, transport: str) -> None:
-    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"}, transport=transport)
+def test_shadow_down_or_hanging_leaves_primary_answers_alone(tmp_path: Path, stacks: list[LocalStack], fault: str) -> None:
+    gw = start_stack(tmp_path, None, {"MIRROR_BACKEND": "shadow", "MIRROR_PERCENT": "100"})
     stacks.append(gw)
     shadow = gw.backends["shadow"]
     if fault == "down":
@@ -195,9 +193,9 @@ def test_shadow_down_or_hanging_leaves_primary_answers_alone(tmp_path: Path, sta
         shadow.signal(signal.SIGCONT)
 
 
-def test_reload_under_load(tmp_path: Path, stacks: list[LocalStack], transport: str) -> None:
+def test_reload_under_load(tmp_path: Path, stacks: list[LocalStack]) -> None:
     route = CONFORMANCE.read_text()
-    gw = start_stack(tmp_path, route.replace("percent: 20", "percent: 0"), transport=transport)
+    gw = start_stack(tmp_path, route.replace("percent: 20", "percent: 0"))
     stacks.append(gw)
     with Load(gw.url, host="h", path="/percent-mirror-fraction/load", rate=60) as load:
         flowing(load, 40)

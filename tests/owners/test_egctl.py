@@ -104,7 +104,18 @@ class Translated:
     result: dict[str, Any]
 
 
-def translate(source: Source, tmp: Path, services: list[eg.Service]) -> Translated:
+def services_for(source: Source, ports: dict[str, int]) -> list[eg.Service]:
+    wanted = {**source.backends, "plain": 9000, SAMPLER[0]: SAMPLER[1]}
+    return [eg.Service(source.namespace, name, port, ports[name]) for name, port in wanted.items()]
+
+
+@pytest.fixture(scope="module", params=SOURCES, ids=lambda s: s.name)
+def translated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Translated:
+    """`convert envoy-gateway`, then egctl, once per source for every test of
+    it: egctl sees Services by clusterIP and port only, never the loopback
+    ports that play them (static_bootstrap puts those in)."""
+    source: Source = request.param
+    tmp = tmp_path_factory.mktemp(f"egctl-{source.name}")
     (tmp / "in.yaml").write_text(source.text(), encoding="utf-8")
     converted = tmp / "converted"
     convert("envoy-gateway", [tmp / "in.yaml"], converted)
@@ -116,22 +127,14 @@ def translate(source: Source, tmp: Path, services: list[eg.Service]) -> Translat
         doc["metadata"].setdefault("namespace", source.namespace)
     documents = [
         *eg.gateway_objects([(source.namespace, source.gateway, ["http"])]),
-        *eg.service_objects(services),
+        *eg.service_objects(services_for(source, dict.fromkeys([*source.backends, "plain", SAMPLER[0]], 0))),
         *converted_docs,
         plain,
     ]
     return Translated(source, converted, eg.translate(documents, tmp))
 
 
-def services_for(source: Source, ports: dict[str, int]) -> list[eg.Service]:
-    wanted = {**source.backends, "plain": 9000, SAMPLER[0]: SAMPLER[1]}
-    return [eg.Service(source.namespace, name, port, ports[name]) for name, port in wanted.items()]
-
-
-@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.name)
-def test_egctl_accepts_everything_convert_writes(source: Source, tmp_path: Path) -> None:
-    services = services_for(source, dict.fromkeys([*source.backends, "plain", SAMPLER[0]], 1))
-    translated = translate(source, tmp_path, services)
+def test_egctl_accepts_everything_convert_writes(translated: Translated) -> None:
     kinds = {k for k, v in translated.result.items() if v}
     assert {"httpRoutes", "envoyExtensionPolicies", "clientTrafficPolicies", "xds"} <= kinds, sorted(kinds)
     assert eg.status_problems(translated.result) == []
@@ -151,23 +154,17 @@ def ids(docs: list[dict[str, Any]]) -> list[str]:
     return [d["headers"].get("X-Request-Id", [""])[0] for d in docs]
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.name)
 def test_envoy_gateway_xds_mirrors_exactly_what_the_sampler_decides(
-    source: Source, envoy_release: str, tmp_path: Path, processes: list[Any]
+    translated: Translated, envoy_release: str, tmp_path: Path, processes: list[Any]
 ) -> None:
+    source = translated.source
     echoes = {name: EchoProcess(name) for name in [*source.backends, "plain"]}
     processes.extend(echoes.values())
     routes = tmp_path / "sampler-routes.yaml"
-    sampler_ports: dict[str, int] = {}
-    # The sampler's routes do not depend on its port: convert once to learn them.
-    probe = translate(source, tmp_path, services_for(source, dict.fromkeys([*source.backends, "plain", SAMPLER[0]], 1)))
-    routes.write_text(eg.sampler_config(probe.converted), encoding="utf-8")
+    routes.write_text(eg.sampler_config(translated.converted), encoding="utf-8")
     sampler = Sampler({"MIRROR_CONFIG": str(routes), "MIRROR_TRANSPORT": "http2", "MIRROR_METRICS_LISTEN": "off"})
     processes.append(sampler)
-    sampler_ports[SAMPLER[0]] = sampler.port
-    services = services_for(source, {**{n: e.port for n, e in echoes.items()}, **sampler_ports})
-    translated = translate(source, tmp_path, services)
-    assert eg.status_problems(translated.result) == []
+    services = services_for(source, {**{n: e.port for n, e in echoes.items()}, SAMPLER[0]: sampler.port})
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(eg.static_bootstrap(translated.result, services), sort_keys=False), encoding="utf-8")
     envoy = EnvoyProcess(config, tmp_path, name=f"envoy-{envoy_release}")

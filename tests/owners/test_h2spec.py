@@ -17,6 +17,7 @@ import re
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,28 +91,65 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture(params=["cleartext", "tls"])
-def server(request: pytest.FixtureRequest, pki: Path) -> Iterator[tuple[Sampler, list[str]]]:
-    """The sampler on the http2 transport, and h2spec's arguments to reach it."""
-    h2spec()  # skips (or fails on CI) before starting anything when it is not built
-    tls = request.param == "tls"
-    env = {"MIRROR_TRANSPORT": "http2", "MIRROR_BACKEND": "shadow", "MIRROR_METRICS_LISTEN": "off"}
-    if tls:
-        env |= {"MIRROR_TLS_CERT": str(pki / "sampler.crt"), "MIRROR_TLS_KEY": str(pki / "sampler.key")}
-    sampler = Sampler(env)
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One h2spec run: the sampler it ran against (still up), its arguments, its report."""
+
+    sampler: Sampler
+    args: list[str]
+    junit: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def runs(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    """h2spec against a sampler on the http2 transport, cleartext and TLS, both
+    runs at once: h2spec spends its time waiting (-o) on the cases that expect a
+    response body, not on the CPU."""
+    binary = h2spec()  # skips (or fails on CI) before starting anything when it is not built
+    tmp = tmp_path_factory.mktemp("h2spec")
+    samplers: list[Sampler] = []
+    started: dict[str, tuple[Sampler, list[str], Path, subprocess.Popen[str]]] = {}
     try:
-        # -t: TLS (h2spec offers ALPN h2 only); -k: the test CA is not in the system's trust store.
-        yield sampler, ["-h", "127.0.0.1", "-p", str(sampler.port), *(["-t", "-k"] if tls else [])]
+        for mode in ("cleartext", "tls"):
+            tls = mode == "tls"
+            env = {"MIRROR_TRANSPORT": "http2", "MIRROR_BACKEND": "shadow", "MIRROR_METRICS_LISTEN": "off"}
+            if tls:
+                env |= {"MIRROR_TLS_CERT": str(pki / "sampler.crt"), "MIRROR_TLS_KEY": str(pki / "sampler.key")}
+            sampler = Sampler(env)
+            samplers.append(sampler)
+            # -t: TLS (h2spec offers ALPN h2 only); -k: the test CA is not in the system's trust store.
+            args = ["-h", "127.0.0.1", "-p", str(sampler.port), *(["-t", "-k"] if tls else [])]
+            junit = tmp / f"h2spec-{mode}.xml"
+            # -o: seconds h2spec waits for each expected frame (generous: a shared, loaded machine).
+            command = [str(binary), *args, "-o", "3", "-j", str(junit)]
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            started[mode] = (sampler, args, junit, proc)
+        done = {}
+        for mode, (sampler, args, junit, proc) in started.items():
+            try:
+                out, err = proc.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            done[mode] = Run(sampler, args, junit, proc.returncode, out, err)
+        yield done
     finally:
-        sampler.stop()
+        for *_, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for sampler in samplers:
+            sampler.stop()
 
 
-def test_h2spec(server: tuple[Sampler, list[str]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["cleartext", "tls"])
+def test_h2spec(runs: dict[str, Run], mode: str, tmp_path: Path) -> None:
     binary = h2spec()
-    sampler, args = server
-    junit = tmp_path / "h2spec.xml"
-    # -o: seconds h2spec waits for each expected frame (generous: a shared, loaded machine).
-    run = subprocess.run([str(binary), *args, "-o", "3", "-j", str(junit)], capture_output=True, text=True, timeout=600)
+    run = runs[mode]
+    sampler, args, junit = run.sampler, run.args, run.junit
     assert junit.exists(), f"h2spec wrote no report (exit {run.returncode}): {run.stderr[-2000:]}"
     assert sampler.alive(), "the sampler survived h2spec"
     got = outcomes(junit)

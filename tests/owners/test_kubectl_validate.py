@@ -5,8 +5,6 @@ say on `kubectl apply`, CEL rules included."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,10 @@ import yaml
 
 from extproc.convert.istio_module import GATEWAY_PATCH, SIDECAR_PATCH
 from tests.owners.kubectl_validate import validate
-from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED, REPO
+from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED
 from tests.support.seeds import httproute_manifests, seed_text
 from tests.unit.test_convert_istio_module import patched_deployment
+from tests.unit.test_envoyconf import render_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -25,17 +24,14 @@ ISTIO_INPUTS = tuple(sorted((DATA / "convert" / "istio").glob("*.yaml")))
 
 
 def convert(kind: str, inputs: list[Path], out: Path, *options: str) -> list[Path]:
-    """`mirror-sampler convert KIND INPUTS -o OUT`, as a user runs it; the files written."""
-    run = subprocess.run(
-        [sys.executable, "-m", "extproc", "convert", kind, *map(str, inputs), "--output", str(out), *options],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
+    """`mirror-sampler convert KIND INPUTS -o OUT`; the files written. The CLI's
+    own function in this process (its messages are in the test's output): the
+    command as a process is tests/service/test_cli.py's, and a dozen interpreter
+    start-ups here would only add their imports."""
+    status = render_cli(["convert", kind, *map(str, inputs), "--output", str(out), *options], {})
+    assert status == 0, f"convert {kind} exited {status}"
     written = sorted(out.glob("*.yaml"))
-    assert written, run.stderr
+    assert written
     return written
 
 

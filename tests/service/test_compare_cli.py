@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
 from extproc.stack.children import Child
 from tests.support.paths import REPO
+from tests.unit.test_envoyconf import render_cli
 
 ROUTES = """\
 apiVersion: gateway.networking.k8s.io/v1
@@ -29,6 +32,16 @@ spec:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "extproc", "compare", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The CLI's exit status, stdout and stderr, run in this process: each
+    command also runs as a process below once; its other cases need not pay
+    for the start-up (a few seconds of imports) again."""
+    capsys.readouterr()
+    status = render_cli(list(argv), {})
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 def test_settings_are_checked_against_the_routes_with_a_did_you_mean(tmp_path: Path) -> None:
@@ -70,16 +83,13 @@ def test_report_and_show_read_the_store(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "absent.db: no such file" in missing.stderr
 
 
-def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Path) -> None:
+def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from extproc.stack.envoy import validate
 
     (tmp_path / "routes.yaml").write_text(ROUTES)
     (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
-    rendered = subprocess.run(
-        [sys.executable, "-m", "extproc", "envoy-config", "--config", str(tmp_path / "routes.yaml"), "-o", str(tmp_path / "envoy.yaml")],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-    )  # fmt: skip
-    assert rendered.returncode == 0, rendered.stderr
+    rendered = in_process(capsys, "envoy-config", "--config", str(tmp_path / "routes.yaml"), "-o", str(tmp_path / "envoy.yaml"))
+    assert rendered[0] == 0, rendered[2]
     settings = ["--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
     done = run("envoy-config", str(tmp_path / "envoy.yaml"), *settings, "--observer", "127.0.0.1:50061", "-o", str(tmp_path / "out.yaml"))
     assert done.returncode == 0, done.stderr
@@ -89,8 +99,8 @@ def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Pa
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
     snippet = tmp_path / "snippet.yaml"
     snippet.write_text("http_filters: []\n")
-    refused = run("envoy-config", str(snippet), *settings)
-    assert refused.returncode == 2 and "not the output of `mirror-sampler envoy-config`" in refused.stderr
+    status, _, err = in_process(capsys, "compare", "envoy-config", str(snippet), *settings)
+    assert status == 2 and "not the output of `mirror-sampler envoy-config`" in err
 
 
 def test_a_database_path_sqlite_cannot_use_is_refused_at_start_up(tmp_path: Path) -> None:
@@ -136,7 +146,9 @@ def envoy_config(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "extproc", "envoy-config", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
-def test_envoy_config_reads_spec_compare_from_the_routes_file_and_envoy_accepts_it(tmp_path: Path) -> None:
+def test_envoy_config_reads_spec_compare_from_the_routes_file_and_envoy_accepts_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from extproc.stack.envoy import validate
 
     routes = tmp_path / "routes.yaml"
@@ -151,25 +163,25 @@ def test_envoy_config_reads_spec_compare_from_the_routes_file_and_envoy_accepts_
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
     # Without spec.compare: the same command renders no capture point, and --observer is refused.
     routes.write_text(ROUTES)
-    plain = envoy_config("--config", str(routes))
-    assert plain.returncode == 0 and "compare-capture" not in plain.stdout
-    refused = envoy_config("--config", str(routes), "--observer", "127.0.0.1:50071")
-    assert refused.returncode == 2 and "--observer: the configuration has no spec.compare rule" in refused.stderr
+    status, out, _ = in_process(capsys, "envoy-config", "--config", str(routes))
+    assert status == 0 and "compare-capture" not in out
+    status, _, err = in_process(capsys, "envoy-config", "--config", str(routes), "--observer", "127.0.0.1:50071")
+    assert status == 2 and "--observer: the configuration has no spec.compare rule" in err
 
 
-def test_envoy_config_renders_the_capture_points_with_every_flag(tmp_path: Path) -> None:
+def test_envoy_config_renders_the_capture_points_with_every_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--snippet, --inline and --for compose render them too (their shape and Envoy's
     verdict: tests/unit/test_envoyconf.py, tests/service/test_envoyconf_validate.py)."""
     routes = tmp_path / "routes.yaml"
     routes.write_text(SAMPLER_COMPARE + ROUTES)
     for flags in (["--snippet"], ["--inline", "lua"], ["--for", "compose"]):
-        done = envoy_config("--config", str(routes), *flags, "--observer", "10.0.0.9:50071")
-        assert done.returncode == 0 and not done.stderr, (flags, done.stderr)
-        assert "mirror-sampler.compare-capture" in done.stdout and "50071" in done.stdout, flags
+        status, out, err = in_process(capsys, "envoy-config", "--config", str(routes), *flags, "--observer", "10.0.0.9:50071")
+        assert status == 0 and not err, (flags, err)
+        assert "mirror-sampler.compare-capture" in out and "50071" in out, flags
     invalid = SAMPLER_COMPARE.replace("shadowTimeout", "shadowTimout") + ROUTES
     routes.write_text(invalid)
-    bad = envoy_config("--config", str(routes))
-    assert bad.returncode == 2 and "spec.compare.shadowTimout: unknown field; did you mean shadowTimeout?" in bad.stderr
+    status, _, err = in_process(capsys, "envoy-config", "--config", str(routes))
+    assert status == 2 and "spec.compare.shadowTimout: unknown field; did you mean shadowTimeout?" in err
 
 
 def test_the_observer_reads_the_routes_with_the_samplers_slot_settings(tmp_path: Path) -> None:

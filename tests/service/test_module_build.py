@@ -98,10 +98,14 @@ def test_unsupported_envoy_is_refused_before_anything_is_built(tmp_path: Path, v
     assert not (tmp_path / "cache").exists()
 
 
-@needs_cc
-def test_envoy_config_inline_module_passes_envoy_validation(tmp_path: Path) -> None:
-    out = tmp_path / "envoy.yaml"
-    env = {**os.environ, "MIRROR_CONFIG": str(CONFORMANCE), "MIRROR_MODULE_CACHE": str(tmp_path / "cache")}
+@pytest.fixture(scope="module")
+def inline_module_config(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """`envoy-config --inline module` as a user runs it, with a module cache of
+    its own (so the module is built): the configuration and the cache. Once
+    for the two tests below: building the module is most of the time."""
+    tmp = tmp_path_factory.mktemp("inline-module")
+    out, cache = tmp / "envoy.yaml", tmp / "cache"
+    env = {**os.environ, "MIRROR_CONFIG": str(CONFORMANCE), "MIRROR_MODULE_CACHE": str(cache)}
     done = subprocess.run(
         [sys.executable, "-m", "extproc", "envoy-config", "--inline", "module", "--output", str(out)],
         env=env,
@@ -109,18 +113,22 @@ def test_envoy_config_inline_module_passes_envoy_validation(tmp_path: Path) -> N
         text=True,
     )
     assert done.returncode == 0, done.stderr
+    return out, cache
+
+
+@needs_cc
+def test_envoy_config_inline_module_passes_envoy_validation(inline_module_config: tuple[Path, Path]) -> None:
+    out, cache = inline_module_config
     text = out.read_text()
-    assert "envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter" in text and str(tmp_path / "cache") in text
+    assert "envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter" in text and str(cache) in text
     checked = validate(out)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @needs_cc
-def test_a_malformed_module_config_is_refused_by_envoy_with_a_message(tmp_path: Path) -> None:
+def test_a_malformed_module_config_is_refused_by_envoy_with_a_message(inline_module_config: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "envoy.yaml"
-    env = {**os.environ, "MIRROR_CONFIG": str(CONFORMANCE), "MIRROR_MODULE_CACHE": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--inline", "module", "--output", str(out)], env=env, check=True)
-    out.write_text(out.read_text().replace('"threshold":"', '"threshold":"-', 1))
+    out.write_text(inline_module_config[0].read_text().replace('"threshold":"', '"threshold":"-', 1))
     checked = validate(out)
     assert checked.returncode != 0
     assert "mirror-sampler module: route config refused: rule.targets[0].threshold" in checked.stdout + checked.stderr

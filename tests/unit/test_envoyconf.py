@@ -8,6 +8,8 @@ validate` is a separate process, about a second of CPU each).
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import itertools
 import json
 import os
@@ -230,9 +232,14 @@ class Rendered:
         assert self.path is not None, self.error
         return self.path.read_text(encoding="utf-8")
 
+    parsed: Any = field(default=None, repr=False)
+
     @property
     def data(self) -> Any:
-        return snake(yaml.safe_load(self.text))
+        """The rendering as snake_case data, parsed once; a copy each time (tests edit it)."""
+        if self.parsed is None:
+            self.parsed = snake(yaml.safe_load(self.text))
+        return copy.deepcopy(self.parsed)
 
 
 def _clean_environ(extra: dict[str, str]) -> dict[str, str]:
@@ -256,30 +263,61 @@ def _policy(config: Path | None, env: dict[str, str]) -> Policy:
     return load_policy(Settings.load({**env, **({"MIRROR_CONFIG": str(config)} if config else {})}))
 
 
+def _renderings(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case rendered through the CLI once per test run, into files: the
+    first module to need them (this one or
+    tests/service/test_envoyconf_validate.py, maybe on another xdist worker)
+    renders, the other reads (a rendering is up to two seconds of CPU)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, shared by its workers (fresh per run)
+    folder = root / "envoyconf-renderings"
+    with open(root / "envoyconf-renderings.lock", "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "errors.json").exists():
+            return folder
+        folder.mkdir(exist_ok=True)
+        errors: dict[str, str] = {}
+        for name, case in CASES.items():
+            config = _config_path(case, folder)
+            argv = ["envoy-config", *case.args, *(["--config", str(config)] if config else []), "-o", str(folder / f"envoy-{name}.yaml")]
+            try:
+                rc = render_cli(argv, case.env)
+            except Exception as e:  # reported by the tests that need this rendering
+                errors[name] = f"{type(e).__name__}: {e}"
+                continue
+            if rc != 0:
+                errors[name] = f"mirror-sampler {' '.join(argv)} exited {rc}"
+        # Written last: its presence says the folder is complete.
+        (folder / "errors.json").write_text(json.dumps(errors), encoding="utf-8")
+    return folder
+
+
+def _config_path(case: Case, folder: Path) -> Path | None:
+    if case.config in INLINE:
+        config = folder / f"manifest-{case.config}.yaml"
+        if not config.exists():
+            config.write_text(INLINE[case.config], encoding="utf-8")
+        return config
+    return None if case.config is None else REPO / case.config
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rendered]:
-    tmp = tmp_path_factory.mktemp("envoyconf")
+    folder = _renderings(tmp_path_factory)
+    errors = json.loads((folder / "errors.json").read_text(encoding="utf-8"))
     out: dict[str, Rendered] = {}
     for name, case in CASES.items():
         r = out[name] = Rendered(case)
-        config: Path | None = None
-        if case.config in INLINE:
-            config = tmp / f"manifest-{case.config}.yaml"
-            config.write_text(INLINE[case.config], encoding="utf-8")
-        elif case.config is not None:
-            config = REPO / case.config
-        target = tmp / f"envoy-{name}.yaml"
-        argv = ["envoy-config", *case.args, *(["--config", str(config)] if config else []), "-o", str(target)]
         try:
-            r.policy = _policy(config, case.env)
-            rc = render_cli(argv, case.env)
+            r.policy = _policy(_config_path(case, folder), case.env)
         except Exception as e:  # reported by the tests that need this rendering
             r.error = f"{type(e).__name__}: {e}"
             continue
-        if rc != 0:
-            r.error = f"mirror-sampler {' '.join(argv)} exited {rc}"
+        if name in errors:
+            r.error = errors[name]
             continue
-        r.path = target
+        r.path = folder / f"envoy-{name}.yaml"
     return out
 
 
