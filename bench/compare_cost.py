@@ -153,10 +153,10 @@ def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[s
     }
 
 
-def measure(stack: Stack, observers: Observers, seconds: float, rate: int) -> dict[str, Any]:
+def measure(stack: Stack, observers: Observers, seconds: float, rate: int, connections: int) -> dict[str, Any]:
     run_wrk(stack.url, min(2, seconds))  # warm-up: connections, caches
     wrk = phase(stack, observers, lambda: run_wrk(stack.url, seconds))
-    hey = phase(stack, observers, lambda: run_hey(stack.url, rate, seconds))
+    hey = phase(stack, observers, lambda: run_hey(stack.url, rate, seconds, connections))
     return {"wrk": wrk, "hey": hey}
 
 
@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=8, help="seconds of each load phase (default 8)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant (default 3)")
     ap.add_argument("--rate", type=int, default=100, help="hey's fixed rate for the latency figures (default 100 req/s)")
+    ap.add_argument(
+        "--hey-connections",
+        type=int,
+        default=HEY_CONNECTIONS,
+        help=f"hey's connections for the latency figures (default {HEY_CONNECTIONS}; -q is per connection, so their requests "
+        "leave together and queue behind each other in Envoy's worker: 1 spaces them evenly)",
+    )
     ap.add_argument("--percent", type=int, default=100, help="share of requests mirrored (default 100: every request is compared)")
     ap.add_argument("--observers", type=int, default=2, help="observer processes per variant (default 2)")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency of the Envoy under test (default 1)")
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
                 stack = start_stack(v, policy, upstream_ports, workdir, args.concurrency)
                 try:
-                    r = measure(stack, observers[v.name], args.duration, args.rate)
+                    r = measure(stack, observers[v.name], args.duration, args.rate, args.hey_connections)
                 finally:
                     stack.stop()
                 runs[v.name].append(r)
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['nproc']} cores ({info['cpu']}), Python {info['python']}; load average (1 min) {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (other work on the machine). Code: {code_state()}.",
         f"{args.percent}% of requests mirrored, every mirror compared; {args.observers} observer(s) per `on` variant on one SQLite file; "
-        f"Envoy --concurrency {args.concurrency}; wrk -t1 -c{WRK_CONNECTIONS} and hey -c{HEY_CONNECTIONS} at {args.rate} req/s, "
+        f"Envoy --concurrency {args.concurrency}; wrk -t1 -c{WRK_CONNECTIONS} and hey -c{args.hey_connections} at {args.rate} req/s, "
         f"{args.duration:g} s each; {args.repeats} repeat(s), rotated order; medians.",
         "",
         *table(summary, args.rate),

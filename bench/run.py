@@ -104,8 +104,9 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def run_hey(url: str, rate: int, seconds: float) -> dict[str, float]:
-    out = subprocess.run([*hey_command(rate, seconds), "-o", "csv", url], capture_output=True, text=True, check=True).stdout
+def run_hey(url: str, rate: int, seconds: float, connections: int = HEY_CONNECTIONS) -> dict[str, float]:
+    command = [*hey_command(rate, seconds, connections), "-o", "csv", url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     lat: list[float] = []
     errors = 0
     for line in out.splitlines()[1:]:
