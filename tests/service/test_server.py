@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -160,13 +159,13 @@ def test_sighup_forces_reload(route_file: Path, transport: str) -> None:
 def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path, transport: str) -> None:
     route_file.write_text(ROUTE.format(percent=100))
     s = Sampler(
-        {"MIRROR_TRANSPORT": transport, "MIRROR_CONFIG": str(route_file), "MIRROR_DRAIN_DELAY": "1.5", "MIRROR_SHUTDOWN_GRACE": "5"}
+        {"MIRROR_TRANSPORT": transport, "MIRROR_CONFIG": str(route_file), "MIRROR_DRAIN_DELAY": "1.5", "MIRROR_SHUTDOWN_GRACE": "60"}
     )
 
     def served(resp: ProcessingResponse) -> bool:
         return bool(resp.request_headers.response.header_mutation.set_headers)
 
-    async def main() -> tuple[int, bool, bool, float]:
+    async def main() -> tuple[int, bool, bool]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") as ch:
             open_stream = ch.stream_stream(PROCESS_METHOD, ProcessingRequest.SerializeToString, ProcessingResponse.FromString)()
             await open_stream.write(request(b"alice"))
@@ -189,16 +188,15 @@ def test_sigterm_drains_open_streams_and_refuses_new_ones(route_file: Path, tran
             still_served = served(await open_stream.read())
             await open_stream.done_writing()
             assert await open_stream.read() == grpc.aio.EOF
-            return health.status, refused, still_served, time.monotonic()
+            return health.status, refused, still_served
 
     try:
-        status, refused, still_served, closed_at = asyncio.run(main())
+        status, refused, still_served = asyncio.run(main())
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert refused
         assert still_served
-        # With its last stream closed the process exits without waiting out the grace.
-        assert s.popen.wait(10) == 0
-        assert time.monotonic() - closed_at < 4
+        # With its last stream closed the process exits without waiting out the grace (60 s).
+        assert s.popen.wait(20) == 0
         assert any('"event": "stopped"' in line for line in s.lines)
     finally:
         s.stop()
