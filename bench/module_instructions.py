@@ -152,15 +152,21 @@ def instructions(row: Row, requests: int, upstream_ports: dict[str, int], workdi
         admin=Address(LOOPBACK, free_port()),
         backends={name: Address(LOOPBACK, p) for name, p in upstream_ports.items()},
     )
-    config = workdir / f"{row.name}.yaml"
-    config.write_text(row.envoy_yaml(policy, topology))
-    log = workdir / f"{row.name}.valgrind.log"
+    return count(row.name, row.envoy_yaml(policy, topology), port, requests, workdir)
+
+
+def count(name: str, config_text: str, port: int, requests: int, workdir: Path) -> float:
+    """Envoy's instructions per request for this configuration (its listener on ``port``),
+    counted over ``requests`` keyed requests after the warm-up."""
+    config = workdir / f"{name}.yaml"
+    config.write_text(config_text)
+    log = workdir / f"{name}.valgrind.log"
     command = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
         f"--log-file={log}",
-        f"--callgrind-out-file={workdir / row.name}.callgrind",
+        f"--callgrind-out-file={workdir / name}.callgrind",
         real_envoy(),
         "-c",
         str(config),

@@ -1,0 +1,225 @@
+"""Envoy's own instructions per compared request (docs/compare.md "Cost"), counted
+by Valgrind (callgrind) as bench/module_instructions.py counts them: a figure that
+does not move with the machine's load, where bench/compare_cost.py's timings do.
+
+    .venv/bin/python bench/compare_instructions.py [--requests 500] [--observers 2] [--output bench/results]
+
+The deciding filter is inline Lua (no sampler process to time or count), one rule
+mirroring 100% of requests, so every counted request is a mirrored one. Variants:
+
+- ``off``: the configuration ``envoy-config --inline`` renders without spec.compare;
+- ``on``: with the capture points (``render_with_capture``), streaming to
+  ``--observers`` observers of this tree (`mirror-sampler compare capture`), which
+  end each stream once its response is complete, as in production;
+- ``on-absent``: the capture points streaming to addresses nobody listens on.
+
+With ``--parts``, where ``on``'s added instructions go, each part taken out of
+the rendered ``on`` configuration (these join nothing; measurements only):
+
+- ``no-primary-capture``: the variant route's capture config removed;
+- ``no-shadow-capture``: the internal listener without the capture filter;
+- ``no-hop``: the copy mirrored straight to the target (no internal listener,
+  so no shadow capture either);
+- ``no-request-headers``: neither stream sends the request-headers message;
+- ``attributes``: the primary's request-headers message replaced by
+  ``response_attributes`` (request.id, .path, .method, .time) sent with the
+  response headers (docs/compare.md "Cost": rejected);
+- ``upstream-capture``: no hop; the shadow's response observed by the capture
+  filter as an upstream HTTP filter of the target's cluster (rejected: see there).
+
+"added" is a variant's instructions per request minus ``off``'s: what Envoy does
+for the comparison of one request (both captures, the shadow's hop). The
+observers are checked to have compared every counted request of ``on``. Writes
+``compare_instructions.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
+from bench.module_instructions import WARM_UP, count  # noqa: E402
+from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
+from extproc.compare.cli import parse_config_text  # noqa: E402
+from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_LISTENER, TARGET_HEADER, render_with_capture  # noqa: E402
+from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side  # noqa: E402
+from extproc.envoy.render import Address, Topology, render  # noqa: E402
+from extproc.stack.observer import ObserverProcess  # noqa: E402
+
+VARIANTS = ("off", "on", "on-absent")
+Config = dict[str, Any]
+
+
+def _manager(config: Config, listener: str) -> Config:
+    (entry,) = (e for e in config["staticResources"]["listeners"] if e["name"] == listener)
+    manager: Config = entry["filterChains"][0]["filters"][0]["typedConfig"]
+    return manager
+
+
+def _capture_filter(manager: Config) -> Config:
+    found: Config = next(f for f in manager["httpFilters"] if f["name"] == CAPTURE_FILTER)
+    return found
+
+
+def _variant_route(config: Config) -> Config:
+    routes = _manager(config, "ingress")["routeConfig"]["virtualHosts"][0]["routes"]
+    found: Config = next(r for r in routes if " mirror " in r["name"])
+    return found
+
+
+def no_primary_capture(config: Config) -> Config:
+    del _variant_route(config)["typedPerFilterConfig"][CAPTURE_FILTER]
+    return config
+
+
+def no_shadow_capture(config: Config) -> Config:
+    manager = _manager(config, CAPTURE_LISTENER)
+    manager["httpFilters"].remove(_capture_filter(manager))
+    return config
+
+
+def no_hop(config: Config) -> Config:
+    for policy in _variant_route(config)["route"]["requestMirrorPolicies"]:
+        policy["cluster"] = MIRROR
+        policy["requestHeadersMutations"] = [m for m in policy["requestHeadersMutations"] if m["append"]["header"]["key"] != TARGET_HEADER]
+    return config
+
+
+def _primary_mode(config: Config) -> Config:
+    mode: Config = _variant_route(config)["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]["processingMode"]
+    return mode
+
+
+def no_request_headers(config: Config) -> Config:
+    _primary_mode(config)["requestHeaderMode"] = "SKIP"
+    _capture_filter(_manager(config, CAPTURE_LISTENER))["typedConfig"]["processingMode"]["requestHeaderMode"] = "SKIP"
+    return config
+
+
+def attributes(config: Config) -> Config:
+    _primary_mode(config)["requestHeaderMode"] = "SKIP"
+    wanted = ["request.id", "request.path", "request.method", "request.time"]
+    _capture_filter(_manager(config, "ingress"))["typedConfig"]["responseAttributes"] = wanted
+    return config
+
+
+def upstream_capture(config: Config) -> Config:
+    shadow = copy.deepcopy(_capture_filter(_manager(config, CAPTURE_LISTENER)))
+    no_hop(config)
+    tag = CaptureTag(Side.SHADOW, "simple", (MIRROR,)).encode()
+    shadow["typedConfig"]["grpcService"]["initialMetadata"] = [{"key": CAPTURE_METADATA, "value": tag}]
+    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
+    options = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicitHttpConfig": {"httpProtocolOptions": {}},
+        "httpFilters": [shadow, {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec}],
+    }
+    (target,) = (c for c in config["staticResources"]["clusters"] if c["name"] == MIRROR)
+    target["typedExtensionProtocolOptions"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
+    return config
+
+
+PARTS: dict[str, Callable[[Config], Config]] = {
+    "no-primary-capture": no_primary_capture,
+    "no-shadow-capture": no_shadow_capture,
+    "no-hop": no_hop,
+    "no-request-headers": no_request_headers,
+    "attributes": attributes,
+    "upstream-capture": upstream_capture,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=500, help="requests counted per variant (default 500)")
+    ap.add_argument("--observers", type=int, default=2, help="observer processes of the `on` variant (default 2)")
+    ap.add_argument("--parts", action="store_true", help="also the parts of `on` and the candidates (see above)")
+    ap.add_argument("--output", type=Path, default=RESULTS, help="directory for compare_instructions.{md,json}")
+    args = ap.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("bench: needs valgrind on PATH (`sudo apt-get install -y valgrind`, a Debian/Ubuntu package)")
+    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-instructions-"))
+    settings = workdir / "compare.yaml"
+    settings.write_text(COMPARE_YAML)
+    compare = parse_config_text(COMPARE_YAML, str(settings))
+    policy = bench_policy(100)
+    (workdir / "on").mkdir()
+    started = [
+        ObserverProcess(str(settings), workdir / "on" / "compare.db", routes=None, log_path=workdir / f"observer-{i}.log")
+        for i in range(args.observers)
+    ]
+    observers = Observers(started, [Address(LOOPBACK, o.port) for o in started])
+    # Ports bound and released at once: nobody listens there.
+    absent = [Address(LOOPBACK, free_port()) for _ in range(args.observers)]
+    upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
+    upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
+    measured: dict[str, float] = {}
+    compared = 0
+    try:
+        for name in VARIANTS + (tuple(PARTS) if args.parts else ()):
+            port = free_port()
+            topology = Topology(
+                listener=Address(LOOPBACK, port),
+                admin=Address(LOOPBACK, free_port()),
+                backends={n: Address(LOOPBACK, p) for n, p in upstream_ports.items()},
+                inline=True,
+            )
+            if name == "off":
+                config = render(policy, topology)
+            elif name in PARTS:
+                config = yaml.safe_dump(PARTS[name](yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
+            else:
+                config = render_with_capture(policy, topology, compare, observers.addresses if name == "on" else absent)
+            before = observers.compared()
+            measured[name] = count(name, config, port, args.requests, workdir)
+            if name == "on":
+                compared = observers.settled() - before
+            print(f"  {name:<10} {measured[name]:10.0f} instructions/request", flush=True)
+    finally:
+        upstream.stop()
+        observers.stop()
+    # The warm-up's requests are compared too; the counted ones must all have been.
+    expected = args.requests + WARM_UP
+    if compared < expected:
+        sys.exit(f"bench: the observers compared {compared} of {expected} mirrored requests (logs in {workdir})")
+    off = measured["off"]
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = " --parts" if args.parts else ""
+    lines = [
+        f"# Envoy instructions per compared request ({stamp})",
+        "",
+        f"`python bench/compare_instructions.py --requests {args.requests} --observers {args.observers}{parts}`: Envoy `--concurrency 1` "
+        f"under callgrind, inline Lua deciding, 100% mirrored, {args.requests} keyed requests on one connection after {WARM_UP} "
+        "warm-up ones; user-space instructions of every Envoy thread. `added`: minus `off`.",
+        "",
+        "| variant | instructions/request | added over off | added, % of off |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {v:.0f} | {v - off:+.0f} | {100 * (v - off) / off:+.1f}% |" for n, v in measured.items()]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    print(f"logs and callgrind profiles in {workdir}")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "compare_instructions.md").write_text(text)
+    document = {"requests": args.requests, "observers": args.observers, "instructions": measured, "compared": compared}
+    (args.output / "compare_instructions.json").write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
