@@ -57,19 +57,31 @@ STATS_TAGS = (
 )
 
 
-def tag_safe(rule_id: str, cluster: str) -> bool:
-    """Whether STATS_TAGS read (rule_id, cluster) back from the counter's name: the
-    rule's tag ends at the first ".target.", the target's at the last ".outcome."."""
-    return ".target." not in rule_id and ".outcome." not in cluster
+# The module refuses a filter config listing more (MS_MAX_COUNTED, extproc/module/decision.h).
+MAX_COUNTED = 4096
+
+
+def tag_safe(rule_id: str) -> bool:
+    """Whether STATS_TAGS read the rule's and its targets' labels back from the counter's name
+    "...rule.<rule_id>.target.<cluster>.outcome.<o>": the rule's tag ends at the first
+    ".target." after it, which must be the separator (a rule id ending in ".target"
+    would end it early); the target's tag ends at the last ".outcome.", always the
+    separator (outcomes hold no dot), so any cluster name reads back."""
+    return ".target." not in rule_id + "."
 
 
 def counted(policy: Policy) -> list[dict[str, Any]]:
-    """The (rule, cluster) pairs whose counters the filter defines up front."""
-    pairs = []
+    """The (rule, cluster) pairs whose counters the filter defines up front: the first
+    MAX_COUNTED, in rule order; the others keep the labelled counter."""
+    pairs: list[dict[str, Any]] = []
+    room = MAX_COUNTED
     for rule in policy.rules:
-        clusters = list(dict.fromkeys(t.backend for t in rule.mirrors if tag_safe(rule.id, t.backend)))
+        if not tag_safe(rule.id):
+            continue
+        clusters = list(dict.fromkeys(t.backend for t in rule.mirrors))[:room]
         if clusters:
             pairs.append({"rule": rule.id, "clusters": clusters})
+            room -= len(clusters)
     return pairs
 
 

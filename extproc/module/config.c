@@ -96,17 +96,17 @@ void ms_filter_free(ms_filter *f) {
   free(f);
 }
 
-/* The hash of rule + NUL + cluster (neither may hold a NUL: text() refuses it). */
+/* The hash of rule + NUL + cluster (neither may hold a NUL: text() refuses it). The
+ * parsers bound both (rule.rule 1024 bytes, a cluster 256), so it never allocates: a
+ * route's target always hashes as its listed pair did. */
 uint64_t ms_stat_hash(const ms_bytes *rule, const ms_bytes *cluster) {
+  char joined[MS_MAX_RULE_ID + 1 + MS_MAX_CLUSTER];
   size_t len = rule->len + 1 + cluster->len;
-  char small[512], *joined = len <= sizeof small ? small : malloc(len);
-  if (!joined) return 0; /* only a slower probe: the lookup compares the names */
+  if (rule->len > MS_MAX_RULE_ID || cluster->len > MS_MAX_CLUSTER) return 0; /* not parsed here: never counted */
   memcpy(joined, rule->ptr, rule->len);
   joined[rule->len] = 0;
   memcpy(joined + rule->len + 1, cluster->ptr, cluster->len);
-  uint64_t h = ms_murmur3_h1((const uint8_t *)joined, len);
-  if (joined != small) free(joined);
-  return h;
+  return ms_murmur3_h1((const uint8_t *)joined, len);
 }
 
 static bool same(const ms_bytes *a, const ms_bytes *b) { return a->len == b->len && !memcmp(a->ptr, b->ptr, a->len); }
@@ -147,10 +147,10 @@ static void parse_counted(const jnode *list, ms_filter *f, problem *pr) {
     for (size_t j = 0; !pr->failed && j < clusters->count; j++) {
       ms_counted *c = &f->counted[f->ncounted];
       snprintf(field, sizeof field, "filter.counted[%zu].rule", i);
-      if (!text(member(entry, "rule"), field, 1024, &c->rule, pr)) return;
+      if (!text(member(entry, "rule"), field, MS_MAX_RULE_ID, &c->rule, pr)) return;
       f->ncounted++;
       snprintf(field, sizeof field, "filter.counted[%zu].clusters[%zu]", i, j);
-      if (!text(&clusters->items[j], field, 256, &c->cluster, pr)) return;
+      if (!text(&clusters->items[j], field, MS_MAX_CLUSTER, &c->cluster, pr)) return;
       c->hash = ms_stat_hash(&c->rule, &c->cluster);
       ms_target probe = {.cluster = c->cluster, .stat_hash = c->hash};
       if (ms_counted_find(f, &c->rule, &probe) >= 0) { refuse(pr, field, "repeated (rule, cluster) pair"); return; }
@@ -284,7 +284,7 @@ static void parse_targets(const jnode *targets, ms_rule *r, ms_bucket_lookup buc
     snprintf(field, sizeof field, "rule.targets[%zu].slot", i);
     if (!header_name(member(tn, "slot"), field, &t->slot, pr)) return;
     snprintf(field, sizeof field, "rule.targets[%zu].cluster", i);
-    if (!text(member(tn, "cluster"), field, 256, &t->cluster, pr)) return;
+    if (!text(member(tn, "cluster"), field, MS_MAX_CLUSTER, &t->cluster, pr)) return;
     t->stat_hash = ms_stat_hash(&r->id, &t->cluster);
     snprintf(field, sizeof field, "rule.targets[%zu].salt_hex", i);
     if (!salt_prefix(member(tn, "salt_hex"), field, &t->prefix, pr)) return;
@@ -308,7 +308,7 @@ static ms_rule *rule_from(const jnode *root, ms_bucket_lookup buckets, problem *
   if (!r) { refuse(pr, "rule", "out of memory"); return NULL; }
   r->own_buckets = buckets == NULL;
   char field[64];
-  if (check_keys(root, "rule", RULE_KEYS, 6, 6, pr) && text(member(root, "rule"), "rule.rule", 1024, &r->id, pr)) {
+  if (check_keys(root, "rule", RULE_KEYS, 6, 6, pr) && text(member(root, "rule"), "rule.rule", MS_MAX_RULE_ID, &r->id, pr)) {
     const jnode *enabled = member(root, "enabled"), *methods = member(root, "methods"), *cap = member(root, "max_mirrors_per_second");
     if (enabled->type != J_BOOL) refuse(pr, "rule.enabled", "expected true or false");
     else r->enabled = enabled->boolean;

@@ -13,6 +13,8 @@
 #define MS_MAX_CHAIN 16
 #define MS_MAX_METHODS 16
 #define MS_MAX_RESERVED (MS_MAX_TARGETS + 1)
+#define MS_MAX_RULE_ID 1024 /* bytes of a rule id */
+#define MS_MAX_CLUSTER 256  /* bytes of a cluster name */
 
 typedef struct {
   char *ptr;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,9 +55,9 @@ def test_rule_settings_carry_the_decision() -> None:
 
 
 def test_counted_pairs_are_those_the_stats_tags_read_back() -> None:
-    """A rule id holding ".target." or a cluster holding ".outcome." would be cut at the
-    wrong place by STATS_TAGS: those keep the labelled counter. Two targets on one cluster
-    share its counters (the labels are the same)."""
+    """A rule id holding ".target." or ending in ".target" would be cut at the wrong
+    place by STATS_TAGS: those keep the labelled counter; any cluster name reads back.
+    Two targets on one cluster share its counters (the labels are the same)."""
     targets = (
         MirrorTarget("a", Fraction(35), 0),
         MirrorTarget("a", Fraction(5), 1, salt=b"x"),
@@ -65,20 +66,45 @@ def test_counted_pairs_are_those_the_stats_tags_read_back() -> None:
     rules = (
         Rule("ns/r/0", (Match(),), targets, (BackendRef("web"),)),
         Rule("ns/r.target.v2/0", (Match(),), targets[:1], (BackendRef("web"),)),
+        Rule("ns/r.target", (Match(),), targets[:1], (BackendRef("web"),)),
         Rule("ns/plain/0", (Match(),), (), (BackendRef("web"),)),
     )
     policy = Policy((Route("ns", "r", (), rules),), parse_key_chain("header:x-user"), slot_headers=SlotHeaders(count=3))
-    assert module.counted(policy) == [{"rule": "ns/r/0", "clusters": ["a"]}]
+    assert module.counted(policy) == [{"rule": "ns/r/0", "clusters": ["a", "x.outcome.y"]}]
+
+
+def test_counted_pairs_stop_at_the_modules_limit() -> None:
+    """Past MAX_COUNTED pairs (the module refuses a longer list), rules keep the
+    labelled counter instead of making Envoy refuse the configuration."""
+    targets = tuple(MirrorTarget(f"t{i}", Fraction(5), i) for i in range(3))
+    rules = tuple(Rule(f"ns/r/{i}", (Match(),), targets, (BackendRef("web"),)) for i in range(module.MAX_COUNTED // 3 + 2))
+    policy = Policy((Route("ns", "r", (), rules),), parse_key_chain("header:x-user"), slot_headers=SlotHeaders(count=3))
+    pairs = module.counted(policy)
+    assert sum(len(p["clusters"]) for p in pairs) == module.MAX_COUNTED
+    assert pairs[-1] == {"rule": f"ns/r/{module.MAX_COUNTED // 3}", "clusters": ["t0"]}
+
+
+def test_the_limit_is_the_modules() -> None:
+    header = (Path(module.__file__).parents[1] / "module" / "decision.h").read_text()
+    assert f"#define MS_MAX_COUNTED {module.MAX_COUNTED}\n" in header
 
 
 @pytest.mark.parametrize(
     ("rule_id", "cluster"),
-    [("ns/r/0", "shadow"), ("a.b/c.d/1", "svc.ns.svc.cluster.local"), ("x.outcome.y", "t.target.u"), ("r", "c.outcome")],
+    [
+        ("ns/r/0", "shadow"),
+        ("a.b/c.d/1", "svc.ns.svc.cluster.local"),
+        ("x.outcome.y", "t.target.u"),
+        ("r", "c.outcome"),
+        ("target.x", "a.outcome.b"),
+        ("r.", "c.outcome.mirrored"),
+        (".rule.x", ".target."),
+    ],
 )
 def test_stats_tags_read_the_labels_back_from_the_counter_name(rule_id: str, cluster: str) -> None:
     """What Envoy's tag extraction does with STATS_TAGS (the first group is cut from the
     name, the second is the value), on the name the module gives a counted counter."""
-    assert module.tag_safe(rule_id, cluster)
+    assert module.tag_safe(rule_id)
     for outcome in ("mirrored", "no_key"):
         name = f"dynamicmodulescustom.mirror_sampler_decisions.rule.{rule_id}.target.{cluster}.outcome.{outcome}"
         tags, cut = {}, []
@@ -90,6 +116,14 @@ def test_stats_tags_read_the_labels_back_from_the_counter_name(rule_id: str, clu
         assert tags == {"rule": rule_id, "target": cluster, "outcome": outcome}
         rest = "".join(c for i, c in enumerate(name) if not any(a <= i < b for a, b in cut))
         assert rest == "dynamicmodulescustom.mirror_sampler_decisions"
+
+
+@pytest.mark.parametrize("rule_id", ["ns/r.target.v2/0", "x.target", "a.target.target"])
+def test_rule_ids_the_tags_would_cut_wrongly_are_not_tag_safe(rule_id: str) -> None:
+    name = f"dynamicmodulescustom.mirror_sampler_decisions.rule.{rule_id}.target.c.outcome.mirrored"
+    found = re.search(dict(module.STATS_TAGS)["rule"], name)
+    assert found is not None and found.group(2) != rule_id
+    assert not module.tag_safe(rule_id)
 
 
 def per_route_filters(config: Any) -> list[dict[str, Any]]:
