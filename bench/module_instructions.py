@@ -47,10 +47,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
-from bench.variants import inline_yaml, native_yaml  # noqa: E402
+from bench.variants import Keys, hcm_configs, inline_yaml, native_yaml  # noqa: E402
 from extproc.core.plan import Plan  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
-from extproc.envoy.module import render_module  # noqa: E402
+from extproc.envoy.module import MODULE_FILTER, render_module  # noqa: E402
 from extproc.envoy.render import Address, Topology  # noqa: E402
 from extproc.module.support import module_for  # noqa: E402
 from extproc.stack.envoy import envoy_binary  # noqa: E402
@@ -90,9 +90,12 @@ def module_rendered(policy: Policy, topology: Topology) -> str:
 
 def module_labelled(policy: Policy, topology: Topology) -> str:
     config = yaml.safe_load(module_rendered(policy, topology))
-    manager = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
-    settings = manager["httpFilters"][0]["typedConfig"]["filterConfig"]
-    settings["value"] = json.dumps({**json.loads(settings["value"]), "counted": []})
+    k = Keys(config)
+    for manager in hcm_configs(config, k):
+        for http_filter in manager[k("http_filters")]:
+            if http_filter["name"] == MODULE_FILTER:
+                settings = http_filter[k("typed_config")][k("filter_config")]
+                settings["value"] = json.dumps({**json.loads(settings["value"]), "counted": []})
     return yaml.safe_dump(config)
 
 

@@ -292,7 +292,7 @@ static void parse_targets(const jnode *targets, ms_rule *r, ms_bucket_lookup buc
     if (!threshold(member(tn, "threshold"), field, t, pr)) return;
     t->hash_of = (int)i;
     for (int j = 0; j < (int)i; j++)
-      if (r->targets[j].prefix.len == t->prefix.len && !memcmp(r->targets[j].prefix.ptr, t->prefix.ptr, t->prefix.len)) {
+      if (same(&r->targets[j].prefix, &t->prefix)) {
         t->hash_of = j;
         break;
       }

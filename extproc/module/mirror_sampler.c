@@ -164,17 +164,16 @@ static bool define_counted(void *config_envoy, filter_config *config) {
   const ms_filter *f = config->headers;
   config->counted = calloc(f->ncounted ? f->ncounted * MS_OUTCOMES : 1, sizeof *config->counted);
   if (!config->counted) return false;
-  size_t cap = 2048;
-  char *name = malloc(cap);
-  bool ok = name != NULL;
+  /* The parsers bound rule ids and clusters; 64 bytes hold the rest of the name. */
+  char name[MS_MAX_RULE_ID + MS_MAX_CLUSTER + 64];
+  bool ok = true;
   for (size_t i = 0; ok && i < f->ncounted; i++)
     for (int o = 0; ok && o < MS_OUTCOMES; o++) {
       const ms_counted *c = &f->counted[i];
-      int n = snprintf(name, cap, "mirror_sampler_decisions.rule.%.*s.target.%.*s.outcome.%s", (int)c->rule.len, c->rule.ptr,
+      int n = snprintf(name, sizeof name, "mirror_sampler_decisions.rule.%.*s.target.%.*s.outcome.%s", (int)c->rule.len, c->rule.ptr,
                        (int)c->cluster.len, c->cluster.ptr, ms_outcome_names[o]);
-      ok = n > 0 && (size_t)n < cap && define_counter(config_envoy, name, NULL, 0, &config->counted[i * MS_OUTCOMES + o]);
+      ok = n > 0 && (size_t)n < sizeof name && define_counter(config_envoy, name, NULL, 0, &config->counted[i * MS_OUTCOMES + o]);
     }
-  free(name);
   return ok;
 }
 
