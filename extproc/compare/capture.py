@@ -38,6 +38,8 @@ from .store import CompareStore
 
 log = structlog.get_logger("mirror_sampler.compare")
 QUEUE_BOUND = 10_000
+# And in bytes: 10,000 captures of a 64 KiB body would be 640 MiB.
+QUEUE_BYTES = 64 * 2**20
 SWEEP_EVERY_S = 1.0
 # Captures that arrive within this long of a batch's first are stored in its
 # transaction: one SQLite transaction per batch, not per capture (a request's
@@ -59,12 +61,15 @@ def _headers(message: HttpHeaders) -> list[tuple[str, str]]:
 
 @dataclass
 class Writer:
-    """One thread that stores captures and sweeps; fed by a bounded queue."""
+    """One thread that stores captures and sweeps; fed by a queue bounded in
+    captures and in bytes (a capture larger than the byte bound still goes
+    into an empty queue: the bound is ``byte_bound`` plus one body)."""
 
     store_factory: Callable[[], CompareStore]
     metrics: CompareMetrics
     clock: Callable[[], float] = time.time
     bound: int = QUEUE_BOUND
+    byte_bound: int = QUEUE_BYTES
     window: float = BATCH_WINDOW_S
     # Replaced by a live edit; the writer's store judges with it from its next batch.
     config: CompareConfig | None = None
@@ -72,15 +77,25 @@ class Writer:
     def __post_init__(self) -> None:
         self.queue: queue.Queue[Capture | None] = queue.Queue(maxsize=self.bound)
         self.thread = threading.Thread(target=self._run, name="compare-writer", daemon=True)
+        # Bytes offered and not yet taken by the writer (the event loop adds, the writer subtracts).
+        self.queued_bytes = 0
+        self._bytes_lock = threading.Lock()
 
     def start(self) -> None:
         self.thread.start()
 
     def offer(self, capture: Capture) -> None:
-        try:
-            self.queue.put_nowait(capture)
-        except queue.Full:
-            self.metrics.dropped("queue_full")
+        weight = capture.weight
+        with self._bytes_lock:
+            if self.queued_bytes and self.queued_bytes + weight > self.byte_bound:
+                self.metrics.dropped("queue_full")
+                return
+            try:
+                self.queue.put_nowait(capture)
+            except queue.Full:
+                self.metrics.dropped("queue_full")
+                return
+            self.queued_bytes += weight
 
     def stop(self) -> None:
         self.queue.put(None)
@@ -120,6 +135,8 @@ class Writer:
             while True:
                 if item is None:
                     return batch, True
+                with self._bytes_lock:
+                    self.queued_bytes -= item.weight
                 batch.append(item)
                 if len(batch) >= BATCH_MAX:
                     return batch, False

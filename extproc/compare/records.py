@@ -26,6 +26,8 @@ MIN_SECRET_LENGTH: Final = 6
 # The router adds it to every response that came from an upstream; a response
 # Envoy made itself (no healthy host, connect failure, timeout) lacks it.
 UPSTREAM_TIME_HEADER: Final = "x-envoy-upstream-service-time"
+# A capture's fixed cost in memory (the object, its tuples and strings' headers), in bytes.
+CAPTURE_OVERHEAD: Final = 512
 
 
 class Side(StrEnum):
@@ -96,6 +98,12 @@ class Capture:
     def target(self) -> str:
         """The shadow's target ("" for the primary)."""
         return self.targets[0] if self.side is Side.SHADOW else ""
+
+    @property
+    def weight(self) -> int:
+        """About the bytes this capture holds (what a queue of them is bounded by)."""
+        texts = len(self.request_id) + len(self.rule) + len(self.method) + len(self.path) + sum(map(len, self.targets))
+        return CAPTURE_OVERHEAD + len(self.body) + texts + sum(len(k) + len(v) for k, v in self.headers)
 
 
 @dataclass(slots=True)

@@ -184,3 +184,45 @@ def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path)
     release.set()
     writer.stop()
     assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped
+
+
+def test_a_writer_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
+    import threading
+
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    release = threading.Event()
+
+    class SlowStore(CompareStore):
+        def add(self, captures: Sequence[Capture]) -> list[Comparison]:
+            release.wait(30)
+            return super().add(captures)
+
+    metrics = CompareMetrics()
+    body = b"x" * (100 * 1024)
+    writer = Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, byte_bound=2**20)
+    writer.start()
+    for i in range(50):
+        writer.offer(capture(f"r{i}", Side.PRIMARY, body=body))  # never blocks
+    assert writer.queued_bytes <= 2**20
+    dropped = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
+    # Ten 100 KiB captures fit in 1 MiB, plus the one the writer may already hold: far below the count bound.
+    assert dropped is not None and 50 - 10 - 1 <= dropped <= 50 - 10
+    release.set()
+    writer.stop()
+    assert writer.queued_bytes == 0, "every capture taken gives its bytes back"
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped
+
+
+def test_a_capture_larger_than_the_byte_bound_still_enters_an_empty_queue(tmp_path: Path) -> None:
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    metrics = CompareMetrics()
+    writer = Writer(lambda: CompareStore(tmp_path / "c.db", CONFIG), metrics, byte_bound=1024)  # not started: nothing is taken
+    big = capture("big", Side.PRIMARY, body=b"x" * 4096)
+    writer.offer(big)
+    writer.offer(capture("small", Side.PRIMARY))
+    assert writer.queued_bytes == big.weight > 4096
+    assert metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"}) == 1
