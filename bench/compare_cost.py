@@ -2,7 +2,7 @@
 "Cost"): the same stack with the comparison off and on, alternating in one run.
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
-        [--observers 2] [--baseline COMMIT ...] [--no-absent]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -16,7 +16,13 @@ that every request measured is a mirrored one):
 - ``on-COMMIT`` (``--baseline``): the same with the observers of that commit
   (``git archive``d, run from there with this Python environment);
 - ``on-absent``: the capture points streaming to addresses nobody listens
-  on: a comparison that is down must not slow the primary.
+  on: a comparison that is down must not slow the primary;
+- ``on-apart`` (``--apart``): ``on`` with the shadow's capture point moved out
+  of the Envoy under test into a second Envoy (``--concurrency 1``) on a
+  loopback port: the design alternative that takes the copy's pass and its
+  capture stream off the primary's worker (docs/compare.md, "Capture"). Its
+  observers are its own; the second Envoy's CPU is not in the Envoy column,
+  and its mirrors are counted there, not in ``compared / mirrored``.
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -48,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from bench.compare_http2 import export  # noqa: E402
@@ -56,6 +63,7 @@ from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
 from bench.testbed import (  # noqa: E402
     EXT_PROC_STATS,
     HEY_CONNECTIONS,
+    LOOPBACK,
     MIRROR,
     PRIMARY,
     RESULTS,
@@ -69,8 +77,9 @@ from bench.testbed import (  # noqa: E402
     start_stack,
     upstream_yaml,
 )
+from bench.variants import Keys  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
-from extproc.compare.envoy import render_with_capture  # noqa: E402
+from extproc.compare.envoy import CAPTURE_LISTENER, CAPTURE_SHADOW_CLUSTER, render_with_capture  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
 from extproc.envoy.render import Address, Topology, render  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
@@ -126,6 +135,31 @@ class Observers:
     def stop(self) -> None:
         for o in self.processes:
             o.stop()
+
+
+def apart(rendered: str, capture_port: int) -> tuple[str, str]:
+    """``render_with_capture``'s configuration split in two: the Envoy under test
+    without the shadow capture listener, its shadow cluster pointing at
+    ``capture_port``; and a second Envoy serving that listener there, with the
+    clusters it routes to (the targets, the observers)."""
+    config: dict[str, Any] = yaml.safe_load(rendered)
+    k = Keys(config)
+    resources = config[k("static_resources")]
+    (listener,) = [entry for entry in resources["listeners"] if entry["name"] == CAPTURE_LISTENER]
+    resources["listeners"].remove(listener)
+    listener.pop(k("internal_listener"))
+    listener["address"] = {k("socket_address"): {"address": LOOPBACK, k("port_value"): capture_port}}
+    (shadow,) = [c for c in resources["clusters"] if c["name"] == CAPTURE_SHADOW_CLUSTER]
+    endpoint = shadow[k("load_assignment")]["endpoints"][0][k("lb_endpoints")][0]["endpoint"]
+    endpoint["address"] = {k("socket_address"): {"address": LOOPBACK, k("port_value"): capture_port}}
+    capture = {
+        k("static_resources"): {
+            "listeners": [listener],
+            "clusters": [c for c in resources["clusters"] if c["name"] != CAPTURE_SHADOW_CLUSTER],
+        },
+        "admin": {"address": {k("socket_address"): {"address": LOOPBACK, k("port_value"): 0}}},
+    }
+    return yaml.safe_dump(config, sort_keys=False), yaml.safe_dump(capture, sort_keys=False)
 
 
 def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:
@@ -223,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency of the Envoy under test (default 1)")
     ap.add_argument("--baseline", action="append", default=[], help="also the observers of this commit (repeatable)")
     ap.add_argument("--no-absent", action="store_true", help="skip the on-absent variant")
+    ap.add_argument("--apart", action="store_true", help="also on-apart: the shadow's capture point in a second Envoy")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
     check_tools()
@@ -234,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.write_text(COMPARE_YAML)
     compare = parse_config_text(COMPARE_YAML, str(settings))
     trees: dict[str, Path] = {"on": REPO, **{f"on-{c}": export(c, workdir) for c in args.baseline}}
+    if args.apart:
+        trees["on-apart"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
     try:
         for name, tree in trees.items():
@@ -253,15 +290,25 @@ def main(argv: list[str] | None = None) -> int:
             o.stop()
         raise
 
+    capture_port = free_port()
+
     def renderer(name: str) -> Callable[[Policy, Topology], str]:
         if name == "off":
             return render
         addresses = observers[name].addresses
+        if name == "on-apart":
+            return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]
         return lambda p, topology: render_with_capture(p, topology, compare, addresses)
 
     variants = [Variant(name, renderer(name), processor="sampler", percent=args.percent) for name in observers]
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
+    second = []
+    if args.apart:
+        # The second Envoy's half depends only on the observers and the upstreams: one for the whole run.
+        topology = Topology(backends={n: Address(LOOPBACK, p) for n, p in upstream_ports.items()})
+        rendered = render_with_capture(policy, topology, compare, observers["on-apart"].addresses)
+        second.append(start_envoy("capture", apart(rendered, capture_port)[1], workdir, 1))
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         for rep in range(args.repeats):
@@ -283,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         upstream.stop()
+        for envoy in second:
+            envoy.stop()
         for o in observers.values():
             o.stop()
     summary = summarise(runs)
