@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import __version__
 from .config.addresses import split_peer_address
 from .config.errors import ConfigError
-from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers
+from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers, parse_inline
 from .module.build import DEFAULT_BUILDER_IMAGE
 from .server import logs
 
@@ -250,13 +250,13 @@ def up_environ(args: argparse.Namespace) -> dict[str, str]:
     return environ
 
 
-def _option(name: str, given: str | None) -> Any:
+def _option(name: str, given: str | None, parse: Callable[[str], Any] | None = None) -> Any:
     """One option of the table, from its flag, its variable or its default,
-    validated as everywhere else (convert needs no mirror configured)."""
+    validated as everywhere else (convert needs no mirror configured), or by ``parse``."""
     opt = next(o for o in OPTIONS if o.name == name)
     raw = given if given is not None else os.environ.get(opt.env) or opt.default
     try:
-        return opt.parse(raw)
+        return (parse or opt.parse)(raw)
     except ValueError as e:
         raise ConfigError([f"{opt.flag if given is not None else opt.env}: {e}"]) from None
 
@@ -270,7 +270,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "slot_headers": load_slot_headers(os.environ, slot_flags),
         "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
     }
-    engine = _convert_engine(args.source, _option("inline", args.opt_inline))
+    engine = _convert_engine(args.source, args.opt_inline)
     try:
         if args.source == "envoy":
             from .convert.envoy import convert_envoy
@@ -285,6 +285,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             conversion = convert_envoy(
                 paths,
                 module_path=module_path,
+                lua=engine == "lua",
                 decision_environ=os.environ,
                 sampler=args.sampler,
                 sampler_ca=envoy.sampler_ca,
@@ -322,8 +323,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_engine(source: str, engine: str) -> str:
-    """The engine `convert SOURCE` writes for: "" (the ext_proc sampler) or one it supports."""
+def _convert_engine(source: str, given: str | None) -> str:
+    """The engine `convert SOURCE` writes for: "" (the ext_proc sampler), "lua" (envoy
+    only) or "module". On (``--inline`` alone) is Lua where Lua is offered, as for up and
+    envoy-config, and the module where it is the only engine in Envoy's process."""
+    if source == "envoy":
+        return str(_option("inline", given))
+    engine = str(_option("inline", given, lambda raw: parse_inline(raw, default="module")))
     if engine == "lua":
         raise ConfigError([f"--inline lua (or MIRROR_INLINE): convert {source} writes the ext_proc sampler or --inline module, not Lua"])
     return engine
@@ -419,9 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--inline",
         dest="opt_inline",
         nargs="?",
-        const="module",
+        const="on",
         metavar="ENGINE",
-        help="module: Envoy decides with the dynamic module, no sampler deployed (envoy, envoy-gateway, istio 1.31+) "
+        help="Envoy decides itself, no sampler deployed: module (the dynamic module: envoy, envoy-gateway, istio 1.31+) or "
+        "lua (generated Lua: envoy); alone, lua for envoy and module for the others "
         f"[{inline.env}, default: the ext_proc sampler]",
     )
     group = convert.add_argument_group("envoy")

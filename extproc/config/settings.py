@@ -126,15 +126,16 @@ INLINE_ENGINES = ("lua", "module")
 DEFAULT_INLINE = "lua"
 
 
-def parse_inline(value: str) -> str:
-    """ "" (off: the ext_proc sampler decides), "lua" or "module"; on means the default engine."""
+def parse_inline(value: str, default: str = DEFAULT_INLINE) -> str:
+    """ "" (off: the ext_proc sampler decides), "lua" or "module"; on means ``default``
+    (Lua, except where it is not offered: `convert envoy-gateway` and `convert istio`)."""
     v = value.strip().lower()
     if v in INLINE_ENGINES:
         return v
     try:
-        return DEFAULT_INLINE if parse_switch(v) else ""
+        return default if parse_switch(v) else ""
     except ValueError:
-        raise ValueError(f"must be off, on (= {DEFAULT_INLINE}), {' or '.join(INLINE_ENGINES)}; got {value!r}") from None
+        raise ValueError(f"must be off, on (= {default}), {' or '.join(INLINE_ENGINES)}; got {value!r}") from None
 
 
 SAMPLER = "sampler"  # serve, check-config, explain, envoy-config, up

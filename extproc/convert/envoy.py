@@ -37,11 +37,12 @@ from ..config.build import build_policy
 from ..config.manifest_yaml import yaml_problem
 from ..config.settings import Settings, slot_environment
 from ..core.slots import DEFAULT_SLOT_HEADERS, SlotHeaders
+from ..envoy import lua as scripts
 from ..envoy import module, render
 from . import Conversion, ConvertError
 from .envoy_data import Source, camel_style, value_of
 from .envoy_policy import policy_text
-from .envoy_routes import SAMPLER_FILTER
+from .envoy_routes import SAMPLER_FILTER, ours_of
 from .envoy_walk import ENVOY_FILE, POLICY_FILE, Converter, Options
 
 ENVOY_HEADER = """\
@@ -57,24 +58,35 @@ MODULE_HEADER = """\
 # fractions are in each route's mirror-sampler.module config). After changing your own
 # configuration, or to change a fraction, convert the original again.
 """
-# What the module's rules take from the environment, as the sampler would (docs/module.md).
+LUA_HEADER = """\
+# Converted by `mirror-sampler convert envoy --inline lua`: routes that mirrored with
+# runtime_fraction now mirror what each rule's generated Lua script decides in Envoy (the
+# fractions are in the scripts). After changing your own configuration, or to change a
+# fraction, convert the original again.
+"""
+# What the in-Envoy rules take from the environment, as the sampler would (docs/module.md).
 DECISION_VARIABLES = ("MIRROR_KEY", "MIRROR_SALT")
 
 
-def _give_rules_to_the_module(
-    converter: Converter, policy: str, slot_headers: SlotHeaders, module_path: str, environ: Mapping[str, str]
+def _give_rules_to_envoy(
+    converter: Converter, policy: str, slot_headers: SlotHeaders, module_path: str | None, environ: Mapping[str, str]
 ) -> None:
     """Each mirror rule's routes get the rule, as the sampler would have decided it from
-    policy.yaml, as the module's per-route config (instead of the sampler's rule name)."""
+    policy.yaml, as the module's per-route config or (``module_path`` None) the rule's
+    Lua script, instead of the sampler's rule name."""
     given = {name: environ[name] for name in DECISION_VARIABLES if environ.get(name)}
     settings = Settings.load({**given, **slot_environment(slot_headers), "MIRROR_CONFIG": POLICY_FILE})
     compiled = build_policy(settings, policy)
     for src, routes, rule_id in converter.rule_routes:
-        config = render.as_data(module.per_route(compiled, compiled.rules_by_id[rule_id], module_path), src.casing)
+        rule = compiled.rules_by_id[rule_id]
         for route in routes:
             per_filter = route[src.field(route, "typed_per_filter_config")]
             per_filter.pop(SAMPLER_FILTER)
-            per_filter[module.MODULE_FILTER] = config
+            if module_path is not None:
+                per_filter[module.MODULE_FILTER] = render.as_data(module.per_route(compiled, rule, module_path), src.casing)
+            else:
+                variant = "variant" in (ours_of(route) or {})
+                per_filter[scripts.DECIDE_FILTER] = render.as_data(render.decide_inline(compiled, rule, variant), src.casing)
 
 
 class _Loader(yaml.SafeLoader):
@@ -135,6 +147,7 @@ def convert_envoy(
     message_timeout_ms: int = 200,
     output_dir: Path | None = None,
     module_path: str | None = None,
+    lua: bool = False,
     decision_environ: Mapping[str, str] | None = None,
 ) -> Conversion:
     """``paths``: one Envoy bootstrap (YAML, or JSON by its .json suffix); RDS
@@ -145,8 +158,11 @@ def convert_envoy(
     HOST:PORT or several (one Envoy cluster, several endpoints). ``module_path``
     (``--inline module``): Envoy decides with the dynamic module loaded from there, and
     the rules' settings go into the converted routes (no sampler, no policy.yaml);
+    ``lua`` (``--inline lua``): the same with each rule's generated Lua script;
     ``decision_environ``: MIRROR_KEY and MIRROR_SALT for those settings."""
     problems: list[str] = []
+    if lua and module_path is not None:
+        problems.append("--inline: one engine, lua or module")
     addresses = [parse_address(a) for a in ([sampler] if isinstance(sampler, str) else sampler)]
     if not addresses:
         problems.append("--sampler: give at least one HOST:PORT")
@@ -178,6 +194,7 @@ def convert_envoy(
         ),
         output_dir=output_dir.absolute() if output_dir is not None else None,
         module_path=module_path,
+        lua=lua,
     )
     converter = Converter(options, _load)
     affected = converter.bootstrap(boot)
@@ -191,14 +208,15 @@ def convert_envoy(
             [*converter.notes, f"{boot.label}: no route mirrors with request_mirror_policies the sampler can take over; nothing to convert"]
         )
     policy = policy_text(converter.http_routes, slot_headers)
-    if module_path is not None:
-        _give_rules_to_the_module(converter, policy, slot_headers, module_path, decision_environ or {})
+    if options.in_envoy:
+        _give_rules_to_envoy(converter, policy, slot_headers, module_path, decision_environ or {})
     # The bootstrap as YAML whatever it was (envoy.yaml); an RDS file keeps
     # its format, which Envoy tells by the file name's suffix.
-    files = {ENVOY_FILE: (ENVOY_HEADER if module_path is None else MODULE_HEADER) + _dump(boot, as_json=False)}
+    header = MODULE_HEADER if module_path is not None else LUA_HEADER if lua else ENVOY_HEADER
+    files = {ENVOY_FILE: header + _dump(boot, as_json=False)}
     for resolved, name in converter.rds_outputs.items():
         files[name] = _dump(converter.rds_sources[resolved], as_json=converter.rds_sources[resolved].json)
-    if module_path is None:
+    if not options.in_envoy:
         files[POLICY_FILE] = policy
     notes = list(converter.notes)
     text = boot.path.read_text(encoding="utf-8", errors="replace")

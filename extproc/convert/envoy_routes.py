@@ -19,6 +19,7 @@ from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import MAX_COUNT, SlotHeaders
 from ..core.variants import rule_layout
 from ..envoy import render
+from ..envoy.lua import DECIDE_FILTER
 from ..envoy.module import MODULE_FILTER
 from .envoy_data import Findings, Source, camel_name, key_of, list_or_empty, mapping_or_empty, value_of
 
@@ -232,8 +233,8 @@ class RouteRewriter(Findings):
                 continue
             key = key_of(route, "typed_per_filter_config")
             if key is not None and isinstance(route[key], dict):
-                route[key].pop(SAMPLER_FILTER, None)
-                route[key].pop(MODULE_FILTER, None)
+                for ours_filter in (SAMPLER_FILTER, MODULE_FILTER, DECIDE_FILTER):
+                    route[key].pop(ours_filter, None)
                 if not route[key]:
                     del route[key]
             if ours is not None and isinstance(value_of(route, "route"), dict):
@@ -265,6 +266,14 @@ def set_ours(src: Source, route: dict[str, Any], value: dict[str, Any]) -> None:
     filter_metadata[METADATA_KEY] = value
     meta[fm_key] = filter_metadata
     route[meta_key] = meta
+
+
+def ours_of(route: dict[str, Any]) -> dict[str, Any] | None:
+    """What set_ours recorded on the route, left in place."""
+    meta = value_of(route, "metadata")
+    filter_metadata = value_of(meta, "filter_metadata") if isinstance(meta, dict) else None
+    ours = filter_metadata.get(METADATA_KEY) if isinstance(filter_metadata, dict) else None
+    return ours if isinstance(ours, dict) else None
 
 
 def pop_ours(route: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,12 +14,14 @@ from typing import Any
 from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
+from ..envoy import lua as scripts
 from ..envoy import module, render
 from .envoy_data import Source, list_or_empty, mapping_or_empty, value_of
 from .envoy_policy import NAMESPACE, PolicyRoute, PolicyRule
 from .envoy_routes import SAMPLER_FILTER, RouteRewriter
 
 ANTI_SPOOF_FILTER = render.ANTI_SPOOF_FILTER
+DECIDE_FILTER = scripts.DECIDE_FILTER
 ENVOY_FILE = "envoy.yaml"
 POLICY_FILE = "policy.yaml"
 
@@ -41,6 +43,13 @@ class Options:
     output_dir: Path | None
     # --inline module: the path Envoy loads the module from; None: the ext_proc sampler decides.
     module_path: str | None = None
+    # --inline lua: the generated Lua decides.
+    lua: bool = False
+
+    @property
+    def in_envoy(self) -> bool:
+        """Envoy decides itself (module or Lua): no sampler, no ext_proc."""
+        return self.module_path is not None or self.lua
 
 
 class Converter(RouteRewriter):
@@ -54,8 +63,8 @@ class Converter(RouteRewriter):
         self.rds_sources: dict[Path, Source] = {}
         self.rds_converted: dict[tuple[Path, str], bool] = {}
         self.rds_outputs: dict[Path, str] = {}
-        # --inline module: each mirror rule's routes (variants and plain), given the rule's
-        # module settings once the whole Policy is known (convert_envoy).
+        # --inline module or lua: each mirror rule's routes (variants and plain), given the
+        # rule's module settings or script once the whole Policy is known (convert_envoy).
         self.rule_routes: list[tuple[Source, list[dict[str, Any]], str]] = []
 
     # -- bootstrap -----------------------------------------------------------
@@ -100,7 +109,7 @@ class Converter(RouteRewriter):
                     is_hcm = isinstance(config, dict) and (config.get("@type") == _HCM_TYPE or named_hcm)
                     if is_hcm and self.connection_manager(src, f"{fpath}.{src.field(flt, 'typed_config')}", config, lname):
                         affected = True
-        if affected and self.o.module_path is None:
+        if affected and not self.o.in_envoy:
             kept.append(render.as_data(render.sampler_cluster(self.o.topology), src.casing))
         if clusters or affected:
             static[clusters_key] = kept
@@ -110,7 +119,7 @@ class Converter(RouteRewriter):
         filters_key = src.field(hcm, "http_filters")
         filters = [
             f for f in self.listing(src, f"{path}.{filters_key}", hcm.get(filters_key))
-            if not (isinstance(f, dict) and f.get("name") in (SAMPLER_FILTER, ANTI_SPOOF_FILTER, module.MODULE_FILTER))
+            if not (isinstance(f, dict) and f.get("name") in (SAMPLER_FILTER, ANTI_SPOOF_FILTER, module.MODULE_FILTER, DECIDE_FILTER))
         ]  # fmt: skip
         if filters_key in hcm:
             hcm[filters_key] = filters
@@ -143,6 +152,10 @@ class Converter(RouteRewriter):
         if self.o.module_path is not None:
             # The module strips client-sent slot and marker headers itself, on every route.
             ours = [render.as_data(module.slot_http_filter(self.slot_headers, self.o.module_path), src.casing)]
+        elif self.o.lua:
+            # Forged slot and marker headers go on every route, as with the sampler; then
+            # each rule's own script (per route) decides.
+            ours = [render.as_data(f, src.casing) for f in (render.anti_spoof_filter(self.slot_headers), render.decide_filter())]
         else:
             ours = [
                 render.as_data(render.anti_spoof_filter(self.slot_headers), src.casing),
@@ -278,10 +291,14 @@ class Converter(RouteRewriter):
                 http_route.rules.append(PolicyRule(rule_id, mirrors, primaries, f"{route_name} ({where})"))
                 for m in mirrors:
                     if m.runtime_key is not None:
+                        change = (
+                            "change its default_value and convert the original again"
+                            if self.o.in_envoy
+                            else f"change the fraction of rule {rule_id} in policy.yaml instead"
+                        )
                         self.notes.append(
                             f"{src.label}: {rpath}: runtime_key {m.runtime_key!r} (mirror to {m.cluster!r}) is no longer in effect: "
-                            f"the sampler mirrors {m.numerator}/{m.denominator} (its default_value); change the fraction of rule {rule_id} "
-                            "in policy.yaml instead"
+                            f"{m.numerator}/{m.denominator} (its default_value) is mirrored; {change}"
                         )
                 planned.append((route, (rule_id, mirrors)))
             plans.append((vh, routes_key, planned))
@@ -291,12 +308,12 @@ class Converter(RouteRewriter):
             out: list[Any] = []
             for route, plan in planned:
                 if plan is None:
-                    if isinstance(route, dict) and self.o.module_path is None:
+                    if isinstance(route, dict) and not self.o.in_envoy:
                         self.per_route(src, route, render.as_data(render.ext_proc_off(), src.casing))
                     out.append(route)
                 else:
                     converted = self.convert_route(src, route, *plan)
-                    if self.o.module_path is not None:
+                    if self.o.in_envoy:
                         self.rule_routes.append((src, converted, plan[0]))
                     out.extend(converted)
             vh[routes_key] = out

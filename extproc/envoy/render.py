@@ -232,9 +232,15 @@ def _name_rule_for_sampler(rule: Rule) -> dict[str, AnyMessage]:
     return {EXT_PROC_FILTER: ext_proc_naming(rule.id)}
 
 
-def _decide_inline(policy: Policy, rule: Rule, variant: bool = False) -> dict[str, AnyMessage]:
+def decide_inline(policy: Policy, rule: Rule, variant: bool = False) -> AnyMessage:
+    """The rule's script as the Lua decide filter's per-route configuration."""
     script = scripts.rule_script(policy, rule, variant)
-    return {scripts.DECIDE_FILTER: AnyMessage.pack(lua.LuaPerRoute(source_code=core.DataSource(inline_string=script)))}
+    return AnyMessage.pack(lua.LuaPerRoute(source_code=core.DataSource(inline_string=script)))
+
+
+def decide_filter() -> hcm.HttpFilter:
+    """The Lua filter that runs each rule's per-route script (and nothing elsewhere)."""
+    return hcm.HttpFilter(name=scripts.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua()))
 
 
 def _backend(target: MirrorTarget) -> str:
@@ -261,7 +267,7 @@ def rule_routes(rule: Rule, match: Match, policy: Policy, in_envoy: bool = False
             # On a variant too: a forged slot header can select one before
             # anything runs; the rule's script strips it and re-matches.
             if mirrors:
-                r.typed_per_filter_config = _decide_inline(policy, rule, variant=not variant.is_plain)
+                r.typed_per_filter_config = {scripts.DECIDE_FILTER: decide_inline(policy, rule, variant=not variant.is_plain)}
         elif not mirrors:
             # Nothing to decide: skip the gRPC round trip for this route.
             r.typed_per_filter_config = _disable_ext_proc()
@@ -332,7 +338,7 @@ def http_filters(policy: Policy, topology: Topology) -> list[hcm.HttpFilter]:
     if topology.inline:
         # Per-route scripts only (rule_routes), which strip forged slot headers
         # themselves: routes without mirrors run no Lua at all.
-        return [hcm.HttpFilter(name=scripts.DECIDE_FILTER, typed_config=AnyMessage.pack(lua.Lua())), router_filter]
+        return [decide_filter(), router_filter]
     return [anti_spoof_filter(policy.slot_headers), ext_proc_filter(topology.message_timeout_ms), router_filter]
 
 

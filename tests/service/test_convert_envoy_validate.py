@@ -26,6 +26,10 @@ def test_envoy_accepts_the_converted_configuration(converted: tuple[Conversion, 
     conversion = convert_envoy([inputs / "envoy.yaml"], output_dir=other, sampler="localhost:50051", slot_headers=SlotHeaders(count=3))
     write(conversion, other)
     variants["dns-three-slots"] = other / "envoy.yaml"
+    # Envoy deciding with the generated Lua (`--inline lua`; the module's is run in tests/e2e).
+    lua = tmp_path / "lua"
+    write(convert_envoy([inputs / "envoy.yaml"], output_dir=lua, lua=True), lua)
+    variants["lua"] = lua / "envoy.yaml"
     procs = {
         name: subprocess.Popen(
             [str(ENVOY), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id", "--log-level", "error"],
