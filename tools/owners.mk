@@ -22,12 +22,13 @@ H2SPEC := $(_T)/h2spec-$(H2SPEC_VERSION)/h2spec
 KUBECTL_VALIDATE := $(_T)/kubectl-validate-$(KUBECTL_VALIDATE_VERSION)/kubectl-validate
 EGCTL := $(_T)/egctl-$(ENVOY_GATEWAY_VERSION)/egctl
 ISTIOCTL := $(_T)/istioctl-$(ISTIO_VERSION)/istioctl
+COMPOSE := $(_T)/docker-compose-$(COMPOSE_VERSION)/docker-compose
 GATEWAY_API_CRDS := $(_T)/crds/gateway-api-$(GATEWAY_API_VERSION)/.done
 ENVOY_GATEWAY_CRDS := $(_T)/crds/envoy-gateway-$(ENVOY_GATEWAY_VERSION)/.done
 ISTIO_CRDS := $(_T)/crds/istio-$(ISTIO_VERSION)/.done
 ENVOY_GATEWAY_ENVOY := $(_T)/envoy-$(ENVOY_GATEWAY_ENVOY_VERSION)/envoy
 OWNERS_TOOLS := $(H2SPEC) $(KUBECTL_VALIDATE) $(GATEWAY_API_CRDS) $(ENVOY_GATEWAY_CRDS) $(ISTIO_CRDS) \
-	$(ENVOY_GATEWAY_ENVOY) $(EGCTL)
+	$(ENVOY_GATEWAY_ENVOY) $(EGCTL) $(COMPOSE)
 
 # The folder of a module at a version in the module cache (downloaded if needed).
 module_dir = $(shell cd / && $(GO_ENV) $(GO) mod download -json $(1) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p')
@@ -62,6 +63,15 @@ $(H2SPEC):
 	cd $(@D)/module && $(GO_ENV) $(GO) mod init h2spec-build \
 		&& $(GO_ENV) $(GO) get github.com/summerwind/h2spec@$(H2SPEC_VERSION) $(H2SPEC_DEPENDENCIES) \
 		&& $(GO_RUN) build -o ../h2spec github.com/summerwind/h2spec/cmd/h2spec
+	rm -rf $(@D)/module
+
+# Built in a copy of its module (go install refuses a go.mod with exclude directives),
+# with the version `docker compose version` prints.
+$(COMPOSE):
+	rm -rf $(@D) && mkdir -p $(@D)
+	cp -r $(call module_dir,github.com/docker/compose/v2@$(COMPOSE_VERSION)) $(@D)/module && chmod -R u+w $(@D)/module
+	cd $(@D)/module && $(GO_RUN) build -trimpath \
+		-ldflags "-X github.com/docker/compose/v2/internal.Version=$(COMPOSE_VERSION)" -o ../docker-compose ./cmd
 	rm -rf $(@D)/module
 
 # The CRDs, copied from the modules themselves (never by hand).

@@ -80,6 +80,8 @@ def engine() -> Iterator[Engine]:
             pytest.fail(f"Docker must run in CI: {e}")
         pytest.skip(f"Docker cannot run here: {e}")
     try:
+        if os.environ.get("CI") == "true" and started.compose != ("docker", "compose"):
+            pytest.fail(f"CI=true: the compose test must run `docker compose` (v2, the README's command), not {started.compose}")
         yield started
     finally:
         started.stop()
@@ -101,7 +103,7 @@ class Compose:
         self.decider = "module" if name == "module" else "ext_proc"
         self.project = f"mstest{uuid.uuid4().hex[:8]}"
         self.ports = {port: _free_port() for port in ("GATEWAY", "ADMIN", "METRICS", "COMPARE_METRICS")}
-        self.env = {**os.environ, **{f"{k}_PORT": str(v) for k, v in self.ports.items()}}
+        self.env = {**os.environ, **engine.env, **{f"{k}_PORT": str(v) for k, v in self.ports.items()}}
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         files = [a for f in self.files for a in ("-f", str(f))]

@@ -48,9 +48,19 @@ def _need(path: Path, what: str, how: str = HOW, required_on_ci: bool = True) ->
     pytest.skip(message)
 
 
+def _tool_path(name: str, version_key: str) -> Path:
+    return cache() / f"{name}-{PINS[version_key]}" / name
+
+
 def tool(name: str, version_key: str) -> Path:
     """A binary built by `make owners-tools`: ``.tools/NAME-VERSION/NAME``."""
-    return _need(cache() / f"{name}-{PINS[version_key]}" / name, f"{name} {PINS[version_key]}")
+    return _need(_tool_path(name, version_key), f"{name} {PINS[version_key]}")
+
+
+def built(name: str, version_key: str) -> Path | None:
+    """The same binary, or None where it was not built (for callers with a fallback)."""
+    path = _tool_path(name, version_key)
+    return path if path.exists() else None
 
 
 def crds(name: str, version_key: str) -> Path:

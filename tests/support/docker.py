@@ -2,8 +2,11 @@
 names, built locally once per machine when no registry can be reached.
 
 Where the Docker engine is not running and this is root on Debian, Debian's
-``docker.io`` and ``docker-compose`` are installed and ``dockerd`` is started
-(and stopped again by the test, by pid). The images the compose files pull
+``docker.io`` is installed and ``dockerd`` is started (and stopped again by
+the test, by pid). Compose is ``docker compose`` (v2, the README's command):
+Docker's own plugin where installed, else the one `make owners-tools` builds
+(tools/versions.env), handed to the docker CLI through ``DOCKER_CONFIG``;
+only where neither exists, Debian's ``docker-compose`` 1.29. The images the compose files pull
 (``python:3.11-slim`` for the Dockerfile's stages, ``envoyproxy/envoy``, the
 echoserver) are used as they are when present. When absent they are built
 as *stand-ins* under the same names: a Debian bookworm base from
@@ -30,8 +33,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.owners.tools import built
 
 from .paths import REPO
 
@@ -59,6 +64,8 @@ class Engine:
 
     compose: tuple[str, ...]
     daemon: subprocess.Popen[bytes] | None  # dockerd, when this module started it
+    # What the compose command's environment needs (DOCKER_CONFIG for a plugin of ours).
+    env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
         if self.daemon is None:
@@ -106,18 +113,32 @@ def start_engine() -> Engine:
                 raise DockerUnavailable(f"dockerd did not start:\n{tail}")
             time.sleep(0.2)
     try:
-        return Engine(_compose_command(), daemon)
+        compose, env = _compose_command()
+        return Engine(compose, daemon, env)
     except BaseException:
         Engine((), daemon).stop()
         raise
 
 
-def _compose_command() -> tuple[str, ...]:
+def _compose_command() -> tuple[tuple[str, ...], dict[str, str]]:
+    """The compose command and the environment it needs."""
     if _run(["docker", "compose", "version"], 30).returncode == 0:
-        return ("docker", "compose")
+        return ("docker", "compose"), {}
+    plugin = built("docker-compose", "COMPOSE_VERSION")
+    if plugin is not None:
+        # The docker CLI finds plugins in $DOCKER_CONFIG/cli-plugins: a folder of ours, not ~/.docker.
+        config = CACHE / "docker-config"
+        (config / "cli-plugins").mkdir(parents=True, exist_ok=True)
+        link = config / "cli-plugins" / f"docker-compose.{os.getpid()}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(plugin)
+        link.replace(config / "cli-plugins" / "docker-compose")
+        env = {"DOCKER_CONFIG": str(config)}
+        if _run(["docker", "compose", "version"], 30, env={**os.environ, **env}).returncode == 0:
+            return ("docker", "compose"), env
     if shutil.which("docker-compose") is None:
         _install(["docker-compose"])
-    return ("docker-compose",)
+    return ("docker-compose",), {}
 
 
 # --------------------------------------------------------------------------
