@@ -304,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     second = []
-    if args.apart:
-        # The second Envoy's half depends only on the observers and the upstreams: one for the whole run.
-        topology = Topology(backends={n: Address(LOOPBACK, p) for n, p in upstream_ports.items()})
-        rendered = render_with_capture(policy, topology, compare, observers["on-apart"].addresses)
-        second.append(start_envoy("capture", apart(rendered, capture_port)[1], workdir, 1))
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
+        if args.apart:
+            # The second Envoy's half depends only on the observers and the upstreams: one for the whole run.
+            topology = Topology(backends={n: Address(LOOPBACK, p) for n, p in upstream_ports.items()})
+            rendered = render_with_capture(policy, topology, compare, observers["on-apart"].addresses)
+            second.append(start_envoy("capture", apart(rendered, capture_port)[1], workdir, 1))
         for rep in range(args.repeats):
             for v in variants[rep % len(variants) :] + variants[: rep % len(variants)]:
                 stack = start_stack(v, policy, upstream_ports, workdir, args.concurrency)

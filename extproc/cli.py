@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import __version__
 from .config.addresses import split_peer_address
 from .config.errors import ConfigError
-from .config.settings import ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers, parse_inline
+from .config.settings import DEFAULT_INLINE, ENVOY, OPTIONS, SAMPLER, EnvoySettings, Settings, load_slot_headers, parse_inline
 from .module.build import DEFAULT_BUILDER_IMAGE
 from .server import logs
 
@@ -270,7 +270,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         "slot_headers": load_slot_headers(os.environ, slot_flags),
         "message_timeout_ms": _option("message_timeout_ms", args.opt_message_timeout_ms),
     }
-    engine = _convert_engine(args.source, args.opt_inline)
+    engine = _convert_engine(args.source, args.opt_inline, bool(args.module_path))
     try:
         if args.source == "envoy":
             from .convert.envoy import convert_envoy
@@ -323,15 +323,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert_engine(source: str, given: str | None) -> str:
+def _convert_engine(source: str, given: str | None, module_path: bool) -> str:
     """The engine `convert SOURCE` writes for: "" (the ext_proc sampler), "lua" (envoy
     only) or "module". On (``--inline`` alone) is Lua where Lua is offered, as for up and
-    envoy-config, and the module where it is the only engine in Envoy's process."""
-    if source == "envoy":
-        return str(_option("inline", given))
-    engine = str(_option("inline", given, lambda raw: parse_inline(raw, default="module")))
-    if engine == "lua":
+    envoy-config, and the module where it is the only engine in Envoy's process, or
+    where ``--module-path`` names the module."""
+    lua_offered = source == "envoy"
+    default = DEFAULT_INLINE if lua_offered and not module_path else "module"
+    engine = str(_option("inline", given, lambda raw: parse_inline(raw, default)))
+    if engine == "lua" and not lua_offered:
         raise ConfigError([f"--inline lua (or MIRROR_INLINE): convert {source} writes the ext_proc sampler or --inline module, not Lua"])
+    if module_path and engine != "module":
+        raise ConfigError([f"--module-path: the module's file, for --inline module (the engine is {engine or 'the ext_proc sampler'})"])
     return engine
 
 
@@ -428,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="on",
         metavar="ENGINE",
         help="Envoy decides itself, no sampler deployed: module (the dynamic module: envoy, envoy-gateway, istio 1.31+) or "
-        "lua (generated Lua: envoy); alone, lua for envoy and module for the others "
+        "lua (generated Lua: envoy); alone, lua for envoy (module with --module-path) and module for the others "
         f"[{inline.env}, default: the ext_proc sampler]",
     )
     group = convert.add_argument_group("envoy")

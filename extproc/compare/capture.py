@@ -62,8 +62,10 @@ def _headers(message: HttpHeaders) -> list[tuple[str, str]]:
 @dataclass
 class Writer:
     """One thread that stores captures and sweeps; fed by a queue bounded in
-    captures and in bytes (a capture larger than the byte bound still goes
-    into an empty queue: the bound is ``byte_bound`` plus one body)."""
+    captures and in bytes. The bytes count a capture from its offer until its
+    batch is stored, so the queue and the batch in hand hold at most
+    ``byte_bound`` (a capture larger than that still enters when nothing is
+    held: the bound is ``byte_bound`` plus one body)."""
 
     store_factory: Callable[[], CompareStore]
     metrics: CompareMetrics
@@ -77,7 +79,7 @@ class Writer:
     def __post_init__(self) -> None:
         self.queue: queue.Queue[Capture | None] = queue.Queue(maxsize=self.bound)
         self.thread = threading.Thread(target=self._run, name="compare-writer", daemon=True)
-        # Bytes offered and not yet taken by the writer (the event loop adds, the writer subtracts).
+        # Bytes offered and not yet stored (the event loop adds, the writer subtracts).
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
 
@@ -110,6 +112,8 @@ class Writer:
                 if self.config is not None:
                     store.config = self.config
                 self._store(store, batch)
+                with self._bytes_lock:
+                    self.queued_bytes -= sum(c.weight for c in batch)
                 if stopping:
                     return
                 if self.clock() >= next_sweep:
@@ -135,8 +139,6 @@ class Writer:
             while True:
                 if item is None:
                     return batch, True
-                with self._bytes_lock:
-                    self.queued_bytes -= item.weight
                 batch.append(item)
                 if len(batch) >= BATCH_MAX:
                     return batch, False

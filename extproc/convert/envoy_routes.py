@@ -27,6 +27,8 @@ from .envoy_data import Findings, Source, camel_name, key_of, list_or_empty, map
 # canonical ext_proc name: the user may run an ext_proc filter of their own,
 # and per-route configuration is looked up by filter name.
 SAMPLER_FILTER = "mirror-sampler.ext_proc"
+# The deciding filters a conversion adds, each configured per route: one engine's at a time.
+OUR_ROUTE_FILTERS = (SAMPLER_FILTER, MODULE_FILTER, DECIDE_FILTER)
 # Our entry in each converted route's metadata.filter_metadata.
 METADATA_KEY = "mirror-sampler"
 _DENOMINATORS = {"HUNDRED": 100, "TEN_THOUSAND": 10_000, "MILLION": 1_000_000, 0: 100, 1: 10_000, 2: 1_000_000}
@@ -233,7 +235,7 @@ class RouteRewriter(Findings):
                 continue
             key = key_of(route, "typed_per_filter_config")
             if key is not None and isinstance(route[key], dict):
-                for ours_filter in (SAMPLER_FILTER, MODULE_FILTER, DECIDE_FILTER):
+                for ours_filter in OUR_ROUTE_FILTERS:
                     route[key].pop(ours_filter, None)
                 if not route[key]:
                     del route[key]

@@ -14,14 +14,12 @@ from typing import Any
 from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
-from ..envoy import lua as scripts
 from ..envoy import module, render
 from .envoy_data import Source, list_or_empty, mapping_or_empty, value_of
 from .envoy_policy import NAMESPACE, PolicyRoute, PolicyRule
-from .envoy_routes import SAMPLER_FILTER, RouteRewriter
+from .envoy_routes import OUR_ROUTE_FILTERS, SAMPLER_FILTER, RouteRewriter
 
 ANTI_SPOOF_FILTER = render.ANTI_SPOOF_FILTER
-DECIDE_FILTER = scripts.DECIDE_FILTER
 ENVOY_FILE = "envoy.yaml"
 POLICY_FILE = "policy.yaml"
 
@@ -119,7 +117,7 @@ class Converter(RouteRewriter):
         filters_key = src.field(hcm, "http_filters")
         filters = [
             f for f in self.listing(src, f"{path}.{filters_key}", hcm.get(filters_key))
-            if not (isinstance(f, dict) and f.get("name") in (SAMPLER_FILTER, ANTI_SPOOF_FILTER, module.MODULE_FILTER, DECIDE_FILTER))
+            if not (isinstance(f, dict) and f.get("name") in (*OUR_ROUTE_FILTERS, ANTI_SPOOF_FILTER))
         ]  # fmt: skip
         if filters_key in hcm:
             hcm[filters_key] = filters

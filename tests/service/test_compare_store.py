@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from extproc.compare.judge import Comparison
 from extproc.compare.noise import Rates, Result
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
+from tests.support.procs import wait_until
 
 RULE = "shop/web/0"
 CONFIG = CompareConfig(rules={RULE: RuleCompare(targets=("candidate", "secondary"), secondary="secondary")})
@@ -161,9 +164,8 @@ def test_ten_thousand_requests_that_never_join_are_dropped_to_the_bound_and_coun
     assert {c.result for c in late} == {Result.SAME}
 
 
-def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
-    import threading
-
+def _stalled_writer(tmp_path: Path, bound: int = 10_000, byte_bound: int = 2**30) -> tuple[Any, Any, threading.Event]:
+    """A writer (not started) whose store waits for the event before it stores."""
     from extproc.compare.capture import Writer
     from extproc.compare.metrics import CompareMetrics
 
@@ -175,44 +177,46 @@ def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path)
             return super().add(captures)
 
     metrics = CompareMetrics()
-    writer = Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, bound=10)
-    writer.start()
+    return Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, bound=bound, byte_bound=byte_bound), metrics, release
+
+
+def _queue_full(metrics: Any) -> float | None:
+    value: float | None = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
+    return value
+
+
+def test_a_full_writer_queue_drops_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    writer, metrics, release = _stalled_writer(tmp_path, bound=10)
     for i in range(50):
         writer.offer(capture(f"r{i}", Side.PRIMARY))  # never blocks
-    dropped = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
-    assert dropped is not None and 50 - 10 - 1 <= dropped <= 50 - 10, "the bound, plus the one batch the writer holds"
-    release.set()
-    writer.stop()
-    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped
-
-
-def test_a_writer_queue_is_bounded_in_bytes_too(tmp_path: Path) -> None:
-    import threading
-
-    from extproc.compare.capture import Writer
-    from extproc.compare.metrics import CompareMetrics
-
-    release = threading.Event()
-
-    class SlowStore(CompareStore):
-        def add(self, captures: Sequence[Capture]) -> list[Comparison]:
-            release.wait(30)
-            return super().add(captures)
-
-    metrics = CompareMetrics()
-    body = b"x" * (100 * 1024)
-    writer = Writer(lambda: SlowStore(tmp_path / "c.db", CONFIG), metrics, byte_bound=2**20)
+    assert _queue_full(metrics) == 40
     writer.start()
-    for i in range(50):
-        writer.offer(capture(f"r{i}", Side.PRIMARY, body=body))  # never blocks
-    assert writer.queued_bytes <= 2**20
-    dropped = metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"})
-    # Ten 100 KiB captures fit in 1 MiB, plus the one the writer may already hold: far below the count bound.
-    assert dropped is not None and 50 - 10 - 1 <= dropped <= 50 - 10
+    wait_until(writer.queue.empty, 10, "the writer holding its batch, its store stalled")
+    for i in range(50, 60):
+        writer.offer(capture(f"r{i}", Side.PRIMARY))  # the queue has room again; offers still never wait
+    assert _queue_full(metrics) == 40
     release.set()
     writer.stop()
-    assert writer.queued_bytes == 0, "every capture taken gives its bytes back"
-    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 50 - dropped
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 20
+
+
+def test_a_writer_queue_is_bounded_in_bytes_until_its_batch_is_stored(tmp_path: Path) -> None:
+    body = b"x" * (100 * 1024)
+    writer, metrics, release = _stalled_writer(tmp_path, byte_bound=2**20)
+    for i in range(50):
+        writer.offer(capture(f"r{i}", Side.PRIMARY, body=body))
+    # Ten 100 KiB captures fit in 1 MiB, far below the count bound.
+    assert _queue_full(metrics) == 40
+    assert writer.queued_bytes <= 2**20
+    writer.start()
+    wait_until(writer.queue.empty, 10, "the writer holding its batch, its store stalled")
+    for i in range(50, 55):
+        writer.offer(capture(f"r{i}", Side.PRIMARY, body=body))
+    assert _queue_full(metrics) == 45, "a batch being stored still counts against the bound"
+    release.set()
+    writer.stop()
+    assert writer.queued_bytes == 0, "every capture stored gives its bytes back"
+    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 10
 
 
 def test_a_capture_larger_than_the_byte_bound_still_enters_an_empty_queue(tmp_path: Path) -> None:

@@ -3,10 +3,10 @@ names, built locally once per machine when no registry can be reached.
 
 Where the Docker engine is not running and this is root on Debian, Debian's
 ``docker.io`` is installed and ``dockerd`` is started (and stopped again by
-the test, by pid). Compose is ``docker compose`` (v2, the README's command):
-Docker's own plugin where installed, else the one `make owners-tools` builds
-(tools/versions.env), handed to the docker CLI through ``DOCKER_CONFIG``;
-only where neither exists, Debian's ``docker-compose`` 1.29. The images the compose files pull
+the test, by pid). Compose is v2, the README's ``docker compose``: Docker's
+own plugin where installed, else the same program as `make owners-tools`
+builds it (tools/versions.env), run on its own; only off CI, where neither
+exists, Debian's ``docker-compose`` 1.29. The images the compose files pull
 (``python:3.11-slim`` for the Dockerfile's stages, ``envoyproxy/envoy``, the
 echoserver) are used as they are when present. When absent they are built
 as *stand-ins* under the same names: a Debian bookworm base from
@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.owners.tools import built
@@ -64,8 +64,6 @@ class Engine:
 
     compose: tuple[str, ...]
     daemon: subprocess.Popen[bytes] | None  # dockerd, when this module started it
-    # What the compose command's environment needs (DOCKER_CONFIG for a plugin of ours).
-    env: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> None:
         if self.daemon is None:
@@ -113,32 +111,29 @@ def start_engine() -> Engine:
                 raise DockerUnavailable(f"dockerd did not start:\n{tail}")
             time.sleep(0.2)
     try:
-        compose, env = _compose_command()
-        return Engine(compose, daemon, env)
+        return Engine(_compose_command(), daemon)
     except BaseException:
         Engine((), daemon).stop()
         raise
 
 
-def _compose_command() -> tuple[tuple[str, ...], dict[str, str]]:
-    """The compose command and the environment it needs."""
-    if _run(["docker", "compose", "version"], 30).returncode == 0:
-        return ("docker", "compose"), {}
-    plugin = built("docker-compose", "COMPOSE_VERSION")
-    if plugin is not None:
-        # The docker CLI finds plugins in $DOCKER_CONFIG/cli-plugins: a folder of ours, not ~/.docker.
-        config = CACHE / "docker-config"
-        (config / "cli-plugins").mkdir(parents=True, exist_ok=True)
-        link = config / "cli-plugins" / f"docker-compose.{os.getpid()}"
-        link.unlink(missing_ok=True)
-        link.symlink_to(plugin)
-        link.replace(config / "cli-plugins" / "docker-compose")
-        env = {"DOCKER_CONFIG": str(config)}
-        if _run(["docker", "compose", "version"], 30, env={**os.environ, **env}).returncode == 0:
-            return ("docker", "compose"), env
+def compose_v2() -> tuple[str, ...] | None:
+    """Compose v2 (no daemon needed): Docker's plugin, else the owners' tools' build of it."""
+    if shutil.which("docker") is not None and _run(["docker", "compose", "version"], 30).returncode == 0:
+        return ("docker", "compose")
+    built_here = built("docker-compose", "COMPOSE_VERSION")
+    return (str(built_here),) if built_here is not None else None
+
+
+def _compose_command() -> tuple[str, ...]:
+    v2 = compose_v2()
+    if v2 is not None:
+        return v2
+    if os.environ.get("CI") == "true":
+        raise DockerUnavailable("no Compose v2 (Docker's plugin, or `make owners-tools`' build): CI runs the README's `docker compose`")
     if shutil.which("docker-compose") is None:
         _install(["docker-compose"])
-    return ("docker-compose",), {}
+    return ("docker-compose",)
 
 
 # --------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from extproc.envoy.module import MODULE_FILTER
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from tests.support.paths import CONFORMANCE, DATA
 
+REVIEWS = DATA / "convert" / "istio" / "reviews.yaml"
+
 SOURCE = DATA / "convert" / "envoy" / "envoy.yaml"
 ENVIRON = {"MIRROR_KEY": "cookie:session,header:x-request-id", "MIRROR_SALT": "v2"}
 
@@ -34,6 +36,7 @@ def routes(boot: dict[str, Any]) -> list[dict[str, Any]]:
 def test_lua_replaces_the_sampler_and_routes_carry_their_rules_scripts() -> None:
     lua_run = convert_envoy([SOURCE], lua=True, decision_environ=ENVIRON)
     ext_proc_run = convert_envoy([SOURCE])
+    assert any("is no longer in effect" in n and "convert the original again" in n and "policy.yaml" not in n for n in lua_run.notes)
     assert set(lua_run.files) == set(ext_proc_run.files) - {"policy.yaml"}
     assert lua_run.files["envoy.yaml"].startswith("# Converted by `mirror-sampler convert envoy --inline lua`")
     boot = yaml.safe_load(lua_run.files["envoy.yaml"])
@@ -82,15 +85,20 @@ def test_converting_between_engines_starts_from_the_users_routes(tmp_path: Path)
     assert DECIDE_FILTER not in ext_proc and "mirror-sampler.ext_proc" in ext_proc
 
 
+INPUTS = {"envoy": SOURCE, "envoy-gateway": CONFORMANCE, "istio": REVIEWS}
+
+
 @pytest.mark.parametrize(
     ("source", "inline", "engine"),
     [
         ("envoy", [], "the ext_proc sampler"),
         ("envoy", ["--inline"], "lua"),
         ("envoy", ["--inline", "lua"], "lua"),
-        ("envoy", ["--inline", "module"], "module"),
+        ("envoy", ["--inline", "module", "--module-path", "/opt/m.so"], "module"),
+        ("envoy", ["--inline", "--module-path", "/opt/m.so"], "module"),
         ("envoy-gateway", ["--inline"], "module"),
         ("envoy-gateway", ["--inline", "module"], "module"),
+        ("istio", ["--inline"], "module"),
     ],
 )
 def test_inline_alone_is_lua_where_lua_is_offered_and_the_module_elsewhere(
@@ -99,9 +107,7 @@ def test_inline_alone_is_lua_where_lua_is_offered_and_the_module_elsewhere(
     from extproc.cli import main
 
     monkeypatch.delenv("MIRROR_INLINE", raising=False)
-    inputs = {"envoy": SOURCE, "envoy-gateway": CONFORMANCE}
-    extra = ["--module-path", "/opt/m.so"] if source == "envoy" and engine == "module" else []
-    assert main(["convert", source, str(inputs[source]), "-o", str(tmp_path), *inline, *extra]) == 0
+    assert main(["convert", source, str(INPUTS[source]), "-o", str(tmp_path), *inline]) == 0
     written = "\n".join(p.read_text() for p in sorted(tmp_path.iterdir()))
     if engine == "lua":
         assert DECIDE_FILTER in written and MODULE_FILTER not in written
@@ -119,6 +125,16 @@ def test_mirror_inline_on_follows_the_same_rule(tmp_path: Path, monkeypatch: pyt
     assert main(["convert", "envoy", str(SOURCE), "-o", str(tmp_path / "envoy")]) == 0
     assert DECIDE_FILTER in (tmp_path / "envoy" / "envoy.yaml").read_text()
     assert main(["convert", "envoy-gateway", str(CONFORMANCE), "-o", str(tmp_path / "eg")]) == 0
+    assert "dynamicModule" in "\n".join(p.read_text() for p in (tmp_path / "eg").iterdir())
     monkeypatch.setenv("MIRROR_INLINE", "lua")
     assert main(["convert", "envoy-gateway", str(CONFORMANCE), "-o", str(tmp_path / "eg2")]) == 2
     assert "--inline lua" in capsys.readouterr().err
+
+
+def test_a_module_path_for_another_engine_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    from extproc.cli import main
+
+    monkeypatch.delenv("MIRROR_INLINE", raising=False)
+    for inline in (["--inline", "lua"], []):
+        assert main(["convert", "envoy", str(SOURCE), "-o", str(tmp_path), *inline, "--module-path", "/opt/m.so"]) == 2
+        assert "--module-path" in capsys.readouterr().err
