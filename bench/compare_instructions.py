@@ -25,7 +25,13 @@ the rendered ``on`` configuration (these join nothing; measurements only):
   ``response_attributes`` (request.id, .path, .method, .time) sent with the
   response headers (docs/compare.md "Cost": rejected);
 - ``upstream-capture``: no hop; the shadow's response observed by the capture
-  filter as an upstream HTTP filter of the target's cluster (rejected: see there).
+  filter as an upstream HTTP filter of the target's cluster (rejected: see there);
+- ``access-log``: not a part of ``on`` but what a capture by Envoy's gRPC access
+  log would cost at least (docs/compare.md "Not done yet"): ``off`` plus an
+  ``http_grpc`` access log on the connection manager (the primary) and as the
+  router's ``upstream_log`` (which also sees the shadow's request), request id and
+  response headers, batched on one stream to a sink that only counts bytes; no
+  bodies, which an access log does not carry.
 
 "added" is a variant's instructions per request minus ``off``'s: what Envoy does
 for the comparison of one request (both captures, the shadow's hop). The
@@ -40,6 +46,7 @@ import copy
 import datetime
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -134,6 +141,73 @@ def upstream_capture(config: Config) -> Config:
     return config
 
 
+SINK = """
+import asyncio, sys
+import grpc
+
+async def main(port, out):
+    received = [0]
+
+    async def drain(messages, context):
+        async for message in messages:
+            received[0] += len(message)
+            with open(out, "w") as f:
+                f.write(str(received[0]))
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "envoy.service.accesslog.v3.AccessLogService", {"StreamAccessLogs": grpc.stream_unary_rpc_method_handler(drain)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+ALS_CLUSTER = "access-log-sink"
+
+
+def access_log(config: Config, sink_port: int) -> Config:
+    """``off`` with both sides reported by Envoy's gRPC access log (see the docstring)."""
+
+    def logger(name: str) -> Config:
+        common = {"logName": name, "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}}, "transportApiVersion": "V3"}
+        return {
+            "name": "envoy.access_loggers.http_grpc",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "commonConfig": common,
+                "additionalRequestHeadersToLog": ["x-request-id", "x-mirror-rule"],
+                "additionalResponseHeadersToLog": ["content-type", "content-length", "x-envoy-upstream-service-time"],
+            },
+        }
+
+    address = {"socketAddress": {"address": LOOPBACK, "portValue": sink_port}}
+    manager = _manager(config, "ingress")
+    manager["accessLog"] = [logger("primary")]
+    router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
+    router["typedConfig"]["upstreamLog"] = [logger("upstream")]
+    config["staticResources"]["clusters"].append(
+        {
+            "name": ALS_CLUSTER,
+            "type": "STATIC",
+            "loadAssignment": {
+                "clusterName": ALS_CLUSTER,
+                "endpoints": [{"lbEndpoints": [{"endpoint": {"address": address}}]}],
+            },
+            "typedExtensionProtocolOptions": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicitHttpConfig": {"http2ProtocolOptions": {}},
+                }
+            },
+        }
+    )
+    return config
+
+
 PARTS: dict[str, Callable[[Config], Config]] = {
     "no-primary-capture": no_primary_capture,
     "no-shadow-capture": no_shadow_capture,
@@ -149,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=500, help="requests counted per variant (default 500)")
     ap.add_argument("--observers", type=int, default=2, help="observer processes of the `on` variant (default 2)")
     ap.add_argument("--parts", action="store_true", help="also the parts of `on` and the candidates (see above)")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT", help="measure only these variants (off is always measured)")
     ap.add_argument("--output", type=Path, default=RESULTS, help="directory for compare_instructions.{md,json}")
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -168,10 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     absent = [Address(LOOPBACK, free_port()) for _ in range(args.observers)]
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
+    sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port), str(sink_bytes)]) if args.parts else None
     measured: dict[str, float] = {}
     compared = 0
     try:
-        for name in VARIANTS + (tuple(PARTS) if args.parts else ()):
+        for name in VARIANTS + ((*PARTS, "access-log") if args.parts else ()):
+            if args.only and name != "off" and name not in args.only:
+                continue
             port = free_port()
             topology = Topology(
                 listener=Address(LOOPBACK, port),
@@ -181,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if name == "off":
                 config = render(policy, topology)
+            elif name == "access-log":
+                config = yaml.safe_dump(access_log(yaml.safe_load(render(policy, topology)), sink_port))
             elif name in PARTS:
                 config = yaml.safe_dump(PARTS[name](yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
             else:
@@ -193,13 +274,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         upstream.stop()
         observers.stop()
+        if sink is not None:
+            sink.terminate()
+            sink.wait(timeout=30)
+    if sink is not None:
+        shipped = int(sink_bytes.read_text()) if sink_bytes.exists() else 0
+        # At least a request id per request, both sides (the last batch may still be buffered).
+        if shipped < args.requests * 2 * 30:
+            sys.exit(f"bench: the access log sink received {shipped} bytes for {args.requests} requests (logs in {workdir})")
+        print(f"  access-log sink received {shipped} bytes", flush=True)
     # The warm-up's requests are compared too; the counted ones must all have been.
     expected = args.requests + WARM_UP
-    if compared < expected:
+    if "on" in measured and compared < expected:
         sys.exit(f"bench: the observers compared {compared} of {expected} mirrored requests (logs in {workdir})")
     off = measured["off"]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = " --parts" if args.parts else ""
+    parts = (" --parts" if args.parts else "") + (f" --only {' '.join(args.only)}" if args.only else "")
     lines = [
         f"# Envoy instructions per compared request ({stamp})",
         "",
