@@ -16,7 +16,7 @@ import yaml
 
 from ..config.addresses import split_address
 from ..config.errors import ConfigError
-from ..config.manifest_yaml import load_with_duplicates, yaml_problem
+from ..config.manifest_yaml import read_documents
 from ..config.manifests import SWITCH_KIND, parse_manifests, sampler_document
 from .config import CompareConfig, mirror_targets, parse_compare
 from .judge import Comparison
@@ -68,12 +68,7 @@ def parse_config_text(text: str, path: str, routes: str | None = None, slots: in
     HTTPRoutes too (and no other --routes is given), the sampler's parser
     reads all of it (with ``slots`` slot headers, the sampler's MIRROR_SLOTS):
     the compare rules are checked against its own routes."""
-    try:
-        documents = load_with_duplicates(text)
-    except RecursionError:
-        raise ConfigError([f"{path}: not valid YAML: nested too deeply"]) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([yaml_problem(path, e)]) from None
+    documents = read_documents(text, path)
     if routes in (None, "", path) and any(isinstance(doc, dict) and doc.get("kind") == "HTTPRoute" for doc, _ in documents):
         parsed = parse_manifests(text, path, slots)
         if parsed.problems:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 # How kubectl reads a plain (unquoted) scalar: sigs.k8s.io/yaml decodes with
 # go-yaml v2, whose YAML 1.1 resolution differs from PyYAML's: `y`/`n` are
 # booleans, `1e3` is a number, `1:20` (sexagesimal in PyYAML) is text. A value
@@ -160,6 +162,16 @@ def load_with_duplicates(text: str) -> list[tuple[object, list[DuplicateKey]]]:
         return documents
     finally:
         loader.dispose()
+
+
+def read_documents(text: str, source: str) -> list[tuple[object, list[DuplicateKey]]]:
+    """load_with_duplicates, its failures as one ConfigError naming ``source``."""
+    try:
+        return load_with_duplicates(text)
+    except RecursionError:
+        raise ConfigError([f"{source}: not valid YAML: nested too deeply"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([yaml_problem(source, e)]) from None
 
 
 def unencodable_paths(value: object, path: str = "") -> Iterator[str]:

@@ -20,14 +20,12 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from ..compare.config import CompareConfig, mirror_targets, parse_compare
 from ..core.policy import Route
 from . import schema
 from .errors import ConfigError, Problems
 from .httproute import check_annotations, mapping_field, parse_route
-from .manifest_yaml import DuplicateKey, load_with_duplicates, unencodable_paths, yaml_problem
+from .manifest_yaml import DuplicateKey, read_documents, unencodable_paths
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 API_VERSIONS = (f"{GATEWAY_GROUP}/v1", f"{GATEWAY_GROUP}/v1beta1")
@@ -194,11 +192,9 @@ def parse_manifests(text: str, source: str, slots: int = 2) -> ParseResult:
     switch it off), every problem, and what was skipped and why (for
     check-config), from multi-document YAML; other kinds are skipped."""
     try:
-        documents = load_with_duplicates(text)
-    except RecursionError:
-        return ParseResult([], True, [f"{source}: not valid YAML: nested too deeply"], [])
-    except yaml.YAMLError as e:
-        return ParseResult([], True, [yaml_problem(source, e)], [])
+        documents = read_documents(text, source)
+    except ConfigError as e:
+        return ParseResult([], True, e.problems, [])
     routes: list[Route] = []
     problems: list[str] = []
     skipped: list[Skipped] = []
