@@ -2,7 +2,7 @@
 "Cost"): the same stack with the comparison off and on, alternating in one run.
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
-        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--access-log]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -22,7 +22,10 @@ that every request measured is a mirrored one):
   loopback port: the design alternative that takes the copy's pass and its
   capture stream off the primary's worker (docs/compare.md, "Capture"). Its
   observers are its own; the second Envoy's CPU is not in the Envoy column,
-  and its mirrors are counted there, not in ``compared / mirrored``.
+  and its mirrors are counted there, not in ``compared / mirrored``;
+- ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
+  both sides to a sink (bench/access_log.py): what a capture by access log
+  would cost the primary at least (no bodies, nothing compared).
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -57,6 +60,7 @@ if str(REPO) not in sys.path:
 import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from bench.access_log import access_log, received, start_sink  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
 from bench.procstat import code_state, cpu_seconds, machine  # noqa: E402
 from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="append", default=[], help="also the observers of this commit (repeatable)")
     ap.add_argument("--no-absent", action="store_true", help="skip the on-absent variant")
     ap.add_argument("--apart", action="store_true", help="also on-apart: the shadow's capture point in a second Envoy")
+    ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
     check_tools()
@@ -285,16 +290,21 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_absent:
             # Ports bound and released at once: nobody listens there.
             observers["on-absent"] = Observers([], [Address("127.0.0.1", free_port()) for _ in range(args.observers)])
+        if args.access_log:
+            observers["access-log"] = Observers()
     except BaseException:
         for o in observers.values():
             o.stop()
         raise
 
     capture_port = free_port()
+    sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
 
     def renderer(name: str) -> Callable[[Policy, Topology], str]:
         if name == "off":
             return render
+        if name == "access-log":
+            return lambda p, topology: yaml.safe_dump(access_log(yaml.safe_load(render(p, topology)), sink_port))
         addresses = observers[name].addresses
         if name == "on-apart":
             return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]
@@ -304,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     second = []
+    sink = start_sink(sink_port, sink_bytes) if args.access_log else None
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         if args.apart:
@@ -332,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         upstream.stop()
         for envoy in second:
             envoy.stop()
+        if sink is not None:
+            sink.terminate()
+            sink.wait(timeout=30)
         for o in observers.values():
             o.stop()
     summary = summarise(runs)
@@ -356,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         "`dropped`: the observers' mirror_sampler_compare_dropped_total (incomplete_stream: requests wrk cut in flight at the end "
         "of its run, whose capture streams Envoy closes up to 5 s later). Per repeat: compare.json.",
     ]
+    if args.access_log:
+        md += ["", f"`access-log`: the sink received {received(sink_bytes):,} bytes of access log entries in all."]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare.md").write_text("\n".join(md) + "\n")
     (args.output / "compare.json").write_text(

@@ -46,7 +46,6 @@ import copy
 import datetime
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -59,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.access_log import access_log, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
@@ -141,73 +141,6 @@ def upstream_capture(config: Config) -> Config:
     return config
 
 
-SINK = """
-import asyncio, sys
-import grpc
-
-async def main(port, out):
-    received = [0]
-
-    async def drain(messages, context):
-        async for message in messages:
-            received[0] += len(message)
-            with open(out, "w") as f:
-                f.write(str(received[0]))
-        return b""
-
-    handler = grpc.method_handlers_generic_handler(
-        "envoy.service.accesslog.v3.AccessLogService", {"StreamAccessLogs": grpc.stream_unary_rpc_method_handler(drain)}
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
-
-asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
-"""
-ALS_CLUSTER = "access-log-sink"
-
-
-def access_log(config: Config, sink_port: int) -> Config:
-    """``off`` with both sides reported by Envoy's gRPC access log (see the docstring)."""
-
-    def logger(name: str) -> Config:
-        common = {"logName": name, "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}}, "transportApiVersion": "V3"}
-        return {
-            "name": "envoy.access_loggers.http_grpc",
-            "typedConfig": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-                "commonConfig": common,
-                "additionalRequestHeadersToLog": ["x-request-id", "x-mirror-rule"],
-                "additionalResponseHeadersToLog": ["content-type", "content-length", "x-envoy-upstream-service-time"],
-            },
-        }
-
-    address = {"socketAddress": {"address": LOOPBACK, "portValue": sink_port}}
-    manager = _manager(config, "ingress")
-    manager["accessLog"] = [logger("primary")]
-    router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
-    router["typedConfig"]["upstreamLog"] = [logger("upstream")]
-    config["staticResources"]["clusters"].append(
-        {
-            "name": ALS_CLUSTER,
-            "type": "STATIC",
-            "loadAssignment": {
-                "clusterName": ALS_CLUSTER,
-                "endpoints": [{"lbEndpoints": [{"endpoint": {"address": address}}]}],
-            },
-            "typedExtensionProtocolOptions": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicitHttpConfig": {"http2ProtocolOptions": {}},
-                }
-            },
-        }
-    )
-    return config
-
-
 PARTS: dict[str, Callable[[Config], Config]] = {
     "no-primary-capture": no_primary_capture,
     "no-shadow-capture": no_shadow_capture,
@@ -244,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
-    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port), str(sink_bytes)]) if args.parts else None
+    sink = start_sink(sink_port, sink_bytes) if args.parts else None
     measured: dict[str, float] = {}
     compared = 0
     try:
@@ -278,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             sink.terminate()
             sink.wait(timeout=30)
     if sink is not None:
-        shipped = int(sink_bytes.read_text()) if sink_bytes.exists() else 0
+        shipped = received(sink_bytes)
         # At least a request id per request, both sides (the last batch may still be buffered).
         if shipped < args.requests * 2 * 30:
             sys.exit(f"bench: the access log sink received {shipped} bytes for {args.requests} requests (logs in {workdir})")

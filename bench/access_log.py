@@ -1,0 +1,90 @@
+"""A lower bound for capturing by Envoy's gRPC access log (docs/compare.md, "Not done
+yet"): the configuration change and a sink that accepts the stream and counts bytes.
+Used by bench/compare_instructions.py and bench/compare_cost.py (``access-log``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.testbed import LOOPBACK
+
+Config = dict[str, Any]
+
+SINK = """
+import asyncio, sys
+import grpc
+
+async def main(port, out):
+    received = [0]
+
+    async def drain(messages, context):
+        async for message in messages:
+            received[0] += len(message)
+            with open(out, "w") as f:
+                f.write(str(received[0]))
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "envoy.service.accesslog.v3.AccessLogService", {"StreamAccessLogs": grpc.stream_unary_rpc_method_handler(drain)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"""
+ALS_CLUSTER = "access-log-sink"
+
+
+def access_log(config: Config, sink_port: int) -> Config:
+    """``off`` with both sides reported by Envoy's gRPC access log (see the docstring)."""
+
+    def logger(name: str) -> Config:
+        common = {"logName": name, "grpcService": {"envoyGrpc": {"clusterName": ALS_CLUSTER}}, "transportApiVersion": "V3"}
+        return {
+            "name": "envoy.access_loggers.http_grpc",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "commonConfig": common,
+                "additionalRequestHeadersToLog": ["x-request-id", "x-mirror-rule"],
+                "additionalResponseHeadersToLog": ["content-type", "content-length", "x-envoy-upstream-service-time"],
+            },
+        }
+
+    address = {"socketAddress": {"address": LOOPBACK, "portValue": sink_port}}
+    (ingress,) = (e for e in config["staticResources"]["listeners"] if e["name"] == "ingress")
+    manager: Config = ingress["filterChains"][0]["filters"][0]["typedConfig"]
+    manager["accessLog"] = [logger("primary")]
+    router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
+    router["typedConfig"]["upstreamLog"] = [logger("upstream")]
+    config["staticResources"]["clusters"].append(
+        {
+            "name": ALS_CLUSTER,
+            "type": "STATIC",
+            "loadAssignment": {
+                "clusterName": ALS_CLUSTER,
+                "endpoints": [{"lbEndpoints": [{"endpoint": {"address": address}}]}],
+            },
+            "typedExtensionProtocolOptions": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicitHttpConfig": {"http2ProtocolOptions": {}},
+                }
+            },
+        }
+    )
+    return config
+
+
+def start_sink(port: int, out: Path) -> subprocess.Popen[bytes]:
+    """The sink on 127.0.0.1:``port``, writing the bytes it received so far to ``out``."""
+    return subprocess.Popen([sys.executable, "-c", SINK, str(port), str(out)])
+
+
+def received(out: Path) -> int:
+    return int(out.read_text()) if out.exists() else 0
