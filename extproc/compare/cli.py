@@ -48,11 +48,12 @@ def rule_mirrors(routes: str | None) -> dict[str, tuple[str, ...]] | None:
     return mirror_targets(load_policy(settings).routes)
 
 
-def load_config(path: str | None, routes: str | None = None) -> CompareConfig:
+def load_config(path: str | None, routes: str | None = None, reading: bool = False) -> CompareConfig:
     """The compare settings: a MirrorSampler document's ``spec.compare`` (in
     the routes' own file, or a file of its own), or a bare ``compare:``
-    mapping; checked against the routes when they are known."""
-    return parse_config_text(read_config(path), path, routes, slot_count()) if path else CompareConfig()
+    mapping; checked against the routes when they are known (``reading``: see
+    parse_compare)."""
+    return parse_config_text(read_config(path), path, routes, slot_count(), reading) if path else CompareConfig()
 
 
 def read_config(path: str) -> str:
@@ -62,7 +63,7 @@ def read_config(path: str) -> str:
         raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
 
 
-def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2) -> CompareConfig:
+def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2, reading: bool = False) -> CompareConfig:
     """Read as strictly as the sampler reads its file (duplicate keys with
     their lines, one way of telling a YAML error). When the file holds the
     HTTPRoutes too (and no other --routes is given), the sampler's parser
@@ -92,7 +93,7 @@ def parse_config_text(text: str, path: str, routes: str | None = None, slots: in
         else:
             continue
         try:
-            config = parse_compare(data, where, mirrors, at)
+            config = parse_compare(data, where, mirrors, at, reading)
         except ConfigError as e:
             found += e.problems
         if found:
@@ -258,7 +259,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_html, render_text, report_data
     from .summary import summarize
 
-    config = load_config(args.config, args.routes)
+    config = load_config(args.config, args.routes, reading=True)
     summaries = summarize(_comparisons(args.db or [DEFAULT_DB], config), config)
     data = report_data(summaries, datetime.now(UTC).isoformat(timespec="seconds"))
     if args.html:

@@ -128,7 +128,9 @@ def _duration(p: Problems, path: str, value: Any, default: float) -> float:
     return float(number) * _UNITS[unit]
 
 
-def _rule(p: Problems, path: str, data: Mapping[str, Any], mirrors: Mapping[str, tuple[str, ...]] | None) -> tuple[str, RuleCompare] | None:
+def _rule(
+    p: Problems, path: str, data: Mapping[str, Any], mirrors: Mapping[str, tuple[str, ...]] | None, reading: bool
+) -> tuple[str, RuleCompare] | None:
     _unknown(p, path, data, _RULE)
     rule_id = data.get("rule")
     if not isinstance(rule_id, str) or not rule_id:
@@ -143,10 +145,10 @@ def _rule(p: Problems, path: str, data: Mapping[str, Any], mirrors: Mapping[str,
         if known_targets is not None and target not in known_targets:
             guess = did_you_mean(target, known_targets)
             p.add(f"{path}targets", f"{target!r} is not a mirror target of {rule_id}" + (f"; did you mean {guess}?" if guess else ""))
-    if not targets and mirrors is None:  # with the mirrors known, an unknown rule is reported above
+    if not targets and mirrors is None and not reading:  # with the mirrors known, an unknown rule is reported above
         p.add(f"{path}targets", "required when the rule's mirrors are not known")
     secondary = data.get("secondary")
-    if secondary is not None and secondary not in targets:
+    if secondary is not None and secondary not in targets and (targets or not reading):
         guess = did_you_mean(str(secondary), targets)
         p.add(f"{path}secondary", f"{secondary!r} is not one of the compared targets" + (f"; did you mean {guess}?" if guess else ""))
     patterns = []
@@ -170,10 +172,14 @@ def mirror_targets(routes: Iterable[Route]) -> dict[str, tuple[str, ...]]:
     return {rule.id: tuple(m.backend for m in rule.mirrors) for route in routes for rule in route.rules if rule.mirrors}
 
 
-def parse_compare(data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] | None = None, at: str = "compare") -> CompareConfig:
+def parse_compare(
+    data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] | None = None, at: str = "compare", reading: bool = False
+) -> CompareConfig:
     """The ``compare`` mapping, strictly: every problem named by its field
     (``at``: the mapping's own path, ``spec.compare`` in a MirrorSampler
-    document). ``mirrors``: each rule id's mirror targets, when the routes are known."""
+    document). ``mirrors``: each rule id's mirror targets, when the routes are known.
+    ``reading``: for what reads the store (the report, whose targets are stored), so
+    targets left to routes that are not known are no problem."""
     p = Problems(where)
     top = _mapping(p, at, data)
     _unknown(p, f"{at}.", top, _TOP)
@@ -184,7 +190,7 @@ def parse_compare(data: Any, where: str, mirrors: Mapping[str, tuple[str, ...]] 
         raw_rules = []
     for i, entry in enumerate(raw_rules):
         path = f"{at}.rules[{i}]."
-        parsed = _rule(p, path, _mapping(p, path.rstrip("."), entry), mirrors)
+        parsed = _rule(p, path, _mapping(p, path.rstrip("."), entry), mirrors, reading)
         if parsed is not None:
             if parsed[0] in rules:
                 p.add(f"{path}rule", f"{parsed[0]!r} is listed twice")

@@ -57,9 +57,10 @@ def test_settings_are_checked_against_the_routes_with_a_did_you_mean(tmp_path: P
     assert not (tmp_path / "c.db").exists(), "refused before anything was created"
 
 
-def test_report_and_show_read_the_store(tmp_path: Path) -> None:
+def _one_compared_request(db: Path) -> None:
+    """rid-1 of shop/web/0: v2 differs at body.v, the secondary v1-again is the same."""
     config = CompareConfig(rules={"shop/web/0": RuleCompare(targets=("v2", "v1-again"), secondary="v1-again")})
-    store = CompareStore(tmp_path / "c.db", config)
+    store = CompareStore(db, config)
 
     def capture(side: Side, target: str, body: bytes) -> Capture:
         targets = ("v2", "v1-again") if side is Side.PRIMARY else (target,)
@@ -67,6 +68,10 @@ def test_report_and_show_read_the_store(tmp_path: Path) -> None:
 
     store.add([capture(Side.PRIMARY, "", b'{"v":1}'), capture(Side.SHADOW, "v1-again", b'{"v":1}'), capture(Side.SHADOW, "v2", b'{"v":2}')])
     store.close()
+
+
+def test_report_and_show_read_the_store(tmp_path: Path) -> None:
+    _one_compared_request(tmp_path / "c.db")
     (tmp_path / "routes.yaml").write_text(ROUTES)
     (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
     files = ["--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml"), "--routes", str(tmp_path / "routes.yaml")]
@@ -81,6 +86,23 @@ def test_report_and_show_read_the_store(tmp_path: Path) -> None:
     assert run("show", "nope", "--db", str(tmp_path / "c.db")).returncode == 1
     missing = run("report", "--db", str(tmp_path / "absent.db"))
     assert missing.returncode == 2 and "absent.db: no such file" in missing.stderr
+
+
+def test_a_report_needs_no_routes_for_targets_the_store_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings that leave the targets to the routes (as extproc/data/compare.yaml does)
+    serve the report without them; the observer, which needs the targets, still refuses."""
+    monkeypatch.delenv("MIRROR_CONFIG", raising=False)
+    _one_compared_request(tmp_path / "c.db")
+    (tmp_path / "compare.yaml").write_text("compare:\n  rules:\n  - {rule: shop/web/0, secondary: v1-again}\n")
+    settings = ["--config", str(tmp_path / "compare.yaml")]
+    status, out, err = in_process(capsys, "compare", "report", "--db", str(tmp_path / "c.db"), *settings, "--json")
+    assert status == 0, err
+    targets = {t["target"]: t for t in json.loads(out)["targets"]}
+    assert targets["v2"]["results"] == {"differs": 1} and targets["v1-again"]["results"] == {"same": 1}
+    refused = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "o.db"), *settings)  # a process: no hang if it starts
+    assert refused.returncode == 2 and "targets: required when the rule's mirrors are not known" in refused.stderr
 
 
 def test_envoy_config_gains_the_capture_points_and_envoy_accepts_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
