@@ -131,7 +131,7 @@ def run_hey(url: str, rate: int, seconds: float, connections: int = HEY_CONNECTI
 # One measurement of one variant
 
 
-def measure(stack: Stack, seconds: float, rates: tuple[int, ...]) -> dict[str, Any]:
+def measure(stack: Stack, seconds: float, rates: tuple[int, ...], hey_connections: int = HEY_CONNECTIONS) -> dict[str, Any]:
     pid = stack.processor_pid
     result: dict[str, Any] = {}
     run_wrk(stack.url, min(2, seconds))  # warm-up: connections, caches
@@ -153,7 +153,7 @@ def measure(stack: Stack, seconds: float, rates: tuple[int, ...]) -> dict[str, A
     for rate in rates:
         cpu0 = cpu_seconds(pid) if pid else 0.0
         before = stack.envoy.stats()
-        h = run_hey(stack.url, rate, seconds)
+        h = run_hey(stack.url, rate, seconds, hey_connections)
         after = stack.envoy.stats()
         if pid:
             n = primary_requests(after) - primary_requests(before)
@@ -379,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency for the Envoy under test (default 1)")
     ap.add_argument("--upstream-concurrency", type=int, default=1, help="Envoy --concurrency of the direct_response upstream (default 1)")
     ap.add_argument("--rates", default=",".join(map(str, RATES)), help="hey rates, req/s (default 500,1000,2000)")
+    ap.add_argument(
+        "--hey-connections",
+        type=int,
+        default=HEY_CONNECTIONS,
+        help=f"hey's connections for the latency columns (default {HEY_CONNECTIONS}; -q is per connection, so their requests "
+        "leave together and queue behind each other in Envoy: 1 spaces them evenly, as bench/compare_cost.py can)",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3 s phases, 1 repeat")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where latest.{md,json,png} go")
     args = ap.parse_args(argv)
@@ -419,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     pid = stack.processor_pid
                     rss_start = rss_mib(pid) if pid else 0.0
-                    r = measure(stack, args.duration, rates)
+                    r = measure(stack, args.duration, rates, args.hey_connections)
                     if pid:
                         r["rss_start"], r["rss_end"] = rss_start, rss_mib(pid)
                     runs[v.name].append(r)
@@ -447,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"Machine: {info['nproc']} cores, {info['cpu']}, Linux {info['kernel']}, Python {info['python']}. "
         f"Envoy --concurrency {args.concurrency} (upstream {args.upstream_concurrency}); wrk -t1 -c{WRK_CONNECTIONS} and "
-        f"hey -c{HEY_CONNECTIONS} at fixed rates, {args.duration:g} s phases, medians of {args.repeats} repeat(s), each repeat in a "
+        f"hey -c{args.hey_connections} at fixed rates, {args.duration:g} s phases, medians of {args.repeats} repeat(s), each repeat in a "
         f"rotated order; {PERCENT}% mirrored. Load generators, both Envoys and the processor share the same cores. Code: {code}."
     )
     print()
