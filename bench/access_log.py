@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.testbed import LOOPBACK
+from bench.variants import listener_manager
 
 Config = dict[str, Any]
 
@@ -57,8 +58,7 @@ def access_log(config: Config, sink_port: int) -> Config:
         }
 
     address = {"socketAddress": {"address": LOOPBACK, "portValue": sink_port}}
-    (ingress,) = (e for e in config["staticResources"]["listeners"] if e["name"] == "ingress")
-    manager: Config = ingress["filterChains"][0]["filters"][0]["typedConfig"]
+    manager = listener_manager(config, "ingress")
     manager["accessLog"] = [logger("primary")]
     router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
     router["typedConfig"]["upstreamLog"] = [logger("upstream")]

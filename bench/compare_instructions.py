@@ -62,6 +62,7 @@ from bench.access_log import access_log, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
+from bench.variants import listener_manager  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_LISTENER, TARGET_HEADER, render_with_capture  # noqa: E402
 from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side  # noqa: E402
@@ -72,19 +73,13 @@ VARIANTS = ("off", "on", "on-absent")
 Config = dict[str, Any]
 
 
-def _manager(config: Config, listener: str) -> Config:
-    (entry,) = (e for e in config["staticResources"]["listeners"] if e["name"] == listener)
-    manager: Config = entry["filterChains"][0]["filters"][0]["typedConfig"]
-    return manager
-
-
 def _capture_filter(manager: Config) -> Config:
     found: Config = next(f for f in manager["httpFilters"] if f["name"] == CAPTURE_FILTER)
     return found
 
 
 def _variant_route(config: Config) -> Config:
-    routes = _manager(config, "ingress")["routeConfig"]["virtualHosts"][0]["routes"]
+    routes = listener_manager(config, "ingress")["routeConfig"]["virtualHosts"][0]["routes"]
     found: Config = next(r for r in routes if " mirror " in r["name"])
     return found
 
@@ -95,7 +90,7 @@ def no_primary_capture(config: Config) -> Config:
 
 
 def no_shadow_capture(config: Config) -> Config:
-    manager = _manager(config, CAPTURE_LISTENER)
+    manager = listener_manager(config, CAPTURE_LISTENER)
     manager["httpFilters"].remove(_capture_filter(manager))
     return config
 
@@ -114,19 +109,19 @@ def _primary_mode(config: Config) -> Config:
 
 def no_request_headers(config: Config) -> Config:
     _primary_mode(config)["requestHeaderMode"] = "SKIP"
-    _capture_filter(_manager(config, CAPTURE_LISTENER))["typedConfig"]["processingMode"]["requestHeaderMode"] = "SKIP"
+    _capture_filter(listener_manager(config, CAPTURE_LISTENER))["typedConfig"]["processingMode"]["requestHeaderMode"] = "SKIP"
     return config
 
 
 def attributes(config: Config) -> Config:
     _primary_mode(config)["requestHeaderMode"] = "SKIP"
     wanted = ["request.id", "request.path", "request.method", "request.time"]
-    _capture_filter(_manager(config, "ingress"))["typedConfig"]["responseAttributes"] = wanted
+    _capture_filter(listener_manager(config, "ingress"))["typedConfig"]["responseAttributes"] = wanted
     return config
 
 
 def upstream_capture(config: Config) -> Config:
-    shadow = copy.deepcopy(_capture_filter(_manager(config, CAPTURE_LISTENER)))
+    shadow = copy.deepcopy(_capture_filter(listener_manager(config, CAPTURE_LISTENER)))
     no_hop(config)
     tag = CaptureTag(Side.SHADOW, "simple", (MIRROR,)).encode()
     shadow["typedConfig"]["grpcService"]["initialMetadata"] = [{"key": CAPTURE_METADATA, "value": tag}]

@@ -51,6 +51,14 @@ def hcm_configs(config: dict[str, Any], k: Keys) -> list[dict[str, Any]]:
     return out
 
 
+def listener_manager(config: dict[str, Any], listener: str) -> dict[str, Any]:
+    """The http_connection_manager typed_config of the named listener (its one filter chain)."""
+    k = Keys(config)
+    (entry,) = (e for e in config[k("static_resources")]["listeners"] if e["name"] == listener)
+    manager: dict[str, Any] = entry[k("filter_chains")][0]["filters"][0][k("typed_config")]
+    return manager
+
+
 def native_yaml(policy: Policy, topology: Topology) -> str:
     """The sampler's configuration with the sampler taken out.
 
