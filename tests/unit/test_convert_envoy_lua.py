@@ -21,16 +21,11 @@ from extproc.envoy.lua import DECIDE_FILTER, rule_script
 from extproc.envoy.module import MODULE_FILTER
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from tests.support.paths import CONFORMANCE, DATA
+from tests.unit.test_convert_envoy_module import SOURCE, routes
 
 REVIEWS = DATA / "convert" / "istio" / "reviews.yaml"
 
-SOURCE = DATA / "convert" / "envoy" / "envoy.yaml"
 ENVIRON = {"MIRROR_KEY": "cookie:session,header:x-request-id", "MIRROR_SALT": "v2"}
-
-
-def routes(boot: dict[str, Any]) -> list[dict[str, Any]]:
-    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
 
 
 def test_lua_replaces_the_sampler_and_routes_carry_their_rules_scripts() -> None:
