@@ -81,6 +81,58 @@ def access_log(config: Config, sink_port: int) -> Config:
     return config
 
 
+PRIMARY_CAPTURE_LUA = """
+function envoy_on_response(handle)
+  local parts = {}
+  local n = 0
+  for chunk in handle:bodyChunks() do
+    if n < 65536 then
+      local s = chunk:getBytes(0, math.min(chunk:length(), 65536 - n))
+      parts[#parts + 1] = s
+      n = n + #s
+    end
+  end
+  handle:streamInfo():dynamicMetadata():set("mirror-sampler", "body", table.concat(parts))
+end
+"""
+SHADOW_CAPTURE_LUA = """
+function envoy_on_response(handle)
+  local body = handle:body()
+  local s = ""
+  if body ~= nil then s = body:getBytes(0, math.min(body:length(), 65536)) end
+  handle:headers():add("x-mirror-sampler-body", handle:base64Escape(s))
+end
+"""
+
+
+def access_log_bodies(config: Config, sink_port: int, mirror_cluster: str) -> Config:
+    """``access_log`` plus the bodies: a Lua filter before the router copies the primary's
+    body into dynamic metadata (logged with the entry), and a Lua upstream filter of the
+    target's cluster puts the shadow's buffered body, base64, into a response header the
+    router's ``upstream_log`` logs. Scratch measurement of docs/compare.md's way forward."""
+    access_log(config, sink_port)
+    manager = listener_manager(config, "ingress")
+    lua_type = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+
+    def lua(name: str, script: str) -> Config:
+        return {"name": name, "typedConfig": {"@type": lua_type, "defaultSourceCode": {"inlineString": script}}}
+
+    capture = lua("mirror-sampler-capture-lua", PRIMARY_CAPTURE_LUA)
+    manager["httpFilters"].insert(len(manager["httpFilters"]) - 1, capture)
+    router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
+    router["typedConfig"]["upstreamLog"][0]["typedConfig"]["additionalResponseHeadersToLog"].append("x-mirror-sampler-body")
+    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
+    shadow = lua("envoy.filters.http.lua", SHADOW_CAPTURE_LUA)
+    options = {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicitHttpConfig": {"httpProtocolOptions": {}},
+        "httpFilters": [shadow, {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec}],
+    }
+    (target,) = (c for c in config["staticResources"]["clusters"] if c["name"] == mirror_cluster)
+    target["typedExtensionProtocolOptions"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
+    return config
+
+
 def start_sink(port: int, out: Path) -> subprocess.Popen[bytes]:
     """The sink on 127.0.0.1:``port``, writing the bytes it received so far to ``out``."""
     return subprocess.Popen([sys.executable, "-c", SINK, str(port), str(out)])

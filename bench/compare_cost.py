@@ -25,7 +25,9 @@ that every request measured is a mirrored one):
   and its mirrors are counted there, not in ``compared / mirrored``;
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
-  would cost the primary at least (no bodies, nothing compared).
+  would cost the primary at least (no bodies, nothing compared); and
+  ``access-log-bodies``, the same with both sides' bodies copied by Lua
+  filters into what the log carries (bench/access_log.py).
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -60,7 +62,7 @@ if str(REPO) not in sys.path:
 import yaml  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from bench.access_log import access_log, received, start_sink  # noqa: E402
+from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
 from bench.procstat import code_state, cpu_seconds, machine  # noqa: E402
 from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             observers["on-absent"] = Observers([], [Address("127.0.0.1", free_port()) for _ in range(args.observers)])
         if args.access_log:
             observers["access-log"] = Observers()
+            observers["access-log-bodies"] = Observers()
     except BaseException:
         for o in observers.values():
             o.stop()
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             return render
         if name == "access-log":
             return lambda p, topology: yaml.safe_dump(access_log(yaml.safe_load(render(p, topology)), sink_port))
+        if name == "access-log-bodies":
+            return lambda p, topology: yaml.safe_dump(access_log_bodies(yaml.safe_load(render(p, topology)), sink_port, MIRROR))
         addresses = observers[name].addresses
         if name == "on-apart":
             return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]

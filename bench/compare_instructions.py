@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.access_log import access_log, received, start_sink  # noqa: E402
+from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     measured: dict[str, float] = {}
     compared = 0
     try:
-        for name in VARIANTS + ((*PARTS, "access-log") if args.parts else ()):
+        for name in VARIANTS + ((*PARTS, "access-log", "access-log-bodies") if args.parts else ()):
             if args.only and name != "off" and name not in args.only:
                 continue
             port = free_port()
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                 config = render(policy, topology)
             elif name == "access-log":
                 config = yaml.safe_dump(access_log(yaml.safe_load(render(policy, topology)), sink_port))
+            elif name == "access-log-bodies":
+                config = yaml.safe_dump(access_log_bodies(yaml.safe_load(render(policy, topology)), sink_port, MIRROR))
             elif name in PARTS:
                 config = yaml.safe_dump(PARTS[name](yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
             else:
