@@ -15,6 +15,15 @@ from typing import Final
 
 # gRPC metadata on every capture stream: who this side is (a CaptureTag as JSON).
 CAPTURE_METADATA: Final = "x-mirror-sampler-capture"
+# Capture by Envoy's gRPC access log: the capture filter (Lua, extproc/compare/envoy.py)
+# writes these fields, all strings but ``truncated`` (a bool), into the request's
+# dynamic metadata under CAPTURE_NAMESPACE; the access log entry carries them.
+CAPTURE_NAMESPACE: Final = "mirror-sampler.compare"
+TAG_FIELD: Final = "tag"  # a CaptureTag as JSON
+HEADERS_FIELD: Final = "headers"  # base64 of the response headers, "name: value" lines joined by "\n" (":status" among them)
+BODY_FIELD: Final = "body"  # base64 of the response body's first bytes (at most the bound)
+TRUNCATED_FIELD: Final = "truncated"  # the body went past the bound
+ACCESS_LOG_METHOD: Final = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 # Response headers never stored, whatever the user lists.
 NEVER_STORED: Final = frozenset({"set-cookie", "authorization", "cookie", "proxy-authorization"})
 # Request headers whose values are credentials: wherever a response repeats
