@@ -214,7 +214,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     if not isinstance(rendered, dict) or "staticResources" not in rendered:
         raise ConfigError([f"{args.envoy_config}: not the output of `mirror-sampler envoy-config` (no staticResources)"])
     marker = _marker_header(args.routes)
-    text = to_yaml(add_capture(rendered, config.compared(), marker, observers, config.shadow_timeout_s))
+    text = to_yaml(add_capture(rendered, config, marker, observers))
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:

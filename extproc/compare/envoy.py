@@ -2,26 +2,26 @@
 
 Verified against Envoy 1.40 (docs/compare.md, tests/e2e/test_compare.py):
 
-- Primary side: an ext_proc filter in ``observability_mode`` (Envoy sends and
-  does not wait: the primary is never slowed) after the deciding filter,
-  disabled on the listener. Envoy builds a request's filter chain once, from
-  the first route it matched (the plain route, before the decision's
-  ``clear_route_cache``), so enabling the filter on the variant routes alone
-  would never create it. The plain route of each compared rule therefore
-  enables it with the filter's default processing mode, which sends nothing
-  (no gRPC stream for requests that are not mirrored); each variant route
-  overrides the processing mode to send the response (ext_proc reads its
-  per-route configuration when its own turn comes, after the re-match) and
-  names the rule and the mirrored targets in gRPC metadata.
+- Each side is captured by a Lua filter (``CAPTURE_LUA``) after the deciding
+  filter, which copies the response's headers and the first ``bodyLimit``
+  bytes of its body into the request's dynamic metadata as they pass (the
+  body streams on: nothing waits), and Envoy's gRPC access log ships the
+  entry to the observers after the response has gone, batched with other
+  requests' on one stream per worker. The filter has no default script: only
+  routes that name it (``LuaPerRoute``) run it, and its route metadata says
+  who is captured (a ``CaptureTag``). The variant routes of a compared rule
+  name it; Lua reads its per-route configuration in its own turn, after the
+  decision's re-match (``clear_route_cache``), so a request the decision did
+  not mirror runs nothing. The access log logs only entries that carry a tag.
 - Shadow side: the mirror policy of a compared target sends the copy to an
   internal listener of the same Envoy (no socket) and names the target in a
   header; the internal listener's route for that rule and target removes the
-  header, observes the response the same way, and forwards to the target's
+  header, captures the response the same way, and forwards to the target's
   own cluster (whose stats stay what they were). It never mirrors again.
 
 The deciding filter may be the sampler's ext_proc, the inline Lua or the dynamic
 module: each re-matches by clearing the route cache before the capture filter's
-turn, so the variant's override applies alike (tests/e2e/test_compare_inline.py).
+turn, so the variant's configuration applies alike (tests/e2e/test_compare_inline.py).
 The same pieces go into a whole bootstrap (``add_capture``), into the routes file
 of filesystem RDS (``add_capture_to_discovery``: `up --inline`), and into the
 snippet (``add_capture_to_snippet``, in the snippet's snake_case).
@@ -42,107 +42,140 @@ from ..core.policy import Policy
 from ..envoy import module, render
 from ..envoy.render import Address, Topology, as_data, set_header_mutation, to_yaml
 from .config import CompareConfig
-from .records import CAPTURE_METADATA, CaptureTag, Side
+from .records import BODY_FIELD, CAPTURE_NAMESPACE, CREDENTIALS, HEADERS_FIELD, TAG_FIELD, TRUNCATED_FIELD, CaptureTag, Side
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
+    import envoy_data_plane.envoy.config.accesslog.v3 as accesslog
     import envoy_data_plane.envoy.config.cluster.v3 as cluster
     import envoy_data_plane.envoy.config.core.v3 as core
     import envoy_data_plane.envoy.config.endpoint.v3 as endpoint
     import envoy_data_plane.envoy.config.listener.v3 as listener
     import envoy_data_plane.envoy.config.route.v3 as route
+    import envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 as grpc_log
     import envoy_data_plane.envoy.extensions.bootstrap.internal_listener.v3 as internal_listener
-    import envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 as ext_proc
+    import envoy_data_plane.envoy.extensions.filters.http.lua.v3 as lua
     import envoy_data_plane.envoy.extensions.filters.http.router.v3 as router
     import envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 as hcm
     import envoy_data_plane.envoy.extensions.upstreams.http.v3 as upstream_http
     import envoy_data_plane.envoy.type.matcher.v3 as matcher
     from envoy_data_plane.google.protobuf import Any as AnyMessage
+    from envoy_data_plane.google.protobuf import Struct, Value
 
 CAPTURE_FILTER: Final = "mirror-sampler.compare-capture"
+CAPTURE_SCRIPT: Final = "capture"
+# http.<connection manager>.lua.compare.executions: one per captured response.
+CAPTURE_STATS: Final = "compare"
 CAPTURE_SERVICE_CLUSTER: Final = "mirror-sampler-compare"
 CAPTURE_SHADOW_CLUSTER: Final = "mirror-sampler-compare-shadow"
 CAPTURE_LISTENER: Final = "mirror-sampler-compare-shadow"
+CAPTURE_LOG: Final = "mirror-sampler-compare"
 # On the mirrored copy only, between the mirror policy and the capture listener.
 TARGET_HEADER: Final = "x-mirror-sampler-compare-target"
 HCM_TYPE: Final = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+# How long Envoy holds access log entries before it sends a batch (its default is 1 s).
+LOG_FLUSH_INTERVAL: Final = datetime.timedelta(milliseconds=200)
 
-_SEND = ext_proc.ProcessingModeHeaderSendMode.SEND
-_SKIP = ext_proc.ProcessingModeHeaderSendMode.SKIP
-_NONE = ext_proc.ProcessingModeBodySendMode.NONE
-_STREAMED = ext_proc.ProcessingModeBodySendMode.STREAMED
-# Observability mode only sends STREAMED (or NONE) bodies; trailers are not compared.
-OBSERVE: Final = ext_proc.ProcessingMode(
-    request_header_mode=_SEND,
-    response_header_mode=_SEND,
-    request_body_mode=_NONE,
-    response_body_mode=_STREAMED,
-    request_trailer_mode=_SKIP,
-    response_trailer_mode=_SKIP,
-)
-SEND_NOTHING: Final = ext_proc.ProcessingMode(
-    request_header_mode=_SKIP,
-    response_header_mode=_SKIP,
-    request_body_mode=_NONE,
-    response_body_mode=_NONE,
-    request_trailer_mode=_SKIP,
-    response_trailer_mode=_SKIP,
-)
+# The route's metadata (under the filter's name) names who is captured. The body
+# is copied chunk by chunk as it passes, up to the bound, and never held back.
+CAPTURE_LUA: Final = f"""\
+-- mirror-sampler: this side's response, into the request's dynamic metadata;
+-- Envoy's gRPC access log ships it after the response (docs/compare.md).
+local NAMESPACE = "{CAPTURE_NAMESPACE}"
+local LIMIT = %(limit)d
+function envoy_on_response(handle)
+  local tag = handle:metadata():get("{TAG_FIELD}")
+  if tag == nil then
+    return
+  end
+  local lines = {{}}
+  for name, value in pairs(handle:headers()) do
+    lines[#lines + 1] = name .. ": " .. value
+  end
+  local parts, kept, truncated = {{}}, 0, false
+  for chunk in handle:bodyChunks() do
+    local length = chunk:length()
+    local take = math.min(length, LIMIT - kept)
+    if take > 0 then
+      parts[#parts + 1] = chunk:getBytes(0, take)
+      kept = kept + take
+    end
+    if take < length then
+      truncated = true
+    end
+  end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  metadata:set(NAMESPACE, "{HEADERS_FIELD}", handle:base64Escape(table.concat(lines, "\\n")))
+  metadata:set(NAMESPACE, "{BODY_FIELD}", handle:base64Escape(table.concat(parts)))
+  metadata:set(NAMESPACE, "{TRUNCATED_FIELD}", truncated)
+  metadata:set(NAMESPACE, "{TAG_FIELD}", tag)
+end
+"""
 
 
-def capture_filter(mode: ext_proc.ProcessingMode, *, disabled: bool) -> hcm.HttpFilter:
-    processor = ext_proc.ExternalProcessor(
+def capture_script(body_limit: int) -> str:
+    return CAPTURE_LUA % {"limit": body_limit}
+
+
+def capture_filter(body_limit: int) -> hcm.HttpFilter:
+    """The Lua filter, with no default script: routes that capture name ``CAPTURE_SCRIPT``."""
+    script = core.DataSource(inline_string=capture_script(body_limit))
+    config = lua.Lua(source_codes={CAPTURE_SCRIPT: script}, stat_prefix=CAPTURE_STATS)
+    return hcm.HttpFilter(name=CAPTURE_FILTER, typed_config=AnyMessage.pack(config))
+
+
+def capture_log(private_headers: frozenset[str]) -> accesslog.AccessLog:
+    """Envoy's gRPC access log of the captured requests (those whose capture filter
+    left a tag), to the observers; with the credentials and private headers the
+    observer scrubs from what it stores."""
+    common = grpc_log.CommonGrpcAccessLogConfig(
+        log_name=CAPTURE_LOG,
         grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=CAPTURE_SERVICE_CLUSTER)),
-        observability_mode=True,
-        # An absent observer never touches the request.
-        failure_mode_allow=True,
-        processing_mode=mode,
-        # The observer ends each stream itself once the response is complete;
-        # this only bounds streams whose response never completes.
-        deferred_close_timeout=datetime.timedelta(seconds=5),
-        stat_prefix="compare",
+        transport_api_version=core.ApiVersion.V3,
+        buffer_flush_interval=LOG_FLUSH_INTERVAL,
     )
-    return hcm.HttpFilter(name=CAPTURE_FILTER, typed_config=AnyMessage.pack(processor), disabled=disabled)
-
-
-def _metadata(tag: CaptureTag) -> list[core.HeaderValue]:
-    return [core.HeaderValue(key=CAPTURE_METADATA, value=tag.encode())]
-
-
-def enable_on_plain_route() -> route.FilterConfig:
-    """The filter exists for this rule's requests, and sends nothing by itself."""
-    return route.FilterConfig(config=AnyMessage.pack(ext_proc.ExtProcPerRoute(overrides=ext_proc.ExtProcOverrides())))
-
-
-def observe_primary(rule_id: str, targets: Sequence[str]) -> route.FilterConfig:
-    overrides = ext_proc.ExtProcOverrides(
-        processing_mode=OBSERVE, grpc_initial_metadata=_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(targets)))
+    logger = grpc_log.HttpGrpcAccessLogConfig(common_config=common, additional_request_headers_to_log=sorted(CREDENTIALS | private_headers))
+    tagged = accesslog.MetadataFilter(
+        matcher=matcher.MetadataMatcher(
+            filter=CAPTURE_NAMESPACE,
+            path=[matcher.MetadataMatcherPathSegment(key=TAG_FIELD)],
+            value=matcher.ValueMatcher(present_match=True),
+        ),
+        # Envoy's default logs a request whose metadata lacks the key.
+        match_if_key_not_found=False,
     )
-    return route.FilterConfig(config=AnyMessage.pack(ext_proc.ExtProcPerRoute(overrides=overrides)))
-
-
-def observe_shadow(rule_id: str, target: str) -> ext_proc.ExtProcPerRoute:
-    return ext_proc.ExtProcPerRoute(
-        overrides=ext_proc.ExtProcOverrides(grpc_initial_metadata=_metadata(CaptureTag(Side.SHADOW, rule_id, (target,))))
+    return accesslog.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=accesslog.AccessLogFilter(metadata_filter=tagged),
+        typed_config=AnyMessage.pack(logger),
     )
+
+
+def _capture_here() -> AnyMessage:
+    return AnyMessage.pack(lua.LuaPerRoute(name=CAPTURE_SCRIPT))
+
+
+def _tag_metadata(tag: CaptureTag) -> core.Metadata:
+    return core.Metadata(filter_metadata={CAPTURE_FILTER: Struct(fields={TAG_FIELD: Value(string_value=tag.encode())})})
 
 
 def _exact(name: str, value: str) -> route.HeaderMatcher:
     return route.HeaderMatcher(name=name, string_match=matcher.StringMatcher(exact=value))
 
 
-def capture_listener(compared: Mapping[str, Sequence[str]], marker_header: str, shadow_timeout_s: float = 15.0) -> listener.Listener:
+def capture_listener(compare: CompareConfig, marker_header: str) -> listener.Listener:
     """The internal listener mirrored copies of compared targets go through."""
     routes = [
         route.Route(
             name=f"{rule_id} compare {target}",
             match=route.RouteMatch(prefix="/", headers=[_exact(marker_header, rule_id), _exact(TARGET_HEADER, target)]),
             # A shadow that never answers: Envoy answers 504 for it after this (shadow_error).
-            route=route.RouteAction(cluster=target, timeout=datetime.timedelta(seconds=shadow_timeout_s)),
+            route=route.RouteAction(cluster=target, timeout=datetime.timedelta(seconds=compare.shadow_timeout_s)),
             request_headers_to_remove=[TARGET_HEADER],
-            typed_per_filter_config={CAPTURE_FILTER: AnyMessage.pack(observe_shadow(rule_id, target))},
+            typed_per_filter_config={CAPTURE_FILTER: _capture_here()},
+            metadata=_tag_metadata(CaptureTag(Side.SHADOW, rule_id, (target,))),
         )
-        for rule_id, targets in compared.items()
+        for rule_id, targets in compare.compared().items()
         for target in targets
     ]
     manager = hcm.HttpConnectionManager(
@@ -151,9 +184,10 @@ def capture_listener(compared: Mapping[str, Sequence[str]], marker_header: str, 
             name=CAPTURE_LISTENER, virtual_hosts=[route.VirtualHost(name="shadows", domains=["*"], routes=routes)]
         ),
         http_filters=[
-            capture_filter(OBSERVE, disabled=False),
+            capture_filter(compare.body_limit),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
         ],
+        access_log=[capture_log(compare.private_headers)],
         # The copy keeps the primary's request id: the join key.
         preserve_external_request_id=True,
     )
@@ -210,16 +244,12 @@ def capture_clusters(observers: Sequence[Address]) -> list[cluster.Cluster]:
 
 
 def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]], casing: Casing) -> None:
-    """Plain route of a compared rule: enable; variant route: observe and send its compared
-    copies through the capture listener. ``entry`` is a route as data, its field names
-    spelled in ``casing``."""
+    """Variant route of a compared rule: capture, and send its compared copies through
+    the capture listener. ``entry`` is a route as data, its field names spelled in
+    ``casing``."""
     name = entry.get("name", "")
     rule_id, is_variant, _ = name.partition(" mirror ")
-    if rule_id not in compared:
-        return
-    per_route = entry.setdefault(casing("typed_per_filter_config"), {})
-    if not is_variant:
-        per_route[CAPTURE_FILTER] = as_data(AnyMessage.pack(enable_on_plain_route()), casing)
+    if rule_id not in compared or not is_variant:
         return
     observed = []
     for policy in entry.get("route", {}).get(casing("request_mirror_policies"), []):
@@ -228,8 +258,12 @@ def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]],
             policy["cluster"] = CAPTURE_SHADOW_CLUSTER
             policy.setdefault(casing("request_headers_mutations"), []).append(as_data(set_header_mutation(TARGET_HEADER, target), casing))
             observed.append(target)
-    if observed:  # a variant mirroring only targets not compared observes nothing
-        per_route[CAPTURE_FILTER] = as_data(AnyMessage.pack(observe_primary(rule_id, observed)), casing)
+    if not observed:  # a variant mirroring only targets not compared captures nothing
+        return
+    entry.setdefault(casing("typed_per_filter_config"), {})[CAPTURE_FILTER] = as_data(_capture_here(), casing)
+    tag = as_data(_tag_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(observed))), casing)
+    metadata = entry.setdefault("metadata", {}).setdefault(casing("filter_metadata"), {})
+    metadata.update(tag[casing("filter_metadata")])
 
 
 def _capture_virtual_hosts(hosts: Sequence[dict[str, Any]], compared: Mapping[str, Sequence[str]], casing: Casing) -> None:
@@ -251,27 +285,18 @@ def add_capture_to_discovery(discovery: Mapping[str, Any], compared: Mapping[str
     return {**discovery, "resources": [add_capture_routes(r, compared) for r in discovery["resources"]]}
 
 
-def _disabled_capture_filter(casing: Casing) -> dict[str, Any]:
-    return as_data(capture_filter(SEND_NOTHING, disabled=True), casing)
-
-
 def _internal_listener_extension(casing: Casing) -> dict[str, Any]:
     extension = AnyMessage.pack(internal_listener.InternalListener())
     return {"name": "envoy.bootstrap.internal_listener", casing("typed_config"): as_data(extension, casing)}
 
 
-def add_capture(
-    bootstrap: Mapping[str, Any],
-    compared: Mapping[str, Sequence[str]],
-    marker_header: str,
-    observers: Sequence[Address],
-    shadow_timeout_s: float = 15.0,
-) -> dict[str, Any]:
+def add_capture(bootstrap: Mapping[str, Any], compare: CompareConfig, marker_header: str, observers: Sequence[Address]) -> dict[str, Any]:
     """A copy of a rendered bootstrap (``as_data`` form) that captures the
-    responses of the ``compared`` rules' mirrored requests, for these targets
-    of each rule, and streams them to ``observers``; a compared shadow that
-    has not answered after ``shadow_timeout_s`` is answered 504 by Envoy.
+    responses of the compared rules' mirrored requests, for their compared
+    targets, and logs them to ``observers``; a compared shadow that has not
+    answered after ``compare.shadow_timeout_s`` is answered 504 by Envoy.
     Routes served by RDS are not in the bootstrap: ``add_capture_to_discovery`` them."""
+    compared = compare.compared()
     out = copy.deepcopy(dict(bootstrap))
     static = out["staticResources"]
     for entry in static["listeners"]:
@@ -282,42 +307,43 @@ def add_capture(
                     continue
                 filters = manager["httpFilters"]
                 # After the deciding filter (its re-match picks the variant), before the router.
-                filters.insert(len(filters) - 1, _disabled_capture_filter(Casing.CAMEL))
+                filters.insert(len(filters) - 1, as_data(capture_filter(compare.body_limit)))
+                manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers)))
                 if "routeConfig" in manager:
                     manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compared)
-    static["listeners"].append(as_data(capture_listener(compared, marker_header, shadow_timeout_s)))
+    static["listeners"].append(as_data(capture_listener(compare, marker_header)))
     static["clusters"].extend(as_data(c) for c in capture_clusters(observers))
     out.setdefault("bootstrapExtensions", []).append(_internal_listener_extension(Casing.CAMEL))
     return out
 
 
 def add_capture_to_snippet(
-    snippet: Mapping[str, Any],
-    compared: Mapping[str, Sequence[str]],
-    marker_header: str,
-    observers: Sequence[Address],
-    shadow_timeout_s: float = 15.0,
+    snippet: Mapping[str, Any], compare: CompareConfig, marker_header: str, observers: Sequence[Address]
 ) -> dict[str, Any]:
     """A copy of a snippet (snake_case data: http_filters, clusters, virtual_hosts) with
-    the capture points, and the two pieces a snippet has no place for otherwise: the
-    internal listener (``listeners``) and Envoy's extension that runs it
-    (``bootstrap_extensions``)."""
+    the capture points, and the pieces a snippet has no place for otherwise: the
+    access log of your connection manager (``access_log``), the internal listener
+    (``listeners``) and Envoy's extension that runs it (``bootstrap_extensions``)."""
     snake = Casing.SNAKE
     out = copy.deepcopy(dict(snippet))
     # The snippet's filters go ahead of the user's router: the capture filter is their last.
-    out["http_filters"] = [*out["http_filters"], _disabled_capture_filter(snake)]
+    out["http_filters"] = [*out["http_filters"], as_data(capture_filter(compare.body_limit), snake)]
     out["clusters"] = [*out["clusters"], *(as_data(c, snake) for c in capture_clusters(observers))]
-    _capture_virtual_hosts(out["virtual_hosts"], compared, snake)
-    out["listeners"] = [as_data(capture_listener(compared, marker_header, shadow_timeout_s), snake)]
+    _capture_virtual_hosts(out["virtual_hosts"], compare.compared(), snake)
+    out["access_log"] = [as_data(capture_log(compare.private_headers), snake)]
+    out["listeners"] = [as_data(capture_listener(compare, marker_header), snake)]
     out["bootstrap_extensions"] = [_internal_listener_extension(snake)]
     return out
 
 
 SNIPPET_COMMENT = """\
 # spec.compare (docs/compare.md): the capture points are in it too.
-#  - http_filters: the last one, mirror-sampler.compare-capture, must come after
-#    the deciding filter(s) above and before the router; it is disabled here and
-#    enabled by the compared rules' routes (they carry its per-route config);
+#  - http_filters: the last one, mirror-sampler.compare-capture (Lua), must come
+#    after the deciding filter(s) above and before the router; it runs only on
+#    the compared rules' mirrored routes (they carry its per-route config and
+#    metadata);
+#  - access_log: add it to your connection manager's access_log: it sends the
+#    captured requests (only those) to the observers;
 #  - clusters: mirror-sampler-compare, the observers (`mirror-sampler compare
 #    capture`; `--observer HOST:PORT`, repeatable), and
 #    mirror-sampler-compare-shadow, the internal listener below; the compared
@@ -343,12 +369,12 @@ def render_with_capture(
     the configuration of the engine (the sampler's ext_proc; inline Lua when
     ``topology.inline``; the dynamic module at ``module_path``), whole or as a
     snippet, with the capture points of the compared rules and targets."""
-    compared, marker, timeout = compare.compared(), policy.slot_headers.marker, compare.shadow_timeout_s
+    marker = policy.slot_headers.marker
     if snippet_only:
         if module_path:
             base, comment = module.snippet(policy, topology, module_path), module.SNIPPET_COMMENT
         else:
             base, comment = render.snippet(policy, topology), render.SNIPPET_COMMENT
-        return to_yaml(add_capture_to_snippet(base, compared, marker, observers, timeout), comment + SNIPPET_COMMENT)
+        return to_yaml(add_capture_to_snippet(base, compare, marker, observers), comment + SNIPPET_COMMENT)
     config = module.bootstrap_config(policy, topology, module_path) if module_path else render.bootstrap_config(policy, topology)
-    return to_yaml(add_capture(as_data(config), compared, marker, observers, timeout))
+    return to_yaml(add_capture(as_data(config), compare, marker, observers))

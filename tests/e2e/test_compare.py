@@ -198,7 +198,7 @@ def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, i
     rendered = as_data(bootstrap_config(policy, topology))
     settings = observers_config(tmp_path)
     observed = [Address("127.0.0.1", o.port) for o in observers]
-    config = add_capture(rendered, settings.compared(), policy.slot_headers.marker, observed, settings.shadow_timeout_s)
+    config = add_capture(rendered, settings, policy.slot_headers.marker, observed)
     (tmp_path / "envoy.yaml").write_text(to_yaml(config))
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
     started.append(envoy)
@@ -234,11 +234,15 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
         {(rid, t): 1 for rid in expected for t in ("candidate", "secondary")}
     )
     assert store.pending_count() == 0
-    # Envoy's own witnesses: a capture stream per mirrored primary (none for
-    # unmirrored requests or the uncompared rule), one per compared copy.
+    # Envoy's own witnesses: the capture script ran once per mirrored primary
+    # (never for unmirrored requests or the uncompared rule) and once per
+    # compared copy, and the access log wrote exactly those entries.
     stats = envoy.stats()
-    assert stats["http.ingress_http.ext_proc.compare.streams_started"] == len(expected)
-    assert stats["http.compare_shadow.ext_proc.compare.streams_started"] == 2 * len(expected)
+    assert stats["http.ingress_http.lua.compare.executions"] == len(expected)
+    assert stats["http.compare_shadow.lua.compare.executions"] == 2 * len(expected)
+    assert stats["http.ingress_http.lua.compare.errors"] == stats["http.compare_shadow.lua.compare.errors"] == 0
+    assert stats["access_logs.grpc_access_log.logs_written"] == 3 * len(expected)
+    assert stats["access_logs.grpc_access_log.logs_dropped"] == 0
     assert stats["cluster.candidate.upstream_rq_total"] == len(expected) + 10
     assert stats["cluster.secondary.upstream_rq_total"] == len(expected)
     assert stats[f"listener.envoy_internal_{CAPTURE_LISTENER}.downstream_cx_total"] >= 1
@@ -351,7 +355,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_100_mib_body_is_captured_up_to_the_bound_and_envoy_stops_sending_it(tmp_path: Path, started: list[Any]) -> None:
+def test_a_100_mib_body_is_captured_up_to_the_bound_and_the_primary_streams_on(tmp_path: Path, started: list[Any]) -> None:
     backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
     started.extend(backends.values())
     envoy, observers, db = start_gateway(tmp_path, started, {name: server.port for name, server in backends.items()})
@@ -372,11 +376,10 @@ def test_a_100_mib_body_is_captured_up_to_the_bound_and_envoy_stops_sending_it(t
     assert found["candidate"].result is Result.SAME and found["secondary"].result is Result.SAME
     store.close()
     stats = envoy.stats()
-    # The observer ended each stream at the bound: Envoy sent a handful of
-    # messages per stream (3 when measured), not one per piece of 100 MiB,
-    # and the primary's request did not fail for it.
-    assert stats["http.ingress_http.ext_proc.compare.stream_msgs_sent"] <= 10
-    assert stats["http.compare_shadow.ext_proc.compare.stream_msgs_sent"] <= 20
-    assert stats["http.ingress_http.ext_proc.compare.streams_failed"] == 0
+    # The capture copied the first bytes and let the rest stream past: one
+    # entry per side, no script error, the primary's request whole (above).
+    assert stats["access_logs.grpc_access_log.logs_written"] == 3
+    assert stats["http.ingress_http.lua.compare.errors"] == stats["http.compare_shadow.lua.compare.errors"] == 0
+    assert stats["http.compare_shadow.downstream_rq_2xx"] == 2, "both copies streamed whole through the capture listener"
     grown = [rss_kib(o.pid) - b for o, b in zip(observers, before, strict=True)]
     assert max(grown) < 32 * 1024, f"observer memory grew by {grown} KiB"

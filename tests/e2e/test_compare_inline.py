@@ -112,25 +112,26 @@ def test_the_decision_in_envoy_captures_exactly_the_mirrored_requests(
         assert client.request(f"/other/{key}", "shop.example", {"x-request-id": f"{key}-other"})[0] == 200
     expected = {rid: kind for rid, kind in sent.items() if mirrored(rid)}
     assert 0 < len(expected) < len(sent), "the key set must have mirrored and unmirrored requests"
-    # Forged slot headers select a variant route first (whose capture override sends);
-    # the decision strips them and re-matches to the plain route, which sends nothing.
+    # Forged slot headers select a variant route first (whose configuration captures);
+    # the decision strips them and re-matches to the plain route, which captures nothing.
     forged = [f"{key}-forged" for key in KEYS if not mirrored(f"{key}-forged")][:10]
     for rid in forged:
         assert client.request(f"/api/field/{rid}", "shop.example", {"x-request-id": rid, **FORGED})[0] == 200
     client.close()
 
-    # Every mirror done, none in flight: each capture stream is opened by then (the
-    # primary's before its answer, a copy's before its upstream request).
     want = {"primary": len(sent) + 10 + len(forged), "candidate": len(expected) + 10, "secondary": len(expected)}
     assert settle(envoy, want) == want, "the forged requests were not mirrored"
-    stats = envoy.stats()
-    # One capture stream per mirrored primary (the variant's override, read after the
-    # re-match): none for unmirrored or forged requests, nor for the rule that does not compare.
-    assert stats["http.ingress_http.ext_proc.compare.streams_started"] == len(expected)
-    assert stats["http.compare_shadow.ext_proc.compare.streams_started"] == 2 * len(expected)
 
     store = CompareStore(db, observers_config(tmp_path))
     wait_until(lambda: len(store.comparisons()) >= 2 * len(expected), 30, "every mirrored request compared for both targets")
+    # Every capture logged by then (the comparisons are the positive witness): the
+    # script ran once per mirrored primary (the variant's configuration, read after
+    # the re-match) and once per compared copy; never for unmirrored or forged
+    # requests, nor for the rule that does not compare.
+    stats = envoy.stats()
+    assert stats["http.ingress_http.lua.compare.executions"] == len(expected)
+    assert stats["http.compare_shadow.lua.compare.executions"] == 2 * len(expected)
+    assert stats["access_logs.grpc_access_log.logs_written"] == 3 * len(expected)
     comparisons = store.comparisons()
     assert Counter((c.request_id, c.target) for c in comparisons) == Counter(
         {(rid, t): 1 for rid in expected for t in ("candidate", "secondary")}

@@ -299,14 +299,14 @@ def _observer(stack: Compose, name: str, labels: dict[str, str] | None = None) -
 
 CAPTURE_STREAMS = {
     # Envoy's capture filter on the gateway's listener (the primary's side) and on the
-    # internal listener the compared copies go through (the shadow's).
-    "primary": "http.ingress_http.ext_proc.compare.streams_started",
-    "shadow": "http.compare_shadow.ext_proc.compare.streams_started",
+    # internal listener the compared copies go through (the shadow's): one run each.
+    "primary": "http.ingress_http.lua.compare.executions",
+    "shadow": "http.compare_shadow.lua.compare.executions",
 }
 
 
 def _joined(stack: Compose) -> dict[str, int]:
-    """Envoy's capture streams, once the observer judged a pair for each (the other
+    """Envoy's captures, once the observer judged a pair for each (the other
     tests on this stack mirror too)."""
     rule, target = _compared_pair()
     got: dict[str, int] = {}
@@ -317,7 +317,7 @@ def _joined(stack: Compose) -> dict[str, int]:
         got["judged"] = _observer(stack, "mirror_sampler_compared_total", {"rule": rule, "target": target})
         return got["judged"] == got["primary"] == got["shadow"] or dict(got)  # the counts, for the failure
 
-    _wait("a comparison per capture stream", done, 30)
+    _wait("a comparison per capture", done, 30)
     return got
 
 
@@ -337,9 +337,9 @@ def test_compose_compares_each_mirrored_response(compose: Compose) -> None:
     before = _joined(compose)
     for key in COMPARE_KEYS:
         assert _get(compose, key)["pod"] == "backend"
-    # Positive witness: a capture stream per side of each mirrored request, each pair judged.
+    # Positive witness: a capture per side of each mirrored request, each pair judged.
     _wait(
-        "a capture stream per mirrored request",
+        "a capture per mirrored request",
         lambda: compose.stats().get(CAPTURE_STREAMS["primary"], 0) >= before["primary"] + len(sampled),
         30,
     )

@@ -272,7 +272,7 @@ def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: l
     wait_until(lambda: received(gw, "backend-2") == 20 + mirrored, 10, "the edited fraction mirrored")
     pairs = str(20 + mirrored)
     wait_until(lambda: compared_row()[:2] == ["backend-2", pairs], 20, f"the view counting {pairs} compared pairs")
-    assert gw.stat("http.ingress_http.ext_proc.compare.streams_started") == 20 + mirrored, "a stream per mirrored request only"
+    assert gw.stat("http.ingress_http.lua.compare.executions") == 20 + mirrored, "a capture per mirrored request only"
 
 
 def send(gw: LocalStack, keys: list[str]) -> None:

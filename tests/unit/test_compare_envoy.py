@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.envoy import (
     CAPTURE_FILTER,
     CAPTURE_LISTENER,
+    CAPTURE_SCRIPT,
     CAPTURE_SERVICE_CLUSTER,
     CAPTURE_SHADOW_CLUSTER,
     TARGET_HEADER,
     add_capture,
 )
-from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
+from extproc.compare.records import CAPTURE_NAMESPACE, TAG_FIELD, CaptureTag, Side
 from extproc.config.settings import Settings
 from extproc.config.source import load_policy
 from extproc.envoy.render import Address, Topology, as_data, backend_names, bootstrap_config
@@ -23,6 +25,9 @@ POLICY = load_policy(Settings.load({"MIRROR_CONFIG": str(CONFORMANCE)}))
 RENDERED = as_data(bootstrap_config(POLICY, Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)})))
 MULTI = POLICY.rules[2]  # two mirrors: infra-backend-v2 and infra-backend-v3
 COMPARED = {MULTI.id: ("infra-backend-v2",)}
+COMPARE = CompareConfig(
+    rules={MULTI.id: RuleCompare(targets=("infra-backend-v2",))}, body_limit=1000, private_headers=frozenset({"x-secret"})
+)
 OBSERVERS = [Address("127.0.0.1", 50061), Address("127.0.0.1", 50062)]
 
 
@@ -31,46 +36,55 @@ def manager(config: dict[str, Any]) -> dict[str, Any]:
     return typed
 
 
+def tag(route: dict[str, Any]) -> CaptureTag:
+    """Who the route captures: its metadata under the capture filter's name."""
+    return CaptureTag.decode(route["metadata"]["filterMetadata"][CAPTURE_FILTER][TAG_FIELD])
+
+
 def routes(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for host in manager(config)["routeConfig"]["virtualHosts"] for r in host["routes"]}
 
 
-def test_the_capture_filter_runs_after_the_sampler_disabled_on_the_listener() -> None:
-    filters = manager(add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS))["httpFilters"]
-    names = [f["name"] for f in filters]
+def test_the_capture_filter_runs_after_the_sampler_with_no_default_script_and_the_access_log_logs_only_captures() -> None:
+    rendered = manager(add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS))
+    names = [f["name"] for f in rendered["httpFilters"]]
     assert names.index(CAPTURE_FILTER) == len(names) - 2 and names[-1] == "envoy.filters.http.router"
-    capture = filters[-2]
-    assert capture["disabled"] is True
-    assert capture["typedConfig"]["observabilityMode"] is True and capture["typedConfig"]["failureModeAllow"] is True
-    mode = capture["typedConfig"]["processingMode"]
-    assert mode["requestHeaderMode"] == "SKIP" and mode["responseHeaderMode"] == "SKIP", "sends nothing unless a variant says so"
+    capture = rendered["httpFilters"][-2]["typedConfig"]
+    assert "defaultSourceCode" not in capture, "only the routes that name the script run it"
+    script = capture["sourceCodes"][CAPTURE_SCRIPT]["inlineString"]
+    assert "local LIMIT = 1000" in script and f'"{CAPTURE_NAMESPACE}"' in script, "spec.compare's bodyLimit"
+    [log] = rendered["accessLog"]
+    assert log["filter"]["metadataFilter"]["matcher"] == {
+        "filter": CAPTURE_NAMESPACE,
+        "path": [{"key": TAG_FIELD}],
+        "value": {"presentMatch": True},
+    }, "entries only for the requests the capture filter tagged"
+    assert log["filter"]["metadataFilter"]["matchIfKeyNotFound"] is False
+    logger = log["typedConfig"]
+    assert logger["commonConfig"]["grpcService"]["envoyGrpc"]["clusterName"] == CAPTURE_SERVICE_CLUSTER
+    assert logger["additionalRequestHeadersToLog"] == ["authorization", "cookie", "proxy-authorization", "x-secret"], "what is scrubbed"
 
 
 def test_only_the_compared_rule_is_touched_and_only_its_compared_targets_go_through_the_capture_listener() -> None:
-    before, after = routes(RENDERED), routes(add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS))
+    before, after = routes(RENDERED), routes(add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS))
     assert after.keys() == before.keys()
     for name, route in after.items():
         if not name.startswith(MULTI.id):
             assert route == before[name], name
-    plain = after[MULTI.id]["typedPerFilterConfig"][CAPTURE_FILTER]
-    assert plain["config"]["overrides"] == {}, "enabled, sending nothing"
+    assert after[MULTI.id] == before[MULTI.id], "the plain route runs no capture"
     both = after[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
     clusters = [p["cluster"] for p in both["route"]["requestMirrorPolicies"]]
     assert clusters == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
     headers = [m["append"]["header"] for m in both["route"]["requestMirrorPolicies"][0]["requestHeadersMutations"]]
     assert {"key": TARGET_HEADER, "value": "infra-backend-v2"} in headers
-    overrides = both["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]
-    assert overrides["processingMode"]["responseBodyMode"] == "STREAMED"
-    [metadata] = overrides["grpcInitialMetadata"]
-    assert metadata["key"] == CAPTURE_METADATA
-    assert CaptureTag.decode(metadata["value"]) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",))
+    assert both["typedPerFilterConfig"][CAPTURE_FILTER]["name"] == CAPTURE_SCRIPT
+    assert tag(both) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",))
     only_v3 = after[f"{MULTI.id} mirror infra-backend-v3"]
-    assert CAPTURE_FILTER not in only_v3.get("typedPerFilterConfig", {}), "mirrors only a target not compared: observes nothing"
-    assert only_v3["route"] == before[f"{MULTI.id} mirror infra-backend-v3"]["route"]
+    assert only_v3 == before[f"{MULTI.id} mirror infra-backend-v3"], "mirrors only a target not compared: captures nothing"
 
 
 def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_without_mirroring() -> None:
-    config = add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS)
+    config = add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS)
     listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
     assert "internalListener" in listener and "address" not in listener
     typed = listener["filterChains"][0]["filters"][0]["typedConfig"]
@@ -79,8 +93,10 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
     assert route["route"] == {"cluster": "infra-backend-v2", "timeout": "15s"}, "no mirror policy: no loop"
     assert {h["name"] for h in route["match"]["headers"]} == {POLICY.slot_headers.marker, TARGET_HEADER}
     assert route["requestHeadersToRemove"] == [TARGET_HEADER]
-    tag = route["typedPerFilterConfig"][CAPTURE_FILTER]["overrides"]["grpcInitialMetadata"][0]["value"]
-    assert CaptureTag.decode(tag) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",))
+    assert route["typedPerFilterConfig"][CAPTURE_FILTER]["name"] == CAPTURE_SCRIPT
+    assert tag(route) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",))
+    assert [f["name"] for f in typed["httpFilters"]] == [CAPTURE_FILTER, "envoy.filters.http.router"]
+    assert typed["accessLog"] == manager(config)["accessLog"], "the same log, filter and headers as the primary's"
     clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
     endpoints = clusters[CAPTURE_SERVICE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"]
     assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
@@ -90,7 +106,7 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
 
 
 def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
-    config = add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS, shadow_timeout_s=1.5)
+    config = add_capture(RENDERED, CompareConfig(rules=COMPARE.rules, shadow_timeout_s=1.5), POLICY.slot_headers.marker, OBSERVERS)
     listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
     [route] = listener["filterChains"][0]["filters"][0]["typedConfig"]["routeConfig"]["virtualHosts"][0]["routes"]
     assert route["route"]["timeout"] == "1.500s"
@@ -98,7 +114,7 @@ def test_the_shadow_timeout_bounds_the_wait_for_a_silent_shadow() -> None:
 
 def test_the_rendered_configuration_is_not_changed_in_place() -> None:
     snapshot = json.dumps(RENDERED, sort_keys=True)
-    add_capture(RENDERED, COMPARED, POLICY.slot_headers.marker, OBSERVERS)
+    add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS)
     assert json.dumps(RENDERED, sort_keys=True) == snapshot
 
 
@@ -146,10 +162,9 @@ def test_envoy_config_renders_the_capture_points_of_spec_compare() -> None:
     ]
     assert capture_route["route"] == {"cluster": "v2", "timeout": "3s"}, "spec.compare's target and shadowTimeout"
     by_name = routes(config)
-    assert CAPTURE_FILTER in by_name["shop/web/0"]["typedPerFilterConfig"], "the compared rule's plain route enables the capture"
-    assert CAPTURE_FILTER not in by_name["shop/web/1"].get("typedPerFilterConfig", {}), "a rule not compared: untouched"
-    primary_tag = by_name["shop/web/0 mirror v2+v3"]["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]["grpcInitialMetadata"]
-    assert CaptureTag.decode(primary_tag[0]["value"]) == CaptureTag(Side.PRIMARY, "shop/web/0", ("v2",))
+    assert CAPTURE_FILTER not in by_name["shop/web/0"].get("typedPerFilterConfig", {}), "the plain route captures nothing"
+    assert CAPTURE_FILTER not in by_name["shop/web/1 mirror v2"].get("typedPerFilterConfig", {}), "a rule not compared: untouched"
+    assert tag(by_name["shop/web/0 mirror v2+v3"]) == CaptureTag(Side.PRIMARY, "shop/web/0", ("v2",))
     clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
     endpoints = clusters[CAPTURE_SERVICE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"]
     assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
@@ -165,7 +180,7 @@ def test_routes_served_from_a_file_get_the_capture_points_there() -> None:
     from extproc.envoy.render import route_discovery
 
     topology = Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)}, inline=True, rds_path="/r/routes.yaml")
-    config = add_capture(as_data(bootstrap_config(POLICY, topology)), COMPARED, POLICY.slot_headers.marker, OBSERVERS)
+    config = add_capture(as_data(bootstrap_config(POLICY, topology)), COMPARE, POLICY.slot_headers.marker, OBSERVERS)
     assert [f["name"] for f in manager(config)["httpFilters"]] == [DECIDE_FILTER, CAPTURE_FILTER, "envoy.filters.http.router"]
     assert "routeConfig" not in manager(config) and "rds" in manager(config)
     discovery = route_discovery(POLICY, topology)
@@ -173,8 +188,10 @@ def test_routes_served_from_a_file_get_the_capture_points_there() -> None:
     [served] = add_capture_to_discovery(discovery, COMPARED)["resources"]
     assert json.dumps(discovery, sort_keys=True) == snapshot, "not changed in place"
     by_name = {r["name"]: r for host in served["virtualHosts"] for r in host["routes"]}
-    assert by_name[MULTI.id]["typedPerFilterConfig"].keys() == {DECIDE_FILTER, CAPTURE_FILTER}
+    assert by_name[MULTI.id]["typedPerFilterConfig"].keys() == {DECIDE_FILTER}
     both = by_name[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
+    assert both["typedPerFilterConfig"].keys() == {DECIDE_FILTER, CAPTURE_FILTER}
+    assert tag(both) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",))
     assert [p["cluster"] for p in both["route"]["requestMirrorPolicies"]] == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
     others = [r for name, r in by_name.items() if not name.startswith(MULTI.id)]
     assert others and all(CAPTURE_FILTER not in r.get("typedPerFilterConfig", {}) for r in others)
@@ -198,14 +215,18 @@ def test_the_snippet_gets_the_capture_points_in_its_own_casing() -> None:
     topology = Topology(backends={n: Address("127.0.0.1", 1000) for n in backend_names(POLICY)})
     base = snippet(POLICY, topology)
     snapshot = json.dumps(base, sort_keys=True)
-    out = add_capture_to_snippet(base, COMPARED, POLICY.slot_headers.marker, OBSERVERS, 2.0)
+    compare = CompareConfig(rules=COMPARE.rules, shadow_timeout_s=2.0)
+    out = add_capture_to_snippet(base, compare, POLICY.slot_headers.marker, OBSERVERS)
     assert json.dumps(base, sort_keys=True) == snapshot, "not changed in place"
     assert [f["name"] for f in out["http_filters"]] == [*(f["name"] for f in base["http_filters"]), CAPTURE_FILTER]
-    assert out["http_filters"][-1]["typed_config"]["observability_mode"] is True
+    assert CAPTURE_SCRIPT in out["http_filters"][-1]["typed_config"]["source_codes"]
+    [log] = out["access_log"]
+    assert log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == CAPTURE_SERVICE_CLUSTER
     routes = {r["name"]: r for host in out["virtual_hosts"] for r in host["routes"]}
     both = routes[f"{MULTI.id} mirror infra-backend-v2+infra-backend-v3"]
     assert [p["cluster"] for p in both["route"]["request_mirror_policies"]] == [CAPTURE_SHADOW_CLUSTER, "infra-backend-v3"]
-    assert both["typed_per_filter_config"][CAPTURE_FILTER]["config"]["overrides"]["processing_mode"]["response_body_mode"] == "STREAMED"
+    assert both["typed_per_filter_config"][CAPTURE_FILTER]["name"] == CAPTURE_SCRIPT
+    assert CaptureTag.decode(both["metadata"]["filter_metadata"][CAPTURE_FILTER][TAG_FIELD]).side is Side.PRIMARY
     [listener] = out["listeners"]
     assert listener["name"] == CAPTURE_LISTENER and "internal_listener" in listener
     [route] = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]

@@ -18,7 +18,7 @@ import yaml
 from extproc import cli
 from extproc.compare.cli import OBSERVER_PORT, cmd_capture, cmd_report, load_config
 from extproc.compare.envoy import CAPTURE_SERVICE_CLUSTER
-from extproc.compare.records import CAPTURE_METADATA
+from extproc.compare.records import TAG_FIELD
 from tests.support.docker import dockerfile_stages
 from tests.support.paths import REPO
 from tests.unit.test_compose import _host_file, _published
@@ -87,7 +87,7 @@ def test_the_observer_reads_the_files_the_capture_points_come_from() -> None:
         assert mounts(service)[str(PurePosixPath(value).parent)][1], f"{flag} {value} is mounted read-write"
     config = load_config(files["--config"], files["--routes"])
     captured: dict[str, list[str]] = {}
-    for text in re.findall(rf"key: {CAPTURE_METADATA}\n\s+value: '(.*)'", COMPARE_ENVOY.read_text(encoding="utf-8")):
+    for text in re.findall(rf"\b{TAG_FIELD}: '(.*)'", COMPARE_ENVOY.read_text(encoding="utf-8")):
         tag = json.loads(text)
         if tag["side"] == "primary":
             captured[tag["rule"]] = tag["targets"]
