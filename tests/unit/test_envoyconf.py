@@ -634,6 +634,8 @@ def snippet_bootstrap(snippet: dict[str, Any], policy: Policy) -> dict[str, Any]
             *snippet["http_filters"],
             {"name": ROUTER, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
+        # With spec.compare: the access log of the captures.
+        **({"access_log": snippet["access_log"]} if "access_log" in snippet else {}),
     }
     bootstrap: dict[str, Any] = {
         "static_resources": {
@@ -858,15 +860,15 @@ COMPARED = {"prod/shop/0": ("shadow-a",), "prod/shop/2": ("shadow-a", "shadow-c"
 
 
 def capture_pieces(doc: dict[str, Any], filters: list[dict[str, Any]], vhosts: list[dict[str, Any]]) -> None:
-    """The capture filter last before the router, disabled; each compared rule's plain
-    route enables it, each variant observes what it mirrors of the compared targets,
-    through the capture cluster; nothing else is touched."""
-    from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_SHADOW_CLUSTER, TARGET_HEADER
-    from extproc.compare.records import CaptureTag, Side
+    """The capture filter last before the router, with no default script; each variant of a
+    compared rule captures what it mirrors of the compared targets, through the capture
+    cluster; plain routes capture nothing; nothing else is touched."""
+    from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_SCRIPT, CAPTURE_SHADOW_CLUSTER, TARGET_HEADER
+    from extproc.compare.records import TAG_FIELD, CaptureTag, Side
 
     names = [f["name"] for f in filters]
     assert names.index(CAPTURE_FILTER) == len(names) - 1 or names[names.index(CAPTURE_FILTER) + 1] == ROUTER
-    assert filters[names.index(CAPTURE_FILTER)]["disabled"] is True
+    assert "default_source_code" not in filters[names.index(CAPTURE_FILTER)]["typed_config"]
     seen = set()
     for vh in vhosts:
         for route in vh.get("routes", []):
@@ -877,7 +879,7 @@ def capture_pieces(doc: dict[str, Any], filters: list[dict[str, Any]], vhosts: l
                 continue
             seen.add(rule_id)
             if not variant:
-                assert capture["config"]["overrides"] == {}, route["name"]
+                assert capture is None, route["name"]
                 continue
             compared = [t for t in mirrored.split("+") if t in COMPARED[rule_id]]
             policies = route["route"]["request_mirror_policies"]
@@ -893,7 +895,8 @@ def capture_pieces(doc: dict[str, Any], filters: list[dict[str, Any]], vhosts: l
             if not compared:
                 assert capture is None, route["name"]
                 continue
-            tag = capture["config"]["overrides"]["grpc_initial_metadata"][0]["value"]
+            assert capture == {"@type": capture["@type"], "name": CAPTURE_SCRIPT}, route["name"]
+            tag = route["metadata"]["filter_metadata"][CAPTURE_FILTER][TAG_FIELD]
             assert CaptureTag.decode(tag) == CaptureTag(Side.PRIMARY, rule_id, tuple(compared)), route["name"]
     assert seen == set(COMPARED)
 
@@ -970,8 +973,10 @@ def test_the_snippet_carries_the_capture_points(name: str, deciders: list[str], 
     r = rendered[name]
     assert r.path is not None, r.error
     snip = yaml.safe_load(r.text)
-    assert set(snip) == {"http_filters", "clusters", "virtual_hosts", "listeners", "bootstrap_extensions"}
+    assert set(snip) == {"http_filters", "clusters", "virtual_hosts", "access_log", "listeners", "bootstrap_extensions"}
     assert [f["name"] for f in snip["http_filters"]] == [*deciders, CAPTURE_FILTER], "the capture filter last, ahead of the router"
+    [log] = snip["access_log"]
+    assert log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == CAPTURE_SERVICE_CLUSTER
     capture_pieces(snip, snip["http_filters"], snip["virtual_hosts"])
     capture_listener_of(snip["listeners"])
     clusters = {c["name"]: c for c in snip["clusters"]}
@@ -980,5 +985,5 @@ def test_the_snippet_carries_the_capture_points(name: str, deciders: list[str], 
     assert endpoint_of(clusters[CAPTURE_SERVICE_CLUSTER]) == (observer, 50061), "--observer, or its default"
     assert [e["name"] for e in snip["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
     comment = r.text[: r.text.index("\nhttp_filters:")]
-    for needle in ("spec.compare", CAPTURE_FILTER, "--observer HOST:PORT", "static_resources.listeners", "bootstrap_extensions"):
+    for needle in ("spec.compare", CAPTURE_FILTER, "access_log", "--observer HOST:PORT", "static_resources.listeners", "bootstrap_extensions"):
         assert needle in comment, needle
