@@ -985,5 +985,6 @@ def test_the_snippet_carries_the_capture_points(name: str, deciders: list[str], 
     assert endpoint_of(clusters[CAPTURE_SERVICE_CLUSTER]) == (observer, 50061), "--observer, or its default"
     assert [e["name"] for e in snip["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
     comment = r.text[: r.text.index("\nhttp_filters:")]
-    for needle in ("spec.compare", CAPTURE_FILTER, "access_log", "--observer HOST:PORT", "static_resources.listeners", "bootstrap_extensions"):
+    needles = ("spec.compare", CAPTURE_FILTER, "access_log", "--observer HOST:PORT", "static_resources.listeners", "bootstrap_extensions")
+    for needle in needles:
         assert needle in comment, needle
