@@ -10,24 +10,26 @@ upstreams; one rule mirroring ``--percent`` of requests, 100 by default so
 that every request measured is a mirrored one):
 
 - ``off``: the configuration ``envoy-config`` renders without spec.compare;
-- ``on``: with the capture points (``render_with_capture``), every mirror
-  compared, streamed to ``--observers`` observers of this tree
-  (`mirror-sampler compare capture`) on one SQLite file;
+- ``on``: with the capture points (``render_with_capture``: the Lua capture
+  filter and Envoy's gRPC access log), every mirror compared, logged to
+  ``--observers`` observers of this tree (`mirror-sampler compare capture`) on
+  one SQLite file;
 - ``on-COMMIT`` (``--baseline``): the same with the observers of that commit
   (``git archive``d, run from there with this Python environment);
-- ``on-absent``: the capture points streaming to addresses nobody listens
+- ``on-absent``: the capture points logging to addresses nobody listens
   on: a comparison that is down must not slow the primary;
 - ``on-apart`` (``--apart``): ``on`` with the shadow's capture point moved out
   of the Envoy under test into a second Envoy (``--concurrency 1``) on a
   loopback port: the design alternative that takes the copy's pass and its
-  capture stream off the primary's worker (docs/compare.md, "Capture"). Its
+  capture off the primary's worker (docs/compare.md, "Capture"). Its
   observers are its own; the second Envoy's CPU is not in the Envoy column,
   and its mirrors are counted there, not in ``compared / mirrored``;
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
-  would cost the primary at least (no bodies, nothing compared); and
+  costs the primary at least (no bodies, nothing compared); and
   ``access-log-bodies``, the same with both sides' bodies copied by Lua
-  filters into what the log carries (bench/access_log.py).
+  filters into what the log carries, the shadow's by an upstream filter of
+  the target's cluster instead of ``on``'s internal listener (bench/access_log.py).
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -372,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "Envoy CPU: utime+stime of the Envoy under test per request to the primary. Observers' CPU: of all the variant's "
         "observers over the phase (late joins included), per pair their counters added. `compared / mirrored`: pairs judged "
         "(same, differs, noise_only) against mirrored requests Envoy sent, both phases, all repeats. "
-        "`dropped`: the observers' mirror_sampler_compare_dropped_total (incomplete_stream: requests wrk cut in flight at the end "
-        "of its run, whose capture streams Envoy closes up to 5 s later). Per repeat: compare.json.",
+        "`dropped`: the observers' mirror_sampler_compare_dropped_total. Per repeat: compare.json.",
     ]
     if args.access_log:
         md += ["", f"`access-log`: the sink received {received(sink_bytes):,} bytes of access log entries in all."]

@@ -8,10 +8,10 @@ The deciding filter is inline Lua (no sampler process to time or count), one rul
 mirroring 100% of requests, so every counted request is a mirrored one. Variants:
 
 - ``off``: the configuration ``envoy-config --inline`` renders without spec.compare;
-- ``on``: with the capture points (``render_with_capture``), streaming to
-  ``--observers`` observers of this tree (`mirror-sampler compare capture`), which
-  end each stream once its response is complete, as in production;
-- ``on-absent``: the capture points streaming to addresses nobody listens on.
+- ``on``: with the capture points (``render_with_capture``: the Lua capture filter
+  and Envoy's gRPC access log), logging to ``--observers`` observers of this tree
+  (`mirror-sampler compare capture`), as in production;
+- ``on-absent``: the capture points logging to addresses nobody listens on.
 
 With ``--parts``, where ``on``'s added instructions go, each part taken out of
 the rendered ``on`` configuration (these join nothing; measurements only):
@@ -20,18 +20,14 @@ the rendered ``on`` configuration (these join nothing; measurements only):
 - ``no-shadow-capture``: the internal listener without the capture filter;
 - ``no-hop``: the copy mirrored straight to the target (no internal listener,
   so no shadow capture either);
-- ``no-request-headers``: neither stream sends the request-headers message;
-- ``attributes``: the primary's request-headers message replaced by
-  ``response_attributes`` (request.id, .path, .method, .time) sent with the
-  response headers (docs/compare.md "Cost": rejected);
-- ``upstream-capture``: no hop; the shadow's response observed by the capture
-  filter as an upstream HTTP filter of the target's cluster (rejected: see there);
 - ``access-log``: not a part of ``on`` but what a capture by Envoy's gRPC access
-  log would cost at least (docs/compare.md "Not done yet"): ``off`` plus an
-  ``http_grpc`` access log on the connection manager (the primary) and as the
-  router's ``upstream_log`` (which also sees the shadow's request), request id and
-  response headers, batched on one stream to a sink that only counts bytes; no
-  bodies, which an access log does not carry.
+  log costs at least: ``off`` plus an ``http_grpc`` access log on the connection
+  manager (the primary) and as the router's ``upstream_log`` (which also sees the
+  shadow's request), request id and response headers, batched on one stream to a
+  sink that only counts bytes; no bodies;
+- ``access-log-bodies``: ``access-log`` plus the bodies, the shadow's taken by a Lua
+  upstream filter of the target's cluster instead of the internal listener's pass
+  (the alternative to ``on``'s hop measured in docs/compare.md "Capture").
 
 "added" is a variant's instructions per request minus ``off``'s: what Envoy does
 for the comparison of one request (both captures, the shadow's hop). The
@@ -42,7 +38,6 @@ observers are checked to have compared every counted request of ``on``. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import shutil
@@ -65,7 +60,6 @@ from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free
 from bench.variants import listener_manager  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_LISTENER, TARGET_HEADER, render_with_capture  # noqa: E402
-from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side  # noqa: E402
 from extproc.envoy.render import Address, Topology, render  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
 
@@ -102,47 +96,10 @@ def no_hop(config: Config) -> Config:
     return config
 
 
-def _primary_mode(config: Config) -> Config:
-    mode: Config = _variant_route(config)["typedPerFilterConfig"][CAPTURE_FILTER]["config"]["overrides"]["processingMode"]
-    return mode
-
-
-def no_request_headers(config: Config) -> Config:
-    _primary_mode(config)["requestHeaderMode"] = "SKIP"
-    _capture_filter(listener_manager(config, CAPTURE_LISTENER))["typedConfig"]["processingMode"]["requestHeaderMode"] = "SKIP"
-    return config
-
-
-def attributes(config: Config) -> Config:
-    _primary_mode(config)["requestHeaderMode"] = "SKIP"
-    wanted = ["request.id", "request.path", "request.method", "request.time"]
-    _capture_filter(listener_manager(config, "ingress"))["typedConfig"]["responseAttributes"] = wanted
-    return config
-
-
-def upstream_capture(config: Config) -> Config:
-    shadow = copy.deepcopy(_capture_filter(listener_manager(config, CAPTURE_LISTENER)))
-    no_hop(config)
-    tag = CaptureTag(Side.SHADOW, "simple", (MIRROR,)).encode()
-    shadow["typedConfig"]["grpcService"]["initialMetadata"] = [{"key": CAPTURE_METADATA, "value": tag}]
-    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
-    options = {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicitHttpConfig": {"httpProtocolOptions": {}},
-        "httpFilters": [shadow, {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec}],
-    }
-    (target,) = (c for c in config["staticResources"]["clusters"] if c["name"] == MIRROR)
-    target["typedExtensionProtocolOptions"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
-    return config
-
-
 PARTS: dict[str, Callable[[Config], Config]] = {
     "no-primary-capture": no_primary_capture,
     "no-shadow-capture": no_shadow_capture,
     "no-hop": no_hop,
-    "no-request-headers": no_request_headers,
-    "attributes": attributes,
-    "upstream-capture": upstream_capture,
 }
 
 
