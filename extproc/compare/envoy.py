@@ -124,12 +124,13 @@ def capture_filter(body_limit: int) -> hcm.HttpFilter:
     return hcm.HttpFilter(name=CAPTURE_FILTER, typed_config=AnyMessage.pack(config))
 
 
-def capture_log(private_headers: frozenset[str]) -> accesslog.AccessLog:
+def capture_log(private_headers: frozenset[str], side: Side) -> accesslog.AccessLog:
     """Envoy's gRPC access log of the captured requests (those whose capture filter
     left a tag), to the observers; with the credentials and private headers the
-    observer scrubs from what it stores."""
+    observer scrubs from what it stores. Envoy opens a stream per worker and log
+    name: one for each side, so the sides spread over the observers."""
     common = grpc_log.CommonGrpcAccessLogConfig(
-        log_name=CAPTURE_LOG,
+        log_name=f"{CAPTURE_LOG}-{side.value}",
         grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=CAPTURE_SERVICE_CLUSTER)),
         transport_api_version=core.ApiVersion.V3,
         buffer_flush_interval=LOG_FLUSH_INTERVAL,
@@ -187,7 +188,7 @@ def capture_listener(compare: CompareConfig, marker_header: str) -> listener.Lis
             capture_filter(compare.body_limit),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
         ],
-        access_log=[capture_log(compare.private_headers)],
+        access_log=[capture_log(compare.private_headers, Side.SHADOW)],
         # The copy keeps the primary's request id: the join key.
         preserve_external_request_id=True,
     )
@@ -308,7 +309,7 @@ def add_capture(bootstrap: Mapping[str, Any], compare: CompareConfig, marker_hea
                 filters = manager["httpFilters"]
                 # After the deciding filter (its re-match picks the variant), before the router.
                 filters.insert(len(filters) - 1, as_data(capture_filter(compare.body_limit)))
-                manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers)))
+                manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers, Side.PRIMARY)))
                 if "routeConfig" in manager:
                     manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compared)
     static["listeners"].append(as_data(capture_listener(compare, marker_header)))
@@ -330,7 +331,7 @@ def add_capture_to_snippet(
     out["http_filters"] = [*out["http_filters"], as_data(capture_filter(compare.body_limit), snake)]
     out["clusters"] = [*out["clusters"], *(as_data(c, snake) for c in capture_clusters(observers))]
     _capture_virtual_hosts(out["virtual_hosts"], compare.compared(), snake)
-    out["access_log"] = [as_data(capture_log(compare.private_headers), snake)]
+    out["access_log"] = [as_data(capture_log(compare.private_headers, Side.PRIMARY), snake)]
     out["listeners"] = [as_data(capture_listener(compare, marker_header), snake)]
     out["bootstrap_extensions"] = [_internal_listener_extension(snake)]
     return out
