@@ -1,8 +1,9 @@
-"""Regenerate the ext_proc wire contract's Python code (`make protos`).
+"""Regenerate the wire contracts' Python code (`make protos`).
 
-Compiles protos/extproc/wire/ext_proc.proto with grpcio-tools' bundled protoc
-into extproc/wire/ext_proc_pb2.py and .pyi. Only message code is generated
-(no grpc_python_out): the proto has no service, on purpose.
+Compiles protos/extproc/wire/ext_proc.proto (ext_proc) and accesslog.proto
+(the gRPC access log the comparison's observer reads) with grpcio-tools'
+bundled protoc into extproc/wire/*_pb2.py and .pyi. Only message code is
+generated (no grpc_python_out): the protos have no service, on purpose.
 
 `--out DIR` writes under DIR instead of the repository root, so
 tests/test_wire.py can regenerate into a temporary directory and compare the
@@ -22,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 # Relative to PROTO_ROOT; it is also the descriptor's file name in the pool,
 # and protoc mirrors it into the output path (extproc/wire/...).
-PROTO_FILES = ("extproc/wire/ext_proc.proto",)
+PROTO_FILES = ("extproc/wire/ext_proc.proto", "extproc/wire/accesslog.proto")
 
 
 def generate(out: Path) -> None:
-    # The bundled include dir supplies google/protobuf/wrappers.proto, so no
+    # The bundled include dir supplies google/protobuf/{wrappers,struct,duration}.proto, so no
     # system protoc or include path is involved and output depends only on
     # the grpcio-tools version.
     well_known = resources.files("grpc_tools") / "_proto"
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=ROOT,
-        help="root directory to write extproc/wire/ext_proc_pb2.py(i) under (default: the repository root)",
+        help="root directory to write extproc/wire/*_pb2.py(i) under (default: the repository root)",
     )
     ns = parser.parse_args(argv)
     generate(ns.out.resolve())

@@ -1,12 +1,16 @@
-"""The observer: the ext_proc service Envoy's capture filters stream
-responses to (observability mode: Envoy never waits for it), on the
+"""The observer: Envoy's gRPC access log service (StreamAccessLogs), on the
 project's own HTTP/2 transport (extproc/server/transports/http2).
 
-Each stream becomes one Capture; the stream is ended as soon as the response
-is complete (or its body passed the bound), so Envoy frees it at once and
-sends no more. Captures go through a bounded queue to one writer thread that
-stores and joins them a batch at a time: a slow disk drops captures
-(counted), it never holds a stream or Envoy.
+Envoy's capture filter (Lua) copies each captured side's response into the
+request's dynamic metadata; the gRPC access logger, which logs only the
+requests that carry a capture tag, sends their entries in batches on one
+long-lived stream per Envoy worker (Envoy never waits for the observer, and
+ignores its answer). Each entry becomes one Capture (entries.py); an entry
+that cannot be one is counted and skipped, a message that is not a
+StreamAccessLogsMessage is counted and skipped: neither ends the stream.
+Captures go through a bounded queue to one writer thread that stores and
+joins them a batch at a time: a slow disk drops captures (counted), it never
+holds a stream or Envoy.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import structlog
@@ -27,13 +30,14 @@ from google.protobuf.message import DecodeError
 from ..config.errors import ConfigError
 from ..config.source import ConfigFile, ConfigSource
 from ..server.health import Health
-from ..server.transports.http2 import FINISHED, Http2Transport
+from ..server.transports.http2 import Http2Transport
 from ..watch import AsyncDriver
-from ..wire import HttpHeaders, ProcessingRequest
+from ..wire.accesslog_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 from .config import CompareConfig
+from .entries import EntryError, entry_capture, read_entry
 from .judge import Comparison
 from .metrics import CompareMetrics
-from .records import CAPTURE_METADATA, Capture, CaptureAssembler, CaptureTag, TagError
+from .records import ACCESS_LOG_METHOD, Capture
 from .store import CompareStore
 
 log = structlog.get_logger("mirror_sampler.compare")
@@ -46,17 +50,11 @@ SWEEP_EVERY_S = 1.0
 # sides, answered within milliseconds, usually share one).
 BATCH_WINDOW_S = 0.1
 BATCH_MAX = 500
-# Open streams are given this long to finish at SIGTERM.
+# Open streams are given this long to finish at SIGTERM (Envoy's access log
+# streams never finish by themselves: they are closed after it).
 STOP_GRACE_S = 2.0
-
-
-# Envoy's routes send a handful of distinct tags: each is parsed once. (A bad
-# one raises each time, so it is never cached.)
-_tag = lru_cache(maxsize=256)(CaptureTag.decode)
-
-
-def _headers(message: HttpHeaders) -> list[tuple[str, str]]:
-    return [(h.key, h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value) for h in message.headers.headers]
+# The one answer of a StreamAccessLogs call, sent when Envoy ends its stream.
+ACCESS_LOG_ANSWER = StreamAccessLogsResponse().SerializeToString()
 
 
 @dataclass
@@ -160,69 +158,60 @@ class Writer:
             self.metrics.compared(c)
 
 
-class CaptureStream:
-    """One capture stream: the transport's ``ProcessStreamLike``. Answers
-    nothing (observability mode: Envoy would ignore it); ``FINISHED`` once it
-    has seen all it wants, which ends the stream."""
+class AccessLogStream:
+    """One Envoy worker's access log stream: the transport's ``ProcessStreamLike``.
+    Answers nothing per message (the transport sends the call's one empty
+    response when Envoy ends the stream); each entry becomes a capture or a
+    counted drop."""
 
-    __slots__ = ("service", "assembler", "ended")
+    __slots__ = ("service",)
 
-    def __init__(self, service: CaptureService, assembler: CaptureAssembler | None) -> None:
+    def __init__(self, service: CaptureService) -> None:
         self.service = service
-        self.assembler = assembler  # None: the stream's tag was refused (counted)
-        self.ended = assembler is None  # counted or captured: its close counts nothing more
 
     def message(self, data: bytes) -> bytes | None:
-        assembler = self.assembler
-        if assembler is None:
-            return FINISHED
+        service = self.service
         try:
-            message = ProcessingRequest.FromString(data)
-        except DecodeError:  # not a ProcessingRequest: end this stream only
-            self.service.metrics.dropped("malformed_message")
-            self.ended = True
-            return FINISHED
-        kind = message.WhichOneof("request")
-        done: Capture | None = None
-        if kind == "request_headers":
-            assembler.request_headers(_headers(message.request_headers), time.monotonic())
-        elif kind == "response_headers":
-            headers = message.response_headers
-            done = assembler.response_headers(_headers(headers), headers.end_of_stream, time.monotonic(), time.time())
-        elif kind == "response_body":
-            body = message.response_body
-            done = assembler.response_body(body.body, body.end_of_stream, time.time())
-        if done is None:
+            message = StreamAccessLogsMessage.FromString(data)
+        except DecodeError:  # not a StreamAccessLogsMessage: this message only
+            service.metrics.dropped("malformed_message")
             return None
-        self.ended = True
-        self.service.writer.offer(done)
-        return FINISHED  # Envoy frees the stream and sends no more
+        config = service.config
+        wall = time.time()
+        for entry in message.http_logs.log_entry:
+            try:
+                capture = entry_capture(read_entry(entry), config.body_limit, config.private_headers, wall)
+            except EntryError as e:
+                service.metrics.dropped(e.reason)
+                service.refused(e)
+                continue
+            service.writer.offer(capture)
+        return None
 
     def close(self) -> None:
-        if not self.ended:
-            # Reset, cut or ended by Envoy before its response was complete.
-            self.ended = True
-            self.service.metrics.dropped("incomplete_stream")
+        pass  # every entry was taken as its message came: an ended stream loses nothing
 
 
 class CaptureService:
-    """The transport's servicer: a stream per capture, told who it observes by
-    the ``CAPTURE_METADATA`` its route set."""
+    """The transport's servicer: a stream per Envoy worker's access logger."""
+
+    # Refused entries are logged at most this often (they are counted always).
+    LOG_EVERY_S = 10.0
 
     def __init__(self, config: CompareConfig, writer: Writer, metrics: CompareMetrics) -> None:
         self.config = config
         self.writer = writer
         self.metrics = metrics
+        self._logged_at: float | None = None
 
-    def open_stream(self, metadata: str | None, /) -> CaptureStream:
-        try:
-            tag = _tag(metadata)
-        except TagError as e:
-            self.metrics.dropped("bad_tag")
-            log.warning("compare_bad_stream", error=str(e))
-            return CaptureStream(self, None)
-        config = self.config
-        return CaptureStream(self, CaptureAssembler(tag, config.body_limit, config.private_headers))
+    def open_stream(self, metadata: str | None, /) -> AccessLogStream:
+        return AccessLogStream(self)
+
+    def refused(self, error: EntryError) -> None:
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.LOG_EVERY_S:
+            self._logged_at = now
+            log.warning("compare_entry_refused", reason=error.reason, error=str(error))
 
 
 @dataclass
@@ -305,7 +294,14 @@ async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Call
     health = Health()
     # reuse_port: observers may share one address (the kernel spreads Envoy's connections).
     transport = Http2Transport(
-        service, health, host, port, reuse_port=True, on_error=metrics.transport_error, metadata_key=CAPTURE_METADATA
+        service,
+        health,
+        host,
+        port,
+        reuse_port=True,
+        on_error=metrics.transport_error,
+        method=ACCESS_LOG_METHOD,
+        closing_answer=ACCESS_LOG_ANSWER,
     )
     try:
         bound = await transport.start()

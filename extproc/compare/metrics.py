@@ -13,9 +13,12 @@ from .noise import Result
 MAX_FIELD_SERIES = 50
 OTHER_FIELD = "(other)"
 # Why a capture was not compared: the writer's queue was full, the store
-# failed, the stream had no proper tag, was not a ProcessingRequest, ended
-# before its response did, or waited past the bound of pending captures.
-DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "incomplete_stream", "pending_over_bound")
+# failed, the access log entry had no proper tag (no capture namespace, no tag,
+# a tag not ours), the gRPC message was not a StreamAccessLogsMessage (all its
+# entries), the entry's capture fields were not what the capture filter
+# writes (not base64, no request id or status), or it waited past the bound of
+# pending captures.
+DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound")
 
 
 class CompareMetrics:

@@ -1,9 +1,13 @@
-"""What one side of a mirrored request looked like, assembled from the
-messages an observing ext_proc filter streams (pure: the clock is an argument).
+"""What one side of a mirrored request looked like (pure: the clock is an
+argument): the Capture, and the assembler that makes one from the request's
+headers, then the response's headers and body, scrubbing the request's
+secrets out of what is kept.
 
-Envoy names each stream's role in gRPC metadata (``CAPTURE_METADATA``) set
-by the route that enabled the capture: the primary side names its rule and
-the targets the request was mirrored to; the shadow side its rule and target.
+The observer feeds it from Envoy's gRPC access log entries (entries.py): the
+capture filter puts each side's tag (``CaptureTag``) in the request's dynamic
+metadata, set by the route that enabled the capture: the primary side names
+its rule and the targets the request was mirrored to; the shadow side its rule
+and target.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-# gRPC metadata on every capture stream: who this side is (a CaptureTag as JSON).
+# gRPC metadata on every ext_proc capture stream (the capture by ext_proc, which
+# the access log replaced; still read by the Envoy rendering and bench tools):
+# who this side is (a CaptureTag as JSON).
 CAPTURE_METADATA: Final = "x-mirror-sampler-capture"
 # Capture by Envoy's gRPC access log: the capture filter (Lua, extproc/compare/envoy.py)
 # writes these fields, all strings but ``truncated`` (a bool), into the request's
@@ -45,12 +51,12 @@ class Side(StrEnum):
 
 
 class TagError(ValueError):
-    """The capture metadata is missing or malformed (a configuration not made by us)."""
+    """The capture tag is missing or malformed (a configuration not made by us)."""
 
 
 @dataclass(frozen=True, slots=True)
 class CaptureTag:
-    """Who a capture stream observes: set per route in Envoy's configuration."""
+    """Who a capture observes: set per route in Envoy's configuration."""
 
     side: Side
     rule: str
@@ -63,19 +69,19 @@ class CaptureTag:
     @classmethod
     def decode(cls, text: str | None) -> CaptureTag:
         if not text:
-            raise TagError(f"no {CAPTURE_METADATA} metadata on the stream")
+            raise TagError("no capture tag")
         try:
             data = json.loads(text)
             side = Side(data["side"])
             rule = data["rule"]
             listed = data["targets"]
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: "[[[[..." nested past the parser's depth
-            raise TagError(f"{CAPTURE_METADATA}: cannot read {text[:200]!r}: {e!r}") from None
+            raise TagError(f"capture tag: cannot read {text[:200]!r}: {e!r}") from None
         targets = tuple(listed) if isinstance(listed, list) else ()
         if not isinstance(rule, str) or not rule or not isinstance(listed, list) or not all(isinstance(t, str) and t for t in targets):
-            raise TagError(f"{CAPTURE_METADATA}: rule and targets must be non-empty strings: {text[:200]!r}")
+            raise TagError(f"capture tag: rule and targets must be non-empty strings: {text[:200]!r}")
         if side is Side.SHADOW and len(targets) != 1:
-            raise TagError(f"{CAPTURE_METADATA}: a shadow stream names exactly one target: {text[:200]!r}")
+            raise TagError(f"capture tag: a shadow names exactly one target: {text[:200]!r}")
         return cls(side, rule, targets)
 
 
@@ -97,7 +103,8 @@ class Capture:
     # The body went past the bound: ``body`` is its beginning (and its end was not awaited).
     body_truncated: bool
     # Envoy's x-envoy-upstream-service-time (the router's own measure, whole
-    # ms); for a local reply, the observer's time between the two messages.
+    # ms); for a local reply, the time between the request and the response
+    # headers as the assembler was told (from the access log: Envoy's timing).
     latency_ms: float
     # Envoy answered itself: no response came from the upstream.
     local_reply: bool
@@ -117,7 +124,8 @@ class Capture:
 
 @dataclass(slots=True)
 class CaptureAssembler:
-    """Feeds on one stream's messages; ``complete`` once the response ended."""
+    """Feeds on one side's request headers, response headers and body, in that
+    order; ``complete`` once the response ended."""
 
     tag: CaptureTag
     body_limit: int
@@ -184,7 +192,7 @@ class CaptureAssembler:
 
     def response_body(self, chunk: bytes, end_of_stream: bool, wall: float) -> Capture | None:
         """Complete at the end of the body, or as soon as it passes the bound
-        (the observer then ends the stream: Envoy sends no more of it)."""
+        (what follows is not awaited)."""
         room = self.body_limit - len(self.body)
         self.body += chunk[: max(room, 0)]
         if len(chunk) > room:
@@ -195,7 +203,7 @@ class CaptureAssembler:
 
     def _finish(self, wall: float, truncated: bool = False) -> Capture | None:
         if self.started is None or self.answered is None or not self.request_id or not self.status:
-            return None  # the stream missed its start: nothing to join it by
+            return None  # no request id or status: nothing to join or judge it by
         self.complete = Capture(
             request_id=self.request_id,
             rule=self.tag.rule,

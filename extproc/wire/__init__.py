@@ -13,7 +13,13 @@ For the same reason the proto has no ``service``: the handler is registered by
 hand (``grpc.method_handlers_generic_handler(SERVICE_NAME, ...)``) and Envoy
 reaches it at ``PROCESS_METHOD``.
 
-Regenerate ext_proc_pb2.py(i) with ``make protos``; edit the .proto, not them.
+The comparison's observer reads Envoy's gRPC access log through
+``extproc.wire.accesslog_pb2`` (protos/extproc/wire/accesslog.proto: a subset
+of ``envoy.service.accesslog.v3`` and ``envoy.data.accesslog.v3`` under
+``mirror_sampler.accesslog.v3``, the same way); it is not imported here, so
+the sampler never loads it.
+
+Regenerate the *_pb2.py(i) with ``make protos``; edit the .proto, not them.
 """
 
 from typing import Final

@@ -1,4 +1,4 @@
-"""The ext_proc wire contract, the checks that start processes: the
+"""The wire contracts (ext_proc, the access log), the checks that start processes: the
 generated code against a fresh protoc run (grpc_tools, through
 tools/gen_protos.py), and no descriptor-pool clash with Envoy's generated
 protos in a fresh interpreter, whichever is imported first. The pure checks
@@ -15,7 +15,12 @@ import pytest
 
 from tests.support.paths import REPO as ROOT
 
-GENERATED = ("extproc/wire/ext_proc_pb2.py", "extproc/wire/ext_proc_pb2.pyi")
+GENERATED = (
+    "extproc/wire/ext_proc_pb2.py",
+    "extproc/wire/ext_proc_pb2.pyi",
+    "extproc/wire/accesslog_pb2.py",
+    "extproc/wire/accesslog_pb2.pyi",
+)
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -48,19 +53,40 @@ _CLASH_SCRIPT = textwrap.dedent(
         request_headers=wire.HeadersResponse(response=wire.CommonResponse(clear_route_cache=True))
     ).SerializeToString()
     assert a == b and a, (a, b)
+    from envoy.service.accesslog.v3 import als_pb2
+    from extproc.wire import accesslog_pb2
+    theirs = als_pb2.StreamAccessLogsMessage()
+    theirs.http_logs.log_entry.add().request.request_id = "r"
+    ours = accesslog_pb2.StreamAccessLogsMessage()
+    ours.http_logs.log_entry.add().request.request_id = "r"
+    assert theirs.SerializeToString() == ours.SerializeToString()
     """
 )
+
+
+ENVOYS = ("envoy.service.ext_proc.v3.external_processor_pb2", "envoy.service.accesslog.v3.als_pb2")
+OURS = ("extproc.wire", "extproc.wire.accesslog_pb2")
 
 
 @pytest.mark.parametrize(
     "order",
     [
-        ("envoy.service.ext_proc.v3.external_processor_pb2", "extproc.wire"),
-        ("extproc.wire", "envoy.service.ext_proc.v3.external_processor_pb2"),
+        (
+            "envoy.service.ext_proc.v3.external_processor_pb2",
+            "envoy.service.accesslog.v3.als_pb2",
+            "extproc.wire",
+            "extproc.wire.accesslog_pb2",
+        ),
+        (
+            "extproc.wire",
+            "extproc.wire.accesslog_pb2",
+            "envoy.service.ext_proc.v3.external_processor_pb2",
+            "envoy.service.accesslog.v3.als_pb2",
+        ),
     ],
     ids=["envoy-first", "ours-first"],
 )
-def test_no_symbol_clash_with_xds_protos(order: tuple[str, str]) -> None:
+def test_no_symbol_clash_with_xds_protos(order: tuple[str, ...]) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _CLASH_SCRIPT, *order],
         cwd=ROOT,

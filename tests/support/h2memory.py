@@ -8,7 +8,7 @@ from typing import Any
 
 from extproc.server.health import Health
 from extproc.server.transports.http2.events import OPEN
-from extproc.server.transports.http2.grpc import RULE_KEY
+from extproc.server.transports.http2.grpc import PROCESS_PATH, RULE_KEY
 from extproc.server.transports.http2.limits import Budget, Limits
 from extproc.server.transports.http2.protocol import Connection
 from extproc.server.transports.http2.service import FINISHED, StreamService
@@ -65,6 +65,8 @@ class MemoryPeer(PeerBase):
         max_message: int = 1 << 20,
         now: float = 0.0,
         metadata_key: bytes = RULE_KEY,
+        method_path: bytes = PROCESS_PATH,
+        closing_answer: bytes | None = None,
     ) -> None:
         super().__init__()
         self.servicer = servicer if servicer is not None else FakeServicer()
@@ -73,7 +75,15 @@ class MemoryPeer(PeerBase):
         self.budget = budget or Budget()
         self.now = now
         self.unsent = 0
-        self.conn = Connection(self.limits, self.budget, now, max_message=max_message, metadata_key=metadata_key)
+        self.conn = Connection(
+            self.limits,
+            self.budget,
+            now,
+            max_message=max_message,
+            metadata_key=metadata_key,
+            method_path=method_path,
+            closing_answer=closing_answer,
+        )
         self.service = StreamService(self.servicer, self.health)
         self.pending = b""
         self.writes = 0  # how many writes the server made (one per batch of input)

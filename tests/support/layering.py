@@ -8,7 +8,7 @@ from tests.support.paths import REPO
 PURE_PACKAGES = ("core", "config")
 # The comparison's pure modules (extproc/compare/): the configuration reads
 # spec.compare through compare.config, which uses only these.
-PURE_COMPARE_MODULES = ("records", "paths", "differ", "noise", "judge", "config")
+PURE_COMPARE_MODULES = ("records", "entries", "paths", "differ", "noise", "judge", "config")
 # Modules that listen, connect, spawn, watch or serve: the shell's business.
 IO_MODULES = (
     "grpc",

@@ -200,6 +200,57 @@ def test_the_metadata_key_names_what_open_stream_gets(fake: FakeServicer) -> Non
     assert [s.rule_id for s in fake.streams] == ['{"side":"primary"}', None]
 
 
+ACCESS_LOG = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
+
+
+def test_a_chosen_method_path_is_served_instead_of_process(fake: FakeServicer) -> None:
+    """The observer's transport: Envoy's access log method opens a stream (its
+    messages reach the servicer), ext_proc's Process is UNIMPLEMENTED, health stays."""
+    p = MemoryPeer(fake, method_path=ACCESS_LOG.encode(), closing_answer=b"")
+    p.handshake()
+    p.open(1, ACCESS_LOG)
+    p.data(1, grpc_frame(b"none"))
+    p.data(1, grpc_frame(b"none"))
+    assert [s.messages for s in fake.streams] == [[b"none", b"none"]]
+    assert p.stream_count() == 1, "no answer until the client ends its stream"
+    p.open(3, PROCESS_METHOD)
+    fields, flags = p.headers(3)
+    assert flags & END_STREAM and fields["grpc-status"] == "12"
+    assert p.rst(3) == NO_ERROR
+    assert len(fake.streams) == 1, "Process never reaches the servicer"
+    p.open(5, CHECK)
+    p.data(5, grpc_frame(b""), end=True)
+    messages, trailers = p.response(5)
+    assert trailers["grpc-status"] == "0" and len(messages) == 1
+    p.data(1, b"", end=True)  # the client half-closes: its one (empty) response, then OK
+    messages, trailers = p.response(1)
+    assert (messages, trailers) == ([b""], {"grpc-status": "0"})
+    assert p.stream_count() == 0 and [s.closed for s in fake.streams] == [1]
+    assert p.errors == 0 and not p.closed
+
+
+def test_without_a_closing_answer_a_half_close_ends_with_ok_alone(peer: MemoryPeer, fake: FakeServicer) -> None:
+    peer.open(1)
+    peer.data(1, grpc_frame(b"none"), end=True)
+    messages, trailers = peer.response(1)
+    assert (messages, trailers["grpc-status"]) == ([], "0")
+
+
+def test_check_request_serves_the_method_path_it_is_given() -> None:
+    base = [(b":method", b"POST"), (b":scheme", b"http"), (b"content-type", b"application/grpc")]
+
+    def kind(path: str, served: bytes) -> tuple[int, bool]:
+        request = check_request([(b":path", path.encode()), *base], 1 << 14, method_path=served)
+        assert request is not None
+        return request[0], request[1] is None
+
+    assert kind(ACCESS_LOG, ACCESS_LOG.encode()) == (PROCESS, True)
+    assert kind(PROCESS_METHOD, ACCESS_LOG.encode())[1] is False  # answered at once: UNIMPLEMENTED
+    assert kind(PROCESS_METHOD, PROCESS_METHOD.encode()) == (PROCESS, True)
+    assert kind(ACCESS_LOG, PROCESS_METHOD.encode())[1] is False
+    assert kind(CHECK, ACCESS_LOG.encode())[1] is True
+
+
 def test_open_stream_exception() -> None:
     class Broken:
         def open_stream(self, rule_id: str | None) -> ProcessStreamLike:

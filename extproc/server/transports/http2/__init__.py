@@ -1,5 +1,7 @@
 """A minimal HTTP/2 gRPC server for exactly the sampler's methods: ext_proc
-``Process`` (bidirectional streaming) and grpc.health.v1 ``Check``/``Watch``.
+``Process`` (bidirectional streaming) and grpc.health.v1 ``Check``/``Watch``;
+the comparison observer serves Envoy's access log ``StreamAccessLogs`` (client
+streaming) in Process's place (``Http2Transport(method=...)``).
 
 Split the way h11, h2 and hypercorn are:
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from extproc.server.health import Health
-from extproc.wire import RULE_METADATA
+from extproc.wire import PROCESS_METHOD, RULE_METADATA
 
 from .events import ABORT, CLOSE, FAIL, OPEN
 from .limits import Budget, Limits
@@ -35,7 +35,13 @@ class _Adapter(asyncio.Protocol):
         self.owner = owner
         self.service = StreamService(owner.servicer, owner.health)
         self.conn = Connection(
-            owner.limits, owner.budget, time.monotonic(), max_message=owner.max_message_bytes, metadata_key=owner.metadata_key
+            owner.limits,
+            owner.budget,
+            time.monotonic(),
+            max_message=owner.max_message_bytes,
+            metadata_key=owner.metadata_key,
+            method_path=owner.method_path,
+            closing_answer=owner.closing_answer,
         )
         self.transport: asyncio.Transport | None = None
         self.reported_errors = 0
@@ -166,7 +172,9 @@ class _Adapter(asyncio.Protocol):
 
 class Http2Transport:
     """Serves the sampler's gRPC methods over HTTP/2 (cleartext or TLS) on the
-    running event loop; the comparison's observer too (another servicer, another metadata key)."""
+    running event loop; the comparison's observer too (another servicer, and
+    another streaming ``method``: Envoy's access log service, whose one
+    response, ``closing_answer``, is sent when the client ends its stream)."""
 
     def __init__(
         self,
@@ -181,6 +189,8 @@ class Http2Transport:
         max_message_bytes: int = 4 * 1024 * 1024,
         limits: Limits | None = None,
         metadata_key: str = RULE_METADATA,
+        method: str = PROCESS_METHOD,
+        closing_answer: bytes | None = None,
     ) -> None:
         self.servicer = servicer
         self.health = health
@@ -193,6 +203,10 @@ class Http2Transport:
         self.limits = limits or Limits()
         # The request metadata whose value ``servicer.open_stream`` gets (gRPC metadata keys are lowercase).
         self.metadata_key = metadata_key.encode()
+        # The streaming method served next to health's Check and Watch (its HTTP/2 path).
+        self.method_path = method.encode()
+        # Sent as the stream's one response when the client half-closes (None: no message, only OK).
+        self.closing_answer = closing_answer
         self.budget = Budget()  # partial messages and queued output across all connections
         self.connections: set[_Adapter] = set()
         self._sweeper: asyncio.TimerHandle | None = None

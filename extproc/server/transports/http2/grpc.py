@@ -25,7 +25,8 @@ CHECK_PATH: Final = b"/grpc.health.v1.Health/Check"
 WATCH_PATH: Final = b"/grpc.health.v1.Health/Watch"
 RULE_KEY: Final = RULE_METADATA.encode()
 
-# The methods served.
+# The methods served: the streaming method (ext_proc's Process for the
+# sampler, the transport's ``method`` otherwise) and health Check and Watch.
 PROCESS, CHECK, WATCH = range(3)
 
 # RFC 9110 token characters, lowercase only: RFC 9113 section 8.2.1 makes an
@@ -70,9 +71,12 @@ def http_status_frame(status: int) -> bytes:
 Request = tuple[int, bytes | None, str | None, bool]
 
 
-def check_request(headers: list[tuple[bytes, bytes]], max_header_list_size: int, key: bytes = RULE_KEY) -> Request | None:
+def check_request(
+    headers: list[tuple[bytes, bytes]], max_header_list_size: int, key: bytes = RULE_KEY, method_path: bytes = PROCESS_PATH
+) -> Request | None:
     """The request header validation of RFC 9113 and gRPC over HTTP/2; ``key``
-    names the metadata whose value goes to ``open_stream``."""
+    names the metadata whose value goes to ``open_stream``, ``method_path`` the
+    streaming method served (``PROCESS``; any other path but health's is UNIMPLEMENTED)."""
     method = scheme = path = ctype = rule = timeout = None
     encoding = False
     authority = regular = False
@@ -116,7 +120,7 @@ def check_request(headers: list[tuple[bytes, bytes]], max_header_list_size: int,
     # grpc-timeout is validated only: Envoy enforces its own message timeout and resets the stream.
     if timeout is not None and not _GRPC_TIMEOUT.fullmatch(timeout):
         return (0, status_frame(GRPC_INTERNAL, "malformed grpc-timeout", False), rule_id, encoding)
-    if path == PROCESS_PATH:
+    if path == method_path:
         return (PROCESS, None, rule_id, encoding)
     if path == CHECK_PATH:
         return (CHECK, None, rule_id, encoding)

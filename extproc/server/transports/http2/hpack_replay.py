@@ -6,7 +6,7 @@ from __future__ import annotations
 import hpack
 
 from .frames import HEADER_TABLE_SIZE
-from .grpc import RULE_KEY, Request, check_request
+from .grpc import PROCESS_PATH, RULE_KEY, Request, check_request
 
 
 class BlockDecoder:
@@ -27,14 +27,17 @@ class BlockDecoder:
     maximum size would leave this table smaller than the peer's.
     """
 
-    __slots__ = ("hpack", "table", "entries", "additions", "cache", "checks", "max_header_list_size", "key")
+    __slots__ = ("hpack", "table", "entries", "additions", "cache", "checks", "max_header_list_size", "key", "method_path")
 
     CACHED_BLOCKS = 64  # per connection: Envoy's blocks differ by little more than the rule id
     CACHED_BLOCK_BYTES = 512
 
-    def __init__(self, max_header_list_size: int, hard_header_list_size: int, key: bytes = RULE_KEY) -> None:
+    def __init__(
+        self, max_header_list_size: int, hard_header_list_size: int, key: bytes = RULE_KEY, method_path: bytes = PROCESS_PATH
+    ) -> None:
         self.hpack = hpack.Decoder(max_header_list_size=hard_header_list_size)
         self.key = key  # the metadata whose value ``checked`` gives the application
+        self.method_path = method_path  # the streaming method served
         self.hpack.max_allowed_table_size = HEADER_TABLE_SIZE
         self.max_header_list_size = max_header_list_size
         table = self.hpack.header_table
@@ -71,7 +74,7 @@ class BlockDecoder:
         memo = self.checks.get(id(headers))
         if memo is not None and memo[0] is headers:
             return memo[1]
-        request = check_request(headers, self.max_header_list_size, self.key)
+        request = check_request(headers, self.max_header_list_size, self.key, self.method_path)
         if len(self.checks) >= self.CACHED_BLOCKS:
             self.checks.clear()
         self.checks[id(headers)] = (headers, request)

@@ -90,6 +90,7 @@ from .grpc import (
     GRPC_RESOURCE_EXHAUSTED,
     GRPC_UNAVAILABLE,
     PROCESS,
+    PROCESS_PATH,
     RULE_KEY,
     WATCH,
     decode_service,
@@ -112,10 +113,25 @@ SELF_DEPENDENT = 0x100
 
 
 class Connection(StreamOutput):
-    def __init__(self, limits: Limits, budget: Budget, now: float, *, max_message: int, metadata_key: bytes = RULE_KEY) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        budget: Budget,
+        now: float,
+        *,
+        max_message: int,
+        metadata_key: bytes = RULE_KEY,
+        method_path: bytes = PROCESS_PATH,
+        closing_answer: bytes | None = None,
+    ) -> None:
         super().__init__(limits, budget, now)
         self.max_message = max_message
-        self.decoder = BlockDecoder(limits.max_header_list_size, limits.hard_header_list_size, metadata_key)
+        # method_path: the streaming method served (ext_proc's Process for the sampler).
+        self.decoder = BlockDecoder(limits.max_header_list_size, limits.hard_header_list_size, metadata_key, method_path)
+        # The message a streaming call is answered with when the client ends its
+        # input (before the OK trailers); None: none (ext_proc's Process, bidirectional).
+        # A client-streaming method's one response, e.g. an empty StreamAccessLogsResponse (b"").
+        self.closing_answer = closing_answer
         self.out.append(
             server_preface(limits.max_concurrent_streams, limits.stream_window, limits.max_header_list_size, limits.connection_window)
         )
@@ -373,6 +389,8 @@ class Connection(StreamOutput):
         if st.buf:
             self._finish(st, GRPC_INTERNAL, "the stream ended inside a message")
         elif st.kind == PROCESS:
+            if self.closing_answer is not None:
+                self._send_message(st, self.closing_answer)
             self._finish(st, GRPC_OK, "")
         elif not st.got_message:
             self._finish(st, GRPC_INTERNAL, "expected one request message")
