@@ -1,39 +1,50 @@
-"""The observer over real HTTP/2 connections (grpcio's client, as Envoy's
-capture filters use it): streams become captures and joins, each ended as
-soon as its response is complete; streams it cannot use are counted and end
-alone, hostile input costs its stream or connection only, and the observer
-keeps serving."""
+"""The observer over real HTTP/2 connections (grpcio's client), as Envoy's
+gRPC access logger uses it: StreamAccessLogsMessage batches, built with
+xds-protos' own messages (so our subset is checked against Envoy's
+definitions), on long-lived client-streaming calls. Entries become captures
+and joins; entries and messages it cannot use are counted and skipped while
+the stream keeps working; hostile input costs its stream or connection only,
+and the observer keeps serving."""
 
 from __future__ import annotations
 
+import base64
+import queue
 import socket
+import sqlite3
 import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2 as xds_accesslog
+from envoy.service.accesslog.v3 import als_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.noise import Result
-from extproc.compare.records import CAPTURE_METADATA, CaptureTag, Side
-from extproc.compare.store import CompareStore
+from extproc.compare.records import ACCESS_LOG_METHOD, CAPTURE_NAMESPACE, CaptureTag, Side
+from extproc.compare.store import CompareStore, decode_capture
 from extproc.stack.children import Child
-from extproc.wire import PROCESS_METHOD, HeaderMap, HeaderValue, HttpBody, HttpHeaders, ProcessingRequest
-from tests.service.h2peer import CANCEL, RST_STREAM, Peer, frame, grpc_frame
+from extproc.wire import PROCESS_METHOD
 from tests.support.procs import scrape, wait_until
 
 RULE = "shop/web/0"
 CONFIG = CompareConfig(rules={RULE: RuleCompare(targets=("candidate",))})
+BODY_LIMIT = 1024
 
 
 class Observer(Child):
-    def __init__(self, tmp: Path) -> None:
-        (tmp / "compare.yaml").write_text(f"compare:\n  bodyLimit: 1024\n  rules:\n  - {{rule: {RULE}, targets: [candidate]}}\n")
+    def __init__(self, tmp: Path, db: Path | None = None) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "compare.yaml").write_text(f"compare:\n  bodyLimit: {BODY_LIMIT}\n  rules:\n  - {{rule: {RULE}, targets: [candidate]}}\n")
+        self.db = db or tmp / "c.db"
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-                "--db", str(tmp / "c.db"), "--config", str(tmp / "compare.yaml")]  # fmt: skip
+                "--db", str(self.db), "--config", str(tmp / "compare.yaml")]  # fmt: skip
         super().__init__("observer", argv)
         ready = self.wait_event("compare_serving")
         self.port, self.metrics_port = int(ready["port"]), int(ready["metrics_port"])
@@ -52,137 +63,252 @@ def observer(tmp_path: Path) -> Iterator[Observer]:
     o.stop()
 
 
-def headers(**values: str) -> HttpHeaders:
-    return HttpHeaders(headers=HeaderMap(headers=[HeaderValue(key=k.replace("_", "-"), raw_value=v.encode()) for k, v in values.items()]))
-
-
-def request(rid: str) -> ProcessingRequest:
-    return ProcessingRequest(request_headers=headers(**{":method": "GET", ":path": "/p", "x_request_id": rid}), observability_mode=True)
-
-
-def response(status: str, body: bytes) -> list[ProcessingRequest]:
-    return [
-        ProcessingRequest(response_headers=headers(**{":status": status, "x_envoy_upstream_service_time": "4"}), observability_mode=True),
-        ProcessingRequest(response_body=HttpBody(body=body, end_of_stream=True), observability_mode=True),
-    ]
-
-
-def stream(port: int, messages: Iterator[bytes], tag: str | None) -> grpc.StatusCode:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.stream_stream(PROCESS_METHOD)
-        metadata = [(CAPTURE_METADATA, tag)] if tag is not None else []
-        responses = call(messages, metadata=metadata, timeout=10)
-        assert list(responses) == [], "observability mode: never an answer"
-        code: grpc.StatusCode = responses.code()
-        return code
-
-
-def serialized(messages: list[ProcessingRequest]) -> Iterator[bytes]:
-    return (m.SerializeToString() for m in messages)
-
-
-def held_open(messages: list[ProcessingRequest], release: threading.Event) -> Iterator[bytes]:
-    """The messages, then no END_STREAM until ``release`` (Envoy keeps a capture
-    stream open after the response, until its deferred close)."""
-    yield from serialized(messages)
-    release.wait(30)
-
-
 PRIMARY = CaptureTag(Side.PRIMARY, RULE, ("candidate",)).encode()
 SHADOW = CaptureTag(Side.SHADOW, RULE, ("candidate",)).encode()
 
 
-def test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer: Observer, tmp_path: Path) -> None:
-    assert stream(observer.port, serialized([request("r1"), *response("200", b'{"v":1}')]), PRIMARY) == grpc.StatusCode.OK
-    assert stream(observer.port, serialized([request("r1"), *response("200", b'{"v":2}')]), SHADOW) == grpc.StatusCode.OK
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def entry(
+    rid: str,
+    tag: str | None,
+    body: bytes = b"{}",
+    *,
+    status: int = 200,
+    headers: list[tuple[str, str]] | None = None,
+    truncated: bool = False,
+    request_headers: dict[str, str] | None = None,
+    upstream_ms: int | None = 4,
+    namespace: bool = True,
+) -> xds_accesslog.HTTPAccessLogEntry:
+    """One entry as Envoy's gRPC access logger sends it, the capture filter's metadata in it."""
+    lines = [(":status", str(status)), *(headers or [])]
+    if upstream_ms is not None:
+        lines.append(("x-envoy-upstream-service-time", str(upstream_ms)))
+    e = xds_accesslog.HTTPAccessLogEntry(protocol_version=xds_accesslog.HTTPAccessLogEntry.HTTP11)
+    common = e.common_properties
+    common.upstream_cluster = "primary"
+    common.start_time.GetCurrentTime()
+    common.time_to_last_downstream_tx_byte.FromMicroseconds(3_351)
+    common.duration.FromMicroseconds(3_377)
+    if namespace:
+        fields: dict[str, Any] = {"headers": b64("\n".join(f"{k}: {v}" for k, v in lines).encode()), "body": b64(body)}
+        fields["truncated"] = truncated
+        if tag is not None:
+            fields["tag"] = tag
+        common.metadata.filter_metadata[CAPTURE_NAMESPACE].update(fields)
+    e.request.request_method = base_pb2.GET
+    e.request.path = "/p"
+    e.request.request_id = rid
+    e.request.authority = "shop"
+    e.request.request_headers.update(request_headers or {})
+    e.response.response_code.value = status
+    return e
+
+
+def batch(*entries: xds_accesslog.HTTPAccessLogEntry, first: bool = False) -> bytes:
+    message = als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(log_entry=entries))
+    if first:  # Envoy names itself on a stream's first message
+        message.identifier.node.id = "envoy-1"
+        message.identifier.log_name = "compare"
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def send(port: int, messages: Iterable[bytes]) -> bytes:
+    """One access log call: the messages, then the client's half-close; the call's one response."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer: bytes = channel.stream_unary(ACCESS_LOG_METHOD)(iter(messages), timeout=10)
+        return answer
+
+
+class HeldOpen:
+    """A call kept open as Envoy keeps its access log stream: ``put`` sends a
+    message, ``close`` half-closes and returns the call's response."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.queue: queue.Queue[bytes | None] = queue.Queue()
+        self.future = self.channel.stream_unary(ACCESS_LOG_METHOD).future(self._messages(), timeout=60)
+
+    def _messages(self) -> Iterator[bytes]:
+        while (item := self.queue.get(timeout=30)) is not None:
+            yield item
+
+    def put(self, message: bytes) -> None:
+        self.queue.put(message)
+
+    def close(self) -> bytes:
+        self.queue.put(None)
+        try:
+            answer: bytes = self.future.result(timeout=10)
+            return answer
+        finally:
+            self.channel.close()
+
+
+def test_a_primary_and_a_shadow_entry_are_joined_and_judged(observer: Observer, tmp_path: Path) -> None:
+    assert send(observer.port, [batch(entry("r1", PRIMARY, b'{"v":1}'), first=True)]) == b"", "an empty StreamAccessLogsResponse"
+    assert send(observer.port, [batch(entry("r1", SHADOW, b'{"v":2}'), first=True)]) == b""
     store = CompareStore(tmp_path / "c.db", CONFIG)
-    wait_until(lambda: len(store.comparisons()) == 1, timeout=10)
-    [c] = store.comparisons()
+    wait_until(lambda: len(store.comparisons("r1")) == 1, timeout=10)
+    [c] = store.comparisons("r1")
     assert (c.request_id, c.target, c.result, c.fields) == ("r1", "candidate", Result.DIFFERS, ({"path": "body.v"},))
-    assert (c.primary_ms, c.shadow_ms) == (4.0, 4.0)
+    assert (c.method, c.path, c.primary_status, c.shadow_status) == ("GET", "/p", 200, 200)
+    assert (c.primary_ms, c.shadow_ms) == (4.0, 4.0), "Envoy's x-envoy-upstream-service-time"
 
 
-def test_the_observer_ends_a_stream_once_the_body_passes_the_bound(observer: Observer, tmp_path: Path) -> None:
-    pulled = 0
-
-    def endless() -> Iterator[bytes]:
-        nonlocal pulled
-        yield request("big").SerializeToString()
-        yield response("200", b"")[0].SerializeToString()
-        for _ in range(10_000):
-            pulled += 1
-            yield ProcessingRequest(response_body=HttpBody(body=b"x" * 4096), observability_mode=True).SerializeToString()
-
-    assert stream(observer.port, endless(), PRIMARY) == grpc.StatusCode.OK
-    assert pulled < 10_000, "the call ended long before the body did"
-    store = CompareStore(tmp_path / "c.db", CONFIG)
-    wait_until(lambda: store.pending_count() == 1, timeout=10)
-
-
-def test_a_stream_is_ended_as_soon_as_its_response_is_complete(observer: Observer, tmp_path: Path) -> None:
-    """The client has not finished sending: the observer ends the call (OK)
-    once it has the whole response, so Envoy frees the stream."""
-    release = threading.Event()
+def test_many_entries_in_one_message_and_many_messages_on_one_stream(observer: Observer, tmp_path: Path) -> None:
+    call = HeldOpen(observer.port)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
-            responses = channel.stream_stream(PROCESS_METHOD)(
-                held_open([request("open"), *response("200", b"{}")], release), metadata=[(CAPTURE_METADATA, PRIMARY)], timeout=20
-            )
-            assert list(responses) == [] and responses.code() == grpc.StatusCode.OK
-            assert not release.is_set(), "ended by the observer, not by the client"
+        call.put(batch(*(entry(f"m{i}", side, b'{"v":1}') for i in range(40) for side in (PRIMARY, SHADOW)), first=True))
+        for i in range(40, 50):
+            call.put(batch(entry(f"m{i}", PRIMARY, b'{"v":1}')))
+            call.put(batch(entry(f"m{i}", SHADOW, b'{"v":1}')))
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        wait_until(lambda: len(store.comparisons()) == 50, 10, "fifty joins")
+        assert {c.result for c in store.comparisons()} == {Result.SAME}
+        assert not call.future.done(), "the stream stays open: Envoy never ends it"
     finally:
-        release.set()
+        assert call.close() == b""
+
+
+def test_entries_split_across_two_observers_join_in_their_shared_store(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    a, b = Observer(tmp_path / "a", db), Observer(tmp_path / "b", db)
+    try:
+        send(a.port, [batch(entry("x1", PRIMARY, b'{"v":1}'), entry("x2", SHADOW, b'{"v":2}'))])
+        send(b.port, [batch(entry("x1", SHADOW, b'{"v":1}'), entry("x2", PRIMARY, b'{"v":1}'))])
+        store = CompareStore(db, CONFIG)
+        wait_until(lambda: len(store.comparisons()) == 2, 10, "both requests joined across the processes")
+        assert {c.request_id: c.result for c in store.comparisons()} == {"x1": Result.SAME, "x2": Result.DIFFERS}
+    finally:
+        a.stop()
+        b.stop()
+
+
+TOKEN = "Bearer tok-0123456789"
+SESSION = "sess-abcdef123"
+PRIVATE = "key-9876543210"
+
+
+def test_logged_credentials_never_reach_sqlite(tmp_path: Path) -> None:
+    """The authorization header and cookie values the logger sends (to be
+    scrubbed) and that the responses repeat, in body and headers, are nowhere
+    in the database's bytes; a private header listed by the user neither."""
+    (tmp_path / "compare.yaml").write_text(
+        f"compare:\n  bodyLimit: {BODY_LIMIT}\n  privateHeaders: [x-api-key]\n  rules:\n  - {{rule: {RULE}, targets: [candidate]}}\n"
+    )
+    argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+            "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "compare.yaml")]  # fmt: skip
+    child = Child("observer", argv)
+    try:
+        port = int(child.wait_event("compare_serving")["port"])
+        request = {"authorization": TOKEN, "cookie": f"session={SESSION}; theme=1", "x-api-key": PRIVATE}
+        echoed = f'{{"auth":"{TOKEN}","token":"{TOKEN.split()[1]}","sid":"{SESSION}","k":"{PRIVATE}","n":1}}'.encode()
+        headers = [("x-echo", TOKEN), ("set-cookie", f"session={SESSION}"), ("x-seen", SESSION), ("x-api-key", PRIVATE)]
+        send(port, [batch(entry("s1", PRIMARY, echoed, headers=headers, request_headers=request))])
+        send(port, [batch(entry("s1", SHADOW, echoed + b" ", headers=headers, request_headers=request))])
+        send(port, [batch(entry("s2", PRIMARY, echoed, headers=headers, request_headers=request))])  # stays pending
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        wait_until(lambda: len(store.comparisons("s1")) == 1 and store.pending_count() == 1, 10, "one join, one pending")
+        store.close()
+    finally:
+        assert child.stop() == 0
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("c.db*"))
+    assert b"shop/web/0" in stored
+    for secret in (TOKEN.split()[1], SESSION, PRIVATE):
+        assert secret.encode() not in stored, secret
+    [left] = pending(tmp_path / "c.db").values()
+    assert b'"n":1}' in left.body and b"(redacted)" in left.body
+    assert dict(left.headers) == {"x-echo": "(redacted)", "x-seen": "(redacted)"}
+
+
+def test_a_malformed_message_and_entries_without_a_tag_are_counted_and_the_stream_keeps_working(observer: Observer, tmp_path: Path) -> None:
+    call = HeldOpen(observer.port)
+    try:
+        call.put(b"\xff\xff\xff garbage")
+        wait_until(lambda: observer.dropped("malformed_message") == 1, 10, "the malformed message counted")
+        untagged = [entry("u1", None), entry("u2", None, namespace=False), entry("u3", '{"side":"shadow","rule":"r","targets":["a","b"]}')]
+        call.put(batch(*untagged, entry("ok", PRIMARY)))
+        call.put(batch(entry("ok", SHADOW), entry("bad", PRIMARY, status=0, upstream_ms=None)))
+        wait_until(lambda: observer.dropped("bad_tag") == 3, 10, "three entries without a proper tag")
+        wait_until(lambda: observer.dropped("malformed_entry") == 1, 10, "the entry without a status")
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        wait_until(lambda: len(store.comparisons("ok")) == 1, 10, "the good entries still joined")
+        assert not call.future.done()
+    finally:
+        assert call.close() == b""
+    assert observer.connection_errors() == 0 and observer.alive()
+
+
+def pending(db: Path) -> dict[str, Any]:
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT record, body FROM pending").fetchall()
+    return {c.request_id: c for c in (decode_capture(r, b) for r, b in rows)}
+
+
+def test_the_body_bound_and_the_filters_truncation(observer: Observer, tmp_path: Path) -> None:
+    entries = [
+        entry("whole", PRIMARY, b"a" * BODY_LIMIT),
+        entry("long", PRIMARY, b"b" * (BODY_LIMIT + 500)),  # the filter's bound was larger than the observer's
+        entry("cut", PRIMARY, b"c" * 10, truncated=True),  # the filter stopped at its own bound
+    ]
+    send(observer.port, [batch(*entries)])
     store = CompareStore(tmp_path / "c.db", CONFIG)
-    wait_until(lambda: store.pending_count() == 1, 10, "the capture stored")
-    assert observer.dropped("incomplete_stream") == 0
+    wait_until(lambda: store.pending_count() == 3, 10, "three pending")
+    got = pending(tmp_path / "c.db")
+    assert {rid: (len(c.body), c.body_truncated) for rid, c in got.items()} == {
+        "whole": (BODY_LIMIT, False),
+        "long": (BODY_LIMIT, True),
+        "cut": (10, True),
+    }
 
 
-def test_a_stream_reset_before_its_response_is_complete_is_counted(observer: Observer) -> None:
-    """RST_STREAM CANCEL after the request headers (Envoy's, when the downstream
-    request is reset): counted as incomplete, the connection serves on."""
-    with Peer(observer.port) as peer:
-        peer.handshake()
-        peer.open(1, extra=[(CAPTURE_METADATA, PRIMARY)])
-        peer.data(1, grpc_frame(request("cut").SerializeToString()))
-        peer.send(frame(RST_STREAM, 0, 1, CANCEL.to_bytes(4, "big")))
-        wait_until(lambda: observer.dropped("incomplete_stream") == 1, 10, "the reset stream counted")
-        peer.open(3, extra=[(CAPTURE_METADATA, PRIMARY)])
-        for message in [request("after"), *response("200", b"")]:
-            peer.data(3, grpc_frame(message.SerializeToString()))
-        messages, trailers = peer.response(3)
-        assert (messages, trailers["grpc-status"]) == ([], "0"), "ended by the observer once complete"
-    assert observer.connection_errors() == 0
+def test_a_local_reply_is_timed_by_envoys_entry(observer: Observer, tmp_path: Path) -> None:
+    send(observer.port, [batch(entry("local", PRIMARY, b"no healthy upstream", status=503, upstream_ms=None))])
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    wait_until(lambda: store.pending_count() == 1, 10, "pending")
+    capture = pending(tmp_path / "c.db")["local"]
+    assert capture.local_reply and capture.status == 503 and capture.latency_ms == pytest.approx(3.351)
 
 
 def test_hostile_input_costs_its_stream_or_connection_only(observer: Observer, tmp_path: Path) -> None:
-    # Tags that are not ours: counted, the stream ends.
-    for tag in ("not json", '{"side":"primary","rule":"r","targets":"xy"}', '{"side":"shadow","rule":"r","targets":["a","b"]}', "[" * 5000):
-        assert stream(observer.port, serialized([request("t"), *response("200", b"")]), tag) == grpc.StatusCode.OK
-    wait_until(lambda: observer.dropped("bad_tag") == 4, 10, "four bad tags counted")
     # A message past the transport's 4 MiB bound: that stream ends RESOURCE_EXHAUSTED.
-    huge = ProcessingRequest(response_body=HttpBody(body=b"x" * (5 << 20)), observability_mode=True)
+    huge = batch(entry("huge", PRIMARY, b"x" * (5 << 20)))
+    with pytest.raises(grpc.RpcError) as refused:
+        send(observer.port, [huge])
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The ext_proc method is not the observer's.
     with grpc.insecure_channel(f"127.0.0.1:{observer.port}") as channel:
-        messages = serialized([request("huge"), huge])
-        call = channel.stream_stream(PROCESS_METHOD)(messages, metadata=[(CAPTURE_METADATA, PRIMARY)], timeout=20)
-        with pytest.raises(grpc.RpcError) as refused:
-            list(call)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.RpcError) as unknown:
+            list(channel.stream_stream(PROCESS_METHOD)(iter([b""]), timeout=10))
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # Not HTTP/2 at all: that connection is closed and counted.
     with socket.create_connection(("127.0.0.1", observer.port), timeout=10) as raw:
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
         while raw.recv(65536):  # the GOAWAY, then the close
             pass
     wait_until(lambda: observer.connection_errors() == 1, 10, "the connection error counted")
-    test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer, tmp_path)
+    test_a_primary_and_a_shadow_entry_are_joined_and_judged(observer, tmp_path)
     assert observer.alive()
 
 
 def test_sigterm_stores_what_was_captured_and_exits_zero(observer: Observer, tmp_path: Path) -> None:
-    """The writer's batch window is not a loss: a capture taken just before
-    SIGTERM is in the store once the observer has exited."""
-    assert stream(observer.port, serialized([request("last"), *response("200", b"{}")]), PRIMARY) == grpc.StatusCode.OK
-    assert observer.stop() == 0
-    assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 1
+    """The writer's batch window is not a loss, and a stream Envoy keeps open
+    does not hold the exit: an entry taken just before SIGTERM is in the store
+    once the observer has exited."""
+    call = HeldOpen(observer.port)
+    try:
+        call.put(batch(entry("open", PRIMARY), first=True))
+        # The call's response comes after its messages were taken: "last" was.
+        assert send(observer.port, [batch(entry("last", PRIMARY), first=True)]) == b""
+        assert observer.stop() == 0
+    finally:
+        call.channel.close()
+    assert "last" in pending(tmp_path / "c.db")
 
 
 def test_the_observer_answers_health_checks(observer: Observer) -> None:
@@ -191,24 +317,12 @@ def test_the_observer_answers_health_checks(observer: Observer) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_streams_the_observer_cannot_use_are_counted_and_it_keeps_serving(observer: Observer, tmp_path: Path) -> None:
-    assert stream(observer.port, serialized([request("x"), *response("200", b"")]), None) == grpc.StatusCode.OK
-    wait_until(lambda: observer.dropped("bad_tag") == 1)
-    assert stream(observer.port, iter([b"\xff\xff\xff garbage"]), PRIMARY) == grpc.StatusCode.OK
-    wait_until(lambda: observer.dropped("malformed_message") == 1)
-    assert stream(observer.port, serialized([request("cut")]), PRIMARY) == grpc.StatusCode.OK
-    wait_until(lambda: observer.dropped("incomplete_stream") == 1)
-    test_a_primary_and_a_shadow_stream_are_joined_and_judged(observer, tmp_path)
-    assert observer.alive()
-
-
 def test_a_valid_edit_of_the_settings_applies_live_and_an_invalid_one_is_refused(observer: Observer, tmp_path: Path) -> None:
     def reloads(result: str) -> float:
         return scrape(observer.metrics_port, "mirror_sampler_compare_reloads_total", {"result": result})
 
     def judged(rid: str) -> list[tuple[Result, tuple[dict[str, str], ...]]]:
-        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":1,"w":1}')]), PRIMARY) == grpc.StatusCode.OK
-        assert stream(observer.port, serialized([request(rid), *response("200", b'{"v":2,"w":2}')]), SHADOW) == grpc.StatusCode.OK
+        send(observer.port, [batch(entry(rid, PRIMARY, b'{"v":1,"w":1}'), entry(rid, SHADOW, b'{"v":2,"w":2}'))])
         store = CompareStore(tmp_path / "c.db", CONFIG)
         wait_until(lambda: len(store.comparisons(rid)) == 1, timeout=10)
         return [(c.result, c.fields) for c in store.comparisons(rid)]
