@@ -17,10 +17,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-# gRPC metadata on every ext_proc capture stream (the capture by ext_proc, which
-# the access log replaced; still read by the Envoy rendering and bench tools):
-# who this side is (a CaptureTag as JSON).
-CAPTURE_METADATA: Final = "x-mirror-sampler-capture"
 # Capture by Envoy's gRPC access log: the capture filter (Lua, extproc/compare/envoy.py)
 # writes these fields, all strings but ``truncated`` (a bool), into the request's
 # dynamic metadata under CAPTURE_NAMESPACE; the access log entry carries them.
