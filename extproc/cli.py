@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--observer",
         action="append",
         metavar="HOST:PORT",
-        help="with spec.compare in the configuration: an observer (`mirror-sampler compare capture`) the capture points stream to "
+        help="with spec.compare in the configuration: an observer (`mirror-sampler compare capture`) the capture points log to "
         "(repeatable; default 127.0.0.1:50061, or mirror-sampler-compare:50061 for compose)",
     )
     envoy.set_defaults(func=cmd_envoy_config)

@@ -149,7 +149,7 @@ def register(sub: Any) -> None:
     """Adds ``compare`` to the top-level subcommands."""
     compare = sub.add_parser("compare", help="compare mirrored responses with the primary's (docs/compare.md)")
     actions = compare.add_subparsers(dest="compare_command", required=True)
-    capture = actions.add_parser("capture", help="run the observer Envoy's capture filters stream responses to")
+    capture = actions.add_parser("capture", help="run the observer Envoy's gRPC access log sends the captured responses to")
     capture.add_argument(
         "--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT", help=f"gRPC address (default {DEFAULT_LISTEN}; port 0 picks one)"
     )
