@@ -15,6 +15,9 @@ from .noise import DEFAULT_MARGIN
 from .paths import Pattern, PatternError
 
 DEFAULT_BODY_LIMIT = 64 * 1024
+# A captured body travels base64 in one access log entry, which the observer
+# takes in one gRPC message of at most 4 MiB.
+MAX_BODY_LIMIT = 1024 * 1024
 DEFAULT_SHADOW_TIMEOUT_S = 15.0  # Envoy's default route timeout
 DEFAULT_JOIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_PENDING = 10_000
@@ -116,6 +119,14 @@ def _count(p: Problems, path: str, value: Any, default: int) -> int:
     return value
 
 
+def _body_limit(p: Problems, path: str, value: Any) -> int:
+    limit = _count(p, path, value, DEFAULT_BODY_LIMIT)
+    if limit > MAX_BODY_LIMIT:
+        p.add(path, f"at most {MAX_BODY_LIMIT} bytes (a body travels base64 in one access log entry), got {limit}")
+        return DEFAULT_BODY_LIMIT
+    return limit
+
+
 def _duration(p: Problems, path: str, value: Any, default: float) -> float:
     if value is None:
         return default
@@ -209,7 +220,7 @@ def parse_compare(
         store_values = False
     config = CompareConfig(
         rules=rules,
-        body_limit=_count(p, f"{at}.bodyLimit", top.get("bodyLimit"), DEFAULT_BODY_LIMIT),
+        body_limit=_body_limit(p, f"{at}.bodyLimit", top.get("bodyLimit")),
         shadow_timeout_s=_duration(p, f"{at}.shadowTimeout", top.get("shadowTimeout"), DEFAULT_SHADOW_TIMEOUT_S),
         store_values=store_values,
         private_headers=frozenset(h.lower() for h in _strings(p, f"{at}.privateHeaders", top.get("privateHeaders"))),

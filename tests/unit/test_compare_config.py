@@ -84,6 +84,7 @@ def test_rules_and_targets_must_exist() -> None:
     ("data", "message"),
     [
         ({"bodyLimit": 0}, "compare.bodyLimit: must be a whole number >= 1, got 0"),
+        ({"bodyLimit": 1048577}, "compare.bodyLimit: at most 1048576 bytes (a body travels base64 in one access log entry), got 1048577"),
         ({"storeValues": "yes"}, "compare.storeValues: must be true or false, got 'yes'"),
         ({"retention": {"maxAge": "7 days"}}, "compare.retention.maxAge: must be a duration such as 30s, 10m, 12h or 7d, got '7 days'"),
         ({"shadowTimeout": "²s"}, "compare.shadowTimeout: must be a duration such as 30s, 10m, 12h or 7d, got '²s'"),
