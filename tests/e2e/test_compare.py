@@ -177,14 +177,17 @@ def mirrored(request_id: str) -> bool:
     return decide(b"", request_id.encode(), Fraction(50, 100))
 
 
-def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, int]) -> tuple[EnvoyProcess, list[Observer], Path]:
-    """Sampler, two observers on one SQLite file, and Envoy with the capture points."""
+def start_gateway(
+    tmp_path: Path, started: list[Any], backend_ports: dict[str, int], observed: list[Address] | None = None
+) -> tuple[EnvoyProcess, list[Observer], Path]:
+    """Sampler, two observers on one SQLite file, and Envoy with the capture points
+    (logging to ``observed`` instead, when given: no observer is started)."""
     (tmp_path / "routes.yaml").write_text(ROUTES)
     (tmp_path / "compare.yaml").write_text(COMPARE)
     db = tmp_path / "compare.db"
     # Two observer processes on one file: Envoy spreads streams over both, so
     # a request's primary and shadow captures often reach different processes.
-    observers = [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
+    observers = [] if observed else [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
     started.extend(observers)
     sampler = Sampler({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")})
     started.append(sampler)
@@ -197,7 +200,7 @@ def start_gateway(tmp_path: Path, started: list[Any], backend_ports: dict[str, i
     )
     rendered = as_data(bootstrap_config(policy, topology))
     settings = observers_config(tmp_path)
-    observed = [Address("127.0.0.1", o.port) for o in observers]
+    observed = observed or [Address("127.0.0.1", o.port) for o in observers]
     config = add_capture(rendered, settings, policy.slot_headers.marker, observed)
     (tmp_path / "envoy.yaml").write_text(to_yaml(config))
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
@@ -304,6 +307,47 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
     assert b'"authorization": "(redacted)"' in files, "the scrubbed bodies went through the store as they are"
     for o in observers:
         assert "Traceback" not in o.output() and '"level": "error"' not in o.output(), o.output()[-2000:]
+
+
+@pytest.mark.parametrize("failure", ["absent", "silent"])
+def test_observers_absent_or_silent_never_touch_the_primary_or_the_mirrors(tmp_path: Path, started: list[Any], failure: str) -> None:
+    """Envoy logs to observers nobody runs (a closed port), or to a socket that
+    accepts and never answers: every request is answered, every mirror sent, every
+    capture made, and Envoy keeps trying to reach the observers."""
+    backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
+    started.extend(backends.values())
+    with contextlib.ExitStack() as stack:
+        if failure == "absent":
+            with busy_port() as closed:  # free, then closed again before Envoy starts
+                pass
+        else:
+            closed = stack.enter_context(busy_port())
+        ports = {name: server.port for name, server in backends.items()}
+        envoy, _, _ = start_gateway(tmp_path, started, ports, observed=[Address("127.0.0.1", closed)])
+        client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
+        ids = [f"{key}-{kind}" for key in KEYS for kind in KINDS if kind != "slow"]
+        for rid in ids:
+            kind = rid.rsplit("-", 1)[1]
+            assert client.request(f"/api/{kind}/{rid}", "shop.example", {"x-request-id": rid})[0] == 200
+        client.close()
+        expected = [rid for rid in ids if mirrored(rid)]
+        assert 0 < len(expected) < len(ids)
+
+        def captured() -> object:
+            stats = envoy.stats()
+            return (
+                stats["http.compare_shadow.lua.compare.executions"] == 2 * len(expected)
+                and stats["cluster.mirror-sampler-compare.upstream_cx_total"] >= 1
+            )
+
+        wait_until(captured, 30, "every copy captured and a connection to the observers tried")
+        stats = envoy.stats()
+        assert stats["http.ingress_http.lua.compare.executions"] == len(expected)
+        assert stats["http.ingress_http.lua.compare.errors"] == stats["http.compare_shadow.lua.compare.errors"] == 0
+        assert stats["cluster.candidate.upstream_rq_total"] == stats["cluster.secondary.upstream_rq_total"] == len(expected)
+        assert stats.get("cluster.mirror-sampler-compare.upstream_rq_2xx", 0) == 0, "no observer ever answered"
+        if failure == "absent":
+            assert stats["cluster.mirror-sampler-compare.upstream_cx_connect_fail"] >= 1
 
 
 @pytest.mark.parametrize("failure", ["unreachable", "silent"])
