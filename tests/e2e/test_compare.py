@@ -246,6 +246,7 @@ def test_mirrored_responses_are_captured_joined_across_observers_and_judged(tmp_
     assert stats["http.ingress_http.lua.compare.errors"] == stats["http.compare_shadow.lua.compare.errors"] == 0
     assert stats["access_logs.grpc_access_log.logs_written"] == 3 * len(expected)
     assert stats["access_logs.grpc_access_log.logs_dropped"] == 0
+    assert stats.get("cluster.mirror-sampler-compare.http2.keepalive_timeout", 0) == 0, "the observers answer Envoy's pings"
     assert stats["cluster.candidate.upstream_rq_total"] == len(expected) + 10
     assert stats["cluster.secondary.upstream_rq_total"] == len(expected)
     assert stats[f"listener.envoy_internal_{CAPTURE_LISTENER}.downstream_cx_total"] >= 1
@@ -348,6 +349,9 @@ def test_observers_absent_or_silent_never_touch_the_primary_or_the_mirrors(tmp_p
         assert stats.get("cluster.mirror-sampler-compare.upstream_rq_2xx", 0) == 0, "no observer ever answered"
         if failure == "absent":
             assert stats["cluster.mirror-sampler-compare.upstream_cx_connect_fail"] >= 1
+        else:
+            # Unanswered pings close the silent connection, and what Envoy held for it.
+            wait_until(lambda: envoy.stats().get("cluster.mirror-sampler-compare.http2.keepalive_timeout", 0) >= 1, 30, "a ping timeout")
 
 
 @pytest.mark.parametrize("failure", ["unreachable", "silent"])

@@ -103,6 +103,9 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
     clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
     endpoints = clusters[CAPTURE_SERVICE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"]
     assert [e["endpoint"]["address"]["socketAddress"]["portValue"] for e in endpoints] == [50061, 50062]
+    options = clusters[CAPTURE_SERVICE_CLUSTER]["typedExtensionProtocolOptions"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    keepalive = options["explicitHttpConfig"]["http2ProtocolOptions"]["connectionKeepalive"]
+    assert keepalive == {"interval": "2s", "timeout": "2s"}, "a silent observer's connection is closed"
     internal = clusters[CAPTURE_SHADOW_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
     assert internal == {"envoyInternalAddress": {"serverListenerName": CAPTURE_LISTENER}}
     assert [e["name"] for e in config["bootstrapExtensions"]] == ["envoy.bootstrap.internal_listener"]
