@@ -130,13 +130,15 @@ def capture_filter(body_limit: int) -> hcm.HttpFilter:
     return hcm.HttpFilter(name=CAPTURE_FILTER, typed_config=AnyMessage.pack(config))
 
 
-def capture_log(private_headers: frozenset[str], side: Side) -> accesslog.AccessLog:
+def capture_log(private_headers: frozenset[str]) -> accesslog.AccessLog:
     """Envoy's gRPC access log of the captured requests (those whose capture filter
     left a tag), to the observers; with the credentials and private headers the
-    observer scrubs from what it stores. Envoy opens a stream per worker and log
-    name: one for each side, so the sides spread over the observers."""
+    observer scrubs from what it stores. Envoy keeps one stream per worker and
+    log configuration: the same for both sides, so a request's primary and its
+    copies (which the internal listener serves on the same worker) travel on one
+    stream to one observer, and usually join in one batch."""
     common = grpc_log.CommonGrpcAccessLogConfig(
-        log_name=f"{CAPTURE_LOG}-{side.value}",
+        log_name=CAPTURE_LOG,
         grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=CAPTURE_SERVICE_CLUSTER)),
         transport_api_version=core.ApiVersion.V3,
         buffer_flush_interval=LOG_FLUSH_INTERVAL,
@@ -194,7 +196,7 @@ def capture_listener(compare: CompareConfig, marker_header: str) -> listener.Lis
             capture_filter(compare.body_limit),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
         ],
-        access_log=[capture_log(compare.private_headers, Side.SHADOW)],
+        access_log=[capture_log(compare.private_headers)],
         # The copy keeps the primary's request id: the join key.
         preserve_external_request_id=True,
     )
@@ -321,7 +323,7 @@ def add_capture(bootstrap: Mapping[str, Any], compare: CompareConfig, marker_hea
                 filters = manager["httpFilters"]
                 # After the deciding filter (its re-match picks the variant), before the router.
                 filters.insert(len(filters) - 1, as_data(capture_filter(compare.body_limit)))
-                manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers, Side.PRIMARY)))
+                manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers)))
                 if "routeConfig" in manager:
                     manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compared)
     static["listeners"].append(as_data(capture_listener(compare, marker_header)))
@@ -343,7 +345,7 @@ def add_capture_to_snippet(
     out["http_filters"] = [*out["http_filters"], as_data(capture_filter(compare.body_limit), snake)]
     out["clusters"] = [*out["clusters"], *(as_data(c, snake) for c in capture_clusters(observers))]
     _capture_virtual_hosts(out["virtual_hosts"], compare.compared(), snake)
-    out["access_log"] = [as_data(capture_log(compare.private_headers, Side.PRIMARY), snake)]
+    out["access_log"] = [as_data(capture_log(compare.private_headers), snake)]
     out["listeners"] = [as_data(capture_listener(compare, marker_header), snake)]
     out["bootstrap_extensions"] = [_internal_listener_extension(snake)]
     return out
