@@ -24,6 +24,8 @@ that every request measured is a mirrored one):
   capture off the primary's worker (docs/compare.md, "Capture"). Its
   observers are its own; the second Envoy's CPU is not in the Envoy column,
   and its mirrors are counted there, not in ``compared / mirrored``;
+- ``on-split-log`` (``--split-log``): ``on`` with the shadow's entries under a
+  log name of their own, so on a stream of their own (the design first built);
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
   costs the primary at least (no bodies, nothing compared); and
@@ -170,6 +172,19 @@ def apart(rendered: str, capture_port: int) -> tuple[str, str]:
     return yaml.safe_dump(config, sort_keys=False), yaml.safe_dump(capture, sort_keys=False)
 
 
+def split_log(rendered: str) -> str:
+    """``on`` with the capture listener's access log under a log name of its own: Envoy
+    then keeps a second stream per worker, and a request's sides reach the observers
+    on two streams (docs/compare.md "Join across processes")."""
+    config: dict[str, Any] = yaml.safe_load(rendered)
+    k = Keys(config)
+    (listener,) = [entry for entry in config[k("static_resources")]["listeners"] if entry["name"] == CAPTURE_LISTENER]
+    manager = listener[k("filter_chains")][0]["filters"][0][k("typed_config")]
+    for log in manager[k("access_log")]:
+        log[k("typed_config")][k("common_config")][k("log_name")] += "-shadow"
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:
     """One load phase with its CPU and counter deltas (observers settled before and after)."""
     observers.settled()
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", action="append", default=[], help="also the observers of this commit (repeatable)")
     ap.add_argument("--no-absent", action="store_true", help="skip the on-absent variant")
     ap.add_argument("--apart", action="store_true", help="also on-apart: the shadow's capture point in a second Envoy")
+    ap.add_argument("--split-log", action="store_true", help="also on-split-log: the shadow's entries under a log name of their own")
     ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
@@ -280,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     trees: dict[str, Path] = {"on": REPO, **{f"on-{c}": export(c, workdir) for c in args.baseline}}
     if args.apart:
         trees["on-apart"] = REPO
+    if args.split_log:
+        trees["on-split-log"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
     try:
         for name, tree in trees.items():
@@ -315,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         addresses = observers[name].addresses
         if name == "on-apart":
             return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]
+        if name == "on-split-log":
+            return lambda p, topology: split_log(render_with_capture(p, topology, compare, addresses))
         return lambda p, topology: render_with_capture(p, topology, compare, addresses)
 
     variants = [Variant(name, renderer(name), processor="sampler", percent=args.percent) for name in observers]
