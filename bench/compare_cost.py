@@ -87,7 +87,7 @@ from bench.testbed import (  # noqa: E402
     start_stack,
     upstream_yaml,
 )
-from bench.variants import Keys  # noqa: E402
+from bench.variants import Keys, listener_manager  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import CAPTURE_LISTENER, CAPTURE_SHADOW_CLUSTER, render_with_capture  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
@@ -178,9 +178,7 @@ def split_log(rendered: str) -> str:
     on two streams (docs/compare.md "Join across processes")."""
     config: dict[str, Any] = yaml.safe_load(rendered)
     k = Keys(config)
-    (listener,) = [entry for entry in config[k("static_resources")]["listeners"] if entry["name"] == CAPTURE_LISTENER]
-    manager = listener[k("filter_chains")][0]["filters"][0][k("typed_config")]
-    for log in manager[k("access_log")]:
+    for log in listener_manager(config, CAPTURE_LISTENER)[k("access_log")]:
         log[k("typed_config")][k("common_config")][k("log_name")] += "-shadow"
     return yaml.safe_dump(config, sort_keys=False)
 
