@@ -32,12 +32,13 @@ from ..config.source import ConfigFile, ConfigSource
 from ..server.health import Health
 from ..server.transports.http2 import Http2Transport
 from ..watch import AsyncDriver
+from ..wire import ACCESS_LOG_METHOD
 from ..wire.accesslog_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
 from .config import CompareConfig
 from .entries import EntryError, entry_capture, read_entry
 from .judge import Comparison
 from .metrics import CompareMetrics
-from .records import ACCESS_LOG_METHOD, Capture
+from .records import Capture
 from .store import CompareStore
 
 log = structlog.get_logger("mirror_sampler.compare")

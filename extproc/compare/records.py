@@ -25,7 +25,6 @@ TAG_FIELD: Final = "tag"  # a CaptureTag as JSON
 HEADERS_FIELD: Final = "headers"  # base64 of the response headers, "name: value" lines joined by "\n" (":status" among them)
 BODY_FIELD: Final = "body"  # base64 of the response body's first bytes (at most the bound)
 TRUNCATED_FIELD: Final = "truncated"  # the body went past the bound
-ACCESS_LOG_METHOD: Final = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 # Response headers never stored, whatever the user lists.
 NEVER_STORED: Final = frozenset({"set-cookie", "authorization", "cookie", "proxy-authorization"})
 # Request headers whose values are credentials: wherever a response repeats

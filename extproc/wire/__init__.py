@@ -46,8 +46,12 @@ PROCESS_METHOD: Final = f"/{SERVICE_NAME}/Process"
 # gRPC metadata the generated Envoy routes put on each ext_proc stream: the id
 # of the rule Envoy matched, so the sampler decides for that very rule.
 RULE_METADATA: Final = "x-mirror-rule-id"
+# Envoy's gRPC access log method, which the comparison's observer serves (its
+# messages: accesslog_pb2).
+ACCESS_LOG_METHOD: Final = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
 
 __all__ = [
+    "ACCESS_LOG_METHOD",
     "PROCESS_METHOD",
     "RULE_METADATA",
     "SERVICE_NAME",

@@ -27,10 +27,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.compare.config import CompareConfig, RuleCompare
 from extproc.compare.noise import Result
-from extproc.compare.records import ACCESS_LOG_METHOD, CAPTURE_NAMESPACE, CaptureTag, Side
+from extproc.compare.records import CAPTURE_NAMESPACE, CaptureTag, Side
 from extproc.compare.store import CompareStore, decode_capture
 from extproc.stack.children import Child
-from extproc.wire import PROCESS_METHOD
+from extproc.wire import ACCESS_LOG_METHOD, PROCESS_METHOD
 from tests.support.procs import scrape, wait_until
 
 RULE = "shop/web/0"

@@ -12,7 +12,7 @@ from extproc.server.transports.http2 import ProcessStreamLike
 from extproc.server.transports.http2.grpc import PROCESS, check_request
 from extproc.server.transports.http2.hpack_replay import BlockDecoder
 from extproc.server.transports.http2.limits import Limits
-from extproc.wire import PROCESS_METHOD, SERVICE_NAME
+from extproc.wire import ACCESS_LOG_METHOD, PROCESS_METHOD, SERVICE_NAME
 from tests.support.h2memory import FakeServicer, MemoryPeer
 from tests.support.h2wire import (
     CONTINUATION,
@@ -200,15 +200,12 @@ def test_the_metadata_key_names_what_open_stream_gets(fake: FakeServicer) -> Non
     assert [s.rule_id for s in fake.streams] == ['{"side":"primary"}', None]
 
 
-ACCESS_LOG = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"
-
-
 def test_a_chosen_method_path_is_served_instead_of_process(fake: FakeServicer) -> None:
     """The observer's transport: Envoy's access log method opens a stream (its
     messages reach the servicer), ext_proc's Process is UNIMPLEMENTED, health stays."""
-    p = MemoryPeer(fake, method_path=ACCESS_LOG.encode(), closing_answer=b"")
+    p = MemoryPeer(fake, method_path=ACCESS_LOG_METHOD.encode(), closing_answer=b"")
     p.handshake()
-    p.open(1, ACCESS_LOG)
+    p.open(1, ACCESS_LOG_METHOD)
     p.data(1, grpc_frame(b"none"))
     p.data(1, grpc_frame(b"none"))
     assert [s.messages for s in fake.streams] == [[b"none", b"none"]]
@@ -244,11 +241,11 @@ def test_check_request_serves_the_method_path_it_is_given() -> None:
         assert request is not None
         return request[0], request[1] is None
 
-    assert kind(ACCESS_LOG, ACCESS_LOG.encode()) == (PROCESS, True)
-    assert kind(PROCESS_METHOD, ACCESS_LOG.encode())[1] is False  # answered at once: UNIMPLEMENTED
+    assert kind(ACCESS_LOG_METHOD, ACCESS_LOG_METHOD.encode()) == (PROCESS, True)
+    assert kind(PROCESS_METHOD, ACCESS_LOG_METHOD.encode())[1] is False  # answered at once: UNIMPLEMENTED
     assert kind(PROCESS_METHOD, PROCESS_METHOD.encode()) == (PROCESS, True)
-    assert kind(ACCESS_LOG, PROCESS_METHOD.encode())[1] is False
-    assert kind(CHECK, ACCESS_LOG.encode())[1] is True
+    assert kind(ACCESS_LOG_METHOD, PROCESS_METHOD.encode())[1] is False
+    assert kind(CHECK, ACCESS_LOG_METHOD.encode())[1] is True
 
 
 def test_open_stream_exception() -> None:

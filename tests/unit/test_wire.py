@@ -25,7 +25,6 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 
 from extproc import wire
-from extproc.compare.records import ACCESS_LOG_METHOD
 from extproc.wire import accesslog_pb2, ext_proc_pb2
 
 with warnings.catch_warnings():
@@ -391,7 +390,7 @@ def test_process_method_is_envoys() -> None:
 def test_access_log_method_is_envoys() -> None:
     service = xds_als.DESCRIPTOR.services_by_name["AccessLogService"]
     method = service.methods_by_name["StreamAccessLogs"]
-    assert f"/{service.full_name}/{method.name}" == ACCESS_LOG_METHOD
+    assert f"/{service.full_name}/{method.name}" == wire.ACCESS_LOG_METHOD
     # Client streaming: Envoy sends batches, the one response comes at the end (the transport's closing answer).
     assert method.client_streaming and not method.server_streaming
     mirrors = _mirrors()
