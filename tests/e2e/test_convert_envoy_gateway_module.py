@@ -134,7 +134,10 @@ def test_envoy_gateway_translation_mirrors_exactly_what_the_module_decides(
         client.close()
         policy = build_policy(Settings.load({"MIRROR_CONFIG": "x"}), CONFORMANCE.read_text())
         plan = Plan(policy)
-        primary = echoes["infra-backend-v1"].echoed()
+        # The echo logs before it answers, but its log reaches us through a reader thread.
+        primary_echo = echoes["infra-backend-v1"]
+        wait_until(lambda: len(primary_echo.echoed()) >= REQUESTS * len(PATHS), 15, "the requests at the primary")
+        primary = primary_echo.echoed()
         assert len(primary) == REQUESTS * len(PATHS)
         expected: dict[str, set[tuple[str, str]]] = {"infra-backend-v2": set(), "infra-backend-v3": set()}
         for doc in primary:
