@@ -13,14 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from extproc.module.build import SOURCE_DIR, SOURCES, WARNINGS, compile_c
+from extproc.module.build import CORE_SOURCES, SOURCE_DIR, WARNINGS, compile_c
 
 DRIVER_SOURCE = Path(__file__).with_name("module_driver.c")
 SANITIZERS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 
 
 def build_driver(directory: Path) -> Path:
-    core = [SOURCE_DIR / name for name in SOURCES if name != "mirror_sampler.c"]
+    core = [SOURCE_DIR / name for name in CORE_SOURCES]
     return compile_c(directory / "module-driver", [DRIVER_SOURCE, *core], (*WARNINGS, *SANITIZERS))
 
 
