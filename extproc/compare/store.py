@@ -261,14 +261,18 @@ class CompareStore:
                 "INSERT INTO compared_counts VALUES (?, ?, 1) ON CONFLICT (rule, target) DO UPDATE SET count = count + 1",
                 (pairing.rule, pairing.target),
             )
+        # Most pairs differ in nothing, and an executemany of no rows still
+        # costs a statement's lookup and reset (a few µs each, per comparison).
+        if pairing.paths:
+            if result.value in COMPARED:
+                self.db.executemany(
+                    "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
+                    [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+                )
             self.db.executemany(
-                "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
-                [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+                "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
+                [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
             )
-        self.db.executemany(
-            "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
-            [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
-        )
         return comparison
 
     # ------------------------------------------------------------------ reading
