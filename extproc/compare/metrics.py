@@ -59,7 +59,7 @@ class CompareMetrics:
         self._paths: dict[tuple[str, str], set[str]] = {}
         # The labelled series each comparison counts, made on first use as
         # ``labels`` makes them (no series exported before): ``labels`` costs
-        # about 3 µs a call (it checks and joins the label values), three
+        # about 1.2 µs a call (it checks and joins the label values), three
         # calls a comparison.
         self._results: dict[tuple[str, str, str], Counter] = {}
         self._latencies: dict[tuple[str, str, str], Histogram] = {}
