@@ -87,13 +87,14 @@ def _value(struct: Struct, name: str) -> str | bool | float | None:
     return None  # null, a list or a struct: not what the filter writes
 
 
+# Each method's name; a number not here (METHOD_UNSPECIFIED, or a method added
+# to Envoy after this contract) reads as "". A dict: RequestMethod.Name, read
+# for every entry, took 2 µs of its 11.
+_METHODS: Final = {number: name for name, number in RequestMethod.items() if number != RequestMethod.METHOD_UNSPECIFIED}
+
+
 def _method(number: int) -> str:
-    if number == RequestMethod.METHOD_UNSPECIFIED:
-        return ""
-    try:
-        return RequestMethod.Name(number)
-    except ValueError:  # a method added to Envoy after this contract
-        return ""
+    return _METHODS.get(number, "")
 
 
 def read_entry(entry: HTTPAccessLogEntry) -> LoggedEntry:

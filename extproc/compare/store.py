@@ -60,6 +60,22 @@ CREATE TABLE IF NOT EXISTS field_counts (
 COMPARED = (Result.SAME.value, Result.DIFFERS.value, Result.NOISE_ONLY.value)
 
 
+# Where the sweep forgets comparisons (``_forget``): by age, and past the bound.
+OLDER_THAN = "compared_at < ?"
+PAST_BOUND = "id <= (SELECT MAX(id) FROM comparisons) - ?"
+
+
+def forgotten_counts(where: str) -> str:
+    """The compared pairs ``where`` selects, per rule and target. ``+rule,
+    +target``: grouping by the bare columns makes SQLite walk all of
+    ``comparisons_by_target`` (the whole table, every sweep, every second:
+    4 ms at 17k comparisons, 31 ms at the 100k bound) to save a sort; the
+    unary plus (same values) leaves it the index of ``where`` (age or id), so a
+    sweep reads only the rows it forgets."""
+    placeholders = ",".join("?" * len(COMPARED))
+    return f"SELECT rule, target, COUNT(*) FROM comparisons WHERE {where} AND result IN ({placeholders}) GROUP BY +rule, +target"
+
+
 def encode_capture(capture: Capture) -> str:
     """Everything but the body (stored as it is, in its own column)."""
     data = {f.name: getattr(capture, f.name) for f in dataclass_fields(Capture) if f.name != "body"}
@@ -160,17 +176,13 @@ class CompareStore:
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
                 self._count_dropped("pending_over_bound", excess)
                 self.dropped_by_last_sweep = excess
-            self._forget("compared_at < ?", (now - retention.max_age_s,))
-            self._forget("id <= (SELECT MAX(id) FROM comparisons) - ?", (retention.max_comparisons,))
+            self._forget(OLDER_THAN, (now - retention.max_age_s,))
+            self._forget(PAST_BOUND, (retention.max_comparisons,))
         return out
 
     def _forget(self, where: str, params: tuple[Any, ...]) -> None:
         """Delete the comparisons ``where`` says, and take them out of the rates."""
-        placeholders = ",".join("?" * len(COMPARED))
-        gone = self.db.execute(
-            f"SELECT rule, target, COUNT(*) FROM comparisons WHERE {where} AND result IN ({placeholders}) GROUP BY rule, target",
-            (*params, *COMPARED),
-        ).fetchall()
+        gone = self.db.execute(forgotten_counts(where), (*params, *COMPARED)).fetchall()
         self.db.executemany("UPDATE compared_counts SET count = count - ? WHERE rule = ? AND target = ?", [(n, r, t) for r, t, n in gone])
         fields = self.db.execute(
             "SELECT rule, target, path, COUNT(*) FROM differing_fields WHERE comparison_id IN"
@@ -249,14 +261,18 @@ class CompareStore:
                 "INSERT INTO compared_counts VALUES (?, ?, 1) ON CONFLICT (rule, target) DO UPDATE SET count = count + 1",
                 (pairing.rule, pairing.target),
             )
+        # Most pairs differ in nothing, and an executemany of no rows still
+        # costs a statement's lookup and reset (a few µs each, per comparison).
+        if pairing.paths:
+            if result.value in COMPARED:
+                self.db.executemany(
+                    "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
+                    [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+                )
             self.db.executemany(
-                "INSERT INTO field_counts VALUES (?, ?, ?, 1) ON CONFLICT (rule, target, path) DO UPDATE SET count = count + 1",
-                [(pairing.rule, pairing.target, path) for path in set(pairing.paths)],
+                "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
+                [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
             )
-        self.db.executemany(
-            "INSERT INTO differing_fields VALUES (?, ?, ?, ?)",
-            [(cursor.lastrowid, pairing.rule, pairing.target, path) for path in pairing.paths],
-        )
         return comparison
 
     # ------------------------------------------------------------------ reading

@@ -52,3 +52,21 @@ def test_every_configured_series_exists_from_the_start() -> None:
         for target in ("c", "s"):
             assert f'mirror_sampler_compared_total{{result="{result.value}",rule="r",target="{target}"}} 0.0' in text
     assert 'mirror_sampler_compare_dropped_total{reason="queue_full"} 0.0' in text
+
+
+def test_a_series_is_exported_once_counted_and_counts_on() -> None:
+    """The series a comparison counts are made on first use (kept for the
+    next): none before, and later comparisons add to the same one."""
+    metrics = CompareMetrics()
+    assert "mirror_sampler_compared_total{" not in generate_latest(metrics.registry).decode()
+    metrics.compared(comparison("candidate", Result.SAME, ()))
+    text = generate_latest(metrics.registry).decode()
+    assert text.count("mirror_sampler_compared_total{") == 1, "no other result of the target appears"
+    assert text.count("mirror_sampler_compare_latency_seconds_count{") == 2
+    for _ in range(4):
+        metrics.compared(comparison("candidate", Result.SAME, ()))
+    metrics.compared(comparison("other", Result.DIFFERS, ("body.v",)))
+    assert sample(metrics, "mirror_sampler_compared_total", {"rule": "r", "target": "candidate", "result": "same"}) == 5
+    assert sample(metrics, "mirror_sampler_compared_total", {"rule": "r", "target": "other", "result": "differs"}) == 1
+    assert sample(metrics, "mirror_sampler_compare_latency_seconds_count", {"rule": "r", "target": "candidate", "side": "primary"}) == 5
+    assert sample(metrics, "mirror_sampler_compare_latency_seconds_sum", {"rule": "r", "target": "other", "side": "shadow"}) == 0.04

@@ -230,3 +230,23 @@ def test_a_capture_larger_than_the_byte_bound_still_enters_an_empty_queue(tmp_pa
     writer.offer(capture("small", Side.PRIMARY))
     assert writer.queued_bytes == big.weight > 4096
     assert metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "queue_full"}) == 1
+
+
+def test_a_sweep_reads_only_what_it_forgets(tmp_path: Path) -> None:
+    """Every second, on a table of up to max_comparisons rows: none of the
+    sweep's statements may walk all of ``comparisons`` (its rows or an index's)."""
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    for i in range(50):
+        store.add(sides(f"req-{i}"))
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    store.sweep(now=2000.0)
+    store.db.set_trace_callback(None)
+    plans = {
+        sql: [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        for sql in statements
+        if sql.split()[0] in ("SELECT", "DELETE", "UPDATE")
+    }
+    assert len(plans) >= 6, statements
+    walks = {sql: plan for sql, plan in plans.items() if any(step.startswith("SCAN comparisons") for step in plan)}
+    assert walks == {}
