@@ -23,6 +23,10 @@ from .judge import Comparison
 from .store import CompareStore
 
 DEFAULT_DB = "mirror-sampler-compare.db"
+# How far the observer steps back for Envoy on shared cores (see cmd_capture); 19 is
+# the least favoured priority there is.
+DEFAULT_NICE = 10
+MAX_NICE = 19
 OBSERVER_PORT = 50061
 DEFAULT_LISTEN = f"127.0.0.1:{OBSERVER_PORT}"
 ROUTES_HELP = (
@@ -120,6 +124,12 @@ def cmd_capture(args: argparse.Namespace) -> int:
         metrics_address = split_address(args.metrics_listen) if args.metrics_listen else None
     except ValueError as e:
         raise ConfigError([f"--listen/--metrics-listen: {e}"]) from None
+    if not 0 <= args.nice <= MAX_NICE:
+        raise ConfigError([f"--nice: {args.nice} is not between 0 and {MAX_NICE}"])
+    # Where the observer shares cores with Envoy (up, docker compose, a node's
+    # other pods in one cgroup), its batches must not delay a primary's answer:
+    # the scheduler serves Envoy first.
+    niceness = os.nice(args.nice)
     logs.configure(args.log_level, "json", sys.stdout)
     log = logs.get("compare")
     metrics = CompareMetrics()
@@ -130,7 +140,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         metrics_port = server.server_port
 
     def ready(bound: int) -> None:
-        log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules))
+        log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules), nice=niceness)
 
     settings = ObserverSettings(
         host,
@@ -159,6 +169,14 @@ def register(sub: Any) -> None:
     )
     capture.add_argument("--config", metavar="FILE", help="YAML with the compare settings (a MirrorSampler document's spec.compare)")
     capture.add_argument("--routes", default=os.environ.get("MIRROR_CONFIG"), metavar="FILE", help=ROUTES_HELP)
+    capture.add_argument(
+        "--nice",
+        type=int,
+        default=DEFAULT_NICE,
+        metavar="N",
+        help=f"lower this process's CPU priority by N (0 to {MAX_NICE}; default {DEFAULT_NICE}): where it shares cores with Envoy, "
+        "Envoy is served first (0 keeps it)",
+    )
     capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     capture.set_defaults(func=cmd_capture)
 

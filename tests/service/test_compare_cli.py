@@ -4,6 +4,7 @@ with the field named, report and show on a store."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,19 @@ def test_the_observer_reads_the_routes_with_the_samplers_slot_settings(tmp_path:
         assert child.wait_event("compare_serving")["rules"] == ["shop/web/0"]
     finally:
         child.stop()
+
+
+def test_the_observer_steps_back_for_envoy_by_its_nice_value(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE + ROUTES)
+    argv = ["capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "routes.yaml")]
+    for nice in ("-1", "20"):
+        refused = run(*argv, "--nice", nice)
+        assert refused.returncode == 2 and f"--nice: {nice} is not between 0 and 19" in refused.stderr
+    ours = os.nice(0)
+    for flags, wanted in (([], min(ours + 10, 19)), (["--nice", "0"], ours)):
+        child = Child("observer", [sys.executable, "-m", "extproc", "compare", *argv, *flags], cwd=REPO)
+        try:
+            assert child.wait_event("compare_serving")["nice"] == wanted, flags
+            assert os.getpriority(os.PRIO_PROCESS, child.pid) == wanted, flags  # the kernel's word, not only the log's
+        finally:
+            child.stop()
