@@ -2,7 +2,7 @@
 "Cost"): the same stack with the comparison off and on, alternating in one run.
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
-        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--access-log]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--access-log] [--flush-ms MS ...]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -26,6 +26,10 @@ that every request measured is a mirrored one):
   and its mirrors are counted there, not in ``compared / mirrored``;
 - ``on-split-log`` (``--split-log``): ``on`` with the shadow's entries under a
   log name of their own, so on a stream of their own (the design first built);
+- ``on-flush-MS`` (``--flush-ms MS``, repeatable): ``on`` with Envoy's access
+  log sending what it holds every MS milliseconds instead of the rendered
+  interval (a batch is serialised on the worker at once: smaller, more
+  frequent batches trade the tail for more messages);
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
   costs the primary at least (no bodies, nothing compared); and
@@ -183,6 +187,20 @@ def split_log(rendered: str) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def flush_every(rendered: str, milliseconds: int) -> str:
+    """``rendered`` with every gRPC access log flushing every ``milliseconds``."""
+    config: dict[str, Any] = yaml.safe_load(rendered)
+    k = Keys(config)
+    changed = 0
+    for entry in config[k("static_resources")]["listeners"]:
+        for log in listener_manager(config, entry["name"]).get(k("access_log"), []):
+            log[k("typed_config")][k("common_config")][k("buffer_flush_interval")] = f"{milliseconds / 1000:g}s"
+            changed += 1
+    if not changed:
+        raise SystemExit("--flush-ms: the rendered configuration has no access log")
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:
     """One load phase with its CPU and counter deltas (observers settled before and after)."""
     observers.settled()
@@ -281,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--apart", action="store_true", help="also on-apart: the shadow's capture point in a second Envoy")
     ap.add_argument("--split-log", action="store_true", help="also on-split-log: the shadow's entries under a log name of their own")
     ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
+    ap.add_argument(
+        "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
+    )
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
     check_tools()
@@ -296,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         trees["on-apart"] = REPO
     if args.split_log:
         trees["on-split-log"] = REPO
+    for ms in args.flush_ms:
+        if ms <= 0:
+            ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
+        trees[f"on-flush-{ms}"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
     try:
         for name, tree in trees.items():
@@ -333,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]
         if name == "on-split-log":
             return lambda p, topology: split_log(render_with_capture(p, topology, compare, addresses))
+        if name.startswith("on-flush-"):
+            ms = int(name.removeprefix("on-flush-"))
+            return lambda p, topology: flush_every(render_with_capture(p, topology, compare, addresses), ms)
         return lambda p, topology: render_with_capture(p, topology, compare, addresses)
 
     variants = [Variant(name, renderer(name), processor="sampler", percent=args.percent) for name in observers]
