@@ -125,14 +125,17 @@ class Writer:
 
     def _take(self) -> tuple[list[Capture], bool]:
         """What is queued (waiting up to a sweep interval for the first, then a
-        batch window for more), and whether to stop."""
+        batch window for more unless a full batch is there), and whether to stop."""
         batch: list[Capture] = []
         try:
             item = self.queue.get(timeout=SWEEP_EVERY_S)
         except queue.Empty:
             return batch, False
-        if item is not None:
-            # One wait for the whole batch, not a wake-up per capture.
+        if item is not None and self.queue.qsize() < BATCH_MAX - 1:
+            # One wait for the whole batch, not a wake-up per capture. A full
+            # batch already waiting (a backlog) is taken at once: a window
+            # slept per batch capped the writer at BATCH_MAX a window, and
+            # dropped what came faster (docs/compare.md "Cost").
             time.sleep(self.window)
         try:
             while True:
