@@ -219,22 +219,22 @@ def test_a_writer_queue_is_bounded_in_bytes_until_its_batch_is_stored(tmp_path: 
     assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 10
 
 
-def test_a_backlog_of_full_batches_is_stored_without_waiting_a_window_per_batch(tmp_path: Path) -> None:
-    """Past BATCH_MAX captures a window, the writer must not sleep its window
-    before each batch: with a window of an hour, a backlog of two full batches
-    is stored only if neither waits for it."""
+def test_the_writer_pauses_its_window_before_every_batch_even_with_a_backlog(tmp_path: Path) -> None:
+    """The pause per batch is the writer's cap (and so its CPU's, beside Envoy's,
+    under saturation): a backlog of two full batches is two batches, two pauses."""
     from extproc.compare.capture import BATCH_MAX, Writer
     from extproc.compare.metrics import CompareMetrics
 
-    writer = Writer(lambda: CompareStore(tmp_path / "c.db", CONFIG), CompareMetrics(), window=3600.0)
+    pauses: list[float] = []
+    writer = Writer(lambda: CompareStore(tmp_path / "c.db", CONFIG), CompareMetrics(), window=0.25, pause=pauses.append)
     for i in range(2 * BATCH_MAX):
         writer.offer(capture(f"r{i}", Side.PRIMARY))
     writer.start()
     try:
         wait_until(lambda: writer.queued_bytes == 0, 30, "both batches stored")
     finally:
-        writer.queue.put(None)
-    writer.thread.join(timeout=10)
+        writer.stop()
+    assert pauses == [0.25, 0.25]
     assert CompareStore(tmp_path / "c.db", CONFIG).pending_count() == 2 * BATCH_MAX
 
 
