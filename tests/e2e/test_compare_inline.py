@@ -1,5 +1,7 @@
 """End to end: the capture points with the decision inside Envoy (inline Lua, the
-dynamic module on Envoy 1.40, and on 1.39 when MIRROR_TEST_ENVOY_1_39 names its binary).
+dynamic module on Envoy 1.40, and on 1.39 when MIRROR_TEST_ENVOY_1_39 names its binary),
+each as the whole configuration and as the snippet pasted into an existing Envoy's
+configuration; and the sampler's snippet (its whole configuration: test_compare.py).
 
 Envoy builds a request's filter chain from the first route it matched
 (docs/compare.md, point 1): the capture filter exists because the plain route enables
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extproc.compare.envoy import render_with_capture
 from extproc.compare.noise import Result
 from extproc.compare.store import CompareStore
 from extproc.config.settings import Settings
 from extproc.config.source import load_policy
+from extproc.core.policy import Policy
 from extproc.envoy.render import Address, Topology
 from extproc.module.support import module_for
 from extproc.stack import envoy as envoy_stack
@@ -42,8 +46,9 @@ from tests.e2e.test_compare import (
     observers_config,
     started,
 )
-from tests.support.harness import Client, settle
-from tests.support.procs import wait_until
+from tests.support.harness import Client, settle, static_cluster
+from tests.support.procs import Sampler, wait_until
+from tests.unit.test_envoyconf import snippet_bootstrap
 
 __all__ = ["started"]  # the fixture
 
@@ -63,41 +68,80 @@ ENGINES = [
 FORGED = {"x-mirror-cluster-0": "candidate", "x-mirror-cluster-1": "secondary"}
 
 
+def pasted(snippet_text: str, policy: Policy, backend_ports: dict[str, int]) -> str:
+    """An existing Envoy that pasted `envoy-config --snippet`'s output where its
+    comment says (tests/unit/test_envoyconf.py's bootstrap), on ports chosen here:
+    its listener named and counted as the whole configuration's is, so that the
+    assertions below read the same stats."""
+    bootstrap = snippet_bootstrap(yaml.safe_load(snippet_text), policy)
+    resources = bootstrap["static_resources"]
+    (listener,) = [entry for entry in resources["listeners"] if entry["name"] == "existing"]
+    listener["name"] = "ingress"
+    listener["address"]["socket_address"]["port_value"] = 0
+    listener["filter_chains"][0]["filters"][0]["typed_config"]["stat_prefix"] = "ingress_http"
+    resources["clusters"] = [
+        static_cluster(c["name"], backend_ports[c["name"]]) if c["name"] in backend_ports else c for c in resources["clusters"]
+    ]
+    bootstrap["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}}
+    return yaml.safe_dump(bootstrap, sort_keys=False)
+
+
 def start_inline_gateway(
-    tmp_path: Path, started: list[Any], backend_ports: dict[str, int], engine: str
+    tmp_path: Path, started: list[Any], backend_ports: dict[str, int], engine: str, snippet: bool = False
 ) -> tuple[EnvoyProcess, list[Observer], Path]:
     """Two observers on one SQLite file and Envoy deciding itself, rendered as
-    `envoy-config --inline ENGINE` renders it with spec.compare."""
+    `envoy-config --inline ENGINE` renders it with spec.compare (``snippet``:
+    as `--snippet` renders it, pasted into an existing Envoy's configuration;
+    ENGINE ``sampler``: the sampler decides, as `envoy-config` without --inline)."""
     (tmp_path / "routes.yaml").write_text(ROUTES)
     (tmp_path / "compare.yaml").write_text(COMPARE)
     db = tmp_path / "compare.db"
     observers = [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
     started.extend(observers)
     policy = load_policy(Settings.load({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")}))
+    samplers: tuple[Address, ...] = ()
+    if engine == "sampler":
+        sampler = Sampler({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")})
+        started.append(sampler)
+        samplers = (Address("127.0.0.1", sampler.port),)
     topology = Topology(
         listener=Address("127.0.0.1", 0),
         admin=Address("127.0.0.1", 0),
+        samplers=samplers,
         backends={name: Address("127.0.0.1", port) for name, port in backend_ports.items()},
-        inline=True,
+        inline=engine != "sampler",
     )
     module_path = module_for(envoy_stack.envoy_binary()) if engine == "module" else None
     observed = [Address("127.0.0.1", o.port) for o in observers]
-    text = render_with_capture(policy, topology, observers_config(tmp_path), observed, module_path=module_path)
-    (tmp_path / "envoy.yaml").write_text(text)
+    text = render_with_capture(policy, topology, observers_config(tmp_path), observed, module_path=module_path, snippet_only=snippet)
+    (tmp_path / "envoy.yaml").write_text(pasted(text, policy, backend_ports) if snippet else text)
     envoy = EnvoyProcess(tmp_path / "envoy.yaml", tmp_path).start()
     started.append(envoy)
     return envoy, observers, db
 
 
+@pytest.mark.parametrize("snippet", [pytest.param(False, id="whole"), pytest.param(True, id="snippet")])
 @pytest.mark.parametrize(("engine", "binary"), ENGINES)
 def test_the_decision_in_envoy_captures_exactly_the_mirrored_requests(
-    tmp_path: Path, started: list[Any], engine: str, binary: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, started: list[Any], engine: str, binary: str, snippet: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if binary:
         monkeypatch.setattr(envoy_stack, "envoy_binary", lambda: binary)
+    captures_exactly_the_mirrored_requests(tmp_path, started, engine, snippet)
+
+
+def test_the_sampler_s_snippet_pasted_into_an_existing_envoy_captures_exactly_the_mirrored_requests(
+    tmp_path: Path, started: list[Any]
+) -> None:
+    """The ext_proc snippet (the whole configuration runs in tests/e2e/test_compare.py)."""
+    captures_exactly_the_mirrored_requests(tmp_path, started, "sampler", snippet=True)
+
+
+def captures_exactly_the_mirrored_requests(tmp_path: Path, started: list[Any], engine: str, snippet: bool) -> None:
     backends = {"primary": VersionedServer(1), "secondary": VersionedServer(1), "candidate": VersionedServer(2)}
     started.extend(backends.values())
-    envoy, _observers, db = start_inline_gateway(tmp_path, started, {name: server.port for name, server in backends.items()}, engine)
+    ports = {name: server.port for name, server in backends.items()}
+    envoy, _observers, db = start_inline_gateway(tmp_path, started, ports, engine, snippet)
 
     client = Client(f"http://127.0.0.1:{ingress_port(envoy)}")
     sent: dict[str, str] = {}
