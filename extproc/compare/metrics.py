@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from .config import CompareConfig
@@ -19,6 +21,16 @@ OTHER_FIELD = "(other)"
 # writes (not base64, no request id or status), or it waited past the bound of
 # pending captures.
 DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound")
+
+_Series = TypeVar("_Series", Counter, Histogram)
+
+
+def _labelled(made: dict[tuple[str, str, str], _Series], family: _Series, key: tuple[str, str, str]) -> _Series:
+    """``family.labels(*key)``, made once and kept in ``made``."""
+    series = made.get(key)
+    if series is None:
+        series = made[key] = family.labels(*key)
+    return series
 
 
 class CompareMetrics:
@@ -84,11 +96,7 @@ class CompareMetrics:
         self.drops.labels(reason).inc(n)
 
     def compared(self, c: Comparison) -> None:
-        key = (c.rule, c.target, c.result.value)
-        counter = self._results.get(key)
-        if counter is None:
-            counter = self._results[key] = self.results.labels(*key)
-        counter.inc()
+        _labelled(self._results, self.results, (c.rule, c.target, c.result.value)).inc()
         known = self._paths.setdefault((c.rule, c.target), set())
         for field in c.fields:
             path = field["path"]
@@ -98,16 +106,9 @@ class CompareMetrics:
                 known.add(path)
             self.fields.labels(c.rule, c.target, path).inc()
         if c.primary_ms is not None:
-            self._latency(c.rule, c.target, "primary").observe(c.primary_ms / 1000)
+            _labelled(self._latencies, self.latency, (c.rule, c.target, "primary")).observe(c.primary_ms / 1000)
         if c.shadow_ms is not None:
-            self._latency(c.rule, c.target, "shadow").observe(c.shadow_ms / 1000)
-
-    def _latency(self, rule: str, target: str, side: str) -> Histogram:
-        key = (rule, target, side)
-        histogram = self._latencies.get(key)
-        if histogram is None:
-            histogram = self._latencies[key] = self.latency.labels(*key)
-        return histogram
+            _labelled(self._latencies, self.latency, (c.rule, c.target, "shadow")).observe(c.shadow_ms / 1000)
 
 
 def read_counts(text: str) -> tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], float]]:
