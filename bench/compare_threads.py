@@ -27,23 +27,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
+from bench.procstat import thread_cpu  # noqa: E402
 from bench.run import run_hey, run_wrk  # noqa: E402
 from bench.testbed import MIRROR, PRIMARY, Variant, bench_policy, check_tools, free_port, start_envoy, start_stack, upstream_yaml  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import render_with_capture  # noqa: E402
 from extproc.envoy.render import Address  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """Each thread's CPU so far, in seconds."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except OSError:
-            continue  # the thread ended
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.compare_cost import COMPARE_YAML  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
 
 CHILD = """
@@ -40,8 +41,7 @@ from extproc.compare.metrics import CompareMetrics
 from extproc.compare.records import Capture, Side
 from extproc.compare.store import CompareStore
 
-pairs, db = int(sys.argv[1]), Path(sys.argv[2])
-text = "compare:\\n  rules:\\n  - {rule: simple, targets: [mirror]}\\n"
+pairs, db, text = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 config = parse_config_text(text, str(db.with_suffix(".yaml")))
 headers = (("content-type", "application/json"), ("x-envoy-upstream-service-time", "1"), ("server", "envoy"))
 def body(n, differs):
@@ -69,7 +69,8 @@ print(json.dumps({"pairs": pairs, "wall_s": wall, "cpu_s": cpu}))
 def measure(tree: Path, pairs: int, workdir: Path, name: str) -> dict[str, float]:
     db = workdir / f"{name}-{time.monotonic_ns()}.db"
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(pairs), str(db)], env=env, cwd=tree, check=True, capture_output=True, text=True)
+    argv = [sys.executable, "-c", CHILD, str(pairs), str(db), COMPARE_YAML]
+    out = subprocess.run(argv, env=env, cwd=tree, check=True, capture_output=True, text=True)
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

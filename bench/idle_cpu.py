@@ -14,7 +14,6 @@ lag probe, the settings watch, the observer's sweep. Medians over repeats.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
@@ -27,9 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.compare_cost import COMPARE_YAML  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
+from bench.procstat import thread_cpu  # noqa: E402
 
-COMPARE_YAML = "compare:\n  rules:\n  - {rule: simple, targets: [mirror]}\n"
 START_UP_S = 4.0
 
 
@@ -44,15 +44,6 @@ def command(kind: str, folder: Path) -> list[str]:
     return ["compare", "capture", "--config", str(settings), "--db", str(folder / "store" / "c.db"), "--listen", "127.0.0.1:0"]
 
 
-def cpu_ns(pid: int) -> int:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        # A thread may end between the listing and the read.
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int((task / "schedstat").read_text().split()[0])
-    return total
-
-
 def measure(tree: Path, kind: str, seconds: float) -> float:
     folder = Path(tempfile.mkdtemp(prefix=f"mirror-sampler-idle-{kind}-"))
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -62,10 +53,10 @@ def measure(tree: Path, kind: str, seconds: float) -> float:
         time.sleep(START_UP_S)
         if process.poll() is not None:
             raise SystemExit(f"{kind} of {tree} exited at start-up ({process.returncode}): {' '.join(args)}")
-        before, start = cpu_ns(process.pid), time.monotonic()
+        before, start = sum(thread_cpu(process.pid).values()), time.monotonic()
         time.sleep(seconds)
-        after, end = cpu_ns(process.pid), time.monotonic()
-        return (after - before) / 1e6 / (end - start)
+        after, end = sum(thread_cpu(process.pid).values()), time.monotonic()
+        return (after - before) * 1e3 / (end - start)
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,6 +1,7 @@
 """What the benchmarks read about processes and the machine (/proc, git):
 CPU seconds and resident memory of a process and its descendants (a
-supervisor's workers), the machine, and the code being measured."""
+supervisor's workers), each thread's CPU, the machine, and the code being
+measured."""
 
 from __future__ import annotations
 
@@ -40,6 +41,18 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / CLK_TCK
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """Each thread's CPU so far, in seconds (schedstat: nanoseconds, finer than
+    the clock ticks of ``cpu_seconds``)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except OSError:
+            continue  # the thread ended
+    return out
 
 
 def rss_bytes(pid: int) -> int:
