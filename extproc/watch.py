@@ -1,88 +1,85 @@
 """What makes a ``ConfigSource`` read again: folder events and SIGHUP.
 
-Two drivers of the same triggers: ``AsyncDriver`` for the sampler (the event
-loop keeps answering while a reload parses in a thread) and ``WatchThread``
-for ``up --inline``'s route reloader, which has no event loop.
+Two drivers of the same watch: ``AsyncDriver`` for the sampler and the
+observer (the event loop keeps answering while the watch, and each reload,
+runs in a thread) and ``WatchThread`` for ``up --inline``'s route reloader,
+which has no event loop.
 
 The folder is watched, not the file: editors and Kubernetes ConfigMaps
 replace files rather than write them (``touches`` keeps the events that
 concern the file). Once the watch is in place, one quiet reload catches an
-edit made between the start-up read and the watch. The first watch answers
-within ``FIRST_WATCH``'s timeout even when nothing changes, so that reload
-comes soon; it then gives way to a lasting watch that wakes Python only every
-``LASTING_WATCH`` timeout when nothing changes, whose own first quiet reload
-catches an edit made in the instant between the two.
+edit made between the start-up read and the watch.
+
+The watch is watchfiles' Rust backend (``RustNotify``, documented in
+watchfiles' API reference) rather than its ``watch``/``awatch`` generators:
+only the backend says when the watch is in place (its constructor returns),
+so the quiet reload can come at once and the watch can then wait for events
+with no timeout. The generators say so only with their first batch, which
+comes after a timeout: a short one woke an idle process every 200 ms (~3 ms
+of CPU a second); replacing a short first watch by a long one left a gap
+between the two in which an edit went unseen for the long timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypedDict
+from typing import Protocol
 
-import watchfiles
+from watchfiles._rust_notify import RustNotify
 
 from .config.source import ConfigSource, touches
 
-
-class _WatchOptions(TypedDict):
-    debounce: int
-    step: int
-    recursive: bool
-    yield_on_timeout: bool
-    rust_timeout: int
-
-
-# Short debounce and step: an edit is in force within about half a second, and
-# a stop request is seen as fast. The timeout is how long the watch waits in
-# Rust before it hands an empty batch back: short for the first (the start-up
-# quiet reload), long after (each hand-back is a round trip through a worker
-# thread and the event loop: every 200 ms, that cost an idle sampler or
-# observer ~3 ms of CPU a second).
-FIRST_WATCH: _WatchOptions = {"debounce": 200, "step": 50, "recursive": False, "yield_on_timeout": True, "rust_timeout": 200}
-LASTING_WATCH: _WatchOptions = {**FIRST_WATCH, "rust_timeout": 5000}
-# Each phase's watch ends after its first batch, the last one's at the stop.
-PHASES = (FIRST_WATCH, LASTING_WATCH)
+# An edit is in force within about half a second: events are grouped for at
+# most DEBOUNCE_MS, and a batch ends after STEP_MS without a new event. The
+# Rust loop also looks at the stop event every STEP_MS, so a stop is seen as fast.
+DEBOUNCE_MS = 200
+STEP_MS = 50
+# Wait for events with no timeout: nothing but an event or the stop wakes Python.
+NO_TIMEOUT = 0
+# RustNotify's other settings: no debug output, the OS's notifications (the
+# polling delay is then unused), the folder alone, permission errors raised.
+_NOTIFY_OPTIONS = (False, False, 300, False, False)
 
 # Told, for each batch of folder events, which files changed and whether they concern the file.
 Seen = Callable[[list[str], bool], None]
 
 
-class _Triggers:
-    """The reloads (reason, quiet) each batch of folder events asks for."""
+class StopEvent(Protocol):
+    """``threading.Event`` or ``asyncio.Event``: read from the watch's thread."""
 
-    def __init__(self, config: Path, seen: Seen | None) -> None:
-        self.config = config
-        self.seen = seen
-        self.started = False
+    def is_set(self) -> bool: ...
 
-    def reloads(self, changes: Iterable[tuple[object, str]]) -> list[tuple[str, bool]]:
-        out = []
-        if not self.started:
-            # The first batch (a timeout at the latest) comes once the watch is in place.
-            self.started = True
-            out.append(("watch started", True))
-        changes = list(changes)
-        if changes:
-            relevant = touches(changes, self.config)
-            if self.seen is not None:
-                self.seen(sorted({Path(p).name for _, p in changes}), relevant)
+
+def watch_folder(source: ConfigSource, stop: StopEvent, seen: Seen | None = None) -> None:
+    """Reloads ``source`` on its folder's events until ``stop`` is set;
+    blocks (run it in a thread). Returns at once if the source has no file."""
+    config = source.path
+    if config is None:
+        return
+    with RustNotify([str(config.parent)], *_NOTIFY_OPTIONS) as notify:
+        # The watch is in place: this read catches an edit made since the start-up read.
+        source.reload("watch started", True)
+        while not stop.is_set():
+            batch = notify.watch(DEBOUNCE_MS, STEP_MS, NO_TIMEOUT, stop)
+            if isinstance(batch, str):
+                continue  # "stop" ends the loop; "signal" comes only to the main thread, "timeout" never
+            relevant = touches(batch, config)
+            if seen is not None:
+                seen(sorted({Path(path).name for _, path in batch}), relevant)
             if relevant:
-                out.append(("file changed", False))
-        return out
+                source.reload("file changed")
 
 
 class AsyncDriver:
     """Reloads ``source`` on folder events (``watch``) and on request (SIGHUP),
     each in a thread: parsing a large file must not stall the event loop."""
 
-    def __init__(self, source: ConfigSource, seen: Seen | None = None, phases: tuple[_WatchOptions, ...] = PHASES) -> None:
+    def __init__(self, source: ConfigSource, seen: Seen | None = None) -> None:
         self.source = source
         self.seen = seen
-        self.phases = phases
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def reload(self, reason: str, quiet: bool = False) -> None:
@@ -95,29 +92,18 @@ class AsyncDriver:
         task.add_done_callback(self._tasks.discard)
 
     async def watch(self, stop: asyncio.Event) -> None:
-        config = self.source.path
-        if config is None:
-            return
-        for phase, options in enumerate(self.phases, 1):
-            triggers = _Triggers(config, self.seen)
-            async with contextlib.aclosing(watchfiles.awatch(config.parent, stop_event=stop, **options)) as batches:
-                async for changes in batches:
-                    for reason, quiet in triggers.reloads(changes):
-                        await self.reload(reason, quiet)
-                    if phase < len(self.phases):
-                        break  # one batch, then the next phase's watch
-            if stop.is_set():
-                return
+        """Until ``stop`` is set (cancelling the caller leaves the thread
+        running until then)."""
+        await asyncio.to_thread(watch_folder, self.source, stop, self.seen)
 
 
 class WatchThread:
     """Reloads ``source`` on folder events, from a daemon thread."""
 
-    def __init__(self, source: ConfigSource, name: str = "config-watcher", phases: tuple[_WatchOptions, ...] = PHASES) -> None:
+    def __init__(self, source: ConfigSource, name: str = "config-watcher") -> None:
         self.source = source
-        self.phases = phases
         self.stop_event = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+        self._thread = threading.Thread(target=watch_folder, args=(source, self.stop_event), name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -127,18 +113,3 @@ class WatchThread:
 
     def running(self) -> bool:
         return self._thread.is_alive()
-
-    def _watch(self) -> None:
-        config = self.source.path
-        if config is None:
-            return
-        for phase, options in enumerate(self.phases, 1):
-            triggers = _Triggers(config, None)
-            with contextlib.closing(watchfiles.watch(config.parent, stop_event=self.stop_event, **options)) as batches:
-                for changes in batches:
-                    for reason, quiet in triggers.reloads(changes):
-                        self.source.reload(reason, quiet)
-                    if phase < len(self.phases):
-                        break  # one batch, then the next phase's watch
-            if self.stop_event.is_set():
-                return

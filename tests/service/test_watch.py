@@ -1,7 +1,7 @@
-"""The settings watch on a real folder (watchfiles' own watcher, real events):
-a first watch that answers soon, for the start-up quiet reload, then a lasting
-one with a quiet reload of its own (an edit between the two is caught) that
-still sees edits, and a stop that ends both drivers."""
+"""The settings watch on a real folder (watchfiles' Rust backend, real
+events): the quiet reload comes as soon as the watch is in place, without
+waiting for a timeout; every edit is seen, however soon it follows the
+reload of the one before; nothing else wakes it; a stop ends both drivers."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from pathlib import Path
 
 from extproc.config.settings import Settings
 from extproc.config.source import ConfigSource
-from extproc.watch import FIRST_WATCH, LASTING_WATCH, AsyncDriver, WatchThread, _WatchOptions
+from extproc.watch import AsyncDriver, WatchThread
 from tests.support.procs import wait_until
 
-# Short timeouts, so that the test waits for both phases' empty batches in well under a second.
-PHASES: tuple[_WatchOptions, ...] = ({**FIRST_WATCH, "rust_timeout": 100}, {**LASTING_WATCH, "rust_timeout": 400})
 STARTED = ("watch started", True)
 CHANGED = ("file changed", False)
+EDITS = 5
+# Far below any timeout a watch might wait for before its first batch, far above an event's path through debounce.
+SEEN_WITHIN_S = 3
 
 
 class Reloads(ConfigSource):
@@ -43,42 +44,71 @@ def _config(tmp_path: Path) -> Path:
     return config
 
 
-def _edit_after_both_phases_started(source: Reloads, config: Path) -> None:
-    wait_until(lambda: source.seen().count(STARTED) == 2, 10, "the first watch's quiet reload, then the lasting watch's")
-    config.write_text("b\n")
-    wait_until(lambda: CHANGED in source.seen(), 10, "the lasting watch to see the edit")
+def _edit_at_once_after_each_reload(source: Reloads, config: Path) -> None:
+    """The watch's life as the ConfigMap test saw it: each edit made the
+    instant the previous one was reloaded (an edit in a gap between two
+    watches went unseen until the second one's timeout)."""
+    wait_until(lambda: source.seen() == [STARTED], SEEN_WITHIN_S, "the quiet reload once the watch is in place")
+    for edit in range(1, EDITS + 1):
+        config.write_text(f"edit {edit}\n")
+        wait_until(lambda: source.seen().count(CHANGED) >= edit, SEEN_WITHIN_S, f"edit {edit} seen")  # noqa: B023 - called before the loop moves on
 
 
-def test_the_async_driver_gives_way_to_a_lasting_watch_that_still_sees_edits(tmp_path: Path) -> None:
+def _check(source: Reloads) -> None:
+    seen = source.seen()
+    # One quiet reload, first: nothing but an event asks for another.
+    assert seen[0] == STARTED and seen.count(STARTED) == 1
+    assert set(seen) == {STARTED, CHANGED}
+
+
+def test_the_async_driver_reloads_once_in_place_and_on_every_edit(tmp_path: Path) -> None:
     config = _config(tmp_path)
     source = Reloads(config)
 
     async def run() -> None:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(AsyncDriver(source, phases=PHASES).watch(stop))
+        watcher = asyncio.create_task(AsyncDriver(source).watch(stop))
         try:
-            await asyncio.to_thread(_edit_after_both_phases_started, source, config)
+            await asyncio.to_thread(_edit_at_once_after_each_reload, source, config)
         finally:
             stop.set()
             await asyncio.wait_for(watcher, 10)
 
     asyncio.run(run())
-    seen = source.seen()
-    assert seen[:2] == [STARTED, STARTED]
-    # One quiet reload per phase: the lasting watch's later empty batches ask for none.
-    assert seen.count(STARTED) == 2 and CHANGED in seen
+    _check(source)
 
 
-def test_the_watch_thread_gives_way_to_a_lasting_watch_that_still_sees_edits(tmp_path: Path) -> None:
+def test_the_watch_thread_reloads_once_in_place_and_on_every_edit(tmp_path: Path) -> None:
     config = _config(tmp_path)
     source = Reloads(config)
-    watcher = WatchThread(source, phases=PHASES)
+    watcher = WatchThread(source)
     watcher.start()
     try:
-        _edit_after_both_phases_started(source, config)
+        _edit_at_once_after_each_reload(source, config)
     finally:
         watcher.stop()
     wait_until(lambda: not watcher.running(), 10, "the watch thread to end at the stop")
-    seen = source.seen()
-    assert seen[:2] == [STARTED, STARTED]
-    assert seen.count(STARTED) == 2 and CHANGED in seen
+    _check(source)
+
+
+def test_events_that_do_not_concern_the_file_ask_for_no_reload(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    source = Reloads(config)
+    told: list[tuple[list[str], bool]] = []
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(AsyncDriver(source, seen=lambda files, relevant: told.append((files, relevant))).watch(stop))
+        try:
+            await asyncio.to_thread(wait_until, lambda: source.seen() == [STARTED], SEEN_WITHIN_S, "the quiet reload")
+            (tmp_path / "other.yaml").write_text("x\n")
+            await asyncio.to_thread(wait_until, lambda: (["other.yaml"], False) in told, SEEN_WITHIN_S, "the other file's event")
+            # The positive witness: an edit of the file after it is reloaded.
+            config.write_text("b\n")
+            await asyncio.to_thread(wait_until, lambda: CHANGED in source.seen(), SEEN_WITHIN_S, "the file's edit")
+        finally:
+            stop.set()
+            await asyncio.wait_for(watcher, 10)
+
+    asyncio.run(run())
+    assert source.seen() == [STARTED, CHANGED]
