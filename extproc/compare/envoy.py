@@ -30,6 +30,7 @@ snippet (``add_capture_to_snippet``, in the snippet's snake_case).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import warnings
 from collections.abc import Mapping, Sequence
@@ -69,6 +70,8 @@ CAPTURE_STATS: Final = "compare"
 CAPTURE_SERVICE_CLUSTER: Final = "mirror-sampler-compare"
 CAPTURE_SHADOW_CLUSTER: Final = "mirror-sampler-compare-shadow"
 CAPTURE_LISTENER: Final = "mirror-sampler-compare-shadow"
+# http.<this>. in Envoy's stats: the internal listener's connection manager.
+CAPTURE_STAT_PREFIX: Final = "compare_shadow"
 CAPTURE_LOG: Final = "mirror-sampler-compare"
 # On the mirrored copy only, between the mirror policy and the capture listener.
 TARGET_HEADER: Final = "x-mirror-sampler-compare-target"
@@ -172,8 +175,8 @@ def _exact(name: str, value: str) -> route.HeaderMatcher:
     return route.HeaderMatcher(name=name, string_match=matcher.StringMatcher(exact=value))
 
 
-def capture_listener(compare: CompareConfig, marker_header: str) -> listener.Listener:
-    """The internal listener mirrored copies of compared targets go through."""
+def capture_route_configuration(compare: CompareConfig, marker_header: str) -> route.RouteConfiguration:
+    """The internal listener's routes: one per compared rule and target."""
     routes = [
         route.Route(
             name=f"{rule_id} compare {target}",
@@ -187,11 +190,55 @@ def capture_listener(compare: CompareConfig, marker_header: str) -> listener.Lis
         for rule_id, targets in compare.compared().items()
         for target in targets
     ]
+    return route.RouteConfiguration(name=CAPTURE_LISTENER, virtual_hosts=[route.VirtualHost(name="shadows", domains=["*"], routes=routes)])
+
+
+def capture_discovery(compare: CompareConfig, marker_header: str) -> dict[str, Any]:
+    """The file behind the internal listener's filesystem RDS (``capture_listener``'s ``rds_path``)."""
+    return {"resources": [AnyMessage.pack(capture_route_configuration(compare, marker_header)).to_dict()]}
+
+
+def envoy_restart_reason(in_force: CompareConfig | None, edited: CompareConfig | None) -> str | None:
+    """Why an Envoy capturing for ``in_force`` (None: started without capture points)
+    cannot capture as ``edited`` says by new routes files alone (``capture_discovery``,
+    ``add_capture_to_discovery``), or None when it can."""
+    if in_force is None:
+        return "spec.compare now compares rules: the capture points and the observer start with up" if edited and edited.rules else None
+    if edited is None:
+        return None  # compare nothing: the routes stop sending copies to the capture points
+    listener_borne = [
+        name
+        for name, before, after in (
+            ("bodyLimit", in_force.body_limit, edited.body_limit),
+            ("privateHeaders", in_force.private_headers, edited.private_headers),
+        )
+        if before != after
+    ]
+    if listener_borne:
+        return f"spec.compare.{' and '.join(listener_borne)} changed: Envoy's listeners carry it (the capture script, the access log)"
+    return None
+
+
+def compare_in_force(in_force: CompareConfig | None, edited: CompareConfig | None) -> CompareConfig | None:
+    """What an Envoy capturing for ``in_force`` compares once the routes files say
+    ``edited`` (``envoy_restart_reason`` found nothing against it): no section, no rules."""
+    if in_force is None:
+        return None
+    return edited if edited is not None else dataclasses.replace(in_force, rules={})
+
+
+def capture_listener(compare: CompareConfig, marker_header: str, rds_path: str | None = None) -> listener.Listener:
+    """The internal listener mirrored copies of compared targets go through; its
+    routes served from ``rds_path`` (filesystem RDS) when given, so that which rules
+    and targets compare, and the shadow's timeout, can change without a restart."""
+    routes: dict[str, Any] = (
+        {"rds": render.file_rds(CAPTURE_LISTENER, rds_path)}
+        if rds_path
+        else {"route_config": capture_route_configuration(compare, marker_header)}
+    )
     manager = hcm.HttpConnectionManager(
-        stat_prefix="compare_shadow",
-        route_config=route.RouteConfiguration(
-            name=CAPTURE_LISTENER, virtual_hosts=[route.VirtualHost(name="shadows", domains=["*"], routes=routes)]
-        ),
+        stat_prefix=CAPTURE_STAT_PREFIX,
+        **routes,
         http_filters=[
             capture_filter(compare.body_limit),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
@@ -305,12 +352,19 @@ def _internal_listener_extension(casing: Casing) -> dict[str, Any]:
     return {"name": "envoy.bootstrap.internal_listener", casing("typed_config"): as_data(extension, casing)}
 
 
-def add_capture(bootstrap: Mapping[str, Any], compare: CompareConfig, marker_header: str, observers: Sequence[Address]) -> dict[str, Any]:
+def add_capture(
+    bootstrap: Mapping[str, Any],
+    compare: CompareConfig,
+    marker_header: str,
+    observers: Sequence[Address],
+    capture_rds_path: str | None = None,
+) -> dict[str, Any]:
     """A copy of a rendered bootstrap (``as_data`` form) that captures the
     responses of the compared rules' mirrored requests, for their compared
     targets, and logs them to ``observers``; a compared shadow that has not
     answered after ``compare.shadow_timeout_s`` is answered 504 by Envoy.
-    Routes served by RDS are not in the bootstrap: ``add_capture_to_discovery`` them."""
+    Routes served by RDS are not in the bootstrap: ``add_capture_to_discovery`` them,
+    and write ``capture_discovery`` to ``capture_rds_path`` when it is given."""
     compared = compare.compared()
     out = copy.deepcopy(dict(bootstrap))
     static = out["staticResources"]
@@ -326,7 +380,7 @@ def add_capture(bootstrap: Mapping[str, Any], compare: CompareConfig, marker_hea
                 manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers)))
                 if "routeConfig" in manager:
                     manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compared)
-    static["listeners"].append(as_data(capture_listener(compare, marker_header)))
+    static["listeners"].append(as_data(capture_listener(compare, marker_header, capture_rds_path)))
     static["clusters"].extend(as_data(c) for c in capture_clusters(observers))
     out.setdefault("bootstrapExtensions", []).append(_internal_listener_extension(Casing.CAMEL))
     return out
@@ -379,11 +433,13 @@ def render_with_capture(
     *,
     module_path: str | None = None,
     snippet_only: bool = False,
+    capture_rds_path: str | None = None,
 ) -> str:
     """What ``envoy-config`` and ``up`` write when the configuration has spec.compare:
     the configuration of the engine (the sampler's ext_proc; inline Lua when
     ``topology.inline``; the dynamic module at ``module_path``), whole or as a
-    snippet, with the capture points of the compared rules and targets."""
+    snippet, with the capture points of the compared rules and targets (the
+    internal listener's routes from ``capture_rds_path``, `up`, when given)."""
     marker = policy.slot_headers.marker
     if snippet_only:
         if module_path:
@@ -392,4 +448,4 @@ def render_with_capture(
             base, comment = render.snippet(policy, topology), render.SNIPPET_COMMENT
         return to_yaml(add_capture_to_snippet(base, compare, marker, observers), comment + SNIPPET_COMMENT)
     config = module.bootstrap_config(policy, topology, module_path) if module_path else render.bootstrap_config(policy, topology)
-    return to_yaml(add_capture(as_data(config), compare, marker, observers))
+    return to_yaml(add_capture(as_data(config), compare, marker, observers, capture_rds_path))

@@ -424,22 +424,23 @@ def backend_clusters(policy: Policy, topology: Topology) -> list[cluster.Cluster
     return out
 
 
+def file_rds(route_config_name: str, path: str) -> hcm.Rds:
+    """Routes served from ``path`` (filesystem RDS; ``up`` rewrites the file):
+    a DiscoveryResponse of one RouteConfiguration named ``route_config_name``."""
+    return hcm.Rds(
+        route_config_name=route_config_name,
+        config_source=core.ConfigSource(
+            # Envoy reloads when a new file is moved into the directory.
+            path_config_source=core.PathConfigSource(path=path, watched_directory=core.WatchedDirectory(path=os.path.dirname(path))),
+            resource_api_version=core.ApiVersion.V3,
+        ),
+    )
+
+
 def http_connection_manager(policy: Policy, topology: Topology) -> hcm.HttpConnectionManager:
     routes: dict[str, Any] = {"route_config": route_configuration(policy, topology.inline)}
     if topology.rds_path:
-        directory = os.path.dirname(topology.rds_path)
-        routes = {
-            "rds": hcm.Rds(
-                route_config_name=ROUTE_CONFIG_NAME,
-                config_source=core.ConfigSource(
-                    # Envoy reloads when a new file is moved into the directory.
-                    path_config_source=core.PathConfigSource(
-                        path=topology.rds_path, watched_directory=core.WatchedDirectory(path=directory)
-                    ),
-                    resource_api_version=core.ApiVersion.V3,
-                ),
-            )
-        }
+        routes = {"rds": file_rds(ROUTE_CONFIG_NAME, topology.rds_path)}
     return hcm.HttpConnectionManager(
         stat_prefix="ingress_http",
         **routes,

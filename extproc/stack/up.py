@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ..compare.config import CompareConfig
 from ..compare.envoy import add_capture_to_discovery, render_with_capture
@@ -39,7 +40,7 @@ from .backend import EchoProcess
 from .children import Child, ChildFailed
 from .envoy import EnvoyError, EnvoyProcess
 from .observer import ObserverProcess
-from .routes import Discovery, RouteReloader, write_routes
+from .routes import Discovery, RouteReloader, write_capture_routes, write_routes
 from .sampler import SamplerProcess
 from .view import compare_rows, view_rows
 
@@ -244,6 +245,12 @@ class LocalStack:
         assert self.log_dir is not None
         return self.log_dir / "routes" / "routes.yaml"
 
+    def capture_routes_file(self) -> Path:
+        """The internal listener's routes (spec.compare), a directory of their own:
+        Envoy reloads a file when any file is moved into its watched directory."""
+        assert self.log_dir is not None
+        return self.log_dir / "capture-routes" / "routes.yaml"
+
     def _start_envoy(self) -> None:
         assert self.log_dir is not None
         config = self._log("envoy").with_suffix(".yaml")
@@ -252,7 +259,14 @@ class LocalStack:
         if self.observer is not None and self.compare is not None:
             observers = [Address(LOOPBACK, self.observer.port)]
             module_path = self.module_path or None
-            config.write_text(render_with_capture(self.policy, self.topology(), self.compare, observers, module_path=module_path))
+            capture_rds_path = None
+            if self.reloader is not None:
+                write_capture_routes(self.capture_routes_file(), self.compare, self.policy)
+                capture_rds_path = str(self.capture_routes_file())
+            rendered = render_with_capture(
+                self.policy, self.topology(), self.compare, observers, module_path=module_path, capture_rds_path=capture_rds_path
+            )
+            config.write_text(rendered)
         elif self.module_path:
             config.write_text(render_module(self.policy, self.topology(), self.module_path))
         else:
@@ -269,14 +283,16 @@ class LocalStack:
             self.reloader.start()
 
     def discovery(self) -> Discovery:
-        """The routes file of the in-process engine, with the capture points of spec.compare:
-        every reload keeps them (which rules compare is Envoy's configuration, set at start)."""
+        """The routes file of the engine, with the capture points of the spec.compare
+        in force when it is written (a live edit may change which rules compare)."""
         module_path = self.module_path
         engine: Discovery = (lambda policy, topology: module_route_discovery(policy, module_path)) if module_path else route_discovery
-        compare = self.compare
-        if compare is None:
-            return engine
-        return lambda policy, topology: add_capture_to_discovery(engine(policy, topology), compare.compared())
+
+        def with_capture(policy: Policy, topology: Topology) -> dict[str, Any]:
+            routes = engine(policy, topology)
+            return add_capture_to_discovery(routes, self.compare.compared()) if self.compare is not None else routes
+
+        return with_capture
 
     def routes_reloaded(self) -> None:
         """Envoy serves new routes: samplers restart on the file (they refuse a change of

@@ -3,6 +3,7 @@ and a clear non-zero exit when a part cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -273,6 +274,88 @@ def test_the_live_view_shows_the_comparison_per_target(tmp_path: Path, stacks: l
     pairs = str(20 + mirrored)
     wait_until(lambda: compared_row()[:2] == ["backend-2", pairs], 20, f"the view counting {pairs} compared pairs")
     assert gw.stat("http.ingress_http.lua.compare.executions") == 20 + mirrored, "a capture per mirrored request only"
+
+
+TWO_MIRRORED_PATHS = """\
+apiVersion: mirror-sampler.io/v1alpha1
+kind: MirrorSampler
+metadata: {{name: shop}}
+spec:
+  compare:
+    rules:
+    - {{rule: {compared}}}
+{settings}---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: {{name: two-paths}}
+spec:
+  parentRefs: [{{name: eg}}]
+  hostnames: [backends.example]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /a}}}}]
+    filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{kind: Service, name: backend-2, port: 3000}}, percent: 100}}}}]
+    backendRefs: [{{group: "", kind: Service, name: backend, port: 3000}}]
+  - matches: [{{path: {{type: PathPrefix, value: /b}}}}]
+    filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{kind: Service, name: backend-2, port: 3000}}, percent: 100}}}}]
+    backendRefs: [{{group: "", kind: Service, name: backend, port: 3000}}]
+"""
+RULE_A, RULE_B = "default/two-paths/0", "default/two-paths/1"
+CAPTURE_RELOADS = "http.compare_shadow.rds.mirror-sampler-compare-shadow.config_reload"
+
+
+@pytest.mark.parametrize("engine", ["", "lua", "module"], ids=["sampler", "inline-lua", "inline-module"])
+def test_a_live_edit_of_which_rules_compare_reaches_envoy(tmp_path: Path, stacks: list[LocalStack], engine: str) -> None:
+    """Which rules compare, and the shadow's timeout, change live (the internal
+    listener's routes are a routes file of their own, like the main ones); the
+    capture bound, which Envoy's listeners carry, is refused with a word that a
+    restart applies it, and nothing of it reaches Envoy."""
+    gw = start_stack(tmp_path, TWO_MIRRORED_PATHS.format(compared=RULE_A, settings=""), inline=bool(engine), engine=engine or "lua")
+    stacks.append(gw)
+    assert gw.observer is not None and gw.reloader is not None
+    observer, reloader = gw.observer, gw.reloader
+
+    def pairs(rule: str) -> float:
+        return sum(n for (r, _, _), n in observer.counts()[0].items() if r == rule)
+
+    def observer_reloads() -> float:
+        with urllib.request.urlopen(observer.metrics_url, timeout=2) as response:
+            text = response.read().decode()
+        return sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith('mirror_sampler_compare_reloads_total{result="ok"}')
+        )
+
+    def send_both(keys: list[str]) -> None:
+        client = Client(gw.url)
+        for path in ("/a/get", "/b/get"):
+            for key in keys:
+                assert client.request(path, "backends.example", {"x-request-id": f"{path}-{key}"})[0] == 200
+        client.close()
+
+    send_both([f"user-{i}" for i in range(10)])
+    wait_until(lambda: pairs(RULE_A) == 10, 20, "rule a's 10 pairs")
+    assert pairs(RULE_B) == 0, "rule b mirrors but does not compare"
+
+    # Rule b compares instead of rule a, its shadow given 7 s.
+    ok, capture_reloads = observer_reloads(), gw.stat(CAPTURE_RELOADS)
+    (tmp_path / "routes.yaml").write_text(TWO_MIRRORED_PATHS.format(compared=RULE_B, settings="    shadowTimeout: 7s\n"))
+    wait_until(lambda: reloader.outcomes["reloaded"] == 1, 30, "up reloading the compare routes, then the routes")
+    wait_until(lambda: observer_reloads() > ok, 10, "the observer's own reload of the edit")
+    assert gw.stat(CAPTURE_RELOADS) == capture_reloads + 1, "the internal listener's routes were reloaded once"
+    dump = json.loads(urllib.request.urlopen(f"{gw.admin_url}/config_dump?resource=dynamic_route_configs", timeout=5).read())
+    (capture_routes,) = [c["route_config"] for c in dump["configs"] if c["route_config"]["name"] == "mirror-sampler-compare-shadow"]
+    (shadow_route,) = capture_routes["virtual_hosts"][0]["routes"]
+    assert shadow_route["name"] == f"{RULE_B} compare backend-2" and shadow_route["route"]["timeout"] == "7s"
+    send_both([f"user-{i}" for i in range(10, 20)])
+    wait_until(lambda: pairs(RULE_B) == 10, 20, "rule b's 10 pairs")
+    assert pairs(RULE_A) == 10, "rule a no longer compares"
+    assert gw.stat("http.ingress_http.lua.compare.executions") == gw.stat("http.compare_shadow.lua.compare.executions") == 20
+
+    # The capture bound is the capture script's, in Envoy's listeners: a restart applies it.
+    (tmp_path / "routes.yaml").write_text(TWO_MIRRORED_PATHS.format(compared=RULE_B, settings="    bodyLimit: 1024\n"))
+    wait_until(lambda: reloader.outcomes["compare_restart"] == 1, 30, "up refusing the edit of the capture bound")
+    assert gw.stat(CAPTURE_RELOADS) == capture_reloads + 1 and reloader.outcomes["reloaded"] == 1, (
+        "nothing of the refused edit reached Envoy"
+    )
 
 
 def send(gw: LocalStack, keys: list[str]) -> None:

@@ -241,3 +241,52 @@ def test_the_snippet_gets_the_capture_points_in_its_own_casing() -> None:
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
         }
     ]
+
+
+def test_the_capture_listener_routes_served_from_a_file_are_the_ones_it_would_carry() -> None:
+    """`up` serves the internal listener's routes by filesystem RDS too, so which rules
+    and targets compare can change live: the file holds what the listener would carry."""
+    from extproc.compare.envoy import capture_discovery
+
+    def capture_manager(config: dict[str, Any]) -> dict[str, Any]:
+        listener = next(entry for entry in config["staticResources"]["listeners"] if entry["name"] == CAPTURE_LISTENER)
+        typed: dict[str, Any] = listener["filterChains"][0]["filters"][0]["typedConfig"]
+        return typed
+
+    inline = capture_manager(add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS))
+    served = capture_manager(add_capture(RENDERED, COMPARE, POLICY.slot_headers.marker, OBSERVERS, "/r/capture/routes.yaml"))
+    assert "routeConfig" not in served
+    assert served["rds"]["routeConfigName"] == CAPTURE_LISTENER
+    assert served["rds"]["configSource"]["pathConfigSource"] == {
+        "path": "/r/capture/routes.yaml",
+        "watchedDirectory": {"path": "/r/capture"},
+    }
+    assert {k: v for k, v in served.items() if k != "rds"} == {k: v for k, v in inline.items() if k != "routeConfig"}
+    [resource] = capture_discovery(COMPARE, POLICY.slot_headers.marker)["resources"]
+    assert resource.pop("@type") == "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    assert resource == inline["routeConfig"]
+
+
+def test_what_a_live_edit_of_spec_compare_needs_of_envoy() -> None:
+    """Routes files carry which rules and targets compare and the shadow's timeout;
+    the capture bound and the private headers are in the listeners (a restart);
+    an Envoy started without capture points cannot start comparing live."""
+    from dataclasses import replace
+
+    from extproc.compare.envoy import compare_in_force, envoy_restart_reason
+
+    other_rule = CompareConfig(
+        rules={POLICY.rules[0].id: RuleCompare(targets=("infra-backend-v2",))}, body_limit=1000, private_headers=COMPARE.private_headers
+    )
+    for edited in (other_rule, replace(COMPARE, shadow_timeout_s=3.0), replace(COMPARE, store_values=True), replace(COMPARE, rules={})):
+        assert envoy_restart_reason(COMPARE, edited) is None
+        assert compare_in_force(COMPARE, edited) == edited
+    assert envoy_restart_reason(COMPARE, None) is None
+    assert compare_in_force(COMPARE, None) == replace(COMPARE, rules={}), "the section removed: nothing compared, the listeners unchanged"
+    assert envoy_restart_reason(COMPARE, replace(COMPARE, body_limit=2000)) == (
+        "spec.compare.bodyLimit changed: Envoy's listeners carry it (the capture script, the access log)"
+    )
+    both = replace(COMPARE, body_limit=2000, private_headers=frozenset())
+    assert "spec.compare.bodyLimit and privateHeaders changed" in str(envoy_restart_reason(COMPARE, both))
+    assert envoy_restart_reason(None, COMPARE) is not None and compare_in_force(None, COMPARE) is None
+    assert envoy_restart_reason(None, replace(COMPARE, rules={})) is None and envoy_restart_reason(None, None) is None
