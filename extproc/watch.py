@@ -53,15 +53,30 @@ class StopEvent(Protocol):
     def is_set(self) -> bool: ...
 
 
-def watch_folder(source: ConfigSource, stop: StopEvent, seen: Seen | None = None) -> None:
+class _EitherSet:
+    """Set once either event is."""
+
+    def __init__(self, first: StopEvent, second: StopEvent) -> None:
+        self.events = (first, second)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self.events)
+
+
+def watch_folder(source: ConfigSource, stop: StopEvent, seen: Seen | None = None, in_place: Callable[[], None] | None = None) -> None:
     """Reloads ``source`` on its folder's events until ``stop`` is set;
-    blocks (run it in a thread). Returns at once if the source has no file."""
+    blocks (run it in a thread). Returns at once if the source has no file.
+    ``in_place``: told once an edit made from then on will be seen."""
     config = source.path
     if config is None:
+        if in_place is not None:
+            in_place()
         return
     with RustNotify([str(config.parent)], *_NOTIFY_OPTIONS) as notify:
         # The watch is in place: this read catches an edit made since the start-up read.
         source.reload("watch started", True)
+        if in_place is not None:
+            in_place()
         while not stop.is_set():
             batch = notify.watch(DEBOUNCE_MS, STEP_MS, NO_TIMEOUT, stop)
             if isinstance(batch, str):
@@ -91,10 +106,32 @@ class AsyncDriver:
         self._tasks.add(task)  # referenced until done: the loop keeps only weak references
         task.add_done_callback(self._tasks.discard)
 
-    async def watch(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set (cancelling the caller leaves the thread
-        running until then)."""
-        await asyncio.to_thread(watch_folder, self.source, stop, self.seen)
+    async def start(self, stop: asyncio.Event) -> asyncio.Task[None]:
+        """``watch`` as a task, once the watch is in place and its quiet reload done
+        (or once it ended): a process that says it serves only after this sees
+        every edit made from then on, and does not read a file its caller is
+        still writing in the same instant."""
+        loop = asyncio.get_running_loop()
+        in_place = asyncio.Event()
+
+        def tell() -> None:  # from the watch's thread
+            loop.call_soon_threadsafe(in_place.set)
+
+        task = asyncio.create_task(self.watch(stop, tell))
+        waiting = asyncio.create_task(in_place.wait())
+        await asyncio.wait((task, waiting), return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        return task
+
+    async def watch(self, stop: asyncio.Event, in_place: Callable[[], None] | None = None) -> None:
+        """Until ``stop`` is set or the caller is cancelled."""
+        cancelled = threading.Event()
+        try:
+            await asyncio.to_thread(watch_folder, self.source, _EitherSet(stop, cancelled), self.seen, in_place)
+        finally:
+            # A cancelled caller does not stop the thread; this does, within a step.
+            # (asyncio.run waits for the default executor's threads before it returns.)
+            cancelled.set()
 
 
 class WatchThread:
@@ -103,10 +140,16 @@ class WatchThread:
     def __init__(self, source: ConfigSource, name: str = "config-watcher") -> None:
         self.source = source
         self.stop_event = threading.Event()
-        self._thread = threading.Thread(target=watch_folder, args=(source, self.stop_event), name=name, daemon=True)
+        self._in_place = threading.Event()
+        self._thread = threading.Thread(
+            target=watch_folder, args=(source, self.stop_event, None, self._in_place.set), name=name, daemon=True
+        )
 
     def start(self) -> None:
+        """Returns once the watch is in place and its quiet reload done (or it ended)."""
         self._thread.start()
+        while not self._in_place.wait(0.05) and self._thread.is_alive():
+            pass
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -279,13 +279,16 @@ class _Reloads:
         self.metrics.reload("invalid")
 
 
-async def watch(settings: ObserverSettings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event) -> None:
-    """Reloads the settings file through the one configuration source."""
+async def watch(
+    settings: ObserverSettings, apply: Callable[[CompareConfig], None], metrics: CompareMetrics, stop: asyncio.Event
+) -> asyncio.Task[None] | None:
+    """Reloads the settings file through the one configuration source: the
+    watch as a task, once it is in place (None without a file)."""
     if settings.watched is None or settings.parse is None:
-        return
+        return None
     file = _SettingsFile(str(Path(settings.watched).absolute()))
     source = ConfigSource(file, _Reloads(settings.parse, apply, metrics), settings.built_from, read=_read)
-    await AsyncDriver(source).watch(stop)
+    return await AsyncDriver(source).start(stop)
 
 
 async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Callable[[int], None]) -> None:
@@ -315,14 +318,16 @@ async def serve(settings: ObserverSettings, metrics: CompareMetrics, ready: Call
     except BaseException:
         writer.stop()
         raise
-    ready(bound)
     stop = asyncio.Event()
+    # In place before the observer says it serves: an edit made from then on is seen.
+    watcher = await watch(settings, apply, metrics, stop)
+    ready(bound)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(watch(settings, apply, metrics, stop))
     await stop.wait()
     health.set_all(False)
     await transport.stop(STOP_GRACE_S)
-    await watcher
+    if watcher is not None:
+        await watcher
     writer.stop()

@@ -97,7 +97,8 @@ class Server:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reloads.request, "SIGHUP")
-        watcher = asyncio.create_task(self.reloads.watch(self.stop_requested))
+        # In place before the sampler says it serves: an edit made from then on is seen.
+        watcher = await self.reloads.start(self.stop_requested)
         lag_probe = asyncio.create_task(watch_loop_lag(self.metrics, self.stop_requested))
         # Start-up objects (config, protobuf descriptors, Envoy-config
         # helpers) never die: keep them out of every collection.

@@ -6,6 +6,7 @@ reload of the one before; nothing else wakes it; a stop ends both drivers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
 
@@ -112,3 +113,47 @@ def test_events_that_do_not_concern_the_file_ask_for_no_reload(tmp_path: Path) -
 
     asyncio.run(run())
     assert source.seen() == [STARTED, CHANGED]
+
+
+def test_a_cancelled_async_watch_ends_its_thread(tmp_path: Path) -> None:
+    """The sampler cancels its watch task when it stops; asyncio.run then waits for
+    the default executor's threads, the watch's among them, before it returns."""
+    source = Reloads(_config(tmp_path))
+
+    async def run() -> None:
+        watcher = asyncio.create_task(AsyncDriver(source).watch(asyncio.Event()))  # never set
+        await asyncio.to_thread(wait_until, lambda: source.seen() == [STARTED], SEEN_WITHIN_S, "the quiet reload")
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    runner = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "asyncio.run still waiting for the watch's thread"
+
+
+def test_each_driver_starts_once_its_quiet_reload_is_done(tmp_path: Path) -> None:
+    """So a process that says it serves after the start sees every edit made from
+    then on, and its quiet reload never reads a file written in the same instant."""
+    source = Reloads(_config(tmp_path))
+    thread = WatchThread(source)
+    thread.start()
+    try:
+        assert source.seen() == [STARTED]
+    finally:
+        thread.stop()
+    wait_until(lambda: not thread.running(), 10, "the watch thread to end at the stop")
+
+    source = Reloads(_config(tmp_path))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        watcher = await AsyncDriver(source).start(stop)
+        try:
+            assert source.seen() == [STARTED] and not watcher.done()
+        finally:
+            stop.set()
+            await asyncio.wait_for(watcher, 10)
+
+    asyncio.run(run())
