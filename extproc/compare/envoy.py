@@ -9,7 +9,7 @@ Verified against Envoy 1.40 (docs/compare.md, tests/e2e/test_compare.py):
   entry to the observers after the response has gone, batched with other
   requests' on one stream per worker. The filter has no default script: only
   routes that name it (``LuaPerRoute``) run it, and its route metadata says
-  who is captured (a ``CaptureTag``). The variant routes of a compared rule
+  who is captured (a ``CaptureTag``) and the bound. The variant routes of a compared rule
   name it; Lua reads its per-route configuration in its own turn, after the
   decision's re-match (``clear_route_cache``), so a request the decision did
   not mirror runs nothing. The access log logs only entries that carry a tag.
@@ -85,18 +85,21 @@ LOG_FLUSH_INTERVAL: Final = datetime.timedelta(milliseconds=200)
 OBSERVER_PING_INTERVAL: Final = datetime.timedelta(seconds=2)
 OBSERVER_PING_TIMEOUT: Final = datetime.timedelta(seconds=2)
 
-# The route's metadata (under the filter's name) names who is captured. The body
+# The route's metadata (under the filter's name) names who is captured, and the
+# bound: in the routes, so that `up` changes it live (filesystem RDS). The body
 # is copied chunk by chunk as it passes, up to the bound, and never held back.
+LIMIT_FIELD: Final = "body_limit"
 CAPTURE_LUA: Final = f"""\
 -- mirror-sampler: this side's response, into the request's dynamic metadata;
 -- Envoy's gRPC access log ships it after the response (docs/compare.md).
 local NAMESPACE = "{CAPTURE_NAMESPACE}"
-local LIMIT = %(limit)d
 function envoy_on_response(handle)
-  local tag = handle:metadata():get("{TAG_FIELD}")
+  local route = handle:metadata()
+  local tag = route:get("{TAG_FIELD}")
   if tag == nil then
     return
   end
+  local limit = route:get("{LIMIT_FIELD}") or 0
   local lines = {{}}
   for name, value in pairs(handle:headers()) do
     lines[#lines + 1] = name .. ": " .. value
@@ -104,7 +107,7 @@ function envoy_on_response(handle)
   local parts, kept, truncated = {{}}, 0, false
   for chunk in handle:bodyChunks() do
     local length = chunk:length()
-    local take = math.min(length, LIMIT - kept)
+    local take = math.min(length, limit - kept)
     if take > 0 then
       parts[#parts + 1] = chunk:getBytes(0, take)
       kept = kept + take
@@ -122,13 +125,9 @@ end
 """
 
 
-def capture_script(body_limit: int) -> str:
-    return CAPTURE_LUA % {"limit": body_limit}
-
-
-def capture_filter(body_limit: int) -> hcm.HttpFilter:
+def capture_filter() -> hcm.HttpFilter:
     """The Lua filter, with no default script: routes that capture name ``CAPTURE_SCRIPT``."""
-    script = core.DataSource(inline_string=capture_script(body_limit))
+    script = core.DataSource(inline_string=CAPTURE_LUA)
     config = lua.Lua(source_codes={CAPTURE_SCRIPT: script}, stat_prefix=CAPTURE_STATS)
     return hcm.HttpFilter(name=CAPTURE_FILTER, typed_config=AnyMessage.pack(config))
 
@@ -167,8 +166,9 @@ def _capture_here() -> AnyMessage:
     return AnyMessage.pack(lua.LuaPerRoute(name=CAPTURE_SCRIPT))
 
 
-def _tag_metadata(tag: CaptureTag) -> core.Metadata:
-    return core.Metadata(filter_metadata={CAPTURE_FILTER: Struct(fields={TAG_FIELD: Value(string_value=tag.encode())})})
+def _tag_metadata(tag: CaptureTag, body_limit: int) -> core.Metadata:
+    fields = {TAG_FIELD: Value(string_value=tag.encode()), LIMIT_FIELD: Value(number_value=body_limit)}
+    return core.Metadata(filter_metadata={CAPTURE_FILTER: Struct(fields=fields)})
 
 
 def _exact(name: str, value: str) -> route.HeaderMatcher:
@@ -185,7 +185,7 @@ def capture_route_configuration(compare: CompareConfig, marker_header: str) -> r
             route=route.RouteAction(cluster=target, timeout=datetime.timedelta(seconds=compare.shadow_timeout_s)),
             request_headers_to_remove=[TARGET_HEADER],
             typed_per_filter_config={CAPTURE_FILTER: _capture_here()},
-            metadata=_tag_metadata(CaptureTag(Side.SHADOW, rule_id, (target,))),
+            metadata=_tag_metadata(CaptureTag(Side.SHADOW, rule_id, (target,)), compare.body_limit),
         )
         for rule_id, targets in compare.compared().items()
         for target in targets
@@ -206,16 +206,8 @@ def envoy_restart_reason(in_force: CompareConfig | None, edited: CompareConfig |
         return "spec.compare now compares rules: the capture points and the observer start with up" if edited and edited.rules else None
     if edited is None:
         return None  # compare nothing: the routes stop sending copies to the capture points
-    listener_borne = [
-        name
-        for name, before, after in (
-            ("bodyLimit", in_force.body_limit, edited.body_limit),
-            ("privateHeaders", in_force.private_headers, edited.private_headers),
-        )
-        if before != after
-    ]
-    if listener_borne:
-        return f"spec.compare.{' and '.join(listener_borne)} changed: Envoy's listeners carry it (the capture script, the access log)"
+    if in_force.private_headers != edited.private_headers:
+        return "spec.compare.privateHeaders changed: Envoy's listeners carry it (the access log's request headers)"
     return None
 
 
@@ -240,7 +232,7 @@ def capture_listener(compare: CompareConfig, marker_header: str, rds_path: str |
         stat_prefix=CAPTURE_STAT_PREFIX,
         **routes,
         http_filters=[
-            capture_filter(compare.body_limit),
+            capture_filter(),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=AnyMessage.pack(router.Router())),
         ],
         access_log=[capture_log(compare.private_headers)],
@@ -305,12 +297,13 @@ def capture_clusters(observers: Sequence[Address]) -> list[cluster.Cluster]:
     ]
 
 
-def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]], casing: Casing) -> None:
+def _capture_route(entry: dict[str, Any], compare: CompareConfig, casing: Casing) -> None:
     """Variant route of a compared rule: capture, and send its compared copies through
     the capture listener. ``entry`` is a route as data, its field names spelled in
     ``casing``."""
     name = entry.get("name", "")
     rule_id, is_variant, _ = name.partition(" mirror ")
+    compared = compare.compared()
     if rule_id not in compared or not is_variant:
         return
     observed = []
@@ -323,28 +316,28 @@ def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]],
     if not observed:  # a variant mirroring only targets not compared captures nothing
         return
     entry.setdefault(casing("typed_per_filter_config"), {})[CAPTURE_FILTER] = as_data(_capture_here(), casing)
-    tag = as_data(_tag_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(observed))), casing)
+    tag = as_data(_tag_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(observed)), compare.body_limit), casing)
     metadata = entry.setdefault("metadata", {}).setdefault(casing("filter_metadata"), {})
     metadata.update(tag[casing("filter_metadata")])
 
 
-def _capture_virtual_hosts(hosts: Sequence[dict[str, Any]], compared: Mapping[str, Sequence[str]], casing: Casing) -> None:
+def _capture_virtual_hosts(hosts: Sequence[dict[str, Any]], compare: CompareConfig, casing: Casing) -> None:
     for host in hosts:
         for entry in host.get("routes", []):
-            _capture_route(entry, compared, casing)
+            _capture_route(entry, compare, casing)
 
 
-def add_capture_routes(route_configuration: Mapping[str, Any], compared: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def add_capture_routes(route_configuration: Mapping[str, Any], compare: CompareConfig) -> dict[str, Any]:
     """A copy of a RouteConfiguration (``as_data`` form) whose compared rules capture."""
     out = copy.deepcopy(dict(route_configuration))
-    _capture_virtual_hosts(out.get("virtualHosts", []), compared, Casing.CAMEL)
+    _capture_virtual_hosts(out.get("virtualHosts", []), compare, Casing.CAMEL)
     return out
 
 
-def add_capture_to_discovery(discovery: Mapping[str, Any], compared: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """The routes file of filesystem RDS (a DiscoveryResponse, `up --inline`), each of
-    its RouteConfigurations with ``add_capture_routes``."""
-    return {**discovery, "resources": [add_capture_routes(r, compared) for r in discovery["resources"]]}
+def add_capture_to_discovery(discovery: Mapping[str, Any], compare: CompareConfig) -> dict[str, Any]:
+    """The routes file of filesystem RDS (a DiscoveryResponse, `up`), each of its
+    RouteConfigurations with ``add_capture_routes``."""
+    return {**discovery, "resources": [add_capture_routes(r, compare) for r in discovery["resources"]]}
 
 
 def _internal_listener_extension(casing: Casing) -> dict[str, Any]:
@@ -365,7 +358,6 @@ def add_capture(
     answered after ``compare.shadow_timeout_s`` is answered 504 by Envoy.
     Routes served by RDS are not in the bootstrap: ``add_capture_to_discovery`` them,
     and write ``capture_discovery`` to ``capture_rds_path`` when it is given."""
-    compared = compare.compared()
     out = copy.deepcopy(dict(bootstrap))
     static = out["staticResources"]
     for entry in static["listeners"]:
@@ -376,10 +368,10 @@ def add_capture(
                     continue
                 filters = manager["httpFilters"]
                 # After the deciding filter (its re-match picks the variant), before the router.
-                filters.insert(len(filters) - 1, as_data(capture_filter(compare.body_limit)))
+                filters.insert(len(filters) - 1, as_data(capture_filter()))
                 manager.setdefault("accessLog", []).append(as_data(capture_log(compare.private_headers)))
                 if "routeConfig" in manager:
-                    manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compared)
+                    manager["routeConfig"] = add_capture_routes(manager["routeConfig"], compare)
     static["listeners"].append(as_data(capture_listener(compare, marker_header, capture_rds_path)))
     static["clusters"].extend(as_data(c) for c in capture_clusters(observers))
     out.setdefault("bootstrapExtensions", []).append(_internal_listener_extension(Casing.CAMEL))
@@ -396,9 +388,9 @@ def add_capture_to_snippet(
     snake = Casing.SNAKE
     out = copy.deepcopy(dict(snippet))
     # The snippet's filters go ahead of the user's router: the capture filter is their last.
-    out["http_filters"] = [*out["http_filters"], as_data(capture_filter(compare.body_limit), snake)]
+    out["http_filters"] = [*out["http_filters"], as_data(capture_filter(), snake)]
     out["clusters"] = [*out["clusters"], *(as_data(c, snake) for c in capture_clusters(observers))]
-    _capture_virtual_hosts(out["virtual_hosts"], compare.compared(), snake)
+    _capture_virtual_hosts(out["virtual_hosts"], compare, snake)
     out["access_log"] = [as_data(capture_log(compare.private_headers), snake)]
     out["listeners"] = [as_data(capture_listener(compare, marker_header), snake)]
     out["bootstrap_extensions"] = [_internal_listener_extension(snake)]

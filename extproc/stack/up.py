@@ -290,7 +290,7 @@ class LocalStack:
 
         def with_capture(policy: Policy, topology: Topology) -> dict[str, Any]:
             routes = engine(policy, topology)
-            return add_capture_to_discovery(routes, self.compare.compared()) if self.compare is not None else routes
+            return add_capture_to_discovery(routes, self.compare) if self.compare is not None else routes
 
         return with_capture
 

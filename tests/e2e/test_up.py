@@ -283,7 +283,7 @@ metadata: {{name: shop}}
 spec:
   compare:
     rules:
-    - {{rule: {compared}}}
+    - {{rule: {compared}, ignore: [body.headers]}}
 {settings}---
 apiVersion: gateway.networking.k8s.io/v1beta1
 kind: HTTPRoute
@@ -304,18 +304,22 @@ CAPTURE_RELOADS = "http.compare_shadow.rds.mirror-sampler-compare-shadow.config_
 
 
 @pytest.mark.parametrize("engine", ["", "lua", "module"], ids=["sampler", "inline-lua", "inline-module"])
-def test_a_live_edit_of_which_rules_compare_reaches_envoy(tmp_path: Path, stacks: list[LocalStack], engine: str) -> None:
-    """Which rules compare, and the shadow's timeout, change live (the internal
-    listener's routes are a routes file of their own, like the main ones); the
-    capture bound, which Envoy's listeners carry, is refused with a word that a
-    restart applies it, and nothing of it reaches Envoy."""
-    gw = start_stack(tmp_path, TWO_MIRRORED_PATHS.format(compared=RULE_A, settings=""), inline=bool(engine), engine=engine or "lua")
+def test_a_live_edit_of_spec_compare_reaches_envoy(tmp_path: Path, stacks: list[LocalStack], engine: str) -> None:
+    """Which rules compare, the shadow's timeout and the capture bound change live
+    (the internal listener's routes are a routes file of their own, like the main
+    ones, and the bound is in the routes' metadata); the private headers, which
+    Envoy's access log carries, are refused with a word that a restart applies
+    them, and nothing of that edit reaches Envoy."""
+    # A bound of 100 bytes: the echo's bodies agree that far (they differ at body.pod).
+    gw = start_stack(
+        tmp_path, TWO_MIRRORED_PATHS.format(compared=RULE_A, settings="    bodyLimit: 100\n"), inline=bool(engine), engine=engine or "lua"
+    )
     stacks.append(gw)
     assert gw.observer is not None and gw.reloader is not None
     observer, reloader = gw.observer, gw.reloader
 
-    def pairs(rule: str) -> float:
-        return sum(n for (r, _, _), n in observer.counts()[0].items() if r == rule)
+    def results(rule: str) -> dict[str, float]:
+        return {result: n for (r, _, result), n in observer.counts()[0].items() if r == rule and n}
 
     def observer_reloads() -> float:
         with urllib.request.urlopen(observer.metrics_url, timeout=2) as response:
@@ -332,10 +336,11 @@ def test_a_live_edit_of_which_rules_compare_reaches_envoy(tmp_path: Path, stacks
         client.close()
 
     send_both([f"user-{i}" for i in range(10)])
-    wait_until(lambda: pairs(RULE_A) == 10, 20, "rule a's 10 pairs")
-    assert pairs(RULE_B) == 0, "rule b mirrors but does not compare"
+    wait_until(lambda: sum(results(RULE_A).values()) == 10, 20, "rule a's 10 pairs")
+    assert results(RULE_A) == {"same": 10}, "cut at 100 bytes, where the bodies agree"
+    assert results(RULE_B) == {}, "rule b mirrors but does not compare"
 
-    # Rule b compares instead of rule a, its shadow given 7 s.
+    # Rule b compares instead of rule a, its shadow given 7 s, the bound back to its default.
     ok, capture_reloads = observer_reloads(), gw.stat(CAPTURE_RELOADS)
     (tmp_path / "routes.yaml").write_text(TWO_MIRRORED_PATHS.format(compared=RULE_B, settings="    shadowTimeout: 7s\n"))
     wait_until(lambda: reloader.outcomes["reloaded"] == 1, 30, "up reloading the compare routes, then the routes")
@@ -346,13 +351,16 @@ def test_a_live_edit_of_which_rules_compare_reaches_envoy(tmp_path: Path, stacks
     (shadow_route,) = capture_routes["virtual_hosts"][0]["routes"]
     assert shadow_route["name"] == f"{RULE_B} compare backend-2" and shadow_route["route"]["timeout"] == "7s"
     send_both([f"user-{i}" for i in range(10, 20)])
-    wait_until(lambda: pairs(RULE_B) == 10, 20, "rule b's 10 pairs")
-    assert pairs(RULE_A) == 10, "rule a no longer compares"
+    wait_until(lambda: sum(results(RULE_B).values()) == 10, 20, "rule b's 10 pairs")
+    # Had Envoy kept cutting at 100 bytes, these would be the same too.
+    assert results(RULE_B) == {"differs": 10}, "whole bodies: they differ at body.pod"
+    assert observer.counts()[1] == {(RULE_B, "backend-2", "body.pod"): 10}
+    assert results(RULE_A) == {"same": 10}, "rule a no longer compares"
     assert gw.stat("http.ingress_http.lua.compare.executions") == gw.stat("http.compare_shadow.lua.compare.executions") == 20
 
-    # The capture bound is the capture script's, in Envoy's listeners: a restart applies it.
-    (tmp_path / "routes.yaml").write_text(TWO_MIRRORED_PATHS.format(compared=RULE_B, settings="    bodyLimit: 1024\n"))
-    wait_until(lambda: reloader.outcomes["compare_restart"] == 1, 30, "up refusing the edit of the capture bound")
+    # The private headers are in Envoy's access log, in its listeners: a restart applies them.
+    (tmp_path / "routes.yaml").write_text(TWO_MIRRORED_PATHS.format(compared=RULE_B, settings="    privateHeaders: [x-api-key]\n"))
+    wait_until(lambda: reloader.outcomes["compare_restart"] == 1, 30, "up refusing the edit of the private headers")
     assert gw.stat(CAPTURE_RELOADS) == capture_reloads + 1 and reloader.outcomes["reloaded"] == 1, (
         "nothing of the refused edit reached Envoy"
     )

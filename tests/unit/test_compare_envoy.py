@@ -12,6 +12,7 @@ from extproc.compare.envoy import (
     CAPTURE_SCRIPT,
     CAPTURE_SERVICE_CLUSTER,
     CAPTURE_SHADOW_CLUSTER,
+    LIMIT_FIELD,
     TARGET_HEADER,
     add_capture,
 )
@@ -41,6 +42,11 @@ def tag(route: dict[str, Any]) -> CaptureTag:
     return CaptureTag.decode(route["metadata"]["filterMetadata"][CAPTURE_FILTER][TAG_FIELD])
 
 
+def bound(route: dict[str, Any]) -> int:
+    """The capture script's bound on the route: spec.compare's bodyLimit."""
+    return int(route["metadata"]["filterMetadata"][CAPTURE_FILTER][LIMIT_FIELD])
+
+
 def routes(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["name"]: r for host in manager(config)["routeConfig"]["virtualHosts"] for r in host["routes"]}
 
@@ -52,7 +58,7 @@ def test_the_capture_filter_runs_after_the_sampler_with_no_default_script_and_th
     capture = rendered["httpFilters"][-2]["typedConfig"]
     assert "defaultSourceCode" not in capture, "only the routes that name the script run it"
     script = capture["sourceCodes"][CAPTURE_SCRIPT]["inlineString"]
-    assert "local LIMIT = 1000" in script and f'"{CAPTURE_NAMESPACE}"' in script, "spec.compare's bodyLimit"
+    assert f'"{CAPTURE_NAMESPACE}"' in script and f'route:get("{LIMIT_FIELD}")' in script, "the bound is the route's"
     [log] = rendered["accessLog"]
     assert log["filter"]["metadataFilter"]["matcher"] == {
         "filter": CAPTURE_NAMESPACE,
@@ -78,7 +84,7 @@ def test_only_the_compared_rule_is_touched_and_only_its_compared_targets_go_thro
     headers = [m["append"]["header"] for m in both["route"]["requestMirrorPolicies"][0]["requestHeadersMutations"]]
     assert {"key": TARGET_HEADER, "value": "infra-backend-v2"} in headers
     assert both["typedPerFilterConfig"][CAPTURE_FILTER]["name"] == CAPTURE_SCRIPT
-    assert tag(both) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",))
+    assert tag(both) == CaptureTag(Side.PRIMARY, MULTI.id, ("infra-backend-v2",)) and bound(both) == 1000
     only_v3 = after[f"{MULTI.id} mirror infra-backend-v3"]
     assert only_v3 == before[f"{MULTI.id} mirror infra-backend-v3"], "mirrors only a target not compared: captures nothing"
 
@@ -94,7 +100,7 @@ def test_the_capture_listener_routes_each_compared_target_to_its_own_cluster_wit
     assert {h["name"] for h in route["match"]["headers"]} == {POLICY.slot_headers.marker, TARGET_HEADER}
     assert route["requestHeadersToRemove"] == [TARGET_HEADER]
     assert route["typedPerFilterConfig"][CAPTURE_FILTER]["name"] == CAPTURE_SCRIPT
-    assert tag(route) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",))
+    assert tag(route) == CaptureTag(Side.SHADOW, MULTI.id, ("infra-backend-v2",)) and bound(route) == 1000
     assert [f["name"] for f in typed["httpFilters"]] == [CAPTURE_FILTER, "envoy.filters.http.router"]
     assert typed["accessLog"] == manager(config)["accessLog"], "the primary's log: one stream per worker for both sides"
     clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
@@ -188,7 +194,7 @@ def test_routes_served_from_a_file_get_the_capture_points_there() -> None:
     assert "routeConfig" not in manager(config) and "rds" in manager(config)
     discovery = route_discovery(POLICY, topology)
     snapshot = json.dumps(discovery, sort_keys=True)
-    [served] = add_capture_to_discovery(discovery, COMPARED)["resources"]
+    [served] = add_capture_to_discovery(discovery, COMPARE)["resources"]
     assert json.dumps(discovery, sort_keys=True) == snapshot, "not changed in place"
     by_name = {r["name"]: r for host in served["virtualHosts"] for r in host["routes"]}
     assert by_name[MULTI.id]["typedPerFilterConfig"].keys() == {DECIDE_FILTER}
@@ -268,8 +274,8 @@ def test_the_capture_listener_routes_served_from_a_file_are_the_ones_it_would_ca
 
 
 def test_what_a_live_edit_of_spec_compare_needs_of_envoy() -> None:
-    """Routes files carry which rules and targets compare and the shadow's timeout;
-    the capture bound and the private headers are in the listeners (a restart);
+    """Routes files carry which rules and targets compare, the shadow's timeout and
+    the capture bound; the private headers are in the listeners (a restart);
     an Envoy started without capture points cannot start comparing live."""
     from dataclasses import replace
 
@@ -283,10 +289,9 @@ def test_what_a_live_edit_of_spec_compare_needs_of_envoy() -> None:
         assert compare_in_force(COMPARE, edited) == edited
     assert envoy_restart_reason(COMPARE, None) is None
     assert compare_in_force(COMPARE, None) == replace(COMPARE, rules={}), "the section removed: nothing compared, the listeners unchanged"
-    assert envoy_restart_reason(COMPARE, replace(COMPARE, body_limit=2000)) == (
-        "spec.compare.bodyLimit changed: Envoy's listeners carry it (the capture script, the access log)"
+    assert envoy_restart_reason(COMPARE, replace(COMPARE, body_limit=2000)) is None, "the bound is in the routes"
+    assert envoy_restart_reason(COMPARE, replace(COMPARE, private_headers=frozenset())) == (
+        "spec.compare.privateHeaders changed: Envoy's listeners carry it (the access log's request headers)"
     )
-    both = replace(COMPARE, body_limit=2000, private_headers=frozenset())
-    assert "spec.compare.bodyLimit and privateHeaders changed" in str(envoy_restart_reason(COMPARE, both))
     assert envoy_restart_reason(None, COMPARE) is not None and compare_in_force(None, COMPARE) is None
     assert envoy_restart_reason(None, replace(COMPARE, rules={})) is None and envoy_restart_reason(None, None) is None
