@@ -2,7 +2,7 @@
 "Cost"): the same stack with the comparison off and on, alternating in one run.
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
-        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--access-log] [--flush-ms MS ...]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--access-log] [--flush-ms MS ...]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -24,6 +24,11 @@ that every request measured is a mirrored one):
   capture off the primary's worker (docs/compare.md, "Capture"). Its
   observers are its own; the second Envoy's CPU is not in the Envoy column,
   and its mirrors are counted there, not in ``compared / mirrored``;
+- ``on-no-primary-capture``, ``on-no-shadow-capture``, ``on-no-hop``
+  (``--parts``): ``on`` with one part taken out (bench/compare_parts.py, as
+  bench/compare_instructions.py counts them): the primary's capture, the
+  shadow's capture, or the copy's pass through the internal listener (the
+  copy then goes straight to the target, its capture with it);
 - ``on-split-log`` (``--split-log``): ``on`` with the shadow's entries under a
   log name of their own, so on a stream of their own (the design first built);
 - ``on-flush-MS`` (``--flush-ms MS``, repeatable): ``on`` with Envoy's access
@@ -72,6 +77,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
+from bench.compare_parts import PARTS  # noqa: E402
 from bench.procstat import code_state, cpu_seconds, machine  # noqa: E402
 from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
 from bench.testbed import (  # noqa: E402
@@ -304,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-absent", action="store_true", help="skip the on-absent variant")
     ap.add_argument("--apart", action="store_true", help="also on-apart: the shadow's capture point in a second Envoy")
     ap.add_argument("--split-log", action="store_true", help="also on-split-log: the shadow's entries under a log name of their own")
+    ap.add_argument(
+        "--parts",
+        action="store_true",
+        help="also on-no-primary-capture, on-no-shadow-capture, on-no-hop: `on` with that part taken out (bench/compare_parts.py)",
+    )
     ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
     ap.add_argument(
         "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
@@ -323,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         trees["on-apart"] = REPO
     if args.split_log:
         trees["on-split-log"] = REPO
+    if args.parts:
+        trees.update({f"on-{part}": REPO for part in PARTS})
     for ms in args.flush_ms:
         if ms <= 0:
             ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
@@ -364,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             return lambda p, topology: apart(render_with_capture(p, topology, compare, addresses), capture_port)[0]
         if name == "on-split-log":
             return lambda p, topology: split_log(render_with_capture(p, topology, compare, addresses))
+        if name.removeprefix("on-") in PARTS:
+            part = PARTS[name.removeprefix("on-")]
+            return lambda p, topology: yaml.safe_dump(part(yaml.safe_load(render_with_capture(p, topology, compare, addresses))))
         if name.startswith("on-flush-"):
             ms = int(name.removeprefix("on-flush-"))
             return lambda p, topology: flush_every(render_with_capture(p, topology, compare, addresses), ms)

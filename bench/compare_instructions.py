@@ -43,9 +43,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -55,52 +53,15 @@ if str(REPO) not in sys.path:
 
 from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
+from bench.compare_parts import PARTS  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
-from bench.variants import listener_manager  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
-from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_LISTENER, TARGET_HEADER, render_with_capture  # noqa: E402
+from extproc.compare.envoy import render_with_capture  # noqa: E402
 from extproc.envoy.render import Address, Topology, render  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
 
 VARIANTS = ("off", "on", "on-absent")
-Config = dict[str, Any]
-
-
-def _capture_filter(manager: Config) -> Config:
-    found: Config = next(f for f in manager["httpFilters"] if f["name"] == CAPTURE_FILTER)
-    return found
-
-
-def _variant_route(config: Config) -> Config:
-    routes = listener_manager(config, "ingress")["routeConfig"]["virtualHosts"][0]["routes"]
-    found: Config = next(r for r in routes if " mirror " in r["name"])
-    return found
-
-
-def no_primary_capture(config: Config) -> Config:
-    del _variant_route(config)["typedPerFilterConfig"][CAPTURE_FILTER]
-    return config
-
-
-def no_shadow_capture(config: Config) -> Config:
-    manager = listener_manager(config, CAPTURE_LISTENER)
-    manager["httpFilters"].remove(_capture_filter(manager))
-    return config
-
-
-def no_hop(config: Config) -> Config:
-    for policy in _variant_route(config)["route"]["requestMirrorPolicies"]:
-        policy["cluster"] = MIRROR
-        policy["requestHeadersMutations"] = [m for m in policy["requestHeadersMutations"] if m["append"]["header"]["key"] != TARGET_HEADER]
-    return config
-
-
-PARTS: dict[str, Callable[[Config], Config]] = {
-    "no-primary-capture": no_primary_capture,
-    "no-shadow-capture": no_shadow_capture,
-    "no-hop": no_hop,
-}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,11 +11,12 @@ reported only when Envoy's RDS counted one. The policy it puts in force is the
 stack's (what `up`'s live view shows), not a copy.
 
 With spec.compare, the internal listener's routes (which rules and targets
-compare, the shadow's timeout) are a second routes file: written, and seen
-in force, before the main routes that send copies to them. What the
-listeners carry themselves (the capture bound, the private headers) and the
-observer that a comparison started by an edit would need are not changed
-live: such an edit is refused with a word that a restart applies it.
+compare, the shadow's timeout, the capture bound in their metadata) are a
+second routes file: written, and seen in force, before the main routes that
+send copies to them. What the listeners carry themselves (the private
+headers) and the observer that a comparison started by an edit would need
+are not changed live: such an edit is refused with a word that a restart
+applies it.
 """
 
 from __future__ import annotations
