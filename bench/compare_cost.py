@@ -2,7 +2,7 @@
 "Cost"): the same stack with the comparison off and on, alternating in one run.
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
-        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--access-log] [--flush-ms MS ...]
+        [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--sink] [--access-log] [--flush-ms MS ...]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -35,6 +35,11 @@ that every request measured is a mirrored one):
   log sending what it holds every MS milliseconds instead of the rendered
   interval (a batch is serialised on the worker at once: smaller, more
   frequent batches trade the tail for more messages);
+- ``on-sink`` (``--sink``): ``on`` logging to the sink of ``access-log``
+  below (bench/access_log.py: it counts the bytes and nothing else) instead of
+  observers: Envoy's whole share of ``on`` without the observers' CPU on the
+  same cores (``on-absent`` has none either, but its Envoy retries a
+  connection every flush and drops the batch);
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
   costs the primary at least (no bodies, nothing compared); and
@@ -316,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also on-no-primary-capture, on-no-shadow-capture, on-no-hop: `on` with that part taken out (bench/compare_parts.py)",
     )
     ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
+    ap.add_argument("--sink", action="store_true", help="also on-sink: on, logging to a sink that only counts bytes instead of observers")
     ap.add_argument(
         "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
     )
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
         trees[f"on-flush-{ms}"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
+    sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
     try:
         for name, tree in trees.items():
             # Each variant's store in a folder of its own, away from the settings file's folder (which the observers watch).
@@ -354,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_absent:
             # Ports bound and released at once: nobody listens there.
             observers["on-absent"] = Observers([], [Address("127.0.0.1", free_port()) for _ in range(args.observers)])
+        if args.sink:
+            observers["on-sink"] = Observers([], [Address("127.0.0.1", sink_port)])
         if args.access_log:
             observers["access-log"] = Observers()
             observers["access-log-bodies"] = Observers()
@@ -363,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
     capture_port = free_port()
-    sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
 
     def renderer(name: str) -> Callable[[Policy, Topology], str]:
         if name == "off":
@@ -389,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     second = []
-    sink = start_sink(sink_port, sink_bytes) if args.access_log else None
+    sink = start_sink(sink_port, sink_bytes) if args.access_log or args.sink else None
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         if args.apart:
