@@ -23,8 +23,9 @@ The deciding filter may be the sampler's ext_proc, the inline Lua or the dynamic
 module: each re-matches by clearing the route cache before the capture filter's
 turn, so the variant's configuration applies alike (tests/e2e/test_compare_inline.py).
 The same pieces go into a whole bootstrap (``add_capture``), into the routes file
-of filesystem RDS (``add_capture_to_discovery``: `up --inline`), and into the
-snippet (``add_capture_to_snippet``, in the snippet's snake_case).
+of filesystem RDS (``add_capture_to_discovery``: `up`, whose internal listener's
+routes are a file too, ``capture_discovery``), and into the snippet
+(``add_capture_to_snippet``, in the snippet's snake_case).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def compare_in_force(in_force: CompareConfig | None, edited: CompareConfig | Non
 def capture_listener(compare: CompareConfig, marker_header: str, rds_path: str | None = None) -> listener.Listener:
     """The internal listener mirrored copies of compared targets go through; its
     routes served from ``rds_path`` (filesystem RDS) when given, so that which rules
-    and targets compare, and the shadow's timeout, can change without a restart."""
+    and targets compare, the shadow's timeout and the bound can change without a restart."""
     routes: dict[str, Any] = (
         {"rds": render.file_rds(CAPTURE_LISTENER, rds_path)}
         if rds_path
@@ -297,13 +298,12 @@ def capture_clusters(observers: Sequence[Address]) -> list[cluster.Cluster]:
     ]
 
 
-def _capture_route(entry: dict[str, Any], compare: CompareConfig, casing: Casing) -> None:
+def _capture_route(entry: dict[str, Any], compared: Mapping[str, Sequence[str]], body_limit: int, casing: Casing) -> None:
     """Variant route of a compared rule: capture, and send its compared copies through
     the capture listener. ``entry`` is a route as data, its field names spelled in
     ``casing``."""
     name = entry.get("name", "")
     rule_id, is_variant, _ = name.partition(" mirror ")
-    compared = compare.compared()
     if rule_id not in compared or not is_variant:
         return
     observed = []
@@ -316,15 +316,16 @@ def _capture_route(entry: dict[str, Any], compare: CompareConfig, casing: Casing
     if not observed:  # a variant mirroring only targets not compared captures nothing
         return
     entry.setdefault(casing("typed_per_filter_config"), {})[CAPTURE_FILTER] = as_data(_capture_here(), casing)
-    tag = as_data(_tag_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(observed)), compare.body_limit), casing)
+    tag = as_data(_tag_metadata(CaptureTag(Side.PRIMARY, rule_id, tuple(observed)), body_limit), casing)
     metadata = entry.setdefault("metadata", {}).setdefault(casing("filter_metadata"), {})
     metadata.update(tag[casing("filter_metadata")])
 
 
 def _capture_virtual_hosts(hosts: Sequence[dict[str, Any]], compare: CompareConfig, casing: Casing) -> None:
+    compared = compare.compared()
     for host in hosts:
         for entry in host.get("routes", []):
-            _capture_route(entry, compare, casing)
+            _capture_route(entry, compared, compare.body_limit, casing)
 
 
 def add_capture_routes(route_configuration: Mapping[str, Any], compare: CompareConfig) -> dict[str, Any]:
