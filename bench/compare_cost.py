@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
         [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--sink] [--access-log] [--flush-ms MS ...]
+        [--observers-apart]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -46,6 +47,14 @@ that every request measured is a mirrored one):
   ``access-log-bodies``, the same with both sides' bodies copied by Lua
   filters into what the log carries, the shadow's by an upstream filter of
   the target's cluster instead of ``on``'s internal listener (bench/access_log.py).
+
+``--observers-apart`` runs every variant with the observers on a core of their
+own: every observer process (all its threads) on the machine's last core, and
+this process with all it starts (the Envoys, the sampler, wrk and hey, the
+sink) on the others. That is the deployment docs/compare.md advises (observers
+on another node, pod or CPU set), within one machine: ``off`` and the ``on``
+variants then differ by Envoy's own work, not by the observers' CPU on
+Envoy's cores.
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -215,6 +224,15 @@ def flush_every(rendered: str, milliseconds: int) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus`` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            continue  # the thread ended
+
+
 def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:
     """One load phase with its CPU and counter deltas (observers settled before and after)."""
     observers.settled()
@@ -325,9 +343,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
     )
+    ap.add_argument(
+        "--observers-apart",
+        action="store_true",
+        help="the observers on the last core, everything else on the others (observers on cores of their own)",
+    )
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
     check_tools()
+    cores = sorted(os.sched_getaffinity(0))
+    observer_cores = set(cores[-1:])
+    if args.observers_apart:
+        if len(cores) < 2:
+            ap.error(f"--observers-apart: this process may run on {len(cores)} core, and it needs two")
+        # Set before anything starts, so that every child inherits it.
+        os.sched_setaffinity(0, set(cores[:-1]))
     load_start = os.getloadavg()[0]
     command = "python bench/compare_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     policy = bench_policy(args.percent)
@@ -357,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                 ObserverProcess(str(settings), db, routes=None, env=env, cwd=tree, log_path=workdir / f"{name}-observer-{i}.log")
                 for i in range(args.observers)
             ]
+            if args.observers_apart:
+                for process in started:
+                    pin(process.pid, observer_cores)
             observers[name] = Observers(started, [Address("127.0.0.1", o.port) for o in started])
         if not args.no_absent:
             # Ports bound and released at once: nobody listens there.
@@ -442,7 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f} at the end (other work on the machine). Code: {code_state()}.",
         f"{args.percent}% of requests mirrored, every mirror compared; {args.observers} observer(s) per `on` variant on one SQLite file; "
         f"Envoy --concurrency {args.concurrency}; wrk -t1 -c{WRK_CONNECTIONS} and hey -c{args.hey_connections} at {args.rate} req/s, "
-        f"{args.duration:g} s each; {args.repeats} repeat(s), rotated order; medians.",
+        f"{args.duration:g} s each; {args.repeats} repeat(s), rotated order; medians."
+        + (
+            f" Observers apart: every observer on core {cores[-1]}, everything else on core(s) {', '.join(map(str, cores[:-1]))}."
+            if args.observers_apart
+            else ""
+        ),
         "",
         *table(summary, args.rate),
         "",
