@@ -309,7 +309,8 @@ def test_a_live_edit_of_spec_compare_reaches_envoy(tmp_path: Path, stacks: list[
     (the internal listener's routes are a routes file of their own, like the main
     ones, and the bound is in the routes' metadata); the private headers, which
     Envoy's access log carries, are refused with a word that a restart applies
-    them, and nothing of that edit reaches Envoy."""
+    them, and nothing of that edit reaches Envoy; the section removed stops the
+    capture and leaves the mirrors."""
     # A bound of 100 bytes: the echo's bodies agree that far (they differ at body.pod).
     gw = start_stack(
         tmp_path, TWO_MIRRORED_PATHS.format(compared=RULE_A, settings="    bodyLimit: 100\n"), inline=bool(engine), engine=engine or "lua"
@@ -364,6 +365,18 @@ def test_a_live_edit_of_spec_compare_reaches_envoy(tmp_path: Path, stacks: list[
     assert gw.stat(CAPTURE_RELOADS) == capture_reloads + 1 and reloader.outcomes["reloaded"] == 1, (
         "nothing of the refused edit reached Envoy"
     )
+
+    # The section removed: the copies go on, nothing is captured, the observer compares no rule (not a refusal).
+    ok, mirrored = observer_reloads(), received(gw, "backend-2")
+    head, routes = TWO_MIRRORED_PATHS.split("  compare:\n", 1)[0], TWO_MIRRORED_PATHS.split("---", 1)[1]
+    (tmp_path / "routes.yaml").write_text((head + "  mirroring: Enabled\n---" + routes).format())
+    wait_until(lambda: reloader.outcomes["reloaded"] == 2, 30, "up reloading the routes without spec.compare")
+    wait_until(lambda: observer_reloads() > ok, 10, "the observer's reload of the removal")
+    assert gw.stat(CAPTURE_RELOADS) == capture_reloads + 2, "the internal listener's routes emptied first"
+    send_both([f"user-{i}" for i in range(20, 30)])
+    wait_until(lambda: received(gw, "backend-2") == mirrored + 20, 10, "both paths still mirrored")
+    assert gw.stat("http.ingress_http.lua.compare.executions") == gw.stat("http.compare_shadow.lua.compare.executions") == 20
+    assert results(RULE_B) == {"differs": 10} and results(RULE_A) == {"same": 10}
 
 
 def send(gw: LocalStack, keys: list[str]) -> None:
