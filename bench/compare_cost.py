@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
         [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--sink] [--access-log] [--flush-ms MS ...]
-        [--observers-apart]
+        [--observers-apart | --observers-confined]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -49,12 +49,15 @@ that every request measured is a mirrored one):
   the target's cluster instead of ``on``'s internal listener (bench/access_log.py).
 
 ``--observers-apart`` runs every variant with the observers on a core of their
-own: every observer process (all its threads) on the machine's last core, and
-this process with all it starts (the Envoys, the sampler, wrk and hey, the
-sink) on the others. That is the deployment docs/compare.md advises (observers
-on another node, pod or CPU set), within one machine: ``off`` and the ``on``
-variants then differ by Envoy's own work, not by the observers' CPU on
-Envoy's cores.
+own: every observer process (all its threads) and the sink on the machine's
+last core, and this process with all it starts (the Envoys, the sampler, wrk
+and hey) on the others. That is the deployment docs/compare.md advises
+(observers on another node, pod or CPU set), within one machine: ``off`` and
+the ``on`` variants then differ by Envoy's own work, not by the observers'
+CPU on Envoy's cores. ``--observers-confined`` pins the observers and the sink
+the same way and leaves everything else free to run on any core (a CPU set
+for the observers alone: the kernel wakes Envoy on the other core when theirs
+is busy).
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the
@@ -343,10 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
     )
-    ap.add_argument(
+    placement = ap.add_mutually_exclusive_group()
+    placement.add_argument(
         "--observers-apart",
         action="store_true",
-        help="the observers on the last core, everything else on the others (observers on cores of their own)",
+        help="the observers and the sink on the last core, everything else on the others (observers on cores of their own)",
+    )
+    placement.add_argument(
+        "--observers-confined",
+        action="store_true",
+        help="the observers and the sink on the last core, everything else on any core",
     )
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
     args = ap.parse_args(argv)
@@ -387,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                 ObserverProcess(str(settings), db, routes=None, env=env, cwd=tree, log_path=workdir / f"{name}-observer-{i}.log")
                 for i in range(args.observers)
             ]
-            if args.observers_apart:
+            if args.observers_apart or args.observers_confined:
                 for process in started:
                     pin(process.pid, observer_cores)
             observers[name] = Observers(started, [Address("127.0.0.1", o.port) for o in started])
@@ -431,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     second = []
     sink = start_sink(sink_port, sink_bytes) if args.access_log or args.sink else None
+    if sink is not None and (args.observers_apart or args.observers_confined):
+        pin(sink.pid, observer_cores)
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
         if args.apart:
@@ -477,8 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Envoy --concurrency {args.concurrency}; wrk -t1 -c{WRK_CONNECTIONS} and hey -c{args.hey_connections} at {args.rate} req/s, "
         f"{args.duration:g} s each; {args.repeats} repeat(s), rotated order; medians."
         + (
-            f" Observers apart: every observer on core {cores[-1]}, everything else on core(s) {', '.join(map(str, cores[:-1]))}."
+            f" Observers apart: every observer and the sink on core {cores[-1]}, everything else on core(s) "
+            f"{', '.join(map(str, cores[:-1]))}."
             if args.observers_apart
+            else f" Observers confined: every observer and the sink on core {cores[-1]}, everything else on any core."
+            if args.observers_confined
             else ""
         ),
         "",
