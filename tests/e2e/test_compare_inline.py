@@ -86,18 +86,10 @@ def pasted(snippet_text: str, policy: Policy, backend_ports: dict[str, int]) -> 
     return yaml.safe_dump(bootstrap, sort_keys=False)
 
 
-def start_inline_gateway(
-    tmp_path: Path, started: list[Any], backend_ports: dict[str, int], engine: str, snippet: bool = False
-) -> tuple[EnvoyProcess, list[Observer], Path]:
-    """Two observers on one SQLite file and Envoy deciding itself, rendered as
-    `envoy-config --inline ENGINE` renders it with spec.compare (``snippet``:
-    as `--snippet` renders it, pasted into an existing Envoy's configuration;
-    ENGINE ``sampler``: the sampler decides, as `envoy-config` without --inline)."""
+def engine_topology(tmp_path: Path, started: list[Any], backend_ports: dict[str, int], engine: str) -> tuple[Policy, Topology]:
+    """ROUTES' policy, and where Envoy finds the backends and the decision: the
+    sampler (ENGINE ``sampler``, started here) or Envoy itself."""
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    (tmp_path / "compare.yaml").write_text(COMPARE)
-    db = tmp_path / "compare.db"
-    observers = [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
-    started.extend(observers)
     policy = load_policy(Settings.load({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")}))
     samplers: tuple[Address, ...] = ()
     if engine == "sampler":
@@ -111,6 +103,21 @@ def start_inline_gateway(
         backends={name: Address("127.0.0.1", port) for name, port in backend_ports.items()},
         inline=engine != "sampler",
     )
+    return policy, topology
+
+
+def start_inline_gateway(
+    tmp_path: Path, started: list[Any], backend_ports: dict[str, int], engine: str, snippet: bool = False
+) -> tuple[EnvoyProcess, list[Observer], Path]:
+    """Two observers on one SQLite file and Envoy deciding itself, rendered as
+    `envoy-config --inline ENGINE` renders it with spec.compare (``snippet``:
+    as `--snippet` renders it, pasted into an existing Envoy's configuration;
+    ENGINE ``sampler``: the sampler decides, as `envoy-config` without --inline)."""
+    (tmp_path / "compare.yaml").write_text(COMPARE)
+    db = tmp_path / "compare.db"
+    observers = [Observer(db, tmp_path / "compare.yaml", f"observer-{i}") for i in range(2)]
+    started.extend(observers)
+    policy, topology = engine_topology(tmp_path, started, backend_ports, engine)
     module_path = module_for(envoy_stack.envoy_binary()) if engine == "module" else None
     observed = [Address("127.0.0.1", o.port) for o in observers]
     text = render_with_capture(policy, topology, observers_config(tmp_path), observed, module_path=module_path, snippet_only=snippet)

@@ -15,17 +15,14 @@ from typing import Any
 
 import pytest
 
-from extproc.config.settings import Settings
-from extproc.config.source import load_policy
 from extproc.envoy.module import render_module
-from extproc.envoy.render import Address, Topology, render
+from extproc.envoy.render import render
 from extproc.module.support import module_for
 from extproc.stack import envoy as envoy_stack
 from extproc.stack.envoy import EnvoyProcess
-from tests.e2e.test_compare import KEYS, KINDS, ROUTES, VersionedServer, ingress_port, mirrored, started
-from tests.e2e.test_compare_inline import ENGINES, FORGED, pasted
+from tests.e2e.test_compare import KEYS, KINDS, VersionedServer, ingress_port, mirrored, started
+from tests.e2e.test_compare_inline import ENGINES, FORGED, engine_topology, pasted
 from tests.support.harness import Client, settle
-from tests.support.procs import Sampler
 
 __all__ = ["started"]  # the fixture
 
@@ -43,20 +40,7 @@ def test_the_plain_snippet_pasted_into_an_existing_envoy_mirrors_exactly_the_sam
     backends = {name: VersionedServer(1) for name in ("primary", "candidate", "secondary")}
     started.extend(backends.values())
     ports = {name: server.port for name, server in backends.items()}
-    (tmp_path / "routes.yaml").write_text(ROUTES)
-    policy = load_policy(Settings.load({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")}))
-    samplers: tuple[Address, ...] = ()
-    if engine == "sampler":
-        sampler = Sampler({"MIRROR_CONFIG": str(tmp_path / "routes.yaml")})
-        started.append(sampler)
-        samplers = (Address("127.0.0.1", sampler.port),)
-    topology = Topology(
-        listener=Address("127.0.0.1", 0),
-        admin=Address("127.0.0.1", 0),
-        samplers=samplers,
-        backends={name: Address("127.0.0.1", port) for name, port in ports.items()},
-        inline=engine != "sampler",
-    )
+    policy, topology = engine_topology(tmp_path, started, ports, engine)
     if engine == "module":
         text = render_module(policy, topology, module_for(envoy_stack.envoy_binary()), snippet_only=True)
     else:
