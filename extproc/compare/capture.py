@@ -34,7 +34,7 @@ from ..server.transports.http2 import Http2Transport
 from ..watch import AsyncDriver
 from ..wire import ACCESS_LOG_METHOD
 from ..wire.accesslog_pb2 import StreamAccessLogsMessage, StreamAccessLogsResponse
-from .config import CompareConfig, compare_in_force
+from .config import CompareConfig
 from .entries import EntryError, entry_capture, read_entry
 from .judge import Comparison
 from .metrics import CompareMetrics
@@ -224,16 +224,15 @@ class CaptureService:
 @dataclass
 class ObserverSettings:
     """What ``serve`` needs; ``parse`` reads a new content of the settings
-    file (ConfigError when it is wrong; None when it no longer has the
-    section: compare no rule), ``watched`` is that file (None: nothing to
-    watch), ``built_from`` the text ``config`` was parsed from (an edit made
-    before the watch starts must not pass for it)."""
+    file (ConfigError when it is wrong), ``watched`` is that file (None:
+    nothing to watch), ``built_from`` the text ``config`` was parsed from (an
+    edit made before the watch starts must not pass for it)."""
 
     host: str
     port: int
     config: CompareConfig
     store_path: str
-    parse: Callable[[str], CompareConfig | None] | None = None
+    parse: Callable[[str], CompareConfig] | None = None
     watched: str | None = None
     built_from: str | None = None
 
@@ -253,29 +252,19 @@ def _read(file: ConfigFile) -> str | None:
 class _Reloads:
     """The settings file's judge (``config.source``): a valid edit applies to
     what is captured and judged next; an invalid one is logged and counted,
-    the settings in force stay; the section removed compares no rule, as
-    ``up`` applies it to Envoy. (Which rules and targets Envoy captures is
+    the settings in force stay. (Which rules and targets Envoy captures is
     Envoy's configuration.)"""
 
-    def __init__(
-        self,
-        in_force: CompareConfig,
-        parse: Callable[[str], CompareConfig | None],
-        apply: Callable[[CompareConfig], None],
-        metrics: CompareMetrics,
-    ) -> None:
-        self.in_force = in_force
+    def __init__(self, parse: Callable[[str], CompareConfig], apply: Callable[[CompareConfig], None], metrics: CompareMetrics) -> None:
         self.parse = parse
         self.apply = apply
         self.metrics = metrics
 
     def judge(self, text: str | None, reason: str) -> None:
-        edited = self.parse(text or "")
-        config = compare_in_force(self.in_force, edited)
+        config = self.parse(text or "")
         self.apply(config)
-        self.in_force = config
         self.metrics.reload("ok")
-        log.info("compare_reloaded", rules=sorted(config.rules), removed=edited is None, reason=reason)
+        log.info("compare_reloaded", rules=sorted(config.rules), reason=reason)
 
     def unchanged(self, reason: str) -> None:
         pass
@@ -298,7 +287,7 @@ async def watch(
     if settings.watched is None or settings.parse is None:
         return None
     file = _SettingsFile(str(Path(settings.watched).absolute()))
-    source = ConfigSource(file, _Reloads(settings.config, settings.parse, apply, metrics), settings.built_from, read=_read)
+    source = ConfigSource(file, _Reloads(settings.parse, apply, metrics), settings.built_from, read=_read)
     return await AsyncDriver(source).start(stop)
 
 

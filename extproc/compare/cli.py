@@ -73,25 +73,15 @@ def parse_config_text(text: str, path: str, routes: str | None = None, slots: in
     HTTPRoutes too (and no other --routes is given), the sampler's parser
     reads all of it (with ``slots`` slot headers, the sampler's MIRROR_SLOTS):
     the compare rules are checked against its own routes."""
-    config = parse_section(text, path, routes, slots, reading)
-    if config is None:
-        raise ConfigError([f"{path}: no MirrorSampler document with spec.compare"])
-    return config
-
-
-def parse_section(text: str, path: str, routes: str | None = None, slots: int = 2, reading: bool = False) -> CompareConfig | None:
-    """``parse_config_text``, or None where the file is the sampler's own (its
-    HTTPRoutes, or a MirrorSampler document) without spec.compare: an edit
-    that removed the section, which compares nothing (``compare_in_force``).
-    A file with neither stays an error: it is not a settings file at all."""
     documents = read_documents(text, path)
     if routes in (None, "", path) and any(isinstance(doc, dict) and doc.get("kind") == "HTTPRoute" for doc, _ in documents):
         parsed = parse_manifests(text, path, slots)
         if parsed.problems:
             raise ConfigError(parsed.problems)
+        if parsed.compare is None:
+            raise ConfigError([f"{path}: no MirrorSampler document with spec.compare"])
         return parsed.compare
     mirrors = rule_mirrors(routes)
-    switch_only = False
     for i, (doc, duplicates) in enumerate(documents):
         where = f"{path} (document {i + 1})"
         if isinstance(doc, dict) and doc.get("kind") == SWITCH_KIND:
@@ -99,7 +89,6 @@ def parse_section(text: str, path: str, routes: str | None = None, slots: int = 
             sampler_doc, found = sampler_document(doc, where, duplicates)
             data, at = (sampler_doc.compare if sampler_doc else None), "spec.compare"
             if sampler_doc is not None and data is None:
-                switch_only = True
                 continue  # a kill switch alone
         elif isinstance(doc, dict) and "compare" in doc:
             data, at = doc["compare"], "compare"
@@ -114,8 +103,6 @@ def parse_section(text: str, path: str, routes: str | None = None, slots: int = 
         if found:
             raise ConfigError(found)
         return config
-    if switch_only:
-        return None
     raise ConfigError([f"--config {path}: no MirrorSampler document with spec.compare, and no compare: mapping"])
 
 
@@ -160,7 +147,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         port,
         config,
         args.db,
-        parse=(lambda content: parse_section(content, args.config, args.routes, slots)) if args.config else None,
+        parse=(lambda content: parse_config_text(content, args.config, args.routes, slots)) if args.config else None,
         watched=args.config or None,
         built_from=text,
     )

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..config.errors import ConfigError, Problems
 from ..config.schema import did_you_mean
@@ -63,21 +63,6 @@ class CompareConfig:
     def compared(self) -> dict[str, tuple[str, ...]]:
         """Each compared rule's compared targets: what ``envoy.add_capture`` needs."""
         return {rule_id: rule.targets for rule_id, rule in self.rules.items()}
-
-
-@overload
-def compare_in_force(in_force: CompareConfig, edited: CompareConfig | None) -> CompareConfig: ...
-@overload
-def compare_in_force(in_force: CompareConfig | None, edited: CompareConfig | None) -> CompareConfig | None: ...
-def compare_in_force(in_force: CompareConfig | None, edited: CompareConfig | None) -> CompareConfig | None:
-    """What a comparison running with ``in_force`` (None: started without one)
-    compares once an edit says ``edited``: the section removed (None) compares
-    no rule, and keeps the rest (the listeners Envoy was started with, the
-    store's retention), as ``up`` and the observer both apply it. Whether Envoy
-    needs a restart for it is ``envoy.envoy_restart_reason``'s."""
-    if in_force is None:
-        return None
-    return edited if edited is not None else replace(in_force, rules={})
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ routes are a file too, ``capture_discovery``), and into the snippet
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import warnings
 from collections.abc import Mapping, Sequence
@@ -209,6 +210,14 @@ def envoy_restart_reason(in_force: CompareConfig | None, edited: CompareConfig |
     if in_force.private_headers != edited.private_headers:
         return "spec.compare.privateHeaders changed: Envoy's listeners carry it (the access log's request headers)"
     return None
+
+
+def compare_in_force(in_force: CompareConfig | None, edited: CompareConfig | None) -> CompareConfig | None:
+    """What an Envoy capturing for ``in_force`` compares once the routes files say
+    ``edited`` (``envoy_restart_reason`` found nothing against it): no section, no rules."""
+    if in_force is None:
+        return None
+    return edited if edited is not None else dataclasses.replace(in_force, rules={})
 
 
 def capture_listener(compare: CompareConfig, marker_header: str, rds_path: str | None = None) -> listener.Listener:

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..compare.config import CompareConfig, compare_in_force
-from ..compare.envoy import CAPTURE_LISTENER, CAPTURE_STAT_PREFIX, capture_discovery, envoy_restart_reason
+from ..compare.config import CompareConfig
+from ..compare.envoy import CAPTURE_LISTENER, CAPTURE_STAT_PREFIX, capture_discovery, compare_in_force, envoy_restart_reason
 from ..config.build import parse, policy_from
 from ..config.errors import ConfigError
 from ..config.settings import Settings

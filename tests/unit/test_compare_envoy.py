@@ -279,8 +279,7 @@ def test_what_a_live_edit_of_spec_compare_needs_of_envoy() -> None:
     an Envoy started without capture points cannot start comparing live."""
     from dataclasses import replace
 
-    from extproc.compare.config import compare_in_force
-    from extproc.compare.envoy import envoy_restart_reason
+    from extproc.compare.envoy import compare_in_force, envoy_restart_reason
 
     other_rule = CompareConfig(
         rules={POLICY.rules[0].id: RuleCompare(targets=("infra-backend-v2",))}, body_limit=1000, private_headers=COMPARE.private_headers

@@ -197,21 +197,3 @@ def test_the_routes_file_is_read_with_the_samplers_slot_count() -> None:
         parse_config_text(three, "routes.yaml")
     assert "has 3 mirrors but only 2 slot headers (raise MIRROR_SLOTS)" in e.value.problems[0]
     assert parse_config_text(three, "routes.yaml", slots=3).rule("default/shop/0").targets == ("candidate", "secondary", "third")
-
-
-def test_a_file_without_the_section_compares_nothing_on_an_edit_and_is_refused_at_start() -> None:
-    """An edit that removes spec.compare from the sampler's own file compares no
-    rule (``compare_in_force``); a file that is not the sampler's is still wrong."""
-    from extproc.compare.cli import parse_section
-
-    without = with_compare(compare="", mirroring="mirroring: Enabled\n")
-    assert parse_section(without, "routes.yaml") is None
-    assert parse_section(sampler_doc("mirroring: Enabled\n"), "c.yaml") is None
-    for text in (without, sampler_doc("mirroring: Enabled\n")):
-        with pytest.raises(ConfigError) as e:
-            parse_config_text(text, "c.yaml")
-        assert e.value.problems == ["c.yaml: no MirrorSampler document with spec.compare"]
-    for text in ("kind: Service\n", ""):
-        with pytest.raises(ConfigError) as e:
-            parse_section(text, "c.yaml")
-        assert e.value.problems == ["--config c.yaml: no MirrorSampler document with spec.compare, and no compare: mapping"]
