@@ -55,9 +55,8 @@ and hey) on the others. That is the deployment docs/compare.md advises
 (observers on another node, pod or CPU set), within one machine: ``off`` and
 the ``on`` variants then differ by Envoy's own work, not by the observers'
 CPU on Envoy's cores. ``--observers-confined`` pins the observers and the sink
-the same way and leaves everything else free to run on any core (a CPU set
-for the observers alone: the kernel wakes Envoy on the other core when theirs
-is busy).
+the same way and leaves everything else free to run on any core, theirs
+included (the kernel may wake Envoy on the other core when theirs is busy).
 
 Each measurement: wrk (closed loop, 16 connections) for the throughput, then
 hey at ``--rate`` req/s (open loop) for the primary's latency. After each, the

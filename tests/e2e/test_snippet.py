@@ -58,6 +58,7 @@ def test_the_plain_snippet_pasted_into_an_existing_envoy_mirrors_exactly_the_sam
         assert client.request(f"/other/{key}", "shop.example", {"x-request-id": f"{key}-other"})[0] == 200
     # Forged slot headers mirror nothing a key would not have mirrored.
     forged = [f"{key}-forged" for key in KEYS if not mirrored(f"{key}-forged")][:10]
+    assert len(forged) == 10
     for rid in forged:
         assert client.request(f"/api/{rid}", "shop.example", {"x-request-id": rid, **FORGED})[0] == 200
     client.close()
