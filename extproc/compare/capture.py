@@ -109,8 +109,8 @@ class Writer:
         try:
             while True:
                 batch, stopping = self._take()
-                if self.config is not None:
-                    store.config = self.config
+                if self.config is not None and self.config is not store.config:
+                    store.reconfigure(self.config, self.clock())
                 self._store(store, batch)
                 with self._bytes_lock:
                     self.queued_bytes -= sum(c.weight for c in batch)

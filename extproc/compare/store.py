@@ -21,7 +21,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from .config import CompareConfig
+from .config import CompareConfig, RuleCompare
 from .judge import Comparison, Pairing, including, pair_up, settle
 from .noise import NO_RATES, Rates, Result
 from .records import Capture, Side
@@ -96,6 +96,8 @@ class CompareStore:
     def __init__(self, path: Path | str, config: CompareConfig, *, timeout_s: float = 30.0) -> None:
         self.path = str(path)
         self.config = config
+        # Rules a live edit stopped comparing: their last settings, and until when they hold.
+        self._retired: dict[str, tuple[RuleCompare, float]] = {}
         # Pending captures the last sweep dropped (over max_pending): for the metrics.
         self.dropped_by_last_sweep = 0
         self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
@@ -112,6 +114,24 @@ class CompareStore:
 
     def close(self) -> None:
         self.db.close()
+
+    def reconfigure(self, config: CompareConfig, now: float) -> None:
+        """A live edit's settings, from ``now``. A rule the edit stops comparing
+        keeps its last settings for the join timeout: its captures still on their
+        way (taken before Envoy had the edit: `up` reloads Envoy after the
+        observer has read the file) are judged as they were captured, not with
+        the defaults of a rule nobody listed."""
+        until = now + self.config.retention.join_timeout_s
+        retired = {rule: kept for rule, kept in self._retired.items() if kept[1] > now and rule not in config.rules}
+        retired.update({rule: (settings, until) for rule, settings in self.config.rules.items() if rule not in config.rules})
+        self._retired = retired
+        self.config = config
+
+    def _settings(self, rule: str, now: float) -> RuleCompare:
+        retired = self._retired.get(rule)
+        if rule not in self.config.rules and retired is not None and now < retired[1]:
+            return retired[0]
+        return self.config.rule(rule)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -209,7 +229,7 @@ class CompareStore:
 
     def _judge(self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float) -> list[Comparison]:
         """The comparisons of one request's group (no longer pending)."""
-        settings = self.config.rule(rule)
+        settings = self._settings(rule, now)
         pairings = pair_up(primary, shadows, settings.diff_rules, rule=rule, request_id=request_id)
         # The secondary first: this request's noise counts when its candidates are judged.
         pairings.sort(key=lambda p: p.target != settings.secondary)

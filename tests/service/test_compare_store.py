@@ -120,6 +120,29 @@ def test_a_group_that_waits_past_the_join_timeout_is_judged_with_what_came(tmp_p
     assert store.pending_count() == 1, "c waits on"
 
 
+def test_a_rule_a_live_edit_stops_comparing_keeps_its_settings_for_the_join_timeout(tmp_path: Path) -> None:
+    """Its captures still on their way (Envoy reloads after the observer) are judged
+    with the settings they were captured under, then with a listed rule's defaults."""
+    from extproc.compare.differ import DiffRules
+    from extproc.compare.paths import Pattern
+
+    ignoring = RuleCompare(targets=("candidate",), diff_rules=DiffRules(ignored=(Pattern.of("body.v"),)))
+    store = CompareStore(tmp_path / "c.db", CompareConfig(rules={RULE: ignoring}, retention=Retention(join_timeout_s=10)))
+
+    def judged(request_id: str, at: float) -> Result:
+        primary = Capture(request_id, RULE, Side.PRIMARY, ("candidate",), "GET", "/x", 200, (), b'{"v":1}', False, 5.0, False, at)
+        shadow = capture(request_id, Side.SHADOW, "candidate", at=at, body=b'{"v":2}')
+        (comparison,) = store.add([primary, shadow])
+        return comparison.result
+
+    assert judged("before", 100.0) == Result.SAME
+    store.reconfigure(CompareConfig(rules={"other/rule/0": RuleCompare(targets=("candidate",))}), now=100.0)
+    assert judged("in-flight", 109.0) == Result.SAME, "the edit's rule kept its ignore rules"
+    assert judged("late", 111.0) == Result.DIFFERS, "past the join timeout: no settings of its own"
+    store.reconfigure(CompareConfig(rules={RULE: RuleCompare(targets=("candidate",))}), now=112.0)
+    assert judged("listed", 113.0) == Result.DIFFERS, "listed again: its new settings, not the retired ones"
+
+
 def test_pending_captures_and_comparisons_stay_within_their_bounds(tmp_path: Path) -> None:
     retention = Retention(max_comparisons=20, max_age_s=50, max_pending=5, join_timeout_s=1000)
     store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
