@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/compare_cost.py [--duration 8] [--repeats 3] [--rate 100] [--percent 100]
         [--observers 2] [--baseline COMMIT ...] [--no-absent] [--apart] [--parts] [--sink] [--access-log] [--flush-ms MS ...]
-        [--observers-apart | --observers-confined]
+        [--observers-apart | --observers-confined] [--shm]
 
 Variants, each repeat in a rotated order (bench/testbed.py's stack: the
 sampler, an Envoy ``--concurrency 1``, a second Envoy answering 200 as the
@@ -41,6 +41,10 @@ that every request measured is a mirrored one):
   observers: Envoy's whole share of ``on`` without the observers' CPU on the
   same cores (``on-absent`` has none either, but its Envoy retries a
   connection every flush and drops the batch);
+- ``on-shm`` (``--shm``): ``on`` with its observers' SQLite file on /dev/shm
+  (tmpfs) instead of the work folder's disk: what the store's writes cost
+  the primary through the kernel (the file system's journal, writeback),
+  which runs on whichever core it likes;
 - ``access-log`` (``--access-log``): ``off`` plus Envoy's gRPC access log of
   both sides to a sink (bench/access_log.py): what a capture by access log
   costs the primary at least (no bodies, nothing compared); and
@@ -75,6 +79,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -341,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also on-no-primary-capture, on-no-shadow-capture, on-no-hop: `on` with that part taken out (bench/compare_parts.py)",
     )
     ap.add_argument("--access-log", action="store_true", help="also access-log: off plus Envoy's gRPC access log of both sides")
+    ap.add_argument("--shm", action="store_true", help="also on-shm: on, with the observers' SQLite file on /dev/shm (tmpfs)")
     ap.add_argument("--sink", action="store_true", help="also on-sink: on, logging to a sink that only counts bytes instead of observers")
     ap.add_argument(
         "--flush-ms", type=int, action="append", default=[], help="also on-flush-MS: the access log flushing every MS ms (repeatable)"
@@ -380,17 +386,23 @@ def main(argv: list[str] | None = None) -> int:
         trees["on-split-log"] = REPO
     if args.parts:
         trees.update({f"on-{part}": REPO for part in PARTS})
+    if args.shm:
+        trees["on-shm"] = REPO
     for ms in args.flush_ms:
         if ms <= 0:
             ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
         trees[f"on-flush-{ms}"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
+    in_memory: list[Path] = []  # stores on /dev/shm: removed at the end, unlike the work folder
     sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
     try:
         for name, tree in trees.items():
             # Each variant's store in a folder of its own, away from the settings file's folder (which the observers watch).
-            (workdir / name).mkdir()
-            db, env = workdir / name / "compare.db", {"PYTHONPATH": str(tree)}
+            folder = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-bench-", dir="/dev/shm")) if name == "on-shm" else workdir / name
+            folder.mkdir(exist_ok=True)
+            if name == "on-shm":
+                in_memory.append(folder)
+            db, env = folder / "compare.db", {"PYTHONPATH": str(tree)}
             started = [
                 ObserverProcess(str(settings), db, routes=None, env=env, cwd=tree, log_path=workdir / f"{name}-observer-{i}.log")
                 for i in range(args.observers)
@@ -474,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
             sink.wait(timeout=30)
         for o in observers.values():
             o.stop()
+        for folder in in_memory:
+            shutil.rmtree(folder, ignore_errors=True)
     summary = summarise(runs)
     info = machine()
     md = [
