@@ -62,8 +62,9 @@ class EnvoyProcess:
             self.name,
             [
                 envoy_binary(), "-c", str(self.config), "--log-level", "warning",
-                # Several Envoys (tests, a second stack) on one machine.
-                "--use-dynamic-base-id", "--admin-address-path", str(admin_path),
+                # No hot restart (up reloads by filesystem RDS): no base id for several Envoys
+                # on one machine to contend for, and no segment left in /dev/shm per start.
+                "--disable-hot-restart", "--admin-address-path", str(admin_path),
                 *self.extra_args,
             ],
             log_path=self.log_dir / f"{self.name}.log",
