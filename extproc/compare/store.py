@@ -128,8 +128,9 @@ class CompareStore:
         self.config = config
 
     def _settings(self, rule: str, now: float) -> RuleCompare:
+        # Never both listed and retired: reconfigure drops a rule listed again.
         retired = self._retired.get(rule)
-        if rule not in self.config.rules and retired is not None and now < retired[1]:
+        if retired is not None and now < retired[1]:
             return retired[0]
         return self.config.rule(rule)
 
