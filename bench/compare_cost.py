@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     check_tools()
     cores = sorted(os.sched_getaffinity(0))
     observer_cores = set(cores[-1:])
+    pinned = args.observers_apart or args.observers_confined
     if args.observers_apart:
         if len(cores) < 2:
             ap.error(f"--observers-apart: this process may run on {len(cores)} core, and it needs two")
@@ -398,16 +399,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, tree in trees.items():
             # Each variant's store in a folder of its own, away from the settings file's folder (which the observers watch).
-            folder = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-bench-", dir="/dev/shm")) if name == "on-shm" else workdir / name
-            folder.mkdir(exist_ok=True)
             if name == "on-shm":
+                folder = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-bench-", dir="/dev/shm"))
                 in_memory.append(folder)
+            else:
+                folder = workdir / name
+                folder.mkdir()
             db, env = folder / "compare.db", {"PYTHONPATH": str(tree)}
             started = [
                 ObserverProcess(str(settings), db, routes=None, env=env, cwd=tree, log_path=workdir / f"{name}-observer-{i}.log")
                 for i in range(args.observers)
             ]
-            if args.observers_apart or args.observers_confined:
+            if pinned:
                 for process in started:
                     pin(process.pid, observer_cores)
             observers[name] = Observers(started, [Address("127.0.0.1", o.port) for o in started])
@@ -451,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     second = []
     sink = start_sink(sink_port, sink_bytes) if args.access_log or args.sink else None
-    if sink is not None and (args.observers_apart or args.observers_confined):
+    if sink is not None and pinned:
         pin(sink.pid, observer_cores)
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
     try:
