@@ -18,6 +18,7 @@ from ..config.addresses import split_address
 from ..config.errors import ConfigError
 from ..config.manifest_yaml import read_documents
 from ..config.manifests import SWITCH_KIND, parse_manifests, sampler_document
+from ..priority import MAX_NICE, lower_cpu_priority
 from .config import CompareConfig, mirror_targets, parse_compare
 from .judge import Comparison
 from .store import CompareStore
@@ -26,7 +27,6 @@ DEFAULT_DB = "mirror-sampler-compare.db"
 # How far the observer steps back for Envoy on shared cores (see cmd_capture); 19 is
 # the least favoured priority there is.
 DEFAULT_NICE = 10
-MAX_NICE = 19
 OBSERVER_PORT = 50061
 DEFAULT_LISTEN = f"127.0.0.1:{OBSERVER_PORT}"
 ROUTES_HELP = (
@@ -129,9 +129,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     # Where the observer shares cores with Envoy (up, docker compose, a node's
     # other pods in one cgroup), its batches must not delay a primary's answer:
     # the scheduler serves Envoy first.
-    niceness = os.nice(args.nice)
+    priority = lower_cpu_priority(args.nice)
     logs.configure(args.log_level, "json", sys.stdout)
     log = logs.get("compare")
+    if priority.group_unchanged is not None:
+        log.warning("compare_session_priority_unchanged", reason=priority.group_unchanged)
     metrics = CompareMetrics()
     metrics.declare(config)
     metrics_port = None
@@ -140,7 +142,15 @@ def cmd_capture(args: argparse.Namespace) -> int:
         metrics_port = server.server_port
 
     def ready(bound: int) -> None:
-        log.info("compare_serving", port=bound, metrics_port=metrics_port, db=args.db, rules=sorted(config.rules), nice=niceness)
+        log.info(
+            "compare_serving",
+            port=bound,
+            metrics_port=metrics_port,
+            db=args.db,
+            rules=sorted(config.rules),
+            nice=priority.niceness,
+            session_nice=priority.group_niceness,
+        )
 
     settings = ObserverSettings(
         host,

@@ -234,3 +234,50 @@ def test_the_observer_steps_back_for_envoy_by_its_nice_value(tmp_path: Path) -> 
             assert os.getpriority(os.PRIO_PROCESS, child.pid) == wanted, flags  # the kernel's word, not only the log's
         finally:
             child.stop()
+
+
+AUTOGROUPS = Path("/proc/self/autogroup").exists()
+
+
+def _group_nice(pid: int | str) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+def test_an_observer_leading_its_session_lowers_its_session_group_too(tmp_path: Path) -> None:
+    """Under autogroups a process's nice value counts only inside its session:
+    `up` starts each observer in a session of its own, so only the group's
+    value puts Envoy first. Two at once, as `up` does (the kernel takes one
+    change per 100 ms)."""
+    (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE + ROUTES)
+    argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--config", str(tmp_path / "routes.yaml")]
+    both = [Child(f"observer-{i}", [*argv, "--db", str(tmp_path / "c.db")], cwd=REPO) for i in range(2)]
+    kept = Child("observer-nice-0", [*argv, "--db", str(tmp_path / "c.db"), "--nice", "0"], cwd=REPO)
+    try:
+        for child in both:
+            assert child.wait_event("compare_serving")["session_nice"] == (10 if AUTOGROUPS else None)
+            if AUTOGROUPS:
+                assert _group_nice(child.pid) == 10 and os.getsid(child.pid) == child.pid
+        assert kept.wait_event("compare_serving")["session_nice"] is None
+        if AUTOGROUPS:
+            assert _group_nice(kept.pid) == 0
+    finally:
+        for child in (*both, kept):
+            child.stop()
+
+
+def test_an_observer_sharing_a_session_leaves_the_sessions_group_alone(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE + ROUTES)
+    argv = ["capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "routes.yaml")]
+    before = _group_nice("self") if AUTOGROUPS else None
+    with subprocess.Popen(
+        [sys.executable, "-m", "extproc", "compare", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as shared:
+        try:
+            assert shared.stdout is not None
+            serving = next(json.loads(line) for line in shared.stdout if '"event": "compare_serving"' in line)
+            assert serving["nice"] == min(os.nice(0) + 10, 19) and serving["session_nice"] is None
+            assert os.getsid(shared.pid) == os.getsid(0)
+            if AUTOGROUPS:
+                assert _group_nice("self") == before
+        finally:
+            shared.kill()

@@ -1,0 +1,85 @@
+"""Lowering a background process's CPU priority so that it counts against Envoy.
+
+Linux with autogroups (``CONFIG_SCHED_AUTOGROUP`` and
+``kernel.sched_autogroup_enabled``, on by default in most distributions)
+schedules each session as one group, and a nice value orders a process only
+against the processes of its own session. A process that leads a session of
+its own (started by `up`, a supervisor, ``setsid``) is a group alone, so its
+nice value by itself changes nothing against Envoy in another session: the
+group's nice value, in ``/proc/self/autogroup``, is what does
+(``bench/sched_wakeup.py`` measures both). Outside the root cgroup (a
+container, a systemd service with the cpu controller) the kernel uses the
+cgroup instead and the group's value is inert, which is harmless.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+AUTOGROUP = Path("/proc/self/autogroup")
+MAX_NICE = 19
+# The kernel takes one autogroup change per 100 ms from unprivileged writers,
+# machine-wide, and answers EAGAIN inside that window: `up` starts one
+# observer per core at once.
+_BUSY_PAUSE_S = 0.02
+_BUSY_TRIES = 100
+_GROUP_NICE = re.compile(r"\bnice (-?\d+)\b")
+
+
+class GroupFile(Protocol):
+    """What is used of ``/proc/self/autogroup`` (a Path; a fake in tests)."""
+
+    def read_text(self) -> str: ...
+
+    def write_text(self, data: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class Priority:
+    niceness: int
+    # The session group's nice value after the change; None where the process
+    # does not lead its session, the kernel has no autogroups, or it refused.
+    group_niceness: int | None
+    # Why the group was left as it was, for the log; None when it was lowered
+    # or there was nothing to lower.
+    group_unchanged: str | None = None
+
+
+def lower_cpu_priority(increment: int) -> Priority:
+    """Raises this process's nice value by ``increment``, and its session
+    group's by as much where the process leads its session (a group shared
+    with a shell would slow the shell too)."""
+    niceness = os.nice(increment)
+    if increment == 0 or os.getsid(0) != os.getpid():
+        return Priority(niceness, None)
+    group, unchanged = lower_session_group(increment, AUTOGROUP)
+    return Priority(niceness, group, unchanged)
+
+
+def lower_session_group(increment: int, autogroup: GroupFile, sleep: Callable[[float], None] = time.sleep) -> tuple[int | None, str | None]:
+    """The group's nice value raised by ``increment`` (at most 19), or None and why not."""
+    try:
+        shown = autogroup.read_text()
+    except OSError:  # no autogroups in this kernel: nothing to lower, nothing to say
+        return None, None
+    found = _GROUP_NICE.search(shown)
+    if found is None:
+        return None, f"{autogroup}: unexpected contents {shown.strip()!r}"
+    wanted = min(int(found.group(1)) + increment, MAX_NICE)
+    for _ in range(_BUSY_TRIES):
+        try:
+            autogroup.write_text(str(wanted))
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                return None, f"{autogroup}: {e.strerror}"
+            sleep(_BUSY_PAUSE_S)
+        else:
+            return wanted, None
+    return None, f"{autogroup}: still busy after {_BUSY_TRIES} tries"
