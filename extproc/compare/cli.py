@@ -184,8 +184,8 @@ def register(sub: Any) -> None:
         type=int,
         default=DEFAULT_NICE,
         metavar="N",
-        help=f"lower this process's CPU priority by N (0 to {MAX_NICE}; default {DEFAULT_NICE}): where it shares cores with Envoy, "
-        "Envoy is served first (0 keeps it)",
+        help=f"lower this process's CPU priority by N (0 to {MAX_NICE}; default {DEFAULT_NICE}), and its session group's where it "
+        "leads its session (Linux autogroups): where it shares cores with Envoy, Envoy is served first (0 keeps it)",
     )
     capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     capture.set_defaults(func=cmd_capture)

@@ -379,6 +379,37 @@ def test_compose_compares_each_mirrored_response(compose: Compose) -> None:
     assert _in_observer(compose, "compare", "show", unsampled, "--db", db).returncode == 1
 
 
+def _cpu_weight(stack: Compose, service: str) -> tuple[str, int]:
+    """The container's CPU weight, in the kernel's files (cgroup v1 cpu.shares
+    or v2 cpu.weight), found from its first process's cgroup."""
+    cid = stack.container(service)
+    pid = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", cid], capture_output=True, text=True, timeout=30, check=True)
+    lines = Path(f"/proc/{pid.stdout.strip()}/cgroup").read_text(encoding="utf-8").splitlines()
+    for _, controllers, path in (line.split(":", 2) for line in lines):
+        if "cpu" in controllers.split(","):
+            for mount in ("cpu", "cpu,cpuacct"):
+                shares = Path("/sys/fs/cgroup", mount, path.lstrip("/"), "cpu.shares")
+                if shares.exists():
+                    return "cpu.shares", int(shares.read_text())
+    unified = [path for _, controllers, path in (line.split(":", 2) for line in lines) if controllers == ""]
+    weight = Path("/sys/fs/cgroup", unified[0].lstrip("/"), "cpu.weight")
+    return "cpu.weight", int(weight.read_text())
+
+
+def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
+    """In a container, the observer's --nice orders it only inside its own
+    cgroup: its container's CPU weight is what puts Envoy first."""
+    if compose.name != "compare":
+        pytest.skip("the compare stack's observer")
+    (kind, observer), (same_kind, envoy) = _cpu_weight(compose, OBSERVER), _cpu_weight(compose, "envoy")
+    assert kind == same_kind
+    assert observer * 5 < envoy, (kind, observer, envoy)
+    logs = compose.logs(OBSERVER)
+    serving = next(json.loads(line.partition("| ")[2]) for line in logs.splitlines() if "compare_serving" in line)
+    assert serving["nice"] == 10, serving
+    assert "compare_session_priority_unchanged" not in logs, logs
+
+
 def test_compose_module_loads_in_envoys_image_as_envoys_user(compose: Compose, tmp_path: Path) -> None:
     """The file Envoy loaded, as the Dockerfile's module stage built it: readable by
     Envoy's user (uid 101 in envoyproxy/envoy, and in its stand-in), and asking glibc
