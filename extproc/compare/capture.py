@@ -152,6 +152,14 @@ class Writer:
             return batch, False
 
     def _store(self, store: CompareStore, batch: list[Capture]) -> None:
+        now = self.clock()
+        compared = [c for c in batch if store.compares(c.rule, now)]
+        if len(compared) < len(batch):
+            # An Envoy rendered from older settings than the observer's: judged
+            # with defaults (no ignore rules, no secondary), they would be
+            # stored as differences nobody asked for.
+            self.metrics.dropped("unlisted_rule", len(batch) - len(compared))
+        batch = compared
         if not batch:
             return
         try:

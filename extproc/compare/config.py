@@ -56,6 +56,10 @@ class CompareConfig:
     # Response headers never stored (beyond set-cookie and the credentials).
     private_headers: frozenset[str] = frozenset()
     retention: Retention = Retention()
+    # Settings from a file (spec.compare): a rule it does not list is not
+    # compared, its captures dropped and counted (`unlisted_rule`). Without a
+    # file, every rule Envoy captures is compared with the defaults.
+    only_listed: bool = False
 
     def rule(self, rule_id: str) -> RuleCompare:
         return self.rules.get(rule_id) or RuleCompare(targets=())
@@ -225,6 +229,7 @@ def parse_compare(
         store_values=store_values,
         private_headers=frozenset(h.lower() for h in _strings(p, f"{at}.privateHeaders", top.get("privateHeaders"))),
         retention=retention,
+        only_listed=True,
     )
     if config.retention.join_timeout_s <= config.shadow_timeout_s:
         p.add(

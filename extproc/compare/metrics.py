@@ -20,7 +20,7 @@ OTHER_FIELD = "(other)"
 # entries), the entry's capture fields were not what the capture filter
 # writes (not base64, no request id or status), or it waited past the bound of
 # pending captures.
-DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound")
+DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound", "unlisted_rule")
 
 _Series = TypeVar("_Series", Counter, Histogram)
 

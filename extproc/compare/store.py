@@ -127,6 +127,15 @@ class CompareStore:
         self._retired = retired
         self.config = config
 
+    def compares(self, rule: str, now: float) -> bool:
+        """Whether captures of ``rule`` are to be judged: a rule the settings
+        list, one an edit stopped comparing inside its grace, or any rule for
+        settings not read from a file."""
+        if not self.config.only_listed or rule in self.config.rules:
+            return True
+        retired = self._retired.get(rule)
+        return retired is not None and now < retired[1]
+
     def _settings(self, rule: str, now: float) -> RuleCompare:
         # Never both listed and retired: reconfigure drops a rule listed again.
         retired = self._retired.get(rule)

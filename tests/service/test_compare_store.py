@@ -143,6 +143,46 @@ def test_a_rule_a_live_edit_stops_comparing_keeps_its_settings_for_the_join_time
     assert judged("listed", 113.0) == Result.DIFFERS, "listed again: its new settings, not the retired ones"
 
 
+def test_settings_from_a_file_judge_only_the_rules_they_list(tmp_path: Path) -> None:
+    """An Envoy rendered from older settings still captures a rule the file no
+    longer lists: past the edit's grace its captures are dropped and counted,
+    not judged with the defaults (no ignore rules, no secondary)."""
+    from dataclasses import replace
+
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    listed = replace(CONFIG, retention=Retention(join_timeout_s=10), only_listed=True)
+    other = replace(listed, rules={"other/rule/0": RuleCompare(targets=("candidate",))})
+    now = [100.0]
+    metrics = CompareMetrics()
+    metrics.declare(listed)  # every drop reason exported at 0
+    writer = Writer(lambda: CompareStore(tmp_path / "c.db", listed), metrics, clock=lambda: now[0], window=0, config=listed)
+    writer.start()
+
+    def judged(request_id: str) -> tuple[int, float | None]:
+        for c in sides(request_id):
+            writer.offer(c)
+        wait_until(lambda: writer.queued_bytes == 0, 10, f"{request_id} taken")
+        store = CompareStore(tmp_path / "c.db", CONFIG)
+        try:
+            comparisons = len(store.comparisons(request_id))
+        finally:
+            store.close()
+        return comparisons, metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "unlisted_rule"})
+
+    try:
+        assert judged("listed-0") == (2, 0.0)
+        writer.config = other  # a live edit stops comparing RULE
+        assert judged("ingrace-1") == (2, 0.0), "inside the join timeout: still compared"
+        now[0] = 111.0
+        assert judged("pastgrace-2") == (0, 3.0), "dropped and counted"
+    finally:
+        writer.stop()
+    without_file = CompareStore(tmp_path / "d.db", replace(other, only_listed=False))
+    assert without_file.compares(RULE, 0.0), "settings not from a file compare every rule"
+
+
 def test_pending_captures_and_comparisons_stay_within_their_bounds(tmp_path: Path) -> None:
     retention = Retention(max_comparisons=20, max_age_s=50, max_pending=5, join_timeout_s=1000)
     store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))

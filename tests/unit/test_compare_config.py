@@ -54,7 +54,7 @@ def test_a_full_section_is_read() -> None:
 
 
 def test_nothing_configured_compares_nothing() -> None:
-    assert parse_compare(None, "f.yaml") == CompareConfig()
+    assert parse_compare(None, "f.yaml") == CompareConfig(only_listed=True)  # lists no rule: judges none
 
 
 def test_unknown_fields_get_a_did_you_mean() -> None:

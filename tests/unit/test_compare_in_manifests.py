@@ -153,7 +153,7 @@ def test_the_observer_reads_compare_from_the_routes_file_itself() -> None:
 
 
 def test_a_file_of_its_own_reads_a_sampler_document_or_a_bare_mapping() -> None:
-    expected = CompareConfig(rules={"r/x/0": RuleCompare(targets=("b",))})
+    expected = CompareConfig(rules={"r/x/0": RuleCompare(targets=("b",))}, only_listed=True)
     assert parse_config_text(sampler_doc("compare:\n  rules: [{rule: r/x/0, targets: [b]}]\n"), "c.yaml") == expected
     assert parse_config_text("compare:\n  rules: [{rule: r/x/0, targets: [b]}]\n", "c.yaml") == expected
 
