@@ -18,8 +18,8 @@ OTHER_FIELD = "(other)"
 # failed, the access log entry had no proper tag (no capture namespace, no tag,
 # a tag not ours), the gRPC message was not a StreamAccessLogsMessage (all its
 # entries), the entry's capture fields were not what the capture filter
-# writes (not base64, no request id or status), or it waited past the bound of
-# pending captures.
+# writes (not base64, no request id or status), it waited past the bound of
+# pending captures, or its rule is not one the --config file lists.
 DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound", "unlisted_rule")
 
 _Series = TypeVar("_Series", Counter, Histogram)
