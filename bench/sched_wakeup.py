@@ -40,7 +40,8 @@ BUSY = """
 import os, sys
 os.sched_setaffinity(0, {{{cpu}}})
 {lower}
-print("ready", flush=True)
+group = open("/proc/self/autogroup").read().strip() if os.path.exists("/proc/self/autogroup") else "(no autogroups)"
+print("ready", group, flush=True)
 while True:
     pass
 """
@@ -58,7 +59,10 @@ def busy(variant: str, cpu: int) -> subprocess.Popen[str] | None:
         return None
     code = BUSY.format(cpu=cpu, lower=LOWER[variant])
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert child.stdout is not None and child.stdout.readline().strip() == "ready", variant
+    assert child.stdout is not None
+    ready, _, group = child.stdout.readline().strip().partition(" ")
+    assert ready == "ready", variant
+    print(f"  {variant}: {group}", flush=True)  # the group's nice value, as the kernel shows it
     return child
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 AUTOGROUP = Path("/proc/self/autogroup")
+AUTOGROUPS_ENABLED = Path("/proc/sys/kernel/sched_autogroup_enabled")
 MAX_NICE = 19
-# The kernel takes one autogroup change per 100 ms from unprivileged writers,
-# machine-wide, and answers EAGAIN inside that window: `up` starts one
-# observer per core at once.
+# The kernel takes one autogroup change per 100 ms from writers without
+# CAP_SYS_ADMIN, machine-wide, and answers EAGAIN inside that window: several
+# observers started together (one per core) wait their turns, up to 2 s in all.
 _BUSY_PAUSE_S = 0.02
 _BUSY_TRIES = 100
 _GROUP_NICE = re.compile(r"\bnice (-?\d+)\b")
@@ -44,8 +45,9 @@ class GroupFile(Protocol):
 @dataclass(frozen=True)
 class Priority:
     niceness: int
-    # The session group's nice value after the change; None where the process
-    # does not lead its session, the kernel has no autogroups, or it refused.
+    # The session group's nice value as written; None where the process does
+    # not lead its session, the kernel groups no sessions, or it refused. In a
+    # container (a CPU cgroup of its own) the write is accepted and inert.
     group_niceness: int | None
     # Why the group was left as it was, for the log; None when it was lowered
     # or there was nothing to lower.
@@ -57,10 +59,19 @@ def lower_cpu_priority(increment: int) -> Priority:
     group's by as much where the process leads its session (a group shared
     with a shell would slow the shell too)."""
     niceness = os.nice(increment)
-    if increment == 0 or os.getsid(0) != os.getpid():
+    if increment == 0 or os.getsid(0) != os.getpid() or not _autogroups_enabled():
         return Priority(niceness, None)
     group, unchanged = lower_session_group(increment, AUTOGROUP)
     return Priority(niceness, group, unchanged)
+
+
+def _autogroups_enabled() -> bool:
+    """Off (``kernel.sched_autogroup_enabled`` = 0), nice values order every
+    process against every other: the process's own is enough."""
+    try:
+        return AUTOGROUPS_ENABLED.read_text().strip() != "0"
+    except OSError:  # no such setting: no autogroups either
+        return False
 
 
 def lower_session_group(increment: int, autogroup: GroupFile, sleep: Callable[[float], None] = time.sleep) -> tuple[int | None, str | None]:

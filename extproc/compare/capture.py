@@ -119,8 +119,8 @@ class Writer:
                 if self.clock() >= next_sweep:
                     next_sweep = self.clock() + SWEEP_EVERY_S
                     self._record(store.sweep(self.clock()))
-                    if store.dropped_by_last_sweep:
-                        self.metrics.dropped("pending_over_bound", store.dropped_by_last_sweep)
+                    for reason, count in store.dropped_by_last_sweep.items():
+                        self.metrics.dropped(reason, count)
         finally:
             store.close()
 

@@ -98,8 +98,8 @@ class CompareStore:
         self.config = config
         # Rules a live edit stopped comparing: their last settings, and until when they hold.
         self._retired: dict[str, tuple[RuleCompare, float]] = {}
-        # Pending captures the last sweep dropped (over max_pending): for the metrics.
-        self.dropped_by_last_sweep = 0
+        # Pending captures the last sweep dropped, by reason: for the metrics.
+        self.dropped_by_last_sweep: dict[str, int] = {}
         self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # WAL makes NORMAL durable against process crashes (not power loss): enough for observations.
@@ -191,21 +191,29 @@ class CompareStore:
         """Judge the groups that waited past the join timeout; enforce the bounds."""
         retention = self.config.retention
         out: list[Comparison] = []
-        self.dropped_by_last_sweep = 0
+        self.dropped_by_last_sweep = {}
         with self._write() as db:
             stale = db.execute(
                 "SELECT DISTINCT rule, request_id FROM pending WHERE captured_at < ?", (now - retention.join_timeout_s,)
             ).fetchall()
             for rule, request_id in stale:
-                primary, shadows = _Group(self._stored(rule, request_id)).sides()
+                stored = self._stored(rule, request_id)
                 db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id))
+                if not self.compares(rule, now):
+                    # Taken inside a live edit's grace, its other sides after it
+                    # (the writer dropped those): judged now, it would be a
+                    # shadow_missing for shadows that came, with the defaults.
+                    self._count_dropped("unlisted_rule", len(stored))
+                    self.dropped_by_last_sweep["unlisted_rule"] = self.dropped_by_last_sweep.get("unlisted_rule", 0) + len(stored)
+                    continue
+                primary, shadows = _Group(stored).sides()
                 out += self._judge(rule, request_id, primary, shadows, now)
             (pending,) = db.execute("SELECT COUNT(*) FROM pending").fetchone()
             if pending > retention.max_pending:
                 excess = pending - retention.max_pending
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
                 self._count_dropped("pending_over_bound", excess)
-                self.dropped_by_last_sweep = excess
+                self.dropped_by_last_sweep["pending_over_bound"] = excess
             self._forget(OLDER_THAN, (now - retention.max_age_s,))
             self._forget(PAST_BOUND, (retention.max_comparisons,))
         return out

@@ -384,7 +384,9 @@ def _cpu_weight(stack: Compose, service: str) -> tuple[str, int]:
     or v2 cpu.weight), found from its first process's cgroup."""
     cid = stack.container(service)
     pid = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", cid], capture_output=True, text=True, timeout=30, check=True)
-    lines = Path(f"/proc/{pid.stdout.strip()}/cgroup").read_text(encoding="utf-8").splitlines()
+    groups = Path(f"/proc/{pid.stdout.strip()}/cgroup")
+    assert groups.exists(), f"{service}'s process {pid.stdout.strip()} is not visible here: the test needs the host's PID namespace"
+    lines = groups.read_text(encoding="utf-8").splitlines()
     for _, controllers, path in (line.split(":", 2) for line in lines):
         if "cpu" in controllers.split(","):
             for mount in ("cpu", "cpu,cpuacct"):
@@ -403,7 +405,8 @@ def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
         pytest.skip("the compare stack's observer")
     (kind, observer), (same_kind, envoy) = _cpu_weight(compose, OBSERVER), _cpu_weight(compose, "envoy")
     assert kind == same_kind
-    assert observer * 5 < envoy, (kind, observer, envoy)
+    # v1: 110 against 1024; v2: 5 or about 18 against 100, by the runtime's conversion.
+    assert observer * 3 < envoy, (kind, observer, envoy)
     logs = compose.logs(OBSERVER)
     serving = next(json.loads(line.partition("| ")[2]) for line in logs.splitlines() if "compare_serving" in line)
     assert serving["nice"] == 10, serving

@@ -183,6 +183,20 @@ def test_settings_from_a_file_judge_only_the_rules_they_list(tmp_path: Path) -> 
     assert without_file.compares(RULE, 0.0), "settings not from a file compare every rule"
 
 
+def test_a_group_begun_in_the_grace_and_swept_after_it_is_dropped_not_judged(tmp_path: Path) -> None:
+    """Its primary came inside the edit's grace, its shadows after (the writer
+    dropped them): judged at the join timeout it would be shadow_missing, with
+    the defaults, for shadows that came."""
+    listed = CompareConfig(rules=CONFIG.rules, retention=Retention(join_timeout_s=10), only_listed=True)
+    store = CompareStore(tmp_path / "c.db", listed)
+    store.reconfigure(CompareConfig(retention=listed.retention, only_listed=True), now=100.0)
+    assert store.compares(RULE, 105.0) and not store.compares(RULE, 110.0)
+    assert store.add([capture("begun", Side.PRIMARY, at=105.0)]) == []
+    assert store.sweep(now=116.0) == []
+    assert store.dropped_by_last_sweep == {"unlisted_rule": 1} and store.dropped() == {"unlisted_rule": 1}
+    assert store.pending_count() == 0
+
+
 def test_pending_captures_and_comparisons_stay_within_their_bounds(tmp_path: Path) -> None:
     retention = Retention(max_comparisons=20, max_age_s=50, max_pending=5, join_timeout_s=1000)
     store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
@@ -221,7 +235,7 @@ def test_ten_thousand_requests_that_never_join_are_dropped_to_the_bound_and_coun
     store.add([capture(f"lonely-{i}", Side.PRIMARY, at=float(i)) for i in range(10_000)])
     store.sweep(now=10_000.0)
     assert store.pending_count() == 1000
-    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_sweep == 9000
+    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_sweep == {"pending_over_bound": 9000}
     # The oldest went: a late shadow of a kept request still joins.
     late = store.add([capture("lonely-9999", Side.SHADOW, t) for t in TARGETS])
     assert {c.result for c in late} == {Result.SAME}
