@@ -82,6 +82,8 @@ class Writer:
         # Bytes offered and not yet stored (the event loop adds, the writer subtracts).
         self.queued_bytes = 0
         self._bytes_lock = threading.Lock()
+        # Unlisted rules already named in the log, under the settings in force.
+        self._named_unlisted: set[str] = set()
 
     def start(self) -> None:
         self.thread.start()
@@ -111,6 +113,7 @@ class Writer:
                 batch, stopping = self._take()
                 if self.config is not None and self.config is not store.config:
                     store.reconfigure(self.config, self.clock())
+                    self._named_unlisted.clear()
                 self._store(store, batch)
                 with self._bytes_lock:
                     self.queued_bytes -= sum(c.weight for c in batch)
@@ -159,6 +162,12 @@ class Writer:
             # with defaults (no ignore rules, no secondary), they would be
             # stored as differences nobody asked for.
             self.metrics.dropped("unlisted_rule", len(batch) - len(compared))
+            # Named once per rule and settings: the count says how many, this says which rule to fix.
+            for rule in sorted({c.rule for c in batch} - {c.rule for c in compared} - self._named_unlisted):
+                log.warning(
+                    "compare_rule_not_listed", rule=rule, hint="Envoy captures a rule the --config file does not list: render it again"
+                )
+                self._named_unlisted.add(rule)
         batch = compared
         if not batch:
             return

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from extproc.compare.config import CompareConfig, Retention, RuleCompare
 from extproc.compare.judge import Comparison
@@ -176,9 +177,13 @@ def test_settings_from_a_file_judge_only_the_rules_they_list(tmp_path: Path) -> 
         writer.config = other  # a live edit stops comparing RULE
         assert judged("ingrace-1") == (2, 0.0), "inside the join timeout: still compared"
         now[0] = 111.0
-        assert judged("pastgrace-2") == (0, 3.0), "dropped and counted"
+        with structlog.testing.capture_logs() as logged:
+            assert judged("pastgrace-2") == (0, 3.0), "dropped and counted"
+            assert judged("pastgrace-3") == (0, 6.0)
     finally:
         writer.stop()
+    named = [e for e in logged if e["event"] == "compare_rule_not_listed"]
+    assert [e["rule"] for e in named] == [RULE], "named once, not per capture"
     without_file = CompareStore(tmp_path / "d.db", replace(other, only_listed=False))
     assert without_file.compares(RULE, 0.0), "settings not from a file compare every rule"
 
