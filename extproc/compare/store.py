@@ -131,17 +131,16 @@ class CompareStore:
         """Whether captures of ``rule`` are to be judged: a rule the settings
         list, one an edit stopped comparing inside its grace, or any rule for
         settings not read from a file."""
-        if not self.config.only_listed or rule in self.config.rules:
-            return True
-        retired = self._retired.get(rule)
-        return retired is not None and now < retired[1]
+        return not self.config.only_listed or rule in self.config.rules or self._retired_settings(rule, now) is not None
 
     def _settings(self, rule: str, now: float) -> RuleCompare:
         # Never both listed and retired: reconfigure drops a rule listed again.
+        return self._retired_settings(rule, now) or self.config.rule(rule)
+
+    def _retired_settings(self, rule: str, now: float) -> RuleCompare | None:
+        """The last settings of a rule an edit stopped comparing, inside its grace."""
         retired = self._retired.get(rule)
-        if retired is not None and now < retired[1]:
-            return retired[0]
-        return self.config.rule(rule)
+        return retired[0] if retired is not None and now < retired[1] else None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -203,8 +202,7 @@ class CompareStore:
                     # Taken inside a live edit's grace, its other sides after it
                     # (the writer dropped those): judged now, it would be a
                     # shadow_missing for shadows that came, with the defaults.
-                    self._count_dropped("unlisted_rule", len(stored))
-                    self.dropped_by_last_sweep["unlisted_rule"] = self.dropped_by_last_sweep.get("unlisted_rule", 0) + len(stored)
+                    self._sweep_dropped("unlisted_rule", len(stored))
                     continue
                 primary, shadows = _Group(stored).sides()
                 out += self._judge(rule, request_id, primary, shadows, now)
@@ -212,8 +210,7 @@ class CompareStore:
             if pending > retention.max_pending:
                 excess = pending - retention.max_pending
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
-                self._count_dropped("pending_over_bound", excess)
-                self.dropped_by_last_sweep["pending_over_bound"] = excess
+                self._sweep_dropped("pending_over_bound", excess)
             self._forget(OLDER_THAN, (now - retention.max_age_s,))
             self._forget(PAST_BOUND, (retention.max_comparisons,))
         return out
@@ -233,8 +230,10 @@ class CompareStore:
         self.db.execute("DELETE FROM field_counts WHERE count <= 0")
         self.db.execute(f"DELETE FROM comparisons WHERE {where}", params)
 
-    def _count_dropped(self, reason: str, n: int) -> None:
+    def _sweep_dropped(self, reason: str, n: int) -> None:
+        """Counted in the file (for every process's report) and for this sweep's metrics."""
         self.db.execute("INSERT INTO dropped VALUES (?, ?) ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n))
+        self.dropped_by_last_sweep[reason] = self.dropped_by_last_sweep.get(reason, 0) + n
 
     def _stored(self, rule: str, request_id: str) -> dict[tuple[str, str], Capture]:
         """A request's pending captures, by (side, target)."""
