@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.run import med, percentile  # noqa: E402
 
 BUSY = """
 import os, sys
@@ -76,10 +78,8 @@ def late_wakeups(count: int) -> list[float]:
 
 
 def figures(late: list[float]) -> dict[str, float]:
-    def at(q: float) -> float:
-        return late[min(len(late) - 1, int(len(late) * q))]
-
-    return {"p50": at(0.5), "p99": at(0.99), "p99.9": at(0.999), "over 1 ms per 1000": 1000 * sum(x > 1 for x in late) / len(late)}
+    quantiles = {f"p{q:g}": percentile(late, q) for q in (50, 99, 99.9)}
+    return {**quantiles, "over 1 ms per 1000": 1000 * sum(x > 1 for x in late) / len(late)}
 
 
 def main() -> int:
@@ -108,7 +108,7 @@ def main() -> int:
     print("\n| variant | " + " | ".join(f"{c} (ms)" if c.startswith("p") else c for c in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for variant, runs in results.items():
-        print(f"| {variant} | " + " | ".join(f"{statistics.median(r[c] for r in runs):.3f}" for c in columns) + " |")
+        print(f"| {variant} | " + " | ".join(f"{med([r[c] for r in runs]):.3f}" for c in columns) + " |")
     return 0
 
 
