@@ -80,6 +80,8 @@ def lower_session_group(increment: int, autogroup: GroupFile, sleep: Callable[[f
         shown = autogroup.read_text()
     except OSError:  # no autogroups in this kernel: nothing to lower, nothing to say
         return None, None
+    if not shown.strip():  # the kernel shows nothing for a session in no group of its own (init's)
+        return None, None
     found = _GROUP_NICE.search(shown)
     if found is None:
         return None, f"{autogroup}: unexpected contents {shown.strip()!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -266,19 +267,30 @@ def test_an_observer_leading_its_session_lowers_its_session_group_too(tmp_path: 
             child.stop()
 
 
+# Leads a session of its own and starts the observer in it, as a shell would:
+# the test's own session may have no group to look at (the kernel shows none
+# for the session processes inherit from init, as in CI).
+_SESSION_LEADER = "import subprocess, sys; child = subprocess.Popen(sys.argv[1:]); print(child.pid, flush=True); sys.exit(child.wait())"
+
+
 def test_an_observer_sharing_a_session_leaves_the_sessions_group_alone(tmp_path: Path) -> None:
     (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE + ROUTES)
     argv = ["capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "routes.yaml")]
-    before = _group_nice("self") if AUTOGROUPS else None
     with subprocess.Popen(
-        [sys.executable, "-m", "extproc", "compare", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as shared:
+        [sys.executable, "-c", _SESSION_LEADER, sys.executable, "-m", "extproc", "compare", *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as leader:
         try:
-            assert shared.stdout is not None
-            serving = next(json.loads(line) for line in shared.stdout if '"event": "compare_serving"' in line)
+            assert leader.stdout is not None
+            observer = int(leader.stdout.readline())
+            serving = next(json.loads(line) for line in leader.stdout if '"event": "compare_serving"' in line)
             assert serving["nice"] == min(os.nice(0) + 10, 19) and serving["session_nice"] is None
-            assert os.getsid(shared.pid) == os.getsid(0)
-            if AUTOGROUPS:
-                assert _group_nice("self") == before
+            assert os.getsid(observer) == leader.pid != observer
+            if AUTOGROUPS:  # a new session starts at the group's nice 0
+                assert _group_nice(leader.pid) == 0
         finally:
-            shared.kill()
+            os.killpg(leader.pid, signal.SIGKILL)

@@ -47,6 +47,12 @@ def test_a_kernel_without_autogroups_is_left_alone_and_quietly() -> None:
     assert lower_session_group(10, FakeGroup(None)) == (None, None)
 
 
+def test_a_session_in_no_group_of_its_own_is_left_alone_and_quietly() -> None:
+    group = FakeGroup("")  # what the kernel shows for the session processes inherit from init
+    assert lower_session_group(10, group) == (None, None)
+    assert group.written == []
+
+
 def test_the_kernels_rate_limit_is_waited_out() -> None:
     pauses: list[float] = []
     group = FakeGroup("/autogroup-8 nice 0\n", [errno.EAGAIN, errno.EAGAIN])
