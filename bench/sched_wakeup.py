@@ -15,7 +15,10 @@ group of its own. Variants, alternating in rotated order:
 - ``busy-nice``: the busy process after ``os.nice(10)`` (what the observer
   did before extproc/priority.py);
 - ``busy-lowered``: after ``lower_cpu_priority(10)`` (what it does now:
-  the session group's nice value too).
+  the session group's nice value too);
+- ``busy-idle``: that and Linux's SCHED_IDLE policy (measured for the
+  observer and not chosen: docs/compare.md, "With the observers' priority
+  counting").
 
 Figures: how late the sleeper woke (ms past its 5 ms; p50, p99, p99.9) and
 how many wake-ups in a thousand were more than 1 ms late, medians over
@@ -51,6 +54,8 @@ LOWER = {
     "busy": "",
     "busy-nice": "os.nice(10)",
     "busy-lowered": "from extproc.priority import lower_cpu_priority; lower_cpu_priority(10)",
+    "busy-idle": "from extproc.priority import lower_cpu_priority; lower_cpu_priority(10)\n"
+    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))",
 }
 VARIANTS = ("alone", *LOWER)
 SLEEP_S = 0.005
