@@ -386,14 +386,14 @@ def _cpu_weight(stack: Compose, service: str) -> tuple[str, int]:
     pid = subprocess.run(["docker", "inspect", "--format", "{{.State.Pid}}", cid], capture_output=True, text=True, timeout=30, check=True)
     groups = Path(f"/proc/{pid.stdout.strip()}/cgroup")
     assert groups.exists(), f"{service}'s process {pid.stdout.strip()} is not visible here: the test needs the host's PID namespace"
-    lines = groups.read_text(encoding="utf-8").splitlines()
-    for _, controllers, path in (line.split(":", 2) for line in lines):
+    entries = [line.split(":", 2) for line in groups.read_text(encoding="utf-8").splitlines()]
+    for _, controllers, path in entries:
         if "cpu" in controllers.split(","):
             for mount in ("cpu", "cpu,cpuacct"):
                 shares = Path("/sys/fs/cgroup", mount, path.lstrip("/"), "cpu.shares")
                 if shares.exists():
                     return "cpu.shares", int(shares.read_text())
-    unified = [path for _, controllers, path in (line.split(":", 2) for line in lines) if controllers == ""]
+    unified = [path for _, controllers, path in entries if controllers == ""]
     weight = Path("/sys/fs/cgroup", unified[0].lstrip("/"), "cpu.weight")
     return "cpu.weight", int(weight.read_text())
 
