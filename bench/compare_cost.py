@@ -110,6 +110,7 @@ from bench.testbed import (  # noqa: E402
     RESULTS,
     Stack,
     Variant,
+    add_keep_work_argument,
     bench_policy,
     check_tools,
     free_port,
@@ -117,6 +118,7 @@ from bench.testbed import (  # noqa: E402
     start_envoy,
     start_stack,
     upstream_yaml,
+    work_folder,
 )
 from bench.variants import Keys, listener_manager  # noqa: E402
 from extproc.compare.cli import parse_config_text  # noqa: E402
@@ -363,20 +365,28 @@ def main(argv: list[str] | None = None) -> int:
         help="the observers and the sink on the last core, everything else on any core",
     )
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare.{md,json} go")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     check_tools()
+    if args.observers_apart and len(os.sched_getaffinity(0)) < 2:
+        ap.error(f"--observers-apart: this process may run on {len(os.sched_getaffinity(0))} core, and it needs two")
+    for ms in args.flush_ms:
+        if ms <= 0:
+            ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
+    with work_folder("mirror-sampler-compare-bench-", args.keep_work) as workdir:
+        return run_variants(args, argv, workdir)
+
+
+def run_variants(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     cores = sorted(os.sched_getaffinity(0))
     observer_cores = set(cores[-1:])
     pinned = args.observers_apart or args.observers_confined
     if args.observers_apart:
-        if len(cores) < 2:
-            ap.error(f"--observers-apart: this process may run on {len(cores)} core, and it needs two")
         # Set before anything starts, so that every child inherits it.
         os.sched_setaffinity(0, set(cores[:-1]))
     load_start = os.getloadavg()[0]
     command = "python bench/compare_cost.py " + " ".join(sys.argv[1:] if argv is None else argv)
     policy = bench_policy(args.percent)
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-bench-"))
     settings = workdir / "compare.yaml"
     settings.write_text(COMPARE_YAML)
     compare = parse_config_text(COMPARE_YAML, str(settings))
@@ -390,8 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.shm:
         trees["on-shm"] = REPO
     for ms in args.flush_ms:
-        if ms <= 0:
-            ap.error(f"--flush-ms: {ms} is not a positive number of milliseconds")
         trees[f"on-flush-{ms}"] = REPO
     observers: dict[str, Observers] = {"off": Observers()}
     in_memory: list[Path] = []  # stores on /dev/shm: removed at the end, unlike the work folder
@@ -425,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         for o in observers.values():
             o.stop()
+        for folder in in_memory:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
 
     capture_port = free_port()
@@ -529,7 +539,6 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"command": command, "machine": info, "summary": summary, "runs": runs}, indent=2) + "\n"
     )
     print("\n".join(md))
-    print(f"\nlogs in {workdir}")
     fails = sum(s["fail_open"] for s in summary.values())
     if fails:
         print(f"note: {fails} requests passed fail-open (ext_proc errors)", file=sys.stderr)

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10, help="seconds of wrk per measurement (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant (default 3)")
     ap.add_argument("--no-free-processor", action="store_true", help="skip the free-processor row")
+    testbed.add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     testbed.check_tools()
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-"))
+    with testbed.work_folder("mirror-sampler-compare-", args.keep_work) as workdir:
+        return compare(args, workdir)
+
+
+def compare(args: argparse.Namespace, workdir: Path) -> int:
     trees: dict[str, Path] = {"sampler-http2-this-tree": REPO}
     for commit in args.baseline:
         trees[f"sampler-http2-{commit}"] = export(commit, workdir)
@@ -110,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {run.fmt(run.med(cpus), 1)} ({', '.join(f'{c:.1f}' for c in cpus)}) | {statistics.median(envoy):.0f} "
             f"({', '.join(f'{e:.0f}' for e in envoy)}) | {statistics.median(rps):.0f} | {run.pct(vs_free)} |"
         )
-    print(f"\nlogs in {workdir}")
     return 0
 
 

@@ -42,7 +42,6 @@ import datetime
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -55,7 +54,18 @@ from bench.access_log import access_log, access_log_bodies, received, start_sink
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.compare_parts import PARTS  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
-from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    LOOPBACK,
+    MIRROR,
+    PRIMARY,
+    RESULTS,
+    add_keep_work_argument,
+    bench_policy,
+    free_port,
+    start_envoy,
+    upstream_yaml,
+    work_folder,
+)
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import render_with_capture  # noqa: E402
 from extproc.envoy.render import Address, Topology, render  # noqa: E402
@@ -71,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", action="store_true", help="also the parts of `on` and the candidates (see above)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="measure only these variants (off is always measured)")
     ap.add_argument("--output", type=Path, default=RESULTS, help="directory for compare_instructions.{md,json}")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench: needs valgrind on PATH (`sudo apt-get install -y valgrind`, a Debian/Ubuntu package)")
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-instructions-"))
+    with work_folder("mirror-sampler-compare-instructions-", args.keep_work, "logs and callgrind profiles") as workdir:
+        return count_variants(args, workdir)
+
+
+def count_variants(args: argparse.Namespace, workdir: Path) -> int:
     settings = workdir / "compare.yaml"
     settings.write_text(COMPARE_YAML)
     compare = parse_config_text(COMPARE_YAML, str(settings))
@@ -151,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {n} | {v:.0f} | {v - off:+.0f} | {100 * (v - off) / off:+.1f}% |" for n, v in measured.items()]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
-    print(f"logs and callgrind profiles in {workdir}")
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare_instructions.md").write_text(text)
     document = {"requests": args.requests, "observers": args.observers, "instructions": measured, "compared": compared}

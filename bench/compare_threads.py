@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +28,19 @@ if str(REPO) not in sys.path:
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.procstat import thread_cpu  # noqa: E402
 from bench.run import run_hey, run_wrk  # noqa: E402
-from bench.testbed import MIRROR, PRIMARY, Variant, bench_policy, check_tools, free_port, start_envoy, start_stack, upstream_yaml  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    MIRROR,
+    PRIMARY,
+    Variant,
+    add_keep_work_argument,
+    bench_policy,
+    check_tools,
+    free_port,
+    start_envoy,
+    start_stack,
+    upstream_yaml,
+    work_folder,
+)
 from extproc.compare.cli import parse_config_text  # noqa: E402
 from extproc.compare.envoy import render_with_capture  # noqa: E402
 from extproc.envoy.render import Address  # noqa: E402
@@ -43,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=100, help="hey's rate, one connection (default 100 req/s)")
     ap.add_argument("--observers", type=int, default=2, help="observer processes (default 2, as the bench)")
     ap.add_argument("--wrk-first", action="store_true", help="an 8 s wrk phase before the measured one")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     check_tools()
-    tree = args.tree.resolve()
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-compare-threads-"))
+    with work_folder("mirror-sampler-compare-threads-", args.keep_work) as workdir:
+        return threads(args, args.tree.resolve(), workdir)
+
+
+def threads(args: argparse.Namespace, tree: Path, workdir: Path) -> int:
     settings = workdir / "compare.yaml"
     settings.write_text(COMPARE_YAML)
     compare = parse_config_text(COMPARE_YAML, str(settings))

@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.compare_cost import COMPARE_YAML  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
+from bench.testbed import add_keep_work_argument, work_folder  # noqa: E402
 
 CHILD = """
 import json, sys, time
@@ -80,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=5000, help="requests (primary and shadow captures) in the backlog (default 5000)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds of every tree (default 5)")
     ap.add_argument("--baseline", action="append", default=[], help="also the writer of this commit (repeatable)")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if args.pairs <= 0:
         ap.error(f"--pairs: {args.pairs} is not a positive number")
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-writer-bench-"))
+    with work_folder("mirror-sampler-writer-bench-", args.keep_work) as workdir:
+        return compare(args, argv, workdir)
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     trees = {"this tree": REPO, **{c: export(c, workdir) for c in args.baseline}}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     names = list(trees)

@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.testbed import add_keep_work_argument, work_folder  # noqa: E402
 from extproc.server.health import Health  # noqa: E402
 from extproc.wire import PROCESS_METHOD  # noqa: E402
 
@@ -168,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=20000)
     ap.add_argument("--per-read", type=int, default=8, help="new streams per read (default 8)")
     ap.add_argument("--rounds", type=int, default=7, help="rounds; the best is reported (default 7)")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     reads = envoy_reads(args.streams, args.per_read)
     variants: dict[str, Any] = {"this tree": load_transport(REPO, "this")}
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-replay-"))
+    with work_folder("mirror-sampler-replay-", args.keep_work) as workdir:
+        return replay(args, reads, variants, workdir)
+
+
+def replay(args: argparse.Namespace, reads: list[bytes], variants: dict[str, Any], workdir: Path) -> int:
     for commit in args.baseline:
         tree = workdir / commit
         tree.mkdir()

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from bench.compare_cost import COMPARE_YAML  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
 from bench.procstat import thread_cpu  # noqa: E402
+from bench.testbed import add_keep_work_argument, work_folder  # noqa: E402
 
 START_UP_S = 4.0
 
@@ -68,10 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20, help="seconds measured per process (default 20)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every tree and process (default 3)")
     ap.add_argument("--baseline", action="append", default=[], help="also this commit's processes (repeatable)")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.repeats <= 0:
         ap.error(f"--seconds and --repeats must be positive (got {args.seconds:g} and {args.repeats})")
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-idle-bench-"))
+    with work_folder("mirror-sampler-idle-bench-", args.keep_work) as workdir:
+        return compare(args, argv, workdir)
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     trees = {"this tree": REPO, **{c: export(c, workdir) for c in args.baseline}}
     runs: dict[tuple[str, str], list[float]] = {}
     names = list(trees)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,14 @@ from bench.testbed import (  # noqa: E402
     MIRROR,
     PRIMARY,
     Variant,
+    add_keep_work_argument,
     bench_policy,
     check_tools,
     free_port,
     start_envoy,
     start_stack,
     upstream_yaml,
+    work_folder,
 )
 from bench.variants import inline_yaml, native_yaml  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
@@ -56,11 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10, help="seconds of wrk load per variant (default 10)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant (default 3)")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy --concurrency of the Envoy under test (default 1)")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     check_tools()
     policy = bench_policy()
     variants = [Variant("native", native_yaml), module_variant(), Variant("lua", inline_yaml)]
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-module-bench-"))
+    with work_folder("mirror-sampler-module-bench-", args.keep_work) as workdir:
+        return compare(args, policy, variants, workdir)
+
+
+def compare(args: argparse.Namespace, policy: Policy, variants: list[Variant], workdir: Path) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}

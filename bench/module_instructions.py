@@ -51,7 +51,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -64,7 +63,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.testbed import LOOPBACK, MIRROR, PRIMARY, RESULTS, bench_policy, free_port, start_envoy, upstream_yaml  # noqa: E402
+from bench.testbed import (  # noqa: E402
+    LOOPBACK,
+    MIRROR,
+    PRIMARY,
+    RESULTS,
+    add_keep_work_argument,
+    bench_policy,
+    free_port,
+    start_envoy,
+    upstream_yaml,
+    work_folder,
+)
 from bench.variants import Keys, hcm_configs, inline_yaml, native_yaml  # noqa: E402
 from extproc.core.plan import Plan  # noqa: E402
 from extproc.core.policy import Policy  # noqa: E402
@@ -144,14 +154,15 @@ def without_module_filter(manager: dict[str, Any], k: Keys) -> None:
 
 
 @functools.cache
-def empty_module() -> str:
-    output = Path(tempfile.mkdtemp(prefix="mirror-sampler-empty-module-")) / "libempty.so"
+def empty_module(folder: Path) -> str:
+    """bench/empty_module.c built into ``folder``, the run's work folder: Envoy loads
+    it from there while the ``empty-module`` row is counted."""
     sources = [Path(__file__).with_name("empty_module.c"), SOURCE_DIR / "passthrough.c"]
-    return str(compile_c(output, sources, MODULE_FLAGS))
+    return str(compile_c(folder / "libempty.so", sources, MODULE_FLAGS))
 
 
-def empty_module_rendered(policy: Policy, topology: Topology) -> str:
-    return module_rendered(policy, topology).replace(module_for(envoy_binary()), empty_module())
+def empty_module_rendered(folder: Path, policy: Policy, topology: Topology) -> str:
+    return module_rendered(policy, topology).replace(module_for(envoy_binary()), empty_module(folder))
 
 
 ROWS = (
@@ -161,13 +172,17 @@ ROWS = (
     Row("module-labelled", 50, edited(module_rendered, uncounted)),
     Row("lua", 50, inline_yaml),
 )
-PARTS = (
-    Row("no-mirror", 0, edited(native_yaml, without_mirror_policies)),
-    Row("module-routes", 0, edited(module_rendered, without_module_filter)),
-    Row("empty-module", 0, empty_module_rendered),
-    Row("module-0", 0, module_rendered),
-    Row("module-100", 100, module_rendered),
-)
+
+
+def part_rows(workdir: Path) -> tuple[Row, ...]:
+    """``--parts``' rows (the empty module is built into ``workdir``)."""
+    return (
+        Row("no-mirror", 0, edited(native_yaml, without_mirror_policies)),
+        Row("module-routes", 0, edited(module_rendered, without_module_filter)),
+        Row("empty-module", 0, functools.partial(empty_module_rendered, workdir)),
+        Row("module-0", 0, module_rendered),
+        Row("module-100", 100, module_rendered),
+    )
 
 
 def keys(n: int) -> list[str]:
@@ -239,6 +254,8 @@ def count(name: str, config_text: str, port: int, requests: int, workdir: Path) 
         "1",
         "-l",
         "error",
+        # Envoy's default base id 0 is shared memory any other Envoy on the machine may hold (a test's, a user's).
+        "--use-dynamic-base-id",
     ]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -278,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=1000, help="requests counted per variant (default 1000)")
     ap.add_argument("--output", type=Path, default=RESULTS, help="directory for module_instructions.{md,json}")
     ap.add_argument("--parts", action="store_true", help="also the parts of the module's cost (see above)")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("bench: needs valgrind on PATH (`sudo apt-get install -y valgrind`, a Debian/Ubuntu package)")
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-instructions-"))
+    with work_folder("mirror-sampler-instructions-", args.keep_work, "logs and callgrind profiles") as workdir:
+        return count_rows(args, workdir)
+
+
+def count_rows(args: argparse.Namespace, workdir: Path) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
-    rows = ROWS + PARTS if args.parts else ROWS
+    rows = ROWS + part_rows(workdir) if args.parts else ROWS
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     measured: dict[str, float] = {}
     try:

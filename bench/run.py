@@ -41,7 +41,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,7 @@ from bench.testbed import (  # noqa: E402
     RESULTS,
     TRANSPORTS,
     Stack,
+    add_keep_work_argument,
     bench_policy,
     build_free_processor,
     check_tools,
@@ -70,6 +70,7 @@ from bench.testbed import (  # noqa: E402
     start_envoy,
     start_stack,
     upstream_yaml,
+    work_folder,
 )
 from bench.variants import variants  # noqa: E402
 
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3 s phases, 1 repeat")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where latest.{md,json,png} go")
+    add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.duration, args.repeats = 3, 1
@@ -399,16 +401,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         sys.exit(f"bench: unknown transport(s) {', '.join(unknown)}; known: {', '.join(TRANSPORTS)}")
     check_tools()
+    with work_folder("mirror-sampler-bench-", args.keep_work) as workdir:
+        return run_bench(args, argv, rates, transports, workdir)
+
+
+def run_bench(args: argparse.Namespace, argv: list[str] | None, rates: tuple[int, ...], transports: list[str], workdir: Path) -> int:
     code = code_state()
     policy = bench_policy()
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-bench-"))
     free_binary, free_note = (None, "skipped (--no-free-processor)") if args.no_free_processor else build_free_processor(workdir)
     if free_binary is None:
         print(f"bench: free-processor row skipped: {free_note}", file=sys.stderr, flush=True)
     vs = variants(transports, [int(w) for w in args.workers.split(",") if w.strip()], free_binary is not None)
     print(
         f"bench: {os.cpu_count()} cores, Envoy --concurrency {args.concurrency}, {args.duration:g} s phases, {args.repeats} repeat(s), "
-        f"variants {', '.join(v.name for v in vs)}; logs in {workdir}",
+        f"variants {', '.join(v.name for v in vs)}; logs in {workdir} (kept if the run fails, or with --keep-work)",
         flush=True,
     )
 

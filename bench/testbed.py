@@ -2,17 +2,21 @@
 under test, its ext_proc processor (the sampler, or the free processor that
 costs nothing), and a second Envoy answering ``direct_response`` as the
 upstreams; and the load generators they need (``make bench`` installs them).
-Shared by bench/run.py and bench/soak.py."""
+Shared by bench/run.py and bench/soak.py; ``work_folder`` and ``--keep-work``
+by every bench that writes files."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,40 @@ def check_tools() -> None:
             f"bench: needs {' and '.join(missing)} on PATH: `make bench` / `make soak` install them "
             f"(apt-get), or `sudo apt-get install -y {' '.join(missing)}` (Debian/Ubuntu packages)"
         )
+
+
+def add_keep_work_argument(parser: argparse.ArgumentParser) -> None:
+    """``--keep-work``, the same in every bench (``work_folder``'s ``keep``)."""
+    parser.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the work folder (logs, configurations, stores, profiles) after a successful run; a failed run's is always kept",
+    )
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, keep: bool, what: str = "logs") -> Iterator[Path]:
+    """A new folder in the temporary directory for one run's files. Removed when
+    the block ends normally, unless ``keep``; kept when it raises (an exception,
+    KeyboardInterrupt, or ``sys.exit`` with a message or a non-zero status), so
+    that a failed run can be read. Where it is kept, stderr says so (``what``
+    names its contents)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    failed = True
+    try:
+        yield folder
+        failed = False
+    except SystemExit as e:
+        failed = e.code not in (None, 0)
+        raise
+    finally:
+        if failed or keep:
+            print(f"bench: {what} kept in {folder}", file=sys.stderr, flush=True)
+        else:
+            try:
+                shutil.rmtree(folder)
+            except OSError as error:
+                print(f"bench: could not remove the work folder {folder}: {error}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:

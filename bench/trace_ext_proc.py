@@ -19,7 +19,6 @@ import asyncio
 import collections
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -137,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--concurrency", type=int, default=8)
+    testbed.add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     testbed.check_tools()
-    workdir = Path(tempfile.mkdtemp(prefix="mirror-sampler-trace-"))
+    with testbed.work_folder("mirror-sampler-trace-", args.keep_work) as workdir:
+        return trace(args, workdir)
+
+
+def trace(args: argparse.Namespace, workdir: Path) -> int:
     relays: dict[str, Relay] = {}
     start_sampler, start_free = testbed.start_sampler, testbed.start_free_processor
 
