@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,12 @@ DEFAULT_JOIN_TIMEOUT_S = 30.0
 DEFAULT_MAX_PENDING = 10_000
 DEFAULT_MAX_COMPARISONS = 100_000
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
+# Past these a count overflows SQLite's integers in the sweep's arithmetic, a
+# duration protobuf's (Envoy's) and Python's datetime; below a millisecond a
+# shadow timeout renders as Envoy's 0, which means no timeout at all.
+MAX_COUNT = 10**12
+MIN_DURATION_S = 0.001
+MAX_DURATION_S = 3650 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +114,13 @@ def _strings(p: Problems, path: str, value: Any) -> tuple[str, ...]:
 def _number(p: Problems, path: str, value: Any, default: float, *, minimum: float = 0.0, maximum: float | None = None) -> float:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum or (maximum is not None and value > maximum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)  # NaN passes every comparison below, and would make every difference noise
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
         bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"a number >= {minimum:g}"
         p.add(path, f"must be {bound}, got {value!r}")
         return default
@@ -117,8 +130,8 @@ def _number(p: Problems, path: str, value: Any, default: float, *, minimum: floa
 def _count(p: Problems, path: str, value: Any, default: int) -> int:
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        p.add(path, f"must be a whole number >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+        p.add(path, f"must be a whole number from 1 to {MAX_COUNT}, got {value!r}")
         return default
     return value
 
@@ -140,7 +153,11 @@ def _duration(p: Problems, path: str, value: Any, default: float) -> float:
     if unit not in _UNITS or not number.isascii() or not number.replace(".", "", 1).isdigit() or float(number) <= 0:
         p.add(path, f"must be a duration such as 30s, 10m, 12h or 7d, got {value!r}")
         return default
-    return float(number) * _UNITS[unit]
+    seconds = float(number) * _UNITS[unit]
+    if not MIN_DURATION_S <= seconds <= MAX_DURATION_S:
+        p.add(path, f"must be from 1ms (0.001s) to 3650d, got {value!r}")
+        return default
+    return seconds
 
 
 def _rule(

@@ -14,12 +14,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .paths import Pattern, Segment, render
+from .paths import Matcher, Matching, Pattern, Segment, render
 
 # Headers that differ between any two responses without meaning anything.
 DEFAULT_IGNORED_HEADERS: Final = frozenset({"date", "server", "content-length", "x-request-id", "x-envoy-upstream-service-time"})
 ABSENT: Final = "(absent)"
 _SHOWN = 200  # characters of a value kept for display
+# The walk's bounds, so that a pair's cost stays linear in its bodies' size
+# (both are within the body bound): nesting deeper than this many levels below
+# ``body`` is compared whole, as one field; a body with more differing fields
+# than this is one field, ``body``, by digest (and its fields' rates bounded).
+MAX_DEPTH: Final = 32
+MAX_FIELDS: Final = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +99,7 @@ def _parse_json(body: bytes) -> tuple[bool, Any]:
         return False, None
     try:
         return True, json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past the parser's depth
         return False, None
 
 
@@ -102,37 +108,81 @@ def _numbers_equal(a: Any, b: Any, tolerance: float) -> bool:
         return True
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return tolerance > 0 and abs(a - b) <= tolerance
+    try:
+        return tolerance > 0 and abs(a - b) <= tolerance
+    except OverflowError:  # an integer past any float against a float: they are not within a tolerance
+        return False
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
-def diff_json(primary: Any, shadow: Any, rules: DiffRules, path: tuple[Segment, ...] = ("body",)) -> list[FieldDiff]:
+class TooManyFields(Exception):
+    """More than MAX_FIELDS differing fields: ``diff_bodies`` compares the body by digest."""
+
+
+class _Walk:
+    """Both bodies' JSON walked together; each node steps its parent's
+    pattern matching by its own key or index (paths.Matcher)."""
+
+    __slots__ = ("matcher", "tolerance", "found")
+
+    def __init__(self, rules: DiffRules) -> None:
+        self.matcher = Matcher(rules.ignored)
+        self.tolerance = rules.tolerance
+        self.found: list[FieldDiff] = []
+
+    def body(self, primary: Any, shadow: Any) -> list[FieldDiff]:
+        self.node(primary, shadow, ("body",), self.matcher.step(self.matcher.start(), "body"))
+        return self.found
+
+    def node(self, primary: Any, shadow: Any, path: tuple[Segment, ...], matching: Matching) -> None:
+        matcher = self.matcher
+        if matcher.accepts(matching):
+            return
+        if isinstance(primary, dict) and isinstance(shadow, dict):
+            if len(path) > MAX_DEPTH:
+                self.whole(primary, shadow, path)
+                return
+            for key in sorted(primary.keys() | shadow.keys()):
+                self.node(primary.get(key, _MISSING), shadow.get(key, _MISSING), (*path, key), matcher.step(matching, key))
+            return
+        if isinstance(primary, list) and isinstance(shadow, list):
+            if len(path) > MAX_DEPTH:
+                self.whole(primary, shadow, path)
+                return
+            for i in range(max(len(primary), len(shadow))):
+                a = primary[i] if i < len(primary) else _MISSING
+                b = shadow[i] if i < len(shadow) else _MISSING
+                self.node(a, b, (*path, i), matcher.step(matching, i))
+            return
+        if _is_number(primary) and _is_number(shadow):
+            same = _numbers_equal(primary, shadow, self.tolerance)
+        else:
+            same = type(primary) is type(shadow) and primary == shadow
+        if not same:
+            self.add(path, primary, shadow)
+
+    def whole(self, primary: Any, shadow: Any, path: tuple[Segment, ...]) -> None:
+        """Below MAX_DEPTH: the two subtrees as one field (exactly, keys in any order)."""
+        if _canonical(primary) != _canonical(shadow):
+            self.add(path, primary, shadow)
+
+    def add(self, path: tuple[Segment, ...], primary: Any, shadow: Any) -> None:
+        self.found.append(FieldDiff(render(path), _display(primary), _display(shadow)))
+        if len(self.found) > MAX_FIELDS:
+            raise TooManyFields
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def diff_json(primary: Any, shadow: Any, rules: DiffRules) -> list[FieldDiff]:
     """Every differing leaf (or differing type) at its path; ignored paths and
-    everything below them are left out."""
-    if rules.ignores(path):
-        return []
-    if isinstance(primary, dict) and isinstance(shadow, dict):
-        out = []
-        for key in sorted(primary.keys() | shadow.keys()):
-            out += diff_json(primary.get(key, _MISSING), shadow.get(key, _MISSING), rules, (*path, key))
-        return out
-    if isinstance(primary, list) and isinstance(shadow, list):
-        out = []
-        for i in range(max(len(primary), len(shadow))):
-            a = primary[i] if i < len(primary) else _MISSING
-            b = shadow[i] if i < len(shadow) else _MISSING
-            out += diff_json(a, b, rules, (*path, i))
-        return out
-    if _is_number(primary) and _is_number(shadow):
-        same = _numbers_equal(primary, shadow, rules.tolerance)
-    else:
-        same = type(primary) is type(shadow) and primary == shadow
-    if same:
-        return []
-    return [FieldDiff(render(path), _display(primary), _display(shadow))]
+    everything below them are left out. TooManyFields past MAX_FIELDS."""
+    return _Walk(rules).body(primary, shadow)
 
 
 class _Missing:
@@ -152,14 +202,18 @@ def digest(body: bytes) -> str:
 
 
 def diff_bodies(primary: bytes, shadow: bytes, rules: DiffRules, truncated: bool = False) -> list[FieldDiff]:
-    """By field when both parse as JSON (and neither was cut at the bound), else by digest."""
+    """By field when both parse as JSON (and neither was cut at the bound), else
+    by digest; by digest too past MAX_FIELDS differing fields."""
     if primary == shadow:
         return []
     if not truncated:
         p_ok, p_doc = _parse_json(primary)
         s_ok, s_doc = _parse_json(shadow)
         if p_ok and s_ok:
-            return diff_json(p_doc, s_doc, rules)
+            try:
+                return diff_json(p_doc, s_doc, rules)
+            except (TooManyFields, RecursionError):  # RecursionError: a value shown, nested nearly as deep as the parser allows
+                pass
     if rules.ignores(("body",)):
         return []
     return [

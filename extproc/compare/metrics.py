@@ -20,7 +20,16 @@ OTHER_FIELD = "(other)"
 # entries), the entry's capture fields were not what the capture filter
 # writes (not base64, no request id or status), it waited past the bound of
 # pending captures, or its rule is not one the --config file lists.
-DROP_REASONS = ("queue_full", "store_failed", "bad_tag", "malformed_message", "malformed_entry", "pending_over_bound", "unlisted_rule")
+DROP_REASONS = (
+    "queue_full",
+    "store_failed",
+    "bad_tag",
+    "malformed_message",
+    "malformed_entry",
+    "pending_over_bound",
+    "unlisted_rule",
+    "unlisted_target",
+)
 
 _Series = TypeVar("_Series", Counter, Histogram)
 

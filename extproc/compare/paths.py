@@ -104,3 +104,52 @@ def _match(pattern: tuple[Segment, ...], path: tuple[Segment, ...]) -> bool:
     if head is ANY_ONE or (type(head) is type(path[0]) and head == path[0]):
         return _match(pattern[1:], path[1:])
     return False
+
+
+# A place in the walk of a body: the (pattern, position) pairs still matching.
+Matching = frozenset[tuple[int, int]]
+
+
+class Matcher:
+    """Patterns matched one segment at a time, as a walk goes down a body: each
+    node steps its parent's state by its own segment, so a node costs the same
+    at any depth (``_match`` on the whole path at each node cost its depth,
+    times the ``**`` in the pattern)."""
+
+    __slots__ = ("patterns",)
+
+    def __init__(self, patterns: tuple[Pattern, ...]) -> None:
+        self.patterns = tuple(p.segments for p in patterns)
+
+    def start(self) -> Matching:
+        return self._closure({(i, 0) for i in range(len(self.patterns))})
+
+    def step(self, matching: Matching, segment: str | int) -> Matching:
+        if not matching:
+            return matching
+        patterns = self.patterns
+        out = set()
+        for i, pos in matching:
+            pattern = patterns[i]
+            if pos == len(pattern):
+                continue
+            head = pattern[pos]
+            if head is ANY_MANY:
+                out.add((i, pos))  # ** takes this segment and may take more
+            elif head is ANY_ONE or (type(head) is type(segment) and head == segment):
+                out.add((i, pos + 1))
+        return self._closure(out)
+
+    def accepts(self, matching: Matching) -> bool:
+        return any(pos == len(self.patterns[i]) for i, pos in matching)
+
+    def _closure(self, pairs: set[tuple[int, int]]) -> Matching:
+        """With every place a ``**`` taking nothing leads to."""
+        todo = list(pairs)
+        while todo:
+            i, pos = todo.pop()
+            pattern = self.patterns[i]
+            if pos < len(pattern) and pattern[pos] is ANY_MANY and (i, pos + 1) not in pairs:
+                pairs.add((i, pos + 1))
+                todo.append((i, pos + 1))
+        return frozenset(pairs)

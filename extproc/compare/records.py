@@ -36,6 +36,11 @@ MIN_SECRET_LENGTH: Final = 6
 # The router adds it to every response that came from an upstream; a response
 # Envoy made itself (no healthy host, connect failure, timeout) lacks it.
 UPSTREAM_TIME_HEADER: Final = "x-envoy-upstream-service-time"
+# A status is three digits (100 to 999); Envoy's upstream time whole ms, of
+# which nine digits are eleven days: a longer value is not Envoy's, and would
+# overflow SQLite's integers or read as an infinite latency.
+STATUS_DIGITS: Final = 3
+UPSTREAM_TIME_DIGITS: Final = 9
 # A capture's fixed cost in memory (the object, its tuples and strings' headers), in bytes.
 CAPTURE_OVERHEAD: Final = 512
 
@@ -151,16 +156,27 @@ class CaptureAssembler:
                 self._remember_secret(name, value)
 
     def _remember_secret(self, name: str, value: str) -> None:
+        # Envoy's access log joins a repeated request header's values with ","
+        # (and HTTP/2's cookie headers with "; "): each value is a secret too.
         found = [value]
-        if name == "cookie":
-            found += [part.partition("=")[2].strip() for part in value.split(";")]
-        elif " " in value:  # "Bearer TOKEN": the token alone too
-            found.append(value.partition(" ")[2].strip())
+        for part in value.split(","):
+            part = part.strip()
+            found.append(part)
+            if name == "cookie":
+                found += [crumb.partition("=")[2].strip() for crumb in part.split(";")]
+            elif " " in part:  # "Bearer TOKEN": the token alone too
+                found.append(part.partition(" ")[2].strip())
         self.secrets += [s.encode() for s in found if len(s) >= MIN_SECRET_LENGTH]
 
-    def _scrub(self, data: bytes) -> bytes:
-        for secret in sorted(self.secrets, key=len, reverse=True):
+    def _scrub(self, data: bytes, *, cut: bool = False) -> bytes:
+        """``data`` without the request's secrets; ``cut``: ``data`` ends at the
+        body bound, so a secret's beginning at its end goes as well."""
+        secrets = sorted(set(self.secrets), key=len, reverse=True)
+        for secret in secrets:
             data = data.replace(secret, REDACTED)
+        if cut:
+            for secret in secrets:
+                data = _without_beginning_at_end(data, secret)
         return data
 
     def _scrub_text(self, value: str) -> str:
@@ -172,11 +188,10 @@ class CaptureAssembler:
         for name, value in headers:
             name = name.lower()
             if name == ":status":
-                # isascii: str.isdigit is true of "²", which int() refuses.
-                self.status = int(value) if value.isascii() and value.isdigit() else 0
+                self.status = int(value) if _digits(value, STATUS_DIGITS) and value[0] != "0" else 0
             elif name == UPSTREAM_TIME_HEADER:
                 self.local_reply = False
-                self.upstream_ms = float(value) if value.isascii() and value.isdigit() else None
+                self.upstream_ms = float(value) if _digits(value, UPSTREAM_TIME_DIGITS) else None
             elif not name.startswith(":") and name not in hidden:
                 kept.append((name, self._scrub_text(value)))
         self.headers = kept
@@ -205,13 +220,30 @@ class CaptureAssembler:
             side=self.tag.side,
             targets=self.tag.targets,
             method=self.method,
-            path=self.path,
+            path=self._scrub_text(self.path),
             status=self.status,
             headers=tuple(self.headers),
-            body=self._scrub(bytes(self.body)),
+            body=self._scrub(bytes(self.body), cut=truncated),
             body_truncated=truncated,
             latency_ms=self.upstream_ms if self.upstream_ms is not None else (self.answered - self.started) * 1000.0,
             local_reply=self.local_reply,
             captured_at=wall,
         )
         return self.complete
+
+
+def _digits(value: str, at_most: int) -> bool:
+    """``value`` is 1 to ``at_most`` ASCII digits (str.isdigit is also true of "²", which int() refuses)."""
+    return 0 < len(value) <= at_most and value.isascii() and value.isdigit()
+
+
+def _without_beginning_at_end(data: bytes, secret: bytes) -> bytes:
+    """``data`` with its longest ending that begins ``secret`` redacted (the
+    bound cut the secret there). The first byte's places in the tail are the
+    only starts worth trying; a memoryview compares without copying."""
+    tail = memoryview(data)[max(len(data) - len(secret) + 1, 0) :]
+    first = secret[0]
+    for start, byte in enumerate(tail):
+        if byte == first and secret.startswith(tail[start:]):
+            return data[: len(data) - len(tail) + start] + REDACTED
+    return data

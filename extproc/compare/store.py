@@ -98,8 +98,10 @@ class CompareStore:
         self.config = config
         # Rules a live edit stopped comparing: their last settings, and until when they hold.
         self._retired: dict[str, tuple[RuleCompare, float]] = {}
-        # Pending captures the last sweep dropped, by reason: for the metrics.
-        self.dropped_by_last_sweep: dict[str, int] = {}
+        # Captures the last ``add`` or ``sweep`` dropped, by reason (for the
+        # metrics), and the errors of the groups it could not judge (for the log).
+        self.dropped_by_last_call: dict[str, int] = {}
+        self.failures_of_last_call: list[BaseException] = []
         self.db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # WAL makes NORMAL durable against process crashes (not power loss): enough for observations.
@@ -131,7 +133,15 @@ class CompareStore:
         """Whether captures of ``rule`` are to be judged: a rule the settings
         list, one an edit stopped comparing inside its grace, or any rule for
         settings not read from a file."""
-        return not self.config.only_listed or rule in self.config.rules or self._retired_settings(rule, now) is not None
+        return self.listed_targets(rule, now) != ()
+
+    def listed_targets(self, rule: str, now: float) -> tuple[str, ...] | None:
+        """The targets ``rule`` compares (none: the rule is not compared), or
+        None for any: settings not read from a file."""
+        if not self.config.only_listed:
+            return None
+        settings = self._retired_settings(rule, now) or self.config.rules.get(rule)
+        return settings.targets if settings is not None else ()
 
     def _settings(self, rule: str, now: float) -> RuleCompare:
         # Never both listed and retired: reconfigure drops a rule listed again.
@@ -161,12 +171,14 @@ class CompareStore:
         all arrive in one batch never touches ``pending``."""
         out: list[Comparison] = []
         groups: dict[tuple[str, str], _Group] = {}
+        self._new_call()
         with self._write() as db:
             for capture in captures:
                 key = (capture.rule, capture.request_id)
                 group = groups.get(key)
                 if group is None:
-                    group = groups[key] = _Group(self._stored(*key))
+                    # A pending record this process cannot read is left to the sweep, which drops it.
+                    group = groups[key] = _Group(self._readable(*key) or {})
                 member = (capture.side.value, capture.target)
                 group.members[member] = capture
                 group.unsaved.add(member)
@@ -174,7 +186,7 @@ class CompareStore:
                 if primary is not None and all(t in shadows for t in primary.targets):
                     if group.stored:
                         db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", key)
-                    out += self._judge(capture.rule, capture.request_id, primary, shadows, capture.captured_at)
+                    out += self._judged(capture.rule, capture.request_id, primary, shadows, capture.captured_at, len(group.members))
                     groups[key] = _Group({})  # a later capture of it starts a new group
             db.executemany(
                 "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -190,27 +202,30 @@ class CompareStore:
         """Judge the groups that waited past the join timeout; enforce the bounds."""
         retention = self.config.retention
         out: list[Comparison] = []
-        self.dropped_by_last_sweep = {}
+        self._new_call()
         with self._write() as db:
             stale = db.execute(
                 "SELECT DISTINCT rule, request_id FROM pending WHERE captured_at < ?", (now - retention.join_timeout_s,)
             ).fetchall()
             for rule, request_id in stale:
-                stored = self._stored(rule, request_id)
-                db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id))
+                stored = self._readable(rule, request_id)
+                gone = db.execute("DELETE FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)).rowcount
+                if stored is None:
+                    self._count_dropped("store_failed", gone)
+                    continue
                 if not self.compares(rule, now):
                     # Taken inside a live edit's grace, its other sides after it
                     # (the writer dropped those): judged now, it would be a
                     # shadow_missing for shadows that came, with the defaults.
-                    self._sweep_dropped("unlisted_rule", len(stored))
+                    self._count_dropped("unlisted_rule", len(stored))
                     continue
                 primary, shadows = _Group(stored).sides()
-                out += self._judge(rule, request_id, primary, shadows, now)
+                out += self._judged(rule, request_id, primary, shadows, now, len(stored))
             (pending,) = db.execute("SELECT COUNT(*) FROM pending").fetchone()
             if pending > retention.max_pending:
                 excess = pending - retention.max_pending
                 db.execute("DELETE FROM pending WHERE rowid IN (SELECT rowid FROM pending ORDER BY captured_at LIMIT ?)", (excess,))
-                self._sweep_dropped("pending_over_bound", excess)
+                self._count_dropped("pending_over_bound", excess)
             self._forget(OLDER_THAN, (now - retention.max_age_s,))
             self._forget(PAST_BOUND, (retention.max_comparisons,))
         return out
@@ -230,10 +245,23 @@ class CompareStore:
         self.db.execute("DELETE FROM field_counts WHERE count <= 0")
         self.db.execute(f"DELETE FROM comparisons WHERE {where}", params)
 
-    def _sweep_dropped(self, reason: str, n: int) -> None:
-        """Counted in the file (for every process's report) and for this sweep's metrics."""
+    def _new_call(self) -> None:
+        self.dropped_by_last_call = {}
+        self.failures_of_last_call = []
+
+    def _count_dropped(self, reason: str, n: int) -> None:
+        """Counted in the file (for every process's report) and for this call's metrics."""
         self.db.execute("INSERT INTO dropped VALUES (?, ?) ON CONFLICT (reason) DO UPDATE SET count = count + excluded.count", (reason, n))
-        self.dropped_by_last_sweep[reason] = self.dropped_by_last_sweep.get(reason, 0) + n
+        self.dropped_by_last_call[reason] = self.dropped_by_last_call.get(reason, 0) + n
+
+    def _readable(self, rule: str, request_id: str) -> dict[tuple[str, str], Capture] | None:
+        """``_stored``, or None when a record cannot be read (written by
+        another version, or damaged): its error kept for the log."""
+        try:
+            return self._stored(rule, request_id)
+        except Exception as e:
+            self.failures_of_last_call.append(e)
+            return None
 
     def _stored(self, rule: str, request_id: str) -> dict[tuple[str, str], Capture]:
         """A request's pending captures, by (side, target)."""
@@ -243,6 +271,26 @@ class CompareStore:
                 "SELECT side, target, record, body FROM pending WHERE rule = ? AND request_id = ?", (rule, request_id)
             )
         }
+
+    def _judged(
+        self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float, captures: int
+    ) -> list[Comparison]:
+        """``_judge``, or, where judging this group fails, nothing: the group's
+        captures are dropped and counted (``store_failed``), and the batch or
+        sweep goes on. One group that cannot be judged (a value SQLite refuses,
+        a bug) must not cost the others, nor stay pending to fail every sweep,
+        in every observer of the file."""
+        self.db.execute("SAVEPOINT judge")
+        try:
+            out = self._judge(rule, request_id, primary, shadows, now)
+        except Exception as e:
+            self.db.execute("ROLLBACK TO judge")
+            self.db.execute("RELEASE judge")
+            self._count_dropped("store_failed", captures)
+            self.failures_of_last_call.append(e)
+            return []
+        self.db.execute("RELEASE judge")
+        return out
 
     def _judge(self, rule: str, request_id: str, primary: Capture | None, shadows: dict[str, Capture], now: float) -> list[Comparison]:
         """The comparisons of one request's group (no longer pending)."""

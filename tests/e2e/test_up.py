@@ -31,6 +31,14 @@ METRICS = re.compile(r"sampler metrics: (http://127\.0\.0\.1:\d+/metrics)")
 EXAMPLE = re.compile(r"curl -H 'Host: (\S+)' -H 'x-request-id: (\S+)' (http://\S+)\s+# (mirrored|not mirrored)")
 
 
+@pytest.fixture(autouse=True)
+def _up_folders_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` keeps its log folder after it stops, for its user to read: a
+    test's `up` makes it in the test's own tmp_path (pytest keeps the last
+    few runs'), not one more folder in /tmp per run of the suite."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def children_of(pid: int) -> set[int]:
     """Direct children of pid, from /proc (the children run in their own sessions)."""
     out = set()

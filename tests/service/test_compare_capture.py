@@ -9,9 +9,11 @@ and the observer keeps serving."""
 from __future__ import annotations
 
 import base64
+import json
 import queue
 import socket
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import closing
@@ -424,3 +426,29 @@ def test_an_edit_made_between_start_up_and_the_watch_is_applied(tmp_path: Path) 
 
     asyncio.run(observe())
     assert [c.rule("r/x/0").diff_rules.ignored for c in applied] == [(Pattern.of("body.v"),)]
+
+
+def test_odd_values_cost_their_entry_only_and_every_report_reads_the_store(observer: Observer, tmp_path: Path) -> None:
+    """A status or an upstream time longer than Envoy's (past SQLite's
+    integers, an infinite latency): the entry is refused and counted, or timed
+    by Envoy's entry; the good entries join beside them, the observer serves
+    on, and the reports read the store (an infinite latency made their JSON
+    unreadable)."""
+    entries = [
+        entry("long-status", PRIMARY, headers=[(":status", "9" * 5000)]),
+        entry("slow", PRIMARY, upstream_ms=None, headers=[("x-envoy-upstream-service-time", "9" * 400)]),
+        entry("slow", SHADOW),
+        entry("ok", PRIMARY),
+        entry("ok", SHADOW),
+    ]
+    send(observer.port, [batch(*entries)])
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    wait_until(lambda: all(store.comparisons(rid) for rid in ("slow", "ok")), 10, "the joins")
+    assert observer.dropped("malformed_entry") == 1 and observer.dropped("store_failed") == 0
+    assert store.comparisons("slow")[0].primary_ms == pytest.approx(3.351), "Envoy's timing of the stream, not infinity"
+    report = subprocess.run(
+        [sys.executable, "-m", "extproc", "compare", "report", "--db", str(tmp_path / "c.db"), "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "Infinity" not in report.stdout and json.loads(report.stdout)
+    assert observer.alive()

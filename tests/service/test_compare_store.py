@@ -198,7 +198,7 @@ def test_a_group_begun_in_the_grace_and_swept_after_it_is_dropped_not_judged(tmp
     assert store.compares(RULE, 105.0) and not store.compares(RULE, 110.0)
     assert store.add([capture("begun", Side.PRIMARY, at=105.0)]) == []
     assert store.sweep(now=116.0) == []
-    assert store.dropped_by_last_sweep == {"unlisted_rule": 1} and store.dropped() == {"unlisted_rule": 1}
+    assert store.dropped_by_last_call == {"unlisted_rule": 1} and store.dropped() == {"unlisted_rule": 1}
     assert store.pending_count() == 0
 
 
@@ -240,7 +240,7 @@ def test_ten_thousand_requests_that_never_join_are_dropped_to_the_bound_and_coun
     store.add([capture(f"lonely-{i}", Side.PRIMARY, at=float(i)) for i in range(10_000)])
     store.sweep(now=10_000.0)
     assert store.pending_count() == 1000
-    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_sweep == {"pending_over_bound": 9000}
+    assert store.dropped() == {"pending_over_bound": 9000} and store.dropped_by_last_call == {"pending_over_bound": 9000}
     # The oldest went: a late shadow of a kept request still joins.
     late = store.add([capture("lonely-9999", Side.SHADOW, t) for t in TARGETS])
     assert {c.result for c in late} == {Result.SAME}
@@ -351,3 +351,92 @@ def test_a_sweep_reads_only_what_it_forgets(tmp_path: Path) -> None:
     assert len(plans) >= 6, statements
     walks = {sql: plan for sql, plan in plans.items() if any(step.startswith("SCAN comparisons") for step in plan)}
     assert walks == {}
+
+
+# ---------------------------------------------------------------------------
+# One group that cannot be judged costs that group only
+
+
+def test_a_group_sqlite_refuses_is_dropped_and_counted_and_the_batch_is_stored(tmp_path: Path) -> None:
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    poisoned = [capture("bad-1", Side.PRIMARY, status=10**20), *sides("bad-1")[1:]]  # past SQLite's integers
+    comparisons = store.add([*sides("req-0"), *poisoned, *sides("req-1")])
+    assert sorted({c.request_id for c in comparisons}) == ["req-0", "req-1"]
+    assert store.dropped_by_last_call == {"store_failed": 3} and store.dropped() == {"store_failed": 3}
+    assert [type(e) for e in store.failures_of_last_call] == [OverflowError]
+    assert store.pending_count() == 0 and store.comparisons("bad-1") == []
+
+
+def test_a_pending_record_no_one_can_read_is_dropped_by_the_sweep_which_goes_on(tmp_path: Path) -> None:
+    """Stayed pending, it would fail every sweep of every observer of the file."""
+    retention = Retention(join_timeout_s=10)
+    store = CompareStore(tmp_path / "c.db", CompareConfig(rules=CONFIG.rules, retention=retention))
+    store.add([capture("lonely-1", Side.PRIMARY, at=100.0)])
+    store.add([capture("damaged-2", Side.PRIMARY, at=100.0)])
+    store.db.execute("UPDATE pending SET record = '{not json' WHERE request_id = 'damaged-2'")
+    swept = store.sweep(now=200.0)
+    assert [(c.request_id, c.result) for c in swept] == [("lonely-1", Result.SHADOW_MISSING)] * 2
+    assert store.dropped_by_last_call == {"store_failed": 1} and store.pending_count() == 0
+    assert store.sweep(now=300.0) == [] and store.dropped_by_last_call == {}
+
+
+def test_the_writer_outlives_a_failed_sweep_and_stores_the_next_batch(tmp_path: Path) -> None:
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    class FailingOnce(CompareStore):
+        failed = False
+
+        def sweep(self, now: float) -> list[Comparison]:
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise RuntimeError("the disk is full")
+            return super().sweep(now)
+
+    now = [100.0]
+    writer = Writer(lambda: FailingOnce(tmp_path / "c.db", CONFIG), CompareMetrics(), clock=lambda: now[0], window=0)
+    writer.start()
+    try:
+        with structlog.testing.capture_logs() as logged:
+            for c in sides("req-0"):
+                writer.offer(c)
+            wait_until(lambda: writer.queued_bytes == 0, 10, "the first batch taken")
+            now[0] = 200.0  # past the first sweep's time
+            wait_until(lambda: FailingOnce.failed, 10, "the failed sweep")
+            for c in sides("req-1"):
+                writer.offer(c)
+            wait_until(lambda: writer.queued_bytes == 0, 10, "the next batch taken")
+        assert writer.thread.is_alive()
+    finally:
+        writer.stop()
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    assert {c.request_id for c in store.comparisons()} == {"req-0", "req-1"}
+    assert [e["event"] for e in logged if e["log_level"] == "error"] == ["compare_sweep_failed"]
+
+
+def test_captures_naming_targets_the_settings_do_not_list_are_dropped_and_counted(tmp_path: Path) -> None:
+    """A target is a label of the metrics: a capture must not make them grow;
+    a primary naming one waits for the listed targets only."""
+    from dataclasses import replace
+
+    from extproc.compare.capture import Writer
+    from extproc.compare.metrics import CompareMetrics
+
+    listed = replace(CONFIG, only_listed=True)
+    metrics = CompareMetrics()
+    writer = Writer(lambda: CompareStore(tmp_path / "c.db", listed), metrics, window=0, config=listed)
+    writer.start()
+    made_up = [capture("req-1", Side.SHADOW, f"made-up-{i}") for i in range(50)]
+    primary = replace(capture("req-1", Side.PRIMARY), targets=(*TARGETS, "made-up-0"))
+    try:
+        for c in [primary, *sides("req-1")[1:], *made_up]:
+            writer.offer(c)
+        wait_until(lambda: writer.queued_bytes == 0, 10, "the captures taken")
+    finally:
+        writer.stop()
+    store = CompareStore(tmp_path / "c.db", CONFIG)
+    assert sorted((c.target, c.result) for c in store.comparisons()) == [("candidate", Result.SAME), ("secondary", Result.SAME)]
+    assert store.pending_count() == 0
+    assert metrics.registry.get_sample_value("mirror_sampler_compare_dropped_total", {"reason": "unlisted_target"}) == 50
+    targets = {s.labels["target"] for family in metrics.registry.collect() for s in family.samples if "target" in s.labels}
+    assert targets <= set(TARGETS)

@@ -83,7 +83,7 @@ def test_rules_and_targets_must_exist() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"bodyLimit": 0}, "compare.bodyLimit: must be a whole number >= 1, got 0"),
+        ({"bodyLimit": 0}, "compare.bodyLimit: must be a whole number from 1 to 1000000000000, got 0"),
         ({"bodyLimit": 1048577}, "compare.bodyLimit: at most 1048576 bytes (a body travels base64 in one access log entry), got 1048577"),
         ({"storeValues": "yes"}, "compare.storeValues: must be true or false, got 'yes'"),
         ({"retention": {"maxAge": "7 days"}}, "compare.retention.maxAge: must be a duration such as 30s, 10m, 12h or 7d, got '7 days'"),
@@ -94,6 +94,18 @@ def test_rules_and_targets_must_exist() -> None:
             "compare.rules[0].ignore[0]: 'cookie.a': must start with status, header or body",
         ),
         ({"rules": "all"}, "compare.rules: must be a list"),
+        # NaN passes every comparison: a NaN margin made every difference noise.
+        ({"rules": [{"rule": "shop/web/0", "margin": float("nan")}]}, "compare.rules[0].margin: must be between 0 and 1, got nan"),
+        ({"rules": [{"rule": "shop/web/0", "tolerance": float("nan")}]}, "compare.rules[0].tolerance: must be a number >= 0, got nan"),
+        ({"rules": [{"rule": "shop/web/0", "tolerance": float("inf")}]}, "compare.rules[0].tolerance: must be a number >= 0, got inf"),
+        # Past SQLite's integers, every sweep failed.
+        (
+            {"retention": {"maxComparisons": 10**19}},
+            "compare.retention.maxComparisons: must be a whole number from 1 to 1000000000000, got 10000000000000000000",
+        ),
+        ({"retention": {"maxAge": "99999999999d"}}, "compare.retention.maxAge: must be from 1ms (0.001s) to 3650d, got '99999999999d'"),
+        # Envoy's timeout 0 is no timeout at all.
+        ({"shadowTimeout": "0.0001s"}, "compare.shadowTimeout: must be from 1ms (0.001s) to 3650d, got '0.0001s'"),
         (
             {"shadowTimeout": "40s"},
             "compare.retention.joinTimeout: must be longer than shadowTimeout (40s):"

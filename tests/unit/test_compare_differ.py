@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.compare.differ import ABSENT, DiffRules, Side, diff, diff_bodies, diff_headers, diff_json
-from extproc.compare.paths import Pattern, PatternError, Segment, parse, render
+from extproc.compare.differ import ABSENT, MAX_DEPTH, MAX_FIELDS, DiffRules, Side, diff, diff_bodies, diff_headers, diff_json
+from extproc.compare.paths import ANY_MANY, ANY_ONE, Matcher, Pattern, PatternError, Segment, parse, render
 
 keys = st.text(min_size=1, max_size=8)
 leaves = st.one_of(
@@ -149,3 +149,57 @@ def test_status_is_a_field() -> None:
 def test_bad_patterns_are_refused_with_the_reason(text: str) -> None:
     with pytest.raises(PatternError, match=r"body|header|status|position"):
         Pattern.of(text)
+
+
+# ---------------------------------------------------------------------------
+# Bounds: what a hostile or odd pair costs, and that it never raises
+
+
+pattern_segments = st.lists(st.one_of(st.sampled_from(["a", "b"]), st.integers(0, 2), st.just(ANY_ONE), st.just(ANY_MANY)), max_size=5)
+path_segments = st.lists(st.one_of(st.sampled_from(["a", "b"]), st.integers(0, 2)), max_size=6)
+
+
+@given(st.lists(pattern_segments, max_size=3), path_segments)
+def test_matching_step_by_step_agrees_with_matching_the_whole_path(patterns: list[list[Segment]], path: list[Segment]) -> None:
+    chosen = tuple(Pattern(("body", *segments)) for segments in patterns)
+    matcher = Matcher(chosen)
+    matching = matcher.step(matcher.start(), "body")
+    for segment in path:
+        assert isinstance(segment, str | int)
+        matching = matcher.step(matching, segment)
+    assert matcher.accepts(matching) == any(p.matches(("body", *path)) for p in chosen)
+
+
+def test_a_body_nested_past_the_parsers_depth_is_compared_by_digest() -> None:
+    deep = b"[" * 3000 + b"]" * 3000
+    assert [f.path for f in diff_bodies(deep, deep.replace(b"[]", b"[1]"), DiffRules())] == ["body"]
+
+
+def test_an_integer_past_any_float_is_not_within_a_tolerance_of_a_float() -> None:
+    found = diff_json({"n": 10**400}, {"n": 1.0}, DiffRules(tolerance=0.5))
+    assert [f.path for f in found] == ["body.n"]
+
+
+def test_nesting_past_the_depth_bound_is_one_field_compared_whole() -> None:
+    def nested(leaf: Any, depth: int) -> Any:
+        for _ in range(depth):
+            leaf = {"a": leaf}
+        return leaf
+
+    at = render(("body", *["a"] * MAX_DEPTH))
+    assert diff_json(nested([1, 2], 400), nested([1, 2], 400), DiffRules()) == []
+    assert [f.path for f in diff_json(nested([1, 2], 400), nested([1, 3], 400), DiffRules())] == [at]
+    within = MAX_DEPTH - 1  # the last level walked: its leaves are fields of their own
+    found = diff_json(nested([1, 2], within), nested([1, 3], within), DiffRules())
+    assert [f.path for f in found] == [render(("body", *["a"] * within, 1))]
+    ordered = nested({"x": 1, "y": 2}, 100)
+    assert diff_json(ordered, nested({"y": 2, "x": 1}, 100), DiffRules()) == [], "keys in any order, below the bound too"
+
+
+def test_a_body_with_more_differing_fields_than_the_bound_is_one_field_by_digest() -> None:
+    primary = json.dumps(list(range(MAX_FIELDS + 1))).encode()
+    shadow = json.dumps([n + 1 for n in range(MAX_FIELDS + 1)]).encode()
+    found = diff_bodies(primary, shadow, DiffRules())
+    assert [f.path for f in found] == ["body"] and found[0].primary.startswith("sha256:")
+    at_bound = json.dumps([n + 1 if n < MAX_FIELDS else n for n in range(MAX_FIELDS + 1)]).encode()
+    assert len(diff_bodies(primary, at_bound, DiffRules())) == MAX_FIELDS, "at the bound: every field"

@@ -183,7 +183,8 @@ def test_missing_headers_and_body_fields_read_as_empty() -> None:
 
 @given(st.binary(max_size=200), st.integers(0, 120), st.booleans())
 def test_the_body_is_kept_up_to_the_observers_bound_and_truncation_is_kept(body: bytes, limit: int, truncated: bool) -> None:
-    done = capture(logged(fields=fields(body=body, truncated=truncated)), limit=limit)
+    # No credentials: a body cut through one's beginning loses that beginning (test_compare_records).
+    done = capture(logged(fields=fields(body=body, truncated=truncated), request_headers=()), limit=limit)
     assert done.body == body[:limit]
     assert done.body_truncated == (truncated or len(body) > limit)
 

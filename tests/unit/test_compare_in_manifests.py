@@ -82,7 +82,7 @@ def test_a_file_without_compare_has_none() -> None:
         ),
         (
             "compare:\n  bodyLimit: 0\n",
-            "routes.yaml (document 1): spec.compare.bodyLimit: must be a whole number >= 1, got 0",
+            "routes.yaml (document 1): spec.compare.bodyLimit: must be a whole number from 1 to 1000000000000, got 0",
         ),
         (
             "compare: [1]\n",
