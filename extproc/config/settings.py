@@ -467,6 +467,13 @@ class Settings:
             problems.append("MIRROR_TLS_CERT and MIRROR_TLS_KEY: set both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("MIRROR_TLS_CLIENT_CA: mutual TLS needs MIRROR_TLS_CERT and MIRROR_TLS_KEY too")
+        # Worker i serves its metrics on the port + i (server.workers); the listen port is shared.
+        metrics_port = split_address(self.metrics_listen)[1] if self.metrics_listen and self.workers > 1 else 0
+        if metrics_port + self.workers - 1 > 65535:
+            problems.append(
+                f"MIRROR_METRICS_LISTEN: worker i serves metrics on port {metrics_port} + i, so with MIRROR_WORKERS={self.workers}"
+                f" the port must be at most {65536 - self.workers}, got {self.metrics_listen!r}"
+            )
         for opt_env, value in (("MIRROR_BACKEND", self.backend), ("MIRROR_PRIMARY", self.primary)):
             if value and (not NAME.match(value) or value == SAMPLER_CLUSTER):
                 problems.append(f"{opt_env}: must be a lower-case DNS-1123 name other than {SAMPLER_CLUSTER!r}, got {value!r}")

@@ -79,6 +79,25 @@ def test_port_in_use_exits_non_zero(route_file: Path, transport: str) -> None:
         first.stop()
 
 
+def test_bad_tls_files_name_the_setting(tmp_path: Path, transport: str) -> None:
+    """Each transport checks the PEM files the same way, before listening: grpcio's
+    own failure (at add_secure_port) used to be reported as MIRROR_LISTEN."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("garbage\n")
+    base = {**os.environ, "MIRROR_BACKEND": "shadow", "MIRROR_TRANSPORT": transport, "MIRROR_LISTEN": "127.0.0.1:0"}
+    base["MIRROR_METRICS_LISTEN"] = "off"
+    cases = [
+        ({"MIRROR_TLS_CERT": str(bad), "MIRROR_TLS_KEY": str(bad)}, "MIRROR_TLS_CERT/MIRROR_TLS_KEY: ", "not a matching PEM"),
+        ({"MIRROR_TLS_CERT": str(tmp_path / "nope.pem"), "MIRROR_TLS_KEY": str(bad)}, "MIRROR_TLS_CERT: cannot read ", "nope.pem"),
+    ]
+    for tls_env, names, says in cases:
+        env = {**base, **tls_env}
+        out = subprocess.run([sys.executable, "-m", "extproc", "serve"], env=env, capture_output=True, text=True, timeout=30, cwd=REPO)
+        assert out.returncode == 1, out.stderr
+        assert names in out.stderr and says in out.stderr, out.stderr
+        assert "MIRROR_LISTEN" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_file_edit_reloads_within_two_seconds(route_file: Path, transport: str) -> None:
     s = Sampler({"MIRROR_TRANSPORT": transport, "MIRROR_CONFIG": str(route_file)})
     try:

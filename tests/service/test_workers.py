@@ -236,6 +236,28 @@ def test_a_second_supervisor_cannot_share_the_port(workers: Workers) -> None:
     assert code == 1 and "MIRROR_LISTEN: cannot listen" in child.output()
 
 
+def test_a_metrics_port_past_65535_for_a_worker_is_a_setting_error() -> None:
+    """Worker 1 of two would serve metrics on 65536: refused before anything starts,
+    naming the setting (it was worker 1 exiting during start-up)."""
+    child = Child(
+        "supervisor",
+        SERVE,
+        {
+            "MIRROR_BACKEND": "shadow",
+            "MIRROR_LISTEN": "127.0.0.1:0",
+            "MIRROR_METRICS_LISTEN": "127.0.0.1:65535",
+            "MIRROR_WORKERS": "2",
+            "MIRROR_LOG_FORMAT": "json",
+        },
+        cwd=REPO,
+    )
+    code = child.popen.wait(30)
+    child.stop()
+    assert code == 2, child.output()
+    assert "MIRROR_METRICS_LISTEN: " in child.output() and "at most 65534" in child.output()
+    assert "exited during start-up" not in child.output() and "65536" not in child.output()
+
+
 def test_a_worker_that_cannot_start_fails_start_up(tmp_path: Path) -> None:
     with busy_port() as port:
         # Worker 0's metrics port is taken.

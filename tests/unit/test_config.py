@@ -225,6 +225,22 @@ def test_all_setting_errors_reported_at_once() -> None:
     assert {p.split(":")[0] for p in problems} == {"MIRROR_SLOTS", "MIRROR_LOG_LEVEL", "MIRROR_PERCENT", "--listen"}
 
 
+def test_every_worker_metrics_port_must_exist() -> None:
+    """Worker i serves metrics on MIRROR_METRICS_LISTEN's port + i: the last one
+    must be a port, checked with the settings, not when worker 1 fails to start."""
+    (p,) = problems_of({"MIRROR_BACKEND": "shadow", "MIRROR_WORKERS": "2", "MIRROR_METRICS_LISTEN": "127.0.0.1:65535"})
+    assert p.startswith("MIRROR_METRICS_LISTEN: ") and "MIRROR_WORKERS=2" in p and "at most 65534" in p
+    (p,) = problems_of({"MIRROR_BACKEND": "shadow"}, {"workers": "64", "metrics_listen": "[::1]:65500"})
+    assert p.startswith("MIRROR_METRICS_LISTEN: ") and "at most 65472" in p
+    for env in (
+        {"MIRROR_WORKERS": "2", "MIRROR_METRICS_LISTEN": "127.0.0.1:65534"},
+        {"MIRROR_WORKERS": "64", "MIRROR_METRICS_LISTEN": "127.0.0.1:0"},  # 0: any free port, each worker its own
+        {"MIRROR_WORKERS": "64", "MIRROR_METRICS_LISTEN": "off"},
+        {"MIRROR_WORKERS": "1", "MIRROR_METRICS_LISTEN": "127.0.0.1:65535"},
+    ):
+        assert Settings.load({"MIRROR_BACKEND": "shadow", **env}).workers == int(env["MIRROR_WORKERS"])
+
+
 def test_mode_backend_and_config() -> None:
     (p,) = problems_of({"MIRROR_BACKEND": "shadow", "MIRROR_CONFIG": "routes.yaml"})
     assert "MIRROR_BACKEND" in p and "MIRROR_CONFIG" in p

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
+import hpack
 import pytest
 
 from extproc.server.transports import http2
@@ -451,6 +452,42 @@ def test_envoy_pattern_memory_is_flat() -> None:
     second = sum(stat.size_diff for stat in after.compare_to(middle, "filename"))
     assert first < 64 * 1024, first
     assert second < 16 * 1024, f"{second} bytes more after 5,000 more streams"
+
+
+def _large_request(i: int, size: int) -> bytes:
+    """A request header block with one ``size``-byte header, never indexed (so
+    the HPACK table is unchanged, as for Envoy's replayed blocks)."""
+    headers = [(k.encode(), v.encode(), True) for k, v in request_headers()]
+    headers.append((b"x-pad", b"%05d" % i + b"a" * size, True))
+    return hpack.Encoder().encode(headers, huffman=False)
+
+
+def test_an_idle_connection_holds_none_of_the_large_header_lists_it_was_sent() -> None:
+    """Envoy's requests, then 62 with a 60 KB header each (over
+    max_header_list_size, under the hard limit: answered RESOURCE_EXHAUSTED):
+    once all are answered, the decoder holds only the replayable block, none of
+    the large lists (it held them all, about 4 MiB, for as long as the
+    connection was open)."""
+    p = MemoryPeer()
+    p.handshake()
+    for sid in (1, 3, 5):  # Envoy's: the second and third blocks are index bytes only
+        p.open(sid, end=True)
+    for i in range(62):  # with Envoy's two, as many header lists as were remembered
+        sid = 2 * i + 7
+        block = _large_request(i, 60000)
+        chunks = [block[j : j + 16384] for j in range(0, len(block), 16384)]
+        wire = frame(HEADERS, END_STREAM, sid, chunks[0])
+        for n, chunk in enumerate(chunks[1:], 2):
+            wire += frame(CONTINUATION, END_HEADERS if n == len(chunks) else 0, sid, chunk)
+        p.send(wire)
+        assert p.headers(sid)[0]["grpc-status"] == "8"  # RESOURCE_EXHAUSTED
+    p.read_all()
+    assert p.stream_count() == 0 and p.errors == 0
+    decoder = p.conn.decoder
+    held = {id(h): h for _, h in decoder.cache.values()} | {id(h): h for h, _ in decoder.checks.values()}
+    held_bytes = sum(len(k) + len(v) for h in held.values() for k, v in h)
+    assert held_bytes < 1024, held_bytes  # one Envoy block's fields; it was 62 x 60 KB
+    assert len(held) == len(decoder.cache) == len(decoder.checks) == 1
 
 
 def test_partial_frames_hold_bounded_memory() -> None:

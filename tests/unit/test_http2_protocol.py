@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import hpack
 import pytest
 
 from extproc.server.health import NOT_SERVING, SERVICE_UNKNOWN, SERVING, Health
@@ -443,7 +444,15 @@ def test_a_request_is_checked_once_per_remembered_header_list() -> None:
     decoder = BlockDecoder(Limits().max_header_list_size, Limits().hard_header_list_size)
     good = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", PROCESS_METHOD.encode()), (b"content-type", b"application/grpc")]
     bad = [(b":method", b"POST"), (b"connection", b"close")]
-    assert decoder.checked(good) == check_request(good, 16384) == (PROCESS, None, None, False)
-    assert decoder.checked(good) is decoder.checked(good)  # memoized by the list's identity
+    encoder = hpack.Encoder()
+    assert decoder.decode(encoder.encode(good)) == good  # the first block adds to the table: not remembered
+    assert not decoder.cache and not decoder.checks
+    replayed = decoder.decode(encoder.encode(good))  # index bytes only: remembered
+    assert replayed == good and decoder.decode(encoder.encode(good)) is replayed
+    assert decoder.checked(replayed) == check_request(good, 16384) == (PROCESS, None, None, False)
+    assert decoder.checked(replayed) is decoder.checked(replayed)  # memoized by the list's identity
+    # Lists the replay does not hold are checked afresh and not remembered.
+    assert len(decoder.checks) == 1
     assert decoder.checked(bad) is None and decoder.checked(list(bad)) is None
-    assert decoder.checked(list(good)) == decoder.checked(good)
+    assert decoder.checked(list(good)) == decoder.checked(replayed)
+    assert len(decoder.checks) == 1

@@ -19,11 +19,17 @@ from ...config.addresses import join_address
 from ...wire import PROCESS_METHOD, RULE_METADATA, SERVICE_NAME
 from ..health import Health
 from ..servicer import Servicer
+from ..tls import server_ssl_context
 from . import TlsFiles
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """TLS, mutual when ``tls.client_ca`` is set."""
+    """TLS, mutual when ``tls.client_ca`` is set.
+
+    The files are checked first as the http2 transport checks them (one
+    ``ssl`` context, thrown away): grpc's own failure, at ``add_secure_port``,
+    names neither the file nor the setting."""
+    server_ssl_context(tls.cert, tls.key, tls.client_ca or None)
     files = {}
     for env, path in (("MIRROR_TLS_CERT", tls.cert), ("MIRROR_TLS_KEY", tls.key), ("MIRROR_TLS_CLIENT_CA", tls.client_ca)):
         if not path:
@@ -81,6 +87,7 @@ class GrpcioTransport:
         asyncio.get_running_loop().create_task(self._copy_health())
 
     async def start(self) -> int:
+        credentials = None if self.tls is None else server_credentials(self.tls)  # OSError naming the setting
         # SO_REUSEPORT off for a single process: a second sampler on a busy
         # port must fail loudly, not silently split Envoy's streams with a
         # stale process. Workers share the port on purpose (server.workers).
@@ -99,10 +106,7 @@ class GrpcioTransport:
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
         try:
-            if self.tls is None:
-                port = server.add_insecure_port(self.address)
-            else:
-                port = server.add_secure_port(self.address, server_credentials(self.tls))
+            port = server.add_insecure_port(self.address) if credentials is None else server.add_secure_port(self.address, credentials)
         except RuntimeError as e:
             raise OSError(f"MIRROR_LISTEN: cannot listen on {self.address}: {e}") from None
         await server.start()
