@@ -97,13 +97,18 @@ def parse_methods(value: str) -> frozenset[str]:
     return methods
 
 
+MIN_RATE, MAX_RATE = 0.000001, 1_000_000
+
+
 def parse_rate(value: str) -> float:
     try:
         rate = float(value)
     except ValueError:
         rate = -1.0
-    if not 0 < rate <= 1_000_000:
-        raise ValueError(f"must be a number of mirrors per second, 0 < rate <= 1000000, got {value!r}")
+    # The floor (one mirror in 11.6 days) keeps the dynamic module's bucket interval, 1e9 / rate
+    # nanoseconds, inside its uint64_t (extproc/module/config.c checks the same).
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(f"must be a number of mirrors per second, 0.000001 <= rate <= 1000000, got {value!r}")
     return rate
 
 

@@ -319,8 +319,10 @@ static ms_rule *rule_from(const jnode *root, ms_bucket_lookup buckets, problem *
     }
     if (!pr->failed) {
       if (cap->type == J_NULL) r->max_per_second = 0;
-      else if (cap->type != J_NUMBER || cap->text[0] == '-' || !((r->max_per_second = strtod(cap->text, NULL)) > 0 && r->max_per_second <= 1e6))
-        refuse(pr, "rule.max_mirrors_per_second", "expected null or a number of mirrors per second, 0 < rate <= 1000000");
+      /* The floor keeps the bucket's interval (1e9 / rate ns) well inside a uint64_t: below it the
+       * conversion is undefined, and in practice turned the cap off (settings.py parse_rate, the same). */
+      else if (cap->type != J_NUMBER || cap->text[0] == '-' || !((r->max_per_second = strtod(cap->text, NULL)) >= 1e-6 && r->max_per_second <= 1e6))
+        refuse(pr, "rule.max_mirrors_per_second", "expected null or a number of mirrors per second, 0.000001 <= rate <= 1000000");
     }
     if (!pr->failed) parse_chain(member(root, "key_chain"), r, pr);
     if (!pr->failed) parse_targets(member(root, "targets"), r, buckets, pr);

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,9 @@ def with_change(path: list[str | int], value: Any) -> bytes:
         (with_change(["max_mirrors_per_second"], 0), "rule.max_mirrors_per_second"),
         (with_change(["max_mirrors_per_second"], -1), "rule.max_mirrors_per_second"),
         (with_change(["max_mirrors_per_second"], "5"), "rule.max_mirrors_per_second"),
+        # Below the floor the bucket's interval overflowed its uint64_t, and the cap was off.
+        (with_change(["max_mirrors_per_second"], 1e-11), "rule.max_mirrors_per_second"),
+        (with_change(["max_mirrors_per_second"], 5e-324), "rule.max_mirrors_per_second"),
         (with_change(["targets", 0, "threshold"], str(2**64 + 1)), "rule.targets[0].threshold"),
         (with_change(["targets", 0, "threshold"], str(10**20)), "rule.targets[0].threshold"),
         (with_change(["targets", 0, "threshold"], "1.5"), "rule.targets[0].threshold"),
@@ -279,6 +283,13 @@ def test_malformed_rule_config_is_refused_with_the_field(driver: ModuleDriver, t
 
 
 def test_edge_values_are_accepted(driver: ModuleDriver) -> None:
+    every = {**GOOD_RULE, "targets": [{**GOOD_RULE["targets"][0], "threshold": str(2**64)}]}
+    driver.rule({**every, "max_mirrors_per_second": 0.000001})  # the floor: one mirror in 11.6 days
+    assert [driver.decide([(b"x-request-id", b"k")], now_ns=t)[1] for t in (0, 10**15 - 1, 10**15)] == [
+        ["mirrored"],
+        ["capped"],
+        ["mirrored"],
+    ]
     assert driver.rule_config(with_change(["targets", 0, "threshold"], str(2**64))) == "ok"
     assert driver.decide([(b"x-request-id", b"k")])[1] == ["mirrored"]
     assert driver.rule_config(with_change(["targets", 0, "threshold"], "0")) == "ok"
@@ -409,7 +420,64 @@ def test_hostile_headers_never_crash(driver: ModuleDriver) -> None:
 
 
 def test_key_source_names_travel_as_utf8(driver: ModuleDriver) -> None:
-    source = KeySource(parse_key_chain("cookie:sé")[0].kind, "sé")
+    # A cookie name is an RFC 6265 token (ASCII); a query parameter name may be any UTF-8 text.
+    source = KeySource(parse_key_chain("query:sé")[0].kind, "sé")
     policy = policy_of([("a", Fraction(100), None)], chain=str(source))
     driver.rule(rule_settings(policy, policy.rules[0]))
-    assert driver.decide([(b"cookie", "sé=1".encode())])[0] == b"1"
+    assert driver.decide([(b":path", "/?sé=1".encode())])[0] == b"1"
+
+
+def test_the_module_takes_every_key_chain_the_sampler_accepts_and_no_more(driver: ModuleDriver) -> None:
+    """keys.MAX_NAME_BYTES and keys.MAX_CHAIN are the module's bounds: a chain the
+    sampler accepts at its limits the module accepts and reads alike; one past a
+    limit, which the sampler refuses at start-up, the module refuses too."""
+    longest = {"header": "h" * 256, "cookie": "c" * 256, "query": "é" * 128}
+    fill = [f"header:x-{i}" for i in range(12)]
+    chain = ",".join([*fill, *(f"{kind}:{name}" for kind, name in longest.items()), "traceparent"])
+    assert len(parse_key_chain(chain)) == 16
+    policy = policy_of([("a", Fraction(100), None)], chain=chain)
+    settings = rule_settings(policy, policy.rules[0])
+    driver.rule(settings)
+    for pairs in (
+        [(b"h" * 256, b"1")],
+        [(b"cookie", b"c" * 256 + b"=2")],
+        [(b":path", b"/?" + ("é" * 128).encode() + b"=3")],
+    ):
+        found = extract_key(policy.key_chain, service_view(pairs))
+        assert found is not None and driver.decide(pairs)[0] == found[1]
+    for kind, name in longest.items():
+        too_long = name + name[-1]
+        with pytest.raises(ValueError, match="longer than 256 bytes"):
+            parse_key_chain(f"{kind}:{too_long}")
+        index = next(i for i, s in enumerate(settings["key_chain"]) if s["kind"] == kind)
+        answer = driver.rule_config(
+            to_json({**settings, "key_chain": [*settings["key_chain"][:index], {"kind": kind, "name": too_long}]}).encode()
+        )
+        assert answer.startswith(f"error rule.key_chain[{index}].name"), answer
+    with pytest.raises(ValueError, match="at most 16"):
+        parse_key_chain(chain + ",header:x-extra")
+    answer = driver.rule_config(
+        to_json({**settings, "key_chain": [*settings["key_chain"], {"kind": "header", "name": "x-extra"}]}).encode()
+    )
+    assert answer.startswith("error rule.key_chain"), answer
+
+
+def test_the_largest_filter_config_parses_within_a_small_address_space(tmp_path: Path) -> None:
+    """json.c reserved, for each string, the whole rest of the document: the
+    largest filter configuration (4096 counted pairs, 450 KB) took 3.6 GB of
+    address space, and was refused wherever that is limited."""
+    binary = build_driver(tmp_path, sanitized=False)
+    counted = [
+        {"rule": f"default/route-{i:04}/mirror-rule-name", "clusters": [f"mirror-cluster-{i:04}.namespace.svc.cluster.local"]}
+        for i in range(4096)
+    ]
+    text = json.dumps({"slot_headers": ["x-s"], "marker_header": "x-m", "counted": counted}).encode()
+
+    def small_address_space() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))
+
+    driver = ModuleDriver(binary, small_address_space)
+    try:
+        assert driver.filter_config(text) == "ok"
+    finally:
+        driver.end()

@@ -180,6 +180,11 @@ def test_rate_cap_environment_default_and_errors() -> None:
     with pytest.raises(ConfigError) as e:
         Settings.load({"MIRROR_BACKEND": "shadow", "MIRROR_MAX_MIRRORS_PER_SECOND": "lots"})
     assert e.value.problems[0].startswith("MIRROR_MAX_MIRRORS_PER_SECOND")
+    # Below one mirror in 11.6 days the dynamic module's bucket interval overflowed, and its cap was off.
+    with pytest.raises(ConfigError) as e:
+        policy('{"mirror-sampler.io/max-mirrors-per-second": "1e-11"}')
+    assert "0.000001 <= rate" in e.value.problems[0]
+    assert policy('{"mirror-sampler.io/max-mirrors-per-second": "0.000001"}').rules[0].max_mirrors_per_second == 0.000001
 
 
 def test_rate_cap_is_refused_inline() -> None:
