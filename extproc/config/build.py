@@ -42,6 +42,16 @@ def _cross_route_problems(routes: list[Route], settings: Settings) -> list[str]:
     return problems
 
 
+def _salt(settings: Settings) -> tuple[bytes, list[str]]:
+    """The salt's bytes (UTF-8), and the problem if it has none: bytes that are
+    not UTF-8 reach a flag or variable as lone surrogates, which no engine can hash alike."""
+    try:
+        return settings.salt.encode(), []
+    except UnicodeEncodeError:
+        # Not quoted: a known salt lets a client pick keys that land in the sample.
+        return b"", ["MIRROR_SALT (--salt): the salt holds bytes that are not UTF-8; give it as UTF-8 text"]
+
+
 def build_policy(settings: Settings, manifest_text: str | None = None) -> Policy:
     """The Policy the server runs; ``manifest_text`` is the MIRROR_CONFIG file."""
     return policy_from(settings, parse(settings, manifest_text))
@@ -58,9 +68,10 @@ def parse(settings: Settings, manifest_text: str | None) -> ParseResult | None:
 
 def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:
     """The Policy of these settings and parsed manifests; ConfigError lists every problem."""
+    salt, salt_problems = _salt(settings)
     if parsed is not None:
         routes, enabled = parsed.routes, parsed.enabled
-        problems = parsed.problems + _cross_route_problems(routes, settings)
+        problems = salt_problems + parsed.problems + _cross_route_problems(routes, settings)
         if settings.max_mirrors_per_second is not None:
             routes = [
                 dataclasses.replace(
@@ -77,6 +88,8 @@ def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:
         if problems:
             raise ConfigError(problems)
     else:
+        if salt_problems:
+            raise ConfigError(salt_problems)
         fraction = settings.fraction or Fraction(100 if settings.percent is None else settings.percent)
         rule = Rule(
             SIMPLE_RULE_ID,
@@ -91,7 +104,7 @@ def policy_from(settings: Settings, parsed: ParseResult | None) -> Policy:
     return Policy(
         routes=tuple(routes),
         key_chain=settings.key or DEFAULT_KEY_CHAIN,
-        salt=settings.salt.encode(),
+        salt=salt,
         slot_headers=settings.slot_headers,
         enabled=enabled and not settings.kill_switch,
     )

@@ -33,14 +33,20 @@ def request_headers(
     host: str = "",
     method: str = "GET",
 ) -> dict[str, bytes]:
-    """The header mapping Envoy would send for these request attributes."""
-    pairs = [(":method", method.upper().encode()), (":path", path.encode())]
+    """The header mapping Envoy would send for these request attributes.
+    Text that came from bytes which are not UTF-8 (arguments decoded with
+    surrogateescape) goes back to those bytes."""
+    pairs = [(":method", _bytes(method.upper())), (":path", _bytes(path))]
     if host:
-        pairs.append((":authority", host.encode()))
-    pairs += [(name, value.encode("utf-8", "surrogateescape")) for name, value in headers]
+        pairs.append((":authority", _bytes(host)))
+    pairs += [(name, _bytes(value)) for name, value in headers]
     if cookies:
-        pairs.append(("cookie", "; ".join(f"{k}={v}" for k, v in cookies).encode("utf-8", "surrogateescape")))
+        pairs.append(("cookie", _bytes("; ".join(f"{k}={v}" for k, v in cookies))))
     return header_map(pairs)[0]
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _text(data: bytes) -> str:
@@ -158,6 +164,8 @@ def _json_request(
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ValueError("a JSON line must be an object")
     unknown = sorted(set(obj) - set(JSON_FIELDS))
@@ -177,7 +185,7 @@ def _json_request(
         headers + base_headers, cookies + base_cookies, obj.get("path", path), obj.get("host", host), obj.get("method", method)
     )
     if "key" in obj:
-        problem = _put_key(out, source, obj["key"].encode("utf-8", "surrogateescape"))
+        problem = _put_key(out, source, _bytes(obj["key"]))
         if problem is not None:
             raise ValueError(problem)
     return out
@@ -248,7 +256,7 @@ def explain_bulk(
                 raise BulkInputError(number, str(e)) from None
         else:
             request = dict(base)
-            problem = _put_key(request, source, line.encode("utf-8", "surrogateescape"))
+            problem = _put_key(request, source, _bytes(line))
             if problem is not None:
                 raise BulkInputError(number, problem)
         if named is not None:

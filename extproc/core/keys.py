@@ -16,12 +16,17 @@ from enum import StrEnum
 from .headers import Headers
 
 # RFC 9110 token: what a header name may contain.
+_TCHARS = "!#$%&'*+-.^_`|~"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # W3C trace-context: version-traceid-parentid-flags. Version 00 is exactly
 # these four fields; a later version may append "-"-separated fields; ff is invalid.
 _TRACEPARENT = re.compile(rb"^(?!ff)([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?$", re.DOTALL)
 _ZERO_TRACE_ID = b"0" * 32
 _ZERO_PARENT_ID = b"0" * 16
+# What every engine can carry: the C module (extproc/module/config.c) refuses a
+# key source name longer than this (in UTF-8 bytes) and a chain longer than that.
+MAX_NAME_BYTES = 256
+MAX_CHAIN = 16
 
 
 class KeyKind(StrEnum):
@@ -65,8 +70,24 @@ def parse_key_source(text: str) -> KeySource:
             raise ValueError(f"key source {text!r}: {name!r} is not a valid header name")
         # Envoy lower-cases header names; matching is case-insensitive.
         name = name.lower()
-    elif any(c in name for c in ";=&# \t"):
-        raise ValueError(f"key source {text!r}: name {name!r} contains a separator character")
+    elif key_kind is KeyKind.COOKIE:
+        # RFC 6265: cookie-name = token (the same characters as a header name).
+        if not is_header_name(name):
+            raise ValueError(
+                f"key source {text!r}: {name!r} is not a valid cookie name (an RFC 6265 token: ASCII letters, digits and {_TCHARS})"
+            )
+    else:
+        if any(c in name for c in ";=&# \t"):
+            raise ValueError(f"key source {text!r}: name {name!r} contains a separator character")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError(f"key source {text!r}: name {name!r} contains a control character")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 (a flag or variable decoded with surrogateescape).
+            raise ValueError(f"key source {text!r}: name {name!r} holds bytes that are not UTF-8") from None
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"key source {text!r}: the name is longer than {MAX_NAME_BYTES} bytes")
     return KeySource(key_kind, name)
 
 
@@ -76,6 +97,8 @@ def parse_key_chain(text: str) -> tuple[KeySource, ...]:
     if not parts:
         raise ValueError("empty key chain; give at least one source, e.g. header:x-request-id")
     chain = tuple(parse_key_source(p) for p in parts)
+    if len(chain) > MAX_CHAIN:
+        raise ValueError(f"key chain {text!r} has {len(chain)} sources; at most {MAX_CHAIN}")
     if len(set(chain)) != len(chain):
         raise ValueError(f"key chain {text!r} names the same source twice")
     return chain

@@ -200,3 +200,60 @@ def test_convert_refuses_bad_input_naming_the_file(tmp_path: Path) -> None:
     assert str(bad) in out.stderr and "percnt" in out.stderr
     assert not (tmp_path / "out").exists()
     assert run_cli("convert", "istio", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out")).returncode == 2
+
+
+# Bytes that are not UTF-8 in an argument or variable reach Python as lone
+# surrogates (surrogateescape): "\udcff" is the byte 0xff.
+
+
+@pytest.mark.parametrize("key", ["cookie:\udcff", "cookie:\udcff,header:x-request-id", "header:x-request-id,query:u\udcff"])
+@pytest.mark.parametrize("command", [["check-config"], ["envoy-config", "--inline", "lua"], ["envoy-config", "--inline", "module"]])
+def test_a_key_source_name_no_engine_can_carry_is_refused_at_start_up(command: list[str], key: str) -> None:
+    """Not accepted and then failing on every request that carries a cookie
+    (counted as a decision error, never mirrored, even when a later source had the key)."""
+    flag = run_cli(*command, "--backend", "b", "--key", key)
+    variable = run_cli(*command, "--backend", "b", env={"MIRROR_KEY": key})
+    for out, name in ((flag, "--key"), (variable, "MIRROR_KEY")):
+        assert out.returncode == 2, out.stderr
+        assert f"  - {name}: key source " in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_explain_refuses_a_cookie_key_source_that_is_not_a_token(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["explain", "--backend", "b", "--key", "cookie:\udcff,header:x-request-id", "--cookie", "\udcff=alice"]
+    assert main(args) == 2
+    assert "--key: key source 'cookie:\\udcff': '\\udcff' is not a valid cookie name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["check-config"], ["envoy-config", "--inline", "lua"], ["explain"], ["serve", "--listen", "127.0.0.1:0"]]
+)
+def test_a_salt_that_is_not_utf8_is_refused_naming_the_variable(command: list[str]) -> None:
+    for out in (
+        run_cli(*command, "--backend", "b", "--salt", "v\udcff"),
+        run_cli(*command, "--backend", "b", env={"MIRROR_SALT": "v\udcff"}),
+        run_cli(*command, "--config", str(CONFORMANCE), env={"MIRROR_SALT": "\udcff"}),
+    ):
+        assert out.returncode == 2, out.stderr
+        assert "MIRROR_SALT (--salt): the salt holds bytes that are not UTF-8" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_explain_takes_path_host_and_method_bytes_as_they_are(capsys: pytest.CaptureFixture[str]) -> None:
+    request = ["--path", "/\udcff?uid=alice", "--host", "h\udcff", "--method", "g\udcff"]
+    assert main(["explain", "--backend", "b", "--key", "query:uid", "--json", *request]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["rule"], result["key"], result["u"]) == ("simple", "alice", key_hash(b"", b"alice"))
+    # Matching reads the same bytes: a method that is not GET is not mirrored by a GET-only rule.
+    assert main(["explain", "--backend", "b", "--methods", "GET", "--header", "x-request-id=a", "--json", *request]) == 0
+    assert [t["decision"] for t in json.loads(capsys.readouterr().out)["targets"]] == ["method"]
+
+
+def test_explain_bulk_refuses_json_nested_too_deeply_naming_the_line(tmp_path: Path) -> None:
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('alice\n{"key": ' + "[" * 3000 + "\n")
+    out = run_cli("explain", "--backend", "b", "--bulk", str(lines))
+    assert out.returncode == 2
+    assert f"explain --bulk {lines}: line 2: invalid JSON: nested too deeply" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stdout.startswith("alice\t")

@@ -174,6 +174,8 @@ def test_a_key_the_first_source_cannot_carry_is_an_error(chain: str, key: str, p
         ('{"cookies": ["a=b"]}', "cookies must be an object of strings"),
         ('{"path": 7}', "path must be a string"),
         ('{"headers": {":path": "/x"}}', "give path, host and method as fields of their own"),
+        ('{"key": ' + "[" * 3000, "invalid JSON: nested too deeply"),
+        ('{"key": "a", "headers": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}", "invalid JSON: nested too deeply"),
     ],
 )
 def test_a_malformed_json_line_is_an_error_naming_its_line(line: str, problem: str) -> None:
@@ -251,3 +253,10 @@ def test_bulk_with_the_rule_envoy_names() -> None:
         assert b["targets"][0]["decision"] == outcome(decide(b"", key.encode(), Fraction(25, 50)))
         headers = request_headers([("x-request-id", key)], path="/percent-mirror-fraction")
         assert a == explain(policy, headers, rule_id=rule_0)
+
+
+def test_request_attributes_that_came_from_bytes_go_back_to_those_bytes() -> None:
+    """Arguments that are not UTF-8 arrive decoded with surrogateescape ("\\udcff"
+    is the byte 0xff): they go back to their bytes, as --header values do."""
+    headers = request_headers([("x-a", "\udcff")], [("c", "\udcfe")], path="/\udcff", host="h\udcff", method="g\udcff")
+    assert headers == {":method": b"G\xff", ":path": b"/\xff", ":authority": b"h\xff", "x-a": b"\xff", "cookie": b"c=\xfe"}

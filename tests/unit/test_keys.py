@@ -74,6 +74,47 @@ def test_parse_key_source_bad_names(text: str) -> None:
     assert repr(text) in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        # A flag or variable holding bytes that are not UTF-8 arrives with lone surrogates.
+        ("cookie:\udcff", "not a valid cookie name"),
+        ("cookie:s\u00e9", "not a valid cookie name"),
+        ("cookie:a(b)", "not a valid cookie name"),
+        ("cookie:a\x01b", "not a valid cookie name"),
+        ("cookie:a:b", "not a valid cookie name"),
+        ("query:\udcff", "bytes that are not UTF-8"),
+        ("query:u\udcffid", "bytes that are not UTF-8"),
+        ("query:a\x01b", "control character"),
+        ("query:a\x7fb", "control character"),
+        ("header:" + "x" * 257, "longer than 256 bytes"),
+        ("cookie:" + "c" * 257, "longer than 256 bytes"),
+        ("query:" + "\u00e9" * 129, "longer than 256 bytes"),
+    ],
+)
+def test_parse_key_source_refuses_names_no_engine_can_carry(text: str, problem: str) -> None:
+    """A name every engine (the sampler, the inline Lua, the C module) reads as
+    the same bytes, or an error at start-up; never one that fails per request."""
+    with pytest.raises(ValueError) as e:
+        parse_key_source(text)
+    assert repr(text) in str(e.value) and problem in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["cookie:__Host-session", "cookie:a&b#c!", "query:s\u00e9", "query:a.b[]", "query:" + "q" * 256])
+def test_parse_key_source_accepts_names_every_engine_carries(text: str) -> None:
+    source = parse_key_source(text)
+    assert str(source) == text
+    name = source.name.encode()
+    assert extract_key((source,), {"cookie": name + b"=1", ":path": b"/?" + name + b"=1"}) == (source, b"1")
+    assert parse_key_source("header:" + "x" * 256).name == "x" * 256
+
+
+def test_parse_key_chain_refuses_more_sources_than_the_module_takes() -> None:
+    assert len(parse_key_chain(",".join(f"header:x-{i}" for i in range(16)))) == 16
+    with pytest.raises(ValueError, match="17 sources; at most 16"):
+        parse_key_chain(",".join(f"header:x-{i}" for i in range(17)))
+
+
 def test_parse_key_chain_valid() -> None:
     chain = parse_key_chain("header:X-User-Id, cookie:session,query:uid ,traceparent")
     assert chain == (
