@@ -10,6 +10,8 @@ the shell (``extproc.watch``); what a new content means is the consumer's
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,14 +32,57 @@ class ConfigFile(Protocol):
     def config(self) -> str: ...
 
 
+# The most of the MIRROR_CONFIG file read: 16 MiB. A ConfigMap holds at most
+# 1 MiB, and a generated file of thousands of routes a few MiB; parsed YAML
+# takes several times its size in memory, so a larger file is a mistake
+# (a log, an image, /dev/zero) that would cost the process its memory.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def read_manifest(settings: ConfigFile) -> str | None:
-    """The MIRROR_CONFIG file's text (None in simple mode, which has no file)."""
+    """The MIRROR_CONFIG file's text (None in simple mode, which has no file).
+    Only a regular file (symlinks followed) of at most MAX_CONFIG_BYTES is
+    read: a FIFO would block the read (start-up, check-config, or the reload
+    thread) until something writes to it, and a device need never end."""
     if not settings.config:
         return None
+    path = settings.config
     try:
-        return Path(settings.config).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"MIRROR_CONFIG: cannot read {settings.config}: {e}"]) from None
+        # Newlines as a text-mode read has them (as Path.read_text did).
+        return _read_regular_file(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except (OSError, _NotAFile, UnicodeDecodeError) as e:
+        raise ConfigError([f"MIRROR_CONFIG: cannot read {path}: {e}"]) from None
+
+
+class _NotAFile(Exception):
+    """What is at the path is no configuration file to read."""
+
+
+def _read_regular_file(path: str) -> bytes:
+    # Looked at before it is opened (opening some devices does something),
+    # and again once open, without blocking, in case it was swapped meanwhile.
+    _check_regular(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        _check_regular(os.fstat(fd))
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _NotAFile(f"larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB, the most a configuration file may hold")
+    return data
+
+
+def _check_regular(status: os.stat_result) -> None:
+    if not stat.S_ISREG(status.st_mode):
+        kind = next((name for test, name in _KINDS if test(status.st_mode)), "of another kind")
+        raise _NotAFile(f"not a regular file ({kind})")
 
 
 def load_policy(settings: Settings) -> Policy:
@@ -54,11 +99,16 @@ def touches(changes: Iterable[tuple[object, str]], config: Path) -> bool:
     """Whether watchfiles ``changes`` in the config file's folder concern the
     file: the file itself (written, or replaced by an editor's rename), or a
     Kubernetes ConfigMap's atomic swap of its ``..data`` symlink, through which
-    the (unresolved) path points at the new content."""
-    name = config.name
+    the (unresolved) path points at the new content.
+
+    Full paths are compared, not names: ``config`` as the watch was given
+    its folder (``ConfigSource.path``: absolute, symlinks not resolved), which
+    is how watchfiles reports the paths under it. A file of the same name in
+    another folder does not concern it."""
+    folder = config.parent
     for _, path in changes:
-        changed = Path(path).name
-        if changed == name or changed.startswith("..data"):
+        changed = Path(path)
+        if changed == config or (changed.parent == folder and changed.name.startswith("..data")):
             return True
     return False
 

@@ -1,21 +1,31 @@
 """The configuration source: each content judged once, one reload at a time,
-the last content read in force, and which folder events concern the file.
+the last content read in force, which folder events concern the file, and
+what kind of file is read at all.
 
 The file is a variable here (the source's ``read`` is injected), and a
 reload requested while another runs is simulated by requesting it from
-inside the running reload's read: deterministic, no threads."""
+inside the running reload's read: deterministic, no threads. The tests of
+what is read use real files; those that could block (a FIFO) read in a
+thread and fail, rather than hang, if the read does not return."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from extproc.cli import main
 from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
-from extproc.config.source import ConfigFile, ConfigSource, touches
+from extproc.config.source import MAX_CONFIG_BYTES, ConfigFile, ConfigSource, read_manifest, touches
+from tests.support.paths import CONFORMANCE
 
 SETTINGS = Settings.load({"MIRROR_CONFIG": "/config/routes.yaml"})
 
@@ -192,3 +202,123 @@ def test_folder_events_that_concern_the_file() -> None:
     assert touches([(1, "/mount/..data_tmp"), (2, "/mount/..data")], config)
     assert not touches([(2, "/mount/sampler.log"), (1, "/mount/routes.yaml.swp")], config)
     assert not touches([], config)
+
+
+def test_a_file_of_the_same_name_elsewhere_does_not_concern_the_file() -> None:
+    """Full paths, as the watch reports them (its folder as given: absolute, unresolved)."""
+    config = Path("/mount/routes.yaml")
+    assert not touches([(3, "/mount.old/routes.yaml"), (2, "/elsewhere/routes.yaml")], config)
+    assert not touches([(2, "/mount/sub/routes.yaml"), (1, "/elsewhere/..data")], config)
+    assert touches([(2, "/x/../mount/routes.yaml")], Path("/x/../mount/routes.yaml"))
+
+
+# -- what kind of file is read -------------------------------------------------
+
+
+def _settings(path: Path | str) -> Settings:
+    return Settings.load({"MIRROR_CONFIG": str(path)})
+
+
+def _within(seconds: float, call: Callable[[], object]) -> object:
+    """``call()``'s result or exception, from a thread; fails if it blocks longer."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still blocked after {seconds}s"
+    return outcome[0]
+
+
+def _refused(path: Path | str) -> str:
+    """The one problem reading ``path`` reports."""
+    outcome = _within(10, lambda: read_manifest(_settings(path)))
+    assert isinstance(outcome, ConfigError), outcome if isinstance(outcome, BaseException) else f"read {len(str(outcome))} characters"
+    [problem] = outcome.problems
+    return problem
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.yaml"
+    os.mkfifo(path)
+    return path
+
+
+def test_only_a_regular_file_is_read(tmp_path: Path, fifo: Path) -> None:
+    """A FIFO would block the read until something writes to it, a device
+    need never end (/dev/zero: all memory); each is named, with the variable."""
+    assert _refused(fifo) == f"MIRROR_CONFIG: cannot read {fifo}: not a regular file (a FIFO)"
+    assert _refused("/dev/null") == "MIRROR_CONFIG: cannot read /dev/null: not a regular file (a character device)"
+    assert _refused(tmp_path) == f"MIRROR_CONFIG: cannot read {tmp_path}: not a regular file (a folder)"
+    # Symlinks are followed (a ConfigMap's file is one): to what they name.
+    link = tmp_path / "link.yaml"
+    link.symlink_to(fifo)
+    assert _refused(link) == f"MIRROR_CONFIG: cannot read {link}: not a regular file (a FIFO)"
+    target = tmp_path / "target.yaml"
+    target.write_text("a: 1\r\nb: 2\n")
+    link.unlink()
+    link.symlink_to(target)
+    assert read_manifest(_settings(link)) == "a: 1\nb: 2\n"  # newlines as a text-mode read has them
+
+
+def test_the_size_read_is_capped(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    with path.open("wb") as file:  # sparse: costs no disk
+        file.truncate(MAX_CONFIG_BYTES)
+    assert len(read_manifest(_settings(path)) or "") == MAX_CONFIG_BYTES
+    with path.open("ab") as file:
+        file.write(b"\n")
+    assert _refused(path) == f"MIRROR_CONFIG: cannot read {path}: larger than 16 MiB, the most a configuration file may hold"
+
+
+def test_a_reload_of_a_file_that_is_no_longer_regular_is_refused_and_the_content_stays(tmp_path: Path, fifo: Path) -> None:
+    """The real read: the reload thread must not block on a FIFO put in the file's place."""
+    judge = Recorder()
+    config = tmp_path / "cfg.yaml"
+    config.write_text("a")
+    source = ConfigSource(_settings(config), judge, built_from="a")
+    os.replace(fifo, config)
+    assert _within(10, lambda: source.reload("file changed")) is None
+    assert judge.events == [("rejected", f"MIRROR_CONFIG: cannot read {config}: not a regular file (a FIFO)")]
+    assert judge.in_force == "a"
+    # Reloading goes on: the next regular content is judged.
+    replacement = tmp_path / "new.yaml"
+    replacement.write_text("b")
+    os.replace(replacement, config)
+    source.reload("file changed")
+    assert judge.events[-1] == ("judged", "b")
+
+
+def test_check_config_refuses_a_fifo_without_blocking(fifo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _within(10, lambda: main(["check-config", "--config", str(fifo)])) == 2
+    assert f"MIRROR_CONFIG: cannot read {fifo}: not a regular file (a FIFO)" in capsys.readouterr().err
+
+
+def test_the_sampler_refuses_to_start_on_a_fifo(tmp_path: Path, fifo: Path) -> None:
+    """The start-up read would block until something writes to it: a clear
+    error and a non-zero exit instead, before anything listens. (A FIFO
+    rather than /dev/zero: against a tree without the check, the test then
+    times out instead of taking the machine's memory.)"""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MIRROR_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(fifo), "--listen", "127.0.0.1:0", "--metrics-listen", "off"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert f"MIRROR_CONFIG: cannot read {fifo}: not a regular file (a FIFO)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_regular_file_reads_as_before() -> None:
+    assert read_manifest(_settings(CONFORMANCE)) == CONFORMANCE.read_text(encoding="utf-8")
