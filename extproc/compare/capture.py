@@ -28,8 +28,7 @@ from pathlib import Path
 import structlog
 from google.protobuf.message import DecodeError
 
-from ..config.errors import ConfigError
-from ..config.source import ConfigFile, ConfigSource
+from ..config.source import ConfigFile, ConfigSource, read_config_file
 from ..server.health import Health
 from ..server.transports.http2 import Http2Transport
 from ..watch import AsyncDriver
@@ -313,10 +312,7 @@ class _SettingsFile:
 
 
 def _read(file: ConfigFile) -> str | None:
-    try:
-        return Path(file.config).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"--config {file.config}: cannot read: {e}"]) from None
+    return read_config_file(file.config, "--config")
 
 
 class _Reloads:

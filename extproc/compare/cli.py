@@ -18,6 +18,7 @@ from ..config.addresses import split_address
 from ..config.errors import ConfigError
 from ..config.manifest_yaml import read_documents
 from ..config.manifests import SWITCH_KIND, parse_manifests, sampler_document
+from ..config.source import read_config_file
 from ..priority import MAX_NICE, lower_cpu_priority
 from .config import CompareConfig, mirror_targets, parse_compare
 from .judge import Comparison
@@ -61,10 +62,7 @@ def load_config(path: str | None, routes: str | None = None, reading: bool = Fal
 
 
 def read_config(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([f"--config {path}: cannot read: {e}"]) from None
+    return read_config_file(path, "--config")
 
 
 def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2, reading: bool = False) -> CompareConfig:

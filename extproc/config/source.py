@@ -54,12 +54,17 @@ def read_manifest(settings: ConfigFile) -> str | None:
     thread) until something writes to it, and a device need never end."""
     if not settings.config:
         return None
-    path = settings.config
+    return read_config_file(settings.config, "MIRROR_CONFIG")
+
+
+def read_config_file(path: str, setting: str) -> str:
+    """A configuration file's text, as ``read_manifest`` reads it; ConfigError
+    names ``setting`` (the variable or flag that named the file)."""
     try:
         # Newlines as a text-mode read has them (as Path.read_text did).
         return _read_regular_file(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, _NotAFile, UnicodeDecodeError) as e:
-        raise ConfigError([f"MIRROR_CONFIG: cannot read {path}: {e}"]) from None
+        raise ConfigError([f"{setting}: cannot read {path}: {e}"]) from None
 
 
 class _NotAFile(Exception):
