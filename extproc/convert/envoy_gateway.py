@@ -21,6 +21,8 @@ clienttrafficpolicy_types.go, shared_types.go).
 from __future__ import annotations
 
 import copy
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
+from ..config.manifest_yaml import read_documents
 from ..config.manifests import SWITCH_KIND, parse_manifests
 from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
 from ..core.policy import MirrorTarget, Route, Rule
@@ -60,22 +63,72 @@ MAX_RULES = 16
 MAX_HEADER_MATCHES = 16
 MAX_FILTERS = 16
 MAX_REMOVE = 16
+# The longest name the converter gives: metadata.name of every kind it writes is a
+# DNS-1123 subdomain (at most 253), and the HTTPRoute CRD's rules[].name (and a
+# policy's targetRefs[].sectionName) has maxLength 253.
+MAX_NAME = 253
+_HASH_LENGTH = 10
 # Fields the API server sets; applying them back would conflict.
 _SERVER_FIELDS = ("resourceVersion", "uid", "generation", "managedFields", "creationTimestamp", "selfLink")
+
+
+def object_name(*parts: str, limit: int = MAX_NAME) -> str:
+    """``parts`` joined with '-', as the name of an object or of an HTTPRoute rule. Too
+    long, it is cut and ends in a short hash of the whole: names that differ only past
+    the cut stay distinct, and the same parts always give the same name. Each part is
+    itself a valid name, so the result is a DNS-1123 subdomain."""
+    whole = "-".join(parts)
+    if len(whole) <= limit:
+        return whole
+    digest = hashlib.sha256(whole.encode()).hexdigest()[:_HASH_LENGTH]
+    # A cut that ends in '-' or '.' would leave '-' or '.-' before the hash: not a subdomain.
+    return f"{whole[: limit - _HASH_LENGTH - 1].rstrip('-.')}-{digest}"
 
 
 def _backend(target: MirrorTarget) -> str:
     return target.backend
 
 
-def variant_rules(raw: dict[str, Any], rule: Rule, slot_headers: SlotHeaders) -> list[dict[str, Any]]:
-    """The rule as ``core.variants`` lays it out: its variant rules, then its plain rule."""
+def _variant_names(base: str, slot_lists: Sequence[Sequence[int]], taken: set[str]) -> list[str]:
+    """Names for a rule's variants (``slot_lists``: each variant's slots), unique within the
+    route: ``<base>-mirror-<slots>``, or with ``mirror2``, ``mirror3``... when a name the
+    route already has (``taken``) would clash. ``taken`` receives the names chosen."""
+    n = 1
+    while True:
+        infix = "mirror" if n == 1 else f"mirror{n}"
+        names = [object_name(base, infix, *map(str, slots)) for slots in slot_lists]
+        if not taken.intersection(names):
+            taken.update(names)
+            return names
+        n += 1
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``... if the route already has it; added to ``taken``."""
+    chosen, n = name, 1
+    while chosen in taken:
+        n += 1
+        chosen = object_name(name, str(n))
+    taken.add(chosen)
+    return chosen
+
+
+def variant_rules(raw: dict[str, Any], rule: Rule, slot_headers: SlotHeaders, taken: set[str] | None = None) -> list[dict[str, Any]]:
+    """The rule as ``core.variants`` lays it out: its variant rules, then its plain rule.
+    A named rule's variants get names not in ``taken`` (the route's rule names so far;
+    updated), since rule names must be unique within a route."""
     filters: list[dict[str, Any]] = list(raw.get("filters") or [])
     mirror_filters = [i for i, f in enumerate(filters) if f.get("type") == "RequestMirror"]
     assert len(mirror_filters) == len(rule.mirrors), "the parsed rule and its manifest disagree"
     used_slots = slot_headers.names[: len(rule.mirrors)]
+    layouts = rule_layout(rule.mirrors, _backend, slot_headers)
+    variant_names: list[str] = []
+    if raw.get("name"):
+        slot_lists = [layout.slots for layout in layouts if not layout.is_plain]
+        variant_names = _variant_names(raw["name"], slot_lists, set() if taken is None else taken)
+    names = iter(variant_names)
     out = []
-    for layout in rule_layout(rule.mirrors, _backend, slot_headers):
+    for layout in layouts:
         if layout.is_plain:
             plain = copy.deepcopy(raw)
             kept = [copy.deepcopy(f) for f in filters if f.get("type") != "RequestMirror"]
@@ -119,8 +172,7 @@ def variant_rules(raw: dict[str, Any], rule: Rule, slot_headers: SlotHeaders) ->
             new_filters.insert(0, {"type": "RequestHeaderModifier", "requestHeaderModifier": {"remove": list(used_slots)}})
         variant["filters"] = new_filters
         if raw.get("name"):
-            # Rule names must be unique within a route.
-            variant["name"] = f"{raw['name']}-mirror-{'-'.join(map(str, layout.slots))}"
+            variant["name"] = next(names)
         out.append(variant)
     return out
 
@@ -154,11 +206,13 @@ def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
 
 
 def rewrite_route(
-    doc: Document, route: Route, slot_headers: SlotHeaders, sections: dict[str, list[str]] | None = None
+    doc: Document, route: Route, slot_headers: SlotHeaders, sections: dict[str, list[str]] | None = None, *, name_rules: bool = False
 ) -> tuple[Document, bool]:
     """The route with each mirrored rule expanded; whether anything changed. With
-    ``sections`` (the module engine), every mirrored rule gets a name, and ``sections``
-    receives, per rule id, the names of the rules it became (its policy's sectionNames)."""
+    ``name_rules`` (the module engine), every mirrored rule gets a name. ``sections``
+    receives, per named mirrored rule's id, the names of the rules it became, its plain
+    rule last (the module's policy's sectionNames). Every name given is unique within
+    the route and within the CRD's length limit."""
     new = copy.deepcopy(doc)
     new.pop("status", None)
     meta = new.setdefault("metadata", {})
@@ -168,14 +222,16 @@ def rewrite_route(
     if not any(r.mirrors for r in route.rules) or not raw_rules:
         return new, False
     rules: list[dict[str, Any]] = []
+    # The names the route has: no name the converter gives may repeat one (the CRD's rule).
+    taken = {r["name"] for r in raw_rules if isinstance(r.get("name"), str)}
     for index, (raw, rule) in enumerate(zip(raw_rules, route.rules, strict=True)):
         if not rule.mirrors:
             rules.append(copy.deepcopy(raw))
             continue
-        if sections is not None and not raw.get("name"):
-            raw = {"name": rule_section_name(index), **raw}
-        expanded = variant_rules(raw, rule, slot_headers)
-        if sections is not None:
+        if name_rules and not raw.get("name"):
+            raw = {"name": _free_name(rule_section_name(index), taken), **raw}
+        expanded = variant_rules(raw, rule, slot_headers, taken)
+        if sections is not None and raw.get("name"):
             sections[rule.id] = [r["name"] for r in expanded]
         rules.extend(expanded)
     problems = _limit_problems(f"{route.source}: HTTPRoute {route.id}", rules)
@@ -196,10 +252,6 @@ def _gateways(doc: Document, route_ns: str | None) -> tuple[list[tuple[str | Non
         else:
             others.append(f"{group or 'core'}/{kind} {ref.get('name')}")
     return gateways, others
-
-
-def _object_name(*parts: str) -> str:
-    return "-".join(parts)[:253].rstrip("-.")
 
 
 def extension_policies(
@@ -243,7 +295,7 @@ def reference_grants(namespaces: Sequence[str], *, service: str, sampler_ns: str
         {
             "apiVersion": f"{GATEWAY_GROUP}/v1beta1",
             "kind": "ReferenceGrant",
-            "metadata": metadata(_object_name(service, "from", ns), sampler_ns),
+            "metadata": metadata(object_name(service, "from", ns), sampler_ns),
             "spec": {
                 "from": [{"group": EG_GROUP, "kind": "EnvoyExtensionPolicy", "namespace": ns}],
                 "to": [{"group": "", "kind": "Service", "name": service}],
@@ -268,7 +320,7 @@ def client_traffic_policies(gateways: Sequence[tuple[str | None, str]], header_n
         {
             "apiVersion": EG_API,
             "kind": "ClientTrafficPolicy",
-            "metadata": metadata(_object_name(service, name), ns),
+            "metadata": metadata(object_name(service, name), ns),
             "spec": {
                 "targetRefs": [{"group": GATEWAY_GROUP, "kind": "Gateway", "name": name}],
                 "headers": {"earlyRequestHeaders": {"remove": list(header_names)}},
@@ -276,6 +328,55 @@ def client_traffic_policies(gateways: Sequence[tuple[str | None, str]], header_n
         }
         for ns, name in gateways
     ]
+
+
+def _variant_pattern(name: str, variants: Sequence[str]) -> str:
+    """How the note names a rule's variants: the pattern when they follow it, else each name."""
+    default = re.compile(re.escape(name) + r"-mirror(-[0-9]+)+")
+    return f"{name}-mirror-<slots>" if all(default.fullmatch(v) for v in variants) else ", ".join(variants)
+
+
+def _mirrors(doc: Document) -> list[dict[str, Any]]:
+    """The requestMirror of each RequestMirror filter in a route's rules (GRPCRoute, HTTPRoute)."""
+    spec = doc.get("spec")
+    rules = spec.get("rules") if isinstance(spec, dict) else None
+    found = []
+    for rule in rules if isinstance(rules, list) else []:
+        filters = rule.get("filters") if isinstance(rule, dict) else None
+        for f in filters if isinstance(filters, list) else []:
+            if isinstance(f, dict) and f.get("type") == "RequestMirror":
+                mirror = f.get("requestMirror")
+                found.append(mirror if isinstance(mirror, dict) else {})
+    return found
+
+
+def _ignored_note(where: str, doc: Document) -> tuple[str, bool]:
+    """What the user must know of a document the converter leaves out (every kind but
+    HTTPRoute and MirrorSampler), and whether it mirrors at random (a GRPCRoute with
+    percent / fraction, which Envoy Gateway keeps sampling at random)."""
+    kind = doc.get("kind")
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    name = meta.get("name")
+    what = f"{kind} {meta.get('namespace') or 'default'}/{name}" if isinstance(name, str) else str(kind)
+    if kind != "GRPCRoute":
+        return f"{where}: {what} ignored: not an HTTPRoute (convert envoy-gateway converts HTTPRoutes); nothing written for it", False
+    mirrors = _mirrors(doc)
+    random = [m for m in mirrors if "percent" in m or "fraction" in m]
+    backends = ", ".join(dict.fromkeys(str((m.get("backendRef") or {}).get("name")) for m in (random or mirrors)))
+    if random:
+        return (
+            f"{where}: {what} mirrors to {backends} with percent / fraction and is NOT converted (convert envoy-gateway converts "
+            "HTTPRoutes only): Envoy Gateway keeps mirroring it at random, and the sampler does not decide for it",
+            True,
+        )
+    if mirrors:
+        return (
+            f"{where}: {what} mirrors every request to {backends} (no percent / fraction) and is not converted "
+            "(convert envoy-gateway converts HTTPRoutes only): left as it is, outside the sampler",
+            False,
+        )
+    return f"{where}: {what} has no RequestMirror filter; ignored (convert envoy-gateway converts HTTPRoutes only)", False
 
 
 def convert_envoy_gateway(
@@ -295,12 +396,17 @@ def convert_envoy_gateway_sources(
     problems: list[str] = []
     kept: list[Document] = []  # the sampler's configuration: the original routes (and kill switch)
     pairs: list[tuple[Document, Route]] = []
+    ignored: list[tuple[str, bool]] = []  # a note per document of another kind; whether it mirrors at random
     for source, text in sources:
         parsed = parse_manifests(text, source, slot_headers.count)
         routes, errors = parsed.routes, parsed.problems
         problems += errors
         if errors:
             continue
+        # Numbered as parse_manifests numbers documents (empty ones count), as the routes' notes are.
+        for i, (raw_doc, _) in enumerate(read_documents(text, source)):
+            if isinstance(raw_doc, dict) and raw_doc.get("kind") not in (SWITCH_KIND, "HTTPRoute"):
+                ignored.append(_ignored_note(f"{source} (document {i + 1})", raw_doc))
         by_id = {r.id: r for r in routes}
         for doc in load_documents(text, source):
             if doc.get("kind") == SWITCH_KIND:
@@ -325,7 +431,7 @@ def convert_envoy_gateway_sources(
     except ConfigError as e:
         raise ConvertError(e.problems) from None
 
-    notes: list[str] = []
+    notes: list[str] = [note for note, _ in ignored]
     rewritten: list[Document] = []
     mirrored: dict[str | None, list[str]] = {}
     gateways: dict[tuple[str | None, str], None] = {}
@@ -334,11 +440,11 @@ def convert_envoy_gateway_sources(
     for doc, route in pairs:
         route_ns = (doc.get("metadata") or {}).get("namespace")
         route_namespaces[route_ns] = None
-        sections: dict[str, list[str]] | None = {} if module else None
-        new, changed = rewrite_route(doc, route, slot_headers, sections)
-        for rule_id, names in (sections or {}).items():
+        sections: dict[str, list[str]] = {}
+        new, changed = rewrite_route(doc, route, slot_headers, sections, name_rules=module is not None)
+        for rule_id, names in sections.items() if module else ():
             index = rule_id.rpartition("/")[2]
-            name = _object_name(options.sampler_service, route.name, index)
+            name = object_name(options.sampler_service, route.name, index)
             rule_policies.append(rule_policy(name, route_ns, route.name, names, policy, policy.rules_by_id[rule_id]))
         rewritten.append(new)
         if not changed:
@@ -355,15 +461,19 @@ def convert_envoy_gateway_sources(
         if not found and not others:
             notes.append(f"HTTPRoute {route.id} has no parentRefs: attach it to a Gateway")
         for rule, raw in zip(route.rules, (doc.get("spec") or {}).get("rules") or [], strict=False):
-            if rule.mirrors and raw.get("name") and not module:
+            if rule.id in sections and not module:
+                variants = sections[rule.id][:-1]
                 notes.append(
                     f"HTTPRoute {route.id}: rule {raw['name']!r} keeps its name; its mirror variants are named "
-                    f"{raw['name']}-mirror-<slots> "
+                    f"{_variant_pattern(raw['name'], variants)} "
                     "(policies that target the rule by sectionName do not reach the variants)"
                 )
     if not mirrored:
         raise ConvertError(
-            [f"{', '.join(s for s, _ in sources)}: no HTTPRoute rule with a RequestMirror filter (and a backend) to convert"]
+            [
+                f"{', '.join(s for s, _ in sources)}: no HTTPRoute rule with a RequestMirror filter (and a backend) to convert",
+                *(note for note, random in ignored if random),
+            ]
         )
 
     if module:
@@ -430,7 +540,7 @@ def _module_conversion(
     notes: list[str],
 ) -> Conversion:
     service = options.sampler_service
-    proxy_name, sources_name = service, _object_name(service, "module-src")
+    proxy_name, sources_name = service, object_name(service, "module-src")
     namespaces = list(dict.fromkeys(ns for ns, _ in gateways)) or [options.namespace]
     proxies: list[Document] = []
     for ns in namespaces:

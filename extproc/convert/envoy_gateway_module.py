@@ -34,7 +34,8 @@ MODULE_ENTRY = "mirror-sampler"
 
 
 def rule_section_name(rule_index: int) -> str:
-    """The name given to a mirror rule that has none (sectionName needs one)."""
+    """The name given to a mirror rule that has none (sectionName needs one); the converter
+    adds ``-2``, ``-3``... where the route already has a rule of that name."""
     return f"mirror-sampler-{rule_index}"
 
 

@@ -14,6 +14,7 @@ from extproc.convert.istio_module import GATEWAY_PATCH, SIDECAR_PATCH
 from tests.owners.kubectl_validate import validate
 from tests.support.paths import CONFORMANCE, DATA, EG_SEED, GEP_SEED
 from tests.support.seeds import httproute_manifests, seed_text
+from tests.unit.test_convert_envoy_gateway import EDGE_NAMES, GRPC_ROUTE, SERVICE, manifests, mirrored_rule, route_manifest
 from tests.unit.test_convert_istio_module import patched_deployment
 from tests.unit.test_envoyconf import render_cli
 
@@ -88,4 +89,25 @@ def test_the_manifests_the_project_is_tested_with_are_valid(tmp_path: Path) -> N
     files = [*EG_INPUTS, *ISTIO_INPUTS, *seed_files(tmp_path)]
     verdicts = validate(files)
     invalid = {str(v.path): v.errors for v in verdicts.values() if not v.valid}
+    assert not invalid, invalid
+
+
+def test_the_names_convert_envoy_gateway_gives_are_valid(tmp_path: Path) -> None:
+    """Rule and object names at the edges (a user rule named as a variant would be, rule,
+    route and Gateway names near the 253-character limit), with both engines: the CRDs'
+    rules (unique rule names, maxLength) and metadata.name's (a DNS-1123 subdomain)."""
+    inputs = []
+    grpc = manifests(route_manifest("web", [mirrored_rule("/")]), GRPC_ROUTE, SERVICE)
+    module_clash = manifests(route_manifest("clash", [mirrored_rule("/a"), mirrored_rule("/b", "mirror-sampler-0", mirrors=0)]))
+    for case, sources in {**EDGE_NAMES, "module-rule-name-clash": module_clash, "grpc-route": grpc}.items():
+        ((_, text),) = sources
+        inputs.append(tmp_path / "inputs" / f"{case}.yaml")
+        inputs[-1].parent.mkdir(exist_ok=True)
+        inputs[-1].write_text(text, encoding="utf-8")
+    written: list[Path] = []
+    for source in inputs:
+        written += convert("envoy-gateway", [source], tmp_path / source.stem)
+        written += convert("envoy-gateway", [source], tmp_path / f"{source.stem}-module", "--inline", "module")
+    verdicts = validate([*inputs, *written])
+    invalid = {str(v.path.relative_to(tmp_path)): v.errors for v in verdicts.values() if not v.valid}
     assert not invalid, invalid

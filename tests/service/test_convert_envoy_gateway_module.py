@@ -24,6 +24,7 @@ from tests.owners.kubectl_validate import validate
 from tests.owners.tools import egctl
 from tests.support.module_elf import assert_needs_only_old_glibc, symbols
 from tests.support.paths import CONFORMANCE
+from tests.unit.test_convert_envoy_gateway import mirrored_rule, route_manifest
 
 DYNAMIC_MODULE_FILTER = "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
 NAMESPACE = "gateway-conformance-infra"
@@ -100,9 +101,11 @@ def test_the_init_container_command_builds_the_module_from_the_config_map(tmp_pa
     assert_needs_only_old_glibc(built)
 
 
-def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_routes(tmp_path: Path) -> None:
+def assert_each_rule_has_its_own_module_filter_on_its_routes(tmp_path: Path, source: Path) -> None:
+    """egctl accepts every object `convert envoy-gateway --inline module` writes for ``source``
+    (routes in NAMESPACE on GATEWAY), and each mirror rule's filter is on exactly its routes."""
     binary = egctl()
-    conversion = convert_envoy_gateway([CONFORMANCE], module=ModuleEngine())
+    conversion = convert_envoy_gateway([source], module=ModuleEngine())
     routes = list(yaml.safe_load_all(conversion.files["httproutes.yaml"]))
     converted = [d for text in conversion.files.values() for d in yaml.safe_load_all(text) if d]
     world = [*yaml.safe_load_all(WORLD), *services(routes), *converted]
@@ -123,8 +126,9 @@ def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_rout
     assert len(accepted) >= 5  # the policies, the EnvoyProxy, the route, the Gateway ...
 
     filters = [n for d in out for n in walk(d) if isinstance(n, dict) and n.get("typedConfig", {}).get("@type") == DYNAMIC_MODULE_FILTER]
-    policy = build_policy(Settings.load({"MIRROR_CONFIG": "x"}), CONFORMANCE.read_text())
+    policy = build_policy(Settings.load({"MIRROR_CONFIG": "x"}), source.read_text())
     mirror_rules = [r for r in policy.rules if r.mirrors]
+    # One filter per mirror rule: two policies with one name would be one object, one rule unmirrored.
     assert len(filters) == len(mirror_rules)
     by_rule = {}
     for f in filters:
@@ -138,17 +142,30 @@ def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_rout
     assert sorted(by_rule) == sorted(r.id for r in mirror_rules)
 
     xds_routes = [n for d in out for n in walk(d) if isinstance(n, dict) and "match" in n and str(n.get("name")).startswith("httproute/")]
-    sections = {
-        p["metadata"]["name"]: [t["sectionName"] for t in p["spec"]["targetRefs"]]
-        for p in yaml.safe_load_all(conversion.files["envoy-extension-policy.yaml"])
-    }
-    assert len(xds_routes) == sum(len(s) for s in sections.values())
+    policies = list(yaml.safe_load_all(conversion.files["envoy-extension-policy.yaml"]))
+    # Which mirror rule each targeted rule name belongs to: the rule its policy's module config decides.
+    rule_of = {t["sectionName"]: p["spec"]["dynamicModule"][0]["config"]["rule"]["rule"] for p in policies for t in p["spec"]["targetRefs"]}
+    assert len(rule_of) == sum(len(p["spec"]["targetRefs"]) for p in policies)
     for r in xds_routes:
         section = r["metadata"]["filterMetadata"]["envoy-gateway"]["resources"][0]["sectionName"]
-        index = section.split("-")[2]  # mirror-sampler-<rule index>[-mirror-<slots>]
         enabled = set(r.get("typedPerFilterConfig") or {})
-        # Exactly its own rule's filter: another rule's config would decide for the wrong rule.
-        assert enabled == {by_rule[f"{NAMESPACE}/request-percentage-mirror/{index}"]}, section
+        # Exactly its own rule's filter (another rule's config would decide for the wrong rule); none on a rule without mirrors.
+        assert enabled == ({by_rule[rule_of[section]]} if section in rule_of else set()), section
+    assert {r["metadata"]["filterMetadata"]["envoy-gateway"]["resources"][0]["sectionName"] for r in xds_routes} >= set(rule_of)
+
+
+def test_envoy_gateway_translates_each_rule_to_its_own_module_filter_on_its_routes(tmp_path: Path) -> None:
+    assert_each_rule_has_its_own_module_filter_on_its_routes(tmp_path, CONFORMANCE)
+
+
+def test_long_names_and_a_user_rule_named_like_ours_keep_each_rule_on_its_own_filter(tmp_path: Path) -> None:
+    """A route name near the 253-character limit (each rule's policy name is cut: they must
+    still differ) and a user rule named as the converter names an unnamed mirror rule."""
+    rules = [mirrored_rule("/a"), mirrored_rule("/b", "mirror-sampler-0", mirrors=0), mirrored_rule("/c", mirrors=2)]
+    route = route_manifest("r" * 240, rules, gateway=GATEWAY)
+    route["metadata"]["namespace"] = NAMESPACE
+    (tmp_path / "routes.yaml").write_text(yaml.safe_dump(route))
+    assert_each_rule_has_its_own_module_filter_on_its_routes(tmp_path, tmp_path / "routes.yaml")
 
 
 def test_every_object_validates_against_envoy_gateway_and_gateway_api_crds(tmp_path: Path) -> None:

@@ -6,7 +6,9 @@ Envoy Gateway's API (v1.9) defines. Nothing here runs Envoy Gateway."""
 
 from __future__ import annotations
 
+import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from extproc.config.build import build_policy
 from extproc.config.manifests import parse_manifests
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
-from extproc.convert.envoy_gateway import convert_envoy_gateway, convert_envoy_gateway_sources
+from extproc.convert.envoy_gateway import convert_envoy_gateway, convert_envoy_gateway_sources, object_name
 from extproc.convert.kubernetes import SamplerDeployment
 from extproc.core.keys import DEFAULT_KEY_CHAIN
 from extproc.core.matching import PathType, ValueType
@@ -361,3 +363,171 @@ def test_invalid_input_names_file_and_field() -> None:
 def test_reads_files(tmp_path: Path) -> None:
     with pytest.raises(ConvertError, match="cannot read"):
         convert_envoy_gateway([tmp_path / "missing.yaml"])
+
+
+# Names the converter gives (rules, objects): unique where Kubernetes wants them unique,
+# within the 253 characters of a DNS-1123 subdomain (metadata.name) and of the CRD's
+# rules[].name, and the same on every run.
+SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def mirrored_rule(path: str, name: str | None = None, mirrors: int = 1) -> dict[str, Any]:
+    rule: dict[str, Any] = {} if name is None else {"name": name}
+    rule["matches"] = [{"path": {"type": "PathPrefix", "value": path}}]
+    if mirrors:
+        rule["filters"] = [
+            {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": f"shadow-{i}", "port": 8080}, "percent": 10}}
+            for i in range(mirrors)
+        ]
+    rule["backendRefs"] = [{"name": "primary", "port": 8080}]
+    return rule
+
+
+def route_manifest(name: str, rules: list[dict[str, Any]], gateway: str = "public") -> dict[str, Any]:
+    return {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"parentRefs": [{"name": gateway}], "rules": rules},
+    }
+
+
+def manifests(*documents: dict[str, Any]) -> list[tuple[str, str]]:
+    return [("edge.yaml", yaml.safe_dump_all(documents, sort_keys=False))]
+
+
+# The reviewer's cases: a variant name a user rule already has; a rule name so long that the
+# variant suffix passes the limit; route and Gateway names so long that the policy names did.
+RULE_NAME_CLASH = manifests(route_manifest("clash", [mirrored_rule("/a", "a", mirrors=2), mirrored_rule("/b", "a-mirror-0", mirrors=0)]))
+LONG_RULE_NAME = manifests(route_manifest("long-rule", [mirrored_rule("/a", "a" * 250, mirrors=2), mirrored_rule("/b", "a" * 253, 0)]))
+LONG_ROUTE_NAME = manifests(route_manifest("r" * 240, [mirrored_rule("/a"), mirrored_rule("/b")]))
+LONG_GATEWAY_NAMES = manifests(
+    route_manifest("one", [mirrored_rule("/a")], gateway="g" * 245 + "-one"),
+    route_manifest("two", [mirrored_rule("/b")], gateway="g" * 245 + "-two"),
+)
+EDGE_NAMES = {"rule-name-clash": RULE_NAME_CLASH, "long-rule-name": LONG_RULE_NAME, "long-route-name": LONG_ROUTE_NAME}
+EDGE_NAMES["long-gateway-names"] = LONG_GATEWAY_NAMES
+
+
+def object_names(conversion: Conversion) -> dict[tuple[str, str | None], list[str]]:
+    """metadata.name of every object written, by (kind, namespace)."""
+    names: dict[tuple[str, str | None], list[str]] = {}
+    for text in conversion.files.values():
+        for d in docs(text):
+            names.setdefault((d["kind"], d["metadata"].get("namespace")), []).append(d["metadata"]["name"])
+    return names
+
+
+def assert_names_valid(conversion: Conversion) -> None:
+    for (kind, ns), names in object_names(conversion).items():
+        # The same name twice: the second `kubectl apply` replaces the first object.
+        assert len(names) == len(set(names)), (kind, ns, names)
+        for name in names:
+            assert len(name) <= 253 and SUBDOMAIN.fullmatch(name), (kind, name)
+    for route in docs(conversion.files["httproutes.yaml"]):
+        names = [r["name"] for r in route["spec"]["rules"] if "name" in r]
+        assert len(names) == len(set(names)), names
+        for name in names:
+            assert len(name) <= 253 and SUBDOMAIN.fullmatch(name), name
+
+
+def test_object_name_cuts_long_names_with_a_hash_of_the_whole() -> None:
+    assert object_name("mirror-sampler", "shop", "0") == "mirror-sampler-shop-0"
+    assert object_name("a" * 240, "mirror", "0") == "a" * 240 + "-mirror-0"  # 249: kept whole
+    long = [object_name("r" * 240, "mirror", str(i)) for i in range(12)]
+    assert len(set(long)) == 12
+    assert all(len(n) <= 253 and SUBDOMAIN.fullmatch(n) for n in long)
+    assert long == [object_name("r" * 240, "mirror", str(i)) for i in range(12)]  # deterministic
+    # A cut that would end in '.' or '-' does not leave '.-' or '--' before the hash.
+    for filler in ("a.", "a-", "a.-"):
+        name = object_name("x" * 239 + filler * 10, "0")
+        assert len(name) <= 253 and SUBDOMAIN.fullmatch(name), name
+
+
+@pytest.mark.parametrize("sources", EDGE_NAMES.values(), ids=EDGE_NAMES.keys())
+def test_names_are_unique_valid_and_stable(sources: list[tuple[str, str]]) -> None:
+    conversion = convert(sources)
+    assert_names_valid(conversion)
+    # The sampler and the routes still agree: each variant selects the right mirrors.
+    test_slot_headers_select_the_variant_with_exactly_the_sampled_mirrors("edge", sources)
+    assert convert(sources).files == conversion.files
+
+
+def test_variant_names_avoid_the_rule_names_the_route_has() -> None:
+    conversion = convert(RULE_NAME_CLASH)
+    (route,) = docs(conversion.files["httproutes.yaml"])
+    names = [r.get("name") for r in route["spec"]["rules"]]
+    # "a-mirror-0" is the user's rule: rule a's variants take the next free infix.
+    assert names == ["a-mirror2-0-1", "a-mirror2-0", "a-mirror2-1", "a", "a-mirror-0"]
+    (note,) = [n for n in conversion.notes if "keeps its name" in n]
+    assert "a-mirror2-0-1, a-mirror2-0, a-mirror2-1" in note
+
+
+def test_variant_names_of_a_long_rule_name_fit_the_crd_limit() -> None:
+    conversion = convert(LONG_RULE_NAME)
+    (route,) = docs(conversion.files["httproutes.yaml"])
+    names = [r["name"] for r in route["spec"]["rules"]]
+    assert names[3:] == ["a" * 250, "a" * 253]  # the user's names, unchanged
+    assert [len(n) for n in names[:3]] == [253, 253, 253]
+    assert len(set(names)) == 5
+
+
+def test_client_traffic_policies_of_long_gateway_names_are_distinct() -> None:
+    conversion = convert(LONG_GATEWAY_NAMES)
+    ctps = docs(conversion.files["client-traffic-policy.yaml"])
+    assert [c["spec"]["targetRefs"][0]["name"] for c in ctps] == ["g" * 245 + "-one", "g" * 245 + "-two"]
+    assert len({c["metadata"]["name"] for c in ctps}) == 2
+
+
+GRPC_ROUTE: dict[str, Any] = {
+    "apiVersion": "gateway.networking.k8s.io/v1",
+    "kind": "GRPCRoute",
+    "metadata": {"name": "orders", "namespace": "shop"},
+    "spec": {
+        "parentRefs": [{"name": "public"}],
+        "rules": [
+            {
+                "filters": [
+                    {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "orders-shadow", "port": 9000}, "percent": 10}}
+                ],
+                "backendRefs": [{"name": "orders", "port": 9000}],
+            }
+        ],
+    },
+}
+SERVICE: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Service",
+    "metadata": {"name": "primary", "namespace": "shop"},
+    "spec": {"ports": [{"port": 8080}]},
+}
+
+
+def test_documents_of_other_kinds_are_named_in_a_note() -> None:
+    plain_grpc = copy.deepcopy(GRPC_ROUTE)
+    plain_grpc["metadata"]["name"] = "plain"
+    del plain_grpc["spec"]["rules"][0]["filters"]
+    always = copy.deepcopy(GRPC_ROUTE)
+    always["metadata"]["name"] = "always"
+    del always["spec"]["rules"][0]["filters"][0]["requestMirror"]["percent"]
+    route = route_manifest("web", [mirrored_rule("/")])
+    conversion = convert(manifests(route, GRPC_ROUTE, SERVICE, plain_grpc, always))
+    # Nothing written for them: neither in the routes nor in the sampler's configuration.
+    assert "GRPCRoute" not in "".join(conversion.files.values())
+    ignored = [n for n in conversion.notes if n.startswith("edge.yaml (document")]
+    assert len(ignored) == 4, conversion.notes
+    random, service, plain, every = ignored
+    # The one that keeps mirroring at random says so, by document, name and mirror backend.
+    assert random.startswith("edge.yaml (document 2): GRPCRoute shop/orders")
+    assert "orders-shadow" in random and "at random" in random and "NOT converted" in random
+    assert service.startswith("edge.yaml (document 3): Service shop/primary ignored")
+    assert plain.startswith("edge.yaml (document 4): GRPCRoute shop/plain has no RequestMirror")
+    assert every.startswith("edge.yaml (document 5): GRPCRoute shop/always mirrors every request")
+
+
+def test_a_grpc_route_mirroring_at_random_is_named_when_nothing_converts() -> None:
+    route = route_manifest("web", [mirrored_rule("/", mirrors=0)])
+    with pytest.raises(ConvertError) as info:
+        convert(manifests(route, GRPC_ROUTE))
+    assert "no HTTPRoute rule with a RequestMirror" in info.value.problems[0]
+    assert "GRPCRoute shop/orders" in info.value.problems[1] and "at random" in info.value.problems[1]

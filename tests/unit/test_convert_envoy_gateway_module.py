@@ -23,7 +23,21 @@ from extproc.convert.module_delivery import MODULE_DIR, MODULE_PATH, SOURCE_MOUN
 from extproc.envoy.module import MODULE_NAME, filter_settings, rule_settings
 from extproc.module.build import DEFAULT_BUILDER_IMAGE, HEADERS, SOURCE_DIR, SOURCES, compile_command
 from tests.support.paths import CONFORMANCE
-from tests.unit.test_convert_envoy_gateway import IDS, INPUTS, SETTINGS, docs, matcher_policy, original_text, sample_requests
+from tests.unit.test_convert_envoy_gateway import (
+    EDGE_NAMES,
+    IDS,
+    INPUTS,
+    LONG_ROUTE_NAME,
+    SETTINGS,
+    assert_names_valid,
+    docs,
+    manifests,
+    matcher_policy,
+    mirrored_rule,
+    original_text,
+    route_manifest,
+    sample_requests,
+)
 
 MODULE = ModuleEngine()
 
@@ -150,3 +164,35 @@ def test_cli_writes_the_module_objects_and_refuses_other_engines(tmp_path: Any, 
     capsys.readouterr()
     assert main(["convert", "envoy-gateway", str(CONFORMANCE), "-o", str(out), "--inline", "lua"]) == 2
     assert "--inline lua" in capsys.readouterr().err
+
+
+def test_rule_names_given_avoid_the_route_s_own() -> None:
+    # A user rule already named as the converter would name the unnamed mirror rule.
+    sources = manifests(route_manifest("clash", [mirrored_rule("/a"), mirrored_rule("/b", "mirror-sampler-0", mirrors=0)]))
+    conversion = convert(sources)
+    assert_names_valid(conversion)
+    (route,) = docs(conversion.files["httproutes.yaml"])
+    assert [r["name"] for r in route["spec"]["rules"]] == ["mirror-sampler-0-2-mirror-0", "mirror-sampler-0-2", "mirror-sampler-0"]
+    (policy,) = docs(conversion.files["envoy-extension-policy.yaml"])
+    # The policy reaches the mirror rule's routes, not the user's rule.
+    assert [t["sectionName"] for t in policy["spec"]["targetRefs"]] == ["mirror-sampler-0-2-mirror-0", "mirror-sampler-0-2"]
+
+
+@pytest.mark.parametrize("sources", EDGE_NAMES.values(), ids=EDGE_NAMES.keys())
+def test_names_are_unique_valid_and_stable(sources: list[tuple[str, str]]) -> None:
+    conversion = convert(sources)
+    assert_names_valid(conversion)
+    test_one_policy_per_mirror_rule_on_exactly_its_rules_deciding_as_the_original("edge", sources)
+    assert convert(sources).files == conversion.files
+
+
+def test_policies_of_a_long_route_name_are_distinct() -> None:
+    conversion = convert(LONG_ROUTE_NAME)
+    policies = docs(conversion.files["envoy-extension-policy.yaml"])
+    names = [p["metadata"]["name"] for p in policies]
+    # Cut to 253 with a hash of the whole: one name would make the second policy replace the first.
+    assert len(set(names)) == 2 and all(len(n) == 253 for n in names)
+    assert [[t["sectionName"] for t in p["spec"]["targetRefs"]] for p in policies] == [
+        ["mirror-sampler-0-mirror-0", "mirror-sampler-0"],
+        ["mirror-sampler-1-mirror-0", "mirror-sampler-1"],
+    ]
