@@ -16,7 +16,10 @@ conversion first undoes its own earlier work, then does it again.
 
 A mirror the sampler cannot honour exactly (a ``cluster_header``, an unknown
 field, more mirrors than slot headers, a cluster name that is not a DNS-1123
-name) leaves its route as it was and says why in the notes.
+name) leaves its route as it was and says why in the notes. A cluster of the
+user's named like the sampler's cluster stops the conversion; the one an
+earlier conversion added (the bootstrap carries that conversion's ext_proc
+filter) is replaced.
 
 This module reads and writes the files; ``envoy_walk`` walks a bootstrap
 down to its routes, ``envoy_routes`` rewrites one route, ``envoy_policy``

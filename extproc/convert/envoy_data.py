@@ -38,6 +38,15 @@ def list_or_empty(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def repeated(value: Any) -> list[Any]:
+    """A repeated field's items as Envoy reads them (YAML and JSON alike): a
+    lone value where a list is expected (``request_headers_to_remove: x-foo``,
+    ``headers: {name: ...}``) is a list of that one item; absent, none."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
 @dataclass
 class Source:
     """One input file, parsed."""
@@ -88,6 +97,20 @@ class Findings:
             self.problems.append(f"{src.label}: {path}: must be a mapping, got {type(value).__name__}")
             return None
         return value
+
+    def items(self, src: Source, path: str, value: Any, kind: type[str] | type[dict[str, Any]]) -> list[Any] | None:
+        """A repeated field of ``kind`` items (header names, or messages as
+        mappings), a lone item included (``repeated``); None, with a problem
+        naming the field, when an item is of another kind: Envoy refuses those."""
+        what = "a string" if kind is str else "a mapping"
+        found = repeated(value)
+        for i, item in enumerate(found):
+            if not isinstance(item, kind):
+                where = f"{path}[{i}]" if isinstance(value, list) else path
+                either = "" if isinstance(value, list) else " or a list of them"
+                self.problems.append(f"{src.label}: {where}: must be {what}{either}, got {type(item).__name__}")
+                return None
+        return found
 
     def listing(self, src: Source, path: str, value: Any) -> list[Any]:
         if value is None:

@@ -21,7 +21,7 @@ from ..core.variants import rule_layout
 from ..envoy import render
 from ..envoy.lua import DECIDE_FILTER
 from ..envoy.module import MODULE_FILTER
-from .envoy_data import Findings, Source, camel_name, key_of, list_or_empty, mapping_or_empty, value_of
+from .envoy_data import Findings, Source, camel_name, key_of, mapping_or_empty, repeated, value_of
 
 # Our ext_proc filter's name in a converted configuration. Not Envoy's
 # canonical ext_proc name: the user may run an ext_proc filter of their own,
@@ -74,17 +74,17 @@ class RouteRewriter(Findings):
         if policies_key is None:
             return None
         ppath = f"{path}.{src.field(route, 'route')}.{policies_key}"
-        raw = action[policies_key]
-        if not isinstance(raw, list):
-            self.problems.append(f"{src.label}: {ppath}: must be a list, got {type(raw).__name__}")
-            return None
+        n_problems = len(self.problems)
+        raw = self.items(src, ppath, action[policies_key], dict)
         if not raw:
             return None
-        n_problems = len(self.problems)
+        # The fields the conversion adds to, each read as Envoy does: a lone item is a list of one.
+        match = mapping_or_empty(value_of(route, "match"))
+        headers = self.items(src, f"{path}.{src.field(route, 'match')}.{src.field(match, 'headers')}", value_of(match, "headers"), dict)
+        self.items(src, f"{path}.{src.field(route, 'request_headers_to_remove')}", value_of(route, "request_headers_to_remove"), str)
         mirrors: list[Mirror] = []
         refusals: list[str] = []
-        match = mapping_or_empty(value_of(route, "match"))
-        names = [h.get("name") for h in list_or_empty(value_of(match, "headers")) if isinstance(h, dict)]
+        names = [h.get("name") for h in headers or []]
         slot_matchers = sorted({str(n) for n in names if n in self.slot_headers.names})
         if slot_matchers:
             # A variant route `mirror-sampler envoy-config` rendered: its mirrors
@@ -127,6 +127,8 @@ class RouteRewriter(Findings):
         header = value_of(policy, "cluster_header")
         if header is not None:
             raise Refused(f"cluster_header {header!r}: the mirror goes to the cluster a request header names; the sampler cannot set it")
+        mutations_key = src.field(policy, "request_headers_mutations")
+        self.items(src, f"{path}.{mutations_key}", policy.get(mutations_key), dict)
         cluster = value_of(policy, "cluster")
         if not isinstance(cluster, str) or not cluster:
             self.problems.append(f"{src.label}: {path}.cluster: must be a non-empty string, got {cluster!r}")
@@ -182,7 +184,7 @@ class RouteRewriter(Findings):
         policies_key = src.field(action, "request_mirror_policies")
         original = action.pop(policies_key)
         remove_key = src.field(plain, "request_headers_to_remove")
-        removed = list_or_empty(plain.get(remove_key))
+        removed = repeated(plain.get(remove_key))
         already = {r.lower() for r in removed if isinstance(r, str)}
         added = [s for s in self.slot_headers.names if s not in already]
         plain[remove_key] = [*removed, *added]
@@ -206,7 +208,7 @@ class RouteRewriter(Findings):
                 match = variant[src.field(variant, "match")] = {}
             headers_key = src.field(match, "headers")
             slots = [render.as_data(h, src.casing) for h in render.slot_matchers(layout)]
-            match[headers_key] = [*(match.get(headers_key) or []), *slots]
+            match[headers_key] = [*repeated(match.get(headers_key)), *slots]
             variant_action = variant[src.field(variant, "route")]
             variant_action[policies_key] = [self.static_policy(src, m.policy, rule_id) for m in layout.targets]
             set_ours(src, variant, {"rule": rule_id, "variant": suffix})
@@ -219,7 +221,7 @@ class RouteRewriter(Findings):
         out = {k: copy.deepcopy(v) for k, v in policy.items() if k not in ("runtime_fraction", "runtimeFraction")}
         key = src.field(out, "request_headers_mutations")
         marker = render.as_data(render.marker_mutation(self.slot_headers, rule_id), src.casing)
-        out[key] = [*(out.get(key) or []), marker]
+        out[key] = [*repeated(out.get(key)), marker]
         return out
 
     def unconvert(self, src: Source, routes: list[Any]) -> list[Any]:

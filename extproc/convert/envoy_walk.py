@@ -15,8 +15,8 @@ from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
 from ..envoy import module, render
-from .envoy_data import Source, list_or_empty, mapping_or_empty, value_of
-from .envoy_policy import NAMESPACE, PolicyRoute, PolicyRule
+from .envoy_data import Source, list_or_empty, mapping_or_empty, repeated, value_of
+from .envoy_policy import MAX_BACKEND_REFS, MAX_RULES, NAMESPACE, PolicyRoute, PolicyRule
 from .envoy_routes import OUR_ROUTE_FILTERS, SAMPLER_FILTER, RouteRewriter
 
 ANTI_SPOOF_FILTER = render.ANTI_SPOOF_FILTER
@@ -64,6 +64,11 @@ class Converter(RouteRewriter):
         # --inline module or lua: each mirror rule's routes (variants and plain), given the
         # rule's module settings or script once the whole Policy is known (convert_envoy).
         self.rule_routes: list[tuple[Source, list[dict[str, Any]], str]] = []
+        # An earlier conversion's ext_proc filter, met in a connection manager: that
+        # conversion added the mirror-sampler cluster too (a user's cluster of that name is kept).
+        self.earlier_sampler = False
+        # Routes that send to (or mirror to) a cluster named mirror-sampler: "FILE: PATH: route 'NAME'".
+        self.to_sampler_name: list[str] = []
 
     # -- bootstrap -----------------------------------------------------------
 
@@ -80,8 +85,7 @@ class Converter(RouteRewriter):
             return False
         clusters_key = src.field(static, "clusters")
         clusters = self.listing(src, f"static_resources.{clusters_key}", static.get(clusters_key))
-        # Our sampler cluster from an earlier conversion: added again below if still needed.
-        kept = [c for c in clusters if not (isinstance(c, dict) and c.get("name") == SAMPLER_CLUSTER)]
+        named = [i for i, c in enumerate(clusters) if isinstance(c, dict) and c.get("name") == SAMPLER_CLUSTER]
         affected = False
         for li, listener in enumerate(self.listing(src, "static_resources.listeners", value_of(static, "listeners"))):
             lpath = f"static_resources.listeners[{li}]"
@@ -107,16 +111,49 @@ class Converter(RouteRewriter):
                     is_hcm = isinstance(config, dict) and (config.get("@type") == _HCM_TYPE or named_hcm)
                     if is_hcm and self.connection_manager(src, f"{fpath}.{src.field(flt, 'typed_config')}", config, lname):
                         affected = True
+        # The sampler cluster of an earlier conversion goes (added again below if still
+        # needed); a cluster of the user's that has its name stays.
+        kept = [c for i, c in enumerate(clusters) if not (self.earlier_sampler and i in named)]
         if affected and not self.o.in_envoy:
+            if named and not self.earlier_sampler:
+                self.sampler_name_taken(src, f"static_resources.{clusters_key}[{named[0]}]")
             kept.append(render.as_data(render.sampler_cluster(self.o.topology), src.casing))
         if clusters or affected:
             static[clusters_key] = kept
         return affected
 
+    def sampler_name_taken(self, src: Source, where: str) -> None:
+        """The user's own cluster is named like the sampler's gRPC cluster, which the
+        conversion adds: replacing it would send its routes' requests to the sampler."""
+        why = (
+            "a cluster of your own, not one an earlier conversion added; the conversion adds the sampler's gRPC cluster "
+            "under that name: rename your cluster (and what uses it) and convert again"
+        )
+        if not self.to_sampler_name:
+            self.problems.append(f"{src.label}: {where}: cluster {SAMPLER_CLUSTER!r} is {why}")
+        for use in self.to_sampler_name:
+            self.problems.append(f"{use} cluster {SAMPLER_CLUSTER!r} ({src.label}: {where}), {why}")
+
+    def note_sampler_name(self, src: Source, path: str, route: dict[str, Any]) -> None:
+        """Remembers a route that sends or mirrors to a cluster named like the sampler's."""
+        action = mapping_or_empty(value_of(route, "route"))
+        weighted = mapping_or_empty(value_of(action, "weighted_clusters"))
+        weights = repeated(value_of(weighted, "clusters"))
+        primaries = [value_of(action, "cluster"), *(value_of(c, "name") for c in weights if isinstance(c, dict))]
+        mirrors = [value_of(m, "cluster") for m in repeated(value_of(action, "request_mirror_policies")) if isinstance(m, dict)]
+        what = f"route {route['name']!r}" if route.get("name") else "unnamed route"
+        if SAMPLER_CLUSTER in primaries:
+            self.to_sampler_name.append(f"{src.label}: {path}: {what} sends its requests to")
+        elif SAMPLER_CLUSTER in mirrors:
+            self.to_sampler_name.append(f"{src.label}: {path}: {what} mirrors to")
+
     def connection_manager(self, src: Source, path: str, hcm: dict[str, Any], listener: str) -> bool:
         filters_key = src.field(hcm, "http_filters")
+        listed = self.listing(src, f"{path}.{filters_key}", hcm.get(filters_key))
+        if any(isinstance(f, dict) and f.get("name") == SAMPLER_FILTER for f in listed):
+            self.earlier_sampler = True
         filters = [
-            f for f in self.listing(src, f"{path}.{filters_key}", hcm.get(filters_key))
+            f for f in listed
             if not (isinstance(f, dict) and f.get("name") in (*OUR_ROUTE_FILTERS, ANTI_SPOOF_FILTER))
         ]  # fmt: skip
         if filters_key in hcm:
@@ -249,6 +286,9 @@ class Converter(RouteRewriter):
                 routes = self.listing(src, f"{path}.{vhosts_key}[{vi}].{routes_key}", vh.get(routes_key))
                 if routes_key in vh:
                     vh[routes_key] = self.unconvert(src, routes)
+                for ri, route in enumerate(list_or_empty(vh.get(routes_key))):
+                    if isinstance(route, dict):
+                        self.note_sampler_name(src, f"{path}.{vhosts_key}[{vi}].{routes_key}[{ri}]", route)
         if value_of(rc, "request_mirror_policies"):
             self.notes.append(
                 f"{src.label}: {path}.request_mirror_policies: mirrors for a whole route configuration are not converted; "
@@ -281,12 +321,24 @@ class Converter(RouteRewriter):
                     continue
                 if http_route is None:
                     http_route = self.new_http_route(owner, vname, f"{described}, virtual host {vname!r}")
+                elif len(http_route.rules) == MAX_RULES:
+                    # Gateway API's limit: the virtual host's next rules go to an HTTPRoute of their own.
+                    continued = f"{described}, virtual host {vname!r}, continued (an HTTPRoute holds at most {MAX_RULES} rules)"
+                    http_route = self.new_http_route(owner, vname, continued)
+                # The sampler's id of the rule (namespace/name/index), which Envoy sends.
                 rule_id = f"{NAMESPACE}/{http_route.name}/{len(http_route.rules)}"
                 action = value_of(route, "route") or {}
                 route_name = f"route {route['name']!r}" if route.get("name") else "unnamed route"
                 where = f"{vpath.split('.')[-1]}.{routes_key}[{ri}]"
                 primaries = self.primaries(action, {m.cluster for m in mirrors})
-                http_route.rules.append(PolicyRule(rule_id, mirrors, primaries, f"{route_name} ({where})"))
+                comment = f"{route_name} ({where})"
+                if len(primaries) > MAX_BACKEND_REFS:
+                    comment += (
+                        f"; backendRefs: the first of its {len(primaries)} weighted clusters only "
+                        f"(a rule holds at most {MAX_BACKEND_REFS}, and one is all the sampler needs)"
+                    )
+                    primaries = primaries[:1]
+                http_route.rules.append(PolicyRule(rule_id, mirrors, primaries, comment))
                 for m in mirrors:
                     if m.runtime_key is not None:
                         change = (
@@ -329,18 +381,17 @@ class Converter(RouteRewriter):
         return route
 
     def primaries(self, action: dict[str, Any], mirrors: set[str]) -> list[str]:
-        """backendRefs for policy.yaml: the sampler only needs one (a rule
-        without a backend mirrors nothing), named like the route's cluster(s)
-        where that is a valid name no mirror takes."""
+        """backendRefs for policy.yaml: the sampler only needs one (it reads
+        them to know that the rule has a live backend: a rule without one
+        mirrors nothing), named like the route's cluster(s) where that is a
+        valid name no mirror takes (check-config lists them)."""
         names: list[str] = []
         if isinstance(value_of(action, "cluster"), str):
             names = [value_of(action, "cluster")]
         weighted = value_of(action, "weighted_clusters")
         if isinstance(weighted, dict):
             names = [
-                str(c["name"])
-                for c in list_or_empty(value_of(weighted, "clusters"))
-                if isinstance(c, dict) and isinstance(c.get("name"), str)
+                str(c["name"]) for c in repeated(value_of(weighted, "clusters")) if isinstance(c, dict) and isinstance(c.get("name"), str)
             ]
         out: list[str] = []
         for name in names or ["primary"]:

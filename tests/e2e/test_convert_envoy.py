@@ -32,12 +32,22 @@ BACKENDS = ("shop", "shadow-a", "shadow-b", "jobs")
 SLOTS = ("X-Mirror-Cluster-0", "X-Mirror-Cluster-1")
 
 
-def user_config(tmp: Path, ports: dict[str, int]) -> Path:
+def user_config(tmp: Path, ports: dict[str, int], lone_values: bool = False) -> Path:
     """The realistic configuration on loopback: listeners on ports the kernel
-    picks (read back from Envoy's admin /listeners), clusters at the echo backends."""
+    picks (read back from Envoy's admin /listeners), clusters at the echo backends.
+    ``lone_values``: route 'api' removes ``x-debug`` and route 'checkout' matches
+    ``x-tenant`` and adds ``x-shadow`` to shadow-b's copies each with a lone value
+    where Envoy takes a list (a list of one, to Envoy)."""
     target = tmp / "in"
     shutil.copytree(SOURCE, target)
     boot = yaml.safe_load((target / "envoy.yaml").read_text(encoding="utf-8"))
+    if lone_values:
+        hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        routes = {r["name"]: r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+        shadow_b = routes["checkout"]["route"]["request_mirror_policies"][1]
+        api, match = routes["api"], routes["checkout"]["match"]
+        for holder, key in [(api, "request_headers_to_remove"), (match, "headers"), (shadow_b, "request_headers_mutations")]:
+            (holder[key],) = holder[key]  # the list of one becomes its one item
     boot["admin"]["address"]["socket_address"]["port_value"] = 0
     for listener in boot["static_resources"]["listeners"]:
         listener["address"]["socket_address"]["port_value"] = 0
@@ -59,7 +69,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     for name in BACKENDS:
         echoes[name] = EchoProcess(name)
         processes.append(echoes[name])
-    source = user_config(tmp_path, {n: e.port for n, e in echoes.items()})
+    source = user_config(tmp_path, {n: e.port for n, e in echoes.items()}, lone_values=True)
     out = tmp_path / "out"
     out.mkdir()
     # The sampler needs policy.yaml before it has a port; policy.yaml does not
@@ -85,7 +95,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     # route 'api': 30/100 to shadow-a; the prefix_rewrite applies to both copies.
     api_keys = [f"api-{i}" for i in range(150)]
     before = {n: len(e.echoed()) for n, e in echoes.items()}
-    phase(front, "/api/items", shop_host, api_keys, {}, {"shop": 150, "shadow-a": len(sampled(api_keys, 30, 100))})
+    phase(front, "/api/items", shop_host, api_keys, {"x-debug": "1"}, {"shop": 150, "shadow-a": len(sampled(api_keys, 30, 100))})
     api_mirrors = len(sampled(api_keys, 30, 100))
     wait_until(lambda: len(echoes["shadow-a"].echoed()) >= before["shadow-a"] + api_mirrors, 10, "the api mirrors at shadow-a")
     mirrored = echoes["shadow-a"].echoed()[before["shadow-a"] :]
@@ -95,6 +105,7 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
         assert doc["path"] == "/v2/items", "the user's prefix_rewrite"
         assert doc["headers"]["X-Shop-Api"] == ["v2"], "the user's request_headers_to_add"
         assert not any(h in doc["headers"] for h in SLOTS), "no backend sees a slot header"
+        assert "X-Debug" not in doc["headers"], "the user's request_headers_to_remove (a lone name)"
     for doc in mirrored:
         assert doc["headers"]["X-Mirror-Rule"] == ["envoy/front-local-route-shop/0"]
         assert doc["host"] == f"{shop_host}-shadow", "the user did not disable the -shadow suffix"
@@ -103,7 +114,11 @@ def test_converted_configuration_mirrors_exactly_what_the_sampler_decides(tmp_pa
     checkout_keys = [f"checkout-{i}" for i in range(150)]
     third = len(sampled(checkout_keys, 333333, 1_000_000))
     assert 0 < third < 150
+    before_b = len(echoes["shadow-b"].echoed())
     phase(front, "/checkout", shop_host, checkout_keys, {"x-tenant": "acme"}, {"shop": 150, "shadow-a": third, "shadow-b": third})
+    wait_until(lambda: len(echoes["shadow-b"].echoed()) >= before_b + third, 10, "the checkout mirrors at shadow-b")
+    for doc in echoes["shadow-b"].echoed()[before_b:]:
+        assert doc["headers"]["X-Shadow"] == ["b"], "the user's request_headers_mutations (a lone mutation)"
     # route 'reports': 5000/10000 to shadow-b (runtime_key no longer in effect).
     report_keys = [f"report-{i}" for i in range(100)]
     phase(front, "/reports", shop_host, report_keys, {}, {"shop": 100, "shadow-b": len(sampled(report_keys, 5000, 10_000))})

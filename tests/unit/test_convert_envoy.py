@@ -18,11 +18,14 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.config import schema
+from extproc.config.build import build_policy
 from extproc.config.errors import ConfigError
 from extproc.config.settings import Settings
 from extproc.config.source import load_policy
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.envoy import convert_envoy
+from extproc.convert.envoy_policy import MAX_BACKEND_REFS, MAX_RULES
 from extproc.convert.envoy_routes import METADATA_KEY, SAMPLER_FILTER
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
@@ -403,7 +406,7 @@ def bootstrap(routes: list[dict[str, Any]], vhost_extra: dict[str, Any] | None =
         "route_config": {"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes, **(vhost_extra or {})}]},
         "http_filters": [ROUTER],
     }
-    names = ["primary", "shadow", "shadow-2", "shadow-3", "other_cluster", "mirror-sampler"]
+    names = ["primary", "shadow", "shadow-2", "shadow-3", "other_cluster"]
     return {
         "static_resources": {
             "listeners": [
@@ -631,3 +634,198 @@ def test_convert_envoy_takes_the_samplers_slot_count_bound(inputs: Path, count: 
         assert e.field == "count" and "1..8" in str(e)
         converter_takes = False
     assert converter_takes == sampler_takes == (1 <= count <= 8)
+
+
+# --------------------------------------------------------------------------
+# Gateway API's limits: policy.yaml as check-config and the sampler read it
+
+
+def check_config(text: str, **environ: str) -> Policy:
+    """policy.yaml as `check-config` reads it (config.build: parse, then policy_from)."""
+    return build_policy(Settings.load({**environ, "MIRROR_CONFIG": "policy.yaml"}), text)
+
+
+def many_routes(count: int) -> list[dict[str, Any]]:
+    """``count`` mirroring routes, each with its own fraction (i+1)/100, to tell their rules apart."""
+    return [
+        route(f"r{i}", mirrors=[{"cluster": "shadow", "runtime_fraction": {"default_value": {"numerator": i + 1}}}]) for i in range(count)
+    ]
+
+
+def weighted_route(name: str, count: int) -> dict[str, Any]:
+    r = route(name, mirrors=[{"cluster": "shadow", **FRACTION}])
+    del r["route"]["cluster"]
+    r["route"]["weighted_clusters"] = {"clusters": [{"name": f"w-{i}", "weight": 1} for i in range(count)]}
+    return r
+
+
+def test_the_limits_are_the_ones_check_config_holds_policy_yaml_to() -> None:
+    spec = schema.HTTPROUTE.fields["spec"]
+    assert spec.fields["rules"].max_items == MAX_RULES == 16
+    assert spec.fields["rules"].items is not None
+    assert spec.fields["rules"].items.fields["backendRefs"].max_items == MAX_BACKEND_REFS == 16
+
+
+def test_a_virtual_host_with_more_than_16_mirroring_routes_takes_more_httproutes() -> None:
+    conversion = convert_dict(bootstrap(many_routes(MAX_RULES + 4)))
+    text = conversion.files["policy.yaml"]
+    docs = list(yaml.safe_load_all(text))
+    assert [(d["metadata"]["name"], len(d["spec"]["rules"])) for d in docs] == [("l-rc-vh", 16), ("l-rc-vh-2", 4)]
+    assert "virtual host 'vh', continued (an HTTPRoute holds at most 16 rules)" in text
+    policy = check_config(text)
+    assert len(policy.rules) == MAX_RULES + 4
+    # Each Envoy route names the rule holding its own fraction, variants and markers alike.
+    envoy_routes = routes_of(managers(load_text(conversion.files["envoy.yaml"]))["l"])
+    for i in range(MAX_RULES + 4):
+        plain, variants = group(envoy_routes, f"r{i}")
+        rule = policy.rules_by_id[rule_id_of(plain)]
+        assert [(m.backend, m.fraction) for m in rule.mirrors] == [("shadow", Fraction(i + 1, 100))], rule.id
+        assert ours(plain)["rule"] == rule.id
+        for v in variants:
+            assert rule_id_of(v) == ours(v)["rule"] == rule.id
+            marker = v["route"]["request_mirror_policies"][0]["request_headers_mutations"][-1]["append"]["header"]
+            assert marker == {"key": MARKER, "value": rule.id}
+    assert rule_id_of(group(envoy_routes, "r15")[0]) == "envoy/l-rc-vh/15"
+    assert rule_id_of(group(envoy_routes, "r16")[0]) == "envoy/l-rc-vh-2/0"
+
+
+def test_a_route_over_16_weighted_clusters_names_one_backend_the_sampler_needs_no_more() -> None:
+    """The sampler reads backendRefs only to know the rule has a live backend (a rule
+    without one mirrors nothing): over Gateway API's 16, the first is written."""
+    conversion = convert_dict(bootstrap([weighted_route("many", MAX_BACKEND_REFS + 1), weighted_route("few", 3)]))
+    text = conversion.files["policy.yaml"]
+    (doc,) = yaml.safe_load_all(text)
+    many, few = doc["spec"]["rules"]
+    assert many["backendRefs"] == [{"name": "w-0"}]
+    assert few["backendRefs"] == [{"name": f"w-{i}"} for i in range(3)], "under the limit, every cluster for reference"
+    assert "route 'many' (virtual_hosts[0].routes[0]); backendRefs: the first of its 17 weighted clusters only" in text
+    policy = check_config(text)
+    assert all(rule.mirrors and rule.backends for rule in policy.rules), "both rules still mirror"
+
+
+# --------------------------------------------------------------------------
+# A lone value where Envoy takes a list (checked against Envoy by tests/service)
+
+
+MUTATION = {"append": {"header": {"key": "x-shadow", "value": "b"}}}
+TENANT = {"name": "x-tenant", "string_match": {"exact": "acme"}}
+
+
+def lone_values_route() -> dict[str, Any]:
+    """Envoy reads each of these as a list of one: a header name, one header matcher, one
+    mirror policy, one header mutation."""
+    mirror = {"cluster": "shadow", "request_headers_mutations": MUTATION, **FRACTION}
+    return {
+        "name": "lone",
+        "match": {"prefix": "/lone", "headers": TENANT},
+        "route": {"cluster": "primary", "request_mirror_policies": mirror},
+        "request_headers_to_remove": "x-foo",
+    }
+
+
+def test_a_lone_value_where_envoy_takes_a_list_is_a_list_of_one(tmp_path: Path) -> None:
+    source = lone_values_route()
+    conversion = convert_dict(bootstrap([source]))
+    routes = routes_of(managers(load_text(conversion.files["envoy.yaml"]))["l"])
+    plain, (variant,) = group(routes, "lone")
+    for r in (variant, plain):
+        assert r["request_headers_to_remove"] == ["x-foo", *SLOTS], "x-foo is still removed"
+    assert variant["match"]["headers"][0] == TENANT
+    assert {h["name"] for h in variant["match"]["headers"][1:]} <= set(SLOTS)
+    marker = {"append": {"header": {"key": MARKER, "value": rule_id_of(plain)}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+    assert variant["route"]["request_mirror_policies"] == [{"cluster": "shadow", "request_headers_mutations": [MUTATION, marker]}]
+    assert plain["match"] == source["match"], "the plain route's match as the user wrote it"
+    assert ours(plain)["request_mirror_policies"] == source["route"]["request_mirror_policies"]
+    out = tmp_path / "out"
+    write(conversion, out)
+    assert convert_envoy([out / "envoy.yaml"]).files == conversion.files
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"request_headers_to_remove": {"x-foo": 1}}, "request_headers_to_remove", "must be a string or a list of them, got dict"),
+        ({"request_headers_to_remove": ["x-foo", 5]}, "request_headers_to_remove[1]", "must be a string, got int"),
+        ({"match": {"prefix": "/", "headers": "x-tenant"}}, "match.headers", "must be a mapping or a list of them, got str"),
+        ({"match": {"prefix": "/", "headers": [TENANT, "x-b"]}}, "match.headers[1]", "must be a mapping, got str"),
+        (
+            {"route": {"cluster": "primary", "request_mirror_policies": [{"cluster": "shadow", "request_headers_mutations": "x"}]}},
+            "route.request_mirror_policies[0].request_headers_mutations",
+            "must be a mapping or a list of them, got str",
+        ),
+        ({"route": {"cluster": "primary", "request_mirror_policies": "shadow"}}, "route.request_mirror_policies", "must be a mapping or"),
+    ],
+    ids=["remove-mapping", "remove-number", "headers-string", "headers-item-string", "mutations-string", "mirrors-string"],
+)
+def test_a_value_envoy_refuses_where_it_takes_a_list_names_the_field(change: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(ConvertError) as e:
+        convert_dict(bootstrap([{**lone_values_route(), **change}]))
+    route_path = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]"
+    assert any(f"{route_path}.{field}: {message}" in p for p in e.value.problems), e.value.problems
+
+
+# --------------------------------------------------------------------------
+# A cluster of the user's named like the sampler's
+
+
+def with_users_sampler_cluster(routes: list[dict[str, Any]]) -> dict[str, Any]:
+    boot = bootstrap(routes)
+    boot["static_resources"]["clusters"].append(cluster("mirror-sampler", 1))
+    return boot
+
+
+USERS_SAMPLER = "static_resources.clusters[5]"
+ROUTES = "static_resources.listeners[0].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes"
+
+
+def to_sampler(name: str, weighted: bool = False) -> dict[str, Any]:
+    r = route(name)
+    if weighted:
+        del r["route"]["cluster"]
+        r["route"]["weighted_clusters"] = {"clusters": [{"name": "primary", "weight": 1}, {"name": "mirror-sampler", "weight": 1}]}
+    else:
+        r["route"]["cluster"] = "mirror-sampler"
+    return r
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        ([to_sampler("p"), GOOD], [f"{ROUTES}[0]: route 'p' sends its requests to cluster 'mirror-sampler'"]),
+        ([GOOD, to_sampler("w", weighted=True)], [f"{ROUTES}[1]: route 'w' sends its requests to cluster 'mirror-sampler'"]),
+        ([GOOD, route("m", mirrors=[{"cluster": "mirror-sampler"}])], [f"{ROUTES}[1]: route 'm' mirrors to cluster 'mirror-sampler'"]),
+        ([GOOD], [f"{USERS_SAMPLER}: cluster 'mirror-sampler' is a cluster of your own, not one an earlier conversion added"]),
+    ],
+    ids=["primary", "weighted", "mirror", "unused"],
+)
+def test_a_cluster_of_the_users_named_like_the_samplers_stops_the_conversion(routes: list[dict[str, Any]], expected: list[str]) -> None:
+    with pytest.raises(ConvertError) as e:
+        convert_dict(with_users_sampler_cluster(routes))
+    assert len(e.value.problems) == len(expected), e.value.problems
+    for problem, part in zip(e.value.problems, expected, strict=True):
+        assert part in problem and f"envoy.yaml: {USERS_SAMPLER}" in problem and "rename your cluster" in problem, problem
+
+
+def test_without_the_sampler_a_cluster_of_the_users_named_like_it_is_kept() -> None:
+    """--inline: no sampler cluster is added, so the user's stays, and so do its routes."""
+    boot = with_users_sampler_cluster([to_sampler("p"), GOOD])
+    conversion = convert_dict(boot, lua=True)
+    converted = load_text(conversion.files["envoy.yaml"])
+    assert converted["static_resources"]["clusters"] == boot["static_resources"]["clusters"]
+    (p,) = [r for r in routes_of(managers(converted)["l"]) if r["name"] == "p"]
+    assert p["route"] == {"cluster": "mirror-sampler"}
+
+
+def test_the_sampler_cluster_of_an_earlier_conversion_is_replaced_or_dropped(tmp_path: Path) -> None:
+    first = convert_dict(bootstrap([GOOD]), output_dir=tmp_path)
+    write(first, tmp_path)
+
+    def samplers(conversion: Conversion) -> list[dict[str, Any]]:
+        clusters = load_text(conversion.files["envoy.yaml"])["static_resources"]["clusters"]
+        return [c for c in clusters if c["name"] == "mirror-sampler"]
+
+    (before,) = samplers(first)
+    (after,) = samplers(convert_envoy([tmp_path / "envoy.yaml"], output_dir=tmp_path, sampler="10.0.0.9:9000"))
+    address = after["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert address == {"address": "10.0.0.9", "port_value": 9000} and before != after
+    assert samplers(convert_envoy([tmp_path / "envoy.yaml"], output_dir=tmp_path, lua=True)) == []

@@ -21,6 +21,7 @@ from extproc.envoy.lua import DECIDE_FILTER, rule_script
 from extproc.envoy.module import MODULE_FILTER
 from extproc.envoy.render import ANTI_SPOOF_FILTER
 from tests.support.paths import CONFORMANCE, DATA
+from tests.unit.test_convert_envoy import bootstrap, convert_dict, many_routes
 from tests.unit.test_convert_envoy_module import SOURCE, routes
 
 REVIEWS = DATA / "convert" / "istio" / "reviews.yaml"
@@ -133,3 +134,18 @@ def test_a_module_path_for_another_engine_is_refused(tmp_path: Path, monkeypatch
     for inline in (["--inline", "lua"], []):
         assert main(["convert", "envoy", str(SOURCE), "-o", str(tmp_path), *inline, "--module-path", "/opt/m.so"]) == 2
         assert "--module-path" in capsys.readouterr().err
+
+
+def test_more_than_16_mirroring_routes_in_a_virtual_host_each_carry_their_own_rule() -> None:
+    """The rules come from the same policy.yaml the sampler would read, which holds at
+    most 16 rules per HTTPRoute: the 17th route onwards is in a second one."""
+    boot = bootstrap(many_routes(20))
+    lua_run = convert_dict(boot, lua=True, decision_environ=ENVIRON)
+    policy = build_policy(Settings.load({**ENVIRON, "MIRROR_CONFIG": "policy.yaml"}), convert_dict(boot).files["policy.yaml"])
+    carried: dict[str, str] = {}
+    for route in routes(yaml.safe_load(lua_run.files["envoy.yaml"])):
+        ours = route["metadata"]["filter_metadata"]["mirror-sampler"]
+        script = route["typed_per_filter_config"][DECIDE_FILTER]["source_code"]["inline_string"]
+        assert script == rule_script(policy, policy.rules_by_id[ours["rule"]], "variant" in ours)
+        carried.setdefault(ours["rule"], route["name"].split(" ")[0])
+    assert len(carried) == 20 and carried["envoy/l-rc-vh-2/0"] == "r16"
