@@ -27,10 +27,14 @@ in Istio's proxies, no sampler).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..config.errors import ConfigError
+from ..config.manifest_yaml import DuplicateKey, read_documents, unencodable_paths
 from ..config.manifests import parse_manifests
 from ..config.settings import NAME
 from ..core.slots import SlotHeaders
@@ -39,14 +43,19 @@ from .istio_module import convert_with_module
 from .istio_order import order_problems
 from .istio_rewrite import envoy_filter, filter_contexts, rewrite_virtual_service
 from .istio_translate import (
+    MAX_RULES,
+    TRANSLATED_FROM,
     HttpRoute,
     Untranslatable,
     VirtualService,
     checked_rule,
     left_note,
     route_mirrors,
-    sampler_route,
+    route_problems,
+    sampler_routes,
+    spec_problems,
     translate_hosts,
+    translation_problems,
 )
 from .kubernetes import (
     DEFAULT_DEPLOYMENT,
@@ -55,7 +64,6 @@ from .kubernetes import (
     SamplerDeployment,
     dump_documents,
     generated_header,
-    load_documents,
     read_sources,
     sampler_manifest,
 )
@@ -76,49 +84,127 @@ def convert_istio(
     return convert_istio_sources(read_sources(paths), options, cluster_domain=cluster_domain, module=module)
 
 
-def _load(sources: Sequence[tuple[str, str]], cluster_domain: str) -> list[VirtualService]:
+def _documents(source: str, text: str) -> list[tuple[str, Document, list[DuplicateKey]]]:
+    """(``FILE (document N)``, document, its duplicate keys) for each mapping document,
+    numbered as the file counts them (empty documents included)."""
+    try:
+        documents = read_documents(text, source)
+    except ConfigError as e:
+        raise ConvertError(e.problems) from None
+    out = []
+    for i, (doc, duplicates) in enumerate(documents):
+        where = f"{source} (document {i + 1})"
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ConvertError([f"{where}: must be a mapping with apiVersion and kind, got {type(doc).__name__}"])
+        out.append((where, doc, duplicates))
+    return out
+
+
+# Other kinds that mirror requests in Istio: Gateway API routes with RequestMirror filters.
+_GATEWAY_ROUTES = ("HTTPRoute", "GRPCRoute")
+
+
+def _ignored_note(where: str, doc: Document) -> str:
+    """Why a document that is not a VirtualService changes nothing, said for what it is."""
+    kind = doc.get("kind")
+    meta = doc.get("metadata")
+    name, ns = (meta.get("name"), meta.get("namespace")) if isinstance(meta, dict) else (None, None)
+    label = f"{kind} {f'{ns}/' if isinstance(ns, str) else ''}{name}" if isinstance(name, str) else str(kind)
+    if kind in _GATEWAY_ROUTES:
+        if "RequestMirror" in repr(doc.get("spec")):
+            return f"{where}: {label} ignored: {COMMAND} converts only VirtualServices; its RequestMirror filters keep mirroring at random"
+        return f"{where}: {label} ignored: not a VirtualService (and it has no RequestMirror filter)"
+    if kind == "EnvoyFilter" and "mirror" in repr(doc.get("spec")).lower():
+        return f"{where}: {label} ignored: {COMMAND} converts only VirtualServices; mirrors this EnvoyFilter adds keep mirroring at random"
+    items = doc.get("items")
+    if isinstance(items, list) and any(isinstance(i, dict) and i.get("kind") == "VirtualService" for i in items):
+        return f"{where}: {label} ignored: the VirtualServices in its items are not read; give each as a document of its own (---)"
+    return f"{where}: {label} ignored: not a VirtualService"
+
+
+def _kind_problem(kind: object) -> str | None:
+    if not isinstance(kind, str) or not kind:
+        return f"kind: is required (a Kubernetes manifest names its kind), got {kind!r}"
+    if kind != "VirtualService" and difflib.SequenceMatcher(None, kind.lower(), "virtualservice").ratio() >= 0.8:
+        return f"kind: unknown kind {kind!r}; did you mean VirtualService?"
+    return None
+
+
+def _load(sources: Sequence[tuple[str, str]], cluster_domain: str, notes: list[str]) -> list[VirtualService]:
+    """The VirtualServices of ``sources``, every field the conversion relies on checked;
+    a note in ``notes`` for each other document."""
     services: list[VirtualService] = []
     problems: list[str] = []
     for source, text in sources:
-        for i, doc in enumerate(load_documents(text, source)):
-            if doc.get("kind") != "VirtualService":
+        for where, doc, duplicates in _documents(source, text):
+            kind = doc.get("kind")
+            problem = _kind_problem(kind)
+            if problem is not None:
+                problems.append(f"{where}: {problem}")
                 continue
-            where = f"{source} (document {i + 1})"
-            if doc.get("apiVersion") not in ISTIO_APIS:
-                problems.append(f"{where}: apiVersion: must be one of {', '.join(ISTIO_APIS)}, got {doc.get('apiVersion')!r}")
+            if kind != "VirtualService":
+                notes.append(_ignored_note(where, doc))
                 continue
-            meta = doc.get("metadata") or {}
-            name, ns = meta.get("name"), meta.get("namespace")
-            if not isinstance(name, str) or not NAME.match(name):
-                problems.append(f"{where}: metadata.name: must be a DNS-1123 name, got {name!r}")
-                continue
-            spec = doc.get("spec")
-            if not isinstance(spec, dict):
-                problems.append(f"{where}: spec: is required")
-                continue
-            vs = VirtualService(where, doc, ns, name, None)
-            try:
-                vs.hostnames = translate_hosts(spec.get("hosts"), ns, cluster_domain)
-            except Untranslatable as e:
-                vs.host_reason = str(e)
-            for j, raw in enumerate(spec.get("http") or []):
-                if not isinstance(raw, dict):
-                    problems.append(f"{where}: spec.http[{j}]: must be a mapping")
-                    continue
-                try:
-                    vs.routes.append(HttpRoute(j, raw, route_mirrors(raw, f"spec.http[{j}]")))
-                except ConvertError as e:
-                    problems += [f"{where}: {p}" for p in e.problems]
-            services.append(vs)
+            vs, found = _virtual_service(where, doc, duplicates, cluster_domain)
+            problems += found
+            if vs is not None:
+                services.append(vs)
     if problems:
         raise ConvertError(problems)
     if not services:
-        raise ConvertError([f"{', '.join(s for s, _ in sources)}: no VirtualService ({', '.join(ISTIO_APIS)}) found"])
+        raise ConvertError([f"{', '.join(s for s, _ in sources)}: no VirtualService ({', '.join(ISTIO_APIS)}) found", *notes])
     ids = [vs.id for vs in services]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicates:
-        raise ConvertError([f"VirtualService {d} is defined more than once" for d in duplicates])
+    defined_twice = sorted({i for i in ids if ids.count(i) > 1})
+    if defined_twice:
+        raise ConvertError([f"VirtualService {d} is defined more than once" for d in defined_twice])
     return services
+
+
+def _virtual_service(
+    where: str, doc: Document, duplicates: Sequence[DuplicateKey], cluster_domain: str
+) -> tuple[VirtualService | None, list[str]]:
+    """One VirtualService document, or None and every problem found."""
+    if doc.get("apiVersion") not in ISTIO_APIS:
+        return None, [f"{where}: apiVersion: must be one of {', '.join(ISTIO_APIS)}, got {doc.get('apiVersion')!r}"]
+    problems = [f"{where}: {dup.path}: {dup.message}" for dup in duplicates]
+    problems += [f"{where}: {path}: must be valid Unicode text (lone surrogate escape)" for path in unencodable_paths(doc)]
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        return None, [*problems, f"{where}: metadata: expected a mapping with name and namespace, got {meta!r}"]
+    name, ns = meta.get("name"), meta.get("namespace")
+    if not isinstance(name, str) or not NAME.match(name) or len(name) > 253:
+        problems.append(f"{where}: metadata.name: must be a DNS-1123 name, got {name!r}")
+    if ns is not None and (not isinstance(ns, str) or not NAME.match(ns) or len(ns) > 63):
+        problems.append(f"{where}: metadata.namespace: must be a DNS-1123 name, got {ns!r}")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        wrong = "is required" if spec is None else f"expected a mapping (the VirtualService's routing), got {spec!r}"
+        return None, [*problems, f"{where}: spec: {wrong}"]
+    problems += [f"{where}: {p}" for p in spec_problems(spec)]
+    if problems:
+        return None, problems
+    assert isinstance(name, str)
+    vs = VirtualService(where, doc, ns, name, None)
+    try:
+        vs.hostnames = translate_hosts(spec.get("hosts"), ns, cluster_domain)
+    except Untranslatable as e:
+        vs.host_reason = str(e)
+    for j, raw in enumerate(spec.get("http") or []):
+        at = f"spec.http[{j}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: {at}: expected a mapping (an HTTP route), got {raw!r}")
+            continue
+        found = route_problems(raw, at)
+        if found:
+            problems += [f"{where}: {p}" for p in found]
+            continue
+        try:
+            vs.routes.append(HttpRoute(j, raw, route_mirrors(raw, at)))
+        except ConvertError as e:
+            problems += [f"{where}: {p}" for p in e.problems]
+    return (None, problems) if problems else (vs, [])
 
 
 def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, notes: list[str]) -> None:
@@ -136,6 +222,11 @@ def _translate(services: Sequence[VirtualService], slot_headers: SlotHeaders, no
             except Untranslatable as e:
                 if h.mirrors:
                     notes.append(left_note(vs, h, str(e)))
+                if h.delegates and h.mirrors:
+                    # Still known to the sampler, mirroring nothing: it decides nothing for
+                    # what Istio sends to the delegate (and later routes keep their place).
+                    with contextlib.suppress(Untranslatable):
+                        h.rule = checked_rule(vs, replace(h, mirrors=[]), h.raw, slot_headers)
 
 
 def _drop_shared_hosts(services: Sequence[VirtualService], notes: list[str]) -> None:
@@ -167,19 +258,17 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
     HTTPRoute, checked for precedence against Istio's order, and its rewrite."""
     out = _Converted()
     for vs in services:
-        candidates = [h for h in vs.routes if h.rule is not None and h.mirrors]
+        candidates = [h for h in vs.routes if h.rule is not None and h.mirrors and not h.delegates]
         if not candidates:
             if not any(h.mirrors for h in vs.routes):
                 notes.append(f"VirtualService {vs.id} mirrors nothing; not in virtualservices.yaml")
             continue
-        doc = sampler_route(vs)
-        parsed = parse_manifests(dump_documents([doc], ""), vs.source, slot_headers.count)
-        routes, problems = parsed.routes, parsed.problems
-        if problems:  # each rule loaded alone; together they must too
-            raise ConvertError(problems)
+        parsed = parse_manifests(dump_documents(sampler_routes(vs), ""), "", slot_headers.count)
+        if parsed.problems:  # each rule loaded alone; together they must too
+            raise ConvertError(translation_problems(vs, parsed.problems))
         for h in candidates:
             h.converted = True
-        for index, reason in order_problems(vs, routes[0]).items():
+        for index, reason in order_problems(vs, parsed.routes).items():
             h = next(r for r in vs.routes if r.index == index)
             h.converted = False
             notes.append(left_note(vs, h, reason))
@@ -191,8 +280,9 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
         if not any(h.converted for h in vs.routes):
             notes.append(f"VirtualService {vs.id}: nothing converted; not in virtualservices.yaml (keep the one you have)")
             continue
-        out.config_routes.append(sampler_route(vs))
+        out.config_routes += sampler_routes(vs)
         out.rewritten.append(rewrite_virtual_service(vs, slot_headers))
+        notes += [_delegate_note(vs, h, slot_headers) for h in vs.routes if h.raw.get("delegate") is not None]
         for ns, ctx in filter_contexts(vs).items():
             for c in ctx:
                 if c not in out.contexts.setdefault(ns, []):
@@ -204,7 +294,37 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
                         f"VirtualService {vs.id} http[{h.index}]: percentage {m.fraction} has more than 4 decimals; Istio itself "
                         "rounded it down to a millionth, the sampler uses it exactly"
                     )
+    _check_unique(out.config_routes)
     return out
+
+
+def _check_unique(config_routes: Sequence[Document]) -> None:
+    """Two VirtualServices whose sampler HTTPRoutes would have the same name: a
+    VirtualService needing several takes "<name>-<n>", which another may be called."""
+    owners: dict[str, str] = {}
+    for doc in config_routes:
+        meta = doc["metadata"]
+        route_id = f"{meta.get('namespace') or 'default'}/{meta['name']}"
+        owner = meta["annotations"][TRANSLATED_FROM].split(" ")[1]
+        if owners.setdefault(route_id, owner) != owner:
+            raise ConvertError(
+                [
+                    f"VirtualServices {owners[route_id]} and {owner} both need the sampler's HTTPRoute {route_id} "
+                    f"(a VirtualService with more than {MAX_RULES} routes or host names takes the names <name>-<n> after its own); "
+                    "rename one"
+                ]
+            )
+
+
+def _delegate_note(vs: VirtualService, h: HttpRoute, slot_headers: SlotHeaders) -> str:
+    target = h.raw["delegate"]
+    name = f"{target.get('namespace') or vs.namespace or 'default'}/{target.get('name')}"
+    return (
+        f"{vs.source}: VirtualService {vs.id} http[{h.index}] delegates to VirtualService {name}: the sampler mirrors nothing "
+        "for the requests it matches, also for any its delegate does not route (Istio passes those on to the routes after it); "
+        "and Istio gives its headers.request.remove (the slot headers) only to the delegate's routes that set no headers "
+        f"of their own: add {', '.join(slot_headers.names)} to the headers.request.remove of those that do"
+    )
 
 
 def convert_istio_sources(
@@ -218,10 +338,10 @@ def convert_istio_sources(
     Istio's proxies with the dynamic module (``--inline module``, ``istio_module``)
     instead of the ext_proc sampler."""
     slot_headers = options.slot_headers
-    services = _load(sources, cluster_domain)
-    if module is not None:
-        return convert_with_module(services, options, module)
     notes: list[str] = []
+    services = _load(sources, cluster_domain, notes)
+    if module is not None:
+        return convert_with_module(services, options, module, notes)
     _translate(services, slot_headers, notes)
     _drop_shared_hosts(services, notes)
     converted = _convert(services, slot_headers, notes)

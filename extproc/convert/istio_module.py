@@ -26,7 +26,9 @@ file never gets a filter it cannot load.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -35,7 +37,7 @@ from betterproto2 import Casing
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
-from ..core.policy import Policy
+from ..core.policy import Policy, Rule
 from ..core.slots import SlotHeaders
 from ..envoy import module, render
 from . import Conversion, ConvertError
@@ -47,7 +49,7 @@ from .istio_rewrite import (
     filter_contexts,
     rewrite_virtual_service,
 )
-from .istio_translate import HttpRoute, Untranslatable, VirtualService, checked_rule, left_note
+from .istio_translate import MAX_RULES, HttpRoute, Untranslatable, VirtualService, checked_rule, left_note, translation_problems
 from .kubernetes import Document, SamplerDeployment, dump_documents, generated_header, metadata
 from .module_delivery import (
     MODULE_PATH,
@@ -123,22 +125,46 @@ def _drop_shared_names(services: Sequence[VirtualService], slot_headers: SlotHea
                 )
 
 
-def _policy(converted: Sequence[VirtualService], options: SamplerDeployment) -> Policy:
-    """The rules as the sampler would compile them, one per http[] index (so that a rule id
-    is namespace/VirtualService/http index); the routes not converted have an empty rule."""
-    docs = [
-        {
-            "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": "HTTPRoute",
-            "metadata": metadata(vs.name, vs.namespace),
-            "spec": {"rules": [h.rule if h.converted and h.rule is not None else {} for h in vs.routes]},
-        }
-        for vs in converted
-    ]
+def _policy(converted: Sequence[VirtualService], options: SamplerDeployment) -> tuple[Policy, dict[tuple[int, int], Rule]]:
+    """The rules as the sampler would compile them, and (id of the VirtualService, http
+    index) -> the converted route's rule, whose id is namespace/VirtualService/http index
+    (the name given to a route that has none). The policy's own HTTPRoutes hold at most
+    16 rules each (Gateway API's limit), so their names and rule ids are not these."""
+    docs: list[Document] = []
+    owners: list[tuple[VirtualService, list[HttpRoute]]] = []
+    for vs in converted:
+        routes = [h for h in vs.routes if h.converted and h.rule is not None]
+        for start in range(0, len(routes), MAX_RULES):
+            run = routes[start : start + MAX_RULES]
+            docs.append(
+                {
+                    "apiVersion": "gateway.networking.k8s.io/v1",
+                    "kind": "HTTPRoute",
+                    "metadata": metadata(f"rules-{len(docs)}", vs.namespace),
+                    "spec": {"rules": [h.rule for h in run]},
+                }
+            )
+            owners.append((vs, run))
     try:
-        return build_policy(options.settings(), dump_documents(docs, ""))
+        policy = build_policy(options.settings(), dump_documents(docs, ""))
     except ConfigError as e:
-        raise ConvertError(e.problems) from None
+        raise ConvertError([_in_virtual_service_terms(p, owners) for p in e.problems]) from None
+    by_name = {route.name: route for route in policy.routes}
+    rules = {
+        (id(vs), h.index): dataclasses.replace(rule, id=rule_route_name(vs, h))
+        for n, (vs, run) in enumerate(owners)
+        for h, rule in zip(run, by_name[f"rules-{n}"].rules, strict=True)
+    }
+    return policy, rules
+
+
+def _in_virtual_service_terms(problem: str, owners: Sequence[tuple[VirtualService, list[HttpRoute]]]) -> str:
+    """A problem of the policy's HTTPRoute "rules-<n>" (document n + 1), said of the VirtualService."""
+    found = re.search(r"\(document (\d+)\)", problem)
+    if found is None or not 0 < int(found.group(1)) <= len(owners):
+        return f"the rules as the module decides them: {problem}"
+    vs, _ = owners[int(found.group(1)) - 1]
+    return translation_problems(vs, [problem])[0]
 
 
 def route_patch(context: str, route_name: str, per_route: dict[str, Any]) -> dict[str, Any]:
@@ -201,9 +227,12 @@ def sidecar_patch(sources_config_map: str, builder_image: str) -> Document:
     }
 
 
-def convert_with_module(services: Sequence[VirtualService], options: SamplerDeployment, engine: ModuleEngine) -> Conversion:
+def convert_with_module(
+    services: Sequence[VirtualService], options: SamplerDeployment, engine: ModuleEngine, notes: list[str] | None = None
+) -> Conversion:
+    """``notes``: what reading the input had to say (continued here)."""
     slot_headers = options.slot_headers
-    notes: list[str] = []
+    notes = [] if notes is None else notes
     _translate(services, slot_headers, notes)
     _drop_shared_names(services, slot_headers, notes)
     converted = [vs for vs in services if any(h.converted for h in vs.routes)]
@@ -212,7 +241,7 @@ def convert_with_module(services: Sequence[VirtualService], options: SamplerDepl
             notes.append(f"VirtualService {vs.id} mirrors nothing; not in virtualservices.yaml")
     if not converted:
         raise ConvertError(["no VirtualService route could be converted:", *notes])
-    policy = _policy(converted, options)
+    policy, rules = _policy(converted, options)
     contexts: dict[str | None, list[str]] = {}
     routes: dict[str | None, list[dict[str, Any]]] = {}
     for vs in converted:
@@ -222,7 +251,7 @@ def convert_with_module(services: Sequence[VirtualService], options: SamplerDepl
             for h in vs.routes:
                 if not h.converted:
                     continue
-                per_route = render.as_data(module.per_route(policy, policy.rules_by_id[f"{vs.id}/{h.index}"], MODULE_PATH), Casing.SNAKE)
+                per_route = render.as_data(module.per_route(policy, rules[id(vs), h.index], MODULE_PATH), Casing.SNAKE)
                 names = _route_names(h, slot_headers)
                 routes.setdefault(ns, []).extend(route_patch(c, n, per_route) for c in vs_contexts for n in names)
     service = options.sampler_service

@@ -4,6 +4,7 @@ the rule that ranks first in Gateway API precedence (pure)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import re2
@@ -49,16 +50,23 @@ def may_overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def order_problems(vs: VirtualService, route: Route) -> dict[int, str]:
+def order_problems(vs: VirtualService, routes: Sequence[Route]) -> dict[int, str]:
     """http index -> why the sampler could pick another rule than Istio for
     this mirrored route: a later route (Istio never reaches it first) that may
-    take the same request and outranks it in Gateway API precedence."""
+    take the same request and outranks it in Gateway API precedence.
+    ``routes``: the sampler's HTTPRoutes for ``vs`` (``sampler_routes``), whose
+    rules, in order, begin with each translated route once, in Istio's order
+    (the other HTTPRoutes repeat them for other host names)."""
     translated = [r for r in vs.routes if r.rule is not None]
     raw_matches = [list(r.raw.get("match") or [{}]) for r in translated]
-    entries = [[Entry(match, rule, "", route.id, ri, mi) for mi, match in enumerate(rule.matches)] for ri, rule in enumerate(route.rules)]
+    rules = [(route, ri, rule) for route in routes for ri, rule in enumerate(route.rules)][: len(translated)]
+    entries = [
+        [Entry(match, rule, route.creation_timestamp, route.id, ri, mi) for mi, match in enumerate(rule.matches)]
+        for route, ri, rule in rules
+    ]
     problems: dict[int, str] = {}
     for k, r in enumerate(translated):
-        if not r.mirrors:
+        if not r.mirrors or r.delegates:
             continue
         for later in range(k + 1, len(translated)):
             clash = [

@@ -64,8 +64,10 @@ def _without_mirrors(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _remove_slots(route: dict[str, Any], slot_names: Sequence[str]) -> dict[str, Any]:
     """Route-level request header removal, applied before the shadow copy is
-    made: neither the backend nor the mirror sees a slot header."""
-    if route.get("route") is None:
+    made: neither the backend nor the mirror sees a slot header. On a route that
+    delegates, Istio gives it to each of the delegate's routes that sets no
+    ``headers`` of its own."""
+    if route.get("route") is None and route.get("delegate") is None:
         return route  # a redirect or direct response: nothing is forwarded
     request = route.setdefault("headers", {}).setdefault("request", {})
     existing = list(request.get("remove") or [])

@@ -8,12 +8,14 @@ as it was.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..config.manifests import parse_manifests
+from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
 from ..config.settings import HOSTNAME, METHODS, NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.sampling import Fraction
@@ -49,6 +51,11 @@ class HttpRoute:
     reason: str = ""
     converted: bool = False
 
+    @property
+    def delegates(self) -> bool:
+        """Whether Istio routes this route's requests by another VirtualService's routes."""
+        return self.raw.get("delegate") is not None
+
 
 @dataclass
 class VirtualService:
@@ -67,6 +74,83 @@ class VirtualService:
     @property
     def gateways(self) -> list[str]:
         return list((self.doc.get("spec") or {}).get("gateways") or [])
+
+
+def _typed(problems: list[str], where: str, value: object, expected: type, what: str, *, required: bool = False) -> bool:
+    """Whether ``value`` has the type Istio's schema gives the field (absent counts unless
+    ``required``); else a problem "<where>: expected <what>, got <value>"."""
+    if value is None and not required:
+        return True
+    if isinstance(value, expected) and not isinstance(value, bool):
+        return True
+    problems.append(f"{where}: expected {what}, got {value!r}")
+    return False
+
+
+def _string_list(problems: list[str], where: str, value: object, what: str) -> None:
+    if _typed(problems, where, value, list, f"a list of {what}s") and isinstance(value, list):
+        for i, item in enumerate(value):
+            _typed(problems, f"{where}[{i}]", item, str, f"a {what}", required=True)
+
+
+def spec_problems(spec: dict[str, Any]) -> list[str]:
+    """The VirtualService-level fields the conversion reads, checked against the types
+    Istio's schema gives them (the API server would refuse anything else)."""
+    problems: list[str] = []
+    _string_list(problems, "spec.hosts", spec.get("hosts"), "host name")
+    _string_list(problems, "spec.gateways", spec.get("gateways"), "gateway name")
+    _typed(problems, "spec.http", spec.get("http"), list, "a list of HTTP routes")
+    return problems
+
+
+_STRING_MATCHES = ("uri", "scheme", "method", "authority")
+_MATCH_MAPS = ("headers", "queryParams", "withoutHeaders")
+
+
+def route_problems(raw: dict[str, Any], where: str) -> list[str]:
+    """One http[] route's fields that the conversion reads or rewrites, checked against
+    the types Istio's schema gives them."""
+    p: list[str] = []
+    _typed(p, f"{where}.name", raw.get("name"), str, "a string")
+    if _typed(p, f"{where}.match", raw.get("match"), list, "a list of match conditions"):
+        for i, m in enumerate(raw.get("match") or []):
+            at = f"{where}.match[{i}]"
+            if not _typed(p, at, m, dict, "a mapping (a match condition)", required=True):
+                continue
+            _typed(p, f"{at}.name", m.get("name"), str, "a string")
+            for key in _STRING_MATCHES:
+                _typed(p, f"{at}.{key}", m.get(key), dict, "a mapping (exact, prefix or regex)")
+            for key in _MATCH_MAPS:
+                _typed(p, f"{at}.{key}", m.get(key), dict, "a mapping of names to string matches")
+    if _typed(p, f"{where}.route", raw.get("route"), list, "a list of destinations"):
+        for i, d in enumerate(raw.get("route") or []):
+            at = f"{where}.route[{i}]"
+            if not _typed(p, at, d, dict, "a mapping with a destination", required=True):
+                continue
+            dest = d.get("destination")
+            if _typed(p, f"{at}.destination", dest, dict, "a mapping with a host", required=True):
+                host = dest.get("host")
+                if not isinstance(host, str) or not host:
+                    p.append(f"{at}.destination.host: expected a host name, got {host!r}")
+            _typed(p, f"{at}.weight", d.get("weight"), int, "an integer")
+            _typed(p, f"{at}.headers", d.get("headers"), dict, "a mapping (request, response)")
+    for key in ("redirect", "directResponse", "delegate", "rewrite"):
+        _typed(p, f"{where}.{key}", raw.get(key), dict, "a mapping")
+    if raw.get("delegate") is not None:
+        for key in ("route", "redirect", "directResponse"):
+            if raw.get(key) is not None:
+                p.append(f"{where}.{key}: not allowed with delegate (Istio: a delegating route leaves routing to its delegate)")
+    _typed(p, f"{where}.mirrors", raw.get("mirrors"), list, "a list of mirrors")
+    headers = raw.get("headers")
+    if _typed(p, f"{where}.headers", headers, dict, "a mapping (request, response)") and headers:
+        for side in ("request", "response"):
+            ops = headers.get(side)
+            at = f"{where}.headers.{side}"
+            if _typed(p, at, ops, dict, "a mapping (set, add, remove)") and ops:
+                _typed(p, f"{at}.set", ops.get("set"), dict, "a mapping of header names to values")
+                _typed(p, f"{at}.add", ops.get("add"), dict, "a mapping of header names to values")
+                _string_list(p, f"{at}.remove", ops.get("remove"), "header name")
+    return p
 
 
 def percent_fraction(value: object, where: str) -> Fraction:
@@ -216,8 +300,11 @@ def translate_match(m: object, what: str) -> dict[str, Any]:
 
 
 def translate_rule(raw: dict[str, Any], mirrors: Sequence[Mirror], where: str) -> dict[str, Any]:
-    """The HTTPRoute rule the sampler decides with for this http[] route."""
-    if raw.get("delegate") is not None:
+    """The HTTPRoute rule the sampler decides with for this http[] route. A route that
+    delegates forwards too (to its delegate's routes): a rule that mirrors nothing, so
+    that the sampler sets no slot header for what Istio sends there, and later routes
+    keep their place."""
+    if raw.get("delegate") is not None and mirrors:
         raise Untranslatable(f"{where}.delegate: delegated routes are decided in another VirtualService")
     rule: dict[str, Any] = {}
     matches = raw.get("match") or []
@@ -282,13 +369,13 @@ def translate_hosts(hosts: object, namespace: str | None, cluster_domain: str) -
     return list(dict.fromkeys(out))
 
 
-def check_alone(rule: dict[str, Any], where: str, slots: int) -> None:
+def check_alone(rule: dict[str, Any], slots: int) -> None:
     """The sampler's own loader on this one rule: what it refuses (a regex RE2
     rejects, a mirror to the primary itself...) is not translated."""
     doc = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "check"}, "spec": {"rules": [rule]}}
-    problems = parse_manifests(dump_documents([doc], ""), where, slots).problems
+    problems = parse_manifests(dump_documents([doc], ""), "", slots).problems
     if problems:
-        raise Untranslatable(problems[0].split(": ", 1)[-1])
+        raise Untranslatable(f"as the sampler's HTTPRoute rule: {_without_route_label(problems[0]).removeprefix('spec.rules[0].')}")
 
 
 def checked_rule(vs: VirtualService, h: HttpRoute, raw: dict[str, Any], slot_headers: SlotHeaders) -> dict[str, Any]:
@@ -297,26 +384,78 @@ def checked_rule(vs: VirtualService, h: HttpRoute, raw: dict[str, Any], slot_hea
     where = f"spec.http[{h.index}]"
     check_mirrors(h.mirrors, slot_headers)
     rule = translate_rule(raw, h.mirrors, where)
-    check_alone(rule, f"{vs.source}: VirtualService {vs.id} {where}", slot_headers.count)
+    check_alone(rule, slot_headers.count)
     return rule
 
 
-def sampler_route(vs: VirtualService) -> Document:
+# Gateway API's limits on one HTTPRoute (the CRD's, which the sampler's loader applies).
+MAX_RULES = 16
+MAX_HOSTNAMES = 16
+
+
+def _runs(translated: Sequence[HttpRoute]) -> list[list[HttpRoute]]:
+    """The translated routes in order, cut into runs whose rules one HTTPRoute can hold."""
+    runs: list[list[HttpRoute]] = [[]]
+    for h in translated:
+        run = runs[-1]
+        if run and (len(run) == MAX_RULES or route_match_count([r.rule for r in [*run, h]]) > MAX_MATCHES_PER_ROUTE):
+            runs.append(run := [])
+        run.append(h)
+    return runs
+
+
+def sampler_routes(vs: VirtualService) -> list[Document]:
+    """The HTTPRoutes the sampler decides with for ``vs``: its translated routes as rules,
+    in Istio's order. One HTTPRoute when Gateway API's limits allow (named as the
+    VirtualService); otherwise the rules in runs of at most 16 (128 matches), once per
+    group of at most 16 hostnames, named "<name>-<n>" after the first: within a host
+    the routes' names sort in the runs' order, so that precedence ties are still
+    broken in Istio's order (Gateway API: by namespace/name, then rule index)."""
     translated = [r for r in vs.routes if r.rule is not None]
-    spec: dict[str, Any] = {}
-    if vs.hostnames:
-        spec["hostnames"] = vs.hostnames
-    spec["rules"] = [r.rule for r in translated]
-    return {
-        "apiVersion": "gateway.networking.k8s.io/v1",
-        "kind": "HTTPRoute",
-        "metadata": {
-            **metadata(vs.name, vs.namespace),
-            "annotations": {
-                # Rule i of this HTTPRoute is http[<n>] of the VirtualService (the sampler's rule id is namespace/name/i).
-                "convert.mirror-sampler.dev/translated-from": f"VirtualService {vs.id} "
-                + ", ".join(f"http[{r.index}]" for r in translated),
-            },
-        },
-        "spec": spec,
-    }
+    runs = _runs(translated)
+    hostname_groups = [vs.hostnames[i : i + MAX_HOSTNAMES] for i in range(0, len(vs.hostnames), MAX_HOSTNAMES)] if vs.hostnames else [[]]
+    count = len(runs) * len(hostname_groups)
+    docs = []
+    for n, (hostnames, run) in enumerate((h, r) for h in hostname_groups for r in runs):
+        name = vs.name if n == 0 else f"{vs.name}-{n + 1:0{len(str(count))}d}"
+        if len(name) > 253:
+            raise ConvertError(
+                [
+                    f"{vs.source}: metadata.name: {len(vs.name)} characters leave no room for the names of the "
+                    f"{count} HTTPRoutes the sampler needs for this VirtualService ({len(translated)} routes, "
+                    f"{len(vs.hostnames or [])} host names; at most {MAX_RULES} of each per HTTPRoute)"
+                ]
+            )
+        spec: dict[str, Any] = {}
+        if hostnames:
+            spec["hostnames"] = hostnames
+        spec["rules"] = [r.rule for r in run]
+        docs.append(
+            {
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {
+                    **metadata(name, vs.namespace),
+                    "annotations": {
+                        # Rule i of this HTTPRoute is the i-th http[] route listed (the sampler's rule id is namespace/name/i).
+                        TRANSLATED_FROM: f"VirtualService {vs.id} " + ", ".join(f"http[{r.index}]" for r in run),
+                    },
+                },
+                "spec": spec,
+            }
+        )
+    return docs
+
+
+TRANSLATED_FROM = "convert.mirror-sampler.dev/translated-from"
+
+
+def translation_problems(vs: VirtualService, problems: Sequence[str]) -> list[str]:
+    """What the sampler's loader says of ``vs``'s HTTPRoutes (loaded with no file name),
+    said of the VirtualService: the user wrote no HTTPRoute."""
+    return [f"{vs.source}: VirtualService {vs.id}, as the sampler's HTTPRoutes: {_without_route_label(p)}" for p in problems]
+
+
+def _without_route_label(problem: str) -> str:
+    """A loader problem without the "<file> (document N): HTTPRoute <id>: " it starts with."""
+    return re.sub(r"^.*?\(document \d+\): (HTTPRoute [^:]+: )?", "", problem, count=1)

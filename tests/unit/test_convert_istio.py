@@ -6,6 +6,7 @@ structure and context the VirtualService implies. Nothing here runs Istio."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -13,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from extproc.cli import main
 from extproc.config.build import build_policy
 from extproc.config.settings import Settings
 from extproc.convert import Conversion, ConvertError
@@ -20,6 +22,7 @@ from extproc.convert.istio import convert_istio, convert_istio_sources
 from extproc.convert.istio_order import may_overlap
 from extproc.convert.istio_translate import percent_fraction, token
 from extproc.convert.kubernetes import SamplerDeployment
+from extproc.convert.module_delivery import ModuleEngine
 from extproc.core.matching import compile_regex
 from extproc.core.plan import Plan
 from extproc.core.policy import Outcome, Policy
@@ -126,11 +129,12 @@ def sampler_policy(conversion: Conversion) -> tuple[Policy, list[dict[str, Any]]
 
 
 def http_index(config_routes: list[dict[str, Any]], rule_id: str) -> tuple[str, int]:
-    """VirtualService name and http[] index of a translated rule (from its annotation)."""
+    """VirtualService name and http[] index of a translated rule (from its HTTPRoute's
+    annotation: "VirtualService <namespace>/<name> http[<index of rule 0>], ...")."""
     _namespace, name, index = rule_id.split("/")
     route = next(r for r in config_routes if r["metadata"]["name"] == name)
-    sources = route["metadata"]["annotations"]["convert.mirror-sampler.dev/translated-from"].split(" ", 2)[2].split(", ")
-    return name, int(sources[int(index)].removeprefix("http[").removesuffix("]"))
+    _, vs_id, sources = route["metadata"]["annotations"]["convert.mirror-sampler.dev/translated-from"].split(" ", 2)
+    return vs_id.split("/")[1], int(sources.split(", ")[int(index)].removeprefix("http[").removesuffix("]"))
 
 
 def host_of(vs: dict[str, Any]) -> str:
@@ -384,3 +388,183 @@ def test_invalid_input_is_refused_with_its_field() -> None:
     assert any("bad.yaml" in p and "mirrorPercentage" in p for p in info.value.problems)
     with pytest.raises(ConvertError, match="no VirtualService"):
         convert_istio_sources([("none.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")])
+
+
+# --------------------------------------------------------------------------
+# Input the conversion must refuse by field, or take whole.
+
+MODULE = ModuleEngine()
+
+
+def mirrored_route(path: str | None = None, percent: float = 50) -> dict[str, Any]:
+    route: dict[str, Any] = {"match": [{"uri": {"exact": path}}]} if path else {}
+    return {**route, "route": [{"destination": {"host": "web"}}], "mirror": {"host": "shadow"}, "mirrorPercentage": {"value": percent}}
+
+
+def virtual_service(http: list[Any], name: str = "r", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"hosts": ["web"], **spec, "http": http},
+    }
+
+
+def with_value(doc: dict[str, Any], path: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    node: Any = out
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return out
+
+
+def dump(*documents: dict[str, Any]) -> str:
+    return yaml.safe_dump_all(documents, sort_keys=False)
+
+
+DOC = virtual_service([mirrored_route()], gateways=["mesh"])
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "problem"),
+    [
+        (("spec", "http"), 5, "spec.http: expected a list of HTTP routes, got 5"),
+        (("metadata",), [1], "metadata: expected a mapping with name and namespace, got [1]"),
+        (("metadata", "namespace"), 5, "metadata.namespace: must be a DNS-1123 name, got 5"),
+        (("spec", "gateways"), 5, "spec.gateways: expected a list of gateway names, got 5"),
+        (("spec", "gateways"), [5], "spec.gateways[0]: expected a gateway name, got 5"),
+        (("spec", "http", 0, "mirrors"), 5, "spec.http[0].mirrors: expected a list of mirrors, got 5"),
+        (("spec", "http", 0, "route"), 5, "spec.http[0].route: expected a list of destinations, got 5"),
+        (("spec", "http", 0, "route", 0, "weight"), "50", "spec.http[0].route[0].weight: expected an integer, got '50'"),
+        (("spec", "http", 0, "match"), 5, "spec.http[0].match: expected a list of match conditions, got 5"),
+        (("spec", "http", 0, "match"), [5], "spec.http[0].match[0]: expected a mapping (a match condition), got 5"),
+        (("spec", "http", 0, "match"), [{"headers": [1]}], "spec.http[0].match[0].headers: expected a mapping"),
+        (("spec", "http", 0, "headers"), 5, "spec.http[0].headers: expected a mapping (request, response), got 5"),
+        (("spec", "http", 0, "headers"), {"request": 5}, "spec.http[0].headers.request: expected a mapping (set, add, remove), got 5"),
+        (
+            ("spec", "http", 0, "headers"),
+            {"request": {"remove": "x-foo"}},
+            "spec.http[0].headers.request.remove: expected a list of header names, got 'x-foo'",
+        ),
+    ],
+    ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None,
+)
+@pytest.mark.parametrize("engine", ["ext_proc", "module"])
+def test_a_mistyped_field_is_refused_by_its_path(
+    path: tuple[str | int, ...], value: object, problem: str, engine: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each engine, as a function and on the command line: a problem naming file, document
+    and field (the label once), a non-zero exit, never an exception of another kind."""
+    source = tmp_path / "bad.yaml"
+    source.write_text(dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}, with_value(DOC, path, value)))
+    with pytest.raises(ConvertError) as info:
+        convert_istio([source], module=MODULE if engine == "module" else None)
+    (found,) = info.value.problems
+    assert found.startswith(f"{source} (document 2): {problem}")
+    inline = ["--inline", "module"] if engine == "module" else []
+    assert main(["convert", "istio", str(source), "-o", str(tmp_path / "out"), *inline]) == 2
+    assert problem in capsys.readouterr().err
+
+
+def many_routes(count: int, hosts: tuple[str, ...] = ("web",), name: str = "r") -> dict[str, Any]:
+    """``count`` mirrored routes, /p<i> at i + 1 %."""
+    return virtual_service([mirrored_route(f"/p{i}", i + 1) for i in range(count)], name=name, hosts=list(hosts))
+
+
+def test_more_routes_and_host_names_than_an_httproute_holds_are_split() -> None:
+    """17 routes and 5 short hosts (20 host names): four HTTPRoutes, each rule mapping to its
+    http[] route by its HTTPRoute's annotation; every host decides every path for its route."""
+    conversion = convert_istio_sources([("many.yaml", dump(many_routes(17, hosts=("a", "b", "c", "d", "e"))))])
+    policy, config_routes = sampler_policy(conversion)
+    assert [r["metadata"]["name"] for r in config_routes] == ["r", "r-2", "r-3", "r-4"]
+    assert [len(r["spec"]["rules"]) for r in config_routes] == [16, 1, 16, 1]
+    assert [len(r["spec"]["hostnames"]) for r in config_routes] == [16, 16, 4, 4]
+    hostnames = [h for r in config_routes[::2] for h in r["spec"]["hostnames"]]
+    assert len(hostnames) == 20 and "e.shop.svc.cluster.local" in hostnames
+    for host in hostnames:
+        for i in range(17):
+            request = {":authority": host.encode(), ":path": f"/p{i}".encode(), ":method": b"GET", "x-request-id": b"k"}
+            rule = Plan(policy).trace(request).rule
+            assert rule is not None and http_index(config_routes, rule.id) == ("r", i)
+            assert [m.fraction for m in rule.mirrors] == [Fraction(i + 1, 100)]
+    (vs,) = docs(conversion.files["virtualservices.yaml"])
+    assert [r["match"][0]["uri"]["exact"] for r in vs["spec"]["http"]] == [f"/p{i}" for i in range(17) for _ in range(2)]
+    assert not any("left as it was" in n for n in conversion.notes)
+
+
+def test_an_httproute_name_two_virtual_services_would_need_is_refused() -> None:
+    other = virtual_service([mirrored_route()], name="r-2", hosts=["other"])
+    with pytest.raises(ConvertError, match="VirtualServices shop/r and shop/r-2 both need the sampler's HTTPRoute shop/r-2"):
+        convert_istio_sources([("many.yaml", dump(many_routes(17), other))])
+    with pytest.raises(ConvertError, match=r"^\S+ \(document 1\): metadata.name: 252 characters leave no room") as info:
+        convert_istio_sources([("many.yaml", dump(many_routes(17, name="r" * 252)))])
+    assert info.value.problems[0].count("(document") == 1
+
+
+def test_a_delegating_route_forwards_without_mirrors_and_drops_the_slot_headers() -> None:
+    delegating = {"match": [{"uri": {"prefix": "/reviews"}}], "delegate": {"name": "reviews", "namespace": "shop"}}
+    root = virtual_service([delegating, mirrored_route()], name="root", hosts=["shop.example.com"], gateways=["istio-system/gw"])
+    for engine in (None, MODULE):
+        conversion = convert_istio_sources([("root.yaml", dump(root))], module=engine)
+        (vs,) = docs(conversion.files["virtualservices.yaml"])
+        assert vs["spec"]["http"][0] == {**delegating, "headers": {"request": {"remove": list(SLOTS)}}}
+    conversion = convert_istio_sources([("root.yaml", dump(root))])
+    assert any("http[0] delegates to VirtualService shop/reviews" in n and "headers.request.remove" in n for n in conversion.notes)
+    policy, config_routes = sampler_policy(conversion)
+    for path, index in (("/reviews/1", 0), ("/other", 1)):
+        mirrored = 0
+        for key in KEYS[:100]:
+            request = {":authority": b"shop.example.com", ":path": path.encode(), ":method": b"GET", "x-request-id": key.encode()}
+            trace = Plan(policy).trace(request)
+            assert trace.rule is not None and http_index(config_routes, trace.rule.id) == ("root", index)
+            mirrored += any(t.outcome is Outcome.MIRRORED for t in trace.targets)
+        assert (mirrored > 0) == (index == 1)
+    # A delegating route that mirrors is left mirroring at random, and still mirrors nothing in the sampler.
+    mirroring = {**delegating, "mirror": {"host": "shadow"}, "mirrorPercentage": {"value": 5}}
+    conversion = convert_istio_sources([("root.yaml", dump(with_value(root, ("spec", "http", 0), mirroring)))])
+    assert any("http[0] left as it was" in n and "delegate" in n for n in conversion.notes)
+    policy, config_routes = sampler_policy(conversion)
+    request = {":authority": b"shop.example.com", ":path": b"/reviews/1", ":method": b"GET", "x-request-id": b"k"}
+    rule = Plan(policy).trace(request).rule
+    assert rule is not None and http_index(config_routes, rule.id) == ("root", 0) and not rule.mirrors
+    (vs,) = docs(conversion.files["virtualservices.yaml"])
+    assert vs["spec"]["http"][0] == {**mirroring, "headers": {"request": {"remove": list(SLOTS)}}}
+
+
+def test_other_documents_are_noted_by_kind_and_document() -> None:
+    others = dump(
+        {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "d", "namespace": "shop"}},
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "g", "namespace": "shop"},
+            "spec": {"rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "x"}}}]}]},
+        },
+        {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "h"}, "spec": {"rules": [{}]}},
+    )
+    text = dump(DOC) + "---\n# nothing\n---\n" + others  # documents 3, 4 and 5
+    for engine in (None, MODULE):
+        notes = convert_istio_sources([("in.yaml", text)], module=engine).notes
+        assert "in.yaml (document 3): DestinationRule shop/d ignored: not a VirtualService" in notes
+        (grpc,) = [n for n in notes if n.startswith("in.yaml (document 4): GRPCRoute shop/g ignored")]
+        assert "RequestMirror filters keep mirroring at random" in grpc
+        assert any(n.startswith("in.yaml (document 5): HTTPRoute h ignored") for n in notes)
+    with pytest.raises(ConvertError) as info:
+        convert_istio_sources([("in.yaml", others)])
+    assert "in.yaml: no VirtualService" in info.value.problems[0]
+    assert [p.split(" ignored")[0] for p in info.value.problems[1:]] == [
+        "in.yaml (document 1): DestinationRule shop/d",
+        "in.yaml (document 2): GRPCRoute shop/g",
+        "in.yaml (document 3): HTTPRoute h",
+    ]
+    with pytest.raises(ConvertError, match=r"in.yaml \(document 6\): kind: unknown kind 'Virtualservice'; did you mean VirtualService\?"):
+        convert_istio_sources([("in.yaml", text + "---\nkind: Virtualservice\n")])
+
+
+def test_what_the_sampler_refuses_is_noted_in_the_virtual_services_terms() -> None:
+    route = {**mirrored_route(), "match": [{"uri": {"regex": "/(?<=x)a"}}]}
+    conversion = convert_istio_sources([("r.yaml", dump(virtual_service([route, mirrored_route()])))])
+    (note,) = [n for n in conversion.notes if "left as it was" in n]
+    assert "http[0] left as it was" in note and "as the sampler's HTTPRoute rule: matches[0].path.value: not a regular expression" in note
+    assert "check" not in note and note.count("(document") == 1

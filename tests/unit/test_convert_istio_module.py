@@ -42,6 +42,7 @@ from tests.unit.test_convert_istio import (
     host_of,
     http_index,
     istio_route,
+    many_routes,
     mirrors_of,
     percentages,
     requests_for,
@@ -311,3 +312,18 @@ def test_cli_writes_the_module_files(tmp_path: Path) -> None:
     ]
     assert "image: b:1" in (out / "sidecar-patch.yaml").read_text()
     assert "DynamicModuleFilter" in (out / "envoy-filter.yaml").read_text()
+
+
+def test_more_routes_than_an_httproute_holds_keep_their_rule_ids() -> None:
+    """17 routes (the sampler's HTTPRoutes hold 16 rules): each Envoy route still gets its
+    own route's settings, under the rule id its name carries (namespace/VirtualService/index)."""
+    text = yaml.safe_dump(many_routes(17))
+    conversion = convert_istio_sources([("many.yaml", text)], module=MODULE)
+    rules = route_rules(conversion)
+    assert len(rules) == 17 * 2
+    for i in range(17):
+        for name in (f"shop/r/{i}", f"shop/r/{i}-mirror-0"):
+            settings = rules[("SIDECAR_OUTBOUND", name)]
+            assert settings["rule"] == f"shop/r/{i}"
+            (target,) = settings["targets"]
+            assert int(target["threshold"]) == percent_fraction(i + 1, "x").threshold
