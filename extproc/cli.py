@@ -87,7 +87,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .config.summary import summarize
 
     settings = settings_from(args)
-    parsed = parse(settings, read_manifest(settings))
+    parsed = parse(settings, read_manifest(settings, once=True))
     policy = policy_from(settings, parsed)
     rules = policy.rules
     mirrors = sum(len(r.mirrors) for r in rules)
@@ -156,7 +156,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
     envoy = envoy_settings_from(args)
     settings = settings_from(args)
-    parsed = parse(settings, read_manifest(settings))
+    parsed = parse(settings, read_manifest(settings, once=True))
     policy = policy_from(settings, parsed)
     compare = parsed.compare if parsed is not None and parsed.compare is not None and parsed.compare.rules else None
     if envoy.inline == "lua" and unsupported(policy):

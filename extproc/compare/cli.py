@@ -58,11 +58,12 @@ def load_config(path: str | None, routes: str | None = None, reading: bool = Fal
     the routes' own file, or a file of its own), or a bare ``compare:``
     mapping; checked against the routes when they are known (``reading``: see
     parse_compare)."""
-    return parse_config_text(read_config(path), path, routes, slot_count(), reading) if path else CompareConfig()
+    return parse_config_text(read_config(path, once=True), path, routes, slot_count(), reading) if path else CompareConfig()
 
 
-def read_config(path: str) -> str:
-    return read_config_file(path, "--config")
+def read_config(path: str, *, once: bool = False) -> str:
+    """``once``: for a command that reads it once (config.source.read_config_file)."""
+    return read_config_file(path, "--config", once=once)
 
 
 def parse_config_text(text: str, path: str, routes: str | None = None, slots: int = 2, reading: bool = False) -> CompareConfig:

@@ -47,22 +47,28 @@ _KINDS = (
 )
 
 
-def read_manifest(settings: ConfigFile) -> str | None:
-    """The MIRROR_CONFIG file's text (None in simple mode, which has no file).
-    Only a regular file (symlinks followed) of at most MAX_CONFIG_BYTES is
-    read: a FIFO would block the read (start-up, check-config, or the reload
-    thread) until something writes to it, and a device need never end."""
+def read_manifest(settings: ConfigFile, *, once: bool = False) -> str | None:
+    """The MIRROR_CONFIG file's text (None in simple mode, which has no file);
+    ``once``: see ``read_config_file``."""
     if not settings.config:
         return None
-    return read_config_file(settings.config, "MIRROR_CONFIG")
+    return read_config_file(settings.config, "MIRROR_CONFIG", once=once)
 
 
-def read_config_file(path: str, setting: str) -> str:
-    """A configuration file's text, as ``read_manifest`` reads it; ConfigError
-    names ``setting`` (the variable or flag that named the file)."""
+def read_config_file(path: str, setting: str, *, once: bool = False) -> str:
+    """A configuration file's text, at most MAX_CONFIG_BYTES; ConfigError
+    names ``setting`` (the variable or flag that named the file).
+
+    What a process reads again and again (a server's start and every reload,
+    ``once`` False) must be a regular file (symlinks followed): a FIFO would
+    block the read (start-up, or the reload thread) until something writes to
+    it, and a device need never end. A command that reads it once
+    (check-config, envoy-config, a report: ``once``) also takes a pipe or a
+    character device, as a shell gives one (``--config <(...)``,
+    ``/dev/stdin``), still within the bound."""
     try:
         # Newlines as a text-mode read has them (as Path.read_text did).
-        return _read_regular_file(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        return _read_file(path, once).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, _NotAFile, UnicodeDecodeError) as e:
         raise ConfigError([f"{setting}: cannot read {path}: {e}"]) from None
 
@@ -71,23 +77,30 @@ class _NotAFile(Exception):
     """What is at the path is no configuration file to read."""
 
 
-def _read_regular_file(path: str) -> bytes:
-    # Looked at before it is opened (opening some devices does something),
-    # and again once open, without blocking, in case it was swapped meanwhile.
-    _check_regular(os.stat(path))
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as file:
-        _check_regular(os.fstat(fd))
-        data = file.read(MAX_CONFIG_BYTES + 1)
+def _read_file(path: str, once: bool) -> bytes:
+    if once:
+        _check_readable(os.stat(path), once)
+        with open(path, "rb") as file:  # a pipe blocks until its writer writes: what the command was given
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    else:
+        # Looked at before it is opened (opening some devices does something),
+        # and again once open, without blocking, in case it was swapped meanwhile.
+        _check_readable(os.stat(path), once)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as file:
+            _check_readable(os.fstat(fd), once)
+            data = file.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise _NotAFile(f"larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB, the most a configuration file may hold")
     return data
 
 
-def _check_regular(status: os.stat_result) -> None:
-    if not stat.S_ISREG(status.st_mode):
-        kind = next((name for test, name in _KINDS if test(status.st_mode)), "of another kind")
-        raise _NotAFile(f"not a regular file ({kind})")
+def _check_readable(status: os.stat_result, once: bool) -> None:
+    mode = status.st_mode
+    if stat.S_ISREG(mode) or (once and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode))):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "of another kind")
+    raise _NotAFile(f"not a regular file ({kind})" if not once else f"not a file to read ({kind})")
 
 
 def load_policy(settings: Settings) -> Policy:

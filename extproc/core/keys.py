@@ -16,7 +16,6 @@ from enum import StrEnum
 from .headers import Headers
 
 # RFC 9110 token: what a header name may contain.
-_TCHARS = "!#$%&'*+-.^_`|~"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # W3C trace-context: version-traceid-parentid-flags. Version 00 is exactly
 # these four fields; a later version may append "-"-separated fields; ff is invalid.
@@ -70,13 +69,9 @@ def parse_key_source(text: str) -> KeySource:
             raise ValueError(f"key source {text!r}: {name!r} is not a valid header name")
         # Envoy lower-cases header names; matching is case-insensitive.
         name = name.lower()
-    elif key_kind is KeyKind.COOKIE:
-        # RFC 6265: cookie-name = token (the same characters as a header name).
-        if not is_header_name(name):
-            raise ValueError(
-                f"key source {text!r}: {name!r} is not a valid cookie name (an RFC 6265 token: ASCII letters, digits and {_TCHARS})"
-            )
     else:
+        # A cookie or query parameter name as it is written (user[id], sé: names
+        # every engine compares as strings), never a separator of the header or query.
         if any(c in name for c in ";=&# \t"):
             raise ValueError(f"key source {text!r}: name {name!r} contains a separator character")
         if any(ord(c) < 32 or ord(c) == 127 for c in name):

@@ -298,14 +298,12 @@ def test_an_observer_sharing_a_session_leaves_the_sessions_group_alone(tmp_path:
 
 def test_a_settings_file_that_is_no_regular_file_is_refused_at_start_up(tmp_path: Path) -> None:
     """A FIFO would block the observer's start (and its reload thread) until
-    something wrote to it; the observer and the report read --config as the
-    sampler reads MIRROR_CONFIG (config.source.read_config_file)."""
+    something wrote to it; the observer reads --config as the sampler reads
+    MIRROR_CONFIG (config.source.read_config_file)."""
     import os
 
     fifo = tmp_path / "compare.yaml"
     os.mkfifo(fifo)
     observer = run("capture", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "c.db"), "--config", str(fifo))
-    report = run("report", "--db", str(tmp_path / "c.db"), "--config", str(fifo))
-    for done in (observer, report):
-        assert done.returncode == 2, done.stderr
-        assert f"--config: cannot read {fifo}: not a regular file (a FIFO)" in done.stderr
+    assert observer.returncode == 2, observer.stderr
+    assert f"--config: cannot read {fifo}: not a regular file (a FIFO)" in observer.stderr

@@ -296,9 +296,24 @@ def test_a_reload_of_a_file_that_is_no_longer_regular_is_refused_and_the_content
     assert judge.events[-1] == ("judged", "b")
 
 
-def test_check_config_refuses_a_fifo_without_blocking(fifo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _within(10, lambda: main(["check-config", "--config", str(fifo)])) == 2
-    assert f"MIRROR_CONFIG: cannot read {fifo}: not a regular file (a FIFO)" in capsys.readouterr().err
+def test_a_command_that_reads_once_takes_a_pipe_as_a_shell_gives_one(fifo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config --config <(...): what the command was given, read once
+    (within the size bound); only what is read again and again, by a server
+    and its reloads, must be a regular file."""
+
+    def write() -> None:
+        with open(fifo, "wb") as pipe:
+            pipe.write(CONFORMANCE.read_bytes())
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert _within(10, lambda: main(["check-config", "--config", str(fifo)])) == 0
+    writer.join(10)
+    assert "configuration OK" in capsys.readouterr().out
+    assert read_manifest(_settings("/dev/null"), once=True) == ""
+    with pytest.raises(ConfigError) as refused:
+        read_manifest(_settings(str(fifo.parent)), once=True)
+    assert refused.value.problems == [f"MIRROR_CONFIG: cannot read {fifo.parent}: not a file to read (a folder)"]
 
 
 def test_the_sampler_refuses_to_start_on_a_fifo(tmp_path: Path, fifo: Path) -> None:

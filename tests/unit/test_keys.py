@@ -78,11 +78,8 @@ def test_parse_key_source_bad_names(text: str) -> None:
     ("text", "problem"),
     [
         # A flag or variable holding bytes that are not UTF-8 arrives with lone surrogates.
-        ("cookie:\udcff", "not a valid cookie name"),
-        ("cookie:s\u00e9", "not a valid cookie name"),
-        ("cookie:a(b)", "not a valid cookie name"),
-        ("cookie:a\x01b", "not a valid cookie name"),
-        ("cookie:a:b", "not a valid cookie name"),
+        ("cookie:\udcff", "bytes that are not UTF-8"),
+        ("cookie:a\x01b", "control character"),
         ("query:\udcff", "bytes that are not UTF-8"),
         ("query:u\udcffid", "bytes that are not UTF-8"),
         ("query:a\x01b", "control character"),
@@ -100,7 +97,10 @@ def test_parse_key_source_refuses_names_no_engine_can_carry(text: str, problem: 
     assert repr(text) in str(e.value) and problem in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["cookie:__Host-session", "cookie:a&b#c!", "query:s\u00e9", "query:a.b[]", "query:" + "q" * 256])
+@pytest.mark.parametrize(
+    "text",
+    ["cookie:__Host-session", "cookie:s\u00e9", "cookie:user[id]", "cookie:a/b", "query:s\u00e9", "query:a.b[]", "query:" + "q" * 256],
+)
 def test_parse_key_source_accepts_names_every_engine_carries(text: str) -> None:
     source = parse_key_source(text)
     assert str(source) == text
