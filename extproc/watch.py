@@ -29,6 +29,7 @@ import asyncio
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -106,6 +107,9 @@ def watch_folder(source: ConfigSource, stop: StopEvent, seen: Seen | None = None
             notify = RustNotify([str(folder)], *_NOTIFY_OPTIONS)
         except FileNotFoundError:
             continue  # gone again before the watch was put on it
+        except OSError as e:
+            _cannot_watch(folder, e, stop, told)
+            continue
         with notify:
             if armed is None or _identity(folder) != armed:
                 continue  # replaced while the watch was put on it: which one it watches is unknown
@@ -177,6 +181,9 @@ def _wait_for_folder(folder: Path, stop: StopEvent, in_place: Callable[[], None]
             notify = RustNotify([str(ancestor)], *_NOTIFY_OPTIONS)
         except FileNotFoundError:
             continue  # the ancestor went too: look again
+        except OSError as e:
+            _cannot_watch(ancestor, e, stop, in_place)
+            continue
         with notify:
             # Looked at again once the watch is in place: a step that came meanwhile made no event of it.
             while not stop.is_set() and _identity(folder) is None and _nearest_folder(folder) == ancestor:
@@ -185,6 +192,19 @@ def _wait_for_folder(folder: Path, stop: StopEvent, in_place: Callable[[], None]
                 if not isinstance(batch, str) and (Change.deleted, str(ancestor)) in batch:
                     break  # the ancestor went (and may be back already, unwatched)
     return False
+
+
+def _cannot_watch(folder: Path, error: OSError, stop: StopEvent, in_place: Callable[[], None]) -> None:
+    """A folder the process may not watch (permissions changed with it): said,
+    and tried again after MISSING_TIMEOUT_MS; the thread never ends on it (a
+    watch thread that died would leave every later edit unseen, unlogged).
+    The start-up is not held up meanwhile."""
+    log.warning("config_watch_failed", folder=str(folder), error=str(error), retry_in_ms=MISSING_TIMEOUT_MS)
+    in_place()
+    waited = 0
+    while waited < MISSING_TIMEOUT_MS and not stop.is_set():
+        time.sleep(STEP_MS / 1000)
+        waited += STEP_MS
 
 
 def _nearest_folder(folder: Path) -> Path:

@@ -318,3 +318,29 @@ def test_a_fifo_in_the_file_s_place_is_refused_and_reloading_goes_on(tmp_path: P
         os.replace(replacement, config)
         wait_until(lambda: judge.judged("v2\n"), SEEN_WITHIN_S, "the next regular content")
     assert not any(kind in {"judged", "failed"} for kind, text in judge.seen() if text != "v2\n")
+
+
+def test_a_folder_the_watch_may_not_watch_yet_is_tried_again(tmp_path: Path, driver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch refused (permissions, changed with a replaced folder) is said
+    and tried again; before, the thread died and no later edit was seen."""
+    import structlog.testing
+
+    import extproc.watch as watch
+
+    refusals = [PermissionError("Permission denied")] * 2
+    real = watch.RustNotify
+
+    def notify(paths: list[str], *options: object) -> object:
+        if refusals:
+            raise refusals.pop()
+        return real(paths, *options)
+
+    monkeypatch.setattr(watch, "RustNotify", notify)
+    monkeypatch.setattr(watch, "MISSING_TIMEOUT_MS", 100)
+    config = _folder(tmp_path)
+    judge = Judged()
+    with structlog.testing.capture_logs() as logged, watching(driver, _real_source(config, judge)):
+        wait_until(lambda: not refusals, SEEN_WITHIN_S, "the refused watches")
+        config.write_text("v2\n")
+        wait_until(lambda: judge.judged("v2\n"), SEEN_WITHIN_S, "an edit once the watch is in place")
+    assert [e["event"] for e in logged if e["event"] == "config_watch_failed"] == ["config_watch_failed"] * 2
