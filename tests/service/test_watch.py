@@ -13,6 +13,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,16 +325,16 @@ def test_a_folder_the_watch_may_not_watch_yet_is_tried_again(tmp_path: Path, dri
     """A watch refused (permissions, changed with a replaced folder) is said
     and tried again; before, the thread died and no later edit was seen."""
     import structlog.testing
+    from watchfiles._rust_notify import RustNotify
 
     import extproc.watch as watch
 
     refusals = [PermissionError("Permission denied")] * 2
-    real = watch.RustNotify
 
-    def notify(paths: list[str], *options: object) -> object:
+    def notify(paths: list[str], *options: Any) -> RustNotify:
         if refusals:
             raise refusals.pop()
-        return real(paths, *options)
+        return RustNotify(paths, *options)
 
     monkeypatch.setattr(watch, "RustNotify", notify)
     monkeypatch.setattr(watch, "MISSING_TIMEOUT_MS", 100)
