@@ -336,6 +336,12 @@ def _variant_pattern(name: str, variants: Sequence[str]) -> str:
     return f"{name}-mirror-<slots>" if all(default.fullmatch(v) for v in variants) else ", ".join(variants)
 
 
+def _mirror_backend(mirror: dict[str, Any]) -> str:
+    """The name a RequestMirror's backendRef gives, as written (a GRPCRoute is not checked: it is only named)."""
+    ref = mirror.get("backendRef")
+    return str(ref.get("name")) if isinstance(ref, dict) else repr(ref)
+
+
 def _mirrors(doc: Document) -> list[dict[str, Any]]:
     """The requestMirror of each RequestMirror filter in a route's rules (GRPCRoute, HTTPRoute)."""
     spec = doc.get("spec")
@@ -363,7 +369,7 @@ def _ignored_note(where: str, doc: Document) -> tuple[str, bool]:
         return f"{where}: {what} ignored: not an HTTPRoute (convert envoy-gateway converts HTTPRoutes); nothing written for it", False
     mirrors = _mirrors(doc)
     random = [m for m in mirrors if "percent" in m or "fraction" in m]
-    backends = ", ".join(dict.fromkeys(str((m.get("backendRef") or {}).get("name")) for m in (random or mirrors)))
+    backends = ", ".join(dict.fromkeys(_mirror_backend(m) for m in (random or mirrors)))
     if random:
         return (
             f"{where}: {what} mirrors to {backends} with percent / fraction and is NOT converted (convert envoy-gateway converts "

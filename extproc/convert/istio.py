@@ -40,7 +40,7 @@ from ..config.settings import NAME
 from ..core.slots import SlotHeaders
 from . import Conversion, ConvertError
 from .istio_module import convert_with_module
-from .istio_order import order_problems
+from .istio_order import order_problems, outranking_delegates
 from .istio_rewrite import envoy_filter, filter_contexts, rewrite_virtual_service
 from .istio_translate import (
     MAX_RULES,
@@ -124,10 +124,15 @@ def _ignored_note(where: str, doc: Document) -> str:
     return f"{where}: {label} ignored: not a VirtualService"
 
 
-def _kind_problem(kind: object) -> str | None:
+def _kind_problem(kind: object, api_version: object) -> str | None:
     if not isinstance(kind, str) or not kind:
         return f"kind: is required (a Kubernetes manifest names its kind), got {kind!r}"
-    if kind != "VirtualService" and difflib.SequenceMatcher(None, kind.lower(), "virtualservice").ratio() >= 0.8:
+    # A near miss is a typo only in Istio's group (or where no group is given):
+    # NGINX's VirtualServer, a VirtualServiceList, are real kinds of their own.
+    # ("v1" is the core group: no Istio kind there.)
+    group = api_version.partition("/")[0] if isinstance(api_version, str) and api_version else None
+    near = difflib.SequenceMatcher(None, kind.lower(), "virtualservice").ratio() >= 0.8
+    if kind != "VirtualService" and near and group in (None, "networking.istio.io"):
         return f"kind: unknown kind {kind!r}; did you mean VirtualService?"
     return None
 
@@ -140,7 +145,7 @@ def _load(sources: Sequence[tuple[str, str]], cluster_domain: str, notes: list[s
     for source, text in sources:
         for where, doc, duplicates in _documents(source, text):
             kind = doc.get("kind")
-            problem = _kind_problem(kind)
+            problem = _kind_problem(kind, doc.get("apiVersion"))
             if problem is not None:
                 problems.append(f"{where}: {problem}")
                 continue
@@ -266,6 +271,13 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
         parsed = parse_manifests(dump_documents(sampler_routes(vs), ""), "", slot_headers.count)
         if parsed.problems:  # each rule loaded alone; together they must too
             raise ConvertError(translation_problems(vs, parsed.problems))
+        while outranking := outranking_delegates(vs, parsed.routes):
+            # A delegating route that would take an earlier mirrored route's
+            # requests in the sampler's precedence is left out of its copy.
+            for h in vs.routes:
+                if h.index in outranking:
+                    h.rule = None
+            parsed = parse_manifests(dump_documents(sampler_routes(vs), ""), "", slot_headers.count)
         for h in candidates:
             h.converted = True
         for index, reason in order_problems(vs, parsed.routes).items():
@@ -319,9 +331,16 @@ def _check_unique(config_routes: Sequence[Document]) -> None:
 def _delegate_note(vs: VirtualService, h: HttpRoute, slot_headers: SlotHeaders) -> str:
     target = h.raw["delegate"]
     name = f"{target.get('namespace') or vs.namespace or 'default'}/{target.get('name')}"
+    decided = (
+        "the sampler mirrors nothing for the requests it matches, also for any its delegate does not route (Istio passes those "
+        "on to the routes after it)"
+        if h.rule is not None
+        else "it would outrank an earlier mirrored route in the sampler's precedence, so the sampler decides for the requests "
+        "it alone matches as for the routes after it (it may mirror them: Istio sends them to the delegate, without the slot "
+        "headers)"
+    )
     return (
-        f"{vs.source}: VirtualService {vs.id} http[{h.index}] delegates to VirtualService {name}: the sampler mirrors nothing "
-        "for the requests it matches, also for any its delegate does not route (Istio passes those on to the routes after it); "
+        f"{vs.source}: VirtualService {vs.id} http[{h.index}] delegates to VirtualService {name}: {decided}; "
         "and Istio gives its headers.request.remove (the slot headers) only to the delegate's routes that set no headers "
         f"of their own: add {', '.join(slot_headers.names)} to the headers.request.remove of those that do"
     )

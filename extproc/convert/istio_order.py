@@ -4,14 +4,14 @@ the rule that ranks first in Gateway API precedence (pure)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import re2
 
 from ..core.matching import Entry, compile_regex
 from ..core.policy import Route
-from .istio_translate import VirtualService
+from .istio_translate import HttpRoute, VirtualService
 
 
 def _string_overlap(a: object, b: object) -> bool:
@@ -57,6 +57,26 @@ def order_problems(vs: VirtualService, routes: Sequence[Route]) -> dict[int, str
     ``routes``: the sampler's HTTPRoutes for ``vs`` (``sampler_routes``), whose
     rules, in order, begin with each translated route once, in Istio's order
     (the other HTTPRoutes repeat them for other host names)."""
+    problems: dict[int, str] = {}
+    for index, later in _clashes(vs, routes):
+        problems.setdefault(
+            index,
+            f"http[{later.index}] comes later but may take the same requests and ranks first in Gateway API precedence "
+            "(the sampler's), so the sampler could decide for the wrong route",
+        )
+    return problems
+
+
+def outranking_delegates(vs: VirtualService, routes: Sequence[Route]) -> set[int]:
+    """The delegating routes (in the sampler's copy only to mirror nothing for
+    what Istio sends to the delegate) that outrank an earlier mirrored route:
+    left out of the copy, they cost that route nothing (what both match goes
+    to the mirrored one in Istio, and so in the sampler)."""
+    return {later.index for _, later in _clashes(vs, routes) if later.delegates}
+
+
+def _clashes(vs: VirtualService, routes: Sequence[Route]) -> Iterator[tuple[int, HttpRoute]]:
+    """(a mirrored route's http index, the first later route that may take the same requests and outranks it)."""
     translated = [r for r in vs.routes if r.rule is not None]
     raw_matches = [list(r.raw.get("match") or [{}]) for r in translated]
     rules = [(route, ri, rule) for route in routes for ri, rule in enumerate(route.rules)][: len(translated)]
@@ -64,21 +84,14 @@ def order_problems(vs: VirtualService, routes: Sequence[Route]) -> dict[int, str
         [Entry(match, rule, route.creation_timestamp, route.id, ri, mi) for mi, match in enumerate(rule.matches)]
         for route, ri, rule in rules
     ]
-    problems: dict[int, str] = {}
     for k, r in enumerate(translated):
         if not r.mirrors or r.delegates:
             continue
         for later in range(k + 1, len(translated)):
-            clash = [
-                (mk, ml)
+            if any(
+                el.sort_key() < ek.sort_key() and may_overlap(raw_matches[k][mk], raw_matches[later][ml])
                 for mk, ek in enumerate(entries[k])
                 for ml, el in enumerate(entries[later])
-                if el.sort_key() < ek.sort_key() and may_overlap(raw_matches[k][mk], raw_matches[later][ml])
-            ]
-            if clash:
-                problems[r.index] = (
-                    f"http[{translated[later].index}] comes later but may take the same requests and ranks first in Gateway API precedence "
-                    "(the sampler's), so the sampler could decide for the wrong route"
-                )
+            ):
+                yield r.index, translated[later]
                 break
-    return problems

@@ -531,3 +531,11 @@ def test_a_grpc_route_mirroring_at_random_is_named_when_nothing_converts() -> No
         convert(manifests(route, GRPC_ROUTE))
     assert "no HTTPRoute rule with a RequestMirror" in info.value.problems[0]
     assert "GRPCRoute shop/orders" in info.value.problems[1] and "at random" in info.value.problems[1]
+
+
+def test_a_grpc_route_with_a_malformed_mirror_is_named_not_a_traceback() -> None:
+    """GRPCRoutes are not checked, only named: a backendRef that is no mapping is shown as written."""
+    broken = copy.deepcopy(GRPC_ROUTE)
+    broken["spec"]["rules"][0]["filters"][0]["requestMirror"]["backendRef"] = "shadow"
+    conversion = convert(manifests(route_manifest("web", [mirrored_rule("/")]), broken))
+    assert any("GRPCRoute shop/orders mirrors to 'shadow'" in n for n in conversion.notes), conversion.notes

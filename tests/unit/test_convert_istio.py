@@ -568,3 +568,40 @@ def test_what_the_sampler_refuses_is_noted_in_the_virtual_services_terms() -> No
     (note,) = [n for n in conversion.notes if "left as it was" in n]
     assert "http[0] left as it was" in note and "as the sampler's HTTPRoute rule: matches[0].path.value: not a regular expression" in note
     assert "check" not in note and note.count("(document") == 1
+
+
+def test_kinds_of_other_groups_close_to_virtual_service_are_noted_not_refused() -> None:
+    """NGINX's VirtualServer and a VirtualServiceList are real kinds: only in
+    Istio's group (or with no group) is a near miss a typo."""
+    others = dump(
+        {"apiVersion": "k8s.nginx.org/v1", "kind": "VirtualServer", "metadata": {"name": "n", "namespace": "shop"}},
+        {"apiVersion": "v1", "kind": "VirtualServiceList", "metadata": {"name": "l"}},
+    )
+    notes = convert_istio_sources([("in.yaml", dump(DOC) + "---\n" + others)]).notes
+    assert any(n.startswith("in.yaml (document 2): VirtualServer") and "ignored" in n for n in notes), notes
+    assert any(n.startswith("in.yaml (document 3): VirtualServiceList") and "ignored" in n for n in notes), notes
+    with pytest.raises(ConvertError, match=r"unknown kind 'VirtualServer'; did you mean VirtualService\?"):
+        convert_istio_sources([("in.yaml", dump(DOC) + "---\napiVersion: networking.istio.io/v1\nkind: VirtualServer\n")])
+
+
+def test_a_delegating_route_that_would_outrank_an_earlier_mirrored_one_is_left_out_of_the_sampler() -> None:
+    """http[0] /api with a header, mirrored; http[1] /api/reviews delegates: in
+    Gateway API precedence the longer prefix ranks first, so in the sampler's
+    copy it would take /api/reviews requests with the header, which Istio
+    gives http[0]. Left out of the copy, http[0] converts (it failed before)."""
+    tenant = {**mirrored_route(), "match": [{"uri": {"prefix": "/api"}, "headers": {"x-tenant": {"exact": "acme"}}}]}
+    delegating = {"match": [{"uri": {"prefix": "/api/reviews"}}], "delegate": {"name": "reviews", "namespace": "shop"}}
+    rest = {"route": [{"destination": {"host": "app"}}]}
+    root = virtual_service([tenant, delegating, rest], name="root", hosts=["shop.example.com"], gateways=["istio-system/gw"])
+    conversion = convert_istio_sources([("root.yaml", dump(root))])
+    assert any("http[1] delegates" in n and "would outrank an earlier mirrored route" in n for n in conversion.notes)
+    policy, config_routes = sampler_policy(conversion)
+    request = {":authority": b"shop.example.com", ":path": b"/api/reviews/1", ":method": b"GET", "x-tenant": b"acme"}
+    mirrored = 0
+    for key in KEYS[:100]:
+        trace = Plan(policy).trace({**request, "x-request-id": key.encode()})
+        assert trace.rule is not None and http_index(config_routes, trace.rule.id) == ("root", 0)
+        mirrored += any(t.outcome is Outcome.MIRRORED for t in trace.targets)
+    assert mirrored > 0
+    (vs,) = docs(conversion.files["virtualservices.yaml"])
+    assert vs["spec"]["http"][1]["headers"] == {"request": {"remove": list(SLOTS)}}
