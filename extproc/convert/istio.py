@@ -312,7 +312,7 @@ def _convert(services: Sequence[VirtualService], slot_headers: SlotHeaders, note
 
 def _check_unique(config_routes: Sequence[Document]) -> None:
     """Two VirtualServices whose sampler HTTPRoutes would have the same name: a
-    VirtualService needing several takes "<name>-<n>", which another may be called."""
+    VirtualService needing several takes "<name>-<nn>", which another may be called."""
     owners: dict[str, str] = {}
     for doc in config_routes:
         meta = doc["metadata"]
@@ -322,7 +322,7 @@ def _check_unique(config_routes: Sequence[Document]) -> None:
             raise ConvertError(
                 [
                     f"VirtualServices {owners[route_id]} and {owner} both need the sampler's HTTPRoute {route_id} "
-                    f"(a VirtualService with more than {MAX_RULES} routes or host names takes the names <name>-<n> after its own); "
+                    f"(a VirtualService with more than {MAX_RULES} routes or host names takes <name>-02, <name>-03... after its own); "
                     "rename one"
                 ]
             )

@@ -408,7 +408,7 @@ def sampler_routes(vs: VirtualService) -> list[Document]:
     """The HTTPRoutes the sampler decides with for ``vs``: its translated routes as rules,
     in Istio's order. One HTTPRoute when Gateway API's limits allow (named as the
     VirtualService); otherwise the rules in runs of at most 16 (128 matches), once per
-    group of at most 16 hostnames, named "<name>-<n>" after the first: within a host
+    group of at most 16 hostnames, named "<name>-<nn>" after the first: within a host
     the routes' names sort in the runs' order, so that precedence ties are still
     broken in Istio's order (Gateway API: by namespace/name, then rule index)."""
     translated = [r for r in vs.routes if r.rule is not None]
@@ -417,7 +417,8 @@ def sampler_routes(vs: VirtualService) -> list[Document]:
     count = len(runs) * len(hostname_groups)
     docs = []
     for n, (hostnames, run) in enumerate((h, r) for h in hostname_groups for r in runs):
-        name = vs.name if n == 0 else f"{vs.name}-{n + 1:0{len(str(count))}d}"
+        # Two digits at least: the names of a growing VirtualService's HTTPRoutes (rule ids, metric labels) keep until the 100th.
+        name = vs.name if n == 0 else f"{vs.name}-{n + 1:0{max(2, len(str(count)))}d}"
         if len(name) > 253:
             raise ConvertError(
                 [

@@ -477,7 +477,7 @@ def test_more_routes_and_host_names_than_an_httproute_holds_are_split() -> None:
     http[] route by its HTTPRoute's annotation; every host decides every path for its route."""
     conversion = convert_istio_sources([("many.yaml", dump(many_routes(17, hosts=("a", "b", "c", "d", "e"))))])
     policy, config_routes = sampler_policy(conversion)
-    assert [r["metadata"]["name"] for r in config_routes] == ["r", "r-2", "r-3", "r-4"]
+    assert [r["metadata"]["name"] for r in config_routes] == ["r", "r-02", "r-03", "r-04"]
     assert [len(r["spec"]["rules"]) for r in config_routes] == [16, 1, 16, 1]
     assert [len(r["spec"]["hostnames"]) for r in config_routes] == [16, 16, 4, 4]
     hostnames = [h for r in config_routes[::2] for h in r["spec"]["hostnames"]]
@@ -494,8 +494,8 @@ def test_more_routes_and_host_names_than_an_httproute_holds_are_split() -> None:
 
 
 def test_an_httproute_name_two_virtual_services_would_need_is_refused() -> None:
-    other = virtual_service([mirrored_route()], name="r-2", hosts=["other"])
-    with pytest.raises(ConvertError, match="VirtualServices shop/r and shop/r-2 both need the sampler's HTTPRoute shop/r-2"):
+    other = virtual_service([mirrored_route()], name="r-02", hosts=["other"])
+    with pytest.raises(ConvertError, match="VirtualServices shop/r and shop/r-02 both need the sampler's HTTPRoute shop/r-02"):
         convert_istio_sources([("many.yaml", dump(many_routes(17), other))])
     with pytest.raises(ConvertError, match=r"^\S+ \(document 1\): metadata.name: 252 characters leave no room") as info:
         convert_istio_sources([("many.yaml", dump(many_routes(17, name="r" * 252)))])
