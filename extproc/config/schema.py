@@ -186,6 +186,10 @@ _HTTP_BACKEND_REF = obj(
 # The CRD's rule on spec.rules is "sum of matches.size() <= 128" (its message
 # says "less than 128", but the rule is what the API server enforces).
 MAX_MATCHES_PER_ROUTE = 128
+# The CRD's maxItems that the converters' outputs must keep too (they cut what is longer).
+MAX_RULES_PER_ROUTE = 16
+MAX_HOSTNAMES_PER_ROUTE = 16
+MAX_BACKEND_REFS_PER_RULE = 16
 
 
 def route_match_count(rules: Iterable[object]) -> int:
@@ -206,7 +210,7 @@ _RULE = obj(
     name=quiet(dataclasses.replace(STR, pattern=SECTION_NAME)),
     matches=lst(_MATCH, 64),
     filters=lst(_FILTER, 16),
-    backendRefs=lst(_HTTP_BACKEND_REF, 16),
+    backendRefs=lst(_HTTP_BACKEND_REF, MAX_BACKEND_REFS_PER_RULE),
     timeouts=ignored(obj(request=_DURATION, backendRequest=_DURATION), NOT_USED),
     retry=ignored(obj(codes=lst(INT), attempts=INT, backoff=_DURATION), NOT_USED),
     sessionPersistence=ignored(
@@ -221,8 +225,8 @@ HTTPROUTE = obj(
     metadata=OBJECT_META,
     spec=obj(
         parentRefs=ignored(lst(_PARENT_REF, 32), f"{NOT_USED} (it decides for whatever Envoy asks about)"),
-        hostnames=lst(STR, 16),
-        rules=lst(_RULE, 16, min_items=1),
+        hostnames=lst(STR, MAX_HOSTNAMES_PER_ROUTE),
+        rules=lst(_RULE, MAX_RULES_PER_ROUTE, min_items=1),
         useDefaultGateways=ignored(STR, NOT_USED),
     ),
     status=quiet(ANY),

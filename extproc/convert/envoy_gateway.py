@@ -32,7 +32,7 @@ from ..config.build import build_policy
 from ..config.errors import ConfigError
 from ..config.manifest_yaml import read_documents
 from ..config.manifests import SWITCH_KIND, parse_manifests
-from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
+from ..config.schema import MAX_MATCHES_PER_ROUTE, MAX_RULES_PER_ROUTE, route_match_count
 from ..core.policy import MirrorTarget, Route, Rule
 from ..core.slots import SlotHeaders
 from ..core.variants import rule_layout
@@ -58,8 +58,7 @@ EG_API = "gateway.envoyproxy.io/v1alpha1"
 EG_GROUP = "gateway.envoyproxy.io"
 COMMAND = "convert envoy-gateway"
 # Gateway API HTTPRoute limits (apis/v1/httproute_types.go): the rewritten
-# routes must still pass the CRD's validation.
-MAX_RULES = 16
+# routes must still pass the CRD's validation (the rules' own: config.schema).
 MAX_HEADER_MATCHES = 16
 MAX_FILTERS = 16
 MAX_REMOVE = 16
@@ -179,9 +178,9 @@ def variant_rules(raw: dict[str, Any], rule: Rule, slot_headers: SlotHeaders, ta
 
 def _limit_problems(where: str, rules: list[dict[str, Any]]) -> list[str]:
     problems = []
-    if len(rules) > MAX_RULES:
+    if len(rules) > MAX_RULES_PER_ROUTE:
         problems.append(
-            f"{where}: spec.rules: {len(rules)} rules after adding mirror variants, over Gateway API's limit of {MAX_RULES}; "
+            f"{where}: spec.rules: {len(rules)} rules after adding mirror variants, over Gateway API's limit of {MAX_RULES_PER_ROUTE}; "
             "split the route, or give rules fewer mirrors"
         )
     total = route_match_count(rules)

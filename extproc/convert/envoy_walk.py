@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.schema import MAX_BACKEND_REFS_PER_RULE, MAX_RULES_PER_ROUTE
 from ..config.settings import NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.slots import SlotHeaders
 from ..envoy import module, render
 from .envoy_data import Source, list_or_empty, mapping_or_empty, repeated, value_of
-from .envoy_policy import MAX_BACKEND_REFS, MAX_RULES, NAMESPACE, PolicyRoute, PolicyRule
+from .envoy_policy import NAMESPACE, PolicyRoute, PolicyRule
 from .envoy_routes import OUR_ROUTE_FILTERS, SAMPLER_FILTER, RouteRewriter
 
 ANTI_SPOOF_FILTER = render.ANTI_SPOOF_FILTER
@@ -321,9 +322,9 @@ class Converter(RouteRewriter):
                     continue
                 if http_route is None:
                     http_route = self.new_http_route(owner, vname, f"{described}, virtual host {vname!r}")
-                elif len(http_route.rules) == MAX_RULES:
+                elif len(http_route.rules) == MAX_RULES_PER_ROUTE:
                     # Gateway API's limit: the virtual host's next rules go to an HTTPRoute of their own.
-                    continued = f"{described}, virtual host {vname!r}, continued (an HTTPRoute holds at most {MAX_RULES} rules)"
+                    continued = f"{described}, virtual host {vname!r}, continued (an HTTPRoute holds at most {MAX_RULES_PER_ROUTE} rules)"
                     http_route = self.new_http_route(owner, vname, continued)
                 # The sampler's id of the rule (namespace/name/index), which Envoy sends.
                 rule_id = f"{NAMESPACE}/{http_route.name}/{len(http_route.rules)}"
@@ -332,10 +333,10 @@ class Converter(RouteRewriter):
                 where = f"{vpath.split('.')[-1]}.{routes_key}[{ri}]"
                 primaries = self.primaries(action, {m.cluster for m in mirrors})
                 comment = f"{route_name} ({where})"
-                if len(primaries) > MAX_BACKEND_REFS:
+                if len(primaries) > MAX_BACKEND_REFS_PER_RULE:
                     comment += (
                         f"; backendRefs: the first of its {len(primaries)} weighted clusters only "
-                        f"(a rule holds at most {MAX_BACKEND_REFS}, and one is all the sampler needs)"
+                        f"(a rule holds at most {MAX_BACKEND_REFS_PER_RULE}, and one is all the sampler needs)"
                     )
                     primaries = primaries[:1]
                 http_route.rules.append(PolicyRule(rule_id, mirrors, primaries, comment))

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..config.errors import ConfigError
 from ..config.manifest_yaml import DuplicateKey, read_documents, unencodable_paths
 from ..config.manifests import parse_manifests
+from ..config.schema import MAX_RULES_PER_ROUTE
 from ..config.settings import NAME
 from ..core.slots import SlotHeaders
 from . import Conversion, ConvertError
@@ -43,7 +44,6 @@ from .istio_module import convert_with_module
 from .istio_order import order_problems, outranking_delegates
 from .istio_rewrite import envoy_filter, filter_contexts, rewrite_virtual_service
 from .istio_translate import (
-    MAX_RULES,
     TRANSLATED_FROM,
     HttpRoute,
     Untranslatable,
@@ -322,7 +322,8 @@ def _check_unique(config_routes: Sequence[Document]) -> None:
             raise ConvertError(
                 [
                     f"VirtualServices {owners[route_id]} and {owner} both need the sampler's HTTPRoute {route_id} "
-                    f"(a VirtualService with more than {MAX_RULES} routes or host names takes <name>-02, <name>-03... after its own); "
+                    f"(a VirtualService with more than {MAX_RULES_PER_ROUTE} routes or host names takes <name>-02, <name>-03... "
+                    "after its own); "
                     "rename one"
                 ]
             )

@@ -37,6 +37,7 @@ from betterproto2 import Casing
 
 from ..config.build import build_policy
 from ..config.errors import ConfigError
+from ..config.schema import MAX_RULES_PER_ROUTE
 from ..core.policy import Policy, Rule
 from ..core.slots import SlotHeaders
 from ..envoy import module, render
@@ -49,7 +50,7 @@ from .istio_rewrite import (
     filter_contexts,
     rewrite_virtual_service,
 )
-from .istio_translate import MAX_RULES, HttpRoute, Untranslatable, VirtualService, checked_rule, left_note, translation_problems
+from .istio_translate import HttpRoute, Untranslatable, VirtualService, checked_rule, left_note, translation_problems
 from .kubernetes import Document, SamplerDeployment, dump_documents, generated_header, metadata
 from .module_delivery import (
     MODULE_PATH,
@@ -134,8 +135,8 @@ def _policy(converted: Sequence[VirtualService], options: SamplerDeployment) -> 
     owners: list[tuple[VirtualService, list[HttpRoute]]] = []
     for vs in converted:
         routes = [h for h in vs.routes if h.converted and h.rule is not None]
-        for start in range(0, len(routes), MAX_RULES):
-            run = routes[start : start + MAX_RULES]
+        for start in range(0, len(routes), MAX_RULES_PER_ROUTE):
+            run = routes[start : start + MAX_RULES_PER_ROUTE]
             docs.append(
                 {
                     "apiVersion": "gateway.networking.k8s.io/v1",

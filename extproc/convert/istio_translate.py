@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..config.manifests import parse_manifests
-from ..config.schema import MAX_MATCHES_PER_ROUTE, route_match_count
+from ..config.schema import MAX_HOSTNAMES_PER_ROUTE, MAX_MATCHES_PER_ROUTE, MAX_RULES_PER_ROUTE, route_match_count
 from ..config.settings import HOSTNAME, METHODS, NAME
 from ..core.policy import SAMPLER_CLUSTER
 from ..core.sampling import Fraction
@@ -388,17 +388,12 @@ def checked_rule(vs: VirtualService, h: HttpRoute, raw: dict[str, Any], slot_hea
     return rule
 
 
-# Gateway API's limits on one HTTPRoute (the CRD's, which the sampler's loader applies).
-MAX_RULES = 16
-MAX_HOSTNAMES = 16
-
-
 def _runs(translated: Sequence[HttpRoute]) -> list[list[HttpRoute]]:
     """The translated routes in order, cut into runs whose rules one HTTPRoute can hold."""
     runs: list[list[HttpRoute]] = [[]]
     for h in translated:
         run = runs[-1]
-        if run and (len(run) == MAX_RULES or route_match_count([r.rule for r in [*run, h]]) > MAX_MATCHES_PER_ROUTE):
+        if run and (len(run) == MAX_RULES_PER_ROUTE or route_match_count([r.rule for r in [*run, h]]) > MAX_MATCHES_PER_ROUTE):
             runs.append(run := [])
         run.append(h)
     return runs
@@ -413,7 +408,11 @@ def sampler_routes(vs: VirtualService) -> list[Document]:
     broken in Istio's order (Gateway API: by namespace/name, then rule index)."""
     translated = [r for r in vs.routes if r.rule is not None]
     runs = _runs(translated)
-    hostname_groups = [vs.hostnames[i : i + MAX_HOSTNAMES] for i in range(0, len(vs.hostnames), MAX_HOSTNAMES)] if vs.hostnames else [[]]
+    hostname_groups = (
+        [vs.hostnames[i : i + MAX_HOSTNAMES_PER_ROUTE] for i in range(0, len(vs.hostnames), MAX_HOSTNAMES_PER_ROUTE)]
+        if vs.hostnames
+        else [[]]
+    )
     count = len(runs) * len(hostname_groups)
     docs = []
     for n, (hostnames, run) in enumerate((h, r) for h in hostname_groups for r in runs):
@@ -424,7 +423,7 @@ def sampler_routes(vs: VirtualService) -> list[Document]:
                 [
                     f"{vs.source}: metadata.name: {len(vs.name)} characters leave no room for the names of the "
                     f"{count} HTTPRoutes the sampler needs for this VirtualService ({len(translated)} routes, "
-                    f"{len(vs.hostnames or [])} host names; at most {MAX_RULES} of each per HTTPRoute)"
+                    f"{len(vs.hostnames or [])} host names; at most {MAX_RULES_PER_ROUTE} of each per HTTPRoute)"
                 ]
             )
         spec: dict[str, Any] = {}

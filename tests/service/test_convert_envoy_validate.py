@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from extproc.config.schema import MAX_BACKEND_REFS_PER_RULE
 from extproc.convert import Conversion
 from extproc.convert.envoy import convert_envoy
-from extproc.convert.envoy_policy import MAX_BACKEND_REFS
 from extproc.core.slots import SlotHeaders
 from tests.unit.test_convert_envoy import (
     bootstrap,
@@ -67,8 +67,8 @@ def test_envoy_accepts_what_gateway_apis_limits_lone_values_and_a_users_mirror_s
     cuts, Envoy's routes stay whole), lone values where Envoy takes a list (each of them
     as Envoy reads it, the input included), and a cluster of the user's named
     mirror-sampler that --inline keeps."""
-    boot = bootstrap([*many_routes(20), weighted_route("many", MAX_BACKEND_REFS + 1), lone_values_route()])
-    boot["static_resources"]["clusters"] += [cluster(f"w-{i}", 19000 + i) for i in range(MAX_BACKEND_REFS + 1)]
+    boot = bootstrap([*many_routes(20), weighted_route("many", MAX_BACKEND_REFS_PER_RULE + 1), lone_values_route()])
+    boot["static_resources"]["clusters"] += [cluster(f"w-{i}", 19000 + i) for i in range(MAX_BACKEND_REFS_PER_RULE + 1)]
     cases = {
         "limits-and-lone-values": convert_dict(boot),
         "limits-and-lone-values-lua": convert_dict(boot, lua=True),

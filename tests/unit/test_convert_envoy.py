@@ -21,11 +21,11 @@ import yaml
 from extproc.config import schema
 from extproc.config.build import build_policy
 from extproc.config.errors import ConfigError
+from extproc.config.schema import MAX_BACKEND_REFS_PER_RULE, MAX_RULES_PER_ROUTE
 from extproc.config.settings import Settings
 from extproc.config.source import load_policy
 from extproc.convert import Conversion, ConvertError
 from extproc.convert.envoy import convert_envoy
-from extproc.convert.envoy_policy import MAX_BACKEND_REFS, MAX_RULES
 from extproc.convert.envoy_routes import METADATA_KEY, SAMPLER_FILTER
 from extproc.core.policy import Policy
 from extproc.core.sampling import Fraction
@@ -661,22 +661,22 @@ def weighted_route(name: str, count: int) -> dict[str, Any]:
 
 def test_the_limits_are_the_ones_check_config_holds_policy_yaml_to() -> None:
     spec = schema.HTTPROUTE.fields["spec"]
-    assert spec.fields["rules"].max_items == MAX_RULES == 16
+    assert spec.fields["rules"].max_items == MAX_RULES_PER_ROUTE == 16
     assert spec.fields["rules"].items is not None
-    assert spec.fields["rules"].items.fields["backendRefs"].max_items == MAX_BACKEND_REFS == 16
+    assert spec.fields["rules"].items.fields["backendRefs"].max_items == MAX_BACKEND_REFS_PER_RULE == 16
 
 
 def test_a_virtual_host_with_more_than_16_mirroring_routes_takes_more_httproutes() -> None:
-    conversion = convert_dict(bootstrap(many_routes(MAX_RULES + 4)))
+    conversion = convert_dict(bootstrap(many_routes(MAX_RULES_PER_ROUTE + 4)))
     text = conversion.files["policy.yaml"]
     docs = list(yaml.safe_load_all(text))
     assert [(d["metadata"]["name"], len(d["spec"]["rules"])) for d in docs] == [("l-rc-vh", 16), ("l-rc-vh-2", 4)]
     assert "virtual host 'vh', continued (an HTTPRoute holds at most 16 rules)" in text
     policy = check_config(text)
-    assert len(policy.rules) == MAX_RULES + 4
+    assert len(policy.rules) == MAX_RULES_PER_ROUTE + 4
     # Each Envoy route names the rule holding its own fraction, variants and markers alike.
     envoy_routes = routes_of(managers(load_text(conversion.files["envoy.yaml"]))["l"])
-    for i in range(MAX_RULES + 4):
+    for i in range(MAX_RULES_PER_ROUTE + 4):
         plain, variants = group(envoy_routes, f"r{i}")
         rule = policy.rules_by_id[rule_id_of(plain)]
         assert [(m.backend, m.fraction) for m in rule.mirrors] == [("shadow", Fraction(i + 1, 100))], rule.id
@@ -692,7 +692,7 @@ def test_a_virtual_host_with_more_than_16_mirroring_routes_takes_more_httproutes
 def test_a_route_over_16_weighted_clusters_names_one_backend_the_sampler_needs_no_more() -> None:
     """The sampler reads backendRefs only to know the rule has a live backend (a rule
     without one mirrors nothing): over Gateway API's 16, the first is written."""
-    conversion = convert_dict(bootstrap([weighted_route("many", MAX_BACKEND_REFS + 1), weighted_route("few", 3)]))
+    conversion = convert_dict(bootstrap([weighted_route("many", MAX_BACKEND_REFS_PER_RULE + 1), weighted_route("few", 3)]))
     text = conversion.files["policy.yaml"]
     (doc,) = yaml.safe_load_all(text)
     many, few = doc["spec"]["rules"]
