@@ -78,14 +78,13 @@ class _NotAFile(Exception):
 
 
 def _read_file(path: str, once: bool) -> bytes:
+    # Looked at before it is opened (opening some devices does something).
+    _check_readable(os.stat(path), once)
     if once:
-        _check_readable(os.stat(path), once)
         with open(path, "rb") as file:  # a pipe blocks until its writer writes: what the command was given
             data = file.read(MAX_CONFIG_BYTES + 1)
     else:
-        # Looked at before it is opened (opening some devices does something),
-        # and again once open, without blocking, in case it was swapped meanwhile.
-        _check_readable(os.stat(path), once)
+        # And again once open, without blocking, in case it was swapped meanwhile.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as file:
             _check_readable(os.fstat(fd), once)
