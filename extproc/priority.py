@@ -10,6 +10,15 @@ group's nice value, in ``/proc/self/autogroup``, is what does
 (``bench/sched_wakeup.py`` measures both). Outside the root cgroup (a
 container, a systemd service with the cpu controller) the kernel uses the
 cgroup instead and the group's value is inert, which is harmless.
+
+A nice value, even the group's, sets a share of a busy core, not who runs
+first: a process that has slept and wakes with work runs its slice (about a
+millisecond or more) before a thread of Envoy that wakes on the same core
+gets it back, and an observer's batches are exactly that. So the process
+also takes Linux's SCHED_IDLE policy, whose threads any other thread waking
+on their core preempts at once; under autogroups its group's weight still
+sets its share of a busy core (docs/compare.md, "Cost": measured with
+``bench/compare_latency.py``).
 """
 
 from __future__ import annotations
@@ -52,17 +61,40 @@ class Priority:
     # Why the group was left as it was, for the log; None when it was lowered
     # or there was nothing to lower.
     group_unchanged: str | None = None
+    # Whether this thread (and every thread it starts after) is under SCHED_IDLE,
+    # and why not where it was wanted and refused.
+    idle: bool = False
+    idle_unchanged: str | None = None
 
 
 def lower_cpu_priority(increment: int) -> Priority:
     """Raises this process's nice value by ``increment``, and its session
     group's by as much where the process leads its session (a group shared
-    with a shell would slow the shell too)."""
+    with a shell would slow the shell too); with any increment, also puts the
+    calling thread under SCHED_IDLE. Call it before the process starts a
+    thread: a thread takes its policy from the thread that starts it."""
     niceness = os.nice(increment)
-    if increment == 0 or os.getsid(0) != os.getpid() or not _autogroups_enabled():
+    if increment == 0:
         return Priority(niceness, None)
+    idle_unchanged = take_idle_policy()
+    idle = idle_unchanged is None
+    if os.getsid(0) != os.getpid() or not _autogroups_enabled():
+        return Priority(niceness, None, idle=idle, idle_unchanged=idle_unchanged)
     group, unchanged = lower_session_group(increment, AUTOGROUP)
-    return Priority(niceness, group, unchanged)
+    return Priority(niceness, group, unchanged, idle, idle_unchanged)
+
+
+def take_idle_policy() -> str | None:
+    """The calling thread under SCHED_IDLE; None, or why not (another system,
+    a sandbox that refuses the call)."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return "SCHED_IDLE: not on this system"
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as e:
+        return f"SCHED_IDLE: {e.strerror}"
+    return None
 
 
 def _autogroups_enabled() -> bool:

@@ -133,6 +133,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     log = logs.get("compare")
     if priority.group_unchanged is not None:
         log.warning("compare_session_priority_unchanged", reason=priority.group_unchanged)
+    if priority.idle_unchanged is not None:
+        log.warning("compare_idle_policy_unchanged", reason=priority.idle_unchanged)
     metrics = CompareMetrics()
     metrics.declare(config)
     metrics_port = None
@@ -149,6 +151,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             rules=sorted(config.rules),
             nice=priority.niceness,
             session_nice=priority.group_niceness,
+            idle=priority.idle,
         )
 
     settings = ObserverSettings(
@@ -184,7 +187,8 @@ def register(sub: Any) -> None:
         default=DEFAULT_NICE,
         metavar="N",
         help=f"lower this process's CPU priority by N (0 to {MAX_NICE}; default {DEFAULT_NICE}), and its session group's where it "
-        "leads its session (Linux autogroups): where it shares cores with Envoy, Envoy is served first (0 keeps it)",
+        "leads its session (Linux autogroups), and take Linux's SCHED_IDLE policy: where it shares cores with Envoy, Envoy is "
+        "served first (0 keeps it all)",
     )
     capture.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     capture.set_defaults(func=cmd_capture)

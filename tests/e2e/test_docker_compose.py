@@ -400,7 +400,8 @@ def _cpu_weight(stack: Compose, service: str) -> tuple[str, int]:
 
 def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
     """In a container, the observer's --nice orders it only inside its own
-    cgroup: its container's CPU weight is what puts Envoy first."""
+    cgroup: its container's CPU weight is what sets its share against Envoy's,
+    and its SCHED_IDLE policy lets Envoy's threads preempt it at once."""
     if compose.name != "compare":
         pytest.skip("the compare stack's observer")
     (kind, observer), (same_kind, envoy) = _cpu_weight(compose, OBSERVER), _cpu_weight(compose, "envoy")
@@ -411,6 +412,9 @@ def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
     serving = next(json.loads(line.partition("| ")[2]) for line in logs.splitlines() if "compare_serving" in line)
     assert serving["nice"] == 10, serving
     assert "compare_session_priority_unchanged" not in logs, logs
+    # SCHED_IDLE is the thread's, not the cgroup's: it puts Envoy first across containers too.
+    assert serving["idle"] is True, serving
+    assert "compare_idle_policy_unchanged" not in logs, logs
 
 
 def test_compose_module_loads_in_envoys_image_as_envoys_user(compose: Compose, tmp_path: Path) -> None:

@@ -228,11 +228,18 @@ def test_the_observer_steps_back_for_envoy_by_its_nice_value(tmp_path: Path) -> 
         refused = run(*argv, "--nice", nice)
         assert refused.returncode == 2 and f"--nice: {nice} is not between 0 and 19" in refused.stderr
     ours = os.nice(0)
-    for flags, wanted in (([], min(ours + 10, 19)), (["--nice", "0"], ours)):
+    for flags, wanted, idle in (([], min(ours + 10, 19), True), (["--nice", "0"], ours, False)):
         child = Child("observer", [sys.executable, "-m", "extproc", "compare", *argv, *flags], cwd=REPO)
         try:
-            assert child.wait_event("compare_serving")["nice"] == wanted, flags
+            serving = child.wait_event("compare_serving")
+            assert (serving["nice"], serving["idle"]) == (wanted, idle), flags
             assert os.getpriority(os.PRIO_PROCESS, child.pid) == wanted, flags  # the kernel's word, not only the log's
+            # Every thread, the settings watch's and the writer's among them: a thread
+            # takes its policy from the one that starts it, so the order matters.
+            threads = list(Path(f"/proc/{child.pid}/task").iterdir())
+            assert len(threads) >= 3, threads
+            policies = {os.sched_getscheduler(int(thread.name)) for thread in threads}
+            assert policies == {os.SCHED_IDLE if idle else os.SCHED_OTHER}, flags
         finally:
             child.stop()
 

@@ -1,12 +1,15 @@
 """The session group's nice value (extproc/priority.py), against a fake
-/proc/self/autogroup; the real file, with real observers: the nice test in
-tests/service/test_compare_cli.py."""
+/proc/self/autogroup, and a refused SCHED_IDLE; the real file and the real
+policy, with real observers: the nice test in tests/service/test_compare_cli.py."""
 
 from __future__ import annotations
 
 import errno
+import os
 
-from extproc.priority import MAX_NICE, lower_session_group
+import pytest
+
+from extproc.priority import MAX_NICE, lower_session_group, take_idle_policy
 
 
 class FakeGroup:
@@ -71,3 +74,11 @@ def test_a_refusal_is_reported_not_raised() -> None:
 def test_unexpected_contents_are_reported() -> None:
     group_nice, why = lower_session_group(10, FakeGroup("something else\n"))
     assert group_nice is None and why is not None and "unexpected contents 'something else'" in why
+
+
+def test_a_refused_idle_policy_is_reported_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(pid: int, policy: int, param: os.sched_param) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert take_idle_policy() == "SCHED_IDLE: Operation not permitted"
