@@ -44,7 +44,8 @@ for a latency figure that the noise reaches on every side:
 
 Also counted: requests that did not answer 200, and ``on``'s judged pairs
 against the requests it served (the comparison was running, not failing).
-Writes ``--output``/compare_latency.{md,json} (bench/results/ by default).
+Writes ``--output``/compare_latency.{md,json} (bench/results/ by default;
+each window's percentiles) and, with ``--raw FILE``, every latency.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def read_window(csv: str, settle: float) -> tuple[list[float], int, int]:
         elif parts[6] != "200":
             errors += 1
         else:
-            latencies.append(float(parts[0]) * 1000)
+            latencies.append(round(float(parts[0]) * 1000, 3))  # hey writes seconds to 4 places
     return latencies, left_out, errors
 
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals (default 2000)")
     ap.add_argument("--seed", type=int, default=17, help="the bootstrap's random seed (default 17)")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare_latency.{md,json} go")
+    ap.add_argument("--raw", type=Path, help="also write every window's latencies here (JSON; the results keep percentiles)")
     add_keep_work_argument(ap)
     args = ap.parse_args(argv)
     if not 0 <= args.settle < args.window:
@@ -358,9 +360,15 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         "added": diffs,
         "compared": compared,
         "served": served,
-        "windows": [dataclasses.asdict(w) for w in windows],
+        "windows": [
+            {"side": w.side, "round": w.round, "requests": len(w.latencies_ms), "left_out": w.left_out, "errors": w.errors}
+            | dict(zip((f"p{p:g}" for p in PERCENTILES), percentiles(w.latencies_ms), strict=True))
+            for w in windows
+        ],
     }
     (args.output / "compare_latency.json").write_text(json.dumps(record) + "\n")
+    if args.raw is not None:
+        args.raw.write_text(json.dumps([dataclasses.asdict(w) for w in windows]) + "\n")
     print("\n".join(md))
     return 0
 
