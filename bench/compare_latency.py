@@ -3,7 +3,7 @@
 tenants of a shared machine fall on every side alike (docs/compare.md "Cost").
 
     .venv/bin/python bench/compare_latency.py [--minutes 10] [--window 3] [--settle 0.5] [--rate 100]
-        [--observers 2] [--also on-sink|on-idle|on-no-hop|on-no-primary-capture|on-no-shadow-capture ...]
+        [--observers 2] [--also on-sink|on-no-idle|on-no-hop|on-no-primary-capture|on-no-shadow-capture ...]
         [--bootstrap 2000] [--output DIR] [--keep-work]
 
 bench/compare_cost.py runs each variant in a stack of its own for 20 s phases,
@@ -21,14 +21,17 @@ for a latency figure that the noise reaches on every side:
   the capture points, every mirror compared, logged to ``--observers``
   observers on a SQLite file of its own; and the ``--also`` sides: ``on-sink``
   (``on`` logging to a sink that counts bytes: Envoy's whole share without
-  the observers, bench/access_log.py), ``on-idle`` (``on`` with every thread
-  of its observers under Linux's SCHED_IDLE, set by this bench) and
+  the observers, bench/access_log.py), ``on-no-idle`` (``on`` with every
+  thread of its observers put back under Linux's normal policy by this
+  bench: the observers as they were before they took SCHED_IDLE) and
   ``on-no-*`` (``on`` less one part, bench/compare_parts.py); each ``on`` side
   with observers of its own.
 - hey drives one stack at a time, at ``--rate`` req/s on one connection (a
   request every 10 ms by default), for ``--window`` seconds; then the next.
-  A round gives each side one window; the order rotates every round, so no
-  side always follows the same one.
+  A round gives each side one window, in an order drawn at random (seeded by
+  ``--seed``) each round, so that no side follows the same one most of the
+  time (the runs of 2026-12-03 rotated the order instead, which for three
+  sides or more keeps each side's predecessor in most rounds).
 - The first ``--settle`` seconds of every window are left out, on every
   side: they hold the new connection's first request and whatever the
   previous side's stack still does after its window (Envoy's last batch of
@@ -38,12 +41,17 @@ for a latency figure that the noise reaches on every side:
   literally: the noisiest rounds set it) and as the median over rounds of
   the difference within a round (the machine in its typical state), each
   with a 95% interval by bootstrap over rounds (a round is resampled whole,
-  so that a noisy minute stays on every side); and the verdict on the
-  target: met when the interval lies under 1 ms, missed when it lies over,
-  otherwise not told apart.
+  so that a noisy stretch of seconds stays on every side; a round with a
+  side's window empty is left out); and the verdict on the target: met when
+  the interval lies at or under 1 ms, missed when it lies over, otherwise
+  not told apart. With about 250 requests in a window, a window's p99 is its
+  third-longest request and its p99.9 its longest.
 
-Also counted: requests that did not answer 200, and ``on``'s judged pairs
-against the requests it served (the comparison was running, not failing).
+Also counted: requests that did not answer 200; requests hey did not send
+of the rate asked for (its ticker skips sends while a request is slow, so a
+slow side is sampled less and its tail understated; it also leaves out
+requests that found no connection); and ``on``'s judged pairs against the
+requests it served (the comparison was running, not failing).
 Writes ``--output``/compare_latency.{md,json} (bench/results/ by default;
 each window's percentiles) and, with ``--raw FILE``, every latency.
 """
@@ -103,7 +111,7 @@ from extproc.stack.observer import ObserverProcess  # noqa: E402
 # Beside off and on: on logging to a sink that counts bytes (Envoy's whole share,
 # no observers), on with its observers' threads under SCHED_IDLE, and on less one
 # part (bench/compare_parts.py).
-EXTRA_SIDES = ("on-sink", "on-idle", *(f"on-{part}" for part in PARTS))
+EXTRA_SIDES = ("on-sink", "on-no-idle", *(f"on-{part}" for part in PARTS))
 PERCENTILES = (50.0, 99.0, 99.9)
 TARGET_MS = 1.0
 
@@ -115,12 +123,19 @@ class Window:
     latencies_ms: list[float]  # the requests after the settling time, in order
     left_out: int  # requests of the settling time
     errors: int  # answers other than 200 (kept out of the latencies)
+    not_sent: int = 0  # of the requests the rate asks for after the settling time
 
 
-def run_window(url: str, rate: int, seconds: float, settle: float) -> tuple[list[float], int, int]:
-    """hey at ``rate`` req/s on one connection for ``seconds`` (``read_window``)."""
+def run_window(url: str, rate: int, seconds: float, settle: float) -> tuple[list[float], int, int, int]:
+    """hey at ``rate`` req/s on one connection for ``seconds`` (``read_window``), and
+    how many requests it did not send of the ``rate`` a second it was asked for
+    after ``settle``: hey leaves out requests it could not connect for, and skips
+    sends while a request is slow (its ticker drops ticks), so a slow side is
+    sampled less; a hey that fails is a window with nothing in it."""
     command = ["hey", "-z", f"{round(seconds * 1000)}ms", "-c", "1", "-q", str(rate), "-o", "csv", url]
-    return read_window(subprocess.run(command, capture_output=True, text=True, check=True).stdout, settle)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    latencies, left_out, errors = read_window(done.stdout if done.returncode == 0 else "", settle)
+    return latencies, left_out, errors, max(0, round(rate * (seconds - settle)) - len(latencies) - errors)
 
 
 def read_window(csv: str, settle: float) -> tuple[list[float], int, int]:
@@ -205,11 +220,22 @@ def differences(windows: list[Window], side: str, bootstrap: int, seed: int) -> 
 
 
 def verdict(low: float, high: float) -> str:
-    if high < TARGET_MS:
+    """Within the target includes it; rounded first, so that 1.0 made of hey's
+    0.1 ms steps (2.8 - 1.8 is 0.9999999999999998) is 1.0."""
+    low, high = round(low, 6), round(high, 6)
+    if high <= TARGET_MS:
         return "met"
     if low > TARGET_MS:
         return "missed"
     return "not told apart"
+
+
+def complete_rounds(windows: list[Window], sides: Sequence[str]) -> list[Window]:
+    """The windows of the rounds in which every side has latencies: a round with an
+    empty window (hey failed, or nothing answered 200) tells nothing apart."""
+    filled = {(w.round, w.side) for w in windows if w.latencies_ms}
+    kept = {w.round for w in windows if all((w.round, side) in filled for side in sides)}
+    return [w for w in windows if w.round in kept]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,9 +285,9 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
                     for i in range(args.observers)
                 ]
                 observers[side] = Observers(started, [Address(LOOPBACK, o.port) for o in started])
-                if side == "on-idle":
+                if side == "on-no-idle":
                     for process in started:
-                        idle(process.pid)
+                        normal_policy(process.pid)
         if "on-sink" in sides:
             sink = start_sink(sink_port, workdir / "sink.bytes")
         upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
@@ -275,23 +301,26 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
             run_window(stacks[side].url, args.rate, 2, 0)
         for o in observers.values():
             o.settled()
-        for process in observers["on-idle"].processes if "on-idle" in sides else []:
-            idle(process.pid)  # again: threads started since
+        for process in observers["on-no-idle"].processes if "on-no-idle" in sides else []:
+            normal_policy(process.pid)  # again: threads started since
         compared0 = observers["on"].compared()
         served0 = primary_requests(stacks["on"].envoy.stats())
         windows: list[Window] = []
         deadline = time.monotonic() + args.minutes * 60
         round_ = 0
-        while time.monotonic() < deadline:
-            for side in sides[round_ % len(sides) :] + sides[: round_ % len(sides)]:
-                latencies, left_out, errors = run_window(stacks[side].url, args.rate, args.window, args.settle)
-                windows.append(Window(side, round_, latencies, left_out, errors))
-            shown = {w.side: percentiles(w.latencies_ms) for w in windows[-len(sides) :]}
-            print(
-                f"  [round {round_ + 1}] " + "  ".join(f"{side} {p[0]:.1f}/{p[1]:.1f}" for side, p in shown.items()) + " ms (p50/p99)",
-                flush=True,
-            )
-            round_ += 1
+        order = random.Random(args.seed)
+        try:
+            while time.monotonic() < deadline:
+                # A fresh order each round: no side follows the same one most of the time.
+                for side in order.sample(sides, len(sides)):
+                    windows.append(Window(side, round_, *run_window(stacks[side].url, args.rate, args.window, args.settle)))
+                shown = {w.side: percentiles(w.latencies_ms) for w in windows[-len(sides) :]}
+                figures = "  ".join(f"{side} {p[0]:.1f}/{p[1]:.1f}" for side, p in shown.items())
+                print(f"  [round {round_ + 1}] {figures} ms (p50/p99)", flush=True)
+                round_ += 1
+        except KeyboardInterrupt:
+            print("  interrupted: the rounds so far are reported", flush=True)
+            windows = [w for w in windows if w.round < round_]
         observers["on"].settled()
         compared = observers["on"].compared() - compared0
         served = primary_requests(stacks["on"].envoy.stats()) - served0
@@ -305,12 +334,18 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
             sink.wait(timeout=30)
         for o in observers.values():
             o.stop()
+    measured = complete_rounds(windows, sides)
+    dropped_rounds = round_ - len({w.round for w in measured})
+    if not measured:
+        sys.exit(f"bench: no round with latencies on every side, of {round_}: see the work folder's logs")
+    windows = measured
     totals = {
         side: dict(zip((f"p{p:g}" for p in PERCENTILES), percentiles(pooled(windows, side)), strict=True))
         | {
             "requests": sum(len(w.latencies_ms) for w in windows if w.side == side),
             "left_out": sum(w.left_out for w in windows if w.side == side),
             "errors": sum(w.errors for w in windows if w.side == side),
+            "not_sent": sum(w.not_sent for w in windows if w.side == side),
         }
         for side in sides
     }
@@ -324,14 +359,15 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         f"{info['nproc']} cores ({info['cpu']}), Python {info['python']}; load average (1 min) {load_start:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (other work on the machine). Code: {code_state()}.",
         f"Every side's stack running throughout; hey -c1 at {args.rate} req/s on one of them for {args.window:g} s, then the next: "
-        f"{round_} rounds, each side's window once per round, the order rotated each round; the first {args.settle:g} s of every "
+        f"{round_} rounds, each side's window once per round, in an order drawn each round ({dropped_rounds} left out: a side's "
+        f"window empty); the first {args.settle:g} s of every "
         f"window left out. {args.percent}% of requests mirrored; every mirror compared, by {args.observers} observer(s) on one "
         "SQLite file per side (`on-sink`: a sink that counts bytes).",
         "",
-        "| side | requests | p50 ms | p99 ms | p99.9 ms | not 200 |",
-        "|---|---|---|---|---|---|",
+        "| side | requests | p50 ms | p99 ms | p99.9 ms | not 200 | not sent |",
+        "|---|---|---|---|---|---|---|",
         *(
-            f"| {side} | {t['requests']} | {t['p50']:.2f} | {t['p99']:.2f} | {t['p99.9']:.2f} | {t['errors']} |"
+            f"| {side} | {t['requests']} | {t['p50']:.2f} | {t['p99']:.2f} | {t['p99.9']:.2f} | {t['errors']} | {t['not_sent']} |"
             for side, t in totals.items()
         ),
         "",
@@ -347,8 +383,10 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         f"Target, `on`'s p99 within {TARGET_MS:g} ms of `off`'s: over all requests, "
         f"{verdict(diffs['on']['p99']['low_ms'], diffs['on']['p99']['high_ms'])}; in the median round, "
         f"{verdict(diffs['on']['p99']['round_low_ms'], diffs['on']['p99']['round_high_ms'])} "
-        "(met: the whole interval under it; missed: the whole interval over it). "
-        f"Intervals: {args.bootstrap} bootstrap resamples of the {round_} rounds (seed {args.seed}). "
+        "(met: the whole interval at or under it; missed: the whole interval over it). "
+        f"Intervals: {args.bootstrap} bootstrap resamples of the {round_ - dropped_rounds} rounds (seed {args.seed}). "
+        "`not sent`: requests hey did not send of the rate asked for (it skips sends while a request is slow, "
+        "so a slow side is sampled less, and leaves out requests that found no connection). "
         f"`on`'s observers compared {compared} pairs; `on` served {served} requests (warm-up excluded).",
     ]
     args.output.mkdir(parents=True, exist_ok=True)
@@ -362,6 +400,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         "served": served,
         "windows": [
             {"side": w.side, "round": w.round, "requests": len(w.latencies_ms), "left_out": w.left_out, "errors": w.errors}
+            | {"not_sent": w.not_sent}
             | dict(zip((f"p{p:g}" for p in PERCENTILES), percentiles(w.latencies_ms), strict=True))
             for w in windows
         ],
@@ -373,13 +412,12 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     return 0
 
 
-def idle(pid: int) -> None:
-    """Every thread of ``pid`` under Linux's SCHED_IDLE: preempted at once by any
-    other thread that wakes on its core (a nice value, even its session group's,
-    lets it finish its slice first)."""
+def normal_policy(pid: int) -> None:
+    """Every thread of ``pid`` back under Linux's normal policy (the observers take
+    SCHED_IDLE themselves, extproc/priority.py): `on` as it was before that."""
     for task in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(ProcessLookupError):  # the thread ended
-            os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(int(task), os.SCHED_OTHER, os.sched_param(0))
 
 
 def capture_renderer(side: str, compare: CompareConfig, observers: list[Address]) -> Callable[[Policy, Topology], str]:

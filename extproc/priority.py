@@ -12,13 +12,14 @@ container, a systemd service with the cpu controller) the kernel uses the
 cgroup instead and the group's value is inert, which is harmless.
 
 A nice value, even the group's, sets a share of a busy core, not who runs
-first: a process that has slept and wakes with work (an observer's batch)
-may run its slice before a thread of Envoy waking on the same core gets
-it. So the process also takes Linux's SCHED_IDLE policy, whose threads any
-other thread waking on their core preempts at once; its group's or
-container's weight still sets its share of a busy core. Measured with
-``bench/compare_latency.py`` (docs/compare.md, "The primary's latency,
-interleaved"): the primary's p99 over a noisy run 2.9 ms lower with it.
+first. So the process also takes Linux's SCHED_IDLE policy: a core running
+only SCHED_IDLE threads counts as free when the kernel places a waking
+thread, and inside its own group a SCHED_IDLE thread is preempted by any
+other that wakes (across groups, on recent kernels, only placement is
+said to remain: not checked here); its group's or container's weight still
+sets its share of a busy core. Measured with ``bench/compare_latency.py``
+(docs/compare.md, "The primary's latency, interleaved"): in one noisy run
+the primary's p99 2.9 ms lower with it, in the typical round no change.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ class Priority:
     # Why the group was left as it was, for the log; None when it was lowered
     # or there was nothing to lower.
     group_unchanged: str | None = None
-    # Whether this thread (and every thread it starts after) is under SCHED_IDLE,
-    # and why not where it was wanted and refused.
+    # Whether this thread (and every thread it starts after) is under SCHED_IDLE
+    # (taken, or inherited), and why not where it was wanted and refused.
     idle: bool = False
     idle_unchanged: str | None = None
 
@@ -75,13 +76,19 @@ def lower_cpu_priority(increment: int) -> Priority:
     thread: a thread takes its policy from the thread that starts it."""
     niceness = os.nice(increment)
     if increment == 0:
-        return Priority(niceness, None)
+        return Priority(niceness, None, idle=is_idle())
     idle_unchanged = take_idle_policy()
-    idle = idle_unchanged is None
+    idle = is_idle()
     if os.getsid(0) != os.getpid() or not _autogroups_enabled():
         return Priority(niceness, None, idle=idle, idle_unchanged=idle_unchanged)
     group, unchanged = lower_session_group(increment, AUTOGROUP)
     return Priority(niceness, group, unchanged, idle, idle_unchanged)
+
+
+def is_idle() -> bool:
+    """Whether the calling thread is under SCHED_IDLE (taken, or inherited from the process that started this one)."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    return policy is not None and os.sched_getscheduler(0) == policy
 
 
 def take_idle_policy() -> str | None:

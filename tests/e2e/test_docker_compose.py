@@ -400,8 +400,8 @@ def _cpu_weight(stack: Compose, service: str) -> tuple[str, int]:
 
 def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
     """In a container, the observer's --nice orders it only inside its own
-    cgroup: its container's CPU weight is what sets its share against Envoy's,
-    and its SCHED_IDLE policy lets Envoy's threads preempt it at once."""
+    cgroup: its container's CPU weight is what sets its share against Envoy's.
+    Its SCHED_IDLE policy is taken inside the container too."""
     if compose.name != "compare":
         pytest.skip("the compare stack's observer")
     (kind, observer), (same_kind, envoy) = _cpu_weight(compose, OBSERVER), _cpu_weight(compose, "envoy")
@@ -412,7 +412,7 @@ def test_compose_observer_steps_back_for_envoy(compose: Compose) -> None:
     serving = next(json.loads(line.partition("| ")[2]) for line in logs.splitlines() if "compare_serving" in line)
     assert serving["nice"] == 10, serving
     assert "compare_session_priority_unchanged" not in logs, logs
-    # SCHED_IDLE is the thread's, not the cgroup's: it puts Envoy first across containers too.
+    # SCHED_IDLE is the thread's: the default seccomp profile lets the container take it.
     assert serving["idle"] is True, serving
     assert "compare_idle_policy_unchanged" not in logs, logs
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from bench.compare_latency import Window, differences, pooled, read_window, verdict
+from bench.compare_latency import Window, complete_rounds, differences, pooled, read_window, verdict
+from bench.run import percentile
 
 HEADER = "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
 
@@ -53,6 +54,26 @@ def test_an_interval_that_holds_the_target_tells_nothing_apart() -> None:
     assert verdict(0.2, 1.4) == "not told apart"
     assert verdict(-3.0, 0.99) == "met"
     assert verdict(1.01, 9.0) == "missed"
+
+
+def test_within_the_target_includes_it_whatever_the_floating_point_says() -> None:
+    assert 2.8 - 1.8 != 3.3 - 2.3  # both 1.0 ms on hey's 0.1 ms steps
+    assert verdict(0.5, 2.8 - 1.8) == verdict(0.5, 3.3 - 2.3) == "met"
+    assert verdict(3.3 - 2.3, 2.0) == "not told apart"
+
+
+def test_a_round_with_an_empty_window_is_left_out() -> None:
+    windows = [Window("off", 0, [1.0], 0, 0), Window("on", 0, [], 0, 0), Window("off", 1, [1.0], 0, 0), Window("on", 1, [2.0], 0, 0)]
+    assert [(w.side, w.round) for w in complete_rounds(windows, ["off", "on"])] == [("off", 1), ("on", 1)]
+    assert complete_rounds(windows[:1], ["off", "on"]) == []  # a side with no window at all
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    hundred = [float(v) for v in range(1, 101)]
+    assert (percentile(hundred, 50), percentile(hundred, 99), percentile(hundred, 99.9), percentile(hundred, 100)) == (50, 99, 100, 100)
+    assert percentile([float(v) for v in range(1, 251)], 50) == 125
+    assert percentile([float(v) for v in range(1, 11)], 50) == 5
+    assert percentile([3.0], 1) == 3
 
 
 def test_one_noisy_round_sets_the_pooled_p99_but_not_the_median_round() -> None:
