@@ -19,7 +19,7 @@ other that wakes (across groups, on recent kernels, only placement is
 said to remain: not checked here); its group's or container's weight still
 sets its share of a busy core. Measured with ``bench/compare_latency.py``
 (docs/compare.md, "The primary's latency, interleaved"): in one noisy run
-the primary's p99 2.9 ms lower with it, in the typical round no change.
+the primary's p99 2.9 ms lower with it; in a quieter one, no difference.
 """
 
 from __future__ import annotations
