@@ -99,7 +99,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_http2 import export  # noqa: E402
 from bench.compare_parts import PARTS  # noqa: E402
-from bench.procstat import code_state, cpu_seconds, machine  # noqa: E402
+from bench.procstat import code_state, cpu_seconds, for_each_thread, machine  # noqa: E402
 from bench.run import WRK_CONNECTIONS, med, run_hey, run_wrk  # noqa: E402
 from bench.testbed import (  # noqa: E402
     EXT_PROC_STATS,
@@ -235,11 +235,7 @@ def flush_every(rendered: str, milliseconds: int) -> str:
 
 def pin(pid: int, cpus: set[int]) -> None:
     """Every thread of ``pid`` on ``cpus`` (threads it starts later inherit it)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except ProcessLookupError:
-            continue  # the thread ended
+    for_each_thread(pid, lambda thread: os.sched_setaffinity(thread, cpus))
 
 
 def phase(stack: Stack, observers: Observers, load: Callable[[], Any]) -> dict[str, Any]:

@@ -59,7 +59,6 @@ each window's percentiles) and, with ``--raw FILE``, every latency.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -82,7 +81,7 @@ import yaml  # noqa: E402
 from bench.access_log import start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.compare_parts import PARTS  # noqa: E402
-from bench.procstat import code_state, machine  # noqa: E402
+from bench.procstat import code_state, for_each_thread, machine  # noqa: E402
 from bench.run import percentile  # noqa: E402
 from bench.testbed import (  # noqa: E402
     LOOPBACK,
@@ -109,8 +108,8 @@ from extproc.envoy.render import Address, Topology, render  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
 
 # Beside off and on: on logging to a sink that counts bytes (Envoy's whole share,
-# no observers), on with its observers' threads under SCHED_IDLE, and on less one
-# part (bench/compare_parts.py).
+# no observers), on with its observers' threads back under the normal policy, and
+# on less one part (bench/compare_parts.py).
 EXTRA_SIDES = ("on-sink", "on-no-idle", *(f"on-{part}" for part in PARTS))
 PERCENTILES = (50.0, 99.0, 99.9)
 TARGET_MS = 1.0
@@ -399,8 +398,14 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         "compared": compared,
         "served": served,
         "windows": [
-            {"side": w.side, "round": w.round, "requests": len(w.latencies_ms), "left_out": w.left_out, "errors": w.errors}
-            | {"not_sent": w.not_sent}
+            {
+                "side": w.side,
+                "round": w.round,
+                "requests": len(w.latencies_ms),
+                "left_out": w.left_out,
+                "errors": w.errors,
+                "not_sent": w.not_sent,
+            }
             | dict(zip((f"p{p:g}" for p in PERCENTILES), percentiles(w.latencies_ms), strict=True))
             for w in windows
         ],
@@ -415,9 +420,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
 def normal_policy(pid: int) -> None:
     """Every thread of ``pid`` back under Linux's normal policy (the observers take
     SCHED_IDLE themselves, extproc/priority.py): `on` as it was before that."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):  # the thread ended
-            os.sched_setscheduler(int(task), os.SCHED_OTHER, os.sched_param(0))
+    for_each_thread(pid, lambda thread: os.sched_setscheduler(thread, os.SCHED_OTHER, os.sched_param(0)))
 
 
 def capture_renderer(side: str, compare: CompareConfig, observers: list[Address]) -> Callable[[Policy, Topology], str]:

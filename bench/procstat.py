@@ -1,7 +1,8 @@
 """What the benchmarks read about processes and the machine (/proc, git):
 CPU seconds and resident memory of a process and its descendants (a
 supervisor's workers), each thread's CPU, the machine, and the code being
-measured."""
+measured; and ``for_each_thread``, for the benches that set something on
+every thread of a process (its CPUs, its scheduling policy)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,16 @@ def process_tree(pid: int) -> list[int]:
         except OSError:
             pass
     return out
+
+
+def for_each_thread(pid: int, action: Callable[[int], object]) -> None:
+    """``action`` on the id of every thread of ``pid`` (threads it starts later
+    inherit what the one starting them has), skipping those that end meanwhile."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            action(int(task))
+        except ProcessLookupError:
+            continue  # the thread ended
 
 
 def cpu_seconds(pid: int) -> float:

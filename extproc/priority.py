@@ -42,6 +42,8 @@ MAX_NICE = 19
 _BUSY_PAUSE_S = 0.02
 _BUSY_TRIES = 100
 _GROUP_NICE = re.compile(r"\bnice (-?\d+)\b")
+# Linux only: elsewhere os has no such policy.
+_SCHED_IDLE: int | None = getattr(os, "SCHED_IDLE", None)
 
 
 class GroupFile(Protocol):
@@ -87,18 +89,16 @@ def lower_cpu_priority(increment: int) -> Priority:
 
 def is_idle() -> bool:
     """Whether the calling thread is under SCHED_IDLE (taken, or inherited from the process that started this one)."""
-    policy = getattr(os, "SCHED_IDLE", None)
-    return policy is not None and os.sched_getscheduler(0) == policy
+    return _SCHED_IDLE is not None and os.sched_getscheduler(0) == _SCHED_IDLE
 
 
 def take_idle_policy() -> str | None:
     """The calling thread under SCHED_IDLE; None, or why not (another system,
     a sandbox that refuses the call)."""
-    policy = getattr(os, "SCHED_IDLE", None)
-    if policy is None:
+    if _SCHED_IDLE is None:
         return "SCHED_IDLE: not on this system"
     try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))
+        os.sched_setscheduler(0, _SCHED_IDLE, os.sched_param(0))
     except OSError as e:
         return f"SCHED_IDLE: {e.strerror}"
     return None
