@@ -18,7 +18,7 @@ SINK = """
 import asyncio, sys
 import grpc
 
-async def main(port, out):
+async def main(port, out, raw):
     received = [0]
 
     async def drain(messages, context):
@@ -26,6 +26,9 @@ async def main(port, out):
             received[0] += len(message)
             with open(out, "w") as f:
                 f.write(str(received[0]))
+            if raw:
+                with open(raw, "ab") as f:
+                    f.write(len(message).to_bytes(4, "big") + message)
         return b""
 
     handler = grpc.method_handlers_generic_handler(
@@ -37,7 +40,7 @@ async def main(port, out):
     await server.start()
     await server.wait_for_termination()
 
-asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
 """
 ALS_CLUSTER = "access-log-sink"
 
@@ -133,9 +136,24 @@ def access_log_bodies(config: Config, sink_port: int, mirror_cluster: str) -> Co
     return config
 
 
-def start_sink(port: int, out: Path) -> subprocess.Popen[bytes]:
-    """The sink on 127.0.0.1:``port``, writing the bytes it received so far to ``out``."""
-    return subprocess.Popen([sys.executable, "-c", SINK, str(port), str(out)])
+def start_sink(port: int, out: Path, raw: Path | None = None) -> subprocess.Popen[bytes]:
+    """The sink on 127.0.0.1:``port``, writing the bytes it received so far to ``out``
+    and, with ``raw``, appending every message it received there (``messages``)."""
+    return subprocess.Popen([sys.executable, "-c", SINK, str(port), str(out), *([str(raw)] if raw else [])])
+
+
+def messages(raw: Path) -> list[bytes]:
+    """The messages ``start_sink`` appended to ``raw`` (each a serialised
+    StreamAccessLogsMessage), in order; one the sink is still writing is left out."""
+    data = raw.read_bytes() if raw.exists() else b""
+    out, at = [], 0
+    while at + 4 <= len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        if at + 4 + size > len(data):
+            break
+        out.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return out
 
 
 def received(out: Path) -> int:

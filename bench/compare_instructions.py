@@ -20,6 +20,11 @@ the rendered ``on`` configuration (these join nothing; measurements only):
 - ``no-shadow-capture``: the internal listener without the capture filter;
 - ``no-hop``: the copy mirrored straight to the target (no internal listener,
   so no shadow capture either);
+- ``upstream-capture``: not a part taken out but the shadow's side done another
+  way (bench/compare_parts.py ``ALTERNATIVES``): captured by a Lua upstream
+  filter of a cluster of its own and logged by the router's ``upstream_log``,
+  no internal listener's pass (the observers refuse its shadows' entries,
+  ``bad_tag``, and leave its primaries unpaired: Envoy's count is the figure);
 - ``access-log``: not a part of ``on`` but what a capture by Envoy's gRPC access
   log costs at least: ``off`` plus an ``http_grpc`` access log on the connection
   manager (the primary) and as the router's ``upstream_log`` (which also sees the
@@ -52,7 +57,7 @@ if str(REPO) not in sys.path:
 
 from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
-from bench.compare_parts import PARTS  # noqa: E402
+from bench.compare_parts import ALTERNATIVES, PARTS  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import (  # noqa: E402
     LOOPBACK,
@@ -105,11 +110,13 @@ def count_variants(args: argparse.Namespace, workdir: Path) -> int:
     upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
     upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
     sink_port, sink_bytes = free_port(), workdir / "access-log-sink.bytes"
-    sink = start_sink(sink_port, sink_bytes) if args.parts else None
+    # The access-log variants log to the sink; --only may leave them out.
+    to_sink = args.parts and (not args.only or bool({"access-log", "access-log-bodies"} & set(args.only)))
+    sink = start_sink(sink_port, sink_bytes) if to_sink else None
     measured: dict[str, float] = {}
     compared = 0
     try:
-        for name in VARIANTS + ((*PARTS, "access-log", "access-log-bodies") if args.parts else ()):
+        for name in VARIANTS + ((*PARTS, *ALTERNATIVES, "access-log", "access-log-bodies") if args.parts else ()):
             if args.only and name != "off" and name not in args.only:
                 continue
             port = free_port()
@@ -125,8 +132,9 @@ def count_variants(args: argparse.Namespace, workdir: Path) -> int:
                 config = yaml.safe_dump(access_log(yaml.safe_load(render(policy, topology)), sink_port))
             elif name == "access-log-bodies":
                 config = yaml.safe_dump(access_log_bodies(yaml.safe_load(render(policy, topology)), sink_port, MIRROR))
-            elif name in PARTS:
-                config = yaml.safe_dump(PARTS[name](yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
+            elif name in PARTS or name in ALTERNATIVES:
+                edit = PARTS.get(name) or ALTERNATIVES[name]
+                config = yaml.safe_dump(edit(yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
             else:
                 config = render_with_capture(policy, topology, compare, observers.addresses if name == "on" else absent)
             before = observers.compared()

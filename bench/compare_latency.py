@@ -3,8 +3,9 @@
 tenants of a shared machine fall on every side alike (docs/compare.md "Cost").
 
     .venv/bin/python bench/compare_latency.py [--minutes 10] [--window 3] [--settle 0.5] [--rate 100]
-        [--observers 2] [--also on-sink|on-no-idle|on-no-hop|on-no-primary-capture|on-no-shadow-capture ...]
-        [--bootstrap 2000] [--output DIR] [--keep-work]
+        [--observers 2] [--also on-sink|on-no-idle|on-own-sessions|off-own-sessions|on-no-hop|on-upstream-capture-sink|... ...]
+        [--bootstrap 2000] [--output DIR] [--keep-work] [--raw FILE]
+    .venv/bin/python bench/compare_latency.py --versus RAW SIDE
 
 bench/compare_cost.py runs each variant in a stack of its own for 20 s phases,
 one after the other, and takes the median over repeats of each repeat's p99
@@ -23,9 +24,20 @@ for a latency figure that the noise reaches on every side:
   (``on`` logging to a sink that counts bytes: Envoy's whole share without
   the observers, bench/access_log.py), ``on-no-idle`` (``on`` with every
   thread of its observers put back under Linux's normal policy by this
-  bench: the observers as they were before they took SCHED_IDLE) and
-  ``on-no-*`` (``on`` less one part, bench/compare_parts.py); each ``on`` side
-  with observers of its own.
+  bench: nice 10 alone, in the stack's scheduling group),
+  ``on-own-sessions`` and ``off-own-sessions`` (``on``, ``off``, with the
+  side's Envoy, sampler and observers each in a session of its own, as `up`
+  started them before 2026-12-04, instead of in this bench's session with
+  hey, as `up` starts them now: under autogroups a session is a scheduling
+  group, and only inside one does a SCHED_IDLE thread give way at once;
+  compare the two with ``--versus``),
+  ``on-no-*`` (``on`` less one part, bench/compare_parts.py) and
+  ``on-<part or alternative>-sink`` (that configuration logging to the sink,
+  as ``on-sink`` does; the alternatives, bench/compare_parts.py
+  ``ALTERNATIVES``, only so: the observers do not read what they log, e.g.
+  ``on-upstream-capture-sink``, the shadow captured by an upstream filter of
+  a cluster of its own instead of the internal listener's pass); each other
+  ``on`` side with observers of its own.
 - hey drives one stack at a time, at ``--rate`` req/s on one connection (a
   request every 10 ms by default), for ``--window`` seconds; then the next.
   A round gives each side one window, in an order drawn at random (seeded by
@@ -53,7 +65,10 @@ slow side is sampled less and its tail understated; it also leaves out
 requests that found no connection); and ``on``'s judged pairs against the
 requests it served (the comparison was running, not failing).
 Writes ``--output``/compare_latency.{md,json} (bench/results/ by default;
-each window's percentiles) and, with ``--raw FILE``, every latency.
+each window's percentiles) and, with ``--raw FILE``, every latency;
+``--versus RAW SIDE`` measures nothing and prints, from such a file, every
+other side minus SIDE (two sides measured together compared directly: the
+observers' share is ``on`` minus ``on-sink``).
 """
 
 from __future__ import annotations
@@ -80,7 +95,7 @@ import yaml  # noqa: E402
 
 from bench.access_log import start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
-from bench.compare_parts import PARTS  # noqa: E402
+from bench.compare_parts import ALTERNATIVES, PARTS  # noqa: E402
 from bench.procstat import code_state, for_each_thread, machine  # noqa: E402
 from bench.run import percentile  # noqa: E402
 from bench.testbed import (  # noqa: E402
@@ -107,10 +122,22 @@ from extproc.core.policy import Policy  # noqa: E402
 from extproc.envoy.render import Address, Topology, render  # noqa: E402
 from extproc.stack.observer import ObserverProcess  # noqa: E402
 
+# A side whose processes each run in a session of their own, not in this bench's
+# session (one scheduling group under autogroups), as `up` starts its children.
+OWN_SESSIONS = "-own-sessions"
+
 # Beside off and on: on logging to a sink that counts bytes (Envoy's whole share,
-# no observers), on with its observers' threads back under the normal policy, and
-# on less one part (bench/compare_parts.py).
-EXTRA_SIDES = ("on-sink", "on-no-idle", *(f"on-{part}" for part in PARTS))
+# no observers), on with its observers' threads back under the normal policy,
+# off and on with their processes in sessions of their own, on less one part (or that
+# logging to the sink), and on with one part done another way, logging to the
+# sink (bench/compare_parts.py: the observers do not read what it logs).
+EXTRA_SIDES = (
+    "on-sink",
+    "on-no-idle",
+    *(f"{side}{OWN_SESSIONS}" for side in ("off", "on")),
+    *(f"on-{part}{sink}" for part in PARTS for sink in ("", "-sink")),
+    *(f"on-{name}-sink" for name in ALTERNATIVES),
+)
 PERCENTILES = (50.0, 99.0, 99.9)
 TARGET_MS = 1.0
 
@@ -170,18 +197,18 @@ def pooled(windows: list[Window], side: str, rounds: Sequence[int] | None = None
     return out
 
 
-def pooled_added(windows: list[Window], side: str, rounds: Sequence[int] | None = None) -> list[float]:
-    """``side``'s percentiles over all its requests minus ``off``'s."""
-    measured, off = percentiles(pooled(windows, side, rounds)), percentiles(pooled(windows, "off", rounds))
-    return [a - b for a, b in zip(measured, off, strict=True)]
+def pooled_added(windows: list[Window], side: str, rounds: Sequence[int] | None = None, reference: str = "off") -> list[float]:
+    """``side``'s percentiles over all its requests minus ``reference``'s."""
+    measured, base = percentiles(pooled(windows, side, rounds)), percentiles(pooled(windows, reference, rounds))
+    return [a - b for a, b in zip(measured, base, strict=True)]
 
 
-def per_round_added(windows: list[Window], side: str) -> list[list[float]]:
-    """For each round, ``side``'s percentiles in its window minus ``off``'s in the same round."""
+def per_round_added(windows: list[Window], side: str, reference: str = "off") -> list[list[float]]:
+    """For each round, ``side``'s percentiles in its window minus ``reference``'s in the same round."""
     by_round: dict[int, dict[str, list[float]]] = {}
     for w in windows:
         by_round.setdefault(w.round, {})[w.side] = percentiles(w.latencies_ms)
-    return [[a - b for a, b in zip(r[side], r["off"], strict=True)] for _, r in sorted(by_round.items())]
+    return [[a - b for a, b in zip(r[side], r[reference], strict=True)] for _, r in sorted(by_round.items())]
 
 
 def interval(samples: list[list[float]], i: int) -> tuple[float, float]:
@@ -189,8 +216,8 @@ def interval(samples: list[list[float]], i: int) -> tuple[float, float]:
     return percentile(spread, 2.5), percentile(spread, 97.5)
 
 
-def differences(windows: list[Window], side: str, bootstrap: int, seed: int) -> dict[str, dict[str, float]]:
-    """``side`` minus ``off`` at each percentile, two ways, each with a 95% interval
+def differences(windows: list[Window], side: str, bootstrap: int, seed: int, reference: str = "off") -> dict[str, dict[str, float]]:
+    """``side`` minus ``reference`` at each percentile, two ways, each with a 95% interval
     by bootstrap over rounds (a round is resampled whole):
 
     - ``ms``: over all requests of the run (pooled), the issue's p99 read literally;
@@ -200,11 +227,11 @@ def differences(windows: list[Window], side: str, bootstrap: int, seed: int) -> 
     rounds = sorted({w.round for w in windows})
     rng = random.Random(seed)
     draws = [rng.choices(range(len(rounds)), k=len(rounds)) for _ in range(bootstrap)]
-    pooled_samples = [pooled_added(windows, side, [rounds[i] for i in draw]) for draw in draws]
-    each = per_round_added(windows, side)
+    pooled_samples = [pooled_added(windows, side, [rounds[i] for i in draw], reference) for draw in draws]
+    each = per_round_added(windows, side, reference)
     round_samples = [[statistics.median(each[i][k] for i in draw) for k in range(len(PERCENTILES))] for draw in draws]
     out = {}
-    for k, (p, d) in enumerate(zip(PERCENTILES, pooled_added(windows, side), strict=True)):
+    for k, (p, d) in enumerate(zip(PERCENTILES, pooled_added(windows, side, reference=reference), strict=True)):
         low, high = interval(pooled_samples, k)
         round_low, round_high = interval(round_samples, k)
         out[f"p{p:g}"] = {
@@ -216,6 +243,32 @@ def differences(windows: list[Window], side: str, bootstrap: int, seed: int) -> 
             "round_high_ms": round_high,
         }
     return out
+
+
+def difference_table(diffs: dict[str, dict[str, dict[str, float]]], reference: str) -> list[str]:
+    """Markdown rows: each side's ``differences`` from ``reference``."""
+    return [
+        f"| minus {reference} | all requests: ms | 95% interval | median of the rounds: ms | 95% interval |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {side} {name} | {d['ms']:+.2f} | {d['low_ms']:+.2f} to {d['high_ms']:+.2f} | "
+            f"{d['round_ms']:+.2f} | {d['round_low_ms']:+.2f} to {d['round_high_ms']:+.2f} |"
+            for side, by_percentile in diffs.items()
+            for name, d in by_percentile.items()
+        ),
+    ]
+
+
+def versus(raw: Path, reference: str, bootstrap: int, seed: int) -> list[str]:
+    """Every other side of a run's saved latencies (``--raw``) minus ``reference``'s,
+    as the run itself reports them against ``off``."""
+    windows = [Window(**w) for w in json.loads(raw.read_text())]
+    sides = list(dict.fromkeys(w.side for w in windows))
+    if reference not in sides:
+        sys.exit(f"bench: {raw} has no side {reference!r} (it has {', '.join(sides)})")
+    diffs = {side: differences(windows, side, bootstrap, seed, reference) for side in sides if side != reference}
+    rounds = len({w.round for w in windows})
+    return [f"`{raw}`, {rounds} rounds; intervals: {bootstrap} bootstrap resamples (seed {seed}).", "", *difference_table(diffs, reference)]
 
 
 def verdict(low: float, high: float) -> str:
@@ -250,8 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=17, help="the bootstrap's random seed (default 17)")
     ap.add_argument("--output", type=Path, default=RESULTS, help="where compare_latency.{md,json} go")
     ap.add_argument("--raw", type=Path, help="also write every window's latencies here (JSON; the results keep percentiles)")
+    ap.add_argument(
+        "--versus",
+        nargs=2,
+        metavar=("RAW", "SIDE"),
+        help="measure nothing: print every side of a run's --raw latencies minus SIDE's (the same arithmetic, another reference)",
+    )
     add_keep_work_argument(ap)
     args = ap.parse_args(argv)
+    if args.versus is not None:
+        raw, reference = args.versus
+        print("\n".join(versus(Path(raw), reference, args.bootstrap, args.seed)))
+        return 0
     if not 0 <= args.settle < args.window:
         ap.error("--settle must be at least 0 and less than --window")
     check_tools()
@@ -273,13 +336,17 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     sink_port = free_port()
     try:
         for side in sides:
-            if side == "on-sink":
+            if side.endswith("-sink"):
                 observers[side] = Observers([], [Address(LOOPBACK, sink_port)])
-            elif side != "off":
+            elif side.removesuffix(OWN_SESSIONS) != "off":
                 (workdir / side).mkdir()
                 started = [
                     ObserverProcess(
-                        str(settings), workdir / side / "compare.db", routes=None, log_path=workdir / f"{side}-observer-{i}.log"
+                        str(settings),
+                        workdir / side / "compare.db",
+                        routes=None,
+                        log_path=workdir / f"{side}-observer-{i}.log",
+                        own_session=side.endswith(OWN_SESSIONS),
                     )
                     for i in range(args.observers)
                 ]
@@ -287,15 +354,15 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
                 if side == "on-no-idle":
                     for process in started:
                         normal_policy(process.pid)
-        if "on-sink" in sides:
+        if any(side.endswith("-sink") for side in sides):
             sink = start_sink(sink_port, workdir / "sink.bytes")
         upstream_ports = {PRIMARY: free_port(), MIRROR: free_port()}
         upstream = start_envoy("upstream", upstream_yaml(upstream_ports, 0), workdir, 1)
         for side in sides:
-            renderer = render if side == "off" else capture_renderer(side, compare, observers[side].addresses)
-            stacks[side] = start_stack(
-                Variant(side, renderer, processor="sampler", percent=args.percent), policy, upstream_ports, workdir, 1
-            )
+            base = side.removesuffix(OWN_SESSIONS)
+            renderer = render if base == "off" else capture_renderer(base, compare, observers[side].addresses)
+            variant = Variant(side, renderer, processor="sampler", percent=args.percent, own_session=side.endswith(OWN_SESSIONS))
+            stacks[side] = start_stack(variant, policy, upstream_ports, workdir, 1)
         for side in sides:  # warm-up: connections, caches, the observers' first joins
             run_window(stacks[side].url, args.rate, 2, 0)
         for o in observers.values():
@@ -370,14 +437,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
             for side, t in totals.items()
         ),
         "",
-        "| minus off | all requests: ms | 95% interval | median of the rounds: ms | 95% interval |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {side} {name} | {d['ms']:+.2f} | {d['low_ms']:+.2f} to {d['high_ms']:+.2f} | "
-            f"{d['round_ms']:+.2f} | {d['round_low_ms']:+.2f} to {d['round_high_ms']:+.2f} |"
-            for side, by_percentile in diffs.items()
-            for name, d in by_percentile.items()
-        ),
+        *difference_table(diffs, "off"),
         "",
         f"Target, `on`'s p99 within {TARGET_MS:g} ms of `off`'s: over all requests, "
         f"{verdict(diffs['on']['p99']['low_ms'], diffs['on']['p99']['high_ms'])}; in the median round, "
@@ -424,12 +484,14 @@ def normal_policy(pid: int) -> None:
 
 
 def capture_renderer(side: str, compare: CompareConfig, observers: list[Address]) -> Callable[[Policy, Topology], str]:
-    """The configuration of an ``on`` side: ``render_with_capture``, less a part for ``on-no-*``."""
+    """The configuration of an ``on`` side: ``render_with_capture``, less a part for
+    ``on-no-*``, with a part done another way for ``on-<alternative>-sink``."""
+    name = side.removeprefix("on-").removesuffix("-sink")
+    edit = PARTS.get(name) or ALTERNATIVES.get(name)
 
     def rendered(policy: Policy, topology: Topology) -> str:
         config = render_with_capture(policy, topology, compare, observers)
-        part = PARTS.get(side.removeprefix("on-"))
-        return config if part is None else yaml.safe_dump(part(yaml.safe_load(config)))
+        return config if edit is None else yaml.safe_dump(edit(yaml.safe_load(config)))
 
     return rendered
 

@@ -6,9 +6,9 @@ core (docs/compare.md "Cost"), with nothing else of the stack involved.
 A sleeper (this process, standing for Envoy's worker: it sleeps 5 ms and
 wakes, as a worker waits for its next request) and a busy process (standing
 for an observer in a batch; a loop that never sleeps) share one core. The busy
-process runs in a session of its own, as `up`, the bench's testbed and a
-supervisor start an observer, so under Linux's autogroups it is a scheduling
-group of its own. Variants, alternating in rotated order:
+process runs in a session of its own, as a supervisor starts an observer
+(and `up` and the bench's testbed did until 2026-12-04), so under Linux's
+autogroups it is a scheduling group of its own. Variants, alternating in rotated order:
 
 - ``alone``: no busy process (the machine's own floor);
 - ``busy``: the busy process at its inherited priority;

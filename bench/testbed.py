@@ -174,6 +174,8 @@ class Variant:
     workers: int = 1
     transport: str = DEFAULT_TRANSPORT
     percent: int = PERCENT  # the sampler's; the Envoy configuration is rendered from bench_policy(percent)
+    # Each process in a session of its own; False: in this bench's session, as `up` starts its children.
+    own_session: bool = False
 
 
 def start_envoy(name: str, config: str, workdir: Path, concurrency: int) -> EnvoyProcess:
@@ -194,11 +196,12 @@ def start_sampler(variant: Variant, workdir: Path) -> SamplerProcess:
         "MIRROR_TRANSPORT": variant.transport,
         "MIRROR_SHUTDOWN_GRACE": "1",
     }
-    return SamplerProcess(env, name=variant.name, log_path=workdir / f"{variant.name}.log", timeout=60)
+    return SamplerProcess(env, name=variant.name, log_path=workdir / f"{variant.name}.log", timeout=60, own_session=variant.own_session)
 
 
-def start_free_processor(binary: Path, policy: Policy, workdir: Path) -> tuple[Child, int]:
-    child = Child("free-processor", [str(binary), "0", *free_processor_answers(policy)], log_path=workdir / "free-processor.log")
+def start_free_processor(binary: Path, policy: Policy, workdir: Path, own_session: bool = False) -> tuple[Child, int]:
+    argv = [str(binary), "0", *free_processor_answers(policy)]
+    child = Child("free-processor", argv, log_path=workdir / "free-processor.log", own_session=own_session)
     try:
         line = child.wait_line(lambda s: s.startswith("serving port="), timeout=10)
     except ChildFailed:
@@ -234,7 +237,7 @@ def start_stack(
         processor, processor_port = sampler, sampler.port
     elif variant.processor == "free":
         assert free_binary is not None
-        processor, processor_port = start_free_processor(free_binary, policy, workdir)
+        processor, processor_port = start_free_processor(free_binary, policy, workdir, variant.own_session)
     port = free_port()
     topology = Topology(
         listener=Address(LOOPBACK, port),
@@ -244,7 +247,8 @@ def start_stack(
     )
     try:
         envoy = EnvoyProcess(write(workdir / f"envoy-{variant.name}.yaml", variant.envoy_yaml(policy, topology)), workdir,
-                             name=f"envoy-{variant.name}", extra_args=("--concurrency", str(concurrency))).start()  # fmt: skip
+                             name=f"envoy-{variant.name}", extra_args=("--concurrency", str(concurrency)),
+                             own_session=variant.own_session).start()  # fmt: skip
     except EnvoyError as e:
         if processor is not None:
             processor.stop()

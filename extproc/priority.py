@@ -4,10 +4,11 @@ Linux with autogroups (``CONFIG_SCHED_AUTOGROUP`` and
 ``kernel.sched_autogroup_enabled``, on by default in most distributions)
 schedules each session as one group, and a nice value orders a process only
 against the processes of its own session. A process that leads a session of
-its own (started by `up`, a supervisor, ``setsid``) is a group alone, so its
+its own (started by a supervisor, ``setsid``) is a group alone, so its
 nice value by itself changes nothing against Envoy in another session: the
 group's nice value, in ``/proc/self/autogroup``, is what does
-(``bench/sched_wakeup.py`` measures both). Outside the root cgroup (a
+(``bench/sched_wakeup.py`` measures both). `up` starts its children in its
+own session, Envoy and the observers in one group. Outside the root cgroup (a
 container, a systemd service with the cpu controller) the kernel uses the
 cgroup instead and the group's value is inert, which is harmless.
 
@@ -18,8 +19,9 @@ thread, and inside its own group a SCHED_IDLE thread is preempted by any
 other that wakes (across groups, on recent kernels, only placement is
 said to remain: not checked here); its group's or container's weight still
 sets its share of a busy core. Measured with ``bench/compare_latency.py``
-(docs/compare.md, "The primary's latency, interleaved"): in one noisy run
-the primary's p99 2.9 ms lower with it; in a quieter one, no difference.
+(docs/compare.md, "The primary's latency, interleaved" and "The observers
+in Envoy's session"): each observer in a session of its own, the observers
+added 0.6 ms to the primary's p99; in Envoy's session (one group), 0.1.
 """
 
 from __future__ import annotations

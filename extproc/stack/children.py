@@ -1,11 +1,16 @@
 """Child processes that cannot outlive their parent.
 
 Used by `mirror-sampler up` and by the end-to-end tests: each child runs in
-its own session (a terminal's Ctrl-C reaches only the parent, which stops the
-children in order) and is killed by the kernel if the parent dies without
-cleaning up. Output is kept in memory (the last lines) and optionally copied
-to a log file, so a caller can wait for a start-up line and name the cause
-when a child fails.
+a process group of its own (a terminal's Ctrl-C reaches only the parent,
+which stops the children in order) and is killed by the kernel if the parent
+dies without cleaning up. It stays in the parent's session: under Linux's
+autogroups a session is one scheduling group, and inside one group a
+comparison observer under SCHED_IDLE (extproc/priority.py) gives way at once
+to Envoy's worker when it wakes; each in a session of its own, the primary's
+p99 was 0.6 ms longer (docs/compare.md, "The observers in Envoy's session").
+``own_session`` keeps the former way, a session per child. Output is kept in
+memory (the last lines) and optionally copied to a log file, so a caller can
+wait for a start-up line and name the cause when a child fails.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ def _own_session_dying_with_parent() -> None:
     die_with_parent()
 
 
+def _own_group_dying_with_parent() -> None:
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
 class ChildFailed(RuntimeError):
     pass
 
@@ -42,6 +52,7 @@ class Child:
         log_path: Path | None = None,
         cwd: Path | None = None,
         keep_lines: int = 2000,
+        own_session: bool = False,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -59,7 +70,7 @@ class Child:
             cwd=cwd,
             text=True,
             errors="replace",
-            preexec_fn=_own_session_dying_with_parent,
+            preexec_fn=_own_session_dying_with_parent if own_session else _own_group_dying_with_parent,
         )
         self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
         self._reader.start()

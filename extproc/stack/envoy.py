@@ -47,7 +47,10 @@ def validate(config: Path) -> subprocess.CompletedProcess[str]:
 class EnvoyProcess:
     """A running Envoy; ``start()`` returns once ``/ready`` says LIVE."""
 
-    def __init__(self, config: Path, log_dir: Path, *, name: str = "envoy", extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, config: Path, log_dir: Path, *, name: str = "envoy", extra_args: Sequence[str] = (), own_session: bool = False
+    ) -> None:
+        self.own_session = own_session
         self.config = config
         self.log_dir = log_dir
         self.name = name
@@ -68,6 +71,7 @@ class EnvoyProcess:
                 *self.extra_args,
             ],
             log_path=self.log_dir / f"{self.name}.log",
+            own_session=self.own_session,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not admin_path.exists() or not admin_path.read_text().strip():

@@ -28,10 +28,11 @@ class ObserverProcess(Child):
         log_path: Path | None = None,
         cwd: Path | None = None,
         timeout: float = 30.0,
+        own_session: bool = False,
     ) -> None:
         argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
                 "--db", str(db), "--config", config, "--routes", routes or ""]  # fmt: skip
-        super().__init__("observer", argv, env, log_path=log_path, cwd=cwd)
+        super().__init__("observer", argv, env, log_path=log_path, cwd=cwd, own_session=own_session)
         try:
             ready = self.wait_event("compare_serving", timeout=timeout)
         except ChildFailed:

@@ -34,9 +34,11 @@ class SamplerProcess(Child):
         log_path: Path | None = None,
         cwd: Path | None = None,
         timeout: float = 30.0,
+        own_session: bool = False,
     ) -> None:
         environ = {**BASE_ENV, **env}
-        super().__init__(name, [sys.executable, "-m", "extproc", "serve", *args], environ, log_path=log_path, cwd=cwd)
+        argv = [sys.executable, "-m", "extproc", "serve", *args]
+        super().__init__(name, argv, environ, log_path=log_path, cwd=cwd, own_session=own_session)
         workers = int(environ.get("MIRROR_WORKERS", "1") or 1)
         try:
             # One "serving" line per process: a supervisor's workers each log one.

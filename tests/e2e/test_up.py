@@ -40,7 +40,7 @@ def _up_folders_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def children_of(pid: int) -> set[int]:
-    """Direct children of pid, from /proc (the children run in their own sessions)."""
+    """Direct children of pid, from /proc."""
     out = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -389,6 +389,34 @@ def test_a_live_edit_of_spec_compare_reaches_envoy(tmp_path: Path, stacks: list[
     assert gw.stat("http.ingress_http.lua.compare.executions") == gw.stat("http.compare_shadow.lua.compare.executions") == 20, (
         "nothing captured once the section is gone"
     )
+
+
+def _scheduling_group(pid: int | str) -> str:
+    """The session's autogroup as the kernel shows it ("" where it shows none)."""
+    path = Path(f"/proc/{pid}/autogroup")
+    return path.read_text() if path.exists() else ""
+
+
+def test_up_keeps_its_children_in_its_session_where_the_observer_gives_way_to_envoy(tmp_path: Path, stacks: list[LocalStack]) -> None:
+    """Under autogroups a session is one scheduling group, and only inside one does
+    a SCHED_IDLE thread give way at once to a thread that wakes: `up`'s Envoy,
+    observer, samplers and echo backends share `up`'s session (here the test's),
+    each in a process group of its own (a terminal's Ctrl-C reaches `up` alone);
+    the observer's threads are all under SCHED_IDLE, and the group's nice value,
+    which it shares with `up`, is left as it was."""
+    group = _scheduling_group("self")
+    gw = start_stack(tmp_path, TWO_MIRRORED_PATHS.format(compared=RULE_A, settings=""))
+    stacks.append(gw)
+    children = gw.children()
+    assert {"envoy", "observer", "sampler 0", "echo backend", "echo backend-2"} <= set(children), children
+    for name, child in children.items():
+        assert os.getsid(child.pid) == os.getsid(0), f"{name}: a session of its own"
+        assert os.getpgid(child.pid) == child.pid, f"{name}: in up's process group"
+        assert _scheduling_group(child.pid) == group, name
+    observer = children["observer"].pid
+    threads = list(Path(f"/proc/{observer}/task").iterdir())
+    assert len(threads) >= 3 and {os.sched_getscheduler(int(t.name)) for t in threads} == {os.SCHED_IDLE}
+    assert _scheduling_group("self") == group, "the observer changed the session's group"
 
 
 def send(gw: LocalStack, keys: list[str]) -> None:

@@ -255,14 +255,15 @@ def _group_nice(pid: int | str) -> int:
 
 def test_an_observer_leading_its_session_lowers_its_session_group_too(tmp_path: Path) -> None:
     """Under autogroups a process's nice value counts only inside its session:
-    `up` starts each observer in a session of its own, so only the group's
-    value puts Envoy first. Two at once, as one per core would start (the
+    an observer a supervisor starts in a session of its own (`up` did, before
+    it kept its children in its own session) puts Envoy first only by the
+    group's value. Two at once, as one per core would start (the
     kernel takes one change per 100 ms from a writer without CAP_SYS_ADMIN;
     that wait is tests/unit/test_priority.py's, a root test never meets it)."""
     (tmp_path / "routes.yaml").write_text(SAMPLER_COMPARE + ROUTES)
     argv = [sys.executable, "-m", "extproc", "compare", "capture", "--listen", "127.0.0.1:0", "--config", str(tmp_path / "routes.yaml")]
-    both = [Child(f"observer-{i}", [*argv, "--db", str(tmp_path / "c.db")], cwd=REPO) for i in range(2)]
-    kept = Child("observer-nice-0", [*argv, "--db", str(tmp_path / "c.db"), "--nice", "0"], cwd=REPO)
+    both = [Child(f"observer-{i}", [*argv, "--db", str(tmp_path / "c.db")], cwd=REPO, own_session=True) for i in range(2)]
+    kept = Child("observer-nice-0", [*argv, "--db", str(tmp_path / "c.db"), "--nice", "0"], cwd=REPO, own_session=True)
     try:
         for child in both:
             assert child.wait_event("compare_serving")["session_nice"] == (10 if AUTOGROUPS else None)
