@@ -108,6 +108,19 @@ end
 """
 
 
+def lua_filter(name: str, script: str) -> Config:
+    """An HTTP filter ``name`` running ``script`` for every request."""
+    lua = {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua", "defaultSourceCode": {"inlineString": script}}
+    return {"name": name, "typedConfig": lua}
+
+
+def upstream_lua_filters(script: str) -> list[Config]:
+    """A cluster's upstream HTTP filters (``HttpProtocolOptions.http_filters``):
+    ``script`` in Lua, then the codec every such chain ends with."""
+    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
+    return [lua_filter("envoy.filters.http.lua", script), {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec}]
+
+
 def access_log_bodies(config: Config, sink_port: int, mirror_cluster: str) -> Config:
     """``access_log`` plus the bodies: a Lua filter before the router copies the primary's
     body into dynamic metadata (logged with the entry), and a Lua upstream filter of the
@@ -115,21 +128,14 @@ def access_log_bodies(config: Config, sink_port: int, mirror_cluster: str) -> Co
     router's ``upstream_log`` logs. Scratch measurement of docs/compare.md's way forward."""
     access_log(config, sink_port)
     manager = listener_manager(config, "ingress")
-    lua_type = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
-
-    def lua(name: str, script: str) -> Config:
-        return {"name": name, "typedConfig": {"@type": lua_type, "defaultSourceCode": {"inlineString": script}}}
-
-    capture = lua("mirror-sampler-capture-lua", PRIMARY_CAPTURE_LUA)
+    capture = lua_filter("mirror-sampler-capture-lua", PRIMARY_CAPTURE_LUA)
     manager["httpFilters"].insert(len(manager["httpFilters"]) - 1, capture)
     router = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.router")
     router["typedConfig"]["upstreamLog"][0]["typedConfig"]["additionalResponseHeadersToLog"].append("x-mirror-sampler-body")
-    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
-    shadow = lua("envoy.filters.http.lua", SHADOW_CAPTURE_LUA)
     options = {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
         "explicitHttpConfig": {"httpProtocolOptions": {}},
-        "httpFilters": [shadow, {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec}],
+        "httpFilters": upstream_lua_filters(SHADOW_CAPTURE_LUA),
     }
     (target,) = (c for c in config["staticResources"]["clusters"] if c["name"] == mirror_cluster)
     target["typedExtensionProtocolOptions"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}

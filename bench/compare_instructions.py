@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
 
 from bench.access_log import access_log, access_log_bodies, received, start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
-from bench.compare_parts import ALTERNATIVES, PARTS  # noqa: E402
+from bench.compare_parts import ALTERNATIVES, EDITS, PARTS  # noqa: E402
 from bench.module_instructions import WARM_UP, count  # noqa: E402
 from bench.testbed import (  # noqa: E402
     LOOPBACK,
@@ -132,9 +132,8 @@ def count_variants(args: argparse.Namespace, workdir: Path) -> int:
                 config = yaml.safe_dump(access_log(yaml.safe_load(render(policy, topology)), sink_port))
             elif name == "access-log-bodies":
                 config = yaml.safe_dump(access_log_bodies(yaml.safe_load(render(policy, topology)), sink_port, MIRROR))
-            elif name in PARTS or name in ALTERNATIVES:
-                edit = PARTS.get(name) or ALTERNATIVES[name]
-                config = yaml.safe_dump(edit(yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
+            elif name in EDITS:
+                config = yaml.safe_dump(EDITS[name](yaml.safe_load(render_with_capture(policy, topology, compare, observers.addresses))))
             else:
                 config = render_with_capture(policy, topology, compare, observers.addresses if name == "on" else absent)
             before = observers.compared()

@@ -95,7 +95,7 @@ import yaml  # noqa: E402
 
 from bench.access_log import start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
-from bench.compare_parts import ALTERNATIVES, PARTS  # noqa: E402
+from bench.compare_parts import ALTERNATIVES, EDITS, PARTS  # noqa: E402
 from bench.procstat import code_state, for_each_thread, machine  # noqa: E402
 from bench.run import percentile  # noqa: E402
 from bench.testbed import (  # noqa: E402
@@ -486,8 +486,7 @@ def normal_policy(pid: int) -> None:
 def capture_renderer(side: str, compare: CompareConfig, observers: list[Address]) -> Callable[[Policy, Topology], str]:
     """The configuration of an ``on`` side: ``render_with_capture``, less a part for
     ``on-no-*``, with a part done another way for ``on-<alternative>-sink``."""
-    name = side.removeprefix("on-").removesuffix("-sink")
-    edit = PARTS.get(name) or ALTERNATIVES.get(name)
+    edit = EDITS.get(side.removeprefix("on-").removesuffix("-sink"))
 
     def rendered(policy: Policy, topology: Topology) -> str:
         config = render_with_capture(policy, topology, compare, observers)

@@ -9,6 +9,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+from bench.access_log import upstream_lua_filters
 from bench.testbed import MIRROR
 from bench.variants import listener_manager
 from extproc.compare.envoy import CAPTURE_FILTER, CAPTURE_LISTENER, LIMIT_FIELD, TARGET_HEADER
@@ -99,14 +100,9 @@ def upstream_capture(config: Config) -> Config:
     own = copy.deepcopy(target)
     own["name"] = own["loadAssignment"]["clusterName"] = UPSTREAM_CAPTURE_CLUSTER
     script = UPSTREAM_CAPTURE_LUA.replace("BODY_LIMIT", str(body_limit)).replace("HEADER", UPSTREAM_CAPTURE_HEADER)
-    lua = {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua", "defaultSourceCode": {"inlineString": script}}
-    codec = {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}
     http1 = {"@type": f"type.googleapis.com/{HTTP_OPTIONS}", "explicitHttpConfig": {"httpProtocolOptions": {}}}
     options = own.setdefault("typedExtensionProtocolOptions", {}).setdefault(HTTP_OPTIONS, http1)
-    options["httpFilters"] = [
-        {"name": "envoy.filters.http.lua", "typedConfig": lua},
-        {"name": "envoy.filters.http.upstream_codec", "typedConfig": codec},
-    ]
+    options["httpFilters"] = upstream_lua_filters(script)
     clusters.append(own)
     shadow_log = copy.deepcopy(hcm_log)
     shadow_log["filter"] = {"headerFilter": {"header": {"name": TARGET_HEADER, "presentMatch": True}}}
@@ -146,3 +142,5 @@ ALTERNATIVES: dict[str, Callable[[Config], Config]] = {
     "upstream-capture": upstream_capture,
     "primary-tag-only": primary_tag_only,
 }
+# Every edit of `on` by name, the parts' and the alternatives'.
+EDITS: dict[str, Callable[[Config], Config]] = {**PARTS, **ALTERNATIVES}

@@ -18,8 +18,7 @@ import yaml
 from bench.access_log import messages, start_sink
 from bench.compare_cost import COMPARE_YAML
 from bench.compare_parts import (
-    ALTERNATIVES,
-    PARTS,
+    EDITS,
     TAG_ONLY_SCRIPT,
     UPSTREAM_CAPTURE_CLUSTER,
     UPSTREAM_CAPTURE_HEADER,
@@ -38,8 +37,6 @@ from tests.support.procs import wait_until
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from envoy_data_plane.envoy.service.accesslog.v3 import StreamAccessLogsMessage
-
-EDITS = {**PARTS, **ALTERNATIVES}
 
 
 def on_config(tmp_path: Path, listener_port: int, backends: dict[str, int], observer_port: int) -> dict[str, Any]:
