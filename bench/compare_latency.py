@@ -58,6 +58,12 @@ for a latency figure that the noise reaches on every side:
   the interval lies at or under 1 ms, missed when it lies over, otherwise
   not told apart. With about 250 requests in a window, a window's p99 is its
   third-longest request and its p99.9 its longest.
+- What made the noisy windows: around each window the bench reads the
+  machine's steal time and CPU pressure (bench/procstat.py ``machine_cpu``),
+  the CPU of what it started itself and of every side's observers; each
+  side's noisiest windows (the 5% with the longest p99) are set against the
+  rest with those witnesses, and with the share of the side's tail over all
+  requests they hold (``noisiest_windows``).
 
 Also counted: requests that did not answer 200; requests hey did not send
 of the rate asked for (its ticker skips sends while a request is slow, so a
@@ -96,7 +102,7 @@ import yaml  # noqa: E402
 from bench.access_log import start_sink  # noqa: E402
 from bench.compare_cost import COMPARE_YAML, Observers  # noqa: E402
 from bench.compare_parts import ALTERNATIVES, EDITS, PARTS  # noqa: E402
-from bench.procstat import code_state, for_each_thread, machine  # noqa: E402
+from bench.procstat import code_state, for_each_thread, machine, machine_cpu, own_cpu_seconds  # noqa: E402
 from bench.run import percentile  # noqa: E402
 from bench.testbed import (  # noqa: E402
     LOOPBACK,
@@ -150,6 +156,11 @@ class Window:
     left_out: int  # requests of the settling time
     errors: int  # answers other than 200 (kept out of the latencies)
     not_sent: int = 0  # of the requests the rate asks for after the settling time
+    # What else ran during the whole window, in ms (None in runs before 2026-12-04's tenth session):
+    steal_ms: float | None = None  # the hypervisor's: CPU given to other machines
+    waited_ms: float | None = None  # runnable tasks waiting for a CPU (pressure stall, "some")
+    others_ms: float | None = None  # CPU of processes this bench did not start
+    observers_ms: float | None = None  # CPU of every side's observers
 
 
 def run_window(url: str, rate: int, seconds: float, settle: float) -> tuple[list[float], int, int, int]:
@@ -162,6 +173,20 @@ def run_window(url: str, rate: int, seconds: float, settle: float) -> tuple[list
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     latencies, left_out, errors = read_window(done.stdout if done.returncode == 0 else "", settle)
     return latencies, left_out, errors, max(0, round(rate * (seconds - settle)) - len(latencies) - errors)
+
+
+def measured_window(side: str, round_: int, url: str, args: argparse.Namespace, observers: Sequence[Observers]) -> Window:
+    """One side's window (``run_window``) and what else ran on the machine meanwhile:
+    the witnesses of what made a noisy window (``noisiest_windows``)."""
+    machine0, own0, observed0 = machine_cpu(), own_cpu_seconds(), sum(o.cpu() for o in observers)
+    window = Window(side, round_, *run_window(url, args.rate, args.window, args.settle))
+    spent, own = machine_cpu() - machine0, own_cpu_seconds() - own0
+    window.steal_ms = round(spent.steal * 1000, 1)
+    window.waited_ms = None if spent.waited is None else round(spent.waited * 1000, 1)
+    # Both sides counted in clock ticks per process: a few ticks either way.
+    window.others_ms = round(max(0.0, spent.busy - own) * 1000, 1)
+    window.observers_ms = round((sum(o.cpu() for o in observers) - observed0) * 1000, 1)
+    return window
 
 
 def read_window(csv: str, settle: float) -> tuple[list[float], int, int]:
@@ -268,7 +293,68 @@ def versus(raw: Path, reference: str, bootstrap: int, seed: int) -> list[str]:
         sys.exit(f"bench: {raw} has no side {reference!r} (it has {', '.join(sides)})")
     diffs = {side: differences(windows, side, bootstrap, seed, reference) for side in sides if side != reference}
     rounds = len({w.round for w in windows})
-    return [f"`{raw}`, {rounds} rounds; intervals: {bootstrap} bootstrap resamples (seed {seed}).", "", *difference_table(diffs, reference)]
+    noisy = noisiest_table(noisiest_windows(windows, sides))
+    return [
+        f"`{raw}`, {rounds} rounds; intervals: {bootstrap} bootstrap resamples (seed {seed}).",
+        "",
+        *difference_table(diffs, reference),
+        *(["", *noisy] if noisy else []),
+    ]
+
+
+WITNESSES = ("steal_ms", "waited_ms", "others_ms", "observers_ms")
+
+
+def noisiest_windows(windows: list[Window], sides: Sequence[str], share: float = 0.05) -> dict[str, dict[str, dict[str, float]]]:
+    """What each side's noisiest windows (the ``share`` with the longest p99) had
+    that the rest did not: the mean of every witness (``measured_window``), the
+    median window's p99, and how much of the side's tail over all requests (its
+    requests over its pooled p99) they hold. Witnesses a run did not record are
+    left out."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for side in sides:
+        own = sorted((w for w in windows if w.side == side), key=lambda w: percentiles(w.latencies_ms)[1], reverse=True)
+        noisy_count = max(1, round(len(own) * share))
+        threshold = percentiles(pooled(windows, side))[1]
+        tail = sum(1 for w in own for latency in w.latencies_ms if latency > threshold)
+        groups = {"noisiest": own[:noisy_count], "rest": own[noisy_count:]}
+        out[side] = {}
+        for name, group in groups.items():
+            if not group:
+                continue
+            figures = {
+                "windows": float(len(group)),
+                "p99_ms": statistics.median(percentiles(w.latencies_ms)[1] for w in group),
+                "tail_share": sum(1 for w in group for latency in w.latencies_ms if latency > threshold) / max(tail, 1),
+            }
+            for witness in WITNESSES:
+                values = [getattr(w, witness) for w in group]
+                if all(v is not None for v in values):
+                    figures[witness] = statistics.fmean(values)
+            out[side][name] = figures
+    return out
+
+
+def noisiest_table(noisy: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Markdown rows of ``noisiest_windows``; none where the run recorded no witness."""
+    if not any("steal_ms" in group for by_group in noisy.values() for group in by_group.values()):
+        return []
+
+    def cell(group: dict[str, float], key: str) -> str:
+        return f"{group[key]:.0f}" if key in group else "-"
+
+    return [
+        "| side, windows | windows | median window p99 ms | share of the tail over all requests "
+        "| steal ms | waited ms | others' CPU ms | observers' CPU ms |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {side}, {name} | {group['windows']:.0f} | {group['p99_ms']:.2f} | {group['tail_share']:.0%} | "
+            + " | ".join(cell(group, witness) for witness in WITNESSES)
+            + " |"
+            for side, by_group in noisy.items()
+            for name, group in by_group.items()
+        ),
+    ]
 
 
 def verdict(low: float, high: float) -> str:
@@ -379,7 +465,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
             while time.monotonic() < deadline:
                 # A fresh order each round: no side follows the same one most of the time.
                 for side in order.sample(sides, len(sides)):
-                    windows.append(Window(side, round_, *run_window(stacks[side].url, args.rate, args.window, args.settle)))
+                    windows.append(measured_window(side, round_, stacks[side].url, args, list(observers.values())))
                 shown = {w.side: percentiles(w.latencies_ms) for w in windows[-len(sides) :]}
                 figures = "  ".join(f"{side} {p[0]:.1f}/{p[1]:.1f}" for side, p in shown.items())
                 print(f"  [round {round_ + 1}] {figures} ms (p50/p99)", flush=True)
@@ -448,6 +534,17 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         "so a slow side is sampled less, and leaves out requests that found no connection). "
         f"`on`'s observers compared {compared} pairs; `on` served {served} requests (warm-up excluded).",
     ]
+    noisy = noisiest_windows(windows, sides)
+    if rows := noisiest_table(noisy):
+        md += [
+            "",
+            "Each side's noisiest windows (the 5% with the longest p99) against the rest, with what else ran in them "
+            f"(means per window of {args.window:g} s: steal, the hypervisor's time given to other machines; waited, runnable "
+            "tasks waiting for a CPU; others' CPU, processes this bench did not start; observers' CPU, every side's), and "
+            "the share of the side's requests over its p99 over all requests that they hold:",
+            "",
+            *rows,
+        ]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare_latency.md").write_text("\n".join(md) + "\n")
     record = {
@@ -457,6 +554,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
         "added": diffs,
         "compared": compared,
         "served": served,
+        "noisiest": noisy,
         "windows": [
             {
                 "side": w.side,
@@ -466,6 +564,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
                 "errors": w.errors,
                 "not_sent": w.not_sent,
             }
+            | {witness: getattr(w, witness) for witness in WITNESSES}
             | dict(zip((f"p{p:g}" for p in PERCENTILES), percentiles(w.latencies_ms), strict=True))
             for w in windows
         ],

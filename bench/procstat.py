@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import resource
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,42 @@ def rss_bytes(pid: int) -> int:
 
 def rss_mib(pid: int) -> float:
     return rss_bytes(pid) / 2**20
+
+
+@dataclass(frozen=True)
+class MachineCpu:
+    """The machine's CPU time so far, in seconds summed over its CPUs (/proc/stat),
+    and the time some runnable task waited for a CPU (/proc/pressure/cpu, "some";
+    None where the kernel has no pressure stall information). The difference of
+    two snapshots says what happened between them."""
+
+    busy: float  # user, nice, system, irq, softirq: work done on this machine's CPUs
+    steal: float  # time the hypervisor gave this machine's CPUs to other machines
+    waited: float | None
+
+    def __sub__(self, other: MachineCpu) -> MachineCpu:
+        waited = None if self.waited is None or other.waited is None else self.waited - other.waited
+        return MachineCpu(self.busy - other.busy, self.steal - other.steal, waited)
+
+
+def machine_cpu() -> MachineCpu:
+    # cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest time is in user's)
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    waited: float | None = None
+    try:
+        some = Path("/proc/pressure/cpu").read_text().split("\n", 1)[0]
+        waited = int(some.rpartition("total=")[2]) / 1e6
+    except (OSError, ValueError):
+        pass
+    return MachineCpu((user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK, waited)
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU, its living descendants' and its waited-for children's
+    (a load generator that has exited): what the bench itself started."""
+    finished = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return cpu_seconds(os.getpid()) + finished.ru_utime + finished.ru_stime
 
 
 def code_state() -> str:

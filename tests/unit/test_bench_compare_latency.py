@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from bench.compare_latency import Window, complete_rounds, differences, pooled, read_window, verdict
+from bench.compare_latency import Window, complete_rounds, differences, noisiest_table, noisiest_windows, pooled, read_window, verdict
+from bench.procstat import MachineCpu, machine_cpu
 from bench.run import percentile
 
 HEADER = "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
@@ -96,3 +97,36 @@ def test_sides_drawn_apart_give_an_interval_around_their_difference() -> None:
     found = differences(windows, "on", bootstrap=300, seed=3)["p99"]
     assert found["low_ms"] < 0 < found["high_ms"]
     assert found["round_low_ms"] < 0 < found["round_high_ms"]
+
+
+def test_the_noisiest_windows_are_told_apart_with_what_ran_in_them() -> None:
+    windows = [Window(side, round_, [2.0 + i / 100 for i in range(100)], 0, 0) for round_ in range(20) for side in ("off", "on")]
+    for w in windows:
+        # Round 3's `on` window met another machine's work; every other window a quiet machine.
+        noisy = w.side == "on" and w.round == 3
+        w.latencies_ms = [v + 50 for v in w.latencies_ms] if noisy else w.latencies_ms
+        w.steal_ms, w.waited_ms, w.others_ms, w.observers_ms = (900.0 if noisy else 10.0), 40.0, 5.0, (0.0 if w.side == "off" else 30.0)
+    found = noisiest_windows(windows, ["off", "on"])
+    on = found["on"]
+    assert on["noisiest"]["windows"] == 1 and on["rest"]["windows"] == 19
+    assert on["noisiest"]["steal_ms"] == 900 and on["rest"]["steal_ms"] == 10
+    assert on["noisiest"]["observers_ms"] == on["rest"]["observers_ms"] == 30
+    assert on["noisiest"]["tail_share"] == 1.0 and on["rest"]["tail_share"] == 0.0  # all of `on`'s tail is round 3's
+    assert found["off"]["noisiest"]["steal_ms"] == 10
+    rows = noisiest_table(found)
+    assert rows[2].startswith("| off, noisiest | 1 |") and "| on, noisiest | 1 | " in rows[4] and "| 100% | 900 | 40 | 5 | 30 |" in rows[4]
+
+
+def test_runs_that_recorded_no_witness_have_no_table_of_them() -> None:
+    found = noisiest_windows(rounds_with(0.0, rounds=20), ["off", "on"])
+    assert "steal_ms" not in found["on"]["noisiest"]
+    assert noisiest_table(found) == []
+
+
+def test_the_machine_s_cpu_only_grows_and_differences_say_what_passed() -> None:
+    before = machine_cpu()
+    sum(i * i for i in range(300_000))  # some work of this process
+    spent = machine_cpu() - before
+    assert spent.busy > 0 and spent.steal >= 0
+    assert spent.waited is None or spent.waited >= 0
+    assert MachineCpu(3.0, 1.0, None) - MachineCpu(1.0, 0.5, 2.0) == MachineCpu(2.0, 0.5, None)
