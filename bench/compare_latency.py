@@ -298,14 +298,21 @@ def versus(raw: Path, reference: str, bootstrap: int, seed: int) -> list[str]:
         f"`{raw}`, {rounds} rounds; intervals: {bootstrap} bootstrap resamples (seed {seed}).",
         "",
         *difference_table(diffs, reference),
-        *(["", *noisy] if noisy else []),
+        *(["", NOISIEST_CAPTION, "", *noisy] if noisy else []),
     ]
 
 
 WITNESSES = ("steal_ms", "waited_ms", "others_ms", "observers_ms")
+NOISIEST_SHARE = 0.05
+NOISIEST_CAPTION = (
+    f"Each side's noisiest windows (the {NOISIEST_SHARE:.0%} with the longest p99) against the rest, with what else ran in "
+    "them (means per window: steal, the hypervisor's time given to other machines; waited, runnable tasks waiting for a "
+    "CPU; others' CPU, processes this bench did not start; observers' CPU, every side's), and the share of the side's "
+    "requests over its p99 over all requests that they hold:"
+)
 
 
-def noisiest_windows(windows: list[Window], sides: Sequence[str], share: float = 0.05) -> dict[str, dict[str, dict[str, float]]]:
+def noisiest_windows(windows: list[Window], sides: Sequence[str], share: float = NOISIEST_SHARE) -> dict[str, dict[str, dict[str, float]]]:
     """What each side's noisiest windows (the ``share`` with the longest p99) had
     that the rest did not: the mean of every witness (``measured_window``), the
     median window's p99, and how much of the side's tail over all requests (its
@@ -313,18 +320,19 @@ def noisiest_windows(windows: list[Window], sides: Sequence[str], share: float =
     left out."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for side in sides:
-        own = sorted((w for w in windows if w.side == side), key=lambda w: percentiles(w.latencies_ms)[1], reverse=True)
+        # (window p99, window), longest first
+        own = sorted(((percentiles(w.latencies_ms)[1], w) for w in windows if w.side == side), key=lambda pw: pw[0], reverse=True)
         noisy_count = max(1, round(len(own) * share))
         threshold = percentiles(pooled(windows, side))[1]
-        tail = sum(1 for w in own for latency in w.latencies_ms if latency > threshold)
-        groups = {"noisiest": own[:noisy_count], "rest": own[noisy_count:]}
+        tail = sum(1 for _, w in own for latency in w.latencies_ms if latency > threshold)
         out[side] = {}
-        for name, group in groups.items():
-            if not group:
+        for name, ranked in {"noisiest": own[:noisy_count], "rest": own[noisy_count:]}.items():
+            if not ranked:
                 continue
+            group = [w for _, w in ranked]
             figures = {
                 "windows": float(len(group)),
-                "p99_ms": statistics.median(percentiles(w.latencies_ms)[1] for w in group),
+                "p99_ms": statistics.median(p99 for p99, _ in ranked),
                 "tail_share": sum(1 for w in group for latency in w.latencies_ms if latency > threshold) / max(tail, 1),
             }
             for witness in WITNESSES:
@@ -536,15 +544,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, workdir: Path) -> int:
     ]
     noisy = noisiest_windows(windows, sides)
     if rows := noisiest_table(noisy):
-        md += [
-            "",
-            "Each side's noisiest windows (the 5% with the longest p99) against the rest, with what else ran in them "
-            f"(means per window of {args.window:g} s: steal, the hypervisor's time given to other machines; waited, runnable "
-            "tasks waiting for a CPU; others' CPU, processes this bench did not start; observers' CPU, every side's), and "
-            "the share of the side's requests over its p99 over all requests that they hold:",
-            "",
-            *rows,
-        ]
+        md += ["", NOISIEST_CAPTION, "", *rows]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare_latency.md").write_text("\n".join(md) + "\n")
     record = {
